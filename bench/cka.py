@@ -1,0 +1,118 @@
+"""Benchmark: layer-wise CKA of several models against a base model.
+
+Compares, on one task's arrays at the study's size (750 examples x 2048
+features, 22 layers, 6 fine-tuned models plus the base, float32 pooled states):
+
+(a) ``loralens.similarity.cka_against_base``: the base model's centered Gram
+    matrix [n, n] is built once per layer and reused; each model layer costs
+    one Gram (BLAS syrk, n^2 d flops) and one elementwise dot product;
+(b) a per-pair feature-space implementation, the formula as the study meant
+    it: ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` in float64 for
+    every (model, layer) pair, recomputing both sides' [d, d] products.
+
+Both compute the same [models, layers] table; the script checks that the
+values agree (max |diff| <= 1e-6), then prints the speed-up as its last line.
+
+    python bench/cka.py            # study size, 3 repeats, about 1-2 minutes on 2 cores
+    python bench/cka.py --quick    # small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+from loralens.similarity import cka_against_base
+
+
+def make_task(n: int, layers: int, d: int, n_models: int, seed: int = 0):
+    """Random float32 pooled states with shared structure.
+
+    base = Z W_l + noise; each model adds a model-specific low-rank shift and
+    extra noise whose size grows with depth and with the model index, so CKA
+    to the base ranges from near 1 (early layers) to well below it.
+    """
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    k = 32
+    Z = rng.standard_normal((n, k), dtype=f32)
+    W = rng.standard_normal((layers, k, d), dtype=f32)
+    W *= f32(1 / np.sqrt(k))  # in place: a float64 scalar would promote to float64
+    base = np.ascontiguousarray((Z @ W).transpose(1, 0, 2))  # [n, layers, d]
+    base += 0.5 * rng.standard_normal(base.shape, dtype=f32)
+    models = []
+    depth = np.linspace(0.1, 1.0, layers, dtype=f32)[None, :, None]
+    for m in range(n_models):
+        scale = (0.5 + m / max(n_models - 1, 1)) * depth
+        Zm = rng.standard_normal((n, 8), dtype=f32)
+        V = rng.standard_normal((layers, 8, d), dtype=f32)
+        V *= f32(1 / np.sqrt(8))
+        shift = np.ascontiguousarray((Zm @ V).transpose(1, 0, 2))
+        shift += rng.standard_normal(base.shape, dtype=f32)
+        models.append(base + scale * shift)
+    assert base.dtype == np.float32 and all(m.dtype == np.float32 for m in models)
+    return base, models
+
+
+def per_pair_feature_space(base: np.ndarray, models: list[np.ndarray]) -> np.ndarray:
+    """Baseline: feature-space linear CKA, independently for each (model, layer)."""
+    out = np.empty((len(models), base.shape[1]))
+    for i, model in enumerate(models):
+        for layer in range(base.shape[1]):
+            X = base[:, layer, :].astype(np.float64)
+            Y = model[:, layer, :].astype(np.float64)
+            X -= X.mean(axis=0)
+            Y -= Y.mean(axis=0)
+            out[i, layer] = np.linalg.norm(Y.T @ X) ** 2 / (
+                np.linalg.norm(X.T @ X) * np.linalg.norm(Y.T @ Y)
+            )
+    return out
+
+
+def timed(fn, repeats: int):
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per method")
+    args = parser.parse_args()
+
+    n, layers, d, n_models = (200, 4, 512, 3) if args.quick else (750, 22, 2048, 6)
+    repeats = args.repeats
+    base, models = make_task(n, layers, d, n_models)
+    print(
+        f"task: n={n} examples, d={d} features, {layers} layers, "
+        f"{n_models} models + base (float32 input)"
+    )
+    print(f"repeats: {repeats} per method, median reported")
+    # Timings are only meaningful on an otherwise idle machine.
+    print(f"load average before timing: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+
+    fast, fast_t = timed(lambda: cka_against_base(base, models), repeats)
+    slow, slow_t = timed(lambda: per_pair_feature_space(base, models), repeats)
+
+    diff = float(np.max(np.abs(fast - slow)))
+    print(f"CKA range: {fast.min():.3f} .. {fast.max():.3f} (mean {fast.mean():.3f})")
+    print("fast path (base Gram once per layer) s:", " ".join(f"{t:.3f}" for t in fast_t))
+    print("per-pair feature space s:             ", " ".join(f"{t:.3f}" for t in slow_t))
+    assert diff <= 1e-6, f"fast path and baseline disagree: max |diff| = {diff:.3g}"
+    fast_med, slow_med = statistics.median(fast_t), statistics.median(slow_t)
+    print(
+        f"speedup: {slow_med / fast_med:.1f}x (fast median {fast_med:.2f} s, "
+        f"per-pair feature-space median {slow_med:.2f} s, max |diff| {diff:.1g})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Command line: subcommands map onto stage functions; the config dataclasses are the schema.
+
+Every subcommand takes ``--preset``, ``--config FILE`` and trailing ``key=value``
+overrides (dotted keys of the config, e.g. ``train.lr=1e-4 data.train_size=512``),
+layered in that order on the defaults and validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, StudyConfig, load_config, preset_names
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help=f"preset to layer on the defaults ({', '.join(preset_names())})")
+    p.add_argument("--config", help="YAML file layered after the preset")
+    p.add_argument("--run-dir", help="run directory (default: runs/<preset or 'default'>)")
+    p.add_argument("--model", help="registry name, hub id or local directory (model.name)")
+    p.add_argument("--glue-dir", help="GLUE root directory (data.glue_dir; else $LORALENS_GLUE_DIR)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loralens", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train and evaluate (task, method, seed) jobs")
+    p.add_argument("--task", action="append", help="task (repeatable; default: the config's)")
+    p.add_argument("--method", action="append", choices=["lora", "full"],
+                   help="method (repeatable; default: the config's)")
+    p.add_argument("--seed", action="append", type=int, help="seed (repeatable; default: config)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="retrain jobs that already finished (their results are replaced)")
+    _common(p)
+
+    p = sub.add_parser("sanity", help="check each task and method overfits 10 training rows")
+    p.add_argument("--task", action="append", help="task (repeatable; default: the config's)")
+    p.add_argument("--method", action="append", choices=["lora", "full"])
+    _common(p)
+
+    p = sub.add_parser("run", help="run the study: sanity -> training of every job")
+    p.add_argument("--skip-sanity", action="store_true", help="skip the sanity stage")
+    _common(p)
+
+    sub.add_parser("models", help="list the model registry")
+    sub.add_parser("presets", help="list the presets")
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> tuple[StudyConfig, Path]:
+    extra = list(args.overrides or [])
+    if args.model:
+        extra.append(f"model.name={args.model}")
+    if args.glue_dir:
+        extra.append(f"data.glue_dir={os.path.abspath(args.glue_dir)}")
+    cfg = load_config(args.preset, args.config, extra)
+    run_dir = Path(args.run_dir or Path("runs") / (args.preset or "default"))
+    return cfg, run_dir
+
+
+def cmd_train(args, cfg: StudyConfig, run) -> int:
+    from .train import load_base, prepare_task, summary_line, train_job
+
+    tasks = args.task or cfg.tasks
+    methods = args.method or cfg.methods
+    seeds = args.seed or cfg.seeds
+    base = None
+    for task in tasks:
+        prepared = None
+        for method in methods:
+            for seed in seeds:
+                if run.job_done(task, method, seed) and not args.overwrite:
+                    print(summary_line(train_job(cfg, run, task, method, seed)), flush=True)
+                    continue
+                base = base or load_base(cfg)
+                if prepared is None:
+                    prepared = prepare_task(cfg, task, base[1])
+                    run.record_data(task, prepared.stats())
+                m = train_job(cfg, run, task, method, seed, prepared=prepared, base=base,
+                              overwrite=args.overwrite, progress=not args.no_progress)
+                print(summary_line(m), flush=True)
+    return 0
+
+
+def cmd_sanity(args, cfg: StudyConfig, run) -> int:
+    from .sanity import run_sanity
+
+    results = run_sanity(cfg, run, args.task or cfg.tasks, args.method or cfg.methods,
+                         progress=not args.no_progress)
+    failed = [f"{r['task']}/{r['method']}" for r in results if not r["passed"]]
+    print(f"sanity: {len(results) - len(failed)}/{len(results)} passed"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def cmd_run(args, cfg: StudyConfig, run) -> int:
+    t0 = time.perf_counter()
+    if not args.skip_sanity:
+        args.task, args.method = None, None
+        cmd_sanity(args, cfg, run)
+    args.task, args.method, args.seed, args.overwrite = None, None, None, False
+    cmd_train(args, cfg, run)
+    print(f"run finished in {time.perf_counter() - t0:.0f} s; results in {run.root}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "models":
+        from .models import REGISTRY
+
+        for e in REGISTRY.values():
+            print(f"{e.name:16s} {e.ref}\n{'':16s} {e.note}")
+        return 0
+    if args.command == "presets":
+        print("\n".join(preset_names()))
+        return 0
+    try:
+        cfg, run_dir = resolve(args)
+        from .store import RunDir
+
+        run = RunDir(run_dir)
+        run.bind_config(cfg)
+        run.record_environment(args.command)
+        return {"train": cmd_train, "sanity": cmd_sanity, "run": cmd_run}[args.command](
+            args, cfg, run)
+    except ConfigError as e:
+        print(f"loralens: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loralens: interrupted; finished jobs are kept, rerun to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # clear one-line errors for the expected failure kinds
+        from .data import DataError
+        from .models import ModelNotFound
+        from .store import RunDirError
+
+        if isinstance(e, (DataError, ModelNotFound, RunDirError, KeyError)):
+            print(f"loralens: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

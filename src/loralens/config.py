@@ -1,0 +1,268 @@
+"""Typed configuration: defaults -> preset -> YAML file -> key=value overrides.
+
+The dataclasses below are the schema. YAML files and ``key=value`` overrides are
+validated against them on load: an unknown key (with a "did you mean"), a wrong
+type, or a value out of range is a ``ConfigError`` that names the key and, for
+files, the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value is wrong; the message names it."""
+
+
+def _f(default: Any = dataclasses.MISSING, *, factory: Any = None, lo: float | None = None,
+       hi: float | None = None, choices: tuple | None = None, doc: str = ""):
+    meta = {"lo": lo, "hi": hi, "choices": choices, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m", doc="registry name, hub id or local directory")
+    trust_remote_code: bool = _f(False, doc="run model code from the hub (off unless you ask)")
+    revision: str | None = _f(None, doc="hub revision (branch, tag or commit)")
+
+
+@dataclass
+class DataConfig:
+    glue_dir: str | None = _f(None, doc="GLUE root; else $LORALENS_GLUE_DIR; else the hub")
+    max_length: int = _f(384, lo=8, hi=32768, doc="truncation length in tokens")
+    train_size: int | None = _f(None, lo=1, doc="rows of the training split used (None = all)")
+    early_stop_size: int | None = _f(None, lo=1,
+                                     doc="validation rows for early stopping (None = all)")
+    subset_seed: int = _f(0, doc="seed of the fixed row subsets (same for every method/seed)")
+    group_by_length: bool = _f(True, doc="length-grouped batches (False: plain shuffle)")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(8, lo=1, hi=1024, doc="LoRA rank")
+    alpha: float = _f(16.0, lo=0.0, doc="LoRA alpha; the update is scaled by alpha / r")
+    dropout: float = _f(0.05, lo=0.0, hi=1.0, doc="dropout on the LoRA input")
+    target_modules: list[str] = _f(factory=lambda: ["q_proj", "v_proj"],
+                                   doc="module names that get adapters")
+
+
+@dataclass
+class TrainConfig:
+    lr: float | None = _f(None, lo=0.0, doc="peak learning rate (None = method default)")
+    lr_lora: float = _f(5e-4, lo=0.0, doc="default learning rate of LoRA")
+    lr_full: float = _f(2e-5, lo=0.0, doc="default learning rate of full fine-tuning")
+    epochs: int = _f(3, lo=1, hi=1000, doc="maximum epochs")
+    max_steps: int = _f(0, lo=0, doc="stop after this many optimizer steps (0 = no limit)")
+    batch_size: int = _f(16, lo=1, doc="examples per micro-batch")
+    grad_accum: int = _f(1, lo=1, doc="micro-batches per optimizer step")
+    warmup_ratio: float = _f(0.1, lo=0.0, hi=1.0, doc="fraction of steps of linear warm-up")
+    weight_decay: float = _f(0.0, lo=0.0, hi=1.0, doc="AdamW weight decay")
+    max_grad_norm: float = _f(0.3, lo=0.0, doc="gradient clipping norm (0 = off)")
+    patience: int = _f(3, lo=0, doc="early stopping: evaluations without a better val loss")
+    eval_every: int = _f(0, lo=0, doc="evaluate every N optimizer steps (0 = once per epoch)")
+    eval_batch_size: int = _f(32, lo=1, doc="examples per evaluation batch")
+    precision: str = _f("auto", choices=("auto", "fp32", "bf16"),
+                        doc="auto = bf16 autocast on a GPU, fp32 on the CPU")
+    gradient_checkpointing: str = _f("auto", choices=("auto", "on", "off"),
+                                     doc="auto = on for a GPU")
+    threads: int = _f(0, lo=0, doc="torch CPU threads (0 = torch's default)")
+
+
+@dataclass
+class SanityConfig:
+    examples: int = _f(10, lo=1, doc="training rows to overfit")
+    epochs: int = _f(10, lo=1, doc="epochs allowed")
+    batch_size: int = _f(2, lo=1, doc="examples per step")
+    loss_threshold: float = _f(0.1, lo=0.0, doc="pass when training loss falls below this")
+    lr_lora: float = _f(5e-3, lo=0.0, doc="learning rate of LoRA in the check")
+    lr_full: float = _f(1e-4, lo=0.0, doc="learning rate of full fine-tuning in the check")
+
+
+@dataclass
+class StudyConfig:
+    preset: str | None = _f(None, doc="preset the config was layered on")
+    tasks: list[str] = _f(factory=lambda: ["mrpc", "sst2", "rte"], doc="GLUE tasks")
+    methods: list[str] = _f(factory=lambda: ["lora", "full"],
+                            doc="methods: lora or full (full = no adapter)")
+    seeds: list[int] = _f(factory=lambda: [42, 1337, 2024], doc="training seeds")
+    model: ModelConfig = _f(factory=ModelConfig)
+    data: DataConfig = _f(factory=DataConfig)
+    lora: LoraConfig = _f(factory=LoraConfig)
+    train: TrainConfig = _f(factory=TrainConfig)
+    sanity: SanityConfig = _f(factory=SanityConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+METHODS = ("lora", "full")
+
+
+# --------------------------------------------------------------------------- validation
+
+def _is_dc(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _check(value: Any, tp: Any, key: str, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check(value, inner[0], key, meta)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check(v, inner, f"{key}[{i}]", meta) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not one of {list(meta['choices'])}")
+    if meta.get("lo") is not None and value < meta["lo"]:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {meta['lo']}")
+    if meta.get("hi") is not None and value > meta["hi"]:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {meta['hi']}")
+    return value
+
+
+def merge(cls, base: Any, data: dict, prefix: str = "") -> Any:
+    """Return a copy of dataclass ``base`` with ``data`` (a nested dict) layered on."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    changes = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else \
+                f"; known keys: {', '.join(prefix + k for k in fields)}"
+            raise ConfigError(f"unknown key {full!r}{hint}")
+        tp = hints[key]
+        if _is_dc(tp):
+            changes[key] = merge(tp, getattr(base, key), value, f"{full}.")
+        else:
+            changes[key] = _check(value, tp, full, dict(fields[key].metadata))
+    out = dataclasses.replace(base, **changes)
+    _validate_study(out) if cls is StudyConfig else None
+    return out
+
+
+def _validate_study(cfg: StudyConfig) -> None:
+    from .tasks import TASKS
+
+    for t in cfg.tasks:
+        if t not in TASKS:
+            raise ConfigError(f"tasks: unknown task {t!r}; known: {', '.join(TASKS)}")
+    for m in cfg.methods:
+        if m not in METHODS:
+            raise ConfigError(f"methods: unknown method {m!r}; known: {', '.join(METHODS)}")
+
+
+def parse_override(item: str) -> dict:
+    """``a.b=value`` -> {"a": {"b": value}}; the value is parsed as YAML (1e-4, [1, 2], null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads "1e-4" as a string; accept it as a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("loralens.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = Path(str(resources.files("loralens.presets").joinpath(f"{name}.yaml")))
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
+    return path
+
+
+def load_config(preset: str | None = None, file: str | Path | None = None,
+                overrides: list[str] | dict | None = None) -> StudyConfig:
+    """Layer defaults -> preset -> file -> overrides and validate every key."""
+    cfg = StudyConfig()
+    if preset:
+        path = preset_path(preset)
+        cfg = _merge_from(cfg, _load_yaml(path), str(path))
+        cfg = dataclasses.replace(cfg, preset=preset)
+    if file:
+        cfg = _merge_from(cfg, _load_yaml(Path(file)), str(file))
+    if isinstance(overrides, dict):
+        cfg = merge(StudyConfig, cfg, overrides)
+    else:
+        for item in overrides or []:
+            cfg = merge(StudyConfig, cfg, parse_override(item))
+    return cfg
+
+
+def _merge_from(cfg: StudyConfig, data: dict, source: str) -> StudyConfig:
+    try:
+        return merge(StudyConfig, cfg, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def config_from_dict(data: dict) -> StudyConfig:
+    """Rebuild a resolved config (as stored in a run directory)."""
+    return merge(StudyConfig, StudyConfig(), data)

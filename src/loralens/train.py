@@ -1,0 +1,402 @@
+"""Training: ONE loop for every method.
+
+The method is an adapter configuration: ``lora`` wraps the classifier with a PEFT
+LoRA adapter (the head trained and saved with it), ``full`` is "no adapter" and
+trains every parameter. Everything else (data order, optimizer, schedule,
+clipping, early stopping, evaluation) is the same code path, so the comparison is
+controlled.
+
+Reads like a methods section: setup (data, model, method) -> fit (AdamW, cosine
+schedule with warm-up, clipping, accumulation, early stopping on validation loss
+with the best checkpoint restored) -> evaluate (whole validation split) -> save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data as D
+from .config import StudyConfig, TrainConfig
+from .models import (CausalLMClassifier, build_classifier, load_backbone, load_tokenizer,
+                     resolve_model)
+from .store import RunDir, atomic_write_json
+from .tasks import TaskSpec, get_task
+
+
+# --------------------------------------------------------------------------- setup
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def apply_method(model: CausalLMClassifier, method: str, cfg: StudyConfig) -> nn.Module:
+    """Make ``model`` trainable for ``method``: the only place methods differ."""
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lc = cfg.lora
+        peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                              target_modules=list(lc.target_modules), modules_to_save=["score"],
+                              bias="none")
+        return get_peft_model(model, peft_cfg)
+    raise ValueError(f"unknown method {method!r}; use 'lora' or 'full'")
+
+
+def learning_rate(train: TrainConfig, method: str) -> float:
+    if train.lr is not None:
+        return train.lr
+    return train.lr_lora if method == "lora" else train.lr_full
+
+
+@dataclass
+class Prepared:
+    """A task's data, tokenized once and shared by every method and seed."""
+
+    task: TaskSpec
+    tokenizer: object
+    train_split: D.Split
+    val_split: D.Split
+    train: D.Encoded
+    val: D.Encoded
+    early_stop: D.Encoded     # validation rows used for early stopping
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def stats(self) -> dict:
+        return {"train": self.train_split.stats(), "validation": self.val_split.stats(),
+                "early_stop_rows": len(self.early_stop),
+                "mean_tokens": {"train": float(self.train.lengths.mean()),
+                                "validation": float(self.val.lengths.mean())}}
+
+
+def prepare_task(cfg: StudyConfig, task: str, tokenizer) -> Prepared:
+    spec = get_task(task)
+    train_split = D.load_split(spec, "train", cfg.data.glue_dir).subset(
+        cfg.data.train_size, cfg.data.subset_seed)
+    val_split = D.load_split(spec, "validation", cfg.data.glue_dir)
+    val = D.encode_split(tokenizer, val_split, cfg.data.max_length)
+    es_split = val_split.subset(cfg.data.early_stop_size, cfg.data.subset_seed)
+    early = val if es_split is val_split else D.encode_split(tokenizer, es_split,
+                                                             cfg.data.max_length)
+    return Prepared(spec, tokenizer, train_split, val_split,
+                    D.encode_split(tokenizer, train_split, cfg.data.max_length), val, early)
+
+
+def load_base(cfg: StudyConfig):
+    """(resolved model, tokenizer, backbone factory). The factory returns fresh weights."""
+    resolved = resolve_model(cfg.model.name)
+    kw = dict(trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    tokenizer = load_tokenizer(resolved, **kw)
+    return resolved, tokenizer, (lambda: load_backbone(resolved, **kw))
+
+
+# --------------------------------------------------------------------------- fit / evaluate
+
+def autocast_ctx(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, enc: D.Encoded, pad_id: int, batch_size: int = 32,
+             group_by_length: bool = True, precision: str = "fp32") -> dict:
+    """Loss, accuracy, F1 (positive class 1) and per-example logits, in split order."""
+    was_training = model.training
+    model.eval()
+    device = device_of(model)
+    logits = np.zeros((len(enc), model_num_labels(model)), dtype=np.float32)
+    batches = D.eval_batches(enc.lengths, batch_size, group_by_length)
+    for b in D.iter_batches(enc, batches, pad_id):
+        with autocast_ctx(device, precision):
+            out = model(input_ids=b.input_ids.to(device),
+                        attention_mask=b.attention_mask.to(device))
+        logits[b.index] = out.logits.float().cpu().numpy()
+    model.train(was_training)
+    return {**classification_metrics(logits, enc.labels), "logits": logits}
+
+
+def model_num_labels(model: nn.Module) -> int:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.num_labels
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
+    lt = torch.as_tensor(logits, dtype=torch.float64)
+    loss = float(nn.functional.cross_entropy(lt, torch.as_tensor(labels)).item())
+    pred = logits.argmax(axis=1)
+    return {"loss": loss, "accuracy": float((pred == labels).mean()),
+            "f1": f1_binary(pred, labels), "n": int(len(labels))}
+
+
+def f1_binary(pred: np.ndarray, labels: np.ndarray, positive: int = 1) -> float:
+    tp = int(((pred == positive) & (labels == positive)).sum())
+    fp = int(((pred == positive) & (labels != positive)).sum())
+    fn = int(((pred != positive) & (labels == positive)).sum())
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def majority_baseline(train_labels: np.ndarray, val_labels: np.ndarray, num_labels: int) -> dict:
+    """Predict the most frequent training label for every validation example."""
+    majority = int(np.bincount(train_labels, minlength=num_labels).argmax())
+    pred = np.full_like(val_labels, majority)
+    return {"label": majority, "accuracy": float((pred == val_labels).mean()),
+            "f1": f1_binary(pred, val_labels)}
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)   # one entry per evaluation
+    steps: int = 0
+    best_step: int = 0
+    best_val_loss: float = math.inf
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    final_train_loss: float = math.nan
+    epochs: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None, pad_id: int,
+        tc: TrainConfig, lr: float, seed: int, *, group_by_length: bool = True,
+        stop_below_train_loss: float | None = None, pad_to: int | None = None,
+        progress: bool = True, desc: str = "train") -> FitResult:
+    """Train ``model`` in place; restore the parameters with the best validation loss."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    device = device_of(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    micro_per_epoch = math.ceil(len(train_enc) / tc.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
+    total = steps_per_epoch * tc.epochs
+    if tc.max_steps:
+        total = min(total, tc.max_steps)
+    sched = get_cosine_schedule_with_warmup(opt, round(tc.warmup_ratio * total), total)
+    use_ckpt = tc.gradient_checkpointing == "on" or (
+        tc.gradient_checkpointing == "auto" and device.type == "cuda")
+    if use_ckpt:
+        _enable_checkpointing(model)
+
+    res, best_state, bad = FitResult(), None, 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    model.train()
+    stop = False
+    for epoch in range(tc.epochs):
+        batches = D.train_batches(train_enc.lengths, tc.batch_size, seed * 1000 + epoch,
+                                  group_by_length)
+        epoch_loss, epoch_n = 0.0, 0
+        for i, b in enumerate(D.iter_batches(train_enc, batches, pad_id, pad_to)):
+            with autocast_ctx(device, tc.precision):
+                out = model(input_ids=b.input_ids.to(device),
+                            attention_mask=b.attention_mask.to(device),
+                            labels=b.labels.to(device))
+            (out.loss * (len(b.labels) / _accum_rows(batches, i, tc.grad_accum))).backward()
+            epoch_loss += float(out.loss) * len(b.labels)
+            epoch_n += len(b.labels)
+            res.real_tokens += b.real_tokens
+            res.padded_tokens += b.attention_mask.numel()
+            if (i + 1) % tc.grad_accum and i + 1 != len(batches):
+                continue
+            if tc.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            res.steps += 1
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{float(out.loss):.4f}", tok_s=f"{res.real_tokens / elapsed:.0f}")
+            bar.update(1)
+            if tc.eval_every and early_stop_enc is not None and res.steps % tc.eval_every == 0:
+                best_state, bad, stop = _early_stop_check(model, early_stop_enc, pad_id, tc, res,
+                                                          best_state, bad, epoch)
+            if stop or (tc.max_steps and res.steps >= tc.max_steps):
+                stop = True
+                break
+        res.final_train_loss = epoch_loss / max(epoch_n, 1)
+        res.epochs = epoch + 1
+        if stop_below_train_loss is not None and res.final_train_loss < stop_below_train_loss:
+            break
+        if not stop and not tc.eval_every and early_stop_enc is not None:
+            best_state, bad, stop = _early_stop_check(model, early_stop_enc, pad_id, tc, res,
+                                                      best_state, bad, epoch)
+        if res.history:
+            res.history[-1].setdefault("train_loss", res.final_train_loss)
+        if stop:
+            break
+    bar.close()
+    res.train_seconds = time.perf_counter() - t0
+    if best_state is not None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in best_state:
+                    p.copy_(best_state[n])
+    model.eval()
+    return res
+
+
+def _accum_rows(batches: list[np.ndarray], i: int, accum: int) -> int:
+    """Rows in the accumulation window of micro-batch i (for an exact mean loss)."""
+    start = (i // accum) * accum
+    return sum(len(b) for b in batches[start:start + accum])
+
+
+def _early_stop_check(model, enc, pad_id, tc, res: FitResult, best_state, bad, epoch):
+    m = evaluate(model, enc, pad_id, tc.eval_batch_size, precision=tc.precision)
+    improved = m["loss"] < res.best_val_loss - 1e-12
+    res.history.append({"step": res.steps, "epoch": epoch + 1, "val_loss": m["loss"],
+                        "val_accuracy": m["accuracy"], "val_f1": m["f1"]})
+    if improved:
+        res.best_val_loss, res.best_step, bad = m["loss"], res.steps, 0
+        best_state = trainable_state(model)
+    else:
+        bad += 1
+    stop = tc.patience > 0 and bad >= tc.patience
+    res.stopped_early = res.stopped_early or stop
+    model.train()
+    return best_state, bad, stop
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+# --------------------------------------------------------------------------- save
+
+def save_trained(model: nn.Module, method: str, out: Path) -> Path:
+    """LoRA: PEFT's adapter format; full: the whole classifier. Both safetensors."""
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if method == "lora":
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    else:
+        from safetensors.torch import save_file
+
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        model.config.save_pretrained(str(tmp))
+        (tmp / "classifier.json").write_text(json.dumps({"num_labels": model.num_labels}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def load_trained(job_dir: Path, backbone: nn.Module, num_labels: int) -> nn.Module:
+    """Rebuild a trained classifier from a job directory (safetensors only)."""
+    model = CausalLMClassifier(backbone, num_labels)
+    if (job_dir / "adapter").is_dir():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(job_dir / "adapter")).eval()
+    from safetensors.torch import load_file
+
+    state = load_file(str(job_dir / "model" / "model.safetensors"))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- one job
+
+def count_parameters(model: nn.Module) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+def train_job(cfg: StudyConfig, run: RunDir, task: str, method: str, seed: int, *,
+              prepared: Prepared | None = None, base=None, overwrite: bool = False,
+              train_overrides: dict | None = None, progress: bool = True) -> dict:
+    """Train and evaluate one (task, method, seed) and write its job directory.
+
+    A finished job (metrics.json present) is returned as it is unless ``overwrite``.
+    ``train_overrides`` replaces training hyperparameters (e.g. a search's best).
+    """
+    out = run.job_dir(task, method, seed)
+    if run.job_done(task, method, seed) and not overwrite:
+        with open(out / "metrics.json") as f:
+            return {**json.load(f), "skipped": True}
+    resolved, tokenizer, make_backbone = base or load_base(cfg)
+    prepared = prepared or prepare_task(cfg, task, tokenizer)
+    tc = replace(cfg.train, **(train_overrides or {}))
+    lr = learning_rate(tc, method)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+
+    seed_everything(seed)
+    model = apply_method(build_classifier(make_backbone(), prepared.task.num_labels, seed),
+                         method, cfg).to(device)
+    fitres = fit(model, prepared.train, prepared.early_stop, prepared.pad_id, tc, lr, seed,
+                 group_by_length=cfg.data.group_by_length, progress=progress,
+                 desc=f"{task}/{method}/seed{seed}")
+    val = evaluate(model, prepared.val, prepared.pad_id, tc.eval_batch_size,
+                   precision=tc.precision)
+    save_trained(model, method, out / ("adapter" if method == "lora" else "model"))
+    np.save(out / "val_logits.npy", val.pop("logits"))
+    metrics = {
+        "task": task, "method": method, "seed": seed, "model": resolved.name,
+        "model_note": resolved.note,
+        "validation": val,
+        "selection_metric": prepared.task.metric,
+        "score": val[prepared.task.metric],
+        "majority_baseline": majority_baseline(prepared.train.labels, prepared.val.labels,
+                                               prepared.task.num_labels),
+        "hyperparameters": {**tc.__dict__, "lr": lr,
+                            **({"lora": cfg.lora.__dict__} if method == "lora" else {})},
+        "parameters": count_parameters(model),
+        "fit": fitres.to_dict(),
+        "data": prepared.stats(),
+        "device": str(device),
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def summary_line(m: dict) -> str:
+    v = m["validation"]
+    base = m["majority_baseline"]
+    return (f"{m['task']}/{m['method']}/seed{m['seed']}: accuracy {v['accuracy']:.4f} "
+            f"f1 {v['f1']:.4f} on {v['n']} validation rows (majority {base['accuracy']:.4f}), "
+            f"{m['fit']['steps']} steps in {m['fit']['train_seconds']:.0f} s"
+            + (" [already done, skipped]" if m.get("skipped") else ""))
