@@ -252,3 +252,12 @@ def tiny_llama_config(**overrides):
               pad_token_id=2, eos_token_id=2, bos_token_id=1, tie_word_embeddings=True)
     kw.update(overrides)
     return LlamaConfig(**kw)
+
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens only: [batch, seq, d] x [batch, seq] -> [batch, d].
+
+    Pad positions are excluded (the study's published code averaged them in).
+    """
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)

@@ -79,8 +79,10 @@ _EPS = np.finfo(np.float64).eps
 # --------------------------------------------------------------------------
 
 
-def _as_2d(X, name: str) -> np.ndarray:
-    X = np.asarray(X, dtype=np.float64)
+def _as_2d(X, name: str, keep_float32: bool = False) -> np.ndarray:
+    X = np.asarray(X)
+    if not (keep_float32 and X.dtype == np.float32):
+        X = X.astype(np.float64, copy=False)
     if X.ndim != 2:
         raise ValueError(f"{name} must be 2-D [n_examples, d_features], got shape {X.shape}")
     if X.shape[0] == 0 or X.shape[1] == 0:
@@ -111,9 +113,11 @@ def _center_features(X, name: str) -> np.ndarray:
     Raises ``ValueError`` when the result is zero to float64 precision (every
     column constant across examples) or when the input is not finite.
     """
-    X = _as_2d(X, name)
-    mu = X.mean(axis=0)
-    Xc = X - mu
+    # float32 input is centered straight into a float64 array (one pass, no
+    # intermediate float64 copy); the mean is accumulated in float64.
+    X = _as_2d(X, name, keep_float32=True)
+    mu = X.mean(axis=0, dtype=np.float64)
+    Xc = np.subtract(X, mu, dtype=np.float64)
     sq = float(np.vdot(Xc, Xc))  # ||Xc||_F^2
     if not np.isfinite(sq):
         raise ValueError(f"{name} contains NaN or inf (shape {X.shape})")
@@ -220,8 +224,8 @@ def center_gram(K, debiased: bool = False) -> np.ndarray:
     return K
 
 
-def _unit(Kc: np.ndarray, name: str) -> np.ndarray:
-    """Divide a centered Gram by its Frobenius norm (so CKA is one dot product)."""
+def _frobenius(Kc: np.ndarray, name: str) -> float:
+    """Frobenius norm of a centered Gram: sqrt(HSIC(K, K)) up to a constant factor."""
     norm = float(np.sqrt(np.vdot(Kc, Kc)))
     if not np.isfinite(norm):
         raise ValueError(f"{name} contains NaN or inf")
@@ -229,12 +233,13 @@ def _unit(Kc: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(
             f"{name} has zero variance: its centered Gram matrix is 0, so CKA is undefined (0/0)"
         )
-    return Kc / norm
+    return norm
 
 
 def _cka_centered(Kc: np.ndarray, Lc: np.ndarray) -> float:
+    cka = np.vdot(Kc, Lc) / (_frobenius(Kc, "K") * _frobenius(Lc, "L"))
     # Cauchy-Schwarz bounds CKA by 1; clip the last-ulp rounding (1 + 2e-16).
-    return float(np.clip(np.vdot(_unit(Kc, "K"), _unit(Lc, "L")), -1.0, 1.0))
+    return float(np.clip(cka, -1.0, 1.0))
 
 
 def cka_from_grams(K, L, debiased: bool = False) -> float:
@@ -373,8 +378,8 @@ def cka_against_base(base, others, debiased: bool = False) -> np.ndarray:
     """Layer-wise linear CKA of several models against one base model.
 
     The fast path for the study's drift table: the base model's centered Gram
-    matrix is built once per layer, normalised to unit Frobenius norm, and
-    reused for every compared model; each compared model costs one
+    matrix and its Frobenius norm are computed once per layer and reused for
+    every compared model; each compared model costs one
     ``[n, n]`` Gram (a BLAS syrk of its centered ``[n, d]`` layer) and one
     elementwise dot product. Prefer it when ``n < d`` (the study: n <= 750,
     d = 2048); the values equal :func:`linear_cka` pair by pair.
@@ -410,14 +415,16 @@ def cka_against_base(base, others, debiased: bool = False) -> np.ndarray:
             )
         arrays.append(arr)
 
+    def gram_and_norm(X, name):
+        K = _centered_gram(_center_features(X, name), debiased)
+        return K, _frobenius(K, name)
+
     out = np.empty((len(arrays), n_layers), dtype=np.float64)
     for layer in range(n_layers):
-        name = f"base layer {layer}"
-        Kb = _unit(_centered_gram(_center_features(base[:, layer, :], name), debiased), name)
+        Kb, norm_b = gram_and_norm(base[:, layer, :], f"base layer {layer}")  # once per layer
         for i, arr in enumerate(arrays):
-            name = f"model {models[i][0]!r} layer {layer}"
-            Km = _unit(_centered_gram(_center_features(arr[:, layer, :], name), debiased), name)
-            out[i, layer] = np.vdot(Kb, Km)
+            Km, norm_m = gram_and_norm(arr[:, layer, :], f"model {models[i][0]!r} layer {layer}")
+            out[i, layer] = np.vdot(Kb, Km) / (norm_b * norm_m)
     return np.clip(out, -1.0, 1.0, out=out)
 
 

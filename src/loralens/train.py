@@ -229,7 +229,7 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
                             attention_mask=b.attention_mask.to(device),
                             labels=b.labels.to(device))
             (out.loss * (len(b.labels) / _accum_rows(batches, i, tc.grad_accum))).backward()
-            epoch_loss += float(out.loss) * len(b.labels)
+            epoch_loss += float(out.loss.detach()) * len(b.labels)
             epoch_n += len(b.labels)
             res.real_tokens += b.real_tokens
             res.padded_tokens += b.attention_mask.numel()
@@ -242,7 +242,7 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
             opt.zero_grad(set_to_none=True)
             res.steps += 1
             elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{float(out.loss):.4f}", tok_s=f"{res.real_tokens / elapsed:.0f}")
+            bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}", tok_s=f"{res.real_tokens / elapsed:.0f}")
             bar.update(1)
             if tc.eval_every and early_stop_enc is not None and res.steps % tc.eval_every == 0:
                 best_state, bad, stop = _early_stop_check(model, early_stop_enc, pad_id, tc, res,

