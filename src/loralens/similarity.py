@@ -53,7 +53,7 @@ References
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import scipy.linalg
@@ -107,29 +107,38 @@ def _check_n(n: int, debiased: bool) -> None:
         raise ValueError(f"CKA needs at least 2 examples, got n={n}")
 
 
+def _center(X, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(X - mean(X, axis=0), mean)`` as float64, without checks."""
+    # float32 input is centered straight into a float64 array (one pass, no
+    # intermediate float64 copy); the mean is accumulated in float64.
+    X = _as_2d(X, name, keep_float32=True)
+    mu = X.mean(axis=0, dtype=np.float64)
+    return np.subtract(X, mu, dtype=np.float64), mu
+
+
+def _check_variance(sq: float, mu: np.ndarray, shape: tuple, name: str) -> None:
+    """Raise if ``sq = ||Xc||_F^2`` is non-finite or zero to float64 precision."""
+    if not np.isfinite(sq):
+        raise ValueError(f"{name} contains NaN or inf (shape {shape})")
+    # ||X||_F^2 = ||Xc||_F^2 + n ||mu||^2. Centering a constant column leaves
+    # rounding noise of relative size about n * eps, not exact zeros, so treat
+    # anything below that as "no variance".
+    scale = sq + shape[0] * float(np.dot(mu, mu))
+    if sq <= (shape[0] * _EPS) ** 2 * scale:
+        raise ValueError(
+            f"{name} has zero variance across examples (every feature is constant, "
+            f"shape {shape}); CKA/Procrustes are undefined (0/0)"
+        )
+
+
 def _center_features(X, name: str) -> np.ndarray:
     """Subtract column means; float64 copy of shape ``[n, d]``.
 
     Raises ``ValueError`` when the result is zero to float64 precision (every
     column constant across examples) or when the input is not finite.
     """
-    # float32 input is centered straight into a float64 array (one pass, no
-    # intermediate float64 copy); the mean is accumulated in float64.
-    X = _as_2d(X, name, keep_float32=True)
-    mu = X.mean(axis=0, dtype=np.float64)
-    Xc = np.subtract(X, mu, dtype=np.float64)
-    sq = float(np.vdot(Xc, Xc))  # ||Xc||_F^2
-    if not np.isfinite(sq):
-        raise ValueError(f"{name} contains NaN or inf (shape {X.shape})")
-    # ||X||_F^2 = ||Xc||_F^2 + n ||mu||^2. Centering a constant column leaves
-    # rounding noise of relative size about n * eps, not exact zeros, so treat
-    # anything below that as "no variance".
-    scale = sq + X.shape[0] * float(np.dot(mu, mu))
-    if sq <= (X.shape[0] * _EPS) ** 2 * scale:
-        raise ValueError(
-            f"{name} has zero variance across examples (every feature is constant, "
-            f"shape {X.shape}); CKA/Procrustes are undefined (0/0)"
-        )
+    Xc, mu = _center(X, name)
+    _check_variance(float(np.vdot(Xc, Xc)), mu, Xc.shape, name)
     return Xc
 
 
@@ -416,7 +425,11 @@ def cka_against_base(base, others, debiased: bool = False) -> np.ndarray:
         arrays.append(arr)
 
     def gram_and_norm(X, name):
-        K = _centered_gram(_center_features(X, name), debiased)
+        Xc, mu = _center(X, name)
+        K = Xc @ Xc.T  # BLAS syrk; already H K H
+        _check_variance(float(np.trace(K)), mu, Xc.shape, name)  # trace(K) = ||Xc||_F^2
+        if debiased:
+            K = center_gram(K, debiased=True)
         return K, _frobenius(K, name)
 
     out = np.empty((len(arrays), n_layers), dtype=np.float64)
