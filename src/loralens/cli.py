@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-import time
 from pathlib import Path
 
 from .config import ConfigError, StudyConfig, load_config, preset_names
+from .runner import STAGES
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -44,8 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", choices=["lora", "full"])
     _common(p)
 
-    p = sub.add_parser("run", help="run the study: sanity -> training of every job")
-    p.add_argument("--skip-sanity", action="store_true", help="skip the sanity stage")
+    p = sub.add_parser("run", help="run the whole study, resumably: " + " -> ".join(STAGES))
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help=f"comma-separated stages to run, in order (default: all: {','.join(STAGES)})")
+    p.add_argument("--storage", help="SQLAlchemy URL shared by workers on several machines "
+                                     "(search.storage), e.g. postgresql://user@host/db")
+    _common(p)
+
+    p = sub.add_parser("hpo", help="Optuna TPE search of one task and method")
+    p.add_argument("--task", required=True)
+    p.add_argument("--method", required=True, choices=["lora", "full"])
+    p.add_argument("--storage", help="SQLAlchemy URL (search.storage); default SQLite in the run dir")
+    p.add_argument("--trials", type=int, help="trials of the study (search.trials)")
     _common(p)
 
     sub.add_parser("models", help="list the model registry")
@@ -57,6 +68,10 @@ def resolve(args: argparse.Namespace) -> tuple[StudyConfig, Path]:
     extra = list(args.overrides or [])
     if args.model:
         extra.append(f"model.name={args.model}")
+    if getattr(args, "storage", None):
+        extra.append(f"search.storage={args.storage}")
+    if getattr(args, "trials", None):
+        extra.append(f"search.trials={args.trials}")
     if args.glue_dir:
         extra.append(f"data.glue_dir={os.path.abspath(args.glue_dir)}")
     cfg = load_config(args.preset, args.config, extra)
@@ -100,18 +115,37 @@ def cmd_sanity(args, cfg: StudyConfig, run) -> int:
 
 
 def cmd_run(args, cfg: StudyConfig, run) -> int:
-    t0 = time.perf_counter()
-    if not args.skip_sanity:
-        args.task, args.method = None, None
-        cmd_sanity(args, cfg, run)
-    args.task, args.method, args.seed, args.overwrite = None, None, None, False
-    cmd_train(args, cfg, run)
-    print(f"run finished in {time.perf_counter() - t0:.0f} s; results in {run.root}")
+    from .runner import Study
+
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+    Study(cfg, run, progress=not args.no_progress, stages=stages).run_all()
     return 0
 
 
+def cmd_hpo(args, cfg: StudyConfig, run) -> int:
+    from .search import run_search
+    from .train import load_base
+
+    res = run_search(cfg, run, args.task, args.method, load_base(cfg),
+                     progress=not args.no_progress)
+    print(f"search {args.task}/{args.method}: best {res['metric']} {res['best']['value']:.4f} "
+          f"(trial {res['best']['number']}) {res['best']['params']}; trials {res['counts']}")
+    return 0
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # key=value overrides may stand anywhere among the options
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    args = build_parser().parse_args([a for a in argv if not OVERRIDE.match(a)])
+    if hasattr(args, "overrides"):
+        args.overrides = overrides + list(args.overrides or [])
     if args.command == "models":
         from .models import REGISTRY
 
@@ -128,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         run = RunDir(run_dir)
         run.bind_config(cfg)
         run.record_environment(args.command)
-        return {"train": cmd_train, "sanity": cmd_sanity, "run": cmd_run}[args.command](
-            args, cfg, run)
+        return {"train": cmd_train, "sanity": cmd_sanity, "run": cmd_run,
+                "hpo": cmd_hpo}[args.command](args, cfg, run)
     except ConfigError as e:
         print(f"loralens: config error: {e}", file=sys.stderr)
         return 2

@@ -44,6 +44,8 @@ class DataConfig:
     glue_dir: str | None = _f(None, doc="GLUE root; else $LORALENS_GLUE_DIR; else the hub")
     max_length: int = _f(384, lo=8, hi=32768, doc="truncation length in tokens")
     train_size: int | None = _f(None, lo=1, doc="rows of the training split used (None = all)")
+    train_size_per_task: dict[str, int] = _f(factory=dict, lo=1,
+                                             doc="per-task training rows, overriding train_size")
     early_stop_size: int | None = _f(None, lo=1,
                                      doc="validation rows for early stopping (None = all)")
     subset_seed: int = _f(0, doc="seed of the fixed row subsets (same for every method/seed)")
@@ -92,6 +94,23 @@ class SanityConfig:
 
 
 @dataclass
+class SearchConfig:
+    enabled: bool = _f(True, doc="run the search; false = train with the config's values")
+    trials: int = _f(15, lo=1, doc="trials per task and method (one persistent study each)")
+    startup_trials: int = _f(5, lo=0, doc="random start-up trials before TPE models")
+    storage: str | None = _f(None, doc="SQLAlchemy URL (PostgreSQL for several machines); "
+                                       "None = SQLite in the run directory")
+    train_size: int | None = _f(None, lo=1, doc="training rows per trial (None = data's)")
+    eval_size: int | None = _f(None, lo=1, doc="validation rows scored per trial (None = all)")
+    epochs: list[int] = _f(factory=lambda: [2, 3, 4], lo=1, doc="epoch choices of the space")
+    seed: int = _f(42, doc="training seed of every trial")
+    heartbeat_interval: int = _f(60, lo=1, doc="seconds between a running trial's heartbeats")
+    grace_period: int = _f(180, lo=1, doc="seconds without heartbeat before a trial is failed")
+    max_retry: int = _f(2, lo=0, doc="times a failed (killed) trial's configuration is retried")
+    prune: bool = _f(True, doc="median pruning of hopeless trials after each epoch")
+
+
+@dataclass
 class StudyConfig:
     preset: str | None = _f(None, doc="preset the config was layered on")
     tasks: list[str] = _f(factory=lambda: ["mrpc", "sst2", "rte"], doc="GLUE tasks")
@@ -103,6 +122,7 @@ class StudyConfig:
     lora: LoraConfig = _f(factory=LoraConfig)
     train: TrainConfig = _f(factory=TrainConfig)
     sanity: SanityConfig = _f(factory=SanityConfig)
+    search: SearchConfig = _f(factory=SearchConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -125,6 +145,12 @@ def _check(value: Any, tp: Any, key: str, meta: dict) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _check(value, inner[0], key, meta)
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_check(k, kt, key, {}): _check(v, vt, f"{key}.{k}", meta)
+                for k, v in value.items()}
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -184,6 +210,10 @@ def _validate_study(cfg: StudyConfig) -> None:
     for t in cfg.tasks:
         if t not in TASKS:
             raise ConfigError(f"tasks: unknown task {t!r}; known: {', '.join(TASKS)}")
+    for t in cfg.data.train_size_per_task:
+        if t not in TASKS:
+            raise ConfigError(f"data.train_size_per_task: unknown task {t!r}; known: "
+                              f"{', '.join(TASKS)}")
     for m in cfg.methods:
         if m not in METHODS:
             raise ConfigError(f"methods: unknown method {m!r}; known: {', '.join(METHODS)}")

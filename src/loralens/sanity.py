@@ -14,7 +14,7 @@ import numpy as np
 from . import data as D
 from .config import StudyConfig
 from .models import build_classifier
-from .store import RunDir, atomic_write_json
+from .store import RunDir, atomic_write_json, read_json
 from .train import apply_method, fit, load_base, prepare_task, seed_everything
 
 
@@ -44,17 +44,44 @@ def sanity_pair(cfg: StudyConfig, task: str, method: str, prepared, make_backbon
             "threshold": sc.loss_threshold, "lr": lr, "passed": bool(passed)}
 
 
-def run_sanity(cfg: StudyConfig, run: RunDir, tasks: list[str], methods: list[str],
-               progress: bool = True) -> list[dict]:
-    resolved, tokenizer, make_backbone = load_base(cfg)
-    results = []
-    for task in tasks:
-        prepared = prepare_task(cfg, task, tokenizer)
-        for method in methods:
-            r = sanity_pair(cfg, task, method, prepared, make_backbone, progress=progress)
-            results.append(r)
-            print(f"sanity {task}/{method}: {'PASS' if r['passed'] else 'FAIL'} "
-                  f"(training loss {r['final_train_loss']:.4f} after {r['epochs_run']} epochs, "
-                  f"threshold {r['threshold']})", flush=True)
-    atomic_write_json(run.root / "sanity.json", {"model": resolved.name, "results": results})
+def sanity_path(run: RunDir, task: str, method: str):
+    return run.root / "sanity" / f"{task}-{method}.json"
+
+
+def sanity_job(cfg: StudyConfig, run: RunDir, task: str, method: str, base, prepared=None,
+               progress: bool = True) -> dict:
+    """One (task, method) check, stored on its own; a stored result is reused."""
+    path = sanity_path(run, task, method)
+    if path.is_file():
+        return read_json(path)
+    prepared = prepared or prepare_task(cfg, task, base[1])
+    r = sanity_pair(cfg, task, method, prepared, base[2], progress=progress)
+    r["model"] = base[0].name
+    atomic_write_json(path, r)
+    print(f"sanity {task}/{method}: {'PASS' if r['passed'] else 'FAIL'} "
+          f"(training loss {r['final_train_loss']:.4f} after {r['epochs_run']} epochs, "
+          f"threshold {r['threshold']})", flush=True)
+    return r
+
+
+def collect_sanity(run: RunDir, tasks: list[str], methods: list[str]) -> list[dict]:
+    """Gather the stored per-pair results into sanity.json (missing pairs are listed)."""
+    results, missing = [], []
+    for t in tasks:
+        for m in methods:
+            p = sanity_path(run, t, m)
+            (results.append(read_json(p)) if p.is_file() else missing.append(f"{t}/{m}"))
+    atomic_write_json(run.root / "sanity.json", {"results": results, "missing": missing})
     return results
+
+
+def run_sanity(cfg: StudyConfig, run: RunDir, tasks: list[str], methods: list[str],
+               progress: bool = True, base=None) -> list[dict]:
+    base = base or load_base(cfg)
+    for task in tasks:
+        prepared = None
+        for method in methods:
+            if not sanity_path(run, task, method).is_file() and prepared is None:
+                prepared = prepare_task(cfg, task, base[1])
+            sanity_job(cfg, run, task, method, base, prepared, progress)
+    return collect_sanity(run, tasks, methods)

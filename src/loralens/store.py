@@ -34,6 +34,10 @@ PACKAGES = ("loralens", "torch", "transformers", "peft", "datasets", "accelerate
             "numpy", "scipy", "safetensors", "gguf", "tokenizers", "matplotlib")
 
 
+# Keys that may differ between the machines that share one run directory.
+MACHINE_LOCAL = {"data.glue_dir", "search.storage"}
+
+
 class RunDirError(RuntimeError):
     """The run directory conflicts with what was asked (e.g. a different config)."""
 
@@ -128,7 +132,7 @@ class RunDir:
         if self.config_path.is_file():
             with open(self.config_path) as f:
                 old = yaml.safe_load(f) or {}
-            diffs = _diff(old, new)
+            diffs = [d for d in _diff(old, new) if d[0] not in MACHINE_LOCAL]
             if diffs:
                 shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:8])
                 raise RunDirError(f"{self.config_path} was written with other settings ({shown}); "

@@ -95,8 +95,8 @@ class Prepared:
 
 def prepare_task(cfg: StudyConfig, task: str, tokenizer) -> Prepared:
     spec = get_task(task)
-    train_split = D.load_split(spec, "train", cfg.data.glue_dir).subset(
-        cfg.data.train_size, cfg.data.subset_seed)
+    size = cfg.data.train_size_per_task.get(spec.name, cfg.data.train_size)
+    train_split = D.load_split(spec, "train", cfg.data.glue_dir).subset(size, cfg.data.subset_seed)
     val_split = D.load_split(spec, "validation", cfg.data.glue_dir)
     val = D.encode_split(tokenizer, val_split, cfg.data.max_length)
     es_split = val_split.subset(cfg.data.early_stop_size, cfg.data.subset_seed)
@@ -193,8 +193,11 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None, pad_id: int,
         tc: TrainConfig, lr: float, seed: int, *, group_by_length: bool = True,
         stop_below_train_loss: float | None = None, pad_to: int | None = None,
-        progress: bool = True, desc: str = "train") -> FitResult:
-    """Train ``model`` in place; restore the parameters with the best validation loss."""
+        progress: bool = True, desc: str = "train", on_eval=None) -> FitResult:
+    """Train ``model`` in place; restore the parameters with the best validation loss.
+
+    ``on_eval(entry)`` is called after each early-stopping evaluation (search pruning).
+    """
     from transformers import get_cosine_schedule_with_warmup
 
     device = device_of(model)
@@ -247,6 +250,7 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
             if tc.eval_every and early_stop_enc is not None and res.steps % tc.eval_every == 0:
                 best_state, bad, stop = _early_stop_check(model, early_stop_enc, pad_id, tc, res,
                                                           best_state, bad, epoch)
+                on_eval and on_eval(res.history[-1])
             if stop or (tc.max_steps and res.steps >= tc.max_steps):
                 stop = True
                 break
@@ -257,6 +261,7 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
         if not stop and not tc.eval_every and early_stop_enc is not None:
             best_state, bad, stop = _early_stop_check(model, early_stop_enc, pad_id, tc, res,
                                                       best_state, bad, epoch)
+            on_eval and on_eval(res.history[-1])
         if res.history:
             res.history[-1].setdefault("train_loss", res.final_train_loss)
         if stop:
@@ -344,13 +349,37 @@ def count_parameters(model: nn.Module) -> dict:
     return {"total": total, "trainable": trainable}
 
 
+def with_overrides(cfg: StudyConfig, overrides: dict | None) -> StudyConfig:
+    """``cfg`` with nested overrides (e.g. a search's best {"train": {...}, "lora": {...}})."""
+    from .config import StudyConfig as _S, merge
+
+    return merge(_S, cfg, overrides) if overrides else cfg
+
+
+def train_model(cfg: StudyConfig, prepared: Prepared, method: str, seed: int, make_backbone,
+                progress: bool = True, desc: str | None = None, on_eval=None):
+    """Build, train and return (model, FitResult) for one method and seed."""
+    tc = cfg.train
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    seed_everything(seed)
+    model = apply_method(build_classifier(make_backbone(), prepared.task.num_labels, seed),
+                         method, cfg).to(device)
+    fitres = fit(model, prepared.train, prepared.early_stop, prepared.pad_id, tc,
+                 learning_rate(tc, method), seed, group_by_length=cfg.data.group_by_length,
+                 progress=progress, desc=desc or f"{prepared.task.name}/{method}/seed{seed}",
+                 on_eval=on_eval)
+    return model, fitres
+
+
 def train_job(cfg: StudyConfig, run: RunDir, task: str, method: str, seed: int, *,
               prepared: Prepared | None = None, base=None, overwrite: bool = False,
-              train_overrides: dict | None = None, progress: bool = True) -> dict:
+              overrides: dict | None = None, progress: bool = True) -> dict:
     """Train and evaluate one (task, method, seed) and write its job directory.
 
     A finished job (metrics.json present) is returned as it is unless ``overwrite``.
-    ``train_overrides`` replaces training hyperparameters (e.g. a search's best).
+    ``overrides`` replaces hyperparameters (e.g. a search's best), as nested keys.
     """
     out = run.job_dir(task, method, seed)
     if run.job_done(task, method, seed) and not overwrite:
@@ -358,18 +387,9 @@ def train_job(cfg: StudyConfig, run: RunDir, task: str, method: str, seed: int, 
             return {**json.load(f), "skipped": True}
     resolved, tokenizer, make_backbone = base or load_base(cfg)
     prepared = prepared or prepare_task(cfg, task, tokenizer)
-    tc = replace(cfg.train, **(train_overrides or {}))
-    lr = learning_rate(tc, method)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-
-    seed_everything(seed)
-    model = apply_method(build_classifier(make_backbone(), prepared.task.num_labels, seed),
-                         method, cfg).to(device)
-    fitres = fit(model, prepared.train, prepared.early_stop, prepared.pad_id, tc, lr, seed,
-                 group_by_length=cfg.data.group_by_length, progress=progress,
-                 desc=f"{task}/{method}/seed{seed}")
+    jcfg = with_overrides(cfg, overrides)
+    model, fitres = train_model(jcfg, prepared, method, seed, make_backbone, progress)
+    tc = jcfg.train
     val = evaluate(model, prepared.val, prepared.pad_id, tc.eval_batch_size,
                    precision=tc.precision)
     save_trained(model, method, out / ("adapter" if method == "lora" else "model"))
@@ -382,12 +402,13 @@ def train_job(cfg: StudyConfig, run: RunDir, task: str, method: str, seed: int, 
         "score": val[prepared.task.metric],
         "majority_baseline": majority_baseline(prepared.train.labels, prepared.val.labels,
                                                prepared.task.num_labels),
-        "hyperparameters": {**tc.__dict__, "lr": lr,
-                            **({"lora": cfg.lora.__dict__} if method == "lora" else {})},
+        "hyperparameters": {**tc.__dict__, "lr": learning_rate(tc, method),
+                            **({"lora": jcfg.lora.__dict__} if method == "lora" else {})},
+        "overrides": overrides or {},
         "parameters": count_parameters(model),
         "fit": fitres.to_dict(),
         "data": prepared.stats(),
-        "device": str(device),
+        "device": str(device_of(model)),
     }
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

@@ -69,3 +69,12 @@ def test_parse_override_numbers_and_null():
     assert parse_override("data.train_size=null") == {"data": {"train_size": None}}
     with pytest.raises(ConfigError, match="not of the form key=value"):
         parse_override("train.lr")
+
+
+def test_per_task_train_size():
+    cfg = load_config(overrides=["data.train_size_per_task={sst2: 640, rte: 64}"])
+    assert cfg.data.train_size_per_task == {"sst2": 640, "rte": 64}
+    with pytest.raises(ConfigError, match=r"train_size_per_task: unknown task 'cola'"):
+        load_config(overrides=["data.train_size_per_task={cola: 3}"])
+    with pytest.raises(ConfigError, match=r"data.train_size_per_task.rte: 0 is below the minimum 1"):
+        load_config(overrides=["data.train_size_per_task={rte: 0}"])

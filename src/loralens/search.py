@@ -1,0 +1,228 @@
+"""Hyperparameter search: one persistent Optuna TPE study per task and method.
+
+Unlike the study's published code (10 trials, 10 random start-up trials, a fresh
+in-memory study per trial, a sampler seed from Python's salted ``hash()``), every
+trial of a (task, method) reports to ONE study in a persistent storage, TPE gets
+fewer start-up trials than trials so it really models, and the sampler seed is a
+stable hash of task and method.
+
+Storage is SQLite in the run directory by default, or any SQLAlchemy URL
+(PostgreSQL) so that workers on several machines run trials of the same study at
+once. Heartbeats mark a killed worker's trial as failed and its configuration is
+retried. Workers start a trial only while fewer than ``search.trials`` trials are
+complete, pruned or running, deciding under a lock (a file lock for SQLite, a
+PostgreSQL advisory lock otherwise), so N trials are completed exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import warnings
+
+import optuna
+from optuna.storages._heartbeat import get_heartbeat_thread
+
+from .config import StudyConfig
+from .store import RunDir, atomic_write_json
+from .train import evaluate, prepare_task, train_model, with_overrides
+from .work import study_lock
+
+# The study's method-specific spaces. Rank is fixed at 8 for LoRA.
+SPACES: dict[str, dict[str, tuple]] = {
+    "full": {
+        "lr": ("loguniform", 1e-6, 5e-5),
+        "batch_size": ("categorical", [1, 2, 4]),
+        "warmup_ratio": ("uniform", 0.0, 0.2),
+        "weight_decay": ("uniform", 0.0, 0.01),
+        "epochs": ("categorical", [2, 3, 4]),
+    },
+    "lora": {
+        "lr": ("loguniform", 5e-5, 5e-3),
+        "batch_size": ("categorical", [4, 8, 16]),
+        "warmup_ratio": ("uniform", 0.0, 0.3),
+        "weight_decay": ("uniform", 0.0, 0.1),
+        "epochs": ("categorical", [2, 3, 4]),
+        "alpha": ("categorical", [8, 16, 32, 64]),
+        "dropout": ("uniform", 0.0, 0.3),
+    },
+}
+LORA_KEYS = {"alpha", "dropout"}
+COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+           optuna.trial.TrialState.RUNNING)
+
+
+def space(method: str, cfg: StudyConfig) -> dict[str, tuple]:
+    sp = dict(SPACES[method])
+    sp["epochs"] = ("categorical", list(cfg.search.epochs))
+    return sp
+
+
+def sampler_seed(task: str, method: str) -> int:
+    """Stable across processes and machines (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(f"{task}/{method}".encode()).digest()[:4], "big")
+
+
+def study_name(task: str, method: str) -> str:
+    return f"loralens-{task}-{method}"
+
+
+def storage_url(cfg: StudyConfig, run: RunDir) -> str:
+    if cfg.search.storage:
+        return cfg.search.storage
+    run.root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(run.root / 'search.db').resolve()}"
+
+
+def open_study(cfg: StudyConfig, run: RunDir, task: str, method: str) -> optuna.Study:
+    sc = cfg.search
+    storage = optuna.storages.RDBStorage(
+        storage_url(cfg, run), heartbeat_interval=sc.heartbeat_interval,
+        grace_period=sc.grace_period,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=sc.max_retry),
+        engine_kwargs=_engine_kwargs(storage_url(cfg, run)))
+    sampler = optuna.samplers.TPESampler(n_startup_trials=min(sc.startup_trials, sc.trials),
+                                         seed=sampler_seed(task, method))
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=max(sc.startup_trials, 1),
+                                          n_warmup_steps=0)
+              if sc.prune else optuna.pruners.NopPruner())
+    return optuna.create_study(study_name=study_name(task, method), storage=storage,
+                               sampler=sampler, pruner=pruner, direction="maximize",
+                               load_if_exists=True)
+
+
+def _engine_kwargs(url: str) -> dict:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True}
+
+
+def suggest(trial: optuna.Trial, method: str, cfg: StudyConfig) -> dict:
+    """Nested overrides {"train": {...}, "lora": {...}} for one trial."""
+    out: dict = {"train": {}, "lora": {}}
+    for name, (kind, *args) in space(method, cfg).items():
+        if kind == "loguniform":
+            v = trial.suggest_float(name, args[0], args[1], log=True)
+        elif kind == "uniform":
+            v = trial.suggest_float(name, args[0], args[1])
+        else:
+            v = trial.suggest_categorical(name, args[0])
+        out["lora" if name in LORA_KEYS else "train"][name] = v
+    return params_to_overrides(out["train"] | out["lora"], method)
+
+
+def params_to_overrides(params: dict, method: str) -> dict:
+    out: dict = {"train": {}, "lora": {}}
+    for k, v in params.items():
+        out["lora" if k in LORA_KEYS else "train"][k] = v
+    if method == "lora":
+        out["lora"]["r"] = 8
+    else:
+        out.pop("lora")
+    return out
+
+
+def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base,
+               progress: bool = True, on_trial=None) -> dict:
+    """Run trials of (task, method) until the study has ``search.trials`` of them."""
+    sc = cfg.search
+    resolved, tokenizer, make_backbone = base
+    study = open_study(cfg, run, task, method)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+    tcfg = with_overrides(cfg, {"data": {"train_size": sc.train_size or cfg.data.train_size,
+                                         "train_size_per_task": {}}})
+    prepared = None
+    while True:
+        with study_lock(storage_url(cfg, run), study_name(task, method), run.root):
+            # A killed worker's trial stops beating: fail it (its configuration is
+            # re-enqueued by RetryFailedTrialCallback and taken by the next ask()).
+            optuna.storages.fail_stale_trials(study)
+            counted = study.get_trials(deepcopy=False, states=COUNTED)
+            trial = study.ask() if len(counted) < sc.trials else None
+        if trial is None:
+            # Budget taken: done once no other worker's trial is still running (a dead
+            # worker's trial turns stale, fails, and its retry reopens the budget).
+            if not any(t.state == optuna.trial.TrialState.RUNNING for t in counted):
+                break
+            time.sleep(min(sc.heartbeat_interval, 5))
+            continue
+        if prepared is None:
+            prepared = prepare_task(tcfg, task, tokenizer)
+            eval_split = prepared.val_split.subset(sc.eval_size, cfg.data.subset_seed)
+            from . import data as D
+
+            eval_enc = D.encode_split(tokenizer, eval_split, cfg.data.max_length)
+            prepared.early_stop = eval_enc
+        overrides = suggest(trial, method, cfg)
+        trial.set_user_attr("train_rows", len(prepared.train))
+        trial.set_user_attr("eval_rows", len(eval_enc))
+        metric = prepared.task.metric
+
+        def on_eval(entry, trial=trial):
+            trial.report(entry[f"val_{metric}"], entry["epoch"] if entry.get("epoch") else 0)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        beat = get_heartbeat_thread(trial._trial_id, study._storage)
+        beat.start()  # ask/tell gets no heartbeat from Optuna itself (only optimize does)
+        try:
+            model, fitres = train_model(with_overrides(tcfg, overrides), prepared, method,
+                                        sc.seed, make_backbone, progress,
+                                        desc=f"search {task}/{method} #{trial.number}",
+                                        on_eval=on_eval)
+            val = evaluate(model, eval_enc, prepared.pad_id, cfg.train.eval_batch_size)
+            value = val[metric]
+            trial.set_user_attr("accuracy", val["accuracy"])
+            trial.set_user_attr("f1", val["f1"])
+            trial.set_user_attr("steps", fitres.steps)
+            study.tell(trial, value)
+            print(f"search {task}/{method} trial {trial.number}: {metric} {value:.4f} "
+                  f"{trial.params}", flush=True)
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            print(f"search {task}/{method} trial {trial.number}: pruned", flush=True)
+        except BaseException:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        finally:
+            beat.join()
+        on_trial and on_trial()
+    return write_best(cfg, run, task, method, study)
+
+
+def write_best(cfg: StudyConfig, run: RunDir, task: str, method: str,
+               study: optuna.Study | None = None) -> dict:
+    study = study or open_study(cfg, run, task, method)
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not done:
+        raise RuntimeError(f"search {task}/{method}: no completed trial in {study.study_name}")
+    best = max(done, key=lambda t: (t.value, -t.number))
+    trials = study.get_trials(deepcopy=False)
+    result = {
+        "task": task, "method": method, "study": study.study_name,
+        "storage": "sqlite (run directory)" if not cfg.search.storage else "external",
+        "sampler": {"name": "TPE", "seed": sampler_seed(task, method),
+                    "startup_trials": min(cfg.search.startup_trials, cfg.search.trials)},
+        "space": {k: list(v) for k, v in space(method, cfg).items()},
+        "metric": study.user_attrs.get("metric") or ("f1" if task == "mrpc" else "accuracy"),
+        "best": {"number": best.number, "value": best.value, "params": best.params,
+                 "user_attrs": best.user_attrs},
+        "overrides": params_to_overrides(best.params, method),
+        "trials": [{"number": t.number, "state": t.state.name, "value": t.value,
+                    "params": t.params, "user_attrs": t.user_attrs} for t in trials],
+        "counts": {s: sum(t.state.name == s for t in trials)
+                   for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")},
+    }
+    atomic_write_json(run.root / "search" / f"{task}-{method}.json", result)
+    return result
+
+
+def best_overrides(run: RunDir, task: str, method: str) -> dict | None:
+    path = run.root / "search" / f"{task}-{method}.json"
+    if not path.is_file():
+        return None
+    from .store import read_json
+
+    return read_json(path)["overrides"]

@@ -1,0 +1,103 @@
+"""A run killed with SIGKILL during search and during training resumes without
+losing or repeating any completed trial or model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+pytestmark = pytest.mark.integration
+
+TINY = ["data.max_length=32", "data.train_size=16", "data.early_stop_size=8",
+        "search.train_size=8", "search.eval_size=8", "search.epochs=[1]", "search.prune=false",
+        "search.startup_trials=2", "search.heartbeat_interval=1", "search.grace_period=4",
+        "train.max_steps=1", "train.batch_size=8", "train.eval_batch_size=64"]
+
+
+def loralens(args, run_dir, glue_dir):
+    exe = os.path.join(os.path.dirname(sys.executable), "loralens")
+    return subprocess.Popen([exe, *args, "--run-dir", str(run_dir), "--glue-dir", str(glue_dir),
+                             "--no-progress", *TINY], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(cond, proc, timeout=600):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if cond():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def kill(proc):
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()  # reap: a zombie would still look alive
+
+
+def trials(run_dir, name):
+    try:
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'search.db'}")
+    except KeyError:
+        return []
+    return study.get_trials(deepcopy=False)
+
+
+def test_sigkill_during_search_loses_and_repeats_nothing(tmp_path, glue_dir):
+    run = tmp_path / "run"
+    args = ["hpo", "--task", "rte", "--method", "lora", "--trials", "3"]
+    p = loralens(args, run, glue_dir)
+    done = lambda: [t for t in trials(run, "loralens-rte-lora") if t.state.name == "COMPLETE"]
+    # kill while the second trial is running
+    wait_for(lambda: len(done()) >= 1 and len(trials(run, "loralens-rte-lora")) >= 2, p)
+    kill(p)
+    first = {t.number: t.params for t in done()}
+    killed = [t for t in trials(run, "loralens-rte-lora") if t.state.name == "RUNNING"]
+    assert len(first) >= 1
+    p = loralens(args, run, glue_dir)
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, out[-3000:]
+    final = trials(run, "loralens-rte-lora")
+    complete = [t for t in final if t.state.name == "COMPLETE"]
+    assert len(complete) == 3
+    # completed trials are kept, unchanged, and not run again
+    for n, params in first.items():
+        assert final[n].state.name == "COMPLETE" and final[n].params == params
+    # the killed trial was failed by its missing heartbeat and its configuration retried
+    for k in killed:
+        assert final[k.number].state.name == "FAIL"
+        assert any(t.system_attrs.get("failed_trial") == k.number and t.params == k.params
+                   for t in complete)
+    best = json.loads((run / "search" / "rte-lora.json").read_text())
+    assert best["counts"]["COMPLETE"] == 3
+
+
+def test_sigkill_during_training_resumes(tmp_path, glue_dir):
+    run = tmp_path / "run"
+    args = ["run", "--stages", "train", "search.enabled=false", "tasks=[rte]",
+            "seeds=[1,2]", "methods=[lora]"]
+    p = loralens(args, run, glue_dir)
+    metrics = lambda: sorted(run.glob("models/*/*/seed*/metrics.json"))
+    wait_for(lambda: len(metrics()) >= 1, p)
+    kill(p)
+    before = {m: m.stat().st_mtime_ns for m in metrics()}
+    p = loralens(args, run, glue_dir)
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, out[-3000:]
+    after = metrics()
+    assert len(after) == 2
+    for m, t in before.items():  # finished models were not retrained
+        assert m.stat().st_mtime_ns == t
+    import sqlite3
+
+    rows = sqlite3.connect(run / "jobs.db").execute(
+        "SELECT key, status FROM loralens_jobs WHERE stage='train' ORDER BY key").fetchall()
+    assert rows == [("rte/lora/seed1", "done"), ("rte/lora/seed2", "done")]

@@ -1,0 +1,123 @@
+"""Search (Optuna TPE on SQLite) and the job queue, on tiny random Llama models."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import optuna
+import pytest
+
+from loralens.config import load_config
+from loralens.search import SPACES, run_search, sampler_seed, suggest
+from loralens.store import RunDir
+from loralens.work import JobQueue
+
+
+def test_sampler_seed_is_stable_across_processes():
+    code = "from loralens.search import sampler_seed; print(sampler_seed('rte', 'lora'))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout.strip()
+            for h in (0, 1, 2)}
+    assert outs == {str(sampler_seed("rte", "lora"))}
+    assert sampler_seed("rte", "lora") != sampler_seed("rte", "full")
+
+
+def test_spaces_are_the_studys():
+    assert SPACES["full"]["lr"] == ("loguniform", 1e-6, 5e-5)
+    assert SPACES["full"]["batch_size"] == ("categorical", [1, 2, 4])
+    assert SPACES["lora"]["lr"] == ("loguniform", 5e-5, 5e-3)
+    assert SPACES["lora"]["alpha"] == ("categorical", [8, 16, 32, 64])
+    assert SPACES["lora"]["dropout"] == ("uniform", 0.0, 0.3)
+    cfg = load_config()
+    study = optuna.create_study(direction="maximize")
+    ov = suggest(study.ask(), "lora", cfg)
+    assert ov["lora"]["r"] == 8 and set(ov["lora"]) == {"r", "alpha", "dropout"}
+    assert set(ov["train"]) == {"lr", "batch_size", "warmup_ratio", "weight_decay", "epochs"}
+    assert "lora" not in suggest(optuna.create_study().ask(), "full", cfg)
+
+
+@pytest.fixture
+def tiny_base(tokenizer):
+    """(resolved, tokenizer, factory) with a tiny random Llama instead of SmolLM2."""
+    import torch
+    from transformers import AutoModel
+
+    from loralens.models import ResolvedModel, tiny_llama_config
+
+    def make():
+        torch.manual_seed(0)
+        return AutoModel.from_config(tiny_llama_config(), dtype=torch.float32)
+
+    return ResolvedModel("tiny", "tiny", "tiny random Llama"), tokenizer, make
+
+
+def search_cfg(glue_dir, trials=4, extra=()):
+    return load_config(overrides=[
+        f"data.glue_dir={glue_dir}", f"search.trials={trials}", "search.startup_trials=2",
+        "search.train_size=16", "search.eval_size=16", "search.epochs=[1]",
+        "data.max_length=32", "search.prune=false", *extra])
+
+
+def test_one_persistent_study_with_exactly_n_trials_and_resume(tmp_path, glue_dir, tiny_base):
+    cfg = search_cfg(glue_dir)
+    run = RunDir(tmp_path)
+    res = run_search(cfg, run, "rte", "lora", tiny_base, progress=False)
+    assert res["counts"]["COMPLETE"] == 4 and len(res["trials"]) == 4
+    assert res["sampler"]["startup_trials"] == 2
+    assert res["best"]["user_attrs"]["train_rows"] == 16
+    assert res["best"]["user_attrs"]["eval_rows"] == 16
+    assert (tmp_path / "search.db").is_file() and (tmp_path / "search" / "rte-lora.json").is_file()
+    # Rerun: the study is loaded from storage; nothing is repeated.
+    again = run_search(cfg, run, "rte", "lora", tiny_base, progress=False)
+    assert [t["params"] for t in again["trials"]] == [t["params"] for t in res["trials"]]
+    # Raising the budget adds exactly the missing trials to the same study.
+    more = run_search(search_cfg(glue_dir, trials=6), run, "rte", "lora", tiny_base,
+                      progress=False)
+    assert more["counts"]["COMPLETE"] == 6
+    assert [t["params"] for t in more["trials"][:4]] == [t["params"] for t in res["trials"]]
+    assert more["overrides"]["lora"]["r"] == 8
+
+
+def test_two_threads_complete_exactly_n_trials(tmp_path, glue_dir, tiny_base):
+    cfg = search_cfg(glue_dir, trials=5)
+    run = RunDir(tmp_path)
+    errors = []
+
+    def worker():
+        try:
+            run_search(cfg, run, "sst2", "full", tiny_base, progress=False)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    study = optuna.load_study(study_name="loralens-sst2-full",
+                              storage=f"sqlite:///{tmp_path / 'search.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 5 and len(states) == 5
+
+
+def test_job_queue_claims_each_job_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    q = JobQueue(url, "study:x")
+    q.add("train", {f"job{i}": {"i": i} for i in range(6)})
+    q.add("train", {"job0": {"i": 99}})  # duplicates are ignored
+    claimed = []
+    while (job := q.claim("train", worker="w")) is not None:
+        claimed.append(job)
+        q.done(job[0])
+    assert [k for k, _ in claimed] == [f"job{i}" for i in range(6)]
+    assert claimed[0][1] == {"i": 0}
+    assert q.counts("train") == {"done": 6}
+
+
+def test_stale_job_is_reclaimed(tmp_path):
+    q = JobQueue(f"sqlite:///{tmp_path / 'jobs.db'}", "s", stale_after=0.0)
+    q.add("train", {"a": {}})
+    assert q.claim("train", worker="dead")[0] == "a"
+    again = q.claim("train", worker="alive")
+    assert again is not None and again[0] == "a"
+    assert q.rows("train")[0]["attempts"] == 2
