@@ -80,7 +80,10 @@ def resolve(args: argparse.Namespace) -> tuple[StudyConfig, Path]:
 
 
 def cmd_train(args, cfg: StudyConfig, run) -> int:
-    from .train import load_base, prepare_task, summary_line, train_job
+    """Train jobs; under ``accelerate launch`` (or torchrun) each job is data parallel."""
+    from .train import init_distributed, load_base, prepare_task, summary_line, train_job
+
+    init_distributed()
 
     tasks = args.task or cfg.tasks
     methods = args.method or cfg.methods
@@ -99,7 +102,8 @@ def cmd_train(args, cfg: StudyConfig, run) -> int:
                     run.record_data(task, prepared.stats())
                 m = train_job(cfg, run, task, method, seed, prepared=prepared, base=base,
                               overwrite=args.overwrite, progress=not args.no_progress)
-                print(summary_line(m), flush=True)
+                if "rank" not in m:  # data parallel: rank 0 reports
+                    print(summary_line(m), flush=True)
     return 0
 
 

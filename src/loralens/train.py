@@ -217,27 +217,36 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
     if use_ckpt:
         _enable_checkpointing(model)
 
+    rank, world = dist_info()
     res, best_state, bad = FitResult(), None, 0
-    bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, disable=not progress or rank > 0, unit="step",
+               dynamic_ncols=True)
     t0 = time.perf_counter()
     model.train()
     stop = False
     for epoch in range(tc.epochs):
         batches = D.train_batches(train_enc.lengths, tc.batch_size, seed * 1000 + epoch,
                                   group_by_length)
+        # Data parallel: every rank takes its share of each global batch.
+        local = [b[rank::world] for b in batches] if world > 1 else batches
         epoch_loss, epoch_n = 0.0, 0
-        for i, b in enumerate(D.iter_batches(train_enc, batches, pad_id, pad_to)):
-            with autocast_ctx(device, tc.precision):
-                out = model(input_ids=b.input_ids.to(device),
-                            attention_mask=b.attention_mask.to(device),
-                            labels=b.labels.to(device))
-            (out.loss * (len(b.labels) / _accum_rows(batches, i, tc.grad_accum))).backward()
-            epoch_loss += float(out.loss.detach()) * len(b.labels)
-            epoch_n += len(b.labels)
-            res.real_tokens += b.real_tokens
-            res.padded_tokens += b.attention_mask.numel()
+        for i, idx in enumerate(local):
+            if len(idx):
+                b = next(D.iter_batches(train_enc, [idx], pad_id, pad_to))
+                with autocast_ctx(device, tc.precision):
+                    out = model(input_ids=b.input_ids.to(device),
+                                attention_mask=b.attention_mask.to(device),
+                                labels=b.labels.to(device))
+                # weight = rows / rows of the accumulation window (all ranks): exact mean
+                (out.loss * (len(idx) / _accum_rows(batches, i, tc.grad_accum))).backward()
+                epoch_loss += float(out.loss.detach()) * len(idx)
+                epoch_n += len(idx)
+                res.real_tokens += b.real_tokens
+                res.padded_tokens += b.attention_mask.numel()
             if (i + 1) % tc.grad_accum and i + 1 != len(batches):
                 continue
+            if world > 1:
+                _all_reduce_grads(params)
             if tc.max_grad_norm > 0:
                 nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
             opt.step()
@@ -245,7 +254,8 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
             opt.zero_grad(set_to_none=True)
             res.steps += 1
             elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}", tok_s=f"{res.real_tokens / elapsed:.0f}")
+            bar.set_postfix(loss=f"{epoch_loss / max(epoch_n, 1):.4f}",
+                            tok_s=f"{res.real_tokens * world / elapsed:.0f}")
             bar.update(1)
             if tc.eval_every and early_stop_enc is not None and res.steps % tc.eval_every == 0:
                 best_state, bad, stop = _early_stop_check(model, early_stop_enc, pad_id, tc, res,
@@ -254,6 +264,8 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
             if stop or (tc.max_steps and res.steps >= tc.max_steps):
                 stop = True
                 break
+        if world > 1:
+            epoch_loss, epoch_n = _all_reduce_sum([epoch_loss, float(epoch_n)])
         res.final_train_loss = epoch_loss / max(epoch_n, 1)
         res.epochs = epoch + 1
         if stop_below_train_loss is not None and res.final_train_loss < stop_below_train_loss:
@@ -275,6 +287,47 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
                     p.copy_(best_state[n])
     model.eval()
     return res
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of a torch.distributed run (accelerate launch, torchrun), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> None:
+    """Join the process group that ``accelerate launch`` / torchrun describe in the environment
+    (gloo on the CPU, NCCL on GPUs). A no-op in a single process."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+
+
+def _all_reduce_grads(params: list[torch.Tensor]) -> None:
+    import torch.distributed as dist
+
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                      for p in params])
+    dist.all_reduce(flat)  # SUM: each rank's loss already carries its share of the mean
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def _accum_rows(batches: list[np.ndarray], i: int, accum: int) -> int:
@@ -392,8 +445,11 @@ def train_job(cfg: StudyConfig, run: RunDir, task: str, method: str, seed: int, 
     tc = jcfg.train
     val = evaluate(model, prepared.val, prepared.pad_id, tc.eval_batch_size,
                    precision=tc.precision)
+    logits = val.pop("logits")
+    if dist_info()[0] > 0:  # data parallel: rank 0 writes the job's files
+        return {"task": task, "method": method, "seed": seed, "validation": val, "rank": dist_info()[0]}
     save_trained(model, method, out / ("adapter" if method == "lora" else "model"))
-    np.save(out / "val_logits.npy", val.pop("logits"))
+    np.save(out / "val_logits.npy", logits)
     metrics = {
         "task": task, "method": method, "seed": seed, "model": resolved.name,
         "model_note": resolved.note,
@@ -409,6 +465,7 @@ def train_job(cfg: StudyConfig, run: RunDir, task: str, method: str, seed: int, 
         "fit": fitres.to_dict(),
         "data": prepared.stats(),
         "device": str(device_of(model)),
+        "data_parallel_processes": dist_info()[1],
     }
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
