@@ -59,12 +59,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="trials of the study (search.trials)")
     _common(p)
 
+    p = sub.add_parser("extract", help="pooled hidden states of the base and every trained model")
+    p.add_argument("--task", action="append", help="task (repeatable; default: the config's)")
+    _common(p)
+
+    p = sub.add_parser("drift", help="layer-wise similarity to the base model and Tables 3-4")
+    p.add_argument("--task", action="append", help="task (repeatable; default: the config's)")
+    _common(p)
+
+    p = sub.add_parser("bench", help="serving cost: separate vs merged adapters vs full models")
+    p.add_argument("--task", action="append", help="task (repeatable; default: the config's)")
+    _common(p)
+
+    p = sub.add_parser("report", help="Markdown + self-contained HTML report of a run directory")
+    p.add_argument("run_dir_pos", nargs="?", metavar="RUN_DIR", help="the run directory")
+    _common(p)
+
     sub.add_parser("models", help="list the model registry")
     sub.add_parser("presets", help="list the presets")
     return parser
 
 
 def resolve(args: argparse.Namespace) -> tuple[StudyConfig, Path]:
+    """The config: the run directory's stored one when no settings are given, else
+    defaults -> preset -> file -> overrides (checked against the stored one, if any)."""
+    run_dir = Path(getattr(args, "run_dir_pos", None) or args.run_dir
+                   or Path("runs") / (args.preset or "default"))
+    given = args.preset or args.config or args.overrides or args.model or args.glue_dir \
+        or getattr(args, "storage", None) or getattr(args, "trials", None)
+    if not given and (run_dir / "config.yaml").is_file():
+        from .store import RunDir
+
+        return RunDir(run_dir).load_config(), run_dir
     extra = list(args.overrides or [])
     if args.model:
         extra.append(f"model.name={args.model}")
@@ -74,9 +100,7 @@ def resolve(args: argparse.Namespace) -> tuple[StudyConfig, Path]:
         extra.append(f"search.trials={args.trials}")
     if args.glue_dir:
         extra.append(f"data.glue_dir={os.path.abspath(args.glue_dir)}")
-    cfg = load_config(args.preset, args.config, extra)
-    run_dir = Path(args.run_dir or Path("runs") / (args.preset or "default"))
-    return cfg, run_dir
+    return load_config(args.preset, args.config, extra), run_dir
 
 
 def cmd_train(args, cfg: StudyConfig, run) -> int:
@@ -143,6 +167,42 @@ def cmd_hpo(args, cfg: StudyConfig, run) -> int:
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
+def cmd_extract(args, cfg: StudyConfig, run) -> int:
+    from .extract import run_extract, summary_line
+
+    ec = cfg.extract
+    for r in run_extract(cfg, run, args.task or cfg.tasks, n_examples=ec.examples, seed=ec.seed,
+                         batch_size=ec.batch_size, progress=not args.no_progress):
+        print(summary_line(r))
+    return 0
+
+
+def cmd_drift(args, cfg: StudyConfig, run) -> int:
+    from .drift import run_drift, summary_lines
+
+    print("\n".join(summary_lines(run_drift(cfg, run, args.task or cfg.tasks,
+                                            progress=not args.no_progress))))
+    return 0
+
+
+def cmd_bench(args, cfg: StudyConfig, run) -> int:
+    from .serving.bench import run_bench, summary_lines
+
+    bc = cfg.bench
+    result = run_bench(cfg, run, args.task or cfg.tasks, bc.batch_sizes, bc.warmup, bc.requests,
+                       progress=not args.no_progress, mixed_batch_size=bc.mixed_batch_size)
+    print("\n".join(summary_lines(result)))
+    print(f"results in {run.root / 'bench'}")
+    return 0 if all(result["checks"].values()) else 1
+
+
+def cmd_report(args, cfg: StudyConfig, run) -> int:
+    from .report import build_report
+
+    print(f"report: {build_report(run)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # key=value overrides may stand anywhere among the options
@@ -164,10 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         from .store import RunDir
 
         run = RunDir(run_dir)
-        run.bind_config(cfg)
-        run.record_environment(args.command)
-        return {"train": cmd_train, "sanity": cmd_sanity, "run": cmd_run,
-                "hpo": cmd_hpo}[args.command](args, cfg, run)
+        if args.command != "report":  # the report only reads
+            run.bind_config(cfg)
+            run.record_environment(args.command)
+        return {"train": cmd_train, "sanity": cmd_sanity, "run": cmd_run, "hpo": cmd_hpo,
+                "extract": cmd_extract, "drift": cmd_drift, "bench": cmd_bench,
+                "report": cmd_report}[args.command](args, cfg, run)
     except ConfigError as e:
         print(f"loralens: config error: {e}", file=sys.stderr)
         return 2

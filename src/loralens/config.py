@@ -111,6 +111,21 @@ class SearchConfig:
 
 
 @dataclass
+class ExtractConfig:
+    examples: int = _f(750, lo=4, doc="validation rows per task (the whole split if fewer)")
+    seed: int = _f(0, doc="seed of the fixed sample (same rows and order for every model)")
+    batch_size: int = _f(32, lo=1, doc="examples per forward pass")
+
+
+@dataclass
+class BenchConfig:
+    batch_sizes: list[int] = _f(factory=lambda: [1], lo=1, doc="request batch sizes")
+    warmup: int = _f(10, lo=0, doc="untimed warm-up requests per model")
+    requests: int = _f(100, lo=1, doc="validation examples timed per model")
+    mixed_batch_size: int = _f(8, lo=1, doc="rows per mixed-adapter batch")
+
+
+@dataclass
 class StudyConfig:
     preset: str | None = _f(None, doc="preset the config was layered on")
     tasks: list[str] = _f(factory=lambda: ["mrpc", "sst2", "rte"], doc="GLUE tasks")
@@ -123,6 +138,8 @@ class StudyConfig:
     train: TrainConfig = _f(factory=TrainConfig)
     sanity: SanityConfig = _f(factory=SanityConfig)
     search: SearchConfig = _f(factory=SearchConfig)
+    extract: ExtractConfig = _f(factory=ExtractConfig)
+    bench: BenchConfig = _f(factory=BenchConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -151,21 +151,28 @@ class Study:
     def do_extract(self) -> None:
         from .extract import run_extract
 
+        ec = self.cfg.extract
         self.queue.add("extract", {t: {"task": t} for t in self.cfg.tasks})
         self.queue.work("extract", lambda key, p: run_extract(
-            self.cfg, self.run, tasks=[p["task"]], progress=self.progress))
+            self.cfg, self.run, tasks=[p["task"]], n_examples=ec.examples, seed=ec.seed,
+            batch_size=ec.batch_size, base=self.base, progress=self.progress))
 
     def do_drift(self) -> None:
         from .drift import run_drift
 
-        run_drift(self.cfg, self.run, tasks=self.cfg.tasks)
+        run_drift(self.cfg, self.run, tasks=self.cfg.tasks, progress=self.progress)
 
     def do_bench(self) -> None:
+        # One job: timings from several machines at once would not be comparable, and the
+        # multi-adapter part loads adapters of every task on one base.
         from .serving.bench import run_bench
 
-        self.queue.add("bench", {t: {"task": t} for t in self.cfg.tasks})
+        bc = self.cfg.bench
+        self.queue.add("bench", {"all": {}})
         self.queue.work("bench", lambda key, p: run_bench(
-            self.cfg, self.run, tasks=[p["task"]], progress=self.progress))
+            self.cfg, self.run, tasks=self.cfg.tasks, batch_sizes=bc.batch_sizes,
+            warmup=bc.warmup, n_requests=bc.requests, mixed_batch_size=bc.mixed_batch_size,
+            progress=self.progress))
 
     def do_report(self) -> None:
         from .report import build_report
