@@ -1,0 +1,50 @@
+"""End to end: `loralens run --preset smoke` on SmolLM2 and real GLUE rows, every stage."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_smoke_preset_runs_every_stage(tmp_path, glue_dir):
+    run = tmp_path / "smoke"
+    exe = os.path.join(os.path.dirname(sys.executable), "loralens")
+    out = subprocess.run([exe, "run", "--preset", "smoke", "--run-dir", str(run),
+                          "--glue-dir", str(glue_dir), "--no-progress"],
+                         capture_output=True, text=True, timeout=2400)
+    assert out.returncode == 0, (out.stdout[-4000:], out.stderr[-4000:])
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["preset"] == "smoke"
+    tasks, methods = cfg["tasks"], cfg["methods"]
+    # sanity, search, training
+    sanity = json.loads((run / "sanity.json").read_text())
+    assert len(sanity["results"]) == len(tasks) * len(methods) and not sanity["missing"]
+    for t in tasks:
+        for m in methods:
+            s = json.loads((run / "search" / f"{t}-{m}.json").read_text())
+            assert s["counts"]["COMPLETE"] == cfg["search"]["trials"]
+            metrics = json.loads((run / "models" / t / m / "seed42" / "metrics.json").read_text())
+            assert metrics["validation"]["n"] == {"sst2": 872, "rte": 277}[t]
+            assert metrics["overrides"]["train"]["lr"] == s["best"]["params"]["lr"]
+    # extraction, drift, serving, report
+    assert any((run / "extract").rglob("*.npy")) or any((run / "extract").rglob("*.npz"))
+    assert (run / "drift").is_dir() and any((run / "drift").glob("*.csv"))
+    assert (run / "bench").is_dir() and any((run / "bench").glob("*.json"))
+    html = run / "report" / "report.html"
+    assert html.is_file() and (run / "report" / "report.md").is_file()
+    assert f"report: {html}" in out.stdout
+    timings = json.loads((run / "timings.json").read_text())
+    assert set(timings) == {"sanity", "search", "train", "extract", "drift", "bench", "report"}
+    # A second run finds everything done and repeats nothing.
+    mtimes = {p: p.stat().st_mtime_ns for p in run.glob("models/*/*/seed*/metrics.json")}
+    again = subprocess.run([exe, "run", "--preset", "smoke", "--run-dir", str(run),
+                            "--glue-dir", str(glue_dir), "--no-progress",
+                            "--stages", "sanity,search,train"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
