@@ -1,0 +1,422 @@
+"""Extraction (tiny random Llama) and the drift stage (synthetic arrays, no model)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from loralens import data as D
+from loralens import similarity as S
+from loralens import stats as T
+from loralens.config import StudyConfig, load_config
+from loralens.drift import (LAYER_COLUMNS, TABLE3_COLUMNS, TABLE4_COLUMNS, compare, run_drift)
+from loralens.extract import (BASE_KEY, job_fingerprint, load_pooled, load_task, model_key,
+                              pooled_hidden_states, run_extract, sample_split, save_pooled)
+from loralens.models import ResolvedModel, build_classifier, tiny_llama_config
+from loralens.store import RunDir, RunDirError, atomic_write_json
+from loralens.train import apply_method, save_trained
+
+EOS = 2
+
+
+# --------------------------------------------------------------------------- helpers
+
+def tiny_factory():
+    from transformers import AutoModel
+
+    def make():
+        torch.manual_seed(0)  # the "pretrained" weights: the same every call
+        return AutoModel.from_config(tiny_llama_config(), dtype=torch.float32).eval()
+    return make
+
+
+def tiny_encoded(n=12, seed=0, lo=2, hi=25):
+    rng = np.random.default_rng(seed)
+    ids = [[int(t) for t in rng.integers(10, 4000, size=rng.integers(lo, hi))] for _ in range(n)]
+    return D.Encoded(ids, np.array([sum(x) % 2 for x in ids]), np.arange(n))
+
+
+def randomize_lora(model, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def write_glue(root, sst2_rows=30, rte_rows=10):
+    (root / "SST-2").mkdir(parents=True)
+    (root / "RTE").mkdir(parents=True)
+    words = "the cat sat on a mat while dogs ran far away from home today".split()
+    rng = np.random.default_rng(0)
+
+    def sentence():
+        return " ".join(rng.choice(words, size=rng.integers(2, 12)))
+    with open(root / "SST-2" / "dev.tsv", "w") as f:
+        f.write("sentence\tlabel\n")
+        for i in range(sst2_rows):
+            f.write(f"{sentence()}\t{i % 2}\n")
+    with open(root / "RTE" / "dev.tsv", "w") as f:
+        f.write("index\tsentence1\tsentence2\tlabel\n")
+        for i in range(rte_rows):
+            f.write(f"{i}\t{sentence()}\t{sentence()}\t"
+                    f"{'entailment' if i % 3 else 'not_entailment'}\n")
+    return root
+
+
+def write_metrics(run, task, method, seed, accuracy=0.5, f1=0.5, n=10):
+    atomic_write_json(run.job_dir(task, method, seed) / "metrics.json", {
+        "task": task, "method": method, "seed": seed, "model": "tiny",
+        "validation": {"accuracy": accuracy, "f1": f1, "n": n, "loss": 0.7},
+        "majority_baseline": {"label": 1, "accuracy": 0.51, "f1": 0.67}})
+
+
+def make_job(run, task, method, seed, make_backbone, cfg):
+    model = apply_method(build_classifier(make_backbone(), 2, seed), method, cfg)
+    if method == "lora":
+        randomize_lora(model, seed)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    save_trained(model, method, run.job_dir(task, method, seed) /
+                 ("adapter" if method == "lora" else "model"))
+    write_metrics(run, task, method, seed, accuracy=0.5 + seed / 100)
+
+
+@pytest.fixture
+def tiny_study(tmp_path, tokenizer):
+    glue = write_glue(tmp_path / "glue")
+    cfg = load_config(overrides={"tasks": ["sst2", "rte"], "seeds": [1],
+                                 "data": {"glue_dir": str(glue), "max_length": 64}})
+    run = RunDir(tmp_path / "run")
+    run.bind_config(cfg)
+    make = tiny_factory()
+    base = (ResolvedModel("tiny", "none", "tiny random Llama (test)"), tokenizer, make)
+    for task in cfg.tasks:
+        for method in ("lora", "full"):
+            make_job(run, task, method, 1, make, cfg)
+    return cfg, run, base
+
+
+# --------------------------------------------------------------------------- pooling
+
+def test_pooling_ignores_pads_and_batching(tiny_backbone):
+    model = build_classifier(tiny_backbone, 2, seed=0).eval()
+    enc = tiny_encoded(10)
+    alone = pooled_hidden_states(model, enc, EOS, batch_size=1)  # no padding at all
+    assert alone.shape == (10, 3, 32) and alone.dtype == np.float32
+    # The definition, computed by hand: each example alone, mean over its positions.
+    with torch.no_grad():
+        for i, ids in enumerate(enc.input_ids):
+            out = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+                        output_hidden_states=True)
+            want = torch.stack([h[0].mean(0) for h in out.hidden_states]).numpy()
+            np.testing.assert_allclose(alone[i], want, atol=1e-5, rtol=0)
+    variants = [dict(batch_size=10), dict(batch_size=4, group_by_length=False),
+                dict(batch_size=3, pad_to=64)]
+    for kw in variants:
+        np.testing.assert_allclose(pooled_hidden_states(model, enc, EOS, **kw), alone,
+                                   atol=1e-5, rtol=0, err_msg=str(kw))
+    # Pad ids are masked: whatever id fills the pads, the arrays are the same.
+    np.testing.assert_allclose(pooled_hidden_states(model, enc, 777, batch_size=10), alone,
+                               atol=1e-5, rtol=0)
+    # Naive pooling over every position (the published code) would differ.
+    ids, mask = D.collate(enc.input_ids, EOS)
+    with torch.no_grad():
+        h = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    assert np.abs(h.mean(1).numpy() - alone[:, -1]).max() > 1e-3
+
+
+def test_bare_backbone_and_order(tiny_backbone):
+    enc = tiny_encoded(7, seed=3)
+    a = pooled_hidden_states(tiny_backbone, enc, EOS, batch_size=3)
+    model = build_classifier(tiny_backbone, 2, seed=0)
+    np.testing.assert_allclose(pooled_hidden_states(model, enc, EOS, batch_size=3), a,
+                               atol=1e-6, rtol=0)
+    # Rows follow the Encoded order, whatever the length-sorted batch order.
+    rev = D.Encoded(enc.input_ids[::-1], enc.labels[::-1], enc.ids[::-1])
+    np.testing.assert_allclose(pooled_hidden_states(tiny_backbone, rev, EOS, batch_size=3),
+                               a[::-1], atol=1e-5, rtol=0)
+
+
+def test_lora_separate_and_merged_agree(tiny_backbone):
+    model = apply_method(build_classifier(tiny_backbone, 2, seed=0), "lora", StudyConfig())
+    randomize_lora(model)
+    model.eval()
+    enc = tiny_encoded(9, seed=1)
+    separate = pooled_hidden_states(model, enc, EOS, batch_size=4)
+    merged_model = model.merge_and_unload()
+    merged = pooled_hidden_states(merged_model, enc, EOS, batch_size=4)
+    assert np.abs(separate - merged).max() <= 1e-4
+    # ... and the adapter does change the states (the test is not vacuous).
+    base = pooled_hidden_states(build_classifier(tiny_factory()(), 2, 0), enc, EOS, 4)
+    assert np.abs(separate[:, 1:] - base[:, 1:]).max() > 1e-2
+    np.testing.assert_array_equal(separate[:, 0], base[:, 0])  # embeddings untouched by LoRA
+
+
+# --------------------------------------------------------------------------- stage
+
+def test_sample_is_fixed_and_short_split_is_whole(tmp_path):
+    from loralens.tasks import get_task
+
+    glue = write_glue(tmp_path / "glue")
+    split = D.load_split(get_task("sst2"), "validation", glue)
+    a, b = sample_split(split, 12, 0), sample_split(split, 12, 0)
+    assert [e.id for e in a.examples] == [e.id for e in b.examples]
+    assert [e.id for e in a.examples] == sorted(e.id for e in a.examples)
+    assert len(a) == 12 and [e.id for e in sample_split(split, 12, 1).examples] != \
+        [e.id for e in a.examples]
+    assert len(sample_split(split, 750, 0)) == 30
+
+
+def test_run_extract_files_manifest_and_resume(tiny_study):
+    cfg, run, base = tiny_study
+    res = run_extract(cfg, run, n_examples=12, seed=0, batch_size=4, base=base, progress=False)
+    assert [(r["task"], r["key"], r["status"]) for r in res] == [
+        (t, k, "extracted") for t in ("sst2", "rte") for k in ("base", "full-seed1",
+                                                               "lora-seed1")]
+    for task, real in (("sst2", 12), ("rte", 10)):
+        folder = run.root / "extract" / task
+        man = json.loads((folder / "manifest.json").read_text())
+        # The real count is recorded: RTE's 10 rows are fewer than the 12 requested.
+        assert man["requested"] == 12 and man["n_examples"] == real and man["seed"] == 0
+        assert len(man["example_ids"]) == real and man["split_rows"] == (30 if task == "sst2"
+                                                                          else 10)
+        assert set(man["models"]) == {"base", "full-seed1", "lora-seed1"}
+        arrays = {}
+        for key, entry in man["models"].items():
+            hidden, ids, meta = load_pooled(folder / entry["file"])
+            # The same examples, in the same order, for every model.
+            assert ids.tolist() == man["example_ids"]
+            assert hidden.shape == (real, 3, 32) and hidden.dtype == np.float32
+            assert meta["n_examples"] == real and meta["requested"] == 12
+            arrays[key] = hidden
+        assert man["models"]["lora-seed1"]["metrics_sha256"] == job_fingerprint(
+            run.job_dir(task, "lora", 1))
+        np.testing.assert_array_equal(arrays["lora-seed1"][:, 0], arrays["base"][:, 0])
+        assert np.abs(arrays["lora-seed1"][:, 2] - arrays["base"][:, 2]).max() > 1e-3
+        assert np.abs(arrays["full-seed1"][:, 0] - arrays["base"][:, 0]).max() > 1e-3
+        # No token-level tensors on disk: three pooled files and a manifest.
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "base.npz", "full-seed1.npz", "lora-seed1.npz", "manifest.json"]
+    # The sample equals the documented draw.
+    from loralens.tasks import get_task
+    want = sample_split(D.load_split(get_task("sst2"), "validation", cfg.data.glue_dir), 12, 0)
+    assert load_task(run, "sst2")[0]["example_ids"] == [e.id for e in want.examples]
+
+    # Resume: everything finished is skipped, files untouched.
+    f = run.root / "extract" / "sst2" / "lora-seed1.npz"
+    mtime = f.stat().st_mtime_ns
+    again = run_extract(cfg, run, n_examples=12, base=base, progress=False)
+    assert {r["status"] for r in again} == {"skipped"} and f.stat().st_mtime_ns == mtime
+
+    # Killed after the file was renamed in but before the manifest was updated: adopted.
+    man_path = run.root / "extract" / "sst2" / "manifest.json"
+    man = json.loads(man_path.read_text())
+    del man["models"]["lora-seed1"]
+    man_path.write_text(json.dumps(man))
+    (run.root / "extract" / "sst2" / "full-seed1.npz").unlink()
+    again = run_extract(cfg, run, tasks=["sst2"], n_examples=12, base=base, progress=False)
+    assert {r["key"]: r["status"] for r in again} == {
+        "base": "skipped", "full-seed1": "extracted", "lora-seed1": "skipped"}
+    assert "lora-seed1" in json.loads(man_path.read_text())["models"]
+
+    # Never silently overwritten: another sample, or a retrained job, is an error.
+    with pytest.raises(RunDirError, match="another sample"):
+        run_extract(cfg, run, tasks=["sst2"], n_examples=8, base=base, progress=False)
+    write_metrics(run, "sst2", "lora", 1, accuracy=0.9)
+    with pytest.raises(RunDirError, match="earlier version"):
+        run_extract(cfg, run, tasks=["sst2"], n_examples=12, base=base, progress=False)
+    with pytest.raises(RunDirError, match="earlier version"):
+        run_drift(cfg, run, tasks=["sst2"])
+    res = run_extract(cfg, run, tasks=["sst2"], n_examples=12, base=base, overwrite=True,
+                      progress=False)
+    assert {r["status"] for r in res} == {"extracted"}
+
+
+def test_extract_then_drift_single_seed(tiny_study):
+    """One seed (the smoke preset): drift runs, paired statistics are null with a note."""
+    cfg, run, base = tiny_study
+    run_extract(cfg, run, n_examples=12, batch_size=4, base=base, progress=False)
+    out = run_drift(cfg, run, n_resamples=200)
+    t4 = {e["task"]: e for e in out["table4"]}
+    assert set(t4) == {"sst2", "rte"} and t4["rte"]["n_examples"] == 10
+    c = t4["sst2"]["measures"]["cka"]
+    assert c["t"] is None and c["p"] is None and c["cohens_d"] is None
+    assert c["delta_percent_ci"] is None and c["lora"]["sd"] is None
+    assert c["note"] and "at least 2 paired seeds" in c["note"]
+    assert c["delta_percent"] == pytest.approx(
+        100 * (c["full"]["mean"] - c["lora"]["mean"]) / c["full"]["mean"])
+    assert any("at least 2 paired seeds" in n for n in out["notes"])
+    assert any("rte: 10 examples" in n for n in out["notes"])
+    t3 = {e["task"]: e for e in out["table3"]}
+    assert t3["sst2"]["metrics"]["accuracy"]["p"] is None
+    assert t3["sst2"]["metrics"]["accuracy"]["lora"]["per_seed"] == [0.51]
+    for name in ("layers.csv", "layers.json", "table3.csv", "table3.json", "table4.csv",
+                 "table4.json"):
+        assert (run.root / "drift" / name).is_file()
+    rows = list(csv.DictReader(open(run.root / "drift" / "table4.csv")))
+    assert {r["p"] for r in rows} == {""} and {r["n_examples"] for r in rows} == {"12", "10"}
+
+
+# --------------------------------------------------------------------------- drift (synthetic)
+
+SEEDS = (42, 1337, 2024)
+
+
+def synthetic_run(tmp_path, tasks=("sst2", "rte"), seeds=SEEDS, n=20, layers=4, d=30,
+                  requested=25, ids_override=None):
+    """A run directory with metrics.json per job and extracted arrays, no model involved."""
+    cfg = load_config(overrides={"tasks": list(tasks), "seeds": list(seeds)})
+    run = RunDir(tmp_path / "run")
+    run.bind_config(cfg)
+    rng = np.random.default_rng(0)
+    truth = {}
+    for ti, task in enumerate(tasks):
+        ids = np.sort(rng.choice(100, size=n, replace=False))
+        base = rng.standard_normal((n, layers, d)).astype(np.float32)
+        arrays = {BASE_KEY: base}
+        for si, seed in enumerate(seeds):
+            for method, size in (("lora", 0.3), ("full", 1.0)):
+                depth = np.linspace(0.2, 1.0, layers)[None, :, None]
+                noise = rng.standard_normal((n, layers, d))
+                arrays[model_key(method, seed)] = (base + size * (1 + 0.1 * si) * depth * noise
+                                                   ).astype(np.float32)
+                write_metrics(run, task, method, seed,
+                              accuracy=float(rng.uniform(0.6, 0.9)),
+                              f1=float(rng.uniform(0.6, 0.9)), n=n)
+        folder = run.root / "extract" / task
+        models = {}
+        for key, hidden in arrays.items():
+            method, seed = (None, None) if key == BASE_KEY else (key.split("-")[0],
+                                                                 int(key.split("seed")[1]))
+            file_ids = ids_override if (ids_override is not None and key == "full-seed42") \
+                else ids
+            entry = {"key": key, "kind": "base" if method is None else "trained",
+                     "method": method, "seed": seed, "file": f"{key}.npz",
+                     "metrics_sha256": None if method is None else
+                     job_fingerprint(run.job_dir(task, method, seed))}
+            save_pooled(folder / f"{key}.npz", hidden, file_ids, entry)
+            models[key] = entry
+        atomic_write_json(folder / "manifest.json", {
+            "task": task, "split": "validation", "requested": requested, "n_examples": n,
+            "seed": 0, "max_length": 384, "model": "synthetic", "model_note": "synthetic",
+            "example_ids": ids.tolist(), "models": models})
+        truth[task] = arrays
+    return cfg, run, truth
+
+
+def test_drift_outputs_match_similarity_and_stats(tmp_path):
+    cfg, run, truth = synthetic_run(tmp_path)
+    out = run_drift(cfg, run, n_resamples=2000, ci_seed=7)
+
+    # layers.csv / .json: every field, values equal direct calls to similarity.py.
+    rows = list(csv.DictReader(open(run.root / "drift" / "layers.csv")))
+    assert tuple(rows[0]) == LAYER_COLUMNS
+    assert len(rows) == 2 * 6 * 4 == len(out["layers"])
+    for r in out["layers"]:
+        arrays = truth[r["task"]]
+        X = arrays[BASE_KEY][:, r["layer"]]
+        Y = arrays[r["model"]][:, r["layer"]]
+        assert r["n_examples"] == 20 and r["requested"] == 25
+        assert r["cka"] == pytest.approx(S.linear_cka(X, Y), abs=1e-12)
+        assert r["cka_debiased"] == pytest.approx(S.linear_cka(X, Y, debiased=True), abs=1e-12)
+        assert r["cosine"] == pytest.approx(S.cosine_similarity(X, Y), abs=1e-12)
+        assert r["procrustes"] == pytest.approx(S.procrustes_distance(X, Y), abs=1e-12)
+        assert r["cka_rbf"] == pytest.approx(S.rbf_cka(X, Y), abs=1e-12)
+        assert r["drift"] == pytest.approx(1 - r["cka"], abs=1e-15)
+    layers_json = json.loads((run.root / "drift" / "layers.json").read_text())
+    assert layers_json["rows"][0].keys() == set(LAYER_COLUMNS)
+
+    # Table 4: values equal stats.py applied to the layer-averaged drift.
+    assert tuple(next(csv.DictReader(open(run.root / "drift" / "table4.csv")))) == \
+        TABLE4_COLUMNS
+    t4 = json.loads((run.root / "drift" / "table4.json").read_text())
+    assert t4["n_tests"] == 2 and t4["alpha_per_test"] == pytest.approx(0.025)
+    for e in t4["tasks"]:
+        arrays = truth[e["task"]]
+        assert e["n_examples"] == 20 and e["requested"] == 25 and e["n_layers"] == 4
+        for measure, fn in (("cka", S.linear_cka),
+                            ("cka_debiased", lambda X, Y: S.linear_cka(X, Y, debiased=True)),
+                            ("cosine", S.cosine_similarity)):
+            per = {m: [np.mean([1 - fn(arrays[BASE_KEY][:, li], arrays[model_key(m, s)][:, li])
+                                for li in range(4)]) for s in SEEDS] for m in ("lora", "full")}
+            c = e["measures"][measure]
+            np.testing.assert_allclose(c["lora"]["per_seed"], per["lora"], atol=1e-12)
+            np.testing.assert_allclose(c["full"]["per_seed"], per["full"], atol=1e-12)
+            assert c["lora"]["sd"] == pytest.approx(np.std(per["lora"], ddof=1))
+            assert c["delta_percent"] == pytest.approx(T.delta_percent(per["full"], per["lora"]))
+            assert c["delta_percent_ci"] == pytest.approx(list(T.bootstrap_reduction_ci(
+                per["full"], per["lora"], n_resamples=2000, seed=7)))
+            ref = scipy.stats.ttest_rel(per["lora"], per["full"])
+            assert c["t"] == pytest.approx(ref.statistic) and c["p"] == pytest.approx(ref.pvalue)
+            assert c["p_bonferroni"] == pytest.approx(min(1.0, 2 * ref.pvalue))
+            assert c["significant"] == (ref.pvalue < 0.05 / 2)
+            diff = np.subtract(per["lora"], per["full"])
+            assert c["cohens_d"] == pytest.approx(diff.mean() / diff.std(ddof=1))
+            assert c["seeds"] == sorted(SEEDS) and c["note"] is None
+            # Per layer: the same statistics on one layer's drift.
+            assert [p["layer"] for p in e["per_layer"][measure]] == [0, 1, 2, 3]
+            layer = e["per_layer"][measure][3]
+            lo = [1 - fn(arrays[BASE_KEY][:, 3], arrays[model_key("lora", s)][:, 3])
+                  for s in SEEDS]
+            fu = [1 - fn(arrays[BASE_KEY][:, 3], arrays[model_key("full", s)][:, 3])
+                  for s in SEEDS]
+            assert layer["t"] == pytest.approx(scipy.stats.ttest_rel(lo, fu).statistic)
+            assert layer["delta_percent"] == pytest.approx(T.delta_percent(fu, lo))
+        # LoRA (smaller perturbation) drifts less in this synthetic set-up.
+        assert e["measures"]["cka"]["delta_percent"] > 0
+
+    # Table 3: accuracy and F1 from metrics.json.
+    assert tuple(next(csv.DictReader(open(run.root / "drift" / "table3.csv")))) == \
+        TABLE3_COLUMNS
+    t3 = json.loads((run.root / "drift" / "table3.json").read_text())
+    for e in t3["tasks"]:
+        assert e["majority_baseline"]["accuracy"] == 0.51 and e["n_validation"] == [20]
+        for metric in ("accuracy", "f1"):
+            vals = {m: [json.loads((run.job_dir(e["task"], m, s) / "metrics.json").read_text())
+                        ["validation"][metric] for s in SEEDS] for m in ("lora", "full")}
+            c = e["metrics"][metric]
+            assert c["lora"]["per_seed"] == vals["lora"]
+            assert c["full"]["mean"] == pytest.approx(np.mean(vals["full"]))
+            assert c["full"]["sd"] == pytest.approx(np.std(vals["full"], ddof=1))
+            t, p = T.paired_ttest(vals["lora"], vals["full"])
+            assert c["t"] == pytest.approx(t) and c["p"] == pytest.approx(p)
+            assert c["cohens_d"] == pytest.approx(T.cohens_d_paired(vals["lora"], vals["full"]))
+            assert c["difference"] == pytest.approx(np.mean(vals["lora"]) - np.mean(vals["full"]))
+    # The real count is shown: 20 of 25 requested is called out.
+    assert any("20 examples" in n and "25 requested" in n for n in out["notes"])
+
+
+def test_drift_rejects_different_evaluation_examples(tmp_path):
+    cfg, run, _ = synthetic_run(tmp_path, tasks=("sst2",), ids_override=np.arange(20) + 500)
+    with pytest.raises(RunDirError, match="same for every model"):
+        run_drift(cfg, run, n_resamples=100)
+
+
+def test_drift_notes_missing_extraction_and_unextracted_jobs(tmp_path):
+    cfg, run, _ = synthetic_run(tmp_path, tasks=("sst2",))
+    write_metrics(run, "sst2", "lora", 7)       # a job finished after extraction
+    cfg2 = load_config(overrides={"tasks": ["sst2", "rte"]})
+    out = run_drift(cfg2, run, n_resamples=100)
+    assert any("rte: not extracted" in n for n in out["notes"])
+    assert any("lora-seed7" in n and "not extracted" in n for n in out["notes"])
+    assert [e["task"] for e in out["table4"]] == ["sst2"]
+
+
+def test_compare_one_method_or_seed():
+    c = compare({1: 0.2}, {}, n_tests=3)
+    assert c["full"] is None and c["p"] is None and "only LoRA" in c["note"]
+    c = compare({1: 0.2, 2: 0.3}, {1: 0.4, 2: 0.5}, n_tests=3, n_resamples=100)
+    assert c["p"] is not None and c["alpha_per_test"] == pytest.approx(0.05 / 3)
+    c = compare({1: 0.2, 2: 0.3}, {2: 0.5, 3: 0.4}, n_tests=3)
+    assert c["seeds"] == [2] and c["t"] is None and c["unpaired_seeds"] == {"lora": [1],
+                                                                           "full": [3]}
