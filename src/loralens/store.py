@@ -30,6 +30,9 @@ from typing import Any
 
 import yaml
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 PACKAGES = ("loralens", "torch", "transformers", "peft", "datasets", "accelerate", "optuna",
             "numpy", "scipy", "safetensors", "gguf", "tokenizers", "matplotlib")
 
@@ -64,6 +67,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

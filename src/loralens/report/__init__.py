@@ -1,0 +1,40 @@
+"""The study's report: tables and figures from a run directory alone.
+
+``build_report(run)`` reads whatever the stages have written under ``RUN_DIR`` and
+writes ``RUN_DIR/report/report.md``, ``RUN_DIR/report/report.html`` (one
+self-contained page: figures embedded, no network needed) and
+``RUN_DIR/report/figures/*.png|svg``. A partial run gives a partial report that
+says what is missing and how to produce it; it never fails for lack of results.
+
+Modules: :mod:`.tables` (read the run directory, build table data),
+:mod:`.figures` (draw), :mod:`.render` (compose, write Markdown and HTML).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..store import RunDir, atomic_write_text
+from .figures import draw_all
+from .render import compose, to_html, to_markdown
+from .tables import load_run
+
+__all__ = ["build_report"]
+
+
+def build_report(run: RunDir | str | Path) -> Path:
+    """Write the report of ``run`` (a :class:`RunDir` or its path); return the HTML path.
+
+    Files are written atomically (figures first, the HTML last), so a reader never sees
+    half a file. Raises FileNotFoundError only when the directory does not exist.
+    """
+    root = Path(run.root if isinstance(run, RunDir) else run)
+    if not root.is_dir():
+        raise FileNotFoundError(f"run directory {root} does not exist")
+    out = root / "report"
+    data = load_run(root)
+    figures, fig_missing = draw_all(data, out / "figures")
+    blocks = compose(data, figures, fig_missing)
+    atomic_write_text(out / "report.md", to_markdown(blocks))
+    atomic_write_text(out / "report.html", to_html(blocks))
+    return out / "report.html"

