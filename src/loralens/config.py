@@ -103,6 +103,9 @@ class SearchConfig:
     train_size: int | None = _f(None, lo=1, doc="training rows per trial (None = data's)")
     eval_size: int | None = _f(None, lo=1, doc="validation rows scored per trial (None = all)")
     epochs: list[int] = _f(factory=lambda: [2, 3, 4], lo=1, doc="epoch choices of the space")
+    batch_full: list[int] = _f(factory=lambda: [1, 2, 4], lo=1,
+                               doc="batch-size choices of full fine-tuning")
+    batch_lora: list[int] = _f(factory=lambda: [4, 8, 16], lo=1, doc="batch-size choices of LoRA")
     seed: int = _f(42, doc="training seed of every trial")
     heartbeat_interval: int = _f(60, lo=1, doc="seconds between a running trial's heartbeats")
     grace_period: int = _f(180, lo=1, doc="seconds without heartbeat before a trial is failed")
