@@ -1,0 +1,244 @@
+"""The multi-adapter serving runtime against PEFT, on tiny random Llama models."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from loralens import data as D
+from loralens.models import CausalLMClassifier
+from loralens.serving import LoraAdapter, MultiLoraClassifier
+
+EOS = 2
+TOL = 1e-5
+
+
+def lora_classifier(base, num_labels, seed, r=8, alpha=16.0, targets=("q_proj", "v_proj"),
+                    **extra):
+    """A PEFT LoRA classifier on a fresh copy of ``base`` with random (non-zero) factors."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = CausalLMClassifier(copy.deepcopy(base), num_labels)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.05, target_modules=list(targets),
+                     modules_to_save=["score"], bias="none", **extra)
+    peft = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.normal_(0, 0.3)
+    return peft.eval()
+
+
+def batch(n=5, seed=0, lo=3, hi=14):
+    rng = np.random.default_rng(seed)
+    rows = [[int(t) for t in rng.integers(10, 4000, size=rng.integers(lo, hi))] for _ in range(n)]
+    return D.collate(rows, EOS)
+
+
+def logits(model, ids, mask, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).logits
+
+
+def maxdiff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture
+def adapters(tiny_backbone, tmp_path):
+    """Three saved adapters of different heads, ranks and targets, plus their PeftModels."""
+    specs = {"a": dict(num_labels=2, seed=1),
+             "b": dict(num_labels=3, seed=2, r=4, alpha=8.0, targets=("q_proj", "k_proj", "v_proj")),
+             "c": dict(num_labels=2, seed=3, r=8, alpha=12.0, targets=("v_proj", "o_proj"))}
+    out = {}
+    for name, kw in specs.items():
+        peft = lora_classifier(tiny_backbone, **kw)
+        peft.save_pretrained(str(tmp_path / name), safe_serialization=True)
+        out[name] = (tmp_path / name, peft)
+    return out
+
+
+@pytest.fixture
+def runtime(tiny_backbone, adapters):
+    rt = MultiLoraClassifier(copy.deepcopy(tiny_backbone))
+    for name, (path, _) in adapters.items():
+        rt.add_adapter(name, path)
+    return rt
+
+
+def test_reads_peft_directory(adapters):
+    path, peft = adapters["b"]
+    ad = LoraAdapter.from_dir(path)
+    assert ad.num_labels == 3
+    assert len(ad.factors) == 2 * 3  # 2 layers x q, k, v
+    A, B, s = ad.factors["backbone.layers.0.self_attn.k_proj"]
+    assert A.shape == (4, 32) and B.shape == (16, 4) and s == 2.0
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["r"] == 4
+
+
+@pytest.mark.parametrize("name", ["a", "b", "c"])
+def test_single_adapter_equals_separate_peft(runtime, adapters, name):
+    ids, mask = batch()
+    ref = logits(adapters[name][1], ids, mask)
+    out = runtime(ids, mask, name)
+    assert out.shape == ref.shape
+    assert maxdiff(out, ref) <= TOL
+    for i in range(len(ids)):  # batch 1, unpadded
+        n = int(mask[i].sum())
+        one = runtime(ids[i:i + 1, :n], mask[i:i + 1, :n], name)
+        assert maxdiff(one, logits(adapters[name][1], ids[i:i + 1, :n], mask[i:i + 1, :n])) <= TOL
+
+
+def test_mixed_batch_equals_separate_peft_with_ragged_heads(runtime, adapters):
+    ids, mask = batch(7, seed=1)
+    names = ["a", "b", "c", "a", "b", "b", "c"]
+    out = runtime(ids, mask, names)
+    assert out.shape == (7, 3)
+    refs = {n: logits(p, ids, mask) for n, (_, p) in adapters.items()}
+    for i, n in enumerate(names):
+        k = refs[n].shape[1]
+        assert maxdiff(out[i, :k], refs[n][i]) <= TOL
+        assert torch.isneginf(out[i, k:]).all()
+    # a mixed batch of two-label heads has no padding column
+    two = runtime(ids[:2], mask[:2], ["a", "c"])
+    assert two.shape == (2, 2) and torch.isfinite(two).all()
+
+
+def test_mixed_batch_equals_peft_adapter_names(tiny_backbone, tmp_path):
+    """PeftModel's own mixed-batch inference (adapter_names), heads of equal width."""
+    from peft import PeftModel
+
+    names = ["x", "y", "z"]
+    for i, n in enumerate(names):
+        lora_classifier(tiny_backbone, 2, seed=10 + i).save_pretrained(str(tmp_path / n))
+    peft = PeftModel.from_pretrained(CausalLMClassifier(copy.deepcopy(tiny_backbone), 2),
+                                     str(tmp_path / "x"), adapter_name="x")
+    for n in names[1:]:
+        peft.load_adapter(str(tmp_path / n), adapter_name=n)
+    peft.eval()
+    rt = MultiLoraClassifier(copy.deepcopy(tiny_backbone))
+    for n in names:
+        rt.add_adapter(n, tmp_path / n)
+    ids, mask = batch(6, seed=2)
+    rows = ["z", "x", "y", "y", "x", "z"]
+    ref = logits(peft, ids, mask, adapter_names=rows)
+    assert maxdiff(rt(ids, mask, rows), ref) <= TOL
+    for n in names:  # and PEFT's set_adapter path, whole batch
+        peft.set_adapter(n)
+        assert maxdiff(rt(ids, mask, n), logits(peft, ids, mask)) <= TOL
+
+
+def test_from_peft_in_memory_equals_from_dir(adapters, tiny_backbone):
+    rt = MultiLoraClassifier(copy.deepcopy(tiny_backbone))
+    rt.add_adapter("b", LoraAdapter.from_peft(adapters["b"][1]))
+    ids, mask = batch()
+    assert maxdiff(rt(ids, mask, "b"), logits(adapters["b"][1], ids, mask)) <= TOL
+
+
+def test_add_and_remove_at_run_time(runtime, adapters, tiny_backbone):
+    ids, mask = batch(4, seed=3)
+    refs = {n: logits(p, ids, mask) for n, (_, p) in adapters.items()}
+    base_state = {k: v.clone() for k, v in tiny_backbone.state_dict().items()}
+    assert runtime(ids, mask, "b").shape[1] == 3
+    runtime.remove_adapter("b")           # the rank-4, 3-label adapter in the middle
+    assert runtime.adapters == ["a", "c"]
+    assert runtime.heads.shape[:2] == (2, 2)
+    k_proj = runtime.wrapped["layers.0.self_attn.k_proj"]
+    assert k_proj.At.shape[2] == 0 and not any(k_proj.has)  # only "b" adapted k_proj
+    for n in ("a", "c"):
+        assert maxdiff(runtime(ids, mask, n), refs[n]) <= TOL
+    with pytest.raises(KeyError):
+        runtime(ids, mask, "b")
+    with pytest.raises(ValueError):
+        runtime.add_adapter("a", adapters["a"][0])
+    runtime.add_adapter("b2", adapters["b"][0])
+    assert maxdiff(runtime(ids, mask, "b2"), refs["b"]) <= TOL
+    mixed = runtime(ids, mask, ["b2", "a", "c", "b2"])
+    for i, n in enumerate(["b", "a", "c", "b"]):
+        k = refs[n].shape[1]
+        assert maxdiff(mixed[i, :k], refs[n][i]) <= TOL
+    for n in list(runtime.adapters):
+        runtime.remove_adapter(n)
+    # the frozen base is never modified: with no adapter the projections are the base's
+    for k, v in runtime.backbone.state_dict().items():
+        torch.testing.assert_close(v, base_state[k], rtol=0, atol=0)
+
+
+def test_single_and_mixed_paths_agree(runtime):
+    ids, mask = batch(4, seed=4)
+    same = runtime(ids, mask, ["a"] * 4)  # all rows one adapter: the single path
+    mixed = runtime(torch.cat([ids, ids]), torch.cat([mask, mask]), ["a"] * 4 + ["c"] * 4)
+    assert maxdiff(same, mixed[:4]) <= TOL
+    assert maxdiff(runtime(ids, mask, "c"), mixed[4:]) <= TOL
+
+
+def test_merged_equals_separate(adapters):
+    ids, mask = batch(5, seed=5)
+    for name, (path, peft) in adapters.items():
+        ref = logits(peft, ids, mask)
+        merged = copy.deepcopy(peft).merge_and_unload()
+        assert isinstance(merged, CausalLMClassifier)
+        assert maxdiff(logits(merged, ids, mask), ref) <= TOL
+
+
+def test_unsupported_adapter_configs_are_errors(tiny_backbone, tmp_path):
+    peft = lora_classifier(tiny_backbone, 2, seed=0, use_dora=True)
+    peft.save_pretrained(str(tmp_path / "dora"))
+    with pytest.raises(NotImplementedError, match="use_dora"):
+        LoraAdapter.from_dir(tmp_path / "dora")
+    with pytest.raises(FileNotFoundError):
+        LoraAdapter.from_dir(tmp_path / "missing")
+
+
+def test_rslora_scaling(tiny_backbone, tmp_path):
+    peft = lora_classifier(tiny_backbone, 2, seed=4, r=4, alpha=6.0, use_rslora=True)
+    peft.save_pretrained(str(tmp_path / "rs"))
+    rt = MultiLoraClassifier(copy.deepcopy(tiny_backbone))
+    rt.add_adapter("rs", tmp_path / "rs")
+    ids, mask = batch()
+    assert maxdiff(rt(ids, mask, "rs"), logits(peft, ids, mask)) <= TOL
+
+
+# --------------------------------------------------------------------------- bench statistics
+
+def test_summarize_and_compare():
+    from loralens.serving.bench import compare, summarize
+
+    s = summarize([0.010, 0.020, 0.030, 0.040], rows=8)
+    assert s["n"] == 4 and s["mean_ms"] == pytest.approx(25.0) and s["p50_ms"] == pytest.approx(25.0)
+    assert s["throughput_rps"] == pytest.approx(8 / 0.1)
+    assert s["sd_ms"] == pytest.approx(np.std([10, 20, 30, 40], ddof=1))
+    rng = np.random.default_rng(0)
+    base = 0.05 + rng.exponential(0.002, 200)
+    c = compare(base * 1.2, base)
+    assert c["overhead_mean_pct"] == pytest.approx(20.0) and c["p_mannwhitney"] < 1e-6
+    same = compare(base, base[::-1].copy())
+    assert same["overhead_mean_pct"] == pytest.approx(0.0, abs=1e-9) and same["p_mannwhitney"] > 0.9
+
+
+def test_memory_probe_sees_an_allocation():
+    from loralens.serving.bench import MemoryProbe
+
+    with MemoryProbe(torch.device("cpu")) as probe:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del x
+    mem = probe.to_dict()
+    assert mem["peak_increase_mb"] >= 60 and mem["peak_mb"] >= mem["peak_increase_mb"]
+
+
+def test_adapter_for_another_model_is_rejected_without_changes(runtime, adapters):
+    ad = LoraAdapter.from_dir(adapters["a"][0])
+    ad.factors["backbone.layers.9.self_attn.q_proj"] = ad.factors.pop(
+        "backbone.layers.0.self_attn.q_proj")
+    with pytest.raises(ValueError, match="layers.9"):
+        runtime.add_adapter("bad", ad)
+    assert runtime.adapters == ["a", "b", "c"]
+    assert all(len(m.has) == 3 for m in runtime.wrapped.values())
+    ids, mask = batch()
+    assert maxdiff(runtime(ids, mask, "a"), logits(adapters["a"][1], ids, mask)) <= TOL
