@@ -27,7 +27,8 @@ def test_smoke_preset_runs_every_stage(tmp_path, glue_dir):
     for t in tasks:
         for m in methods:
             s = json.loads((run / "search" / f"{t}-{m}.json").read_text())
-            assert s["counts"]["COMPLETE"] == cfg["search"]["trials"]
+            assert s["counts"]["COMPLETE"] + s["counts"]["PRUNED"] == cfg["search"]["trials"]
+            assert s["counts"]["COMPLETE"] >= 1 and s["counts"]["FAIL"] == 0
             metrics = json.loads((run / "models" / t / m / "seed42" / "metrics.json").read_text())
             assert metrics["validation"]["n"] == {"sst2": 872, "rte": 277}[t]
             assert metrics["overrides"]["train"]["lr"] == s["best"]["params"]["lr"]
