@@ -78,6 +78,13 @@ def storage_url(cfg: StudyConfig, run: RunDir) -> str:
 
 
 def open_study(cfg: StudyConfig, run: RunDir, task: str, method: str) -> optuna.Study:
+    # Workers starting together would race to create Optuna's tables and the study
+    # (PostgreSQL: duplicate key on pg_type); creation is serialized under a lock.
+    with study_lock(storage_url(cfg, run), "optuna-init", run.root):
+        return _open_study(cfg, run, task, method)
+
+
+def _open_study(cfg: StudyConfig, run: RunDir, task: str, method: str) -> optuna.Study:
     sc = cfg.search
     storage = optuna.storages.RDBStorage(
         storage_url(cfg, run), heartbeat_interval=sc.heartbeat_interval,
