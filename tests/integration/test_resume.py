@@ -53,11 +53,21 @@ def trials(run_dir, name):
 
 def test_sigkill_during_search_loses_and_repeats_nothing(tmp_path, glue_dir):
     run = tmp_path / "run"
-    args = ["hpo", "--task", "rte", "--method", "lora", "--trials", "3"]
+    args = ["hpo", "--task", "rte", "--method", "lora", "--trials", "4"]
     p = loralens(args, run, glue_dir)
     done = lambda: [t for t in trials(run, "loralens-rte-lora") if t.state.name == "COMPLETE"]
-    # kill while the second trial is running
-    wait_for(lambda: len(done()) >= 1 and len(trials(run, "loralens-rte-lora")) >= 2, p)
+
+    def states():  # cheap poll (plain SQL), so the kill lands while a trial runs
+        import sqlite3
+
+        try:
+            with sqlite3.connect(run / "search.db", timeout=1) as c:
+                return [r[0] for r in c.execute("SELECT state FROM trials ORDER BY number")]
+        except sqlite3.Error:
+            return []
+
+    # kill while a trial after the first completed one is running
+    wait_for(lambda: "COMPLETE" in states() and states()[-1:] == ["RUNNING"], p)
     kill(p)
     first = {t.number: t.params for t in done()}
     killed = [t for t in trials(run, "loralens-rte-lora") if t.state.name == "RUNNING"]
@@ -67,7 +77,7 @@ def test_sigkill_during_search_loses_and_repeats_nothing(tmp_path, glue_dir):
     assert p.returncode == 0, out[-3000:]
     final = trials(run, "loralens-rte-lora")
     complete = [t for t in final if t.state.name == "COMPLETE"]
-    assert len(complete) == 3
+    assert len(complete) == 4
     # completed trials are kept, unchanged, and not run again
     for n, params in first.items():
         assert final[n].state.name == "COMPLETE" and final[n].params == params
@@ -77,7 +87,7 @@ def test_sigkill_during_search_loses_and_repeats_nothing(tmp_path, glue_dir):
         assert any(t.system_attrs.get("failed_trial") == k.number and t.params == k.params
                    for t in complete)
     best = json.loads((run / "search" / "rte-lora.json").read_text())
-    assert best["counts"]["COMPLETE"] == 3
+    assert best["counts"]["COMPLETE"] == 4
 
 
 def test_sigkill_during_training_resumes(tmp_path, glue_dir):
