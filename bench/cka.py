@@ -3,20 +3,25 @@
 Compares, on one task's arrays at the study's size (750 examples x 2048
 features, 22 layers, 6 fine-tuned models plus the base, float32 pooled states):
 
-(a) ``loralens.similarity.cka_against_base``: the base model's centered Gram
-    matrix [n, n] is built once per layer and reused; each model layer costs
-    one Gram (BLAS syrk, n^2 d flops) and one elementwise dot product;
+(a) ``loralens.similarity.cka_against_base`` as ``loralens drift`` calls it:
+    the base model's centered Gram matrix [n, n] is built once per layer and
+    reused; each model layer costs one Gram (n^2 d flops) and one elementwise
+    dot product. The inputs are float32 (as stored), so the Gram products run
+    in float32 after centering in float64 (``gram_dtype="auto"``); everything
+    after the products is float64;
 (b) a per-pair feature-space implementation, the formula as the study meant
     it: ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` in float64 for
     every (model, layer) pair, recomputing both sides' [d, d] products.
 
 Both compute the same [models, layers] table; the script checks that the
 values agree (max |diff| <= 1e-6), then prints the speed-up as its last line.
-Both are bound by float64 matrix products, so the speed-up is close to their
-flop ratio, ``4 d M / (n (M + 1))`` for M models: 9.4x at the study's size
-(n = 750, d = 2048, M = 6), more with more features or fewer examples. Time it
-on an otherwise idle machine: with other jobs on the cores, multithreaded BLAS
-loses more on the fast path's many smaller products.
+Where it comes from, printed on the way: the flop ratio of the two routes,
+``4 d M / (n (M + 1))`` for M models (9.4x at the study's size n = 750,
+d = 2048, M = 6), times what float32 products gain over float64 (about 2x
+with BLAS). The fast path with float64 Grams is timed too (``--no-f64``
+skips it), so the two factors can be read apart. Time it on an otherwise idle
+machine: with other jobs on the cores, multithreaded BLAS loses more on the
+fast path's many smaller products.
 
     python bench/cka.py            # study size, 3 repeats, about 1-2 minutes on 2 cores
     python bench/cka.py --quick    # small smoke run
@@ -91,6 +96,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per method")
+    parser.add_argument(
+        "--no-f64", action="store_true", help="skip timing the fast path with float64 Grams"
+    )
     args = parser.parse_args()
 
     n, layers, d, n_models = (200, 4, 512, 3) if args.quick else (750, 22, 2048, 6)
@@ -106,6 +114,8 @@ def main() -> None:
 
     fast, fast_t = timed(lambda: cka_against_base(base, models), repeats)
     slow, slow_t = timed(lambda: per_pair_feature_space(base, models), repeats)
+    if not args.no_f64:
+        f64, f64_t = timed(lambda: cka_against_base(base, models, gram_dtype="float64"), repeats)
 
     diff = float(np.max(np.abs(fast - slow)))
     # Arithmetic ceiling: per pair the baseline does Y^T X (2 n d^2 flops) and two
@@ -116,6 +126,14 @@ def main() -> None:
     print(f"CKA range: {fast.min():.3f} .. {fast.max():.3f} (mean {fast.mean():.3f})")
     print("fast path (base Gram once per layer) s:", " ".join(f"{t:.3f}" for t in fast_t))
     print("per-pair feature space s:             ", " ".join(f"{t:.3f}" for t in slow_t))
+    if not args.no_f64:
+        d64 = float(np.max(np.abs(f64 - slow)))
+        print(
+            f"fast path with float64 Grams: median {statistics.median(f64_t):.2f} s, "
+            f"{statistics.median(slow_t) / statistics.median(f64_t):.1f}x the baseline, "
+            f"max |diff| {d64:.1g} (float32 Grams vs float64: "
+            f"{float(np.max(np.abs(fast - f64))):.1g})"
+        )
     assert diff <= 1e-6, f"fast path and baseline disagree: max |diff| = {diff:.3g}"
     fast_med, slow_med = statistics.median(fast_t), statistics.median(slow_t)
     print(

@@ -232,6 +232,41 @@ def test_cka_against_base_equals_pairwise(debiased):
     np.testing.assert_array_equal(cka_against_base(base, list(others.values()), debiased), got)
 
 
+@BOTH
+def test_cka_against_base_float32_grams_match_float64(debiased):
+    # float32 pooled states like SmolLM2's: a few "massive activation" columns
+    # with means ~3000 and large spread next to ordinary ones.
+    rng = np.random.default_rng(5)
+    n, layers, d = 120, 3, 300
+    base = rng.standard_normal((n, layers, d)).astype(np.float32)
+    base[:, :, :4] = 3000 + 50 * rng.standard_normal((n, layers, 4))
+    others = [
+        (base + 0.2 * rng.standard_normal(base.shape)).astype(np.float32),
+        (base @ rng.standard_normal((d, d)).astype(np.float32) / 20).astype(np.float32),
+    ]
+    auto = cka_against_base(base, others, debiased=debiased)  # all float32 -> float32 Grams
+    f32 = cka_against_base(base, others, debiased=debiased, gram_dtype="float32")
+    f64 = cka_against_base(base, others, debiased=debiased, gram_dtype="float64")
+    np.testing.assert_array_equal(auto, f32)
+    assert np.max(np.abs(f32 - f64)) <= 1e-6
+    assert not np.array_equal(f32, f64)  # really a different computation
+    if not debiased:  # the plain float64 feature-space formula
+        for i, Y in enumerate(others):
+            for layer in range(layers):
+                X = base[:, layer].astype(np.float64)
+                Z = Y[:, layer].astype(np.float64)
+                X, Z = X - X.mean(0), Z - Z.mean(0)
+                want = np.linalg.norm(Z.T @ X) ** 2 / (
+                    np.linalg.norm(X.T @ X) * np.linalg.norm(Z.T @ Z)
+                )
+                assert abs(f32[i, layer] - want) <= 1e-6
+    with pytest.raises(ValueError, match="gram_dtype"):
+        cka_against_base(base, others, gram_dtype="float16")
+    const = np.full((n, 1, d), 0.1, dtype=np.float32)
+    with pytest.raises(ValueError, match="zero variance"):
+        cka_against_base(base[:, :1], [const], debiased=debiased, gram_dtype="float32")
+
+
 # ---------------------------------------------------------------- other measures
 
 
