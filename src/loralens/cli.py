@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir_pos", nargs="?", metavar="RUN_DIR", help="the run directory")
     _common(p)
 
+    from .serving import add_loadtest_arguments, add_serve_arguments
+
+    p = sub.add_parser("serve", help="HTTP classification server for many LoRA adapters")
+    add_serve_arguments(p)
+    p = sub.add_parser("loadtest", help="concurrent-client load test of the serving backends")
+    add_loadtest_arguments(p)
+
     sub.add_parser("models", help="list the model registry")
     sub.add_parser("presets", help="list the presets")
     return parser
@@ -219,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "presets":
         print("\n".join(preset_names()))
         return 0
+    if args.command in ("serve", "loadtest"):
+        return _serving_command(args)
     try:
         cfg, run_dir = resolve(args)
         from .store import RunDir
@@ -242,6 +251,31 @@ def main(argv: list[str] | None = None) -> int:
         from .store import RunDirError
 
         if isinstance(e, (DataError, ModelNotFound, RunDirError, KeyError)):
+            print(f"loralens: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _serving_command(args) -> int:
+    """``serve`` and ``loadtest`` take adapter sources, not a study config."""
+    from .serving.backends import AdapterError
+
+    try:
+        if args.command == "serve":
+            from .serving.server import cli_command
+        else:
+            from .serving.loadtest import cli_command
+        return cli_command(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        from .data import DataError
+        from .models import ModelNotFound
+        from .serving.loadtest import LoadTestError
+        from .store import RunDirError
+
+        if isinstance(e, (AdapterError, LoadTestError, DataError, ModelNotFound, RunDirError,
+                          ConfigError, OSError)):
             print(f"loralens: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -3,6 +3,8 @@
 ``runtime``: :class:`MultiLoraClassifier` (one frozen base, many adapters and heads)
 and :class:`LoraAdapter` (a PEFT adapter directory read without PEFT).
 ``bench``: the ``loralens bench`` stage, :func:`run_bench`.
+``backends``: ours / PEFT / merged behind one interface; ``server``: ``loralens serve``
+(FastAPI + uvicorn, dynamic batching); ``loadtest``: ``loralens loadtest``.
 
 Importing this package is cheap (no torch): the names below load on first use, so
 the CLI can build its parser with :func:`add_bench_arguments`.
@@ -10,7 +12,10 @@ the CLI can build its parser with :func:`add_bench_arguments`.
 
 from __future__ import annotations
 
-__all__ = ["LoraAdapter", "LoraLinear", "MultiLoraClassifier", "run_bench", "add_bench_arguments"]
+from .cli_args import add_loadtest_arguments, add_serve_arguments
+
+__all__ = ["LoraAdapter", "LoraLinear", "MultiLoraClassifier", "run_bench", "add_bench_arguments",
+           "add_serve_arguments", "add_loadtest_arguments"]
 
 
 def add_bench_arguments(p) -> None:

@@ -1,0 +1,238 @@
+"""Three ways to serve many LoRA classifiers from one process, behind one interface.
+
+Every backend answers ``infer(input_ids, attention_mask, adapters)`` with float32
+logits ``[rows, width]`` for one adapter name per row (rows of adapters with
+fewer labels than ``width`` are padded with ``-inf``), and supports adding and
+removing adapters at run time. The server (:mod:`loralens.serving.server`) and
+the load test (:mod:`loralens.serving.loadtest`) use them interchangeably:
+
+``ours``
+    :class:`~loralens.serving.runtime.MultiLoraClassifier`: one frozen base; a
+    batch whose rows name different adapters runs as ONE forward pass.
+``peft``
+    One ``PeftModel`` holding every adapter (separate, unmerged): a batch of one
+    adapter runs after ``set_adapter``; a mixed batch uses PEFT's own
+    mixed-batch inference (``adapter_names=[...]``), which loops over the
+    batch's adapters inside every adapted layer. PEFT keeps one head shape, so
+    every adapter must have the same number of labels.
+``merged``
+    One merged model per adapter (``W + s B A`` folded into q/v, own head). A
+    mixed batch is split by adapter: one forward per adapter present. The copies
+    share every tensor LoRA does not change (embeddings, MLPs, norms, k/o
+    projections), so 16 adapters cost 16 x (q, v, head) of memory rather than
+    16 full models; the arithmetic per forward is exactly a standalone merged
+    model's.
+
+Every backend is used from one thread at a time (the server runs inference and
+adapter changes on a single worker thread).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..models import CausalLMClassifier
+from .cli_args import BACKENDS
+from .runtime import LoraAdapter, MultiLoraClassifier
+
+
+
+class AdapterError(ValueError):
+    """An adapter cannot be added (bad directory, duplicate name, incompatible head)."""
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    source: str
+    num_labels: int
+    task: str | None = None
+    label_names: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "source": self.source, "num_labels": self.num_labels,
+                "task": self.task, "label_names": list(self.label_names) if self.label_names
+                else None}
+
+
+class Backend:
+    """Base class: adapter bookkeeping; subclasses implement _add, _remove, infer."""
+
+    kind = ""
+
+    def __init__(self, backbone: nn.Module):
+        self.backbone = backbone.eval()
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.infos: dict[str, AdapterInfo] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def add(self, info: AdapterInfo, path: str | Path) -> AdapterInfo:
+        if info.name in self.infos:
+            raise AdapterError(f"adapter {info.name!r} is already loaded; remove it first")
+        try:
+            adapter = LoraAdapter.from_dir(path)
+        except (FileNotFoundError, NotImplementedError, ValueError, KeyError) as e:
+            raise AdapterError(str(e)) from e
+        if info.label_names and len(info.label_names) != adapter.num_labels:
+            raise AdapterError(f"{path}: head has {adapter.num_labels} labels but task "
+                               f"{info.task!r} has {len(info.label_names)}")
+        info.num_labels = adapter.num_labels
+        self._add(info.name, Path(path), adapter)
+        self.infos[info.name] = info
+        return info
+
+    def remove(self, name: str) -> None:
+        if name not in self.infos:
+            raise KeyError(name)
+        self._remove(name)
+        del self.infos[name]
+
+    def _add(self, name: str, path: Path, adapter: LoraAdapter) -> None:
+        raise NotImplementedError
+
+    def _remove(self, name: str) -> None:
+        raise NotImplementedError
+
+    def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              adapters: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class OursBackend(Backend):
+    kind = "ours"
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone)
+        self.rt = MultiLoraClassifier(self.backbone)
+
+    def _add(self, name, path, adapter):
+        self.rt.add_adapter(name, adapter)
+
+    def _remove(self, name):
+        self.rt.remove_adapter(name)
+
+    @torch.inference_mode()
+    def infer(self, input_ids, attention_mask, adapters):
+        names = list(adapters)
+        return self.rt(input_ids, attention_mask, names[0] if len(set(names)) == 1 else names)
+
+
+class PeftBackend(Backend):
+    kind = "peft"
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone)
+        self.model = None  # the PeftModel, created with the first adapter
+        self.active: str | None = None
+        self.labels: int | None = None
+
+    def _add(self, name, path, adapter):
+        from peft import PeftModel
+
+        if self.labels is not None and adapter.num_labels != self.labels:
+            raise AdapterError(f"{path}: {adapter.num_labels} labels; the PEFT backend holds "
+                               f"heads of {self.labels} labels (one PeftModel, one head shape)")
+        if self.model is None:
+            base = CausalLMClassifier(self.backbone, adapter.num_labels)
+            self.model = PeftModel.from_pretrained(base, str(path), adapter_name=name).eval()
+            self.labels = adapter.num_labels
+        else:
+            self.model.load_adapter(str(path), adapter_name=name)
+            self.model.eval()
+        self.active = self.model.active_adapter
+
+    def _remove(self, name):
+        if len(self.infos) == 1:  # PEFT cannot hold zero adapters: start over on the next add
+            self.backbone = self.model.unload() if hasattr(self.model, "unload") else self.backbone
+            self.backbone = getattr(self.backbone, "backbone", self.backbone)
+            self.model, self.active, self.labels = None, None, None
+            return
+        if self.active == name:
+            other = next(n for n in self.infos if n != name)
+            self.model.set_adapter(other)
+            self.active = other
+        self.model.delete_adapter(name)
+
+    @torch.inference_mode()
+    def infer(self, input_ids, attention_mask, adapters):
+        names = list(adapters)
+        if len(set(names)) == 1:
+            if self.active != names[0]:
+                self.model.set_adapter(names[0])
+                self.active = names[0]
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          adapter_names=names).logits
+
+
+class MergedBackend(Backend):
+    kind = "merged"
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone)
+        self.models: dict[str, CausalLMClassifier] = {}
+
+    def _add(self, name, path, adapter):
+        # A copy whose untouched tensors ARE the base's (deepcopy's memo maps them to
+        # themselves); the adapted projections get their own merged weight.
+        targets = {k.removeprefix("backbone.") for k in adapter.factors}
+        memo = {}
+        for mod_name, mod in self.backbone.named_modules():
+            if mod_name in targets:
+                continue
+            for p in mod.parameters(recurse=False):
+                memo[id(p)] = p
+            for b in mod.buffers(recurse=False):
+                memo[id(b)] = b
+        backbone = copy.deepcopy(self.backbone, memo)
+        with torch.no_grad():
+            for key, (A, B, s) in adapter.factors.items():
+                lin = backbone.get_submodule(key.removeprefix("backbone."))
+                if not isinstance(lin, nn.Linear):
+                    raise AdapterError(f"{path}: target {key!r} is not an nn.Linear")
+                lin.weight = nn.Parameter(
+                    lin.weight + s * (B.to(lin.weight) @ A.to(lin.weight)), requires_grad=False)
+            model = CausalLMClassifier(backbone, adapter.num_labels)
+            model.score.weight.copy_(adapter.head_weight)
+            if adapter.head_bias is not None:
+                model.score.bias = nn.Parameter(adapter.head_bias.clone(), requires_grad=False)
+        self.models[name] = model.eval()
+
+    def _remove(self, name):
+        del self.models[name]
+
+    @torch.inference_mode()
+    def infer(self, input_ids, attention_mask, adapters):
+        names = list(adapters)
+        if len(set(names)) == 1:
+            return self.models[names[0]](input_ids, attention_mask).logits
+        groups: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            groups.setdefault(n, []).append(i)
+        width = max(self.infos[n].num_labels for n in groups)
+        out = torch.full((len(names), width), float("-inf"))
+        for n, rows in groups.items():
+            idx = torch.tensor(rows)
+            ids, mask = input_ids[idx], attention_mask[idx]
+            width_ids = int(mask.sum(1).max())  # this group's own padding
+            logits = self.models[n](ids[:, :width_ids], mask[:, :width_ids]).logits
+            out[idx, : logits.shape[1]] = logits
+        return out
+
+
+def make_backend(kind: str, backbone: nn.Module) -> Backend:
+    try:
+        cls = {"ours": OursBackend, "peft": PeftBackend, "merged": MergedBackend}[kind]
+    except KeyError:
+        raise ValueError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}") from None
+    return cls(backbone)

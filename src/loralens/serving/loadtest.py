@@ -1,0 +1,371 @@
+"""``loralens loadtest``: concurrent clients against the three serving backends.
+
+For each backend (per-adapter merged models, separate adapters through PEFT,
+our multi-adapter path) the load test starts ``loralens serve`` as a child
+process on a free loopback port, with enough adapter copies for the largest
+adapter count, and then, for every (adapters, clients) cell, runs a closed
+loop: ``clients`` concurrent HTTP clients each send one request at a time
+(one real validation example of the adapter's task), request ``i`` going to
+adapter ``i mod adapters``, until ``requests`` requests have been answered (or
+``seconds`` have passed). Untimed warm-up requests come first in every cell.
+
+Per cell: p50/p95/p99/mean latency as the client sees it (HTTP included),
+throughput (answered requests per second of wall time), errors, and the server's
+own counters (batches, mixed batches, rows per batch) from ``/health``.
+"Crossover" points compare each separate-adapter backend with merged models:
+for each client count, the smallest adapter count from which it serves more
+requests per second than merged models (and the same along client counts).
+
+The client runs in this process (asyncio + httpx); on a small machine it
+shares the CPU with the server, the same for every backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import itertools
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..store import atomic_write_json, atomic_write_text
+from .cli_args import BACKENDS, DEFAULT_ADAPTERS, DEFAULT_CLIENTS
+
+
+class LoadTestError(RuntimeError):
+    pass
+
+
+@dataclass
+class Cell:
+    backend: str
+    adapters: int
+    clients: int
+    requests: int
+    errors: int
+    wall_s: float
+    latencies_ms: list[float]
+    server: dict
+
+    def summary(self) -> dict:
+        lat = np.asarray(self.latencies_ms)
+        pct = (lambda q: float(np.percentile(lat, q))) if lat.size else (lambda q: None)
+        batches = self.server.get("batches") or 0
+        return {
+            "backend": self.backend, "adapters": self.adapters, "clients": self.clients,
+            "requests": self.requests, "errors": self.errors, "wall_s": round(self.wall_s, 4),
+            "throughput_rps": self.requests / self.wall_s if self.wall_s > 0 else None,
+            "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+            "mean_ms": float(lat.mean()) if lat.size else None,
+            "batches": batches, "mixed_batches": self.server.get("mixed_batches"),
+            "rows_per_batch": (self.server.get("rows") or 0) / batches if batches else None,
+        }
+
+
+# --------------------------------------------------------------------------- the server process
+
+class ServerProcess:
+    """``loralens serve`` in a child process on a free loopback port."""
+
+    def __init__(self, sources: Sequence[str], backend: str, replicate: int, extra: Sequence[str],
+                 startup_timeout: float = 600.0):
+        cmd = [sys.executable, "-m", "loralens.cli", "serve", *sources, "--backend", backend,
+               "--port", "0", "--host", "127.0.0.1", "--replicate", str(replicate), *extra]
+        self.backend = backend
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, bufsize=1)
+        self.url = None
+        log = []
+        deadline = time.monotonic() + startup_timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            log.append(line)
+            if line.startswith("listening on "):
+                self.url = line.split()[2]
+                break
+        if self.url is None:
+            self.close()
+            raise LoadTestError(f"server ({backend}) did not start:\n" + "".join(log[-30:]))
+        self.log = log  # keep draining its output so the pipe never fills up
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self.log.append(line)
+            del self.log[:-200]
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --------------------------------------------------------------------------- the client
+
+async def _cell(url: str, names: list[str], bodies: dict[str, list[dict]], clients: int,
+                requests: int, seconds: float | None, warmup: int, backend: str) -> Cell:
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120.0) as http:
+        counter = itertools.count()
+
+        def body(i: int) -> dict:
+            name = names[i % len(names)]
+            pool = bodies[name]
+            return {"adapter": name, **pool[(i // len(names)) % len(pool)]}
+
+        async def warm(i):
+            r = await http.post("/v1/classify", json=body(i))
+            r.raise_for_status()
+
+        await asyncio.gather(*(warm(i) for i in range(max(warmup, clients))))
+        before = (await http.get("/health")).json()
+        lat: list[float] = []
+        errors = 0
+        deadline = None if seconds is None else time.perf_counter() + seconds
+
+        async def client():
+            nonlocal errors
+            while True:
+                i = next(counter)
+                if i >= requests or (deadline is not None and time.perf_counter() > deadline):
+                    return
+                t0 = time.perf_counter()
+                try:
+                    r = await http.post("/v1/classify", json=body(i))
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    lat.append((time.perf_counter() - t0) * 1000)
+                else:
+                    errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        wall = time.perf_counter() - start
+        after = (await http.get("/health")).json()
+    server = {k: after[k] - before[k] for k in ("batches", "mixed_batches", "rows", "requests")}
+    return Cell(backend, len(names), clients, len(lat), errors, wall, lat, server)
+
+
+# --------------------------------------------------------------------------- analysis
+
+def crossovers(rows: list[dict], reference: str = "merged") -> list[dict]:
+    """Where each separate-adapter backend starts to out-serve ``reference`` (throughput)."""
+    by = {(r["backend"], r["adapters"], r["clients"]): r for r in rows}
+    adapters = sorted({r["adapters"] for r in rows})
+    clients = sorted({r["clients"] for r in rows})
+    out = []
+    for b in sorted({r["backend"] for r in rows} - {reference}):
+        def faster(a, c):
+            x, y = by.get((b, a, c)), by.get((reference, a, c))
+            if not x or not y or not x["throughput_rps"] or not y["throughput_rps"]:
+                return None
+            return x["throughput_rps"] > y["throughput_rps"]
+
+        for c in clients:
+            wins = [a for a in adapters if faster(a, c)]
+            out.append({"backend": b, "versus": reference, "clients": c, "along": "adapters",
+                        "from": _first_run(adapters, wins),
+                        "faster_at": wins})
+        for a in adapters:
+            wins = [c for c in clients if faster(a, c)]
+            out.append({"backend": b, "versus": reference, "adapters": a, "along": "clients",
+                        "from": _first_run(clients, wins), "faster_at": wins})
+    return out
+
+
+def _first_run(levels: list[int], wins: list[int]) -> int | None:
+    """Smallest level from which the backend wins at every larger level, else None."""
+    for i, level in enumerate(levels):
+        if all(x in wins for x in levels[i:]):
+            return level
+    return None
+
+
+def crossover_text(c: dict) -> str:
+    if c["along"] == "adapters":
+        where = f"at {c['clients']} client{'s' if c['clients'] != 1 else ''}"
+        unit = "adapters"
+    else:
+        where = f"over {c['adapters']} adapter{'s' if c['adapters'] != 1 else ''}"
+        unit = "clients"
+    if c["from"] is None:
+        tail = ("never faster" if not c["faster_at"]
+                else f"faster only at {', '.join(map(str, c['faster_at']))} {unit}")
+    else:
+        tail = f"faster from {c['from']} {unit} on"
+    return f"{c['backend']} vs {c['versus']} {where}: {tail}"
+
+
+# --------------------------------------------------------------------------- the command
+
+def _bodies(names: list[str], infos: dict[str, dict], glue_dir, per_adapter: int,
+            seed: int = 0) -> dict[str, list[dict]]:
+    from ..data import load_split
+    from ..tasks import get_task
+
+    cache: dict[str, list[dict]] = {}
+    out = {}
+    for n in names:
+        task = infos[n].get("task")
+        if task is None:
+            raise LoadTestError(f"adapter {n!r} has no known task (give adapters from a run "
+                                "directory, models/<task>/lora/seed<seed>/adapter): the load "
+                                "test sends real validation rows of the adapter's task")
+        if task not in cache:
+            spec = get_task(task)
+            split = load_split(spec, "validation", glue_dir)
+            rng = np.random.default_rng(seed)
+            pick = rng.choice(len(split.examples), min(per_adapter, len(split.examples)),
+                              replace=False)
+            key = "pairs" if spec.is_pair else "texts"
+            cache[task] = [{key: [list(split.examples[i].texts) if spec.is_pair
+                                  else split.examples[i].texts[0]]} for i in pick]
+        out[n] = cache[task]
+    return out
+
+
+def run_loadtest(sources: Sequence[str], out_dir: Path, backends: Sequence[str] = BACKENDS,
+                 clients: Sequence[int] = DEFAULT_CLIENTS,
+                 adapters: Sequence[int] = DEFAULT_ADAPTERS, requests: int = 96,
+                 seconds: float | None = None, warmup: int = 4, glue_dir=None,
+                 server_args: Sequence[str] = (), progress: bool = True) -> dict:
+    import httpx
+
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad:
+        raise LoadTestError(f"unknown backend(s) {bad}; choose from {', '.join(BACKENDS)}")
+    if min(clients) < 1 or min(adapters) < 1 or requests < 1:
+        raise LoadTestError("clients, adapters and requests must be >= 1")
+    cells: list[dict] = []
+    servers: dict[str, dict] = {}
+    total = len(backends) * len(clients) * len(adapters)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="loadtest", unit="cell")
+    t_start = time.time()
+    for backend in backends:
+        t0 = time.perf_counter()
+        with ServerProcess(sources, backend, max(adapters), server_args) as srv:
+            startup = time.perf_counter() - t0
+            with httpx.Client(base_url=srv.url, timeout=60) as http:
+                infos = {a["name"]: a for a in http.get("/v1/adapters").json()["adapters"]}
+                health = http.get("/health").json()
+            names_all = list(infos)
+            if len(names_all) < max(adapters):
+                raise LoadTestError(f"server has {len(names_all)} adapters, need {max(adapters)}")
+            bodies = _bodies(names_all[: max(adapters)], infos, glue_dir, per_adapter=64)
+            servers[backend] = {"startup_s": round(startup, 3), "adapters": len(names_all),
+                                "health": health}
+            for a in adapters:
+                names = names_all[:a]
+                for c in clients:
+                    cell = asyncio.run(_cell(srv.url, names, bodies, c, requests, seconds,
+                                             warmup, backend))
+                    s = cell.summary()
+                    cells.append(s)
+                    if bar is not None:
+                        bar.set_postfix_str(f"{backend} a={a} c={c} "
+                                            f"{s['throughput_rps']:.1f} req/s")
+                        bar.update()
+                    if srv.proc.poll() is not None:
+                        raise LoadTestError(f"server ({backend}) exited:\n"
+                                            + "".join(srv.log[-30:]))
+    if bar is not None:
+        bar.close()
+    result = {
+        "schema": 1,
+        "sources": [str(s) for s in sources],
+        "backends": list(backends), "clients": list(clients), "adapters": list(adapters),
+        "requests_per_cell": requests, "seconds_per_cell": seconds, "warmup": warmup,
+        "server_args": list(server_args),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "loadavg_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_start)),
+        "wall_s": round(time.time() - t_start, 2),
+        "servers": servers,
+        "cells": cells,
+        "crossovers": crossovers(cells),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "loadtest.json", result)
+    atomic_write_text(out_dir / "loadtest.csv", to_csv(cells))
+    return result
+
+
+def to_csv(cells: list[dict]) -> str:
+    buf = io.StringIO()
+    if cells:
+        w = csv.DictWriter(buf, fieldnames=list(cells[0]))
+        w.writeheader()
+        w.writerows(cells)
+    return buf.getvalue()
+
+
+def table_lines(result: dict) -> list[str]:
+    """A plain-text table of every cell, then the crossovers."""
+    head = (f"{'backend':8s} {'adapters':>8s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} "
+            f"{'p95 ms':>8s} {'p99 ms':>8s} {'rows/batch':>10s} {'errors':>6s}")
+    lines = [head]
+    for c in result["cells"]:
+        def ms(x):
+            return f"{x:8.1f}" if x is not None else f"{'-':>8s}"
+        rpb = f"{c['rows_per_batch']:10.1f}" if c["rows_per_batch"] else f"{'-':>10s}"
+        tp = f"{c['throughput_rps']:8.2f}" if c["throughput_rps"] else f"{'-':>8s}"
+        lines.append(f"{c['backend']:8s} {c['adapters']:8d} {c['clients']:7d} {tp} "
+                     f"{ms(c['p50_ms'])} {ms(c['p95_ms'])} {ms(c['p99_ms'])} {rpb} "
+                     f"{c['errors']:6d}")
+    lines += [crossover_text(c) for c in result["crossovers"]]
+    return lines
+
+
+def cli_command(args) -> int:
+    from .server import collect_adapters
+
+    specs, run_dir = collect_adapters(args.sources)  # fail early, before starting servers
+    out = Path(args.out) if args.out else (run_dir / "loadtest" if run_dir else Path("loadtest"))
+    if (out / "loadtest.json").exists() and not args.overwrite:
+        raise LoadTestError(f"{out / 'loadtest.json'} exists; pass --overwrite to replace it "
+                            "or --out for another directory")
+    glue_dir = args.glue_dir
+    if glue_dir is None and run_dir is not None:
+        from ..store import RunDir
+
+        glue_dir = RunDir(run_dir).load_config().data.glue_dir
+    server_args = ["--max-wait-ms", str(args.max_wait_ms), "--max-batch", str(args.max_batch)]
+    if args.threads:
+        server_args += ["--threads", str(args.threads)]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    result = run_loadtest(args.sources, out, backends, args.clients, args.adapters,
+                          args.requests, args.seconds, args.warmup, glue_dir, server_args,
+                          progress=not args.no_progress)
+    print("\n".join(table_lines(result)))
+    print(f"results in {out}")
+    return 0

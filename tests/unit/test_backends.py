@@ -1,0 +1,156 @@
+"""The three serving backends (ours, PEFT, merged) answer alike, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from loralens import data as D
+from loralens.config import StudyConfig
+from loralens.models import build_classifier
+from loralens.serving.backends import AdapterError, AdapterInfo, make_backend
+from loralens.serving.loadtest import crossover_text, crossovers
+from loralens.serving.server import AdapterSpec, collect_adapters, replicate
+from loralens.train import apply_method
+
+TOL = 1e-5
+
+
+def _random_adapter(backbone, seed, path, num_labels=2):
+    peft = apply_method(build_classifier(copy.deepcopy(backbone), num_labels, seed=seed), "lora",
+                        StudyConfig())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    peft.save_pretrained(str(path), safe_serialization=True)
+    return peft.eval()
+
+
+@pytest.fixture
+def adapters(tiny_backbone, tmp_path):
+    out = {}
+    for i, name in enumerate(["a", "b", "c"]):
+        out[name] = (tmp_path / name, _random_adapter(tiny_backbone, i, tmp_path / name))
+    return out
+
+
+def _batch(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = [3, 7, 5, 2, 6, 4][:n]
+    rows = [torch.randint(5, 1000, (k,), generator=g).tolist() for k in lens]
+    return D.collate(rows, pad_id=0)
+
+
+@pytest.mark.parametrize("kind", ["ours", "peft", "merged"])
+def test_backend_equals_separate_peft_models(kind, tiny_backbone, adapters):
+    be = make_backend(kind, copy.deepcopy(tiny_backbone))
+    for name, (path, _) in adapters.items():
+        be.add(AdapterInfo(name, str(path), 0), path)
+    ids, mask = _batch(6)
+    names = ["a", "b", "c", "b", "a", "c"]
+    with torch.no_grad():
+        mixed = be.infer(ids, mask, names)
+        for i, n in enumerate(names):
+            ref = adapters[n][1](input_ids=ids, attention_mask=mask).logits[i]
+            assert (mixed[i] - ref).abs().max().item() <= TOL, (kind, i, n)
+        for n in adapters:  # one adapter for the whole batch
+            ref = adapters[n][1](input_ids=ids, attention_mask=mask).logits
+            assert (be.infer(ids, mask, [n] * 6) - ref).abs().max().item() <= TOL
+    # removal: the others keep answering the same; the removed one is gone
+    be.remove("b")
+    assert be.names == ["a", "c"]
+    with pytest.raises(KeyError):
+        be.remove("b")
+    with torch.no_grad():
+        out = be.infer(ids, mask, ["a", "c", "a", "c", "a", "c"])
+        for i, n in enumerate(["a", "c", "a", "c", "a", "c"]):
+            ref = adapters[n][1](input_ids=ids, attention_mask=mask).logits[i]
+            assert (out[i] - ref).abs().max().item() <= TOL
+    # and it can come back under the same name
+    be.add(AdapterInfo("b", str(adapters["b"][0]), 0), adapters["b"][0])
+    with torch.no_grad():
+        ref = adapters["b"][1](input_ids=ids, attention_mask=mask).logits
+        assert (be.infer(ids, mask, ["b"] * 6) - ref).abs().max().item() <= TOL
+
+
+def test_backend_add_errors(tiny_backbone, adapters, tmp_path):
+    be = make_backend("ours", copy.deepcopy(tiny_backbone))
+    path = adapters["a"][0]
+    be.add(AdapterInfo("a", str(path), 0), path)
+    with pytest.raises(AdapterError, match="already loaded"):
+        be.add(AdapterInfo("a", str(path), 0), path)
+    with pytest.raises(AdapterError, match="not a PEFT adapter directory"):
+        be.add(AdapterInfo("x", str(tmp_path), 0), tmp_path)
+    with pytest.raises(AdapterError, match="head has 2 labels but task .z. has 3"):
+        be.add(AdapterInfo("y", str(path), 0, "z", ("p", "q", "r")), path)
+    with pytest.raises(ValueError, match="unknown backend 'vllm'"):
+        make_backend("vllm", tiny_backbone)
+    # PEFT holds one head shape
+    three = _random_adapter(tiny_backbone, 7, tmp_path / "three", num_labels=3)
+    assert three.base_model.model.score.modules_to_save["default"].out_features == 3
+    pb = make_backend("peft", copy.deepcopy(tiny_backbone))
+    pb.add(AdapterInfo("a", str(path), 0), path)
+    with pytest.raises(AdapterError, match="one head shape"):
+        pb.add(AdapterInfo("t", "", 0), tmp_path / "three")
+
+
+def test_merged_backend_shares_untouched_weights(tiny_backbone, adapters):
+    be = make_backend("merged", copy.deepcopy(tiny_backbone))
+    for name, (path, _) in adapters.items():
+        be.add(AdapterInfo(name, str(path), 0), path)
+    ma, mb = be.models["a"].backbone, be.models["b"].backbone
+    base = be.backbone
+    assert ma.embed_tokens.weight is base.embed_tokens.weight
+    assert ma.layers[0].mlp.up_proj.weight is mb.layers[0].mlp.up_proj.weight
+    assert ma.layers[0].self_attn.k_proj.weight is base.layers[0].self_attn.k_proj.weight
+    q = ma.layers[0].self_attn.q_proj.weight
+    assert q is not base.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q, base.layers[0].self_attn.q_proj.weight)  # merged, not shared
+    assert not torch.equal(q, mb.layers[0].self_attn.q_proj.weight)
+
+
+def test_collect_adapters_names_and_errors(tmp_path, tiny_backbone):
+    run = tmp_path / "run"
+    for task in ("sst2", "rte"):
+        _random_adapter(tiny_backbone, 1, run / "models" / task / "lora" / "seed42" / "adapter")
+    (run / "config.yaml").write_text("preset: smoke\n")
+    specs, run_dir = collect_adapters([str(run)])
+    assert run_dir == run
+    assert [(s.name, s.task) for s in specs] == [("rte-seed42", "rte"), ("sst2-seed42", "sst2")]
+    one = run / "models" / "sst2" / "lora" / "seed42" / "adapter"
+    specs, run_dir = collect_adapters([f"mine={one}"])
+    assert (specs[0].name, specs[0].task, run_dir) == ("mine", "sst2", None)
+    with pytest.raises(AdapterError, match="two adapters named 'sst2-seed42'"):
+        collect_adapters([str(one), str(one)])
+    with pytest.raises(AdapterError, match=f"{tmp_path}: neither a run directory"):
+        collect_adapters([str(tmp_path)])
+    with pytest.raises(AdapterError, match="adapter name 'a b'"):
+        collect_adapters([f"a b={one}"])
+    more = replicate([AdapterSpec("x", one), AdapterSpec("y", one)], 5)
+    assert [s.name for s in more] == ["x", "y", "x@2", "y@2", "x@3"]
+
+
+def test_crossovers():
+    def row(b, a, c, tp):
+        return {"backend": b, "adapters": a, "clients": c, "throughput_rps": tp}
+
+    rows = [row("merged", 1, 1, 10), row("ours", 1, 1, 9), row("merged", 4, 1, 8),
+            row("ours", 4, 1, 9), row("merged", 16, 1, 5), row("ours", 16, 1, 9),
+            row("merged", 1, 8, 30), row("ours", 1, 8, 20), row("merged", 4, 8, 10),
+            row("ours", 4, 8, 25), row("merged", 16, 8, 30), row("ours", 16, 8, 25)]
+    got = {(c["along"], c.get("clients"), c.get("adapters")): c for c in crossovers(rows)}
+    assert got[("adapters", 1, None)]["from"] == 4
+    assert got[("adapters", 8, None)]["from"] is None
+    assert got[("adapters", 8, None)]["faster_at"] == [4]
+    assert got[("clients", None, 4)]["from"] == 1
+    assert got[("clients", None, 1)]["faster_at"] == []
+    assert crossover_text(got[("adapters", 1, None)]) == \
+        "ours vs merged at 1 client: faster from 4 adapters on"
+    assert crossover_text(got[("adapters", 8, None)]) == \
+        "ours vs merged at 8 clients: faster only at 4 adapters"
+    assert crossover_text(got[("clients", None, 1)]) == \
+        "ours vs merged over 1 adapter: never faster"
