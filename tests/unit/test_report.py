@@ -172,7 +172,31 @@ def write_bench(run, rng, seeds=SEEDS):
     return result
 
 
-def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "drift", "bench"),
+def write_loadtest(run: RunDir) -> dict:
+    from loralens.serving.loadtest import crossovers
+
+    cells = []
+    for b, base in (("merged", 20.0), ("peft", 12.0), ("ours", 18.0)):
+        for a in (1, 4, 16):
+            for c in (1, 8, 32):
+                # merged loses throughput as adapters multiply; ours does not
+                tp = base * (1 + 0.5 * (c > 1)) / (1 + (a - 1) * 0.2 * (b == "merged"))
+                cells.append({"backend": b, "adapters": a, "clients": c, "requests": 96,
+                              "errors": 0, "wall_s": 96 / tp, "throughput_rps": tp,
+                              "p50_ms": 1000 * c / tp, "p95_ms": 1300 * c / tp,
+                              "p99_ms": 1500 * c / tp, "mean_ms": 1050 * c / tp,
+                              "batches": 40, "mixed_batches": 10 * (a > 1),
+                              "rows_per_batch": 2.4})
+    result = {"schema": 1, "backends": ["merged", "peft", "ours"], "clients": [1, 8, 32],
+              "adapters": [1, 4, 16], "requests_per_cell": 96, "warmup": 4,
+              "server_args": ["--max-wait-ms", "5.0"], "machine": {"cpus": 2},
+              "cells": cells, "crossovers": crossovers(cells)}
+    atomic_write_json(run.root / "loadtest" / "loadtest.json", result)
+    return result
+
+
+def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "drift", "bench",
+                                      "loadtest"),
                   seeds=SEEDS, search=True) -> RunDir:
     """A complete (or, with fewer ``stages``, partial) run directory without a model."""
     seeds = tuple(seeds)
@@ -215,7 +239,10 @@ def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "d
         run_drift(cfg, run, n_resamples=200)
     if "bench" in stages:
         write_bench(run, rng, seeds)
-    atomic_write_json(root / "timings.json", {s: 10.0 + i for i, s in enumerate(stages)})
+    if "loadtest" in stages:
+        write_loadtest(run)
+    atomic_write_json(root / "timings.json", {s: 10.0 + i for i, s in enumerate(stages)
+                                              if s != "loadtest"})
     return run
 
 
@@ -251,7 +278,7 @@ def test_markdown_has_every_table_and_number(full_report):
     root, _, _ = full_report
     md = (root / "report" / "report.md").read_text()
     for title in ("Table 1:", "Table 2a:", "Table 2b:", "Table 3:", "Table 4:", "Table 5:",
-                  "Table 5b:", "Provenance", "Wall time per stage", "Sanity check",
+                  "Table 5b:", "Table 6:", "Provenance", "Wall time per stage", "Sanity check",
                   "Stages of this run"):
         assert f"**{title}" in md, title
     # Table 3: mean ± sd over seeds, each seed's value, baseline
@@ -281,6 +308,12 @@ def test_markdown_has_every_table_and_number(full_report):
     assert f"{row['mean_ms']:.1f} ± {row['sd_ms']:.1f}" in md
     assert f"{row['overhead_vs_full_pct']:+.1f}%" in md and pval(row["p_vs_full"]) in md
     assert "mixed batches of 8" in md and "round-robin stream" in md
+    # Table 6: every cell, the best server per cell, the crossovers
+    assert md.count("| merged (one model per adapter)") == 9
+    assert "| 16 | 32 | our multi-adapter path (best) | 27.00 |" in md
+    assert "ours vs merged at 1 client: faster from 4 adapters on" in md
+    assert "peft vs merged over 1 adapter: never faster" in md
+    assert "ours vs merged over 4 adapters: faster from 1 client on" in md
     # provenance: the packaged model said plainly; commit, versions, timings
     assert "not the study's TinyLlama-1.1B" in md and "Q4_1" in md
     assert "0123abcd" in md and "torch 2.13.0" in md and "smoke" in md
@@ -296,7 +329,7 @@ def test_figures_are_valid_png_and_svg(full_report):
     names = sorted(p.stem for p in figs.glob("*.png"))
     assert names == sorted(p.stem for p in figs.glob("*.svg"))
     assert names == ["fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwise-drift",
-                     "fig4-latency", "fig5-layerwise-debiased-cosine"]
+                     "fig4-latency", "fig5-layerwise-debiased-cosine", "fig6-loadtest"]
     for name in names:
         png = figs / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -317,7 +350,7 @@ def test_html_is_self_contained(full_report):
     assert refs and all(r.startswith(("data:image/png;base64,", "#")) for r in refs)
     assert "<script" not in html and "<link" not in html and "@import" not in html
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) == 5
+    assert len(images) == 6
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     for tid in ("table-status", "table-provenance", "table-timings", "table-sanity",
                 "table-1-data", "table-2-spaces", "table-2-search", "table-3-accuracy",
@@ -340,6 +373,7 @@ def test_partial_run_lists_what_is_missing(tmp_path):
     assert "1 of 12 jobs finished" in md
     assert "Drift: not computed yet" in md and "`loralens run --stages drift`" in md
     assert "Serving benchmark: not computed yet" in md
+    assert "Load test: no loadtest/loadtest.json" in md and "`loralens loadtest " in md
     assert "Sanity checks: not computed yet" in md
     assert "Hyperparameter search: not computed yet" in md
     assert "Figures 1, 2, 3 and 5 (accuracy vs drift" in md and "appear once the drift" in md

@@ -322,6 +322,43 @@ def fig_latency(d: RunData) -> Figure | str:
     return fig
 
 
+LOADTEST_COLORS = {"merged": "#4c72b0", "peft": "#dd8452", "ours": "#55a868"}
+
+
+def fig_loadtest(d: RunData) -> Figure | str:
+    cells = (d.loadtest or {}).get("cells") or []
+    if not cells:
+        return "needs loadtest/loadtest.json (loralens loadtest RUN_DIR)"
+    clients = sorted({c["clients"] for c in cells})
+    backends = [b for b in ("merged", "peft", "ours") if any(c["backend"] == b for c in cells)]
+    fig = Figure(figsize=(max(4.2 * len(clients), 6.0), 6.8), layout="constrained")
+    axes = fig.subplots(2, len(clients), squeeze=False)
+    for j, n in enumerate(clients):
+        for b in backends:
+            rows = sorted((c for c in cells if c["clients"] == n and c["backend"] == b),
+                          key=lambda c: c["adapters"])
+            x = [c["adapters"] for c in rows]
+            kw = dict(color=LOADTEST_COLORS.get(b), marker="o", label=b)
+            axes[0, j].plot(x, [c.get("throughput_rps") or np.nan for c in rows], **kw)
+            axes[1, j].plot(x, [c.get("p95_ms") or np.nan for c in rows], **kw)
+        for i in range(2):
+            ax = axes[i, j]
+            ax.set_xscale("log", base=2)
+            xs = sorted({c["adapters"] for c in cells})
+            ax.set_xticks(xs, [str(v) for v in xs])
+            ax.minorticks_off()
+            ax.set_xlabel("adapters the requests are spread over")
+        axes[0, j].set_title(f"{n} concurrent client{'s' if n != 1 else ''}")
+        axes[0, j].set_ylabel("throughput (requests/s)")
+        axes[1, j].set_ylabel("p95 latency (ms)")
+        axes[0, j].set_ylim(bottom=0)
+        axes[1, j].set_ylim(bottom=0)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(backends), frameon=False)
+    fig.suptitle("Serving under concurrent load: merged models vs PEFT vs our multi-adapter path")
+    return fig
+
+
 # --------------------------------------------------------------------------- saving
 
 FIGURES = (
@@ -343,6 +380,11 @@ FIGURES = (
      "bars and the 95th percentile (diamonds); labels: overhead of the mean vs full "
      "fine-tuning.",
      fig_latency),
+    ("fig6-loadtest", "Figure 6: throughput and p95 latency under concurrent load",
+     "Per client count (columns): requests answered per second (top) and 95th-percentile "
+     "latency (bottom) against the number of adapters the requests are spread over, for "
+     "merged models, PEFT and our multi-adapter path (loralens loadtest).",
+     fig_loadtest),
     ("fig5-layerwise-debiased-cosine", "Figure 5: layer-wise drift, debiased CKA and cosine",
      "As Figure 3 for 1 − debiased linear CKA (top) and 1 − mean cosine of paired examples "
      "(bottom).",

@@ -236,6 +236,14 @@ def compose(d: T.RunData, figures: list[FigureFile], fig_missing: dict[str, str]
                                m.get("skipped") or "not measured"))
     out.append(p("Sources: `bench/serving.json`, `comparison.csv`, `latency.csv`, "
                  "`requests.csv` (every timed request), `multi.csv`.", "note"))
+
+    out.append(h2("Serving under concurrent load (Table 6)", "loadtest"))
+    if table(T.table6_loadtest) is None:
+        out.append(missing("Load test", "no loadtest/loadtest.json (optional; not a stage of "
+                           "`loralens run`)", f"run `loralens loadtest {d.root}`"))
+    else:
+        figure("fig6-loadtest")
+        out.append(p("Sources: `loadtest/loadtest.json`, `loadtest/loadtest.csv`.", "note"))
     return out
 
 

@@ -151,6 +151,7 @@ class RunData:
     table4: dict | None = None
     layers: list | None = None                     # drift/layers.json rows
     serving: dict | None = None
+    loadtest: dict | None = None                   # loadtest/loadtest.json
     problems: list = field(default_factory=list)   # files that exist but could not be read
     cache: dict = field(default_factory=dict)      # values computed once per report
 
@@ -251,6 +252,7 @@ def load_run(root: str | Path) -> RunData:
     layers = _read(root / "drift" / "layers.json", p)
     d.layers = layers.get("rows") if isinstance(layers, dict) else None
     d.serving = _read(root / "bench" / "serving.json", p)
+    d.loadtest = _read(root / "loadtest" / "loadtest.json", p)
     return d
 
 
@@ -785,3 +787,47 @@ def table5_multi(d: RunData) -> Table | None:
                  ["Workload", "Path", "Mean ms ± sd", "p95 ms", "Throughput (rows/s)",
                   "Throughput vs merged", "Switch ms (median)", "Max |Δ logit|",
                   "Same predictions"], rows, notes=notes)
+
+
+LOADTEST_BACKENDS = {"merged": "merged (one model per adapter)",
+                     "peft": "PEFT (separate adapters)", "ours": "our multi-adapter path"}
+
+
+def table6_loadtest(d: RunData) -> Table | None:
+    lt = d.loadtest or {}
+    cells = lt.get("cells") or []
+    if not cells:
+        return None
+    from ..serving.loadtest import crossover_text
+
+    best = {}
+    for c in cells:
+        key = (c.get("adapters"), c.get("clients"))
+        if _finite(c.get("throughput_rps")) and (
+                key not in best or c["throughput_rps"] > best[key]["throughput_rps"]):
+            best[key] = c
+    rows = []
+    order = {b: i for i, b in enumerate(lt.get("backends") or LOADTEST_BACKENDS)}
+    for c in sorted(cells, key=lambda c: (c.get("adapters", 0), c.get("clients", 0),
+                                          order.get(c.get("backend"), 99))):
+        win = best.get((c.get("adapters"), c.get("clients"))) is c
+        rows.append([str(c.get("adapters")), str(c.get("clients")),
+                     LOADTEST_BACKENDS.get(c.get("backend"), str(c.get("backend")))
+                     + (" (best)" if win else ""),
+                     f(c.get("throughput_rps"), 2), f(c.get("p50_ms"), 1), f(c.get("p95_ms"), 1),
+                     f(c.get("p99_ms"), 1), f(c.get("rows_per_batch"), 1),
+                     f"{c.get('requests', DASH)} / {c.get('errors', DASH)}"])
+    m = lt.get("machine") or {}
+    notes = [f"Closed loop on loopback: each client sends one validation example per request "
+             f"and waits for the answer; request i goes to adapter i mod adapters. "
+             f"{lt.get('requests_per_cell', '?')} answered requests per cell after "
+             f"{lt.get('warmup', '?')} untimed ones; latency as the client sees it (HTTP, "
+             f"tokenization, queueing and batching included). Server options: "
+             f"{' '.join(lt.get('server_args') or []) or 'defaults'}; {m.get('cpus', '?')} CPUs, "
+             "client and server on the same machine."]
+    cross = [crossover_text(c) for c in lt.get("crossovers") or [] if c.get("versus")]
+    if cross:
+        notes.append("Crossovers (throughput): " + "; ".join(cross) + ".")
+    return Table("table-6-loadtest", "Table 6: concurrent load, by adapters and clients",
+                 ["Adapters", "Clients", "Server", "Throughput (req/s)", "p50 ms", "p95 ms",
+                  "p99 ms", "Rows per batch", "Requests / errors"], rows, notes=notes)

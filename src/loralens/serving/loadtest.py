@@ -218,7 +218,7 @@ def crossover_text(c: dict) -> str:
         tail = ("never faster" if not c["faster_at"]
                 else f"faster only at {', '.join(map(str, c['faster_at']))} {unit}")
     else:
-        tail = f"faster from {c['from']} {unit} on"
+        tail = f"faster from {c['from']} {unit if c['from'] != 1 else unit[:-1]} on"
     return f"{c['backend']} vs {c['versus']} {where}: {tail}"
 
 
