@@ -106,6 +106,10 @@ class SearchConfig:
     batch_full: list[int] = _f(factory=lambda: [1, 2, 4], lo=1,
                                doc="batch-size choices of full fine-tuning")
     batch_lora: list[int] = _f(factory=lambda: [4, 8, 16], lo=1, doc="batch-size choices of LoRA")
+    lr_full: list[float] = _f(factory=lambda: [1e-6, 5e-5], lo=0,
+                              doc="[low, high] of full fine-tuning's log-uniform learning rate")
+    lr_lora: list[float] = _f(factory=lambda: [5e-5, 5e-3], lo=0,
+                              doc="[low, high] of LoRA's log-uniform learning rate")
     seed: int = _f(42, doc="training seed of every trial")
     heartbeat_interval: int = _f(60, lo=1, doc="seconds between a running trial's heartbeats")
     grace_period: int = _f(180, lo=1, doc="seconds without heartbeat before a trial is failed")
@@ -237,6 +241,10 @@ def _validate_study(cfg: StudyConfig) -> None:
     for m in cfg.methods:
         if m not in METHODS:
             raise ConfigError(f"methods: unknown method {m!r}; known: {', '.join(METHODS)}")
+    for key in ("lr_full", "lr_lora"):
+        r = getattr(cfg.search, key)
+        if len(r) != 2 or not 0 < r[0] < r[1]:
+            raise ConfigError(f"search.{key}: expected [low, high] with 0 < low < high, got {r}")
 
 
 def parse_override(item: str) -> dict:

@@ -55,6 +55,8 @@ COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
 
 def space(method: str, cfg: StudyConfig) -> dict[str, tuple]:
     sp = dict(SPACES[method])
+    lo, hi = cfg.search.lr_full if method == "full" else cfg.search.lr_lora
+    sp["lr"] = ("loguniform", float(lo), float(hi))
     sp["epochs"] = ("categorical", list(cfg.search.epochs))
     sp["batch_size"] = ("categorical", list(cfg.search.batch_full if method == "full"
                                             else cfg.search.batch_lora))

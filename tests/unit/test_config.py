@@ -78,3 +78,17 @@ def test_per_task_train_size():
         load_config(overrides=["data.train_size_per_task={cola: 3}"])
     with pytest.raises(ConfigError, match=r"data.train_size_per_task.rte: 0 is below the minimum 1"):
         load_config(overrides=["data.train_size_per_task={rte: 0}"])
+
+
+def test_learning_rate_ranges_feed_the_search_space():
+    from loralens.search import SPACES, space
+
+    cfg = StudyConfig()
+    assert space("lora", cfg)["lr"] == SPACES["lora"]["lr"] == ("loguniform", 5e-5, 5e-3)
+    assert space("full", cfg)["lr"] == SPACES["full"]["lr"] == ("loguniform", 1e-6, 5e-5)
+    quick = load_config("quick")
+    assert space("lora", quick)["lr"] == ("loguniform", 5e-4, 5e-3)
+    assert space("full", quick)["lr"] == ("loguniform", 1e-5, 5e-5)
+    for bad in ("[0.001, 0.0001]", "[0.001]", "[0, 0.001]"):
+        with pytest.raises(ConfigError, match=r"search.lr_lora: expected \[low, high\]"):
+            load_config(overrides=[f"search.lr_lora={bad}"])
