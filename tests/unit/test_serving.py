@@ -242,3 +242,16 @@ def test_adapter_for_another_model_is_rejected_without_changes(runtime, adapters
     assert all(len(m.has) == 3 for m in runtime.wrapped.values())
     ids, mask = batch()
     assert maxdiff(runtime(ids, mask, "a"), logits(adapters["a"][1], ids, mask)) <= TOL
+
+
+def test_bench_seeds_select_the_models(tmp_path):
+    from loralens.config import load_config
+    from loralens.serving.bench import run_bench
+    from loralens.store import RunDir, RunDirError, atomic_write_json
+
+    run = RunDir(tmp_path / "run")
+    atomic_write_json(run.job_dir("sst2", "lora", 42) / "metrics.json", {"score": 0.5})
+    cfg = load_config(overrides=["bench.seeds=[7, 8]"])
+    with pytest.raises(RunDirError, match=r"no finished jobs to benchmark among seeds \[7, 8\]"):
+        run_bench(cfg, run, n_requests=1)
+    assert load_config("quick").bench.seeds == [42]

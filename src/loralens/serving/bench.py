@@ -352,8 +352,12 @@ def run_bench(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
     if n_requests < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("need n_requests >= 1, warmup >= 0 and batch sizes >= 1")
     jobs = run.finished_jobs()
+    if cfg.bench.seeds:
+        jobs = [j for j in jobs if j[2] in set(cfg.bench.seeds)]
     if not jobs:
-        raise RunDirError(f"{run.root}: no finished jobs to benchmark; run `loralens train` first")
+        raise RunDirError(f"{run.root}: no finished jobs to benchmark"
+                          + (f" among seeds {cfg.bench.seeds}" if cfg.bench.seeds else "")
+                          + "; run `loralens train` first")
     present = sorted({t for t, _, _ in jobs})
     tasks = list(tasks or [t for t in cfg.tasks if t in present] or present)
     missing = [t for t in tasks if t not in present]
