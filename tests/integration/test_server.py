@@ -280,8 +280,10 @@ def test_loadtest_end_to_end(study, tmp_path, capsys):
     for c in cells:
         assert c["errors"] == 0 and c["requests"] == 6
         assert c["throughput_rps"] > 0 and 0 < c["p50_ms"] <= c["p95_ms"] <= c["p99_ms"]
-    # three adapters from two trained ones: a replica was loaded on every server
+    # one task (the same texts in every cell): its one trained adapter and two copies
+    assert res["task"] == "rte"
     assert all(s["adapters"] == 3 for s in res["servers"].values())
+    assert res["servers"]["ours"]["health"]["adapters"] == 3
     assert {c["backend"] for c in res["crossovers"]} == {"peft", "ours"}
     text = capsys.readouterr().out
     assert "p95 ms" in text and "vs merged" in text

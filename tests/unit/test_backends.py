@@ -11,7 +11,7 @@ from loralens import data as D
 from loralens.config import StudyConfig
 from loralens.models import build_classifier
 from loralens.serving.backends import AdapterError, AdapterInfo, make_backend
-from loralens.serving.loadtest import crossover_text, crossovers
+from loralens.serving.loadtest import LoadTestError, choose_task, crossover_text, crossovers
 from loralens.serving.server import AdapterSpec, collect_adapters, replicate
 from loralens.train import apply_method
 
@@ -154,3 +154,16 @@ def test_crossovers():
         "ours vs merged at 8 clients: faster only at 4 adapters"
     assert crossover_text(got[("clients", None, 1)]) == \
         "ours vs merged over 1 adapter: never faster"
+
+
+def test_choose_task_keeps_one_task():
+    specs = [AdapterSpec("r1", "x", "rte"), AdapterSpec("s1", "x", "sst2"),
+             AdapterSpec("s2", "x", "sst2"), AdapterSpec("u", "x", None)]
+    task, chosen = choose_task(specs)
+    assert (task, [s.name for s in chosen]) == ("sst2", ["s1", "s2"])
+    assert [s.name for s in choose_task(specs, "rte")[1]] == ["r1"]
+    assert choose_task(specs[:2])[0] == "rte"  # a tie: the first given
+    with pytest.raises(LoadTestError, match="no adapter of task 'mrpc'; have rte, sst2"):
+        choose_task(specs, "mrpc")
+    with pytest.raises(LoadTestError, match="no adapter with a known task"):
+        choose_task(specs[3:])

@@ -818,8 +818,9 @@ def table6_loadtest(d: RunData) -> Table | None:
                      f(c.get("p99_ms"), 1), f(c.get("rows_per_batch"), 1),
                      f"{c.get('requests', DASH)} / {c.get('errors', DASH)}"])
     m = lt.get("machine") or {}
-    notes = [f"Closed loop on loopback: each client sends one validation example per request "
-             f"and waits for the answer; request i goes to adapter i mod adapters. "
+    notes = [f"Closed loop on loopback: each client sends one {lt.get('task', '?')} validation "
+             f"example per request and waits for the answer; request i carries example i (the "
+             f"same texts in every cell) to adapter i mod adapters. "
              f"{lt.get('requests_per_cell', '?')} answered requests per cell after "
              f"{lt.get('warmup', '?')} untimed ones; latency as the client sees it (HTTP, "
              f"tokenization, queueing and batching included). Server options: "

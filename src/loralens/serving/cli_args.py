@@ -45,6 +45,8 @@ def add_loadtest_arguments(p) -> None:
 
     p.add_argument("sources", nargs="+", metavar="RUN_DIR|ADAPTER_DIR|NAME=DIR",
                    help="what the servers load (as for loralens serve)")
+    p.add_argument("--task", help="task whose adapters and validation rows are used (default: "
+                                  "the task with the most adapters)")
     p.add_argument("--backends", default=",".join(BACKENDS),
                    help=f"comma-separated backends (default {','.join(BACKENDS)})")
     p.add_argument("--clients", type=ints, default=list(DEFAULT_CLIENTS),

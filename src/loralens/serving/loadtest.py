@@ -4,10 +4,12 @@ For each backend (per-adapter merged models, separate adapters through PEFT,
 our multi-adapter path) the load test starts ``loralens serve`` as a child
 process on a free loopback port, with enough adapter copies for the largest
 adapter count, and then, for every (adapters, clients) cell, runs a closed
-loop: ``clients`` concurrent HTTP clients each send one request at a time
-(one real validation example of the adapter's task), request ``i`` going to
-adapter ``i mod adapters``, until ``requests`` requests have been answered (or
-``seconds`` have passed). Untimed warm-up requests come first in every cell.
+loop: ``clients`` concurrent HTTP clients each send one request at a time,
+request ``i`` carrying validation example ``i`` of ONE task (the same texts in
+every cell, so cells differ only in clients and adapters) to adapter
+``i mod adapters``, until ``requests`` requests have been answered (or
+``seconds`` have passed). The adapters are that task's (copies of them when a
+run trained fewer). Untimed warm-up requests come first in every cell.
 
 Per cell: p50/p95/p99/mean latency as the client sees it (HTTP included),
 throughput (answered requests per second of wall time), errors, and the server's
@@ -124,7 +126,7 @@ class ServerProcess:
 
 # --------------------------------------------------------------------------- the client
 
-async def _cell(url: str, names: list[str], bodies: dict[str, list[dict]], clients: int,
+async def _cell(url: str, names: list[str], bodies: list[dict], clients: int,
                 requests: int, seconds: float | None, warmup: int, backend: str) -> Cell:
     import httpx
 
@@ -132,10 +134,8 @@ async def _cell(url: str, names: list[str], bodies: dict[str, list[dict]], clien
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120.0) as http:
         counter = itertools.count()
 
-        def body(i: int) -> dict:
-            name = names[i % len(names)]
-            pool = bodies[name]
-            return {"adapter": name, **pool[(i // len(names)) % len(pool)]}
+        def body(i: int) -> dict:  # request i: the same text whatever the adapter count
+            return {"adapter": names[i % len(names)], **bodies[i % len(bodies)]}
 
         async def warm(i):
             r = await http.post("/v1/classify", json=body(i))
@@ -224,33 +224,45 @@ def crossover_text(c: dict) -> str:
 
 # --------------------------------------------------------------------------- the command
 
-def _bodies(names: list[str], infos: dict[str, dict], glue_dir, per_adapter: int,
-            seed: int = 0) -> dict[str, list[dict]]:
+def _bodies(task: str, glue_dir, n: int, seed: int = 0) -> list[dict]:
+    """``n`` validation rows of ``task`` (a fixed random sample) as request bodies."""
     from ..data import load_split
     from ..tasks import get_task
 
-    cache: dict[str, list[dict]] = {}
-    out = {}
-    for n in names:
-        task = infos[n].get("task")
-        if task is None:
-            raise LoadTestError(f"adapter {n!r} has no known task (give adapters from a run "
-                                "directory, models/<task>/lora/seed<seed>/adapter): the load "
-                                "test sends real validation rows of the adapter's task")
-        if task not in cache:
-            spec = get_task(task)
-            split = load_split(spec, "validation", glue_dir)
-            rng = np.random.default_rng(seed)
-            pick = rng.choice(len(split.examples), min(per_adapter, len(split.examples)),
-                              replace=False)
-            key = "pairs" if spec.is_pair else "texts"
-            cache[task] = [{key: [list(split.examples[i].texts) if spec.is_pair
-                                  else split.examples[i].texts[0]]} for i in pick]
-        out[n] = cache[task]
-    return out
+    spec = get_task(task)
+    split = load_split(spec, "validation", glue_dir)
+    pick = np.random.default_rng(seed).choice(len(split.examples),
+                                              min(n, len(split.examples)), replace=False)
+    key = "pairs" if spec.is_pair else "texts"
+    return [{key: [list(split.examples[i].texts) if spec.is_pair else split.examples[i].texts[0]]}
+            for i in pick]
 
 
-def run_loadtest(sources: Sequence[str], out_dir: Path, backends: Sequence[str] = BACKENDS,
+def choose_task(specs, task: str | None = None) -> tuple[str, list]:
+    """The task of the load test and its adapters (in the order given).
+
+    Every cell sends the same requests (request i carries text i of one task's
+    validation sample), so that cells differ only in clients and adapter spread:
+    mixing tasks would change the text lengths, hence the cost, with the number
+    of adapters. Default: the task with the most adapters (first given on a tie).
+    """
+    known = [s for s in specs if s.task]
+    if not known:
+        raise LoadTestError("no adapter with a known task: give adapters from a run directory "
+                            "(models/<task>/lora/seed<seed>/adapter); the load test sends real "
+                            "validation rows of the adapters' task")
+    counts: dict[str, int] = {}
+    for s in known:
+        counts[s.task] = counts.get(s.task, 0) + 1
+    if task is None:
+        task = max(counts, key=lambda t: counts[t])  # dicts keep order: first on a tie
+    if task not in counts:
+        raise LoadTestError(f"no adapter of task {task!r}; have {', '.join(counts)}")
+    return task, [s for s in known if s.task == task]
+
+
+def run_loadtest(sources: Sequence[str], task: str, out_dir: Path,
+                 backends: Sequence[str] = BACKENDS,
                  clients: Sequence[int] = DEFAULT_CLIENTS,
                  adapters: Sequence[int] = DEFAULT_ADAPTERS, requests: int = 96,
                  seconds: float | None = None, warmup: int = 4, glue_dir=None,
@@ -281,7 +293,10 @@ def run_loadtest(sources: Sequence[str], out_dir: Path, backends: Sequence[str] 
             names_all = list(infos)
             if len(names_all) < max(adapters):
                 raise LoadTestError(f"server has {len(names_all)} adapters, need {max(adapters)}")
-            bodies = _bodies(names_all[: max(adapters)], infos, glue_dir, per_adapter=64)
+            other = [n for n in names_all if infos[n].get("task") != task]
+            if other:
+                raise LoadTestError(f"server loaded adapters of other tasks than {task}: {other}")
+            bodies = _bodies(task, glue_dir, n=256)
             servers[backend] = {"startup_s": round(startup, 3), "adapters": len(names_all),
                                 "health": health}
             for a in adapters:
@@ -302,7 +317,7 @@ def run_loadtest(sources: Sequence[str], out_dir: Path, backends: Sequence[str] 
         bar.close()
     result = {
         "schema": 1,
-        "sources": [str(s) for s in sources],
+        "sources": [str(s) for s in sources], "task": task,
         "backends": list(backends), "clients": list(clients), "adapters": list(adapters),
         "requests_per_cell": requests, "seconds_per_cell": seconds, "warmup": warmup,
         "server_args": list(server_args),
@@ -350,20 +365,24 @@ def cli_command(args) -> int:
     from .server import collect_adapters
 
     specs, run_dir = collect_adapters(args.sources)  # fail early, before starting servers
+    task, chosen = choose_task(specs, args.task)
     out = Path(args.out) if args.out else (run_dir / "loadtest" if run_dir else Path("loadtest"))
     if (out / "loadtest.json").exists() and not args.overwrite:
         raise LoadTestError(f"{out / 'loadtest.json'} exists; pass --overwrite to replace it "
                             "or --out for another directory")
-    glue_dir = args.glue_dir
-    if glue_dir is None and run_dir is not None:
+    glue_dir, server_args = args.glue_dir, []
+    if run_dir is not None:
         from ..store import RunDir
 
-        glue_dir = RunDir(run_dir).load_config().data.glue_dir
-    server_args = ["--max-wait-ms", str(args.max_wait_ms), "--max-batch", str(args.max_batch)]
+        cfg = RunDir(run_dir).load_config()
+        glue_dir = glue_dir or cfg.data.glue_dir
+        server_args += ["--model", cfg.model.name, "--max-length", str(cfg.data.max_length)]
+    server_args += ["--max-wait-ms", str(args.max_wait_ms), "--max-batch", str(args.max_batch)]
     if args.threads:
         server_args += ["--threads", str(args.threads)]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    result = run_loadtest(args.sources, out, backends, args.clients, args.adapters,
+    sources = [f"{s.name}={s.path}" for s in chosen]  # only the chosen task's adapters
+    result = run_loadtest(sources, task, out, backends, args.clients, args.adapters,
                           args.requests, args.seconds, args.warmup, glue_dir, server_args,
                           progress=not args.no_progress)
     print("\n".join(table_lines(result)))
