@@ -87,7 +87,7 @@ def test_learning_rate_ranges_feed_the_search_space():
     assert space("lora", cfg)["lr"] == SPACES["lora"]["lr"] == ("loguniform", 5e-5, 5e-3)
     assert space("full", cfg)["lr"] == SPACES["full"]["lr"] == ("loguniform", 1e-6, 5e-5)
     quick = load_config("quick")
-    assert space("lora", quick)["lr"] == ("loguniform", 3e-4, 3e-3)
+    assert space("lora", quick)["lr"] == ("loguniform", 5e-4, 3e-3)
     assert space("full", quick)["lr"] == ("loguniform", 1e-5, 5e-5)
     for bad in ("[0.001, 0.0001]", "[0.001]", "[0, 0.001]"):
         with pytest.raises(ConfigError, match=r"search.lr_lora: expected \[low, high\]"):
