@@ -50,7 +50,7 @@ window.addEventListener("load", function () {
 
 FULL_TABLES = {"table-status", "table-provenance", "table-timings", "table-sanity",
                "table-1-data", "table-2-spaces", "table-2-search", "table-3-accuracy",
-               "table-4-drift", "table-5-serving", "table-5-multi"}
+               "table-4-drift", "table-5-serving", "table-5-multi", "table-6-loadtest"}
 
 
 def chromium(args: list[str], tmp: Path) -> str:
@@ -81,7 +81,7 @@ def test_full_report_in_chromium(tmp_path):
     report = build_report(synthetic_run(tmp_path / "run"))
     seen = probe(report, tmp_path)
     assert seen["resources"] == []  # nothing fetched: figures are embedded
-    assert len(seen["images"]) == 5
+    assert len(seen["images"]) == 6
     for im in seen["images"]:
         assert im["complete"] and im["width"] > 0 and im["height"] > 0 and im["data"], im
     tables = {t["id"]: t for t in seen["tables"]}
@@ -91,6 +91,7 @@ def test_full_report_in_chromium(tmp_path):
     assert tables["table-3-accuracy"]["rows"] == 2 * len(TASKS)      # accuracy and F1
     assert tables["table-4-drift"]["rows"] == 3 * len(TASKS)         # three measures
     assert tables["table-5-serving"]["rows"] == 4 * len(TASKS)       # four strategies
+    assert tables["table-6-loadtest"]["rows"] == 27                  # 3 servers x 3 x 3 cells
     assert seen["missing"] == 0
 
     shot = tmp_path / "report.png"
