@@ -152,6 +152,11 @@ def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base,
             optuna.storages.fail_stale_trials(study)
             counted = study.get_trials(deepcopy=False, states=COUNTED)
             trial = study.ask() if len(counted) < sc.trials else None
+            if trial is not None:
+                # Beat once before anyone can see the trial RUNNING: Optuna only fails
+                # trials that have a heartbeat, so a worker killed before its heartbeat
+                # thread's first beat would leave a RUNNING trial nobody ever fails.
+                study._storage.record_heartbeat(trial._trial_id)
         if trial is None:
             # Budget taken: done once no other worker's trial is still running (a dead
             # worker's trial turns stale, fails, and its retry reopens the budget).

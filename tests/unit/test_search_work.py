@@ -121,3 +121,34 @@ def test_stale_job_is_reclaimed(tmp_path):
     again = q.claim("train", worker="alive")
     assert again is not None and again[0] == "a"
     assert q.rows("train")[0]["attempts"] == 2
+
+
+def test_a_trial_has_a_heartbeat_before_training_starts(tmp_path, glue_dir, tiny_base,
+                                                        monkeypatch):
+    """A worker killed before its heartbeat thread first beats must not leave a RUNNING
+    trial that is never failed (Optuna only fails trials that have a heartbeat)."""
+    import sqlite3
+    import threading
+
+    import loralens.search as S
+
+    class Killed(Exception):
+        pass
+
+    seen = []
+
+    def no_beats(trial_id, storage):  # a heartbeat thread that never gets to beat
+        return threading.Thread(target=lambda: None)
+
+    def dies(*args, **kwargs):
+        with sqlite3.connect(tmp_path / "search.db") as c:
+            seen.append(c.execute("SELECT t.state, COUNT(h.trial_id) FROM trials t LEFT JOIN "
+                                  "trial_heartbeats h ON h.trial_id = t.trial_id").fetchone())
+        raise Killed
+
+    monkeypatch.setattr(S, "get_heartbeat_thread", no_beats)
+    monkeypatch.setattr(S, "train_model", dies)
+    with pytest.raises(Killed):
+        run_search(search_cfg(glue_dir, trials=1), RunDir(tmp_path), "rte", "lora", tiny_base,
+                   progress=False)
+    assert seen == [("RUNNING", 1)]
