@@ -327,8 +327,10 @@ def test_drift_outputs_match_similarity_and_stats(tmp_path):
         X = arrays[BASE_KEY][:, r["layer"]]
         Y = arrays[r["model"]][:, r["layer"]]
         assert r["n_examples"] == 20 and r["requested"] == 25
-        assert r["cka"] == pytest.approx(S.linear_cka(X, Y), abs=1e-12)
-        assert r["cka_debiased"] == pytest.approx(S.linear_cka(X, Y, debiased=True), abs=1e-12)
+        # float32 pooled states: drift uses float32 Gram products (exact float64 centering
+        # after them), linear_cka float64 throughout; documented agreement 1e-6
+        assert r["cka"] == pytest.approx(S.linear_cka(X, Y), abs=1e-6)
+        assert r["cka_debiased"] == pytest.approx(S.linear_cka(X, Y, debiased=True), abs=1e-6)
         assert r["cosine"] == pytest.approx(S.cosine_similarity(X, Y), abs=1e-12)
         assert r["procrustes"] == pytest.approx(S.procrustes_distance(X, Y), abs=1e-12)
         assert r["cka_rbf"] == pytest.approx(S.rbf_cka(X, Y), abs=1e-12)
@@ -350,12 +352,15 @@ def test_drift_outputs_match_similarity_and_stats(tmp_path):
             per = {m: [np.mean([1 - fn(arrays[BASE_KEY][:, li], arrays[model_key(m, s)][:, li])
                                 for li in range(4)]) for s in SEEDS] for m in ("lora", "full")}
             c = e["measures"][measure]
-            np.testing.assert_allclose(c["lora"]["per_seed"], per["lora"], atol=1e-12)
-            np.testing.assert_allclose(c["full"]["per_seed"], per["full"], atol=1e-12)
-            assert c["lora"]["sd"] == pytest.approx(np.std(per["lora"], ddof=1))
-            assert c["delta_percent"] == pytest.approx(T.delta_percent(per["full"], per["lora"]))
+            # CKA: float32 Gram products in drift (agreement 1e-6), see above
+            tol = 1e-6 if measure.startswith("cka") else 1e-12
+            np.testing.assert_allclose(c["lora"]["per_seed"], per["lora"], rtol=0, atol=tol)
+            np.testing.assert_allclose(c["full"]["per_seed"], per["full"], rtol=0, atol=tol)
+            assert c["lora"]["sd"] == pytest.approx(np.std(per["lora"], ddof=1), abs=tol)
+            assert c["delta_percent"] == pytest.approx(T.delta_percent(per["full"], per["lora"]),
+                                                       rel=1e-4)
             assert c["delta_percent_ci"] == pytest.approx(list(T.bootstrap_reduction_ci(
-                per["full"], per["lora"], n_resamples=2000, seed=7)))
+                per["full"], per["lora"], n_resamples=2000, seed=7)), rel=1e-4)
             ref = scipy.stats.ttest_rel(per["lora"], per["full"])
             assert c["t"] == pytest.approx(ref.statistic) and c["p"] == pytest.approx(ref.pvalue)
             assert c["p_bonferroni"] == pytest.approx(min(1.0, 2 * ref.pvalue))
