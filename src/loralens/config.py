@@ -1,27 +1,60 @@
 """Typed configuration: defaults -> preset -> YAML file -> key=value overrides.
 
-The dataclasses below are the schema. YAML files and ``key=value`` overrides are
-validated against them on load: an unknown key (with a "did you mean"), a wrong
-type, or a value out of range is a ``ConfigError`` that names the key and, for
-files, the file.
+The dataclasses below are the schema, and they validate themselves where they are
+built (``__post_init__``, as PEFT's config classes do): an instance made by hand, by
+``dataclasses.replace`` or from YAML / ``key=value`` overrides is valid or raises a
+``ConfigError`` that names the key (and, for files, the file); an unknown key gets a
+"did you mean".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 
 class ConfigError(ValueError):
-    """A configuration key, type or value is wrong; the message names it."""
+    """A configuration key, type or value is wrong; the message names it (``key``: the
+    dotted key, where one is to blame)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+class _Validated:
+    """Mixin: every field is checked against its type and metadata when built."""
+
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            tp, value = hints[f.name], getattr(self, f.name)
+            key = f"{self.section}.{f.name}" if self.section else f.name
+            if _is_dc(tp):
+                if not isinstance(value, tp):
+                    raise ConfigError(f"{key}: expected a {tp.__name__}, got {value!r}", key)
+                continue
+            object.__setattr__(self, f.name, _check(value, tp, key, dict(f.metadata)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks across fields (none by default)."""
 
 
 def _f(default: Any = dataclasses.MISSING, *, factory: Any = None, lo: float | None = None,
@@ -33,14 +66,16 @@ def _f(default: Any = dataclasses.MISSING, *, factory: Any = None, lo: float | N
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Validated):
+    section: ClassVar[str] = "model"
     name: str = _f("smollm2-135m", doc="registry name, hub id or local directory")
     trust_remote_code: bool = _f(False, doc="run model code from the hub (off unless you ask)")
     revision: str | None = _f(None, doc="hub revision (branch, tag or commit)")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Validated):
+    section: ClassVar[str] = "data"
     glue_dir: str | None = _f(None, doc="GLUE root; else $LORALENS_GLUE_DIR; else the hub")
     max_length: int = _f(384, lo=8, hi=32768, doc="truncation length in tokens")
     train_size: int | None = _f(None, lo=1, doc="rows of the training split used (None = all)")
@@ -53,7 +88,8 @@ class DataConfig:
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(_Validated):
+    section: ClassVar[str] = "lora"
     r: int = _f(8, lo=1, hi=1024, doc="LoRA rank")
     alpha: float = _f(16.0, lo=0.0, doc="LoRA alpha; the update is scaled by alpha / r")
     dropout: float = _f(0.05, lo=0.0, hi=1.0, doc="dropout on the LoRA input")
@@ -62,7 +98,8 @@ class LoraConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Validated):
+    section: ClassVar[str] = "train"
     lr: float | None = _f(None, lo=0.0, doc="peak learning rate (None = method default)")
     lr_lora: float = _f(5e-4, lo=0.0, doc="default learning rate of LoRA")
     lr_full: float = _f(2e-5, lo=0.0, doc="default learning rate of full fine-tuning")
@@ -84,7 +121,8 @@ class TrainConfig:
 
 
 @dataclass
-class SanityConfig:
+class SanityConfig(_Validated):
+    section: ClassVar[str] = "sanity"
     examples: int = _f(10, lo=1, doc="training rows to overfit")
     epochs: int = _f(10, lo=1, doc="epochs allowed")
     batch_size: int = _f(2, lo=1, doc="examples per step")
@@ -94,7 +132,8 @@ class SanityConfig:
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(_Validated):
+    section: ClassVar[str] = "search"
     enabled: bool = _f(True, doc="run the search; false = train with the config's values")
     trials: int = _f(15, lo=1, doc="trials per task and method (one persistent study each)")
     startup_trials: int = _f(5, lo=0, doc="random start-up trials before TPE models")
@@ -116,16 +155,25 @@ class SearchConfig:
     max_retry: int = _f(2, lo=0, doc="times a failed (killed) trial's configuration is retried")
     prune: bool = _f(True, doc="median pruning of hopeless trials after each epoch")
 
+    def validate(self) -> None:
+        for key in ("lr_full", "lr_lora"):
+            r = getattr(self, key)
+            if len(r) != 2 or not 0 < r[0] < r[1]:
+                raise ConfigError(f"search.{key}: expected [low, high] with 0 < low < high, "
+                                  f"got {r}", f"search.{key}")
+
 
 @dataclass
-class ExtractConfig:
+class ExtractConfig(_Validated):
+    section: ClassVar[str] = "extract"
     examples: int = _f(750, lo=4, doc="validation rows per task (the whole split if fewer)")
     seed: int = _f(0, doc="seed of the fixed sample (same rows and order for every model)")
     batch_size: int = _f(32, lo=1, doc="examples per forward pass")
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(_Validated):
+    section: ClassVar[str] = "bench"
     batch_sizes: list[int] = _f(factory=lambda: [1], lo=1, doc="request batch sizes")
     warmup: int = _f(10, lo=0, doc="untimed warm-up requests per model")
     requests: int = _f(100, lo=1, doc="validation examples timed per model")
@@ -135,7 +183,7 @@ class BenchConfig:
 
 
 @dataclass
-class StudyConfig:
+class StudyConfig(_Validated):
     preset: str | None = _f(None, doc="preset the config was layered on")
     tasks: list[str] = _f(factory=lambda: ["mrpc", "sst2", "rte"], doc="GLUE tasks")
     methods: list[str] = _f(factory=lambda: ["lora", "full"],
@@ -152,6 +200,21 @@ class StudyConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        from .tasks import TASKS
+
+        for t in self.tasks:
+            if t not in TASKS:
+                raise ConfigError(f"tasks: unknown task {t!r}; known: {', '.join(TASKS)}", "tasks")
+        for t in self.data.train_size_per_task:
+            if t not in TASKS:
+                raise ConfigError(f"data.train_size_per_task: unknown task {t!r}; known: "
+                                  f"{', '.join(TASKS)}", "data.train_size_per_task")
+        for m in self.methods:
+            if m not in METHODS:
+                raise ConfigError(f"methods: unknown method {m!r}; known: {', '.join(METHODS)}",
+                                  "methods")
 
 
 METHODS = ("lora", "full")
@@ -174,7 +237,8 @@ def _check(value: Any, tp: Any, key: str, meta: dict) -> Any:
     if origin is dict:
         kt, vt = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}",
+                              key)
         return {_check(k, kt, key, {}): _check(v, vt, f"{key}.{k}", meta)
                 for k, v in value.items()}
     if origin is list:
@@ -182,35 +246,37 @@ def _check(value: Any, tp: Any, key: str, meta: dict) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}", key)
         return [_check(v, inner, f"{key}[{i}]", meta) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {value!r}", key)
     elif tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}", key)
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {value!r}", key)
         value = float(value)
     elif tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {value!r}", key)
     if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{key}: {value!r} is not one of {list(meta['choices'])}")
+        raise ConfigError(f"{key}: {value!r} is not one of {list(meta['choices'])}", key)
     if meta.get("lo") is not None and value < meta["lo"]:
-        raise ConfigError(f"{key}: {value!r} is below the minimum {meta['lo']}")
+        raise ConfigError(f"{key}: {value!r} is below the minimum {meta['lo']}", key)
     if meta.get("hi") is not None and value > meta["hi"]:
-        raise ConfigError(f"{key}: {value!r} is above the maximum {meta['hi']}")
+        raise ConfigError(f"{key}: {value!r} is above the maximum {meta['hi']}", key)
     return value
 
 
 def merge(cls, base: Any, data: dict, prefix: str = "") -> Any:
-    """Return a copy of dataclass ``base`` with ``data`` (a nested dict) layered on."""
+    """Return a copy of dataclass ``base`` with ``data`` (a nested dict) layered on;
+    the copy validates itself (``__post_init__``)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}",
+                          prefix.rstrip(".") or None)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     changes = {}
     for key, value in data.items():
@@ -219,34 +285,10 @@ def merge(cls, base: Any, data: dict, prefix: str = "") -> Any:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else \
                 f"; known keys: {', '.join(prefix + k for k in fields)}"
-            raise ConfigError(f"unknown key {full!r}{hint}")
+            raise ConfigError(f"unknown key {full!r}{hint}", full)
         tp = hints[key]
-        if _is_dc(tp):
-            changes[key] = merge(tp, getattr(base, key), value, f"{full}.")
-        else:
-            changes[key] = _check(value, tp, full, dict(fields[key].metadata))
-    out = dataclasses.replace(base, **changes)
-    _validate_study(out) if cls is StudyConfig else None
-    return out
-
-
-def _validate_study(cfg: StudyConfig) -> None:
-    from .tasks import TASKS
-
-    for t in cfg.tasks:
-        if t not in TASKS:
-            raise ConfigError(f"tasks: unknown task {t!r}; known: {', '.join(TASKS)}")
-    for t in cfg.data.train_size_per_task:
-        if t not in TASKS:
-            raise ConfigError(f"data.train_size_per_task: unknown task {t!r}; known: "
-                              f"{', '.join(TASKS)}")
-    for m in cfg.methods:
-        if m not in METHODS:
-            raise ConfigError(f"methods: unknown method {m!r}; known: {', '.join(METHODS)}")
-    for key in ("lr_full", "lr_lora"):
-        r = getattr(cfg.search, key)
-        if len(r) != 2 or not 0 < r[0] < r[1]:
-            raise ConfigError(f"search.{key}: expected [low, high] with 0 < low < high, got {r}")
+        changes[key] = merge(tp, getattr(base, key), value, f"{full}.") if _is_dc(tp) else value
+    return dataclasses.replace(base, **changes)
 
 
 def parse_override(item: str) -> dict:
@@ -258,12 +300,7 @@ def parse_override(item: str) -> dict:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    # YAML 1.1 reads "1e-4" as a string; accept it as a number.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
+    value = _numbers(value)
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -271,6 +308,21 @@ def parse_override(item: str) -> dict:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
     return out
+
+
+def _numbers(value: Any) -> Any:
+    """YAML 1.1 reads "1e-4" (no dot) as a string, also inside lists and mappings: take
+    such strings as numbers."""
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, str) and any(c in value for c in ".eE"):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _load_yaml(path: Path) -> dict:

@@ -131,7 +131,7 @@ def read_glue_tsv(path: Path, spec: TaskSpec, split: str) -> Split:
 def load_split(spec: TaskSpec, split: str, glue_dir: str | os.PathLike | None = None) -> Split:
     """Load ``split`` ("train" or "validation") of a task from GLUE files or the hub."""
     if split not in spec.splits:
-        raise KeyError(f"unknown split {split!r}; use one of {list(spec.splits)}")
+        raise DataError(f"unknown split {split!r} of {spec.name}; use one of {list(spec.splits)}")
     root = resolve_glue_dir(glue_dir)
     if root is not None:
         return read_glue_tsv(root / spec.glue_dir / f"{spec.splits[split]}.tsv", spec, split)

@@ -34,8 +34,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -47,8 +45,8 @@ from tqdm.auto import tqdm
 
 from . import data as D
 from .config import StudyConfig
-from .models import build_classifier, masked_mean
-from .store import RunDir, RunDirError, atomic_write_json, read_json
+from .models import Base, build_classifier, load_base, load_trained, masked_mean
+from .store import RunDir, RunDirError, atomic_path, atomic_write_json, read_json
 from .tasks import get_task
 
 BASE_KEY = "base"
@@ -137,17 +135,8 @@ def save_pooled(path: str | Path, hidden: np.ndarray, ids: np.ndarray, meta: dic
     if hidden.dtype != np.float32 or hidden.ndim != 3 or hidden.shape[0] != ids.shape[0]:
         raise ValueError(f"expected float32 [n, layers, d] with n = len(ids) = {len(ids)}, "
                          f"got {hidden.dtype} {hidden.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, hidden=hidden, ids=ids, meta=np.array(json.dumps(meta)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, hidden=hidden, ids=ids, meta=np.array(json.dumps(meta)))
 
 
 def load_pooled(path: str | Path, hidden: bool = True) -> tuple[np.ndarray | None, np.ndarray,
@@ -158,17 +147,12 @@ def load_pooled(path: str | Path, hidden: bool = True) -> tuple[np.ndarray | Non
         return (z["hidden"] if hidden else None), z["ids"], meta
 
 
-def extract_dir(run: RunDir, task: str) -> Path:
-    return run.root / "extract" / task
-
-
 def load_task(run: RunDir, task: str) -> tuple[dict, dict[str, np.ndarray]]:
     """The manifest and every extracted array of a task: ``(manifest, {key: [n, L, d]})``.
 
     Checks each file holds the manifest's examples in the manifest's order.
     """
-    folder = extract_dir(run, task)
-    path = folder / "manifest.json"
+    folder, path = run.extract_dir(task), run.extract_manifest(task)
     if not path.is_file():
         raise RunDirError(f"{path} not found: run `loralens extract` first")
     manifest = read_json(path)
@@ -186,11 +170,29 @@ def load_task(run: RunDir, task: str) -> tuple[dict, dict[str, np.ndarray]]:
     return manifest, arrays
 
 
+def is_extracted(run: RunDir, task: str) -> bool:
+    """Whether ``task``'s extraction is complete: the base model and every finished job,
+    each from the job as it is now (same metrics.json)."""
+    path = run.extract_manifest(task)
+    if not path.is_file():
+        return False
+    models = read_json(path).get("models", {})
+    if BASE_KEY not in models:
+        return False
+    for t, m, s in run.finished_jobs():
+        entry = models.get(model_key(m, s))
+        if t == task and (entry is None or entry.get("metrics_sha256")
+                          != job_fingerprint(run.job_dir(t, m, s))):
+            return False
+    return True
+
+
 # --------------------------------------------------------------------------- stage
 
 def run_extract(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
                 n_examples: int = 750, seed: int = 0, batch_size: int = 32, *,
-                overwrite: bool = False, base=None, progress: bool = True) -> list[dict]:
+                overwrite: bool = False, base: Base | None = None,
+                progress: bool = True) -> list[dict]:
     """Extract pooled hidden states of the base model and every finished job, per task.
 
     Args:
@@ -202,8 +204,7 @@ def run_extract(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = Non
         seed: seed of the row sample (the same rows for every model).
         batch_size: examples per forward pass (changes float rounding only).
         overwrite: re-extract files that exist (else they are checked and skipped).
-        base: ``(resolved, tokenizer, backbone_factory)`` as from ``train.load_base``
-            (default: loaded from ``cfg``).
+        base: the base model (default: loaded from ``cfg``).
 
     Returns:
         One dict per (task, model): ``task``, ``key``, ``status`` ("extracted" or
@@ -213,72 +214,76 @@ def run_extract(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = Non
         RunDirError: an existing manifest or file was made with another sample or
             from an earlier version of a trained model (and ``overwrite`` is off).
     """
-    from .train import load_base, load_trained
-
-    tasks = list(tasks or cfg.tasks)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved, tokenizer, make_backbone = base or load_base(cfg)
+    base = base or load_base(cfg)
     finished = run.finished_jobs()
     results = []
-    for task in tasks:
+    for task in list(tasks or cfg.tasks):
         spec = get_task(task)
         split = D.load_split(spec, SPLIT, cfg.data.glue_dir)
         sample = sample_split(split, n_examples, seed)
         requested = len(split) if n_examples is None else int(n_examples)
-        enc = D.encode_split(tokenizer, sample, cfg.data.max_length)
-        folder = extract_dir(run, task)
+        enc = D.encode_split(base.tokenizer, sample, cfg.data.max_length)
         header = {
             "format": FORMAT, "task": task, "split": SPLIT, "source": split.source,
             "split_rows": len(split), "requested": requested, "n_examples": len(sample),
-            "seed": seed, "max_length": cfg.data.max_length, "model": resolved.name,
-            "model_note": resolved.note, "pooling": POOLING, "dtype": "float32",
+            "seed": seed, "max_length": cfg.data.max_length, "model": base.name,
+            "model_note": base.note, "pooling": POOLING, "dtype": "float32",
             "label_counts": {str(k): v for k, v in sorted(sample.label_counts.items())},
             "mean_tokens": float(enc.lengths.mean()),
             "example_ids": [int(i) for i in enc.ids],
         }
-        manifest = _open_manifest(folder, header, overwrite)
+        manifest = _open_manifest(run.extract_manifest(task), header, overwrite)
         jobs = [(BASE_KEY, None, None)] + [(model_key(m, s), m, s)
                                            for t, m, s in finished if t == task]
         for key, method, job_seed in jobs:
-            path = folder / f"{key}.npz"
-            job_dir = run.job_dir(task, method, job_seed) if method else None
-            fingerprint = job_fingerprint(job_dir) if job_dir else None
-            if path.is_file() and not overwrite:
-                entry = _check_existing(path, enc.ids, header, fingerprint, key)
-                manifest["models"][key] = entry
-                atomic_write_json(folder / "manifest.json", manifest)
-                results.append(_result(task, key, "skipped", path, header, 0.0))
-                continue
-            t0 = time.perf_counter()
-            if method is None:
-                model = build_classifier(make_backbone(), spec.num_labels, seed=0)
-            else:
-                model = load_trained(job_dir, make_backbone(), spec.num_labels)
-            model.to(device).eval()
-            hidden = pooled_hidden_states(model, enc, tokenizer.pad_token_id, batch_size,
-                                          group_by_length=True, progress=progress,
-                                          desc=f"extract {task}/{key}")
-            seconds = time.perf_counter() - t0
-            del model
-            entry = {
-                "key": key, "kind": "base" if method is None else "trained",
-                "method": method, "seed": job_seed, "file": path.name,
-                "job_dir": str(job_dir.relative_to(run.root)) if job_dir else None,
-                "metrics_sha256": fingerprint, "model": resolved.name,
-                "shape": list(hidden.shape), "n_examples": len(enc),
-                "requested": requested, "sample_seed": seed,
-                "max_length": cfg.data.max_length, "batch_size": batch_size,
-                "device": str(device), "precision": "fp32", "seconds": seconds,
-                "examples_per_s": len(enc) / seconds if seconds > 0 else None,
-                "extracted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            }
-            save_pooled(path, hidden, enc.ids, entry)
-            manifest["models"][key] = entry
-            atomic_write_json(folder / "manifest.json", manifest)
-            results.append(_result(task, key, "extracted", path, header, seconds))
+            results.append(_extract_one(cfg, run, base, manifest, header, enc, key, method,
+                                        job_seed, batch_size, overwrite, progress))
     return results
+
+
+def _extract_one(cfg, run: RunDir, base: Base, manifest: dict, header: dict, enc: D.Encoded,
+                 key: str, method: str | None, job_seed: int | None, batch_size: int,
+                 overwrite: bool, progress: bool) -> dict:
+    """One model's pooled states of one task (skipped after a check when already there)."""
+    task, spec = header["task"], get_task(header["task"])
+    folder = run.extract_dir(task)
+    path = folder / f"{key}.npz"
+    job_dir = run.job_dir(task, method, job_seed) if method else None
+    fingerprint = job_fingerprint(job_dir) if method else None
+    if path.is_file() and not overwrite:
+        manifest["models"][key] = _check_existing(path, enc.ids, header, fingerprint, key)
+        atomic_write_json(run.extract_manifest(task), manifest)
+        return _result(task, key, "skipped", path, header, 0.0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    if method is None:
+        model = build_classifier(base.backbone(), spec.num_labels, seed=0)
+    else:
+        model = load_trained(job_dir, base.backbone(), spec.num_labels)
+    model.to(device).eval()
+    hidden = pooled_hidden_states(model, enc, base.tokenizer.pad_token_id, batch_size,
+                                  group_by_length=True, progress=progress,
+                                  desc=f"extract {task}/{key}")
+    seconds = time.perf_counter() - t0
+    del model
+    entry = {
+        "key": key, "kind": "base" if method is None else "trained",
+        "method": method, "seed": job_seed, "file": path.name,
+        "job_dir": str(job_dir.relative_to(run.root)) if job_dir else None,
+        "metrics_sha256": fingerprint, "model": base.name,
+        "shape": list(hidden.shape), "n_examples": len(enc),
+        "requested": header["requested"], "sample_seed": header["seed"],
+        "max_length": cfg.data.max_length, "batch_size": batch_size,
+        "device": str(device), "precision": "fp32", "seconds": seconds,
+        "examples_per_s": len(enc) / seconds if seconds > 0 else None,
+        "extracted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+    save_pooled(path, hidden, enc.ids, entry)
+    manifest["models"][key] = entry
+    atomic_write_json(run.extract_manifest(task), manifest)
+    return _result(task, key, "extracted", path, header, seconds)
 
 
 def _result(task: str, key: str, status: str, path: Path, header: dict, seconds: float) -> dict:
@@ -287,9 +292,8 @@ def _result(task: str, key: str, status: str, path: Path, header: dict, seconds:
             "seconds": seconds}
 
 
-def _open_manifest(folder: Path, header: dict, overwrite: bool) -> dict:
+def _open_manifest(path: Path, header: dict, overwrite: bool) -> dict:
     """The task's manifest: a new one, or the stored one after checking it has the same sample."""
-    path = folder / "manifest.json"
     if path.is_file() and not overwrite:
         old = read_json(path)
         diffs = [k for k in SAMPLE_KEYS if old.get(k) != header[k]]

@@ -13,12 +13,12 @@ import numpy as np
 
 from . import data as D
 from .config import StudyConfig
-from .models import build_classifier
+from .models import Base, apply_method, build_classifier
 from .store import RunDir, atomic_write_json, read_json
-from .train import apply_method, fit, load_base, prepare_task, seed_everything
+from .train import fit, seed_everything
 
 
-def sanity_pair(cfg: StudyConfig, task: str, method: str, prepared, make_backbone,
+def sanity_pair(cfg: StudyConfig, task: str, method: str, prepared, base: Base,
                 seed: int = 42, progress: bool = True) -> dict:
     sc = cfg.sanity
     # The same fixed rows for every method: a class-balanced draw when possible.
@@ -33,7 +33,7 @@ def sanity_pair(cfg: StudyConfig, task: str, method: str, prepared, make_backbon
                  warmup_ratio=0.0, weight_decay=0.0, max_steps=0, patience=0, eval_every=0)
     lr = sc.lr_lora if method == "lora" else sc.lr_full
     seed_everything(seed)
-    model = apply_method(build_classifier(make_backbone(), prepared.task.num_labels, seed),
+    model = apply_method(build_classifier(base.backbone(), prepared.task.num_labels, seed),
                          method, cfg)
     res = fit(model, tiny, None, prepared.pad_id, tc, lr, seed, progress=progress,
               stop_below_train_loss=sc.loss_threshold, desc=f"sanity {task}/{method}")
@@ -44,19 +44,14 @@ def sanity_pair(cfg: StudyConfig, task: str, method: str, prepared, make_backbon
             "threshold": sc.loss_threshold, "lr": lr, "passed": bool(passed)}
 
 
-def sanity_path(run: RunDir, task: str, method: str):
-    return run.root / "sanity" / f"{task}-{method}.json"
-
-
-def sanity_job(cfg: StudyConfig, run: RunDir, task: str, method: str, base, prepared=None,
+def sanity_job(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base, prepared,
                progress: bool = True) -> dict:
     """One (task, method) check, stored on its own; a stored result is reused."""
-    path = sanity_path(run, task, method)
+    path = run.sanity_path(task, method)
     if path.is_file():
         return read_json(path)
-    prepared = prepared or prepare_task(cfg, task, base[1])
-    r = sanity_pair(cfg, task, method, prepared, base[2], progress=progress)
-    r["model"] = base[0].name
+    r = sanity_pair(cfg, task, method, prepared, base, progress=progress)
+    r["model"] = base.name
     atomic_write_json(path, r)
     print(f"sanity {task}/{method}: {'PASS' if r['passed'] else 'FAIL'} "
           f"(training loss {r['final_train_loss']:.4f} after {r['epochs_run']} epochs, "
@@ -69,19 +64,7 @@ def collect_sanity(run: RunDir, tasks: list[str], methods: list[str]) -> list[di
     results, missing = [], []
     for t in tasks:
         for m in methods:
-            p = sanity_path(run, t, m)
+            p = run.sanity_path(t, m)
             (results.append(read_json(p)) if p.is_file() else missing.append(f"{t}/{m}"))
-    atomic_write_json(run.root / "sanity.json", {"results": results, "missing": missing})
+    atomic_write_json(run.sanity_summary_path, {"results": results, "missing": missing})
     return results
-
-
-def run_sanity(cfg: StudyConfig, run: RunDir, tasks: list[str], methods: list[str],
-               progress: bool = True, base=None) -> list[dict]:
-    base = base or load_base(cfg)
-    for task in tasks:
-        prepared = None
-        for method in methods:
-            if not sanity_path(run, task, method).is_file() and prepared is None:
-                prepared = prepare_task(cfg, task, base[1])
-            sanity_job(cfg, run, task, method, base, prepared, progress)
-    return collect_sanity(run, tasks, methods)

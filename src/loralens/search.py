@@ -25,42 +25,44 @@ import optuna
 from optuna.storages._heartbeat import get_heartbeat_thread
 
 from .config import StudyConfig
-from .store import RunDir, atomic_write_json
+from .models import Base
+from .store import RunDir, atomic_write_json, read_json
+from .tasks import get_task
 from .train import evaluate, prepare_task, train_model, with_overrides
-from .work import study_lock
+from .work import engine_kwargs, study_lock
 
-# The study's method-specific spaces. Rank is fixed at 8 for LoRA.
+# The study's method-specific spaces, for the dimensions the config does not set: the
+# learning-rate range, epoch and batch-size choices come from ``search.*`` (see
+# :func:`space`), the LoRA rank and target modules from ``lora.*`` (never searched).
 SPACES: dict[str, dict[str, tuple]] = {
     "full": {
-        "lr": ("loguniform", 1e-6, 5e-5),
-        "batch_size": ("categorical", [1, 2, 4]),
         "warmup_ratio": ("uniform", 0.0, 0.2),
         "weight_decay": ("uniform", 0.0, 0.01),
-        "epochs": ("categorical", [2, 3, 4]),
     },
     "lora": {
-        "lr": ("loguniform", 5e-5, 5e-3),
-        "batch_size": ("categorical", [4, 8, 16]),
         "warmup_ratio": ("uniform", 0.0, 0.3),
         "weight_decay": ("uniform", 0.0, 0.1),
-        "epochs": ("categorical", [2, 3, 4]),
-        "alpha": ("categorical", [8, 16, 32, 64]),
-        "dropout": ("uniform", 0.0, 0.3),
     },
 }
-LORA_KEYS = {"alpha", "dropout"}
+LORA_SPACE: dict[str, tuple] = {  # LoRA's own hyperparameters, suggested after the rest
+    "alpha": ("categorical", [8, 16, 32, 64]),
+    "dropout": ("uniform", 0.0, 0.3),
+}
+LORA_KEYS = set(LORA_SPACE)
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
            optuna.trial.TrialState.RUNNING)
 
 
 def space(method: str, cfg: StudyConfig) -> dict[str, tuple]:
-    sp = dict(SPACES[method])
-    lo, hi = cfg.search.lr_full if method == "full" else cfg.search.lr_lora
-    sp["lr"] = ("loguniform", float(lo), float(hi))
-    sp["epochs"] = ("categorical", list(cfg.search.epochs))
-    sp["batch_size"] = ("categorical", list(cfg.search.batch_full if method == "full"
-                                            else cfg.search.batch_lora))
-    return sp
+    """The resolved search space of ``method``: ``{name: (kind, *args)}``."""
+    sc = cfg.search
+    lo, hi = sc.lr_full if method == "full" else sc.lr_lora
+    return {"lr": ("loguniform", float(lo), float(hi)),
+            "batch_size": ("categorical", list(sc.batch_full if method == "full"
+                                               else sc.batch_lora)),
+            **SPACES[method],
+            "epochs": ("categorical", list(sc.epochs)),
+            **(LORA_SPACE if method == "lora" else {})}
 
 
 def sampler_seed(task: str, method: str) -> int:
@@ -73,10 +75,7 @@ def study_name(task: str, method: str) -> str:
 
 
 def storage_url(cfg: StudyConfig, run: RunDir) -> str:
-    if cfg.search.storage:
-        return cfg.search.storage
-    run.root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(run.root / 'search.db').resolve()}"
+    return cfg.search.storage or run.sqlite_url("search")
 
 
 def open_study(cfg: StudyConfig, run: RunDir, task: str, method: str) -> optuna.Study:
@@ -92,7 +91,7 @@ def _open_study(cfg: StudyConfig, run: RunDir, task: str, method: str) -> optuna
         storage_url(cfg, run), heartbeat_interval=sc.heartbeat_interval,
         grace_period=sc.grace_period,
         failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=sc.max_retry),
-        engine_kwargs=_engine_kwargs(storage_url(cfg, run)))
+        engine_kwargs=engine_kwargs(storage_url(cfg, run)))
     sampler = optuna.samplers.TPESampler(n_startup_trials=min(sc.startup_trials, sc.trials),
                                          seed=sampler_seed(task, method))
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=max(sc.startup_trials, 1),
@@ -101,12 +100,6 @@ def _open_study(cfg: StudyConfig, run: RunDir, task: str, method: str) -> optuna
     return optuna.create_study(study_name=study_name(task, method), storage=storage,
                                sampler=sampler, pruner=pruner, direction="maximize",
                                load_if_exists=True)
-
-
-def _engine_kwargs(url: str) -> dict:
-    if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": 60}}
-    return {"pool_pre_ping": True}
 
 
 def suggest(trial: optuna.Trial, method: str, cfg: StudyConfig) -> dict:
@@ -124,21 +117,18 @@ def suggest(trial: optuna.Trial, method: str, cfg: StudyConfig) -> dict:
 
 
 def params_to_overrides(params: dict, method: str) -> dict:
-    out: dict = {"train": {}, "lora": {}}
-    for k, v in params.items():
-        out["lora" if k in LORA_KEYS else "train"][k] = v
+    """Trial parameters as nested config overrides; the rank stays the config's ``lora.r``."""
+    out: dict = {"train": {k: v for k, v in params.items() if k not in LORA_KEYS}}
     if method == "lora":
-        out["lora"]["r"] = 8
-    else:
-        out.pop("lora")
+        out["lora"] = {k: v for k, v in params.items() if k in LORA_KEYS}
     return out
 
 
-def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base,
+def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base,
                progress: bool = True, on_trial=None) -> dict:
     """Run trials of (task, method) until the study has ``search.trials`` of them."""
     sc = cfg.search
-    resolved, tokenizer, make_backbone = base
+    tokenizer = base.tokenizer
     study = open_study(cfg, run, task, method)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
@@ -185,7 +175,7 @@ def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base,
         beat.start()  # ask/tell gets no heartbeat from Optuna itself (only optimize does)
         try:
             model, fitres = train_model(with_overrides(tcfg, overrides), prepared, method,
-                                        sc.seed, make_backbone, progress,
+                                        sc.seed, base, progress,
                                         desc=f"search {task}/{method} #{trial.number}",
                                         on_eval=on_eval)
             val = evaluate(model, eval_enc, prepared.pad_id, cfg.train.eval_batch_size)
@@ -222,7 +212,7 @@ def write_best(cfg: StudyConfig, run: RunDir, task: str, method: str,
         "sampler": {"name": "TPE", "seed": sampler_seed(task, method),
                     "startup_trials": min(cfg.search.startup_trials, cfg.search.trials)},
         "space": {k: list(v) for k, v in space(method, cfg).items()},
-        "metric": study.user_attrs.get("metric") or ("f1" if task == "mrpc" else "accuracy"),
+        "metric": get_task(task).metric,
         "best": {"number": best.number, "value": best.value, "params": best.params,
                  "user_attrs": best.user_attrs},
         "overrides": params_to_overrides(best.params, method),
@@ -231,14 +221,12 @@ def write_best(cfg: StudyConfig, run: RunDir, task: str, method: str,
         "counts": {s: sum(t.state.name == s for t in trials)
                    for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")},
     }
-    atomic_write_json(run.root / "search" / f"{task}-{method}.json", result)
+    atomic_write_json(run.search_path(task, method), result)
     return result
 
 
 def best_overrides(run: RunDir, task: str, method: str) -> dict | None:
-    path = run.root / "search" / f"{task}-{method}.json"
+    path = run.search_path(task, method)
     if not path.is_file():
         return None
-    from .store import read_json
-
     return read_json(path)["overrides"]

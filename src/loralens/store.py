@@ -1,32 +1,25 @@
-"""The run directory: layout, atomic writes, provenance, and the "already done" rule.
+"""The run directory (:class:`RunDir` owns its layout), atomic writes, CSV, provenance.
 
-Layout (every stage reads what the earlier ones wrote)::
-
-    RUN_DIR/
-      config.yaml            resolved config of the run (written once; later stages read it)
-      env.json               package versions, git commit, hardware, per invocation
-      data.json              row counts per task and split actually used
-      models/<task>/<method>/seed<seed>/
-          adapter/           LoRA: PEFT format (adapter_model.safetensors, head included)
-          model/             full fine-tuning: model.safetensors + config.json
-          metrics.json       written last: its presence marks the job as finished
-
-Every file is written to a temporary name and renamed into place, so a killed
-process leaves either the old file or the new one, never half of one.
+Every file is written through :func:`atomic_path` (a temporary name, fsync, rename), and
+a directory through :func:`atomic_dir`, so a killed process leaves either the old file
+or the new one, never half of one.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import csv
 import importlib.metadata
+import io
 import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, Sequence
 
 import yaml
 
@@ -58,24 +51,108 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Write a file atomically: yields a temporary path beside ``path``; on success the
+    file is fsynced and renamed onto ``path``, on any error (or a kill) ``path`` keeps its
+    old content and the temporary file is removed. ``suffix`` keeps writers that pick a
+    format from the extension (matplotlib, numpy) working.
+
+    The one atomic-write helper: every file loralens writes goes through it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Write a directory atomically: yields an empty temporary directory beside ``path``;
+    on success its files are fsynced and it replaces ``path`` (an old ``path`` is moved
+    aside first and removed after). On an error the temporary directory is removed and
+    ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
+
+
+def csv_text(rows: Iterable[dict], columns: Sequence[str] | None = None) -> str:
+    """CSV of dict rows. ``columns`` default: every key in first-seen order. ``None`` and
+    non-finite floats become empty cells, floats keep ``repr`` precision, lists are joined
+    with ``;``."""
+    rows = list(rows)
+    if columns is None:
+        columns = []
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+    if not columns:
+        return ""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _csv_cell(r.get(k)) for k in columns})
+    return buf.getvalue()
+
+
+def _csv_cell(v: Any) -> str:
+    v = _clean(v)  # numpy scalars to Python, NaN/inf to None
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, list):
+        return ";".join(_csv_cell(x) for x in v)
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True)
+    return str(v)
+
+
+def write_csv(path: str | Path, rows: Iterable[dict], columns: Sequence[str] | None = None) -> None:
+    """The one CSV writer: :func:`csv_text`, written atomically."""
+    atomic_write_text(path, csv_text(rows, columns))
 
 
 def read_json(path: str | Path) -> Any:
@@ -102,12 +179,7 @@ def environment() -> dict:
     """Versions, commit and hardware, recorded in each run directory."""
     import torch
 
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = {name: _version(name) for name in PACKAGES}
     hw = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
           "cuda": torch.cuda.is_available()}
@@ -117,68 +189,260 @@ def environment() -> dict:
             "hardware": hw}
 
 
+FORMAT_VERSION = 1
+"""Layout version of a run directory, stored in ``loralens.json``. A directory without
+the file was written before versioning (format 0): same layout, opened as it is."""
+
+
 class RunDir:
+    """A run directory and its layout: the one place that knows where each artifact lives.
+
+    Layout (every stage reads what the earlier ones wrote)::
+
+        loralens.json                      format version, loralens version that created it
+        config.yaml                        the resolved config (written once)
+        env.json                           package versions, git commit, hardware per command
+        data.json                          rows used per task and split
+        timings.json                       wall seconds per stage
+        jobs.db                            the job queue (SQLite; or search.storage)
+        search.db                          Optuna studies (SQLite; or search.storage)
+        sanity/<task>-<method>.json        one sanity check;  sanity.json: all of them
+        search/<task>-<method>.json        space, trials, best hyperparameters
+        models/<task>/<method>/seed<seed>/ adapter/ (LoRA, PEFT layout) or model/ (full),
+                                           val_logits.npy, metrics.json (written last:
+                                           its presence marks the job finished)
+        extract/<task>/                    manifest.json + one .npz per model
+        drift/                             layers.*, table3.*, table4.*
+        bench/                             serving.json + CSVs
+        loadtest/                          loadtest.json, loadtest.csv
+        report/                            report.md, report.html, figures
+    """
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    # ---- config
+    # ---- top-level files
+    @property
+    def format_path(self) -> Path:
+        return self.root / "loralens.json"
+
     @property
     def config_path(self) -> Path:
         return self.root / "config.yaml"
 
-    def bind_config(self, cfg) -> None:
-        """Store the resolved config, or check it equals the stored one.
+    @property
+    def env_path(self) -> Path:
+        return self.root / "env.json"
 
-        A run directory holds one study; running it again with different settings
-        would mix results, so a difference is an error naming the keys.
-        """
-        new = cfg.to_dict()
-        if self.config_path.is_file():
-            with open(self.config_path) as f:
-                old = yaml.safe_load(f) or {}
-            diffs = [d for d in _diff(old, new) if d[0] not in MACHINE_LOCAL]
-            if diffs:
-                shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:8])
-                raise RunDirError(f"{self.config_path} was written with other settings ({shown}); "
-                                  "use another --run-dir, or the stored settings")
-            return
-        atomic_write_text(self.config_path, yaml.safe_dump(new, sort_keys=False))
+    @property
+    def data_path(self) -> Path:
+        return self.root / "data.json"
 
-    def load_config(self):
-        from .config import config_from_dict
+    @property
+    def timings_path(self) -> Path:
+        return self.root / "timings.json"
 
-        if not self.config_path.is_file():
-            raise RunDirError(f"{self.root} is not a run directory (no config.yaml)")
-        with open(self.config_path) as f:
-            return config_from_dict(yaml.safe_load(f) or {})
+    def sqlite_url(self, name: str) -> str:
+        """SQLite URL of a database file in the run directory (``jobs``, ``search``)."""
+        from .work import sqlite_url
 
-    def record_environment(self, stage: str) -> None:
-        env = environment()
-        path = self.root / "env.json"
-        data = read_json(path) if path.is_file() else {}
-        data[stage] = env
-        atomic_write_json(path, data)
+        self.root.mkdir(parents=True, exist_ok=True)
+        return sqlite_url(self.root / f"{name}.db")
 
-    def record_data(self, task: str, stats: dict) -> None:
-        path = self.root / "data.json"
-        data = read_json(path) if path.is_file() else {}
-        data[task] = stats
-        atomic_write_json(path, data)
+    # ---- sanity and search
+    def sanity_path(self, task: str, method: str) -> Path:
+        return self.root / "sanity" / f"{task}-{method}.json"
+
+    @property
+    def sanity_summary_path(self) -> Path:
+        return self.root / "sanity.json"
+
+    def sanity_results(self) -> list[Path]:
+        return sorted((self.root / "sanity").glob("*.json"))
+
+    def search_path(self, task: str, method: str) -> Path:
+        return self.root / "search" / f"{task}-{method}.json"
+
+    def search_results(self) -> list[Path]:
+        return sorted((self.root / "search").glob("*.json"))
 
     # ---- models
     def job_dir(self, task: str, method: str, seed: int) -> Path:
         return self.root / "models" / task / method / f"seed{seed}"
 
+    def metrics_path(self, task: str, method: str, seed: int) -> Path:
+        return self.job_dir(task, method, seed) / "metrics.json"
+
+    def val_logits_path(self, task: str, method: str, seed: int) -> Path:
+        return self.job_dir(task, method, seed) / "val_logits.npy"
+
+    def weights_dir(self, task: str, method: str, seed: int) -> Path:
+        """``adapter/`` (PEFT layout) for LoRA, ``model/`` for full fine-tuning."""
+        return self.job_dir(task, method, seed) / ("adapter" if method == "lora" else "model")
+
     def job_done(self, task: str, method: str, seed: int) -> bool:
-        return (self.job_dir(task, method, seed) / "metrics.json").is_file()
+        return self.metrics_path(task, method, seed).is_file()
 
     def finished_jobs(self) -> list[tuple[str, str, int]]:
+        """Every finished (task, method, seed), sorted."""
         out = []
         for m in sorted((self.root / "models").glob("*/*/seed*/metrics.json")):
             seed_dir = m.parent
             out.append((seed_dir.parent.parent.name, seed_dir.parent.name,
                         int(seed_dir.name[4:])))
         return out
+
+    def lora_adapters(self) -> list[tuple[str, int, Path]]:
+        """(task, seed, adapter directory) of every saved LoRA adapter, sorted."""
+        return [(t, s, self.weights_dir(t, m, s)) for t, m, s in self.finished_jobs()
+                if m == "lora" and self.weights_dir(t, m, s).is_dir()]
+
+    # ---- analysis outputs
+    def extract_dir(self, task: str) -> Path:
+        return self.root / "extract" / task
+
+    def extract_manifest(self, task: str) -> Path:
+        return self.extract_dir(task) / "manifest.json"
+
+    def extract_manifests(self) -> list[Path]:
+        return sorted((self.root / "extract").glob("*/manifest.json"))
+
+    @property
+    def drift_dir(self) -> Path:
+        return self.root / "drift"
+
+    @property
+    def bench_dir(self) -> Path:
+        return self.root / "bench"
+
+    @property
+    def serving_path(self) -> Path:
+        return self.bench_dir / "serving.json"
+
+    @property
+    def loadtest_dir(self) -> Path:
+        return self.root / "loadtest"
+
+    @property
+    def loadtest_path(self) -> Path:
+        return self.loadtest_dir / "loadtest.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    # ---- format version and config
+    def is_run_dir(self) -> bool:
+        return self.config_path.is_file()
+
+    def format_version(self) -> int:
+        return int(read_json(self.format_path)["format"]) if self.format_path.is_file() else 0
+
+    def check_format(self) -> None:
+        """Older formats open as they are; a newer one needs a newer loralens."""
+        v = self.format_version()
+        if v > FORMAT_VERSION:
+            raise RunDirError(f"{self.root} was written by a newer loralens (run directory "
+                              f"format {v}, this version reads up to {FORMAT_VERSION}); "
+                              "upgrade loralens")
+
+    def bind_config(self, cfg) -> None:
+        """Store the resolved config, or check it equals the stored one.
+
+        A run directory holds one study; running it again with different settings
+        would mix results, so a difference is an error naming the keys. A config
+        stored by an older version is read through the current schema first, so keys
+        added since then take their defaults and are no difference.
+        """
+        self.check_format()
+        new = cfg.to_dict()
+        if self.config_path.is_file():
+            old = self.load_config().to_dict()
+            diffs = [d for d in _diff(old, new) if d[0] not in MACHINE_LOCAL]
+            if diffs:
+                shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:8])
+                raise RunDirError(f"{self.config_path} was written with other settings ({shown}); "
+                                  "use another --run-dir, or the stored settings")
+        else:
+            atomic_write_text(self.config_path, yaml.safe_dump(new, sort_keys=False))
+        if not self.format_path.is_file():
+            atomic_write_json(self.format_path, {"format": FORMAT_VERSION,
+                                                 "loralens": _version("loralens")})
+
+    def load_config(self):
+        from .config import ConfigError, config_from_dict
+
+        if not self.config_path.is_file():
+            raise RunDirError(f"{self.root} is not a run directory (no config.yaml)")
+        self.check_format()
+        with open(self.config_path) as f:
+            data = yaml.safe_load(f) or {}
+        try:
+            return config_from_dict(data)
+        except ConfigError as e:
+            raise RunDirError(
+                f"{self.config_path} does not fit this version's settings ({e}); "
+                f"`loralens upgrade {self.root}` rewrites it (unknown keys dropped, the "
+                "old file kept as config.yaml.bak)") from None
+
+    def upgrade(self) -> list[str]:
+        """Rewrite an older run directory's config for this version: keys this version
+        does not know are dropped (listed in the return), new keys get their defaults,
+        the old file is kept as ``config.yaml.bak``."""
+        from .config import ConfigError, config_from_dict
+
+        with open(self.config_path) as f:
+            data = yaml.safe_load(f) or {}
+        dropped: list[str] = []
+        while True:
+            try:
+                cfg = config_from_dict(data)
+                break
+            except ConfigError as e:
+                key = getattr(e, "key", None)
+                if not key or not _drop(data, key):
+                    raise RunDirError(f"{self.config_path}: cannot upgrade: {e}") from None
+                dropped.append(key)
+        atomic_write_text(self.config_path.with_name("config.yaml.bak"),
+                          self.config_path.read_text())
+        atomic_write_text(self.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_json(self.format_path, {"format": FORMAT_VERSION,
+                                             "loralens": _version("loralens")})
+        return dropped
+
+    # ---- records
+    def record_environment(self, command: str) -> None:
+        self._update_json(self.env_path, command, environment())
+
+    def record_data(self, task: str, stats: dict) -> None:
+        self._update_json(self.data_path, task, stats)
+
+    def add_timing(self, stage: str, seconds: float) -> None:
+        data = read_json(self.timings_path) if self.timings_path.is_file() else {}
+        self._update_json(self.timings_path, stage, data.get(stage, 0.0) + seconds)
+
+    def _update_json(self, path: Path, key: str, value: Any) -> None:
+        data = read_json(path) if path.is_file() else {}
+        data[key] = value
+        atomic_write_json(path, data)
+
+
+def _drop(data: dict, dotted: str) -> bool:
+    node = data
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict) and parts[-1] in node:
+        del node[parts[-1]]
+        return True
+    return False
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -189,6 +453,3 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
         return out
     return [] if old == new else [(prefix.rstrip("."), old, new)]
 
-
-def asdict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)

@@ -90,5 +90,7 @@ HUB_COLUMNS: dict[str, tuple[tuple[str, ...], str]] = {
 def get_task(name: str) -> TaskSpec:
     key = name.lower().replace("-", "")
     if key not in TASKS:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+        from .config import ConfigError
+
+        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}", "tasks")
     return TASKS[key]

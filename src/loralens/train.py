@@ -14,13 +14,10 @@ with the best checkpoint restored) -> evaluate (whole validation split) -> save.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
-import shutil
 import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,9 +26,8 @@ from tqdm.auto import tqdm
 
 from . import data as D
 from .config import StudyConfig, TrainConfig
-from .models import (CausalLMClassifier, build_classifier, load_backbone, load_tokenizer,
-                     resolve_model)
-from .store import RunDir, atomic_write_json
+from .models import Base, apply_method, build_classifier, load_base, save_trained
+from .store import RunDir, atomic_path, atomic_write_json, read_json
 from .tasks import TaskSpec, get_task
 
 
@@ -45,23 +41,6 @@ def seed_everything(seed: int) -> None:
 
 def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def apply_method(model: CausalLMClassifier, method: str, cfg: StudyConfig) -> nn.Module:
-    """Make ``model`` trainable for ``method``: the only place methods differ."""
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lc = cfg.lora
-        peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                              target_modules=list(lc.target_modules), modules_to_save=["score"],
-                              bias="none")
-        return get_peft_model(model, peft_cfg)
-    raise ValueError(f"unknown method {method!r}; use 'lora' or 'full'")
 
 
 def learning_rate(train: TrainConfig, method: str) -> float:
@@ -104,14 +83,6 @@ def prepare_task(cfg: StudyConfig, task: str, tokenizer) -> Prepared:
                                                              cfg.data.max_length)
     return Prepared(spec, tokenizer, train_split, val_split,
                     D.encode_split(tokenizer, train_split, cfg.data.max_length), val, early)
-
-
-def load_base(cfg: StudyConfig):
-    """(resolved model, tokenizer, backbone factory). The factory returns fresh weights."""
-    resolved = resolve_model(cfg.model.name)
-    kw = dict(trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-    tokenizer = load_tokenizer(resolved, **kw)
-    return resolved, tokenizer, (lambda: load_backbone(resolved, **kw))
 
 
 # --------------------------------------------------------------------------- fit / evaluate
@@ -363,41 +334,6 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.enable_input_require_grads()
 
 
-# --------------------------------------------------------------------------- save
-
-def save_trained(model: nn.Module, method: str, out: Path) -> Path:
-    """LoRA: PEFT's adapter format; full: the whole classifier. Both safetensors."""
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if method == "lora":
-        model.save_pretrained(str(tmp), safe_serialization=True)
-    else:
-        from safetensors.torch import save_file
-
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(tmp / "model.safetensors"))
-        model.config.save_pretrained(str(tmp))
-        (tmp / "classifier.json").write_text(json.dumps({"num_labels": model.num_labels}))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
-
-
-def load_trained(job_dir: Path, backbone: nn.Module, num_labels: int) -> nn.Module:
-    """Rebuild a trained classifier from a job directory (safetensors only)."""
-    model = CausalLMClassifier(backbone, num_labels)
-    if (job_dir / "adapter").is_dir():
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, str(job_dir / "adapter")).eval()
-    from safetensors.torch import load_file
-
-    state = load_file(str(job_dir / "model" / "model.safetensors"))
-    model.load_state_dict(state)
-    return model.eval()
-
-
 # --------------------------------------------------------------------------- one job
 
 def count_parameters(model: nn.Module) -> dict:
@@ -413,7 +349,7 @@ def with_overrides(cfg: StudyConfig, overrides: dict | None) -> StudyConfig:
     return merge(_S, cfg, overrides) if overrides else cfg
 
 
-def train_model(cfg: StudyConfig, prepared: Prepared, method: str, seed: int, make_backbone,
+def train_model(cfg: StudyConfig, prepared: Prepared, method: str, seed: int, base: Base,
                 progress: bool = True, desc: str | None = None, on_eval=None):
     """Build, train and return (model, FitResult) for one method and seed."""
     tc = cfg.train
@@ -421,7 +357,7 @@ def train_model(cfg: StudyConfig, prepared: Prepared, method: str, seed: int, ma
     if tc.threads:
         torch.set_num_threads(tc.threads)
     seed_everything(seed)
-    model = apply_method(build_classifier(make_backbone(), prepared.task.num_labels, seed),
+    model = apply_method(build_classifier(base.backbone(), prepared.task.num_labels, seed),
                          method, cfg).to(device)
     fitres = fit(model, prepared.train, prepared.early_stop, prepared.pad_id, tc,
                  learning_rate(tc, method), seed, group_by_length=cfg.data.group_by_length,
@@ -431,32 +367,37 @@ def train_model(cfg: StudyConfig, prepared: Prepared, method: str, seed: int, ma
 
 
 def train_job(cfg: StudyConfig, run: RunDir, task: str, method: str, seed: int, *,
-              prepared: Prepared | None = None, base=None, overwrite: bool = False,
-              overrides: dict | None = None, progress: bool = True) -> dict:
+              prepared: Prepared | None = None, base: Base | None = None,
+              overwrite: bool = False, overrides: dict | None = None,
+              progress: bool = True) -> dict:
     """Train and evaluate one (task, method, seed) and write its job directory.
 
     A finished job (metrics.json present) is returned as it is unless ``overwrite``.
     ``overrides`` replaces hyperparameters (e.g. a search's best), as nested keys.
+    Kill-safe: an overwritten job first loses its metrics.json (it is then unfinished),
+    weights and logits are written atomically, and metrics.json comes last.
     """
-    out = run.job_dir(task, method, seed)
-    if run.job_done(task, method, seed) and not overwrite:
-        with open(out / "metrics.json") as f:
-            return {**json.load(f), "skipped": True}
-    resolved, tokenizer, make_backbone = base or load_base(cfg)
-    prepared = prepared or prepare_task(cfg, task, tokenizer)
+    metrics_path = run.metrics_path(task, method, seed)
+    if metrics_path.is_file() and not overwrite:
+        return {**read_json(metrics_path), "skipped": True}
+    base = base or load_base(cfg)
+    prepared = prepared or prepare_task(cfg, task, base.tokenizer)
     jcfg = with_overrides(cfg, overrides)
-    model, fitres = train_model(jcfg, prepared, method, seed, make_backbone, progress)
+    model, fitres = train_model(jcfg, prepared, method, seed, base, progress)
     tc = jcfg.train
     val = evaluate(model, prepared.val, prepared.pad_id, tc.eval_batch_size,
                    precision=tc.precision)
     logits = val.pop("logits")
-    if dist_info()[0] > 0:  # data parallel: rank 0 writes the job's files
-        return {"task": task, "method": method, "seed": seed, "validation": val, "rank": dist_info()[0]}
-    save_trained(model, method, out / ("adapter" if method == "lora" else "model"))
-    np.save(out / "val_logits.npy", logits)
+    rank, world = dist_info()
+    if rank > 0:  # data parallel: rank 0 writes the job's files
+        return {"task": task, "method": method, "seed": seed, "validation": val, "rank": rank}
+    metrics_path.unlink(missing_ok=True)
+    save_trained(model, method, run.weights_dir(task, method, seed))
+    with atomic_path(run.val_logits_path(task, method, seed), suffix=".npy") as tmp:
+        np.save(tmp, logits)
     metrics = {
-        "task": task, "method": method, "seed": seed, "model": resolved.name,
-        "model_note": resolved.note,
+        "task": task, "method": method, "seed": seed, "model": base.name,
+        "model_note": base.note,
         "validation": val,
         "selection_metric": prepared.task.metric,
         "score": val[prepared.task.metric],
@@ -469,9 +410,9 @@ def train_job(cfg: StudyConfig, run: RunDir, task: str, method: str, seed: int, 
         "fit": fitres.to_dict(),
         "data": prepared.stats(),
         "device": str(device_of(model)),
-        "data_parallel_processes": dist_info()[1],
+        "data_parallel_processes": world,
     }
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(metrics_path, metrics)
     return metrics
 
 

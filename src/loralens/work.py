@@ -30,11 +30,23 @@ import sqlalchemy as sa
 _ENGINES: dict[str, sa.Engine] = {}
 
 
+def sqlite_url(path: str | Path) -> str:
+    """SQLAlchemy URL of a SQLite file (absolute, so every process agrees on it)."""
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def engine_kwargs(url: str) -> dict:
+    """The engine options for every database loralens opens (job queue and Optuna):
+    SQLite waits up to 60 s for a writer's lock; PostgreSQL checks pooled connections."""
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True}
+
+
 def engine(url: str) -> sa.Engine:
+    """One engine per URL and process."""
     if url not in _ENGINES:
-        kw = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else \
-            {"pool_pre_ping": True}
-        _ENGINES[url] = sa.create_engine(url, **kw)
+        _ENGINES[url] = sa.create_engine(url, **engine_kwargs(url))
     return _ENGINES[url]
 
 
@@ -101,14 +113,21 @@ class JobQueue:
                 c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _key64("ddl")})
             c.execute(sa.text(DDL))
 
-    def add(self, stage: str, jobs: dict[str, dict]) -> None:
-        """Enqueue jobs (key -> payload); keys already present are left as they are."""
+    def add(self, stage: str, jobs: dict[str, dict], reopen: bool = False) -> None:
+        """Enqueue jobs (key -> payload); keys already present are left as they are, except
+        that ``reopen`` puts 'done' ones back to pending (their output was found missing,
+        or is to be redone)."""
         with self.engine.begin() as c:
             for key, payload in jobs.items():
                 c.execute(sa.text(
                     "INSERT INTO loralens_jobs (queue, key, stage, payload) "
                     "VALUES (:q, :k, :s, :p) ON CONFLICT DO NOTHING"),
                     {"q": self.queue, "k": key, "s": stage, "p": json.dumps(payload)})
+                if reopen:
+                    c.execute(sa.text(
+                        "UPDATE loralens_jobs SET status = 'pending', worker = NULL "
+                        "WHERE queue = :q AND key = :k AND status = 'done'"),
+                        {"q": self.queue, "k": key})
 
     def release_dead_local(self, stage: str) -> None:
         """Jobs 'running' under a process of this host that no longer exists go back."""

@@ -8,8 +8,9 @@ import threading
 import optuna
 import pytest
 
-from loralens.config import load_config
-from loralens.search import SPACES, run_search, sampler_seed, suggest
+from loralens.config import StudyConfig, load_config
+from loralens.search import run_search, sampler_seed, space, suggest
+from loralens.train import with_overrides
 from loralens.store import RunDir
 from loralens.work import JobQueue
 
@@ -24,17 +25,24 @@ def test_sampler_seed_is_stable_across_processes():
 
 
 def test_spaces_are_the_studys():
-    assert SPACES["full"]["lr"] == ("loguniform", 1e-6, 5e-5)
-    assert SPACES["full"]["batch_size"] == ("categorical", [1, 2, 4])
-    assert SPACES["lora"]["lr"] == ("loguniform", 5e-5, 5e-3)
-    assert SPACES["lora"]["alpha"] == ("categorical", [8, 16, 32, 64])
-    assert SPACES["lora"]["dropout"] == ("uniform", 0.0, 0.3)
+    # the resolved space (what the sampler sees) at the defaults is the study's
+    full, lora = space("full", StudyConfig()), space("lora", StudyConfig())
+    assert full["lr"] == ("loguniform", 1e-6, 5e-5)
+    assert full["batch_size"] == ("categorical", [1, 2, 4])
+    assert full["epochs"] == ("categorical", [2, 3, 4]) and "alpha" not in full
+    assert lora["lr"] == ("loguniform", 5e-5, 5e-3)
+    assert lora["batch_size"] == ("categorical", [4, 8, 16])
+    assert lora["alpha"] == ("categorical", [8, 16, 32, 64])
+    assert lora["dropout"] == ("uniform", 0.0, 0.3)
     cfg = load_config()
     study = optuna.create_study(direction="maximize")
     ov = suggest(study.ask(), "lora", cfg)
-    assert ov["lora"]["r"] == 8 and set(ov["lora"]) == {"r", "alpha", "dropout"}
+    assert set(ov["lora"]) == {"alpha", "dropout"}  # the rank is never searched nor forced
     assert set(ov["train"]) == {"lr", "batch_size", "warmup_ratio", "weight_decay", "epochs"}
     assert "lora" not in suggest(optuna.create_study().ask(), "full", cfg)
+    # a rank study keeps its rank through the search's overrides
+    rank16 = load_config(overrides=["lora.r=16"])
+    assert with_overrides(rank16, suggest(study.ask(), "lora", rank16)).lora.r == 16
 
 
 @pytest.fixture
