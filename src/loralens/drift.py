@@ -25,18 +25,15 @@ silently.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from . import similarity as S
-from . import stats as T
+from . import similarity, stats
 from .config import StudyConfig
 from .extract import BASE_KEY, job_fingerprint, load_task
-from .store import RunDir, RunDirError, atomic_write_json, atomic_write_text, read_json
+from .store import DRIFT_FILES, RunDir, RunDirError, atomic_write_json, read_json, write_csv
 from .tasks import get_task
 
 # Per-layer measures (similarity to the base model) and the ones summarised as drift.
@@ -71,24 +68,30 @@ def layer_similarities(base: np.ndarray, models: dict[str, np.ndarray],
     out = {k: {} for k in keys}
     for name, debiased in (("cka", False), ("cka_debiased", True)):
         try:
-            table = S.cka_against_base(base, models, debiased=debiased)
+            table = similarity.cka_against_base(base, models, debiased=debiased)
         except ValueError as e:
             notes.append(f"{label}{name}: {e}; computed pair by pair instead")
-            table = np.array([[_safe(lambda: S.linear_cka(base[:, i], models[k][:, i],
-                                                          debiased=debiased),
-                                     notes, f"{label}{k} layer {i} {name}")
-                               for i in range(n_layers)] for k in keys]).reshape(len(keys),
-                                                                                 n_layers)
+            table = _cka_pair_by_pair(base, models, debiased, notes, label, name)
         for j, k in enumerate(keys):
             out[k][name] = np.asarray(table[j], dtype=np.float64)
-    pairwise = {"cosine": S.cosine_similarity, "procrustes": S.procrustes_distance,
-                "cka_rbf": S.rbf_cka}
+    pairwise = {"cosine": similarity.cosine_similarity,
+                "procrustes": similarity.procrustes_distance, "cka_rbf": similarity.rbf_cka}
     for k in keys:
         for name, fn in pairwise.items():
             out[k][name] = np.array([
                 _safe(lambda: fn(base[:, i], models[k][:, i]), notes,
                       f"{label}{k} layer {i} {name}") for i in range(n_layers)])
     return out
+
+
+def _cka_pair_by_pair(base: np.ndarray, models: dict[str, np.ndarray], debiased: bool,
+                      notes: list[str], label: str, name: str) -> np.ndarray:
+    """``[models, layers]`` linear CKA one pair at a time (NaN, with a note, where undefined)."""
+    n_layers = base.shape[1]
+    return np.array([[_safe(lambda: similarity.linear_cka(base[:, i], models[k][:, i],
+                                                          debiased=debiased),
+                            notes, f"{label}{k} layer {i} {name}")
+                      for i in range(n_layers)] for k in models]).reshape(len(models), n_layers)
 
 
 def _safe(fn, notes: list[str], what: str) -> float:
@@ -114,40 +117,46 @@ def compare(lora: dict[int, float], full: dict[int, float], n_tests: int, alpha:
     """
     paired = sorted(set(lora) & set(full))
     unpaired = {m: sorted(set(v) - set(paired)) for m, v in (("lora", lora), ("full", full))}
-    boot = dict(n_resamples=n_resamples, seed=ci_seed)
     if len(paired) >= 2:
-        out = T.compare_methods([lora[s] for s in paired], [full[s] for s in paired], paired,
-                                n_tests=n_tests, alpha=alpha, **boot)
+        out = stats.compare_methods([lora[s] for s in paired], [full[s] for s in paired],
+                                    paired, n_tests=n_tests, alpha=alpha,
+                                    n_resamples=n_resamples, seed=ci_seed)
         out["note"] = None
     else:
-        def summary(values: dict[int, float]) -> dict | None:
-            seeds = paired or sorted(values)
-            if not seeds:
-                return None
-            x = np.array([values[s] for s in seeds], dtype=np.float64)
-            return {"mean": float(x.mean()), "sd": float(x.std(ddof=1)) if x.size > 1 else None,
-                    "per_seed": [float(v) for v in x], "ci": None}
-
-        lo, fu = summary(lora), summary(full)
-        delta = None
-        if lo and fu and paired and fu["mean"] != 0.0:
-            delta = T.delta_percent([full[s] for s in paired], [lora[s] for s in paired])
-        if not lora or not full:
-            why = f"only {'LoRA' if lora else 'full fine-tuning' if full else 'no method'} " \
-                  "results: no comparison"
-        else:
-            why = (f"{len(paired)} seed(s) with both methods: the paired t-test, Cohen's d and "
-                   "the bootstrap CIs need at least 2 paired seeds, so they are null")
-        out = {"seeds": paired, "n_seeds": len(paired), "lora": lo, "full": fu,
-               "delta_percent": delta, "delta_percent_ci": None, "t": None, "p": None,
-               "n_tests": int(n_tests), "alpha": float(alpha), "p_bonferroni": None,
-               "significant": None, "cohens_d": None,
-               "test": "two-sided paired t-test (scipy.stats.ttest_rel) of lora - full, "
-                       "paired by seed", "note": why}
-    out["alpha_per_test"] = T.bonferroni_alpha(n_tests, alpha)
+        out = _untested(lora, full, paired, n_tests, alpha)
+    out["alpha_per_test"] = stats.bonferroni_alpha(n_tests, alpha)
     out["unpaired_seeds"] = unpaired
     out["bootstrap"] = {"n_resamples": n_resamples, "seed": ci_seed, "confidence": 0.95}
     return out
+
+
+def _untested(lora: dict[int, float], full: dict[int, float], paired: list[int], n_tests: int,
+              alpha: float) -> dict:
+    """:func:`compare`'s keys for fewer than two paired seeds: means and Delta%, no test."""
+    def summary(values: dict[int, float]) -> dict | None:
+        seeds = paired or sorted(values)
+        if not seeds:
+            return None
+        x = np.array([values[s] for s in seeds], dtype=np.float64)
+        return {"mean": float(x.mean()), "sd": float(x.std(ddof=1)) if x.size > 1 else None,
+                "per_seed": [float(v) for v in x], "ci": None}
+
+    lo, fu = summary(lora), summary(full)
+    delta = None
+    if lo and fu and paired and fu["mean"] != 0.0:
+        delta = stats.delta_percent([full[s] for s in paired], [lora[s] for s in paired])
+    if not lora or not full:
+        why = f"only {'LoRA' if lora else 'full fine-tuning' if full else 'no method'} " \
+              "results: no comparison"
+    else:
+        why = (f"{len(paired)} seed(s) with both methods: the paired t-test, Cohen's d and "
+               "the bootstrap CIs need at least 2 paired seeds, so they are null")
+    return {"seeds": paired, "n_seeds": len(paired), "lora": lo, "full": fu,
+            "delta_percent": delta, "delta_percent_ci": None, "t": None, "p": None,
+            "n_tests": int(n_tests), "alpha": float(alpha), "p_bonferroni": None,
+            "significant": None, "cohens_d": None,
+            "test": "two-sided paired t-test (scipy.stats.ttest_rel) of lora - full, "
+                    "paired by seed", "note": why}
 
 
 def accuracy_table(run: RunDir, tasks: Sequence[str], alpha: float = 0.05,
@@ -158,7 +167,7 @@ def accuracy_table(run: RunDir, tasks: Sequence[str], alpha: float = 0.05,
     jobs = run.finished_jobs()
     rows = []
     for task in tasks:
-        metrics = {(m, s): read_json(run.job_dir(task, m, s) / "metrics.json")
+        metrics = {(m, s): read_json(run.metrics_path(task, m, s))
                    for t, m, s in jobs if t == task}
         if not metrics:
             notes.append(f"{task}: no finished training job; no accuracy row")
@@ -211,49 +220,65 @@ def run_drift(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
     tasks = list(tasks or cfg.tasks)
     n_tests = len(tasks)
     notes: list[str] = []
-    out_dir = run.root / "drift"
     finished = run.finished_jobs()
     layer_rows: list[dict] = []
     table4: list[dict] = []
     meta = {"model": cfg.model.name, "alpha": alpha, "n_tests": n_tests,
-            "alpha_per_test": T.bonferroni_alpha(n_tests, alpha),
+            "alpha_per_test": stats.bonferroni_alpha(n_tests, alpha),
             "bootstrap": {"n_resamples": n_resamples, "seed": ci_seed, "confidence": 0.95},
             "layer_numbering": "0 = embedding output, i = output of transformer block i"}
     for task in tasks:
-        folder = run.root / "extract" / task
-        if not (folder / "manifest.json").is_file():
-            notes.append(f"{task}: not extracted (no {folder / 'manifest.json'}); "
-                         "run `loralens extract` first")
+        loaded = _load_extracted(run, task, finished, notes)
+        if loaded is None:
             continue
-        manifest, arrays = load_task(run, task)
-        if BASE_KEY not in arrays:
-            notes.append(f"{task}: the base model was not extracted; no drift")
-            continue
-        base = arrays.pop(BASE_KEY)
-        entries = manifest["models"]
-        _check_fresh(run, task, entries, finished, notes)
-        n, requested = int(manifest["n_examples"]), int(manifest["requested"])
-        if n < requested:
-            notes.append(f"{task}: {n} examples (the whole validation split), not the "
-                         f"{requested} requested")
+        manifest, base, arrays = loaded
         meta.setdefault("model_note", manifest.get("model_note"))
         sims = layer_similarities(base, arrays, notes, f"{task}: ")
-        for key, per in sims.items():
-            e = entries[key]
-            for layer in range(base.shape[1]):
-                row = {"task": task, "method": e["method"], "seed": e["seed"], "model": key,
-                       "layer": layer, "n_examples": n, "requested": requested}
-                row.update({m: _num(per[m][layer]) for m in MEASURES})
-                row["drift"] = _num(1.0 - per["cka"][layer])
-                row["drift_debiased"] = _num(1.0 - per["cka_debiased"][layer])
-                layer_rows.append(row)
-        table4.append(_drift_summary(task, manifest, entries, sims, base.shape[1], first_layer,
-                                     n_tests, alpha, n_resamples, ci_seed, notes))
+        layer_rows += _layer_rows(task, manifest, sims, base.shape[1])
+        table4.append(_drift_summary(task, manifest, manifest["models"], sims, base.shape[1],
+                                     first_layer, n_tests, alpha, n_resamples, ci_seed, notes))
     table3 = accuracy_table(run, tasks, alpha, n_resamples, ci_seed, notes)
 
-    files = _write_outputs(out_dir, meta, notes, layer_rows, table3, table4, first_layer)
+    files = _write_outputs(run, meta, notes, layer_rows, table3, table4, first_layer)
     return {"layers": layer_rows, "table3": table3, "table4": table4, "notes": notes,
             "files": files, **meta}
+
+
+def _load_extracted(run: RunDir, task: str, finished: list,
+                    notes: list[str]) -> tuple[dict, np.ndarray, dict] | None:
+    """``(manifest, base [n, layers, d], {model key: [n, layers, d]})`` of one task, or
+    None (with a note) when the task has not been extracted or lacks the base model."""
+    if not run.extract_manifest(task).is_file():
+        notes.append(f"{task}: not extracted (no {run.extract_manifest(task)}); "
+                     "run `loralens extract` first")
+        return None
+    manifest, arrays = load_task(run, task)
+    if BASE_KEY not in arrays:
+        notes.append(f"{task}: the base model was not extracted; no drift")
+        return None
+    base = arrays.pop(BASE_KEY)
+    _check_fresh(run, task, manifest["models"], finished, notes)
+    n, requested = int(manifest["n_examples"]), int(manifest["requested"])
+    if n < requested:
+        notes.append(f"{task}: {n} examples (the whole validation split), not the "
+                     f"{requested} requested")
+    return manifest, base, arrays
+
+
+def _layer_rows(task: str, manifest: dict, sims: dict[str, dict], n_layers: int) -> list[dict]:
+    """layers.csv rows of one task: one per model and layer."""
+    n, requested = int(manifest["n_examples"]), int(manifest["requested"])
+    rows = []
+    for key, per in sims.items():
+        e = manifest["models"][key]
+        for layer in range(n_layers):
+            row = {"task": task, "method": e["method"], "seed": e["seed"], "model": key,
+                   "layer": layer, "n_examples": n, "requested": requested}
+            row.update({m: _num(per[m][layer]) for m in MEASURES})
+            row["drift"] = _num(1.0 - per["cka"][layer])
+            row["drift_debiased"] = _num(1.0 - per["cka_debiased"][layer])
+            rows.append(row)
+    return rows
 
 
 def _check_fresh(run: RunDir, task: str, entries: dict, finished: list, notes: list) -> None:
@@ -262,7 +287,7 @@ def _check_fresh(run: RunDir, task: str, entries: dict, finished: list, notes: l
         if e.get("kind") != "trained":
             continue
         job = run.job_dir(task, e["method"], e["seed"])
-        if not (job / "metrics.json").is_file():
+        if not run.metrics_path(task, e["method"], e["seed"]).is_file():
             notes.append(f"{task}: {key} was extracted but its job {job} is gone")
             continue
         if job_fingerprint(job) != e.get("metrics_sha256"):
@@ -333,25 +358,6 @@ TABLE4_COLUMNS = ("task", "measure", "drift", "n_examples", "requested", "layers
                   "p_bonferroni", "alpha_per_test", "significant", "cohens_d", "note")
 
 
-def _csv(rows: Iterable[dict], columns: Sequence[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: _cell(r.get(k)) for k in columns})
-    return buf.getvalue()
-
-
-def _cell(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return "" if not math.isfinite(v) else repr(v)
-    if isinstance(v, (list, tuple)):
-        return ";".join(_cell(x) for x in v)
-    return str(v)
-
-
 def _method_cells(c: dict, m: str) -> dict:
     s = c.get(m) or {}
     ci = s.get("ci") or [None, None]
@@ -390,26 +396,22 @@ def table4_rows(table4: list[dict]) -> list[dict]:
     return rows
 
 
-def _write_outputs(out_dir, meta, notes, layer_rows, table3, table4, first_layer) -> list[str]:
-    paths = {
-        "layers.csv": _csv(layer_rows, LAYER_COLUMNS),
-        "table3.csv": _csv(table3_rows(table3), TABLE3_COLUMNS),
-        "table4.csv": _csv(table4_rows(table4), TABLE4_COLUMNS),
-    }
-    for name, text in paths.items():
-        atomic_write_text(out_dir / name, text)
+def _write_outputs(run: RunDir, meta, notes, layer_rows, table3, table4,
+                   first_layer) -> list[str]:
+    write_csv(run.drift_path("layers.csv"), layer_rows, LAYER_COLUMNS)
+    write_csv(run.drift_path("table3.csv"), table3_rows(table3), TABLE3_COLUMNS)
+    write_csv(run.drift_path("table4.csv"), table4_rows(table4), TABLE4_COLUMNS)
     common = {**meta, "notes": notes}
-    atomic_write_json(out_dir / "layers.json", {**common, "columns": list(LAYER_COLUMNS),
-                                                "rows": layer_rows})
-    atomic_write_json(out_dir / "table3.json", {**common, "table": "3: accuracy and F1",
-                                                "tasks": table3})
-    atomic_write_json(out_dir / "table4.json", {
+    atomic_write_json(run.drift_path("layers.json"), {**common, "columns": list(LAYER_COLUMNS),
+                                                      "rows": layer_rows})
+    atomic_write_json(run.drift_path("table3.json"), {**common, "table": "3: accuracy and F1",
+                                                      "tasks": table3})
+    atomic_write_json(run.drift_path("table4.json"), {
         **common, "table": "4: representation drift to the base model",
         "first_layer": first_layer,
         "delta_percent": "100 * (drift_full - drift_lora) / drift_full, means over seeds first",
         "tasks": table4})
-    return [str(out_dir / n) for n in ("layers.csv", "layers.json", "table3.csv", "table3.json",
-                                       "table4.csv", "table4.json")]
+    return [str(run.drift_path(n)) for n in DRIFT_FILES]
 
 
 def summary_lines(result: dict) -> list[str]:

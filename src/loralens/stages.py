@@ -179,7 +179,7 @@ def run_train(ctx: Context) -> bool:
     keys = ctx.train_keys()
     for t, m, s in keys:
         if ctx.run.job_done(t, m, s) and not ctx.overwrite:
-            print(summary_line(train_job(ctx.cfg, ctx.run, t, m, s)), flush=True)
+            print("skipped: " + summary_line(train_job(ctx.cfg, ctx.run, t, m, s)), flush=True)
 
     def one(p):
         t, m, s = p["task"], p["method"], p["seed"]

@@ -247,6 +247,16 @@ def _json_float(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _summary(x: np.ndarray, boot: dict) -> dict:
+    """Mean, sd (ddof=1), the values and the bootstrap CI of the mean of one method."""
+    return {
+        "mean": float(x.mean()),
+        "sd": float(x.std(ddof=1)),
+        "per_seed": [float(v) for v in x],
+        "ci": list(bootstrap_ci(x, **boot)),
+    }
+
+
 def compare_methods(
     lora_values,
     full_values,
@@ -292,15 +302,6 @@ def compare_methods(
     if len(seeds) != lora.size:
         raise ValueError(f"got {len(seeds)} seeds for {lora.size} values per method")
     boot = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
-
-    def summary(x: np.ndarray) -> dict:
-        return {
-            "mean": float(x.mean()),
-            "sd": float(x.std(ddof=1)),
-            "per_seed": [float(v) for v in x],
-            "ci": list(bootstrap_ci(x, **boot)),
-        }
-
     t, p = paired_ttest(lora, full)
     p_adj = bonferroni(p, n_tests)
     # Delta% is undefined when the full fine-tuning mean (overall, or in some
@@ -316,8 +317,8 @@ def compare_methods(
     return {
         "seeds": seeds,
         "n_seeds": len(seeds),
-        "lora": summary(lora),
-        "full": summary(full),
+        "lora": _summary(lora, boot),
+        "full": _summary(full, boot),
         "delta_percent": delta,
         "delta_percent_ci": delta_ci,
         "t": _json_float(t),

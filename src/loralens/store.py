@@ -189,6 +189,9 @@ def environment() -> dict:
             "hardware": hw}
 
 
+DRIFT_FILES = ("layers.csv", "layers.json", "table3.csv", "table3.json", "table4.csv",
+               "table4.json")
+
 FORMAT_VERSION = 1
 """Layout version of a run directory, stored in ``loralens.json``. A directory without
 the file was written before versioning (format 0): same layout, opened as it is."""
@@ -288,9 +291,10 @@ class RunDir:
         out = []
         for m in sorted((self.root / "models").glob("*/*/seed*/metrics.json")):
             seed_dir = m.parent
-            out.append((seed_dir.parent.parent.name, seed_dir.parent.name,
-                        int(seed_dir.name[4:])))
-        return out
+            if seed_dir.name[4:].isdigit():  # not e.g. a hand-made "seed42.old" copy
+                out.append((seed_dir.parent.parent.name, seed_dir.parent.name,
+                            int(seed_dir.name[4:])))
+        return sorted(out)
 
     def lora_adapters(self) -> list[tuple[str, int, Path]]:
         """(task, seed, adapter directory) of every saved LoRA adapter, sorted."""
@@ -310,6 +314,12 @@ class RunDir:
     @property
     def drift_dir(self) -> Path:
         return self.root / "drift"
+
+    def drift_path(self, name: str) -> Path:
+        """A drift output: ``layers``, ``table3`` or ``table4``, with ``.csv`` or ``.json``."""
+        if name not in DRIFT_FILES:
+            raise ValueError(f"unknown drift file {name!r}; one of {DRIFT_FILES}")
+        return self.drift_dir / name
 
     @property
     def bench_dir(self) -> Path:

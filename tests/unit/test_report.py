@@ -44,7 +44,7 @@ def write_metrics(run: RunDir, task, method, seed, accuracy):
         hp["lora"] = {"r": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": ["q_proj",
                                                                                  "v_proj"]}
     val = {"loss": 0.6, "accuracy": accuracy, "f1": accuracy - 0.05, "n": n}
-    atomic_write_json(run.job_dir(task, method, seed) / "metrics.json", {
+    atomic_write_json(run.metrics_path(task, method, seed), {
         "task": task, "method": method, "seed": seed, "model": "smollm2-135m",
         "model_note": NOTE, "validation": val, "selection_metric": "accuracy",
         "score": accuracy, "majority_baseline": {"label": 1, "accuracy": 0.5, "f1": 0.6667},
@@ -97,7 +97,7 @@ def write_extract(run, task, rng, n, layers=5, d=16, seeds=SEEDS):
 
     ids = np.sort(rng.choice(500, size=n, replace=False))
     base = rng.standard_normal((n, layers, d)).astype(np.float32)
-    folder = run.root / "extract" / task
+    folder = run.extract_dir(task)
     models = {}
     depth = np.linspace(0.1, 1.0, layers)[None, :, None]
     for key, method, seed in [(BASE_KEY, None, None)] + [
@@ -121,8 +121,9 @@ def write_extract(run, task, rng, n, layers=5, d=16, seeds=SEEDS):
 
 
 def write_bench(run, rng, seeds=SEEDS):
-    """bench/serving.json through serving.bench's own summary, comparison and writer."""
-    from loralens.serving import bench as B
+    """bench/serving.json through the serving benchmark's own summary, comparison and writer."""
+    from loralens.serving import bench_results
+    from loralens.timing import summarize
 
     base_ms = {"full": 76.0, "lora_merged": 76.5, "lora_separate": 89.0, "lora_runtime": 80.0}
     tasks = {}
@@ -134,7 +135,7 @@ def write_bench(run, rng, seeds=SEEDS):
             kinds = {}
             for kind, ms in base_ms.items():
                 lat = list((ms + rng.gamma(2.0, 2.0, size=n)) / 1e3)
-                kinds[kind] = {**B.summarize(lat, n), "latency_s": lat}
+                kinds[kind] = {**summarize(lat, n), "latency_s": lat}
             per_seed[str(seed)] = {
                 "methods": ["full", "lora"],
                 "memory": {k: {"peak_increase_mb": 500.0 if k == "full" else 20.0,
@@ -146,11 +147,11 @@ def write_bench(run, rng, seeds=SEEDS):
                                     "same_predictions": True}}}}}
         tasks[task] = {"examples": n, "example_ids": list(range(n)), "mean_tokens": 13.0,
                        "seeds": per_seed}
-        comparison += B._comparison(task, tasks[task], [1])
+        comparison += bench_results.comparison(task, tasks[task], [1])
     lat = list((80 + rng.gamma(2.0, 2.0, size=30)) / 1e3)
     mixed_lat = list((300 + rng.gamma(2.0, 5.0, size=5)) / 1e3)
-    merged = {**B.summarize(mixed_lat, 40), "throughput_vs_merged": 1.0}
-    runtime_mixed = {**B.summarize([x * 1.2 for x in mixed_lat], 40),
+    merged = {**summarize(mixed_lat, 40), "throughput_vs_merged": 1.0}
+    runtime_mixed = {**summarize([x * 1.2 for x in mixed_lat], 40),
                      "max_abs_logit_diff_vs_single": 3e-6, "within_tol": True,
                      "same_predictions": True}
     runtime_mixed["throughput_vs_merged"] = (runtime_mixed["throughput_rps"]
@@ -162,13 +163,13 @@ def write_bench(run, rng, seeds=SEEDS):
               "comparison": comparison, "load_average": {"start": [1, 1, 1], "end": [1, 1, 1]},
               "multi": {"adapters": ["sst2_seed42", "rte_seed42"], "different_tasks": True,
                         "runtime_load_adapter_s": 0.04, "peft_load_adapter_s": 0.3,
-                        "stream": {"runtime": {**B.summarize(lat, 30), "switch_median_ms": 0.012,
+                        "stream": {"runtime": {**summarize(lat, 30), "switch_median_ms": 0.012,
                                                "max_abs_logit_diff_vs_single": 2e-6,
                                                "within_tol": True, "same_predictions": True}},
                         "mixed": {"batch_size": 8, "batches": 5, "runtime": runtime_mixed,
                                   "merged_single_model": merged}}}
-    result["checks"] = B._checks(result)
-    B._write(run.root / "bench", result, [])
+    result["checks"] = bench_results.checks(result)
+    bench_results.write_results(run, result, [])
     return result
 
 
@@ -191,7 +192,7 @@ def write_loadtest(run: RunDir) -> dict:
               "adapters": [1, 4, 16], "requests_per_cell": 96, "warmup": 4,
               "server_args": ["--max-wait-ms", "5.0"], "machine": {"cpus": 2},
               "cells": cells, "crossovers": crossovers(cells)}
-    atomic_write_json(run.root / "loadtest" / "loadtest.json", result)
+    atomic_write_json(run.loadtest_path, result)
     return result
 
 
@@ -204,18 +205,18 @@ def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "d
                                  "data": {"max_length": 128}, "search": {"enabled": search}})
     run = RunDir(root)
     run.bind_config(cfg)
-    atomic_write_json(root / "env.json", {"run": {
+    atomic_write_json(run.env_path, {"run": {
         "python": "3.11.2", "packages": {"loralens": "0.1.0", "torch": "2.13.0"},
         "git_commit": "0123abcd", "hardware": {"platform": "Linux-x86_64", "processor": "x86_64",
                                                "cpu_count": 2, "torch_threads": 2,
                                                "cuda": False}}})
     rng = np.random.default_rng(0)
     if "sanity" in stages:
-        from loralens.sanity import collect_sanity, sanity_path
+        from loralens.sanity import collect_sanity
 
         for t in TASKS:
             for m in ("lora", "full"):
-                atomic_write_json(sanity_path(run, t, m), {
+                atomic_write_json(run.sanity_path(t, m), {
                     "task": t, "method": m, "examples": 10, "epochs_run": 4, "steps": 20,
                     "final_train_loss": 0.05, "threshold": 0.1, "lr": 5e-3, "passed": True,
                     "model": "smollm2-135m"})
@@ -241,7 +242,7 @@ def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "d
         write_bench(run, rng, seeds)
     if "loadtest" in stages:
         write_loadtest(run)
-    atomic_write_json(root / "timings.json", {s: 10.0 + i for i, s in enumerate(stages)
+    atomic_write_json(run.timings_path, {s: 10.0 + i for i, s in enumerate(stages)
                                               if s != "loadtest"})
     return run
 
@@ -250,33 +251,38 @@ def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "d
 def full_report(tmp_path_factory):
     from loralens.report import build_report
 
-    root = tmp_path_factory.mktemp("report") / "run"
-    synthetic_run(root)
-    before = _snapshot(root)
-    path = build_report(RunDir(root))
-    return root, path, before
+    run = synthetic_run(tmp_path_factory.mktemp("report") / "run")
+    before = _snapshot(run)
+    path = build_report(run)
+    return run, path, before
 
 
-def _snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
-            if p.is_file() and "report" not in p.relative_to(root).parts}
+def _snapshot(run: RunDir) -> dict:
+    return {str(p.relative_to(run.root)): p.stat().st_mtime_ns for p in run.root.rglob("*")
+            if p.is_file() and not p.is_relative_to(run.report_dir)}
+
+
+def _drift_json(run: RunDir, name: str) -> dict:
+    from loralens.store import read_json
+
+    return read_json(run.drift_path(name))
 
 
 # --------------------------------------------------------------------------- tests
 
 def test_report_files_and_return_value(full_report):
-    root, path, before = full_report
-    assert path == root / "report" / "report.html" and path.is_file()
-    assert (root / "report" / "report.md").is_file()
-    assert _snapshot(root) == before  # nothing outside report/ touched
-    assert not list((root / "report").rglob(".*"))  # no temporary file left behind
+    run, path, before = full_report
+    assert path == run.report_dir / "report.html" and path.is_file()
+    assert (run.report_dir / "report.md").is_file()
+    assert _snapshot(run) == before  # nothing outside report/ touched
+    assert not list(run.report_dir.rglob(".*"))  # no temporary file left behind
 
 
 def test_markdown_has_every_table_and_number(full_report):
     from loralens.store import read_json
 
-    root, _, _ = full_report
-    md = (root / "report" / "report.md").read_text()
+    run, _, _ = full_report
+    md = (run.report_dir / "report.md").read_text()
     for title in ("Table 1:", "Table 2a:", "Table 2b:", "Table 3:", "Table 4:", "Table 5:",
                   "Table 5b:", "Table 6:", "Provenance", "Wall time per stage", "Sanity check",
                   "Stages of this run"):
@@ -284,17 +290,17 @@ def test_markdown_has_every_table_and_number(full_report):
     # Table 3: mean ± sd over seeds, each seed's value, baseline
     assert "0.8200 ± 0.0100" in md and "0.8500 ± 0.0100" in md and "0.6200 ± 0.0200" in md
     assert "42: 0.8100, 1337: 0.8200, 2024: 0.8300" in md
-    t3 = read_json(root / "drift" / "table3.json")
+    t3 = _drift_json(run, "table3.json")
     c = t3["tasks"][0]["metrics"]["accuracy"]
-    from loralens.report.tables import d_, pval
+    from loralens.report.formatting import d_, pval
     assert pval(c["p"]) in md and d_(c["cohens_d"]) in md
     # Table 1: rows actually used and the drift sample (fewer than requested)
     assert "| sst2 | 640 |" in md and "24 of 40 requested (whole split)" in md
     # Table 2: chosen hyperparameters with their validation score
-    s = read_json(root / "search" / "sst2-lora.json")
+    s = read_json(run.search_path("sst2", "lora"))
     assert f"{s['best']['value']:.4f}" in md and "loguniform [5e-05, 0.005]" in md
     # Table 4: drift means, Delta% with CI, p, all three measures
-    t4 = read_json(root / "drift" / "table4.json")
+    t4 = _drift_json(run, "table4.json")
     m = t4["tasks"][0]["measures"]["cka"]
     assert f"{m['lora']['mean']:.3g} ± {m['lora']['sd']:.3g}" in md
     assert f"{m['delta_percent']:+.1f}%" in md
@@ -303,7 +309,7 @@ def test_markdown_has_every_table_and_number(full_report):
     for label in ("1 − linear CKA (biased)", "1 − linear CKA (debiased)", "1 − mean cosine"):
         assert label in md
     # Table 5: mean latency, overhead vs full, p-value; multi-adapter rows
-    serving = read_json(root / "bench" / "serving.json")
+    serving = read_json(run.serving_path)
     row = next(r for r in serving["comparison"] if r["kind"] == "lora_separate")
     assert f"{row['mean_ms']:.1f} ± {row['sd_ms']:.1f}" in md
     assert f"{row['overhead_vs_full_pct']:+.1f}%" in md and pval(row["p_vs_full"]) in md
@@ -324,8 +330,8 @@ def test_markdown_has_every_table_and_number(full_report):
 def test_figures_are_valid_png_and_svg(full_report):
     from PIL import Image
 
-    root, _, _ = full_report
-    figs = root / "report" / "figures"
+    run, _, _ = full_report
+    figs = run.report_dir / "figures"
     names = sorted(p.stem for p in figs.glob("*.png"))
     assert names == sorted(p.stem for p in figs.glob("*.svg"))
     assert names == ["fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwise-drift",
@@ -339,12 +345,12 @@ def test_figures_are_valid_png_and_svg(full_report):
             assert im.size[0] > 600 and im.size[1] > 300
         tree = ET.parse(figs / f"{name}.svg")
         assert tree.getroot().tag.endswith("svg")
-    md = (root / "report" / "report.md").read_text()
+    md = (run.report_dir / "report.md").read_text()
     assert "![Figure 1: accuracy vs mean drift](figures/fig1-accuracy-vs-drift.png)" in md
 
 
 def test_html_is_self_contained(full_report):
-    root, path, _ = full_report
+    _, path, _ = full_report
     html = path.read_text()
     refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', html)
     assert refs and all(r.startswith(("data:image/png;base64,", "#")) for r in refs)
@@ -368,7 +374,7 @@ def test_partial_run_lists_what_is_missing(tmp_path):
     run.bind_config(cfg)
     write_metrics(run, "sst2", "lora", 42, 0.8125)
     path = build_report(tmp_path / "run")
-    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    md = (run.report_dir / "report.md").read_text()
     html = path.read_text()
     assert "1 of 12 jobs finished" in md
     assert "Drift: not computed yet" in md and "`loralens run --stages drift`" in md
@@ -379,7 +385,7 @@ def test_partial_run_lists_what_is_missing(tmp_path):
     assert "Figures 1, 2, 3 and 5 (accuracy vs drift" in md and "appear once the drift" in md
     # what exists is shown: the one accuracy, the rows used, the model
     assert "0.8125" in md and "| sst2 | 640 |" in md and "not the study's TinyLlama" in md
-    assert not list((tmp_path / "run" / "report" / "figures").glob("*.png"))
+    assert not list((run.report_dir / "figures").glob("*.png"))
     assert "<img" not in html and '<table id="table-3-accuracy">' in html
 
 
@@ -393,12 +399,12 @@ def test_report_of_empty_or_broken_directory(tmp_path):
         build_report(tmp_path / "nope")
     # an unreadable file is reported, not fatal
     run = synthetic_run(tmp_path / "run", stages=("train",))
-    (run.root / "drift").mkdir()
-    (run.root / "drift" / "table4.json").write_text("{not json")
+    run.drift_dir.mkdir()
+    run.drift_path("table4.json").write_text("{not json")
     md = Path(build_report(run)).with_suffix(".md").read_text()
     assert "Unreadable file" in md and "table4.json" in md
     # a metrics.json without validation results (a placeholder): Table 3 says which
-    atomic_write_json(run.job_dir("rte", "lora", 42) / "metrics.json",
+    atomic_write_json(run.metrics_path("rte", "lora", 42),
                       {"task": "rte", "method": "lora", "seed": 42, "note": "untrained"})
     md = Path(build_report(run)).with_suffix(".md").read_text()
     assert "Accuracy: 1 metrics.json without validation results " \
@@ -413,13 +419,13 @@ def test_figures_removed_when_results_go_away(tmp_path):
 
     run = synthetic_run(tmp_path / "run", stages=("train", "extract", "drift"))
     build_report(run)
-    figs = run.root / "report" / "figures"
+    figs = run.report_dir / "figures"
     assert (figs / "fig3-layerwise-drift.png").is_file()
     assert not (figs / "fig4-latency.png").exists()
-    shutil.rmtree(run.root / "drift")
+    shutil.rmtree(run.drift_dir)
     build_report(run)
     assert not (figs / "fig3-layerwise-drift.png").exists()
-    md = (run.root / "report" / "report.md").read_text()
+    md = (run.report_dir / "report.md").read_text()
     assert "Drift: not computed yet" in md
 
 
@@ -429,18 +435,18 @@ def test_one_seed_without_search(tmp_path):
 
     run = synthetic_run(tmp_path / "run", seeds=(42,), search=False)
     build_report(run)
-    md = (run.root / "report" / "report.md").read_text()
+    md = (run.report_dir / "report.md").read_text()
     assert "Search disabled" in md and "(used in training)" in md and "search disabled" in md
     assert "| search | disabled |" in md
     assert "0.8100" in md and "42: 0.8100" in md
     assert "at least 2 paired seeds" in md  # why p, d and the CIs are empty
-    figs = sorted(p.stem for p in (run.root / "report" / "figures").glob("*.png"))
+    figs = sorted(p.stem for p in (run.report_dir / "figures").glob("*.png"))
     assert len(figs) == 6  # Figures 1-5 and the load test's Figure 6
     assert "not computed yet" not in md
 
 
 def test_formatting_helpers():
-    from loralens.report.tables import ci, d_, f, g, pm, pval, seconds, signed_pct
+    from loralens.report.formatting import ci, d_, f, g, pm, pval, seconds, signed_pct
 
     assert f(None) == "–" and f(float("nan")) == "–" and f(0.81234) == "0.8123"
     assert pm(0.82, 0.01) == "0.8200 ± 0.0100" and pm(0.82, None) == "0.8200"

@@ -6,8 +6,10 @@ self-contained page: figures embedded, no network needed) and
 ``RUN_DIR/report/figures/*.png|svg``. A partial run gives a partial report that
 says what is missing and how to produce it; it never fails for lack of results.
 
-Modules: :mod:`.tables` (read the run directory, build table data),
-:mod:`.figures` (draw), :mod:`.render` (compose, write Markdown and HTML).
+Modules, in the order the report is built: :mod:`.run_data` (read the run directory),
+:mod:`.status` (which stages have run), :mod:`.tables` and :mod:`.serving_tables`
+(table data, cells formatted by :mod:`.formatting`), :mod:`.figures` (draw),
+:mod:`.compose` (the sections), :mod:`.render` (write Markdown and HTML).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..store import RunDir, atomic_write_text
+from .compose import compose
 from .figures import draw_all
-from .render import compose, to_html, to_markdown
-from .tables import load_run
+from .render import to_html, to_markdown
+from .run_data import load_run
 
 __all__ = ["build_report"]
 
@@ -28,11 +31,11 @@ def build_report(run: RunDir | str | Path) -> Path:
     Files are written atomically (figures first, the HTML last), so a reader never sees
     half a file. Raises FileNotFoundError only when the directory does not exist.
     """
-    root = Path(run.root if isinstance(run, RunDir) else run)
-    if not root.is_dir():
-        raise FileNotFoundError(f"run directory {root} does not exist")
-    out = root / "report"
-    data = load_run(root)
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    if not run.root.is_dir():
+        raise FileNotFoundError(f"run directory {run.root} does not exist")
+    out = run.report_dir
+    data = load_run(run)
     figures, fig_missing = draw_all(data, out / "figures")
     blocks = compose(data, figures, fig_missing)
     atomic_write_text(out / "report.md", to_markdown(blocks))

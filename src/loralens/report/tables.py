@@ -1,376 +1,21 @@
-"""The report's data: what the run directory holds, read defensively, and the tables.
+"""The study's tables: provenance, data, search, accuracy (Table 3) and drift (Table 4).
 
-:func:`load_run` reads every file the stages write (a missing or unreadable file is
-recorded, never an error); :func:`stage_status` says which stages have run; the
-``table_*`` functions turn the stored results into :class:`Table` objects whose
-cells are already formatted strings, so the Markdown and the HTML show the same
-numbers. A table function returns None when the run holds nothing for it.
-
-Sources (see the writers for the exact fields): ``config.yaml``, ``env.json``,
-``data.json``, ``timings.json`` (store.py, runner.py); ``models/<task>/<method>/
-seed<seed>/metrics.json`` (train.py); ``sanity/*.json`` (sanity.py);
-``search/<task>-<method>.json`` (search.py); ``extract/<task>/manifest.json``
-(extract.py); ``drift/table3.json``, ``table4.json``, ``layers.json`` (drift.py);
-``bench/serving.json`` (serving/bench.py).
+Each ``table_*`` function turns what :func:`run_data.load_run` read into a
+:class:`Table` whose cells are already formatted strings, or returns None when the
+run holds nothing for it yet. The serving tables are in :mod:`.serving_tables`.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
+from .formatting import (DASH, METHODS, MEASURES, Table, ci, d_, f, finite, g, label_counts,
+                         per_seed, pm, pval, seconds, short_list, signed_pct, yesno)
+from .run_data import STAGES, RunData
 
-STAGES = ("sanity", "search", "train", "extract", "drift", "bench", "report")
-METHODS = {"lora": "LoRA", "full": "full FT"}
-KINDS = {"full": "full fine-tuning", "lora_merged": "LoRA merged",
-         "lora_separate": "LoRA separate (PEFT)", "lora_runtime": "LoRA, our runtime"}
-MEASURES = {"cka": "1 − linear CKA (biased)", "cka_debiased": "1 − linear CKA (debiased)",
-            "cosine": "1 − mean cosine"}
-DASH = "–"
 
-
-# --------------------------------------------------------------------------- formatting
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def f(x: Any, digits: int = 4) -> str:
-    """Fixed decimals (accuracy, F1, seconds); a dash for a missing value."""
-    return f"{x:.{digits}f}" if _finite(x) else DASH
-
-
-def g(x: Any, digits: int = 3) -> str:
-    """Significant digits (drift values span orders of magnitude)."""
-    return f"{x:.{digits}g}" if _finite(x) else DASH
-
-
-def d_(x: Any) -> str:
-    """Cohen's d: three significant digits, trailing zeros kept (-3.00, not -3)."""
-    return f"{x:#.3g}".rstrip(".") if _finite(x) else DASH
-
-
-def pm(mean: Any, sd: Any, fmt=f) -> str:
-    if not _finite(mean):
-        return DASH
-    return fmt(mean) + (f" ± {fmt(sd)}" if _finite(sd) else "")
-
-
-def ci(interval: Any, fmt=g) -> str:
-    if not isinstance(interval, (list, tuple)) or len(interval) != 2 \
-            or not all(_finite(v) for v in interval):
-        return ""
-    return f"[{fmt(interval[0])}, {fmt(interval[1])}]"
-
-
-def pval(p: Any) -> str:
-    if not _finite(p):
-        return DASH
-    if p == 0:
-        return "0"
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
-
-
-def yesno(x: Any) -> str:
-    return DASH if x is None else ("yes" if x else "no")
-
-
-def signed_pct(x: Any, digits: int = 1) -> str:
-    if not _finite(x):
-        return DASH
-    text = f"{x:+.{digits}f}%"
-    return "±" + text[1:] if float(text[1:-1]) == 0 else text  # no "-0.0%"
-
-
-def seconds(s: Any) -> str:
-    if not _finite(s):
-        return DASH
-    if s < 1:
-        return f"{s * 1000:.0f} ms" if s >= 0.01 else f"{s * 1000:.2g} ms"
-    if s < 120:
-        return f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.2f} h"
-
-
-def per_seed(values: dict | None, fmt=f) -> str:
-    """``{seed: value}`` as "42: 0.8123, 1337: 0.8200"."""
-    if not values:
-        return DASH
-    items = sorted(((int(k), v) for k, v in values.items()), key=lambda kv: kv[0])
-    return ", ".join(f"{k}: {fmt(v)}" for k, v in items)
-
-
-def label_counts(task: str, counts: dict | None) -> str:
-    if not counts:
-        return DASH
-    try:
-        from ..tasks import get_task
-
-        names = get_task(task).label_names
-    except KeyError:
-        names = ()
-    total = sum(counts.values()) or 1
-    parts = []
-    for k, v in sorted(counts.items(), key=lambda kv: int(kv[0])):
-        name = names[int(k)] if int(k) < len(names) else str(k)
-        parts.append(f"{name} {v} ({100 * v / total:.0f}%)")
-    return ", ".join(parts)
-
-
-# --------------------------------------------------------------------------- loading
-
-@dataclass
-class Table:
-    id: str                         # HTML id, stable (tests and links use it)
-    title: str
-    columns: list[str]
-    rows: list[list[str]]
-    caption: str = ""
-    notes: list[str] = field(default_factory=list)
-    numeric: bool = True            # right-align cells that hold numbers (HTML)
-
-
-@dataclass
-class RunData:
-    root: Path
-    config: dict | None = None
-    env: dict | None = None
-    data: dict | None = None
-    timings: dict | None = None
-    jobs: dict = field(default_factory=dict)       # (task, method, seed) -> metrics.json
-    sanity: list = field(default_factory=list)     # one dict per (task, method)
-    search: dict = field(default_factory=dict)     # (task, method) -> search result
-    extract: dict = field(default_factory=dict)    # task -> manifest
-    table3: dict | None = None
-    table4: dict | None = None
-    layers: list | None = None                     # drift/layers.json rows
-    serving: dict | None = None
-    loadtest: dict | None = None                   # loadtest/loadtest.json
-    problems: list = field(default_factory=list)   # files that exist but could not be read
-    cache: dict = field(default_factory=dict)      # values computed once per report
-
-    # ---- what the study should contain: the config, else what is present
-    @property
-    def tasks(self) -> list[str]:
-        cfg = (self.config or {}).get("tasks")
-        present = sorted({k[0] for k in self.jobs} | set(self.extract))
-        if isinstance(cfg, list) and cfg:
-            return list(cfg) + [t for t in present if t not in cfg]
-        return present
-
-    @property
-    def methods(self) -> list[str]:
-        cfg = (self.config or {}).get("methods")
-        present = sorted({k[1] for k in self.jobs})
-        if isinstance(cfg, list) and cfg:
-            return list(cfg) + [m for m in present if m not in cfg]
-        return present or ["lora", "full"]
-
-    @property
-    def seeds(self) -> list[int]:
-        cfg = (self.config or {}).get("seeds")
-        present = sorted({k[2] for k in self.jobs})
-        if isinstance(cfg, list) and cfg:
-            return list(cfg) + [s for s in present if s not in cfg]
-        return present
-
-    def cfg(self, *keys: str, default: Any = None) -> Any:
-        node: Any = self.config or {}
-        for k in keys:
-            if not isinstance(node, dict) or k not in node:
-                return default
-            node = node[k]
-        return node
-
-    @property
-    def search_enabled(self) -> bool:
-        return bool(self.cfg("search", "enabled", default=True))
-
-    def metric(self, task: str) -> str:
-        try:
-            from ..tasks import get_task
-
-            return get_task(task).metric
-        except KeyError:
-            return "accuracy"
-
-
-def _read(path: Path, problems: list[str], kind: str = "json") -> Any:
-    if not path.is_file():
-        return None
-    try:
-        with open(path) as fh:
-            return json.load(fh) if kind == "json" else yaml.safe_load(fh)
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        problems.append(f"{path.name} ({path.parent}) could not be read: {e}")
-        return None
-
-
-def load_run(root: str | Path) -> RunData:
-    """Everything the report shows, from the run directory alone."""
-    root = Path(root)
-    d = RunData(root)
-    p = d.problems
-    cfg = _read(root / "config.yaml", p, "yaml")
-    d.config = cfg if isinstance(cfg, dict) else None
-    d.env = _read(root / "env.json", p)
-    d.data = _read(root / "data.json", p)
-    d.timings = _read(root / "timings.json", p)
-    for m in sorted(root.glob("models/*/*/seed*/metrics.json")):
-        seed_dir = m.parent
-        try:
-            seed = int(seed_dir.name[4:])
-        except ValueError:
-            continue
-        metrics = _read(m, p)
-        if isinstance(metrics, dict):
-            d.jobs[(seed_dir.parent.parent.name, seed_dir.parent.name, seed)] = metrics
-    for s in sorted(root.glob("sanity/*.json")):
-        r = _read(s, p)
-        if isinstance(r, dict) and "task" in r:
-            d.sanity.append(r)
-    if not d.sanity:  # an older layout: only the collected file
-        collected = _read(root / "sanity.json", p)
-        if isinstance(collected, dict):
-            d.sanity = [r for r in collected.get("results", []) if isinstance(r, dict)]
-    for s in sorted(root.glob("search/*.json")):
-        r = _read(s, p)
-        if isinstance(r, dict) and "task" in r and "method" in r:
-            d.search[(r["task"], r["method"])] = r
-    for man in sorted(root.glob("extract/*/manifest.json")):
-        r = _read(man, p)
-        if isinstance(r, dict):
-            d.extract[man.parent.name] = r
-    d.table3 = _read(root / "drift" / "table3.json", p)
-    d.table4 = _read(root / "drift" / "table4.json", p)
-    layers = _read(root / "drift" / "layers.json", p)
-    d.layers = layers.get("rows") if isinstance(layers, dict) else None
-    d.serving = _read(root / "bench" / "serving.json", p)
-    d.loadtest = _read(root / "loadtest" / "loadtest.json", p)
-    return d
-
-
-# --------------------------------------------------------------------------- stage status
-
-@dataclass
-class Stage:
-    name: str
-    state: str        # "done", "partial", "not run", "disabled"
-    detail: str
-    hint: str = ""    # what to run when something is missing
-
-
-def _hint(stage: str) -> str:
-    return f"run `loralens run` (it resumes) or `loralens run --stages {stage}`"
-
-
-def stage_status(d: RunData) -> list[Stage]:
-    out = []
-    pairs = [(t, m) for t in d.tasks for m in d.methods]
-
-    done = {(r.get("task"), r.get("method")) for r in d.sanity}
-    failed = [f"{r.get('task')}/{r.get('method')}" for r in d.sanity if not r.get("passed")]
-    miss = [f"{t}/{m}" for t, m in pairs if (t, m) not in done]
-    state = "done" if not miss and d.sanity else "partial" if d.sanity else "not run"
-    detail = f"{len(d.sanity)} of {len(pairs)} checks stored"
-    if failed:
-        detail += f"; FAILED: {', '.join(failed)}"
-    if miss and d.sanity:
-        detail += f"; missing {', '.join(miss)}"
-    out.append(Stage("sanity", state, detail, _hint("sanity") if miss else ""))
-
-    if not d.search_enabled:
-        out.append(Stage("search", "disabled", "search.enabled is false: training used the "
-                                               "config's hyperparameters"))
-    else:
-        miss = [f"{t}/{m}" for t, m in pairs if (t, m) not in d.search]
-        state = "done" if not miss else "partial" if d.search else "not run"
-        detail = f"{len(pairs) - len(miss)} of {len(pairs)} task-method searches" + (
-            f"; missing {', '.join(miss)}" if miss and d.search else "")
-        out.append(Stage("search", state, detail, _hint("search") if miss else ""))
-
-    want = [(t, m, s) for t, m in pairs for s in d.seeds]
-    miss = [f"{t}/{m}/seed{s}" for t, m, s in want if (t, m, s) not in d.jobs]
-    state = "done" if want and not miss else "partial" if d.jobs else "not run"
-    detail = f"{len(want) - len(miss)} of {len(want)} jobs finished" + (
-        f"; missing {_short_list(miss)}" if miss and d.jobs else "")
-    out.append(Stage("train", state, detail, _hint("train") if miss or not want else ""))
-
-    miss_t = [t for t in d.tasks if t not in d.extract]
-    unextracted = [f"{t}/{m}-seed{s}" for t, m, s in d.jobs
-                   if t in d.extract and f"{m}-seed{s}" not in d.extract[t].get("models", {})]
-    state = ("not run" if not d.extract else
-             "done" if not miss_t and not unextracted else "partial")
-    detail = ", ".join(f"{t}: {len(man.get('models', {}))} models on {man.get('n_examples', '?')}"
-                       f" examples" for t, man in d.extract.items()) or "nothing extracted"
-    if d.extract and miss_t:
-        detail += f"; tasks not extracted: {', '.join(miss_t)}"
-    if unextracted:
-        detail += f"; finished jobs not extracted: {_short_list(unextracted)}"
-    out.append(Stage("extract", state, detail,
-                     _hint("extract") if miss_t or unextracted else ""))
-
-    if d.table4 is None and d.table3 is None:
-        out.append(Stage("drift", "not run", "no drift/table3.json or drift/table4.json",
-                         _hint("drift")))
-    else:
-        have = {e.get("task") for e in (d.table4 or {}).get("tasks", [])}
-        miss = [t for t in d.tasks if t not in have]
-        stale = _stale_drift(d)
-        detail = f"drift for {len(have)} of {len(d.tasks)} tasks" + (
-            f"; missing {', '.join(miss)}" if miss else "") + (f"; {stale}" if stale else "")
-        out.append(Stage("drift", "partial" if miss or stale else "done", detail,
-                         _hint("drift") if miss or stale else ""))
-
-    if d.serving is None:
-        out.append(Stage("bench", "not run", "no bench/serving.json", _hint("bench")))
-    else:
-        have = set((d.serving.get("tasks") or {}))
-        miss = [t for t in d.tasks if t not in have]
-        checks = d.serving.get("checks") or {}
-        bad = [k for k, ok in checks.items() if not ok]
-        detail = f"{len(have)} of {len(d.tasks)} tasks benchmarked" + (
-            f"; missing {', '.join(miss)}" if miss else "") + (
-            f"; {len(checks) - len(bad)}/{len(checks)} equality checks passed" if checks else "")
-        if bad:
-            detail += f" (FAILED: {'; '.join(bad)})"
-        out.append(Stage("bench", "partial" if miss else "done", detail,
-                         _hint("bench") if miss else ""))
-    return out
-
-
-def _stale_drift(d: RunData) -> str:
-    """Jobs finished after the drift tables were computed (they are not in them)."""
-    counted = set()
-    for e in (d.table3 or {}).get("tasks", []):
-        for c in (e.get("metrics") or {}).values():
-            for m, seeds in (c.get("all_seeds") or {}).items():
-                counted |= {(e.get("task"), m, int(s)) for s in seeds}
-            break
-    if d.table3 is None:
-        return ""
-    later = [f"{t}/{m}/seed{s}" for (t, m, s) in d.jobs if (t, m, s) not in counted]
-    return f"jobs finished after the drift tables: {_short_list(later)}" if later else ""
-
-
-def _short_list(items: list[str], n: int = 6) -> str:
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
-# --------------------------------------------------------------------------- tables
-
-def table_status(stages: list[Stage]) -> Table:
-    rows = [[s.name, s.state, s.detail] for s in stages]
-    return Table("table-status", "Stages of this run", ["Stage", "Status", "Details"], rows)
-
-
-def _model_info(d: RunData) -> tuple[str | None, str | None]:
+def model_info(d: RunData) -> tuple[str | None, str | None]:
+    """(model name, note on its weights) from the stored results, else the config."""
     for src in (*d.jobs.values(), *d.extract.values(), d.serving or {}):
         if src.get("model"):
             return src.get("model"), src.get("model_note")
@@ -387,7 +32,7 @@ def is_packaged_smollm2(name: str | None, note: str | None) -> bool:
 
 
 def table_provenance(d: RunData) -> Table:
-    model, note = _model_info(d)
+    model, note = model_info(d)
     env_entries = d.env if isinstance(d.env, dict) else {}
     last = None
     for stage_name, e in env_entries.items():
@@ -433,7 +78,7 @@ def table_timings(d: RunData) -> Table | None:
     order = [s for s in STAGES if s in t] + [s for s in t if s not in STAGES]
     rows = [[s, seconds(t[s])] for s in order]
     if t:
-        rows.append(["total (stages)", seconds(sum(v for v in t.values() if _finite(v)))])
+        rows.append(["total (stages)", seconds(sum(v for v in t.values() if finite(v)))])
     notes = []
     if train_s:
         notes.append(f"Training loops of the {len(d.jobs)} finished jobs: {seconds(train_s)} "
@@ -489,7 +134,7 @@ def table1(d: RunData) -> Table | None:
                 break
         if man:
             n, req = man.get("n_examples"), man.get("requested")
-            sample = f"{n} of {req} requested" + (" (whole split)" if _finite(n) and _finite(req)
+            sample = f"{n} of {req} requested" + (" (whole split)" if finite(n) and finite(req)
                                                   and n < req else "")
         else:
             sample = "not extracted"
@@ -507,7 +152,7 @@ def table1(d: RunData) -> Table | None:
              "mean tokens after tokenization with the model's tokenizer, "
              f"truncated at max_length {d.cfg('data', 'max_length', default='?')}."]
     for task, man in d.extract.items():
-        if _finite(man.get("n_examples")) and _finite(man.get("requested")) \
+        if finite(man.get("n_examples")) and finite(man.get("requested")) \
                 and man["n_examples"] < man["requested"]:
             notes.append(f"{task}: drift uses {man['n_examples']} validation examples, the whole "
                          f"split, not the {man['requested']} requested.")
@@ -602,18 +247,18 @@ def _accuracy_entries(d: RunData) -> tuple[list[dict], str | None]:
         return d.table3["tasks"], None
     if not d.jobs:
         return [], None
-    bad = [f"models/{t}/{m}/seed{s}/metrics.json" for (t, m, s), j in d.jobs.items()
+    bad = [d.run.metrics_path(t, m, s).relative_to(d.root).as_posix()
+           for (t, m, s), j in d.jobs.items()
            if not isinstance(j.get("validation"), dict) or "accuracy" not in j["validation"]]
     if bad:
-        return [], (f"{len(bad)} metrics.json without validation results ({_short_list(bad, 3)})"
+        return [], (f"{len(bad)} metrics.json without validation results ({short_list(bad, 3)})"
                     "; Table 3 needs every finished job's validation scores — retrain them "
                     "with `loralens train --overwrite`")
     try:  # same code as the drift stage, so the numbers match what it will write
         from ..drift import accuracy_table
-        from ..store import RunDir
 
         tasks = [t for t in d.tasks if any(k[0] == t for k in d.jobs)]
-        return accuracy_table(RunDir(d.root), tasks), (
+        return accuracy_table(d.run, tasks), (
             "computed from metrics.json for this report: the drift stage has not written "
             "drift/table3.json yet")
     except Exception as e:  # noqa: BLE001 - a report shows what it can
@@ -639,7 +284,7 @@ def table3(d: RunData) -> Table | None:
                          f(base.get(metric)),
                          pm(lo.get("mean"), lo.get("sd")), per_seed(seeds.get("lora")),
                          pm(fu.get("mean"), fu.get("sd")), per_seed(seeds.get("full")),
-                         f"{c['difference']:+.4f}" if _finite(c.get("difference")) else DASH,
+                         f"{c['difference']:+.4f}" if finite(c.get("difference")) else DASH,
                          pval(c.get("p")), pval(c.get("p_bonferroni")), d_(c.get("cohens_d")),
                          yesno(c.get("significant"))])
     notes = ["* selection metric of the task. Mean ± sd (ddof 1) over seeds on the whole "
@@ -694,141 +339,3 @@ def table4(d: RunData) -> Table | None:
                  ["Task", "Drift measure", "Examples", "Layers", "LoRA mean ± sd",
                   "Full FT mean ± sd", "Δ% [95% CI]", "p", "p (Bonf.)", "d", "Significant"],
                  rows, notes=notes)
-
-
-def serving_extras(s: dict, task: str, batch: int, kind: str) -> tuple[list, list, list]:
-    """(throughputs, peak memory increases in MB, other-process CPU shares) over seeds."""
-    tp, mem, share = [], [], []
-    for seed in ((s.get("tasks") or {}).get(task) or {}).get("seeds", {}).values():
-        b = (seed.get("batch") or {}).get(str(batch)) or {}
-        k = (b.get("kinds") or {}).get(kind) or {}
-        if _finite(k.get("throughput_rps")):
-            tp.append(k["throughput_rps"])
-        m = (seed.get("memory") or {}).get(kind) or {}
-        if _finite(m.get("peak_increase_mb")):
-            mem.append(m["peak_increase_mb"])
-        if _finite(b.get("other_processes_cpu_share")):
-            share.append(b["other_processes_cpu_share"])
-    return tp, mem, share
-
-
-def _mean(xs: list) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def table5(d: RunData) -> Table | None:
-    s = d.serving or {}
-    comp = s.get("comparison") or []
-    if not comp:
-        return None
-    rows, busy = [], []
-    for r in comp:
-        task, b, kind = r.get("task"), r.get("batch_size"), r.get("kind")
-        tp, mem, share = serving_extras(s, task, b, kind)
-        busy += share
-        rows.append([str(task), str(b), KINDS.get(kind, str(kind)),
-                     f"{r.get('seeds', DASH)} / {r.get('n', DASH)}",
-                     pm(r.get("mean_ms"), r.get("sd_ms"), lambda v: f"{v:.1f}"),
-                     f(r.get("p95_ms"), 1), signed_pct(r.get("overhead_vs_full_pct")),
-                     pval(r.get("p_vs_full")), signed_pct(r.get("overhead_vs_lora_merged_pct")),
-                     f(_mean(tp), 1), f(_mean(mem), 0)])
-    notes = [f"Each request: 'Batch' validation examples; {s.get('warmup', '?')} warm-up "
-             f"requests per model; models served interleaved on {s.get('device', '?')} with "
-             f"{s.get('threads', '?')} threads; latency is one forward pass (tokenization "
-             "excluded), pooled over seeds. p: two-sided Mann-Whitney U on per-request "
-             "latencies vs full fine-tuning. Memory: peak increase while the model loads and "
-             "serves its warm-up requests (mean over seeds)."]
-    if busy:
-        notes.append(f"Other processes used up to {100 * max(busy):.0f}% of the machine's CPU "
-                     "time while requests were timed (shared machine: absolute latencies are "
-                     "noisy; the interleaving keeps the comparison fair).")
-    return Table("table-5-serving", "Table 5: serving latency per strategy",
-                 ["Task", "Batch", "Strategy", "Seeds / requests", "Mean ms ± sd", "p95 ms",
-                  "Overhead vs full FT", "p vs full FT", "Overhead vs merged",
-                  "Throughput (rows/s)", "Peak memory +MB"], rows, notes=notes)
-
-
-MULTI_PATHS = {"runtime": "our runtime", "peft": "PEFT (set_adapter)",
-               "peft_adapter_names": "PEFT (adapter_names)",
-               "merged_single_model": "one merged model (reference)"}
-
-
-def table5_multi(d: RunData) -> Table | None:
-    m = (d.serving or {}).get("multi")
-    if not isinstance(m, dict) or not (m.get("stream") or m.get("mixed")):
-        return None
-    rows = []
-    for p, v in (m.get("stream") or {}).items():
-        rows.append(["round-robin stream (batch 1)", MULTI_PATHS.get(p, p),
-                     pm(v.get("mean_ms"), v.get("sd_ms"), lambda x: f"{x:.1f}"),
-                     f(v.get("p95_ms"), 1), f(v.get("throughput_rps"), 1), DASH,
-                     f(v.get("switch_median_ms"), 3), g(v.get("max_abs_logit_diff_vs_single"), 2),
-                     yesno(v.get("same_predictions"))])
-    mixed = m.get("mixed") or {}
-    for p, v in mixed.items():
-        if not isinstance(v, dict):
-            continue
-        rows.append([f"mixed batches of {mixed.get('batch_size', '?')}", MULTI_PATHS.get(p, p),
-                     pm(v.get("mean_ms"), v.get("sd_ms"), lambda x: f"{x:.1f}"),
-                     f(v.get("p95_ms"), 1), f(v.get("throughput_rps"), 1),
-                     f(v.get("throughput_vs_merged"), 2) + "×", DASH,
-                     g(v.get("max_abs_logit_diff_vs_single"), 2),
-                     yesno(v.get("same_predictions"))])
-    notes = [f"Adapters on one base: {', '.join(m.get('adapters') or [])}"
-             + (" (different tasks)" if m.get("different_tasks") else " (seeds of one task)")
-             + f". Loading one adapter: our runtime {seconds(m.get('runtime_load_adapter_s'))}"
-             + (f", PEFT {seconds(m.get('peft_load_adapter_s'))}"
-                if m.get("peft_load_adapter_s") is not None else "") + "."]
-    if m.get("peft_skipped"):
-        notes.append(f"PEFT paths skipped: {m['peft_skipped']}.")
-    notes.append("Max |Δ logit| against single-adapter inference of the same example; "
-                 f"tolerance {(d.serving or {}).get('tolerance', 1e-5)}.")
-    return Table("table-5-multi", "Table 5b: several adapters on one base model",
-                 ["Workload", "Path", "Mean ms ± sd", "p95 ms", "Throughput (rows/s)",
-                  "Throughput vs merged", "Switch ms (median)", "Max |Δ logit|",
-                  "Same predictions"], rows, notes=notes)
-
-
-LOADTEST_BACKENDS = {"merged": "merged (one model per adapter)",
-                     "peft": "PEFT (separate adapters)", "ours": "our multi-adapter path"}
-
-
-def table6_loadtest(d: RunData) -> Table | None:
-    lt = d.loadtest or {}
-    cells = lt.get("cells") or []
-    if not cells:
-        return None
-    from ..serving.loadtest import crossover_text
-
-    best = {}
-    for c in cells:
-        key = (c.get("adapters"), c.get("clients"))
-        if _finite(c.get("throughput_rps")) and (
-                key not in best or c["throughput_rps"] > best[key]["throughput_rps"]):
-            best[key] = c
-    rows = []
-    order = {b: i for i, b in enumerate(lt.get("backends") or LOADTEST_BACKENDS)}
-    for c in sorted(cells, key=lambda c: (c.get("adapters", 0), c.get("clients", 0),
-                                          order.get(c.get("backend"), 99))):
-        win = best.get((c.get("adapters"), c.get("clients"))) is c
-        rows.append([str(c.get("adapters")), str(c.get("clients")),
-                     LOADTEST_BACKENDS.get(c.get("backend"), str(c.get("backend")))
-                     + (" (best)" if win else ""),
-                     f(c.get("throughput_rps"), 2), f(c.get("p50_ms"), 1), f(c.get("p95_ms"), 1),
-                     f(c.get("p99_ms"), 1), f(c.get("rows_per_batch"), 1),
-                     f"{c.get('requests', DASH)} / {c.get('errors', DASH)}"])
-    m = lt.get("machine") or {}
-    notes = [f"Closed loop on loopback: each client sends one {lt.get('task', '?')} validation "
-             f"example per request and waits for the answer; request i carries example i (the "
-             f"same texts in every cell) to adapter i mod adapters. "
-             f"{lt.get('requests_per_cell', '?')} answered requests per cell after "
-             f"{lt.get('warmup', '?')} untimed ones; latency as the client sees it (HTTP, "
-             f"tokenization, queueing and batching included). Server options: "
-             f"{' '.join(lt.get('server_args') or []) or 'defaults'}; {m.get('cpus', '?')} CPUs, "
-             "client and server on the same machine."]
-    cross = [crossover_text(c) for c in lt.get("crossovers") or [] if c.get("versus")]
-    if cross:
-        notes.append("Crossovers (throughput): " + "; ".join(cross) + ".")
-    return Table("table-6-loadtest", "Table 6: concurrent load, by adapters and clients",
-                 ["Adapters", "Clients", "Server", "Throughput (req/s)", "p50 ms", "p95 ms",
-                  "p99 ms", "Rows per batch", "Requests / errors"], rows, notes=notes)

