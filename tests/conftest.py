@@ -1,4 +1,5 @@
-"""Shared fixtures: the real GLUE files, the embedded SmolLM2, tiny random Llama models."""
+"""Shared fixtures: the real GLUE files, the embedded SmolLM2 (integration tests only), and
+the tiny random models of the unit tests (the registry's ``tiny-random``, built in code)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,18 @@ os.environ.setdefault("LORALENS_CACHE", str(ROOT / ".cache" / "loralens"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Fixtures that load the real SmolLM2: a test that uses them belongs to a tier that says so.
+SMOLLM2_FIXTURES = {"smollm2", "tokenizer"}
+SMOLLM2_TIERS = ("integration", "e2e")
+
+
+def pytest_runtest_setup(item):
+    uses = SMOLLM2_FIXTURES & set(getattr(item, "fixturenames", ()))
+    if uses and not any(item.get_closest_marker(m) for m in SMOLLM2_TIERS):
+        pytest.fail(f"{item.nodeid} uses the SmolLM2 fixture(s) {sorted(uses)} but is not "
+                    "marked integration or e2e: unit tests use tiny_base / tiny_tokenizer",
+                    pytrace=False)
+
 
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
@@ -23,21 +36,39 @@ def glue_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """(resolved model, tokenizer, backbone factory) of the embedded default."""
+    """The embedded default as a ``models.Base`` (integration tests only)."""
     from loralens.config import StudyConfig
-    from loralens.train import load_base
+    from loralens.models import load_base
 
     return load_base(StudyConfig())
 
 
 @pytest.fixture(scope="session")
 def tokenizer(smollm2):
-    return smollm2[1]
+    """SmolLM2's tokenizer (integration tests only; unit tests use ``tiny_tokenizer``)."""
+    return smollm2.tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """The registry's ``tiny-random`` model as a ``models.Base``: a 2-layer, hidden-32
+    random Llama and a byte-level tokenizer (byte b = id 3 + b, BOS 1, EOS = pad 2), built
+    in code into the cache on first use. ``backbone()`` loads the same weights every call."""
+    from loralens.config import ModelConfig
+    from loralens.models import load_base
+
+    return load_base(ModelConfig(name="tiny-random"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_base):
+    return tiny_base.tokenizer
 
 
 @pytest.fixture
 def tiny_backbone():
-    """A tiny randomly initialised Llama (2 layers, hidden 32) with SmolLM2's vocabulary."""
+    """A tiny randomly initialised Llama (2 layers, hidden 32) with SmolLM2's vocabulary size
+    (token ids up to 49151; no tokenizer), seeded: the same weights in every test."""
     from transformers import AutoModel
 
     from loralens.models import tiny_llama_config

@@ -1,4 +1,6 @@
-"""Models: the registry, the packaged-GGUF conversion cache, and the classifier.
+"""Models: the registry, the packaged-GGUF conversion cache, the classifier, and the one
+place models are loaded, made trainable for a method, saved and loaded back (training,
+sanity, search, extraction, the benchmark and the server all use these functions).
 
 The classifier is a causal LM backbone (no LM head) plus a linear head on the
 hidden state of the last *real* token. The last real token is found from the
@@ -10,12 +12,14 @@ separator, so "the token before the first pad id" is the end of sentence 1 and
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.metadata
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,8 +34,8 @@ class ModelNotFound(LookupError):
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    source: str            # "gguf-package" or "hub"
-    ref: str               # hub id, or "<distribution>:<path inside it>"
+    source: str            # "gguf-package", "hub" or "random" (built in code)
+    ref: str               # hub id, "<distribution>:<path inside it>", or a recipe version
     sha256: str | None = None
     note: str = ""
 
@@ -71,6 +75,8 @@ def resolve_model(name: str) -> ResolvedModel:
         entry = REGISTRY[name]
         if entry.source == "gguf-package":
             return ResolvedModel(name, str(convert_packaged_gguf(entry)), entry.note)
+        if entry.source == "random":
+            return ResolvedModel(name, str(build_random_model(entry)), entry.note)
         return ResolvedModel(name, entry.ref, entry.note)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -261,3 +267,200 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     """
     m = attention_mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------- the base model
+
+@dataclass
+class Base:
+    """The base model of a study: where it comes from, its tokenizer, and fresh weights on
+    demand (each call of :meth:`backbone` loads a new copy: training modifies weights)."""
+
+    resolved: ResolvedModel
+    tokenizer: Any
+    trust_remote_code: bool = False
+    revision: str | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.resolved.name
+
+    @property
+    def note(self) -> str:
+        return self.resolved.note
+
+    def backbone(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        return load_backbone(self.resolved, trust_remote_code=self.trust_remote_code,
+                             revision=self.revision, dtype=dtype)
+
+
+def load_base(model_cfg) -> Base:
+    """The base model named by a ``ModelConfig`` (name, revision, trust_remote_code), or
+    by a ``StudyConfig`` (its ``model`` section)."""
+    mc = getattr(model_cfg, "model", model_cfg)
+    resolved = resolve_model(mc.name)
+    tokenizer = load_tokenizer(resolved, trust_remote_code=mc.trust_remote_code,
+                               revision=mc.revision)
+    return Base(resolved, tokenizer, mc.trust_remote_code, mc.revision)
+
+
+# --------------------------------------------------------------------------- methods, save, load
+
+def apply_method(model: CausalLMClassifier, method: str, cfg) -> nn.Module:
+    """Make ``model`` trainable for ``method``: the only place methods differ.
+
+    ``full`` trains every parameter; ``lora`` wraps the classifier with a PEFT LoRA
+    adapter from ``cfg.lora`` (head trained and saved with it, as ``modules_to_save``).
+    """
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lc = cfg.lora
+        peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                              target_modules=list(lc.target_modules), modules_to_save=["score"],
+                              bias="none")
+        return get_peft_model(model, peft_cfg)
+    raise ValueError(f"unknown method {method!r}; use 'lora' or 'full'")
+
+
+def save_trained(model: nn.Module, method: str, out: Path) -> Path:
+    """LoRA: PEFT's adapter format; full: the whole classifier. Both safetensors, and the
+    directory replaced atomically (a kill leaves the old one or the new one)."""
+    from .store import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        if method == "lora":
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                      str(tmp / "model.safetensors"))
+            model.config.save_pretrained(str(tmp))
+            (tmp / "classifier.json").write_text(json.dumps({"num_labels": model.num_labels}))
+    return Path(out)
+
+
+def load_trained(job_dir: Path, backbone: nn.Module, num_labels: int) -> nn.Module:
+    """Rebuild a trained classifier from a job directory (safetensors only), in eval mode."""
+    job_dir = Path(job_dir)
+    model = CausalLMClassifier(backbone, num_labels)
+    if (job_dir / "adapter").is_dir():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(job_dir / "adapter")).eval()
+    from safetensors.torch import load_file
+
+    state = load_file(str(job_dir / "model" / "model.safetensors"))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- tiny random model
+
+TINY_SEED = 0
+_TINY_SPECIALS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 (Llama's layout); byte b is id 3 + b
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, the alphabet of byte-level tokenizers."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    out, shifted = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + shifted)
+            shifted += 1
+    return out
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer built in code (no download): 259 tokens, ``<unk>`` = 0,
+    ``<s>`` (BOS) = 1, ``</s>`` (EOS) = 2, and byte ``b`` of the UTF-8 text = ``3 + b``;
+    no merges, so every text is encodable and its ids are computable by hand. A text
+    gets a BOS in front (``add_special_tokens``), as Llama tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = _byte_chars()
+    vocab = {t: i for i, t in enumerate(_TINY_SPECIALS)}
+    vocab.update({chars[b]: len(_TINY_SPECIALS) + b for b in range(256)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A </s> $B", special_tokens=[("<s>", 1), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def tiny_random_config():
+    """The tiny random model's config: ``tiny_llama_config`` with the byte vocabulary."""
+    return tiny_llama_config(vocab_size=len(_TINY_SPECIALS) + 256, max_position_embeddings=2048)
+
+
+def _tiny_version(entry: ModelEntry) -> str:
+    # The cache directory is named after everything that decides the weights, so a changed
+    # recipe (config, seed, recipe version in entry.ref) builds a new one.
+    config = tiny_random_config().to_dict()
+    config.pop("transformers_version", None)
+    recipe = json.dumps({"ref": entry.ref, "seed": TINY_SEED, "config": config,
+                         "specials": _TINY_SPECIALS}, sort_keys=True, default=str)
+    return f"{entry.ref}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
+
+
+def build_random_model(entry: ModelEntry) -> Path:
+    """Write the tiny random model once into the cache as a safetensors model directory
+    (``cache_root()/models/<name>-<version>``), atomically and under a file lock, like
+    :func:`convert_packaged_gguf`.
+
+    Weights: N(0, initializer_range) for every matrix and 1 for every norm, drawn from one
+    generator seeded with ``TINY_SEED`` in parameter-name order, so they do not depend on
+    transformers' initialisation code.
+    """
+    from filelock import FileLock
+
+    from .store import atomic_dir
+
+    target = cache_root() / "models" / f"{entry.name}-{_tiny_version(entry)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        with atomic_dir(target) as tmp:
+            _write_tiny_random(tmp)
+    return target
+
+
+def _write_tiny_random(out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_random_config()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    g = torch.Generator().manual_seed(TINY_SEED)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):  # tied embeddings appear once
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * config.initializer_range)
+    model.save_pretrained(str(out))
+    tiny_tokenizer().save_pretrained(str(out))
+
+
+REGISTRY["tiny-random"] = ModelEntry(
+    name="tiny-random",
+    source="random",
+    ref="v1",  # recipe version: bump when the recipe above changes in a way the name misses
+    note=("tiny random Llama (2 layers, hidden 32, byte-level tokenizer) for pipeline checks "
+          "and tests: random weights, results meaningless"),
+)

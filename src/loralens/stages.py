@@ -335,6 +335,10 @@ def get_stage(name: str) -> Stage:
 
 def run_stage(stage: Stage, ctx: Context, record: bool = True) -> bool:
     """Run one stage and (``record``) add its wall time to the run directory's timings."""
+    if ctx.cfg.train.threads:  # every stage computes with the same number of threads
+        import torch
+
+        torch.set_num_threads(ctx.cfg.train.threads)
     t0 = time.perf_counter()
     ok = stage.run(ctx)
     if record:

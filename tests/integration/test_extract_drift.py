@@ -25,7 +25,8 @@ from loralens.extract import load_pooled, pooled_hidden_states, run_extract, sam
 from loralens.models import build_classifier
 from loralens.store import RunDir, atomic_write_json, read_json
 from loralens.tasks import get_task
-from loralens.train import load_trained, train_job
+from loralens.models import load_trained
+from loralens.train import train_job
 
 pytestmark = pytest.mark.integration
 
@@ -47,9 +48,9 @@ def fake_full_job(cfg, run, smollm2, lora_metrics: dict) -> None:
     test's time; train_job is exercised by the LoRA job.) Every weight is perturbed a
     little, so every layer differs from the base model.
     """
-    from loralens.train import apply_method, save_trained
+    from loralens.models import apply_method, save_trained
 
-    model = apply_method(build_classifier(smollm2[2](), 2, seed=42), "full", cfg)
+    model = apply_method(build_classifier(smollm2.backbone(), 2, seed=42), "full", cfg)
     g = torch.Generator().manual_seed(42)
     with torch.no_grad():
         for p in model.parameters():
@@ -111,7 +112,7 @@ def test_lora_separate_merged_and_padding_agree(study, smollm2, tokenizer):
     enc = D.encode_split(tokenizer, split, cfg.data.max_length)
     pad = tokenizer.pad_token_id
 
-    model = load_trained(run.job_dir("rte", "lora", 42), smollm2[2](), 2)
+    model = load_trained(run.job_dir("rte", "lora", 42), smollm2.backbone(), 2)
     # The stored file is what this model gives on the stored examples.
     stored, _, _ = load_pooled(folder / "lora-seed42.npz")
     separate = pooled_hidden_states(model, enc, pad, 32)
@@ -128,7 +129,7 @@ def test_lora_separate_merged_and_padding_agree(study, smollm2, tokenizer):
     assert_layers_close(separate, merged, "LoRA separate vs merged")
 
     # Pooling ignores pads: one example per batch, mixed-length batches, padding to 384.
-    base = build_classifier(smollm2[2](), 2, seed=0).eval()
+    base = build_classifier(smollm2.backbone(), 2, seed=0).eval()
     few = D.Encoded(enc.input_ids[:4], enc.labels[:4], enc.ids[:4])
     alone = pooled_hidden_states(base, few, pad, 1)
     assert_layers_close(alone, pooled_hidden_states(base, few, pad, 4, group_by_length=False),

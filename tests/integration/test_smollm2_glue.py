@@ -32,7 +32,7 @@ def test_glue_row_counts(glue_dir, task, split, rows, counts):
 @pytest.fixture(scope="module")
 def base_model(smollm2):
     torch.manual_seed(0)
-    return build_classifier(smollm2[2](), 2, seed=0).eval()
+    return build_classifier(smollm2.backbone(), 2, seed=0).eval()
 
 
 @pytest.mark.parametrize("task", ["sst2", "mrpc", "rte"])

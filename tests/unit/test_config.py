@@ -20,7 +20,68 @@ def test_every_preset_loads_and_validates(name):
 
 
 def test_presets_exist():
-    assert {"smoke"} <= set(preset_names())
+    assert {"micro", "smoke", "quick", "paper"} <= set(preset_names())
+
+
+def _as_config_value(v):
+    # YAML 1.1 reads "5e-4" as a string; the config reads it as a number (parse_override).
+    if isinstance(v, list):
+        return [_as_config_value(x) for x in v]
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_documents_itself(name):
+    """The header gives the command that runs it; every key says its type, its true
+    default and its effect ("# int, default 384: ..."); entries of a mapping say why."""
+    import re
+
+    import yaml
+
+    from loralens.config import preset_path
+
+    text = preset_path(name).read_text()
+    header = text[: text.index("\n" + next(l for l in text.splitlines()
+                                          if l and not l.startswith("#")))]
+    assert f"loralens run --preset {name}" in header
+    defaults, section, keys = StudyConfig().to_dict(), None, 0
+    for n, line in enumerate(text.splitlines(), 1):
+        m = re.match(r"^( *)(\w+):\s*([^#]*?)\s*(#.*)?$", line)
+        if not m:
+            continue
+        indent, key, value, comment = m.groups()
+        if not indent and not value and comment is None:  # a section: model, data, ...
+            section = key
+            continue
+        where = f"{name}.yaml:{n}: {line.strip()}"
+        if len(indent) > 2:  # an entry of a mapping (train_size_per_task)
+            assert comment and comment.strip("# "), where
+            continue
+        doc = re.match(r"#\s*(\S.*?), default (.+?): \S", comment or "")
+        assert doc, f"{where}: no '# type, default X: effect' comment"
+        stated = re.sub(r"\s*\(.*\)$", "", doc.group(2))  # "null (all)" -> "null"
+        default = (defaults if not indent else defaults[section])[key]
+        assert _as_config_value(yaml.safe_load(stated)) == default, f"{where}: default"
+        keys += 1
+    assert keys > 0
+
+
+def test_micro_preset_is_every_stage_on_the_tiny_random_model():
+    cfg, default = load_config("micro"), StudyConfig()
+    assert cfg.model.name == "tiny-random"
+    assert cfg.tasks == default.tasks and cfg.methods == default.methods
+    assert len(cfg.seeds) == 2  # the fewest paired statistics take
+    assert cfg.search.enabled and cfg.search.trials == 2
+    assert cfg.data.train_size == cfg.data.early_stop_size == 16
+    assert cfg.search.train_size == cfg.search.eval_size == 16
+    assert cfg.train.epochs == 1 and cfg.search.epochs == [1]
+    assert cfg.extract.examples == 16
+    assert cfg.bench.requests == 4 and cfg.bench.warmup == 1
 
 
 def test_layering_order(tmp_path):

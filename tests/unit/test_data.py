@@ -93,10 +93,18 @@ def test_collate_right_pads_with_given_id():
         D.collate([[1, 2, 3]], pad_id=2, pad_to=2)
 
 
-def test_pair_encoding_uses_eos_separator_and_truncates(tokenizer):
-    ids = D.encode_texts(tokenizer, ("the cat sat", "a dog ran"), max_length=384)
-    a = tokenizer("the cat sat")["input_ids"]
-    b = tokenizer("a dog ran", add_special_tokens=False)["input_ids"]
-    assert ids == a + [tokenizer.eos_token_id] + b
-    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # pad == EOS == separator
-    assert D.encode_texts(tokenizer, ("the cat sat", "a dog ran"), max_length=3) == ids[:3]
+def test_pair_encoding_uses_eos_separator_and_truncates(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = D.encode_texts(tok, ("the cat sat", "a dog ran"), max_length=384)
+    a = tok("the cat sat")["input_ids"]
+    b = tok("a dog ran", add_special_tokens=False)["input_ids"]
+    assert ids == a + [tok.eos_token_id] + b
+    assert tok.pad_token_id == tok.eos_token_id  # pad == EOS == separator
+    # By hand (tiny-random's tokenizer: BOS = 1, EOS = 2, byte b = 3 + b): the first
+    # sentence gets the BOS, the separator is EOS, the second sentence no BOS.
+    assert ids == ([1] + [3 + c for c in b"the cat sat"] + [2]
+                   + [3 + c for c in b"a dog ran"])
+    assert D.encode_texts(tok, ("the cat sat", "a dog ran"), max_length=3) == ids[:3]
+    # Truncation cuts sentence 2 first: 1 BOS + 11 bytes + EOS + 2 bytes of sentence 2.
+    assert D.encode_texts(tok, ("the cat sat", "a dog ran"), max_length=15) == ids[:15] \
+        == [1] + [3 + c for c in b"the cat sat"] + [2, 3 + ord("a"), 3 + ord(" ")]

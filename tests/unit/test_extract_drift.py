@@ -1,4 +1,4 @@
-"""Extraction (tiny random Llama) and the drift stage (synthetic arrays, no model)."""
+"""Extraction (tiny random Llamas) and the drift stage (synthetic arrays, no model)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ from loralens.config import StudyConfig, load_config
 from loralens.drift import (LAYER_COLUMNS, TABLE3_COLUMNS, TABLE4_COLUMNS, compare, run_drift)
 from loralens.extract import (BASE_KEY, job_fingerprint, load_pooled, load_task, model_key,
                               pooled_hidden_states, run_extract, sample_split, save_pooled)
-from loralens.models import ResolvedModel, build_classifier, tiny_llama_config
+from loralens.models import apply_method, build_classifier, save_trained, tiny_llama_config
 from loralens.store import RunDir, RunDirError, atomic_write_json
-from loralens.train import apply_method, save_trained
 
 EOS = 2
 
@@ -92,18 +91,17 @@ def make_job(run, task, method, seed, make_backbone, cfg):
 
 
 @pytest.fixture
-def tiny_study(tmp_path, tokenizer):
+def tiny_study(tmp_path, tiny_base):
     glue = write_glue(tmp_path / "glue")
     cfg = load_config(overrides={"tasks": ["sst2", "rte"], "seeds": [1],
+                                 "model": {"name": "tiny-random"},
                                  "data": {"glue_dir": str(glue), "max_length": 64}})
     run = RunDir(tmp_path / "run")
     run.bind_config(cfg)
-    make = tiny_factory()
-    base = (ResolvedModel("tiny", "none", "tiny random Llama (test)"), tokenizer, make)
     for task in cfg.tasks:
         for method in ("lora", "full"):
-            make_job(run, task, method, 1, make, cfg)
-    return cfg, run, base
+            make_job(run, task, method, 1, tiny_base.backbone, cfg)
+    return cfg, run, tiny_base
 
 
 # --------------------------------------------------------------------------- pooling

@@ -1,4 +1,5 @@
-"""Classifier, methods and the training loop on tiny random Llama models."""
+"""Classifier, methods and the training loop on tiny random Llama models; the registry's
+tiny-random model itself."""
 
 from dataclasses import replace
 
@@ -8,8 +9,9 @@ import torch
 
 from loralens import data as D
 from loralens.config import StudyConfig
-from loralens.models import CausalLMClassifier, build_classifier, last_token_index, masked_mean
-from loralens.train import apply_method, evaluate, fit, load_trained, save_trained
+from loralens.models import (CausalLMClassifier, apply_method, build_classifier,
+                             last_token_index, load_trained, masked_mean, save_trained)
+from loralens.train import evaluate, fit
 
 EOS = 2
 
@@ -179,3 +181,59 @@ def test_early_stopping_restores_best(tiny_backbone):
     # two evaluations without improvement, then stop
     assert losses.index(min(losses)) == len(losses) - 3
     assert evaluate(model, val, EOS)["loss"] == pytest.approx(min(losses), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- tiny-random
+
+def test_tiny_random_is_built_once_and_the_same_everywhere(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from loralens.models import resolve_model
+
+    monkeypatch.setenv("LORALENS_CACHE", str(tmp_path / "a"))
+    r = resolve_model("tiny-random")
+    path = Path(r.path)
+    assert path.parent == tmp_path / "a" / "models" and path.name.startswith("tiny-random-")
+    assert "tiny random" in r.note and "meaningless" in r.note
+    # Written atomically: the model directory and its lock, no temporary directory left.
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".lock"]
+    files = {p.name: p.read_bytes() for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+    # Built once: a second resolve reuses the directory.
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model("tiny-random") == r
+    assert (path / "model.safetensors").stat().st_mtime_ns == mtime
+    # Deterministic: built in another cache (another machine), the same name and bytes.
+    monkeypatch.setenv("LORALENS_CACHE", str(tmp_path / "b"))
+    other = Path(resolve_model("tiny-random").path)
+    assert other.name == path.name
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == files
+
+
+def test_tiny_random_model_and_tokenizer(tiny_base):
+    assert tiny_base.name == "tiny-random" and "meaningless" in tiny_base.note
+    tok = tiny_base.tokenizer
+    assert len(tok) == 259
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
+    # Byte-level, no merges: a BOS, then byte b of the UTF-8 text as id 3 + b.
+    text = "Ünïcode café,\t tabs  and spaces"
+    ids = tok(text)["input_ids"]
+    assert ids == [1] + [3 + b for b in text.encode("utf-8")]
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    bb, again = tiny_base.backbone(), tiny_base.backbone()
+    c = bb.config
+    assert (c.hidden_size, c.num_hidden_layers, c.vocab_size, c.model_type) == (32, 2, 259,
+                                                                                "llama")
+    assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (1, 2, 2)
+    # Every call loads the same weights, as a fresh copy (training modifies weights).
+    pairs = list(zip(bb.named_parameters(), again.named_parameters()))
+    assert all(n == m and torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+               for (n, p), (m, q) in pairs)
+    # Norms 1; matrices N(0, initializer_range = 0.02).
+    for n, p in bb.named_parameters():
+        if n.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), n
+    emb = bb.embed_tokens.weight
+    assert emb.shape == (259, 32)
+    assert emb.std().item() == pytest.approx(0.02, rel=0.05)
+    assert abs(emb.mean().item()) < 1e-3

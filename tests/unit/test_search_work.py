@@ -1,4 +1,4 @@
-"""Search (Optuna TPE on SQLite) and the job queue, on tiny random Llama models."""
+"""Search (Optuna TPE on SQLite) and the job queue, on the tiny random Llama (tiny-random)."""
 
 import os
 import subprocess
@@ -45,24 +45,11 @@ def test_spaces_are_the_studys():
     assert with_overrides(rank16, suggest(study.ask(), "lora", rank16)).lora.r == 16
 
 
-@pytest.fixture
-def tiny_base(tokenizer):
-    """(resolved, tokenizer, factory) with a tiny random Llama instead of SmolLM2."""
-    import torch
-    from transformers import AutoModel
-
-    from loralens.models import ResolvedModel, tiny_llama_config
-
-    def make():
-        torch.manual_seed(0)
-        return AutoModel.from_config(tiny_llama_config(), dtype=torch.float32)
-
-    return ResolvedModel("tiny", "tiny", "tiny random Llama"), tokenizer, make
-
-
+# tiny_base (conftest): the registry's tiny-random model, a stand-in for SmolLM2.
 def search_cfg(glue_dir, trials=4, extra=()):
     return load_config(overrides=[
-        f"data.glue_dir={glue_dir}", f"search.trials={trials}", "search.startup_trials=2",
+        "model.name=tiny-random", f"data.glue_dir={glue_dir}", f"search.trials={trials}",
+        "search.startup_trials=2",
         "search.train_size=16", "search.eval_size=16", "search.epochs=[1]",
         "data.max_length=32", "search.prune=false", *extra])
 
@@ -84,7 +71,9 @@ def test_one_persistent_study_with_exactly_n_trials_and_resume(tmp_path, glue_di
                       progress=False)
     assert more["counts"]["COMPLETE"] == 6
     assert [t["params"] for t in more["trials"][:4]] == [t["params"] for t in res["trials"]]
-    assert more["overrides"]["lora"]["r"] == 8
+    # The rank is the config's, never the search's (search keeps lora.r).
+    assert "r" not in more["overrides"]["lora"]
+    assert with_overrides(cfg, more["overrides"]).lora.r == cfg.lora.r == 8
 
 
 def test_two_threads_complete_exactly_n_trials(tmp_path, glue_dir, tiny_base):
