@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import numpy as np
 
 from loralens.similarity import cka_against_base
+from loralens.timing import time_interleaved
 
 
 def make_task(n: int, layers: int, d: int, n_models: int, seed: int = 0):
@@ -83,15 +82,6 @@ def per_pair_feature_space(base: np.ndarray, models: list[np.ndarray]) -> np.nda
     return out
 
 
-def timed(fn, repeats: int):
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return result, times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
@@ -108,14 +98,17 @@ def main() -> None:
         f"task: n={n} examples, d={d} features, {layers} layers, "
         f"{n_models} models + base (float32 input)"
     )
-    print(f"repeats: {repeats} per method, median reported")
+    print(f"repeats: {repeats} per method, interleaved, median reported")
     # Timings are only meaningful on an otherwise idle machine.
     print(f"load average before timing: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
-    fast, fast_t = timed(lambda: cka_against_base(base, models), repeats)
-    slow, slow_t = timed(lambda: per_pair_feature_space(base, models), repeats)
+    sides = {"fast": lambda: cka_against_base(base, models),
+             "slow": lambda: per_pair_feature_space(base, models)}
     if not args.no_f64:
-        f64, f64_t = timed(lambda: cka_against_base(base, models, gram_dtype="float64"), repeats)
+        sides["f64"] = lambda: cka_against_base(base, models, gram_dtype="float64")
+    timed = time_interleaved(sides, repeats=repeats, keep="last")
+    fast, slow = timed.results["fast"][0], timed.results["slow"][0]
+    fast_t, slow_t = timed.seconds["fast"], timed.seconds["slow"]
 
     diff = float(np.max(np.abs(fast - slow)))
     # Arithmetic ceiling: per pair the baseline does Y^T X (2 n d^2 flops) and two
@@ -127,15 +120,16 @@ def main() -> None:
     print("fast path (base Gram once per layer) s:", " ".join(f"{t:.3f}" for t in fast_t))
     print("per-pair feature space s:             ", " ".join(f"{t:.3f}" for t in slow_t))
     if not args.no_f64:
+        f64 = timed.results["f64"][0]
         d64 = float(np.max(np.abs(f64 - slow)))
         print(
-            f"fast path with float64 Grams: median {statistics.median(f64_t):.2f} s, "
-            f"{statistics.median(slow_t) / statistics.median(f64_t):.1f}x the baseline, "
+            f"fast path with float64 Grams: median {timed.median('f64'):.2f} s, "
+            f"{timed.median('slow') / timed.median('f64'):.1f}x the baseline, "
             f"max |diff| {d64:.1g} (float32 Grams vs float64: "
             f"{float(np.max(np.abs(fast - f64))):.1g})"
         )
     assert diff <= 1e-6, f"fast path and baseline disagree: max |diff| = {diff:.3g}"
-    fast_med, slow_med = statistics.median(fast_t), statistics.median(slow_t)
+    fast_med, slow_med = timed.median("fast"), timed.median("slow")
     print(
         f"speedup: {slow_med / fast_med:.1f}x (fast median {fast_med:.2f} s, "
         f"per-pair feature-space median {slow_med:.2f} s, max |diff| {diff:.1g})"

@@ -7,7 +7,8 @@ On SST-2 validation rows with the embedded SmolLM2 (float32, CPU or GPU), runs
     its longest member (what ``loralens extract`` does);
 (b) every batch padded to 384 tokens (the study's published code).
 
-Same model, same batch size (32), runs of (a) and (b) alternating. SST-2's
+Same model, same batch size (32), runs of (a) and (b) interleaved
+(``loralens.timing.time_interleaved``). SST-2's
 validation sentences average 23 SmolLM2 tokens (max 59), so (b) spends about 94%
 of its compute on pad positions (and attention grows with the square of the
 width). (b) is timed on a subset (its cost per example does not depend on which
@@ -26,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,34 +35,11 @@ import torch
 from loralens import data as D
 from loralens.config import StudyConfig
 from loralens.extract import pooled_hidden_states, sample_split
-from loralens.models import build_classifier
+from loralens.models import build_classifier, load_base
 from loralens.tasks import get_task
-from loralens.train import load_base
+from loralens.timing import time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def interleaved(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
-    """Run each function ``repeats`` times, alternating between them (so a change in the
-    machine's load hits both alike); median wall and CPU seconds, and the last result."""
-    wall = {k: [] for k in fns}
-    cpu = {k: [] for k in fns}
-    out = {}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            sync()
-            t0, c0 = time.perf_counter(), time.process_time()
-            out[k] = fn()
-            sync()
-            wall[k].append(time.perf_counter() - t0)
-            cpu[k].append(time.process_time() - c0)
-    med = lambda d: {k: statistics.median(v) for k, v in d.items()}  # noqa: E731
-    return med(wall), med(cpu), out
 
 
 def main() -> None:
@@ -81,9 +57,10 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     os.environ.setdefault("LORALENS_CACHE", str(ROOT / ".cache" / "loralens"))
 
-    resolved, tokenizer, make_backbone = load_base(StudyConfig())
+    base = load_base(StudyConfig())
+    tokenizer = base.tokenizer
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_classifier(make_backbone(), 2, seed=0).to(device).eval()
+    model = build_classifier(base.backbone(), 2, seed=0).to(device).eval()
     split = D.load_split(get_task("sst2"), "validation", args.glue_dir)
     dyn_split = sample_split(split, n_dyn, 0)
     enc = D.encode_split(tokenizer, dyn_split, 384)
@@ -92,18 +69,19 @@ def main() -> None:
                                                    replace=False))
     enc_pad = D.Encoded([enc.input_ids[i] for i in pick], enc.labels[pick], enc.ids[pick])
     pad_id = tokenizer.pad_token_id
-    print(f"model {resolved.name} ({resolved.note}); device {device}, "
+    print(f"model {base.name} ({base.note}); device {device}, "
           f"{torch.get_num_threads()} threads, batch {args.batch_size}, {repeats} repeat(s)")
     print(f"SST-2 validation: dynamic {len(enc)} rows (mean {enc.lengths.mean():.1f} tokens, "
           f"max {enc.lengths.max()}), padded-to-384 {len(enc_pad)} rows")
 
     pooled_hidden_states(model, enc_pad, pad_id, 4)  # warm-up (allocator, kernels)
-    wall, cpu, out = interleaved({
+    timed = time_interleaved({
         "dynamic": lambda: pooled_hidden_states(model, enc, pad_id, args.batch_size),
         "padded": lambda: pooled_hidden_states(model, enc_pad, pad_id, args.batch_size,
-                                               pad_to=384)}, repeats)
-    dyn, pad = out["dynamic"], out["padded"]
-    t_dyn, t_pad = wall["dynamic"], wall["padded"]
+                                               pad_to=384)}, repeats=repeats, device=device,
+        keep="last")
+    dyn, pad = timed.results["dynamic"][0], timed.results["padded"][0]
+    t_dyn, t_pad = timed.median("dynamic"), timed.median("padded")
 
     a = dyn[pick]
     worst = 0.0
@@ -119,7 +97,8 @@ def main() -> None:
           f"(median {t_dyn:.2f} s for {len(enc)})")
     print(f"padding to 384:                 {pad_rate:8.1f} examples/s "
           f"(median {t_pad:.2f} s for {len(enc_pad)})")
-    cpu_ratio = (len(enc) / cpu["dynamic"]) / (len(enc_pad) / cpu["padded"])
+    cpu_ratio = ((len(enc) / timed.median_cpu("dynamic"))
+                 / (len(enc_pad) / timed.median_cpu("padded")))
     print(f"per CPU second (less sensitive to other jobs on the cores): {cpu_ratio:.1f}x")
     print(f"extraction throughput ratio (dynamic / padded to 384): {dyn_rate / pad_rate:.1f}x")
 

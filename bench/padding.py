@@ -2,11 +2,14 @@
 
 Both sides train the same LoRA classifier (SmolLM2-135M, float32, CPU) on the SAME
 real GLUE training batches (drawn by the length-grouped sampler, so the rows and the
-real tokens per batch are identical); only the padding differs. Throughput is real
-(non-pad) tokens per second of forward + backward + optimizer step, median over
-timed steps after one warm-up step. The first batch's loss is compared between the
-two paddings to show the results are the same (tests/integration checks logits and
-every layer's pooled state).
+real tokens per batch are identical); only the padding differs. Each side has its own
+copy of the model and optimizer; after one untimed warm-up step each, their steps are
+interleaved (``loralens.timing.time_interleaved``: one step of each side in turn, so a
+change of the machine's load hits both alike; the dynamic side, being cheaper, runs
+more steps, alone once the padded side's are done). Throughput is real (non-pad)
+tokens per second of forward + backward + optimizer step, median over the timed
+steps. The first batch's loss is compared between the two paddings to show the
+results are the same (tests/integration checks logits and every layer's pooled state).
 
     python bench/padding.py [--tasks sst2 rte] [--batch-size 8] [--steps 3]
 
@@ -20,36 +23,32 @@ import copy
 import os
 import statistics
 import sys
-import time
-from dataclasses import replace
 
 import numpy as np
 import torch
 
 from loralens import data as D
 from loralens.config import StudyConfig
-from loralens.models import build_classifier
-from loralens.train import apply_method, load_base, prepare_task
+from loralens.models import apply_method, build_classifier, load_base
+from loralens.timing import time_interleaved
+from loralens.train import prepare_task
 
 
-def time_steps(model, enc, batches, pad_id, pad_to, lr=1e-4):
-    """Per-step seconds (after one warm-up step) and the first batch's loss."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+def trainer(model, lr=1e-4):
+    """One training step on a batch (forward, backward, clipping, AdamW); returns the loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
     model.train()
-    times, first_loss = [], None
-    for i, b in enumerate(D.iter_batches(enc, batches, pad_id, pad_to)):
-        t0 = time.perf_counter()
+
+    def step(b: D.Batch) -> float:
         out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.3)
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        if i == 0:
-            first_loss = float(out.loss.detach())
-        else:
-            times.append(dt)
-    return times, first_loss
+        return float(out.loss.detach())
+
+    return step
 
 
 def main() -> None:
@@ -66,35 +65,37 @@ def main() -> None:
     cfg = StudyConfig()
     cfg.data.glue_dir = args.glue_dir
     cfg.data.train_size = 2000
-    _, tok, make_backbone = load_base(cfg)
-    backbone = make_backbone()
+    base = load_base(cfg)
+    backbone = base.backbone()
     ratios = {}
+    steps = {"dynamic": (None, args.dynamic_steps), "pad384": (384, args.steps)}
     for task in args.tasks:
-        p = prepare_task(cfg, task, tok)
+        p = prepare_task(cfg, task, base.tokenizer)
         batches = D.train_batches(p.train.lengths, args.batch_size, seed=0)
-        n = max(args.steps, args.dynamic_steps) + 1
-        batches = batches[:n]
+        batches = batches[:max(args.steps, args.dynamic_steps) + 1]
         torch.manual_seed(0)
-        base = apply_method(build_classifier(copy.deepcopy(backbone), p.task.num_labels, 0),
-                            "lora", replace(cfg))
-        init = copy.deepcopy(base.state_dict())
+        model = apply_method(build_classifier(copy.deepcopy(backbone), p.task.num_labels, 0),
+                             "lora", cfg)
+        step, padded, loss0 = {}, {}, {}
+        for name, (pad_to, n) in steps.items():
+            step[name] = trainer(copy.deepcopy(model))  # same initial weights on each side
+            padded[name] = list(D.iter_batches(p.train, batches[:n + 1], p.pad_id, pad_to))
+            loss0[name] = step[name](padded[name][0])   # the untimed warm-up step
+        timed = time_interleaved(step, {k: v[1:] for k, v in padded.items()})
         res = {}
-        for name, pad_to, steps in (("dynamic", None, args.dynamic_steps),
-                                    ("pad384", 384, args.steps)):
-            base.load_state_dict(init)
-            bs = batches[: steps + 1]
-            times, loss0 = time_steps(base, p.train, bs, p.pad_id, pad_to)
-            real = [sum(len(p.train.input_ids[i]) for i in b) for b in bs[1:]]
-            tps = [r / t for r, t in zip(real, times)]
-            res[name] = (statistics.median(tps), loss0,
-                         np.mean([max(len(p.train.input_ids[i]) for i in b) for b in bs[1:]]))
-            print(f"{task} {name:8s}: median {res[name][0]:8.1f} real tokens/s over "
-                  f"{len(times)} steps (batch {args.batch_size}, mean width "
-                  f"{res[name][2] if pad_to is None else 384:.0f}), first-batch loss "
-                  f"{loss0:.6f}", flush=True)
-        diff = abs(res["dynamic"][1] - res["pad384"][1])
+        for name, (pad_to, n) in steps.items():
+            real = [sum(len(p.train.input_ids[i]) for i in b) for b in batches[1:n + 1]]
+            tps = [r / t for r, t in zip(real, timed.seconds[name])]
+            width = np.mean([max(len(p.train.input_ids[i]) for i in b) for b in batches[1:n + 1]])
+            res[name] = statistics.median(tps)
+            print(f"{task} {name:8s}: median {res[name]:8.1f} real tokens/s over "
+                  f"{len(tps)} steps (batch {args.batch_size}, mean width "
+                  f"{width if pad_to is None else 384:.0f}), first-batch loss "
+                  f"{loss0[name]:.6f}", flush=True)
+        del step, padded, model
+        diff = abs(loss0["dynamic"] - loss0["pad384"])
         print(f"{task}: |loss difference| on the first batch {diff:.2e}")
-        ratios[task] = res["dynamic"][0] / res["pad384"][0]
+        ratios[task] = res["dynamic"] / res["pad384"]
         print(f"{task}: dynamic/pad384 throughput ratio {ratios[task]:.1f}x", flush=True)
     goals = {"sst2": 10, "rte": 3}
     print("ratio (dynamic length-grouped vs pad to 384, real tokens/s): " + ", ".join(

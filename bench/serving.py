@@ -61,18 +61,16 @@ import gc
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from loralens import data as D
 from loralens.config import StudyConfig
-from loralens.models import CausalLMClassifier, build_classifier
+from loralens.models import CausalLMClassifier, apply_method, build_classifier, load_base
 from loralens.serving import MultiLoraClassifier
-from loralens.serving.bench import CpuContention
 from loralens.tasks import get_task
-from loralens.train import apply_method, load_base
+from loralens.timing import CpuContention, time_interleaved
 
 N_ADAPTERS = 8
 
@@ -107,33 +105,13 @@ def make_adapters(pristine, out: Path, n: int) -> list[Path]:
     return dirs
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def interleaved(fns: dict, requests: list, repeats: int, warmup: int = 3):
-    """Per repeat, per model: list of per-request seconds (models rotated per request)."""
-    names = list(fns)
+def interleaved(fns: dict, requests: list | None, repeats: int, warmup: int = 3) -> list[dict]:
+    """Per repeat, per model: list of per-request seconds (models rotated per request;
+    ``requests=None``: the models are called without arguments, ``repeats`` times)."""
     with torch.inference_mode():
-        for f in fns.values():
-            for r in requests[:warmup]:
-                f(r)
-        out = []
-        for _ in range(repeats):
-            lat = {k: [] for k in names}
-            gc.collect()
-            gc.disable()
-            try:
-                for i, r in enumerate(requests):
-                    for j in range(len(names)):
-                        k = names[(i + j) % len(names)]
-                        lat[k].append(timed(lambda: fns[k](r)))
-            finally:
-                gc.enable()
-            out.append(lat)
-    return out
+        timed = time_interleaved(fns, requests, repeats=repeats, warmup=warmup)
+    n = len(requests) if requests is not None else 1
+    return [{k: v[r * n:(r + 1) * n] for k, v in timed.seconds.items()} for r in range(repeats)]
 
 
 def ratio_stats(runs: list[dict], num: str, den: str) -> tuple[float, float]:
@@ -168,14 +146,14 @@ def profile_parts(merged, ours, peft, x, m, repeats: int) -> None:
         return ours.backbone(input_ids=x, attention_mask=m, use_cache=False)
 
     parts = {
-        "merged backbone": lambda _: merged.backbone(input_ids=x, attention_mask=m, use_cache=False),
-        "ours backbone, adapter off (wrappers only)": lambda _: ours_base_only(),
-        "ours backbone, adapter on": lambda _: ours_backbone(),
-        "ours full request (+ pooling, head)": lambda _: ours(x, m, "a0"),
-        "merged full request": lambda _: merged(input_ids=x, attention_mask=m),
-        "PEFT full request": lambda _: peft(input_ids=x, attention_mask=m),
+        "merged backbone": lambda: merged.backbone(input_ids=x, attention_mask=m, use_cache=False),
+        "ours backbone, adapter off (wrappers only)": ours_base_only,
+        "ours backbone, adapter on": ours_backbone,
+        "ours full request (+ pooling, head)": lambda: ours(x, m, "a0"),
+        "merged full request": lambda: merged(input_ids=x, attention_mask=m),
+        "PEFT full request": lambda: peft(input_ids=x, attention_mask=m),
     }
-    runs = interleaved(parts, [None] * 10, repeats)
+    runs = interleaved(parts, None, 10 * repeats)
     base = median_ms(runs, "merged backbone")
     print(f"\nbreakdown at batch 1 ({x.shape[1]} tokens), median ms over {10 * repeats} calls:")
     for k in parts:
@@ -191,12 +169,58 @@ def profile_parts(merged, ours, peft, x, m, repeats: int) -> None:
     mod = ours.wrapped["layers.0.self_attn.q_proj"]
     h = torch.randn(1, x.shape[1], mod.in_features)
     with torch.inference_mode():
-        lin = statistics.median(timed(lambda: torch.nn.functional.linear(h, mod.weight))
-                                for _ in range(2000))
-        full = statistics.median(timed(lambda: mod(h)) for _ in range(2000))
+        calls = time_interleaved({"linear": lambda: torch.nn.functional.linear(h, mod.weight),
+                                  "lora": lambda: mod(h)}, repeats=2000, warmup=10)
+    lin, full = calls.median("linear"), calls.median("lora")
     print(f"  one q_proj call: F.linear {lin * 1e6:.1f} us, with the LoRA step {full * 1e6:.1f} us "
           f"(x {len(ours.wrapped)} projections = {(full - lin) * len(ours.wrapped) * 1e3:.2f} ms "
           "per forward)")
+
+
+def load_models(pristine, names: list[str]):
+    """(merged a0, PEFT with a0, PEFT with every adapter, ours with every adapter), each on
+    its own copy of the base weights, from random adapters saved and read back."""
+    from peft import PeftModel
+
+    def fresh():
+        return CausalLMClassifier(copy.deepcopy(pristine), 2)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = make_adapters(pristine, Path(tmp), len(names))
+        merged = PeftModel.from_pretrained(fresh(), str(dirs[0])).merge_and_unload().eval()
+        peft1 = PeftModel.from_pretrained(fresh(), str(dirs[0])).eval()
+        peft8 = PeftModel.from_pretrained(fresh(), str(dirs[0]), adapter_name=names[0])
+        for nm, d in zip(names[1:], dirs[1:]):
+            peft8.load_adapter(str(d), adapter_name=nm)
+        peft8.eval()
+        ours = MultiLoraClassifier(copy.deepcopy(pristine))
+        for nm, d in zip(names, dirs):
+            ours.add_adapter(nm, d)
+    return merged, peft1, peft8, ours
+
+
+def print_results(runs1, runs8, c1, c8, n_one: int, n_eight: int, repeats: int) -> None:
+    """Medians, paired ratios and the goals; the ratios on the last line."""
+    ours1, ours1_pair = ratio_stats(runs1, "ours", "merged")
+    peft1_r, peft1_pair = ratio_stats(runs1, "peft", "merged")
+    ours8, ours8_pair = ratio_stats(runs8, "merged", "ours")  # throughput = inverse time
+    peft8_r, peft8_pair = ratio_stats(runs8, "merged", "peft")
+    print(f"\n(a) batch 1, median latency: merged {median_ms(runs1, 'merged'):.1f} ms, "
+          f"ours {median_ms(runs1, 'ours'):.1f} ms, PEFT {median_ms(runs1, 'peft'):.1f} ms "
+          f"({n_one} requests x {repeats} repeats; other processes used "
+          f"{(c1.share or 0) * 100:.0f}% of the CPUs)")
+    print(f"(b) batch of 8 over 8 adapters, median batch latency: one merged model "
+          f"{median_ms(runs8, 'merged'):.1f} ms, ours {median_ms(runs8, 'ours'):.1f} ms, "
+          f"PEFT adapter_names {median_ms(runs8, 'peft'):.1f} ms ({n_eight} batches x "
+          f"{repeats} repeats; other processes {(c8.share or 0) * 100:.0f}% of the CPUs)")
+    print(f"per-request paired medians: batch-1 latency ours {ours1_pair:.3f}x, PEFT "
+          f"{peft1_pair:.3f}x merged; batch-8 throughput ours {ours8_pair:.3f}x, PEFT "
+          f"{peft8_pair:.3f}x merged")
+    print(f"batch-1 latency vs merged (goal ours <= 1.03x): ours {ours1:.3f}x, PEFT {peft1_r:.3f}x")
+    print(f"batch-8 throughput over 8 adapters vs one merged model (goal ours >= 0.95x): "
+          f"ours {ours8:.3f}x, PEFT {peft8_r:.3f}x")
+    print(f"summary: batch1 latency/merged ours {ours1:.3f} PEFT {peft1_r:.3f} | "
+          f"batch8x8 throughput/merged ours {ours8:.3f} PEFT {peft8_r:.3f}")
 
 
 def main() -> None:
@@ -213,38 +237,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from peft import PeftModel
-
-    resolved, tok, make_backbone = load_base(StudyConfig())
-    pristine = make_backbone().eval()
+    base = load_base(StudyConfig())
+    pristine = base.backbone().eval()
     glue = os.environ.get("LORALENS_GLUE_DIR") or str(Path(__file__).resolve().parents[1].parent
                                                          / "shared" / "glue")
     split = D.load_split(get_task("sst2"), "validation", glue)
-    enc = D.encode_split(tok, split, 384)
-    n_rows = max(args.sentences, 8 * args.batches)
-    sentences = enc.input_ids[:n_rows]
-
-    with tempfile.TemporaryDirectory() as tmp:
-        dirs = make_adapters(pristine, Path(tmp), N_ADAPTERS)
-        names = [f"a{i}" for i in range(N_ADAPTERS)]
-        merged = PeftModel.from_pretrained(CausalLMClassifier(copy.deepcopy(pristine), 2),
-                                           str(dirs[0])).merge_and_unload().eval()
-        peft1 = PeftModel.from_pretrained(CausalLMClassifier(copy.deepcopy(pristine), 2),
-                                          str(dirs[0])).eval()
-        peft8 = PeftModel.from_pretrained(CausalLMClassifier(copy.deepcopy(pristine), 2),
-                                          str(dirs[0]), adapter_name=names[0])
-        for nm, d in zip(names[1:], dirs[1:]):
-            peft8.load_adapter(str(d), adapter_name=nm)
-        peft8.eval()
-        ours = MultiLoraClassifier(copy.deepcopy(pristine))
-        for nm, d in zip(names, dirs):
-            ours.add_adapter(nm, d)
+    enc = D.encode_split(base.tokenizer, split, 384)
+    sentences = enc.input_ids[:max(args.sentences, 8 * args.batches)]
+    names = [f"a{i}" for i in range(N_ADAPTERS)]
+    merged, peft1, peft8, ours = load_models(pristine, names)
     del pristine
     gc.collect()
 
     one = [(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
            for s in sentences[:args.sentences]]
-    eight = [D.collate(sentences[i * 8:(i + 1) * 8], tok.pad_token_id) for i in range(args.batches)]
+    eight = [D.collate(sentences[i * 8:(i + 1) * 8], base.tokenizer.pad_token_id)
+             for i in range(args.batches)]
 
     # correctness first
     with torch.inference_mode():
@@ -275,27 +283,7 @@ def main() -> None:
         x, m = next((x, m) for x, m in one if x.shape[1] == 11) if any(
             x.shape[1] == 11 for x, _ in one) else one[0]
         profile_parts(merged, ours, peft1, x, m, args.repeats)
-
-    ours1, ours1_pair = ratio_stats(runs1, "ours", "merged")
-    peft1_r, peft1_pair = ratio_stats(runs1, "peft", "merged")
-    ours8, ours8_pair = ratio_stats(runs8, "merged", "ours")  # throughput = inverse time
-    peft8_r, peft8_pair = ratio_stats(runs8, "merged", "peft")
-    print(f"\n(a) batch 1, median latency: merged {median_ms(runs1, 'merged'):.1f} ms, "
-          f"ours {median_ms(runs1, 'ours'):.1f} ms, PEFT {median_ms(runs1, 'peft'):.1f} ms "
-          f"({len(one)} requests x {args.repeats} repeats; other processes used "
-          f"{(c1.share or 0) * 100:.0f}% of the CPUs)")
-    print(f"(b) batch of 8 over 8 adapters, median batch latency: one merged model "
-          f"{median_ms(runs8, 'merged'):.1f} ms, ours {median_ms(runs8, 'ours'):.1f} ms, "
-          f"PEFT adapter_names {median_ms(runs8, 'peft'):.1f} ms ({len(eight)} batches x "
-          f"{args.repeats} repeats; other processes {(c8.share or 0) * 100:.0f}% of the CPUs)")
-    print(f"per-request paired medians: batch-1 latency ours {ours1_pair:.3f}x, PEFT "
-          f"{peft1_pair:.3f}x merged; batch-8 throughput ours {ours8_pair:.3f}x, PEFT "
-          f"{peft8_pair:.3f}x merged")
-    print(f"batch-1 latency vs merged (goal ours <= 1.03x): ours {ours1:.3f}x, PEFT {peft1_r:.3f}x")
-    print(f"batch-8 throughput over 8 adapters vs one merged model (goal ours >= 0.95x): "
-          f"ours {ours8:.3f}x, PEFT {peft8_r:.3f}x")
-    print(f"summary: batch1 latency/merged ours {ours1:.3f} PEFT {peft1_r:.3f} | "
-          f"batch8x8 throughput/merged ours {ours8:.3f} PEFT {peft8_r:.3f}")
+    print_results(runs1, runs8, c1, c8, len(one), len(eight), args.repeats)
 
 
 if __name__ == "__main__":

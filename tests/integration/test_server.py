@@ -17,12 +17,11 @@ import torch
 from loralens import data as D
 from loralens.cli import main
 from loralens.config import load_config
-from loralens.models import build_classifier
+from loralens.models import apply_method, build_classifier
 from loralens.serving.backends import AdapterInfo, make_backend
 from loralens.serving.server import Service, bind_socket, create_app
-from loralens.store import RunDir, read_json
+from loralens.store import RunDir, atomic_write_json, read_json
 from loralens.tasks import get_task
-from loralens.train import apply_method
 
 from .test_serving import randomize_lora
 
@@ -40,14 +39,16 @@ def study(smollm2, tmp_path_factory, glue_dir):
     root = tmp_path_factory.mktemp("study") / "run"
     run = RunDir(root)
     run.bind_config(cfg)
-    pristine = smollm2[2]().eval()
+    pristine = smollm2.backbone().eval()
     peft = {}
     for i, (task, where) in enumerate([("sst2", root), ("rte", root),
                                        ("rte", root.parent / "spare")]):
         m = randomize_lora(apply_method(build_classifier(copy.deepcopy(pristine), 2, seed=i),
                                         "lora", cfg), seed=200 + i)
-        path = where / "models" / task / "lora" / "seed1" / "adapter" if where == root else where
+        path = run.weights_dir(task, "lora", 1) if where == root else where
         m.save_pretrained(str(path), safe_serialization=True)
+        if where == root:  # a finished job: the server serves its adapter
+            atomic_write_json(run.metrics_path(task, "lora", 1), {"task": task})
         peft[path] = m
     return root, pristine, peft
 
@@ -209,6 +210,22 @@ BAD = [
     ({"adapter": "sst2-seed1", "texts": ["x"] * 9}, 413, "the limit is 8"),
     ([1, 2, 3], 422, "body"),
 ]
+
+
+def test_curl_style_form_content_type_is_read_as_json(server, study, tokenizer, glue_dir):
+    """The README's ``curl -d '{...}'`` sends application/x-www-form-urlencoded."""
+    client, _ = server
+    root, _, peft = study
+    url = str(client.base_url).rstrip("/")
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    segs = [list(r.texts) for r in val_rows(glue_dir, "rte", 2, offset=30)]
+    status, got = _raw(url, json.dumps({"adapter": "rte-seed1", "pairs": segs}).encode(), form)
+    assert status == 200, got
+    ref = reference_probs(peft[root / "models/rte/lora/seed1/adapter"], tokenizer, segs)
+    assert (torch.tensor(got["probabilities"]) - ref).abs().max().item() <= TOL
+    assert got["labels"] == ref.argmax(-1).tolist()
+    status, got = _raw(url, b"adapter=rte-seed1&pairs=a,b", form)
+    assert status == 400 and "malformed JSON" in got["error"]
 
 
 def test_bad_inputs_get_clear_4xx_and_the_server_keeps_serving(server):

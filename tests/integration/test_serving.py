@@ -11,11 +11,10 @@ import torch
 
 from loralens import data as D
 from loralens.config import StudyConfig, load_config
-from loralens.models import CausalLMClassifier, build_classifier
+from loralens.models import CausalLMClassifier, apply_method, build_classifier, save_trained
 from loralens.serving import MultiLoraClassifier
 from loralens.store import RunDir, atomic_write_json
 from loralens.tasks import get_task
-from loralens.train import apply_method, save_trained
 
 pytestmark = pytest.mark.integration
 TOL = 1e-5
@@ -44,7 +43,7 @@ def rows(tokenizer, glue_dir, task, n):
 def smol_adapters(smollm2, tmp_path_factory):
     """Two random r=8 q/v adapters (sst2- and rte-like) saved in PEFT format."""
     cfg = StudyConfig()
-    pristine = smollm2[2]().eval()
+    pristine = smollm2.backbone().eval()
     out = {}
     for i, name in enumerate(["sst2", "rte"]):
         peft = randomize_lora(apply_method(build_classifier(copy.deepcopy(pristine), 2, seed=i),
@@ -118,18 +117,19 @@ def tiny_run(tokenizer, glue_dir, tmp_path_factory):
         model = apply_method(build_classifier(backbone, 2, seed), method, cfg)
         if method == "lora":
             randomize_lora(model, seed=seed)
-        job = run.job_dir(task, method, seed)
-        save_trained(model, method, job / ("adapter" if method == "lora" else "model"))
-        atomic_write_json(job / "metrics.json", {"task": task, "method": method, "seed": seed})
+        save_trained(model, method, run.weights_dir(task, method, seed))
+        atomic_write_json(run.metrics_path(task, method, seed),
+                          {"task": task, "method": method, "seed": seed})
     return cfg, run
 
 
 def test_run_bench_on_tiny_run(tiny_run):
+    from loralens.models import load_base
     from loralens.serving.bench import run_bench, summary_lines
 
     cfg, run = tiny_run
     res = run_bench(cfg, run, batch_sizes=(1, 2), warmup=2, n_requests=6, progress=False,
-                    mixed_batch_size=4, threads=1)
+                    mixed_batch_size=4, threads=1, base=load_base(cfg))
     assert all(res["checks"].values()) and len(res["checks"]) >= 6, res["checks"]
     sst2 = res["tasks"]["sst2"]
     assert sst2["examples"] == 6 and set(sst2["seeds"]) == {"1", "2"}
@@ -159,8 +159,8 @@ def test_run_bench_on_tiny_run(tiny_run):
     assert multi["mixed"]["peft_adapter_names"]["same_predictions"]
     assert multi["mixed"]["runtime"]["throughput_vs_merged"] > 0
     # files
-    out = run.root / "bench"
-    data = json.loads((out / "serving.json").read_text())
+    out = run.bench_dir
+    data = json.loads(run.serving_path.read_text())
     assert data["checks"] == res["checks"]
     with open(out / "requests.csv") as f:
         reqs = list(csv.DictReader(f))
@@ -168,4 +168,16 @@ def test_run_bench_on_tiny_run(tiny_run):
     assert len(reqs) == (3 * 2 + 1) * 9 + 3 * 9
     for name in ("latency.csv", "comparison.csv", "multi.csv"):
         assert (out / name).read_text().count("\n") > 1
+    with open(out / "latency.csv") as f:
+        latency = list(csv.DictReader(f))
+    assert len(latency) == (3 * 2 + 1 + 3) * 2 and "latency_s" not in latency[0]
+    assert {r["kind"] for r in latency} == {"full", "lora_merged", "lora_separate",
+                                           "lora_runtime"}
+    with open(out / "multi.csv") as f:
+        multi_rows = list(csv.DictReader(f))
+    assert [(r["section"], r["path"]) for r in multi_rows] == [
+        ("stream", "runtime"), ("stream", "peft"), ("mixed", "runtime"),
+        ("mixed", "merged_single_model"), ("mixed", "peft_adapter_names")]
+    assert multi["stream"]["runtime"]["switch_median_ms"] >= 0
+    assert multi["runtime_load_adapter_s"] > 0 and multi["peft_load_adapter_s"] > 0
     assert any("vs full" in line for line in summary_lines(res))

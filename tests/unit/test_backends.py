@@ -12,8 +12,9 @@ from loralens.config import StudyConfig
 from loralens.models import build_classifier
 from loralens.serving.backends import AdapterError, AdapterInfo, make_backend
 from loralens.serving.loadtest import LoadTestError, choose_task, crossover_text, crossovers
-from loralens.serving.server import AdapterSpec, collect_adapters, replicate
-from loralens.train import apply_method
+from loralens.serving.sources import AdapterSpec, collect_adapters, replicate
+from loralens.models import apply_method
+from loralens.store import RunDir, atomic_write_json
 
 TOL = 1e-5
 
@@ -115,13 +116,19 @@ def test_merged_backend_shares_untouched_weights(tiny_backbone, adapters):
 
 def test_collect_adapters_names_and_errors(tmp_path, tiny_backbone):
     run = tmp_path / "run"
-    for task in ("sst2", "rte"):
-        _random_adapter(tiny_backbone, 1, run / "models" / task / "lora" / "seed42" / "adapter")
+    rd = RunDir(run)
+    (run / "config.yaml").parent.mkdir(parents=True)
     (run / "config.yaml").write_text("preset: smoke\n")
+    with pytest.raises(AdapterError, match="run directory without trained LoRA adapters"):
+        collect_adapters([str(run)])
+    for task in ("sst2", "rte", "mrpc"):
+        _random_adapter(tiny_backbone, 1, rd.weights_dir(task, "lora", 42))
+        if task != "mrpc":  # mrpc's job is not finished: its adapter is not served
+            atomic_write_json(rd.metrics_path(task, "lora", 42), {})
     specs, run_dir = collect_adapters([str(run)])
     assert run_dir == run
     assert [(s.name, s.task) for s in specs] == [("rte-seed42", "rte"), ("sst2-seed42", "sst2")]
-    one = run / "models" / "sst2" / "lora" / "seed42" / "adapter"
+    one = rd.weights_dir("sst2", "lora", 42)
     specs, run_dir = collect_adapters([f"mine={one}"])
     assert (specs[0].name, specs[0].task, run_dir) == ("mine", "sst2", None)
     with pytest.raises(AdapterError, match="two adapters named 'sst2-seed42'"):
@@ -167,3 +174,69 @@ def test_choose_task_keeps_one_task():
         choose_task(specs, "mrpc")
     with pytest.raises(LoadTestError, match="no adapter with a known task"):
         choose_task(specs[3:])
+
+
+def test_serve_uses_the_runs_model_revision(tmp_path, monkeypatch):
+    """``loralens serve RUN_DIR`` loads the base through models.load_base with the run's
+    model section (revision, trust_remote_code); --model naming another model drops it."""
+    import argparse
+
+    from loralens.config import load_config
+    from loralens.serving import add_serve_arguments, server
+
+    run = RunDir(tmp_path / "run")
+    run.bind_config(load_config(overrides=["model.revision=abc123"]))
+    adapter = run.weights_dir("sst2", "lora", 1)
+    adapter.mkdir(parents=True)
+    atomic_write_json(run.metrics_path("sst2", "lora", 1), {})
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+
+    seen = []
+
+    def fake_load_base(mc):
+        seen.append(mc)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(server, "load_base", fake_load_base)
+    with pytest.raises(RuntimeError, match="stop here"):
+        server.cli_command(parser.parse_args([str(run.root)]))
+    assert (seen[-1].name, seen[-1].revision) == ("smollm2-135m", "abc123")
+    args = parser.parse_args([str(run.root), "--model", "other/model"])
+    assert server.base_model_config(args, run.load_config()).revision is None
+    args = parser.parse_args([str(run.root), "--revision", "v2", "--trust-remote-code"])
+    mc = server.base_model_config(args, run.load_config())
+    assert (mc.name, mc.revision, mc.trust_remote_code) == ("smollm2-135m", "v2", True)
+
+
+def test_json_bodies_whatever_the_content_type(tiny_backbone, adapters):
+    """``curl -d`` sends application/x-www-form-urlencoded: the body is still JSON."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from loralens.serving.server import Service, create_app
+
+    class Tok:
+        pad_token_id = 0
+
+    be = make_backend("ours", copy.deepcopy(tiny_backbone))
+    be.add(AdapterInfo("a", str(adapters["a"][0]), 0), adapters["a"][0])
+    service = Service(be, Tok(), 16)
+    service.encode = lambda info, texts, pairs: [[5, 6, 7]] * len(texts or pairs)
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    body = json.dumps({"adapter": "a", "texts": ["x", "y"]})
+    with TestClient(create_app(service)) as client:
+        want = client.post("/v1/classify", json={"adapter": "a", "texts": ["x", "y"]})
+        got = client.post("/v1/classify", content=body, headers=form)
+        assert want.status_code == got.status_code == 200, got.text
+        assert got.json() == want.json()
+        bad = client.post("/v1/classify", content=b"adapter=a&texts=x", headers=form)
+        assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]
+        wrong = client.post("/v1/classify", content=json.dumps({"adapter": "a"}), headers=form)
+        assert wrong.status_code == 422 and "exactly one" in wrong.json()["error"]
+        empty = client.post("/v1/classify", content=b"", headers=form)
+        assert empty.status_code == 422 and "body: Field required" in empty.json()["error"]
+        schema = client.get("/openapi.json").json()["paths"]["/v1/classify"]["post"]
+        assert "adapter" in schema["requestBody"]["content"]["application/json"]["schema"][
+            "properties"]

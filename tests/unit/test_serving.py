@@ -208,7 +208,8 @@ def test_rslora_scaling(tiny_backbone, tmp_path):
 # --------------------------------------------------------------------------- bench statistics
 
 def test_summarize_and_compare():
-    from loralens.serving.bench import compare, summarize
+    from loralens.serving.bench_results import compare
+    from loralens.timing import summarize
 
     s = summarize([0.010, 0.020, 0.030, 0.040], rows=8)
     assert s["n"] == 4 and s["mean_ms"] == pytest.approx(25.0) and s["p50_ms"] == pytest.approx(25.0)
@@ -223,7 +224,7 @@ def test_summarize_and_compare():
 
 
 def test_memory_probe_sees_an_allocation():
-    from loralens.serving.bench import MemoryProbe
+    from loralens.serving.measure import MemoryProbe
 
     with MemoryProbe(torch.device("cpu")) as probe:
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched

@@ -21,6 +21,11 @@ def add_serve_arguments(p) -> None:
                    help="ours (multi-adapter batches, default), peft or merged")
     p.add_argument("--model", help="base model (default: the run's model.name, else "
                                    "smollm2-135m)")
+    p.add_argument("--revision", help="hub revision of the base model (default: the run's "
+                                      "model.revision when --model is the run's model)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the base model's code from the hub (default: the run's "
+                        "model.trust_remote_code when --model is the run's model)")
     p.add_argument("--max-length", type=int, help="truncation in tokens (default: the run's "
                                                   "data.max_length, else 384)")
     p.add_argument("--max-batch", type=int, default=32, help="rows per batch (default 32)")

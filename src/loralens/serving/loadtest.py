@@ -19,14 +19,13 @@ for each client count, the smallest adapter count from which it serves more
 requests per second than merged models (and the same along client counts).
 
 The client runs in this process (asyncio + httpx); on a small machine it
-shares the CPU with the server, the same for every backend.
+shares the CPU with the server, the same for every backend. Results:
+RUN_DIR/loadtest/ (``RunDir.loadtest_dir``) or ``--out``: loadtest.json, loadtest.csv.
 """
 
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import itertools
 import os
 import platform
@@ -40,8 +39,13 @@ from typing import Sequence
 
 import numpy as np
 
-from ..store import atomic_write_json, atomic_write_text
+from ..store import RunDir, atomic_write_json, write_csv
+from ..timing import stopwatch
 from .cli_args import BACKENDS, DEFAULT_ADAPTERS, DEFAULT_CLIENTS
+
+
+# RunDir names the result (RUN_DIR/loadtest/loadtest.json); --out keeps the name elsewhere
+LOADTEST_JSON = RunDir("").loadtest_path.name
 
 
 class LoadTestError(RuntimeError):
@@ -147,6 +151,8 @@ async def _cell(url: str, names: list[str], bodies: list[dict], clients: int,
         errors = 0
         deadline = None if seconds is None else time.perf_counter() + seconds
 
+        # Closed-loop clients, not timing.time_interleaved: what is measured is a server
+        # under concurrent load, so each client keeps its own stopwatch per request.
         async def client():
             nonlocal errors
             while True:
@@ -284,9 +290,9 @@ def run_loadtest(sources: Sequence[str], task: str, out_dir: Path,
         bar = tqdm(total=total, desc="loadtest", unit="cell")
     t_start = time.time()
     for backend in backends:
-        t0 = time.perf_counter()
-        with ServerProcess(sources, backend, max(adapters), server_args) as srv:
-            startup = time.perf_counter() - t0
+        with stopwatch() as startup:
+            srv = ServerProcess(sources, backend, max(adapters), server_args)
+        with srv:
             with httpx.Client(base_url=srv.url, timeout=60) as http:
                 infos = {a["name"]: a for a in http.get("/v1/adapters").json()["adapters"]}
                 health = http.get("/health").json()
@@ -297,7 +303,7 @@ def run_loadtest(sources: Sequence[str], task: str, out_dir: Path,
             if other:
                 raise LoadTestError(f"server loaded adapters of other tasks than {task}: {other}")
             bodies = _bodies(task, glue_dir, n=256)
-            servers[backend] = {"startup_s": round(startup, 3), "adapters": len(names_all),
+            servers[backend] = {"startup_s": round(startup.seconds, 3), "adapters": len(names_all),
                                 "health": health}
             for a in adapters:
                 names = names_all[:a]
@@ -329,19 +335,9 @@ def run_loadtest(sources: Sequence[str], task: str, out_dir: Path,
         "cells": cells,
         "crossovers": crossovers(cells),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "loadtest.json", result)
-    atomic_write_text(out_dir / "loadtest.csv", to_csv(cells))
+    write_csv(out_dir / "loadtest.csv", cells)
+    atomic_write_json(out_dir / LOADTEST_JSON, result)
     return result
-
-
-def to_csv(cells: list[dict]) -> str:
-    buf = io.StringIO()
-    if cells:
-        w = csv.DictWriter(buf, fieldnames=list(cells[0]))
-        w.writeheader()
-        w.writerows(cells)
-    return buf.getvalue()
 
 
 def table_lines(result: dict) -> list[str]:
@@ -362,21 +358,25 @@ def table_lines(result: dict) -> list[str]:
 
 
 def cli_command(args) -> int:
-    from .server import collect_adapters
+    from .sources import collect_adapters
 
     specs, run_dir = collect_adapters(args.sources)  # fail early, before starting servers
     task, chosen = choose_task(specs, args.task)
-    out = Path(args.out) if args.out else (run_dir / "loadtest" if run_dir else Path("loadtest"))
-    if (out / "loadtest.json").exists() and not args.overwrite:
-        raise LoadTestError(f"{out / 'loadtest.json'} exists; pass --overwrite to replace it "
+    run = RunDir(run_dir) if run_dir is not None else None
+    out = Path(args.out) if args.out else (run.loadtest_dir if run else Path("loadtest"))
+    if (out / LOADTEST_JSON).exists() and not args.overwrite:
+        raise LoadTestError(f"{out / LOADTEST_JSON} exists; pass --overwrite to replace it "
                             "or --out for another directory")
     glue_dir, server_args = args.glue_dir, []
-    if run_dir is not None:
-        from ..store import RunDir
-
-        cfg = RunDir(run_dir).load_config()
+    if run is not None:
+        cfg = run.load_config()
         glue_dir = glue_dir or cfg.data.glue_dir
+        # the servers get the adapters as NAME=DIR: pass the run's base model along
         server_args += ["--model", cfg.model.name, "--max-length", str(cfg.data.max_length)]
+        if cfg.model.revision:
+            server_args += ["--revision", cfg.model.revision]
+        if cfg.model.trust_remote_code:
+            server_args += ["--trust-remote-code"]
     server_args += ["--max-wait-ms", str(args.max_wait_ms), "--max-batch", str(args.max_batch)]
     if args.threads:
         server_args += ["--threads", str(args.threads)]

@@ -22,118 +22,44 @@ adapters is one forward pass. All model work (inference, adding and removing
 adapters) runs on ONE worker thread, so an adapter is never changed under a
 running batch; the event loop only parses, validates and queues.
 
-Bad input is a 4xx with ``{"error": "..."}`` and never stops the server:
-malformed JSON 400; wrong types, missing or extra keys, empty lists or strings,
-too many texts 422; unknown adapter 404; a body over ``max_body_bytes`` 413.
-The server binds to 127.0.0.1 unless told otherwise.
+Request bodies are JSON whatever their Content-Type says (``curl -d`` sends
+``application/x-www-form-urlencoded``). Bad input is a 4xx with ``{"error": "..."}``
+and never stops the server: malformed JSON 400; wrong types, missing or extra keys,
+empty lists or strings 422; unknown adapter 404; too many texts, or a body over
+``max_body_bytes``, 413. The server binds to 127.0.0.1 unless told otherwise.
+
+Modules: :mod:`.sources` (which adapters), :mod:`.bodies` (request bodies, limits).
+The base model is the run's (name, revision, trust_remote_code from its config)
+when a run directory is served, loaded through :func:`loralens.models.load_base`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import re
+import dataclasses
 import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Sequence
+from typing import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+from fastapi import Request  # module level: handlers' annotations are resolved from here
 
 from ..data import collate, encode_texts
+from ..models import Base, load_base
+from ..store import RunDir
 from ..tasks import get_task
 from .backends import AdapterError, AdapterInfo, Backend, make_backend
+from .bodies import (AdapterIn, BodyLimit, ClassifyIn, RequestError, json_body_schema,
+                     read_body)
 from .cli_args import DEFAULT_MAX_BODY
+from .sources import NAME_RULE, AdapterSpec, collect_adapters, replicate, task_of, valid_name
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
-
-
-class RequestError(Exception):
-    """A client error: HTTP status and message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-# --------------------------------------------------------------------------- adapters to load
-
-@dataclass
-class AdapterSpec:
-    name: str
-    path: Path
-    task: str | None = None
-
-
-def _task_of(path: Path) -> tuple[str | None, str]:
-    """(task, default name) of an adapter dir laid out as models/<task>/lora/seed<s>/adapter."""
-    parts = path.resolve().parts
-    if len(parts) >= 5 and parts[-1] == "adapter" and parts[-3] == "lora" \
-            and parts[-2].startswith("seed") and parts[-5] == "models":
-        task = parts[-4]
-        try:
-            get_task(task)
-        except KeyError:
-            return None, f"{task}-{parts[-2]}"
-        return task, f"{task}-{parts[-2]}"
-    name = path.parent.name if path.name == "adapter" else path.name
-    return None, name
-
-
-def collect_adapters(sources: Sequence[str]) -> tuple[list[AdapterSpec], Path | None]:
-    """Adapters named by ``sources``: run directories (every LoRA adapter in them),
-    adapter directories, or ``name=directory``. Returns (specs, run dir if one was given)."""
-    specs: list[AdapterSpec] = []
-    run_dir = None
-    for src in sources:
-        name = None
-        if "=" in src and not Path(src).exists():
-            name, src = src.split("=", 1)
-        path = Path(src)
-        if (path / "config.yaml").is_file() and (path / "models").is_dir() and name is None:
-            run_dir = run_dir or path
-            found = sorted((path / "models").glob("*/lora/seed*/adapter"))
-            if not found:
-                raise AdapterError(f"{path}: run directory without trained LoRA adapters "
-                                   "(models/<task>/lora/seed<seed>/adapter)")
-            for d in found:
-                task, default = _task_of(d)
-                specs.append(AdapterSpec(default, d, task))
-            continue
-        if not (path / "adapter_config.json").is_file():
-            raise AdapterError(f"{path}: neither a run directory (config.yaml + models/) nor a "
-                               "PEFT adapter directory (adapter_config.json)")
-        task, default = _task_of(path)
-        specs.append(AdapterSpec(name or default, path, task))
-    seen = set()
-    for s in specs:
-        if not _NAME.match(s.name):
-            raise AdapterError(f"adapter name {s.name!r} ({s.path}): use letters, digits and "
-                               "_ . @ + - (at most 128 characters)")
-        if s.name in seen:
-            raise AdapterError(f"two adapters named {s.name!r}; name them with NAME=DIR")
-        seen.add(s.name)
-    return specs, run_dir
-
-
-def replicate(specs: list[AdapterSpec], n: int) -> list[AdapterSpec]:
-    """At least ``n`` adapters: the given ones, then copies named ``<name>@2``, ``@3``...
-
-    For load tests that need more adapters than a run trained: each copy is a
-    separate adapter to every backend (its own slot, PEFT adapter or merged
-    model); the cost of serving does not depend on the factor values.
-    """
-    out = list(specs)
-    k = 0
-    while len(out) < n:
-        s = specs[k % len(specs)]
-        out.append(AdapterSpec(f"{s.name}@{k // len(specs) + 2}", s.path, s.task))
-        k += 1
-    return out
+__all__ = ["AdapterSpec", "RequestError", "Service", "build_service",
+           "collect_adapters", "create_app", "replicate", "serve"]
 
 
 # --------------------------------------------------------------------------- the service
@@ -186,19 +112,18 @@ class Service:
 
     # ---- adapters
     async def add_adapter(self, spec: AdapterSpec) -> AdapterInfo:
-        if not _NAME.match(spec.name):
-            raise RequestError(422, f"adapter name {spec.name!r}: use letters, digits and "
-                                    "_ . @ + - (at most 128 characters)")
+        if not valid_name(spec.name):
+            raise RequestError(422, f"adapter name {spec.name!r}: {NAME_RULE}")
         if spec.name in self.backend.infos:
             raise RequestError(409, f"adapter {spec.name!r} is already loaded; remove it first")
         task = spec.task
         if task is None:
-            task = _task_of(spec.path)[0]
+            task = task_of(spec.path)[0]
         labels = None
         if task is not None:
             try:
                 labels = get_task(task).label_names
-            except KeyError as e:
+            except (KeyError, ValueError) as e:
                 raise RequestError(422, str(e).strip("'\"")) from None
         info = AdapterInfo(spec.name, str(spec.path), 0, task, labels)
         try:
@@ -312,38 +237,12 @@ class Service:
         return [results[id(p)] for p in batch]
 
 
-# --------------------------------------------------------------------------- request bodies
-
-NonEmpty = Annotated[StrictStr, Field(min_length=1)]
-
-
-class ClassifyIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    adapter: NonEmpty
-    texts: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
-    pairs: Annotated[list[Annotated[list[NonEmpty], Field(min_length=2, max_length=2)]],
-                     Field(min_length=1)] | None = None
-
-    @model_validator(mode="after")
-    def one_of(self):
-        if (self.texts is None) == (self.pairs is None):
-            raise ValueError('give exactly one of "texts" and "pairs"')
-        return self
-
-
-class AdapterIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: NonEmpty
-    path: NonEmpty
-    task: NonEmpty | None = None
-
-
 # --------------------------------------------------------------------------- the app
 
 def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY):
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
@@ -386,8 +285,9 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY):
     async def list_adapters():
         return {"adapters": [i.to_dict() for i in service.backend.infos.values()]}
 
-    @app.post("/v1/adapters", status_code=201)
-    async def add_adapter(body: AdapterIn):
+    @app.post("/v1/adapters", status_code=201, openapi_extra=json_body_schema(AdapterIn))
+    async def add_adapter(request: Request):
+        body = await read_body(request, AdapterIn)
         info = await service.add_adapter(AdapterSpec(body.name, Path(body.path), body.task))
         return info.to_dict()
 
@@ -396,8 +296,9 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY):
         await service.remove_adapter(name)
         return {"removed": name}
 
-    @app.post("/v1/classify")
-    async def classify(body: ClassifyIn):
+    @app.post("/v1/classify", openapi_extra=json_body_schema(ClassifyIn))
+    async def classify(request: Request):
+        body = await read_body(request, ClassifyIn)
         if len(body.texts or body.pairs) > service.max_texts:
             raise RequestError(413, f"{len(body.texts or body.pairs)} inputs in one request; "
                                     f"the limit is {service.max_texts}")
@@ -406,82 +307,31 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY):
     return BodyLimit(app, max_body_bytes)
 
 
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413.
-
-    Checks Content-Length up front; a body without one (chunked) is counted as
-    it arrives and refused as soon as it passes the limit, so an oversized body
-    is never read into memory whole.
-    """
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > self.limit
-            except ValueError:
-                return await self._reply(send, 400, "bad Content-Length header")
-            if too_big:
-                return await self._reply(send, 413, f"request body of {int(length)} bytes; "
-                                                    f"the limit is {self.limit}")
-            return await self.app(scope, receive, send)
-        # No declared length (chunked): read the body here, at most limit bytes, then
-        # replay it. (Raising from inside receive would reach the framework's body
-        # parser, which turns any error into a 400.)
-        chunks, seen = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return  # client went away
-            body = msg.get("body", b"")
-            seen += len(body)
-            if seen > self.limit:
-                return await self._reply(send, 413, f"request body over {self.limit} bytes")
-            chunks.append(body)
-            if not msg.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    @staticmethod
-    async def _reply(send, status: int, message: str) -> None:
-        body = json.dumps({"error": message}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
 # --------------------------------------------------------------------------- building and running
 
-def build_service(specs: Sequence[AdapterSpec], model_name: str, backend: str = "ours",
+def build_service(specs: Sequence[AdapterSpec], base: Base, backend: str = "ours",
                   max_length: int = 384, max_batch: int = 32, max_wait_ms: float = 5.0,
-                  max_texts: int = 64, trust_remote_code: bool = False) -> Service:
-    """Load the base model once and every adapter into a new backend."""
-    from ..models import load_backbone, load_tokenizer, resolve_model
-
-    resolved = resolve_model(model_name)
-    tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
-    b = make_backend(backend, load_backbone(resolved, trust_remote_code=trust_remote_code))
+                  max_texts: int = 64) -> Service:
+    """The base model's weights loaded once, every adapter added to a new backend."""
+    b = make_backend(backend, base.backbone())
     for s in specs:
         task = s.task
         b.add(AdapterInfo(s.name, str(s.path), 0, task,
                           get_task(task).label_names if task else None), s.path)
-    return Service(b, tokenizer, max_length, max_batch, max_wait_ms, max_texts)
+    return Service(b, base.tokenizer, max_length, max_batch, max_wait_ms, max_texts)
+
+
+def base_model_config(args, run_cfg=None):
+    """The base model to serve (a ``ModelConfig``): the run's (name, revision,
+    trust_remote_code) unless ``--model`` names another; ``--revision`` and
+    ``--trust-remote-code`` override."""
+    from ..config import ModelConfig
+
+    mc = run_cfg.model if run_cfg is not None else ModelConfig()
+    if args.model and args.model != mc.name:
+        mc = ModelConfig(name=args.model)
+    return dataclasses.replace(mc, revision=args.revision or mc.revision,
+                               trust_remote_code=args.trust_remote_code or mc.trust_remote_code)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -516,18 +366,13 @@ def serve(service: Service, host: str = "127.0.0.1", port: int = 8000,
 
 def cli_command(args) -> int:
     specs, run_dir = collect_adapters(args.sources)
-    model, max_length = args.model, args.max_length
-    if run_dir is not None and (model is None or max_length is None):
-        from ..store import RunDir
-
-        cfg = RunDir(run_dir).load_config()
-        model = model or cfg.model.name
-        max_length = max_length or cfg.data.max_length
+    run_cfg = RunDir(run_dir).load_config() if run_dir is not None else None
+    max_length = args.max_length or (run_cfg.data.max_length if run_cfg is not None else 384)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.replicate:
         specs = replicate(specs, args.replicate)
-    service = build_service(specs, model or "smollm2-135m", args.backend, max_length or 384,
-                            args.max_batch, args.max_wait_ms, args.max_texts)
+    service = build_service(specs, load_base(base_model_config(args, run_cfg)), args.backend,
+                            max_length, args.max_batch, args.max_wait_ms, args.max_texts)
     serve(service, args.host, args.port, args.max_body_bytes, args.log_level)
     return 0

@@ -1,0 +1,183 @@
+"""Several adapters on one base, in the serving benchmark: 2-3 adapters of different
+tasks (seeds of one task when the run has a single task) loaded into one ``PeftModel``
+(``load_adapter``, distinct names) and into our runtime.
+
+* stream: round-robin batch-1 requests, every request switching adapter; each
+  prediction checked against single-adapter inference; switching timed
+  (``set_adapter`` vs our ``activate``);
+* mixed: batches of ``mixed_batch_size`` rows, row r served by adapter r mod k,
+  through PEFT's ``adapter_names`` and our runtime, with one merged model on the same
+  batches as the throughput reference.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import data as D
+from ..models import CausalLMClassifier
+from ..tasks import get_task
+from ..timing import median, stopwatch, summarize, time_interleaved
+from .bench_task import TOL, BenchContext
+from .runtime import LoraAdapter
+
+
+def bench_multi(ctx: BenchContext, tasks: list[str], jobs, mixed_batch_size: int) -> dict:
+    """2-3 adapters on one base: equality with single-adapter inference, switching, mixing."""
+    chosen = _choose_adapters(tasks, jobs)
+    if len(chosen) < 2:
+        return {"skipped": "fewer than 2 LoRA adapters in the run"}
+    names = [f"{t}_seed{s}" for t, s in chosen]
+    dirs = [ctx.run.weights_dir(t, "lora", s) for t, s in chosen]
+    labels = [get_task(t).num_labels for t, _ in chosen]
+    out: dict = {"adapters": names, "different_tasks": len({t for t, _ in chosen}) > 1}
+    for nm, d in zip(names, dirs):
+        if nm not in ctx.runtime.adapters:
+            ctx.runtime.add_adapter(nm, d)
+    # our load time (reading the directory + stacking), timed on a throwaway name
+    with stopwatch(ctx.device) as load:
+        ctx.runtime.add_adapter("_load_probe", LoraAdapter.from_dir(dirs[0]))
+    out["runtime_load_adapter_s"] = load.seconds
+    ctx.runtime.remove_adapter("_load_probe")
+    peft = _peft_with_adapters(ctx, names, dirs, labels, out)
+
+    # single-adapter references, per adapter: per-example logits of the separate PeftModel
+    n = min(len(ctx.encoded[t]) for t, _ in chosen)
+    refs = [ctx.reference[c][1][:n] for c in chosen]
+    out["reference"] = {nm: f"lora_separate logits at batch {ctx.reference[c][0]}"
+                        for nm, c in zip(names, chosen)}
+    out["stream"] = _stream(ctx, chosen, names, refs, n, peft)
+    merged = _merged_on_fresh_base(ctx, dirs[0], labels[0])
+    out["mixed"] = _mixed(ctx, chosen, names, refs, n, peft, merged, mixed_batch_size)
+    del merged, peft
+    gc.collect()
+    return out
+
+
+def _choose_adapters(tasks: list[str], jobs) -> list[tuple[str, int]]:
+    """Up to 3 (task, seed): one adapter per task first, then more seeds."""
+    lora = sorted((t, s) for t, m, s in jobs if m == "lora" and t in tasks)
+    chosen: list[tuple[str, int]] = []
+    for t in tasks:
+        chosen += [(tt, s) for tt, s in lora if tt == t][:1]
+    for ts in lora:
+        if len(chosen) >= 3:
+            break
+        if ts not in chosen:
+            chosen.append(ts)
+    return chosen[:3]
+
+
+def _peft_with_adapters(ctx: BenchContext, names: list[str], dirs: list[Path],
+                        labels: list[int], out: dict) -> nn.Module | None:
+    """One PeftModel holding every adapter (None where the heads differ in shape); the
+    median time of ``load_adapter`` goes to ``out``."""
+    from peft import PeftModel
+
+    if len(set(labels)) != 1:  # PEFT's head copies must share one shape
+        out["peft_skipped"] = "heads with different label counts cannot share one PeftModel"
+        return None
+    base = CausalLMClassifier(ctx.fresh(), labels[0])
+    peft = PeftModel.from_pretrained(base, str(dirs[0]), adapter_name=names[0])
+    loads = time_interleaved(
+        {"load_adapter": lambda nd: peft.load_adapter(str(nd[1]), adapter_name=nd[0])},
+        list(zip(names[1:], dirs[1:])), pause_gc=False)
+    out["peft_load_adapter_s"] = loads.median("load_adapter")
+    return peft.to(ctx.device).eval()
+
+
+def _stream(ctx: BenchContext, chosen, names: list[str], refs: list[torch.Tensor], n: int,
+            peft: nn.Module | None) -> dict:
+    """Round-robin batch-1 requests (request j: adapter j mod k, example j div k)."""
+    k = len(chosen)
+    stream = []
+    for j in range(n * k):
+        a, i = j % k, j // k
+        x = torch.tensor([ctx.encoded[chosen[a][0]].input_ids[i]], device=ctx.device)
+        stream.append((a, i, x, torch.ones_like(x)))
+    rt = ctx.runtime
+    switch: dict[str, list[float]] = {"runtime": [], "peft": []}
+
+    def via_runtime(req):
+        a, _, x, m = req
+        with stopwatch() as sw:  # the switch alone, a part of the timed call (no sync inside)
+            rt.activate(names[a])
+        switch["runtime"].append(sw.seconds)
+        return rt(x, m, names[a])
+
+    def via_peft(req):
+        a, _, x, m = req
+        with stopwatch() as sw:
+            peft.set_adapter(names[a])
+        switch["peft"].append(sw.seconds)
+        return peft(input_ids=x, attention_mask=m).logits
+
+    paths = {"runtime": via_runtime, **({"peft": via_peft} if peft is not None else {})}
+    timed = ctx.time(paths, stream, desc="multi/stream", warmup=min(ctx.warmup, len(stream)))
+    out = {}
+    for p, lat in timed.seconds.items():
+        diff, same = 0.0, True
+        for (a, i, _, _), y in zip(stream, timed.results[p]):
+            y = y.float().cpu()[0]
+            diff = max(diff, float((y - refs[a][i]).abs().max()))
+            same &= bool(y.argmax() == refs[a][i].argmax())
+        out[p] = {**summarize(lat, len(lat)),
+                  "switch_median_ms": median(switch[p][-len(lat):]) * 1e3,  # timed calls only
+                  "max_abs_logit_diff_vs_single": diff, "within_tol": diff < TOL,
+                  "same_predictions": same}
+    return out
+
+
+def _mixed(ctx: BenchContext, chosen, names: list[str], refs: list[torch.Tensor], n: int,
+           peft: nn.Module | None, merged: nn.Module, batch_size: int) -> dict:
+    """Mixed-adapter batches (row r: adapter r mod k) through our runtime and PEFT's
+    ``adapter_names``, and one merged model on the same batches (throughput reference)."""
+    k = len(chosen)
+    rows = [(r % k, r // k) for r in range(n * k)]
+    reqs = []
+    for start in range(0, len(rows), batch_size):
+        bt = rows[start:start + batch_size]
+        ids, mask = D.collate([ctx.encoded[chosen[a][0]].input_ids[i] for a, i in bt], ctx.pad_id)
+        reqs.append((ids.to(ctx.device), mask.to(ctx.device), [names[a] for a, _ in bt], bt))
+    rt = ctx.runtime
+    paths = {"runtime": lambda r: rt(r[0], r[1], r[2]),
+             "merged_single_model": lambda r: merged(input_ids=r[0], attention_mask=r[1]).logits}
+    if peft is not None:
+        paths["peft_adapter_names"] = lambda r: peft(input_ids=r[0], attention_mask=r[1],
+                                                     adapter_names=r[2]).logits
+    timed = ctx.time(paths, reqs, desc="multi/mixed", warmup=min(ctx.warmup, len(reqs)))
+    mixed = {}
+    for p, lat in timed.seconds.items():
+        mixed[p] = summarize(lat, len(rows))
+        if p != "merged_single_model":
+            diff, same = _agreement(timed.results[p], reqs, refs)
+            mixed[p].update(max_abs_logit_diff_vs_single=diff, within_tol=diff < TOL,
+                            same_predictions=same)
+    ref_tp = mixed["merged_single_model"]["throughput_rps"]
+    for p in mixed:
+        mixed[p]["throughput_vs_merged"] = mixed[p]["throughput_rps"] / ref_tp
+    return {"batch_size": batch_size, "batches": len(reqs), **mixed}
+
+
+def _agreement(outputs: list[torch.Tensor], reqs: list, refs: list[torch.Tensor]
+               ) -> tuple[float, bool]:
+    """Max abs logit difference and prediction equality of mixed batches vs single adapters."""
+    diff, same = 0.0, True
+    for y, r in zip(outputs, reqs):
+        y = y.float().cpu()
+        for row, (a, i) in enumerate(r[3]):
+            ref = refs[a][i]
+            diff = max(diff, float((y[row, :len(ref)] - ref).abs().max()))
+            same &= bool(y[row, :len(ref)].argmax() == ref.argmax())
+    return diff, same
+
+
+def _merged_on_fresh_base(ctx: BenchContext, adapter_dir: Path, num_labels: int) -> nn.Module:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(CausalLMClassifier(ctx.fresh(), num_labels), str(adapter_dir))
+    return model.merge_and_unload().to(ctx.device).eval()

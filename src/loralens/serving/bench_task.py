@@ -1,0 +1,198 @@
+"""One task of the serving benchmark: its requests, and per seed its served models
+(full, merged LoRA, separate LoRA, our runtime) timed interleaved at each batch size,
+with the logits of the LoRA paths checked against the separate adapter."""
+
+from __future__ import annotations
+
+import copy
+import gc
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import data as D
+from ..config import StudyConfig
+from ..models import load_trained
+from ..store import RunDir
+from ..tasks import get_task
+from ..timing import CpuContention, Timings, stopwatch, summarize, time_interleaved
+from .measure import MemoryProbe, tensor_bytes
+from .runtime import MultiLoraClassifier
+
+KINDS = ("full", "lora_merged", "lora_separate", "lora_runtime")
+TOL = 1e-5  # max abs logit difference allowed between equivalent serving paths
+
+
+@dataclass
+class Request:
+    input_ids: torch.Tensor       # [rows, width] long, right-padded
+    attention_mask: torch.Tensor  # [rows, width]
+    index: np.ndarray             # positions of the rows in the benchmarked examples
+    tokens: int                   # real tokens in the request
+
+
+def make_requests(enc: D.Encoded, batch_size: int, pad_id: int, device: torch.device
+                  ) -> list[Request]:
+    """Consecutive chunks of ``batch_size`` examples, in the subset's order."""
+    out = []
+    for start in range(0, len(enc), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(enc)))
+        ids, mask = D.collate([enc.input_ids[i] for i in idx], pad_id)
+        out.append(Request(ids.to(device), mask.to(device), idx, int(mask.sum())))
+    return out
+
+
+@dataclass
+class ServedModel:
+    """A served model: ``fn(ids, mask) -> logits`` and the module holding its weights."""
+
+    module: nn.Module
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.fn(ids, mask)
+
+    @classmethod
+    def classifier(cls, model: nn.Module) -> "ServedModel":
+        return cls(model, lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits)
+
+
+@dataclass
+class BenchContext:
+    """What every part of the benchmark shares: the base weights, the runtime holding
+    every adapter benchmarked so far, the encoded requests and reference logits."""
+
+    cfg: StudyConfig
+    run: RunDir
+    device: torch.device
+    pristine: nn.Module          # base backbone on the CPU, never wrapped
+    tokenizer: object
+    warmup: int
+    progress: bool
+    runtime: MultiLoraClassifier | None = None
+    requests: list[dict] = field(default_factory=list)     # one row per timed request
+    # (task, seed) -> (batch size, per-example logits of lora_separate at that size)
+    reference: dict = field(default_factory=dict)
+    encoded: dict = field(default_factory=dict)             # task -> D.Encoded
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def fresh(self) -> nn.Module:
+        """A fresh copy of the base weights: PEFT never touches a backbone twice."""
+        return copy.deepcopy(self.pristine)
+
+    def time(self, sides: dict[str, Callable], inputs: Sequence, desc: str,
+             warmup: int | None = None) -> Timings:
+        """Every side serves every input, interleaved, under ``torch.inference_mode``;
+        ``warmup`` (default ``self.warmup``) untimed calls per side first; outputs kept."""
+        with torch.inference_mode():
+            return time_interleaved(sides, inputs, device=self.device, keep="all",
+                                    warmup=self.warmup if warmup is None else warmup,
+                                    progress=self.progress, desc=desc)
+
+
+def bench_task(ctx: BenchContext, task: str, jobs, batch_sizes: list[int], n_requests: int
+               ) -> dict:
+    """Every seed of one task: build its models, time them interleaved, check logits."""
+    spec = get_task(task)
+    split = D.load_split(spec, "validation", ctx.cfg.data.glue_dir).subset(
+        n_requests, ctx.cfg.data.subset_seed)
+    enc = D.encode_split(ctx.tokenizer, split, ctx.cfg.data.max_length)
+    ctx.encoded[task] = enc
+    out = {"examples": len(enc), "example_ids": enc.ids.tolist(),
+           "mean_tokens": float(enc.lengths.mean()), "seeds": {}}
+    if len(enc) < n_requests:
+        out["note"] = f"the validation split has only {len(enc)} rows"
+    requests = {b: make_requests(enc, b, ctx.pad_id, ctx.device) for b in batch_sizes}
+    for seed in sorted({s for t, _, s in jobs if t == task}):
+        methods = {m for t, m, s in jobs if t == task and s == seed}
+        models, memory, load_s = _build_models(ctx, task, seed, methods, spec.num_labels,
+                                               requests[batch_sizes[0]])
+        seed_out = {"methods": sorted(methods), "memory": memory, "load_s": load_s, "batch": {}}
+        for b in batch_sizes:
+            seed_out["batch"][str(b)] = _time_batch_size(ctx, task, seed, models, requests[b], b,
+                                                         len(enc))
+        out["seeds"][str(seed)] = seed_out
+        models.clear()
+        gc.collect()
+    return out
+
+
+def _build_models(ctx: BenchContext, task: str, seed: int, methods: set[str], num_labels: int,
+                  warm: Sequence[Request]) -> tuple[dict, dict, dict]:
+    """The served models of one (task, seed), each on its own fresh base, with its memory
+    (loading and ``warmup`` requests inside the probe: activations count) and load time."""
+    models: dict[str, ServedModel] = {}
+    memory, load_s = {}, {}
+
+    def build(kind: str, make: Callable[[], ServedModel]) -> None:
+        with MemoryProbe(ctx.device) as probe:
+            with stopwatch(ctx.device) as load:
+                models[kind] = make()
+            load_s[kind] = load.seconds
+            with torch.inference_mode():
+                for r in warm[:ctx.warmup]:
+                    models[kind](r.input_ids, r.attention_mask)
+        memory[kind] = {"weights_mb": tensor_bytes(models[kind].module) / 2**20,
+                        **probe.to_dict()}
+
+    def trained(method: str) -> nn.Module:
+        return load_trained(ctx.run.job_dir(task, method, seed), ctx.fresh(), num_labels)
+
+    name = f"{task}_seed{seed}"
+    if "full" in methods:
+        build("full", lambda: ServedModel.classifier(trained("full").to(ctx.device)))
+    if "lora" in methods:
+        build("lora_separate", lambda: ServedModel.classifier(trained("lora").to(ctx.device)))
+        build("lora_merged", lambda: ServedModel.classifier(
+            trained("lora").merge_and_unload().to(ctx.device).eval()))
+
+        def add_to_runtime() -> ServedModel:  # weights: the shared base + every adapter so far
+            if name not in ctx.runtime.adapters:
+                ctx.runtime.add_adapter(name, ctx.run.weights_dir(task, "lora", seed))
+            return ServedModel(ctx.runtime, lambda ids, mask: ctx.runtime(ids, mask, name))
+
+        build("lora_runtime", add_to_runtime)
+    return models, memory, load_s
+
+
+def _time_batch_size(ctx: BenchContext, task: str, seed: int, models: dict[str, ServedModel],
+                     requests: list[Request], batch_size: int, examples: int) -> dict:
+    """Every request served by every model, interleaved; latencies, one row per timed
+    request in ``ctx.requests``, and the logit checks against ``lora_separate``."""
+    sides = {k: (lambda r, m=m: m(r.input_ids, r.attention_mask)) for k, m in models.items()}
+    with CpuContention() as contention:
+        timed = ctx.time(sides, requests, desc=f"{task}/seed{seed}/batch{batch_size}")
+    res = {"other_processes_cpu_share": contention.share, "kinds": {}}
+    for kind, latency_s in timed.seconds.items():
+        res["kinds"][kind] = {**summarize(latency_s, examples), "latency_s": latency_s}
+        for r, lat in zip(requests, latency_s):
+            ctx.requests.append({"task": task, "seed": seed, "kind": kind,
+                                 "batch_size": batch_size,
+                                 "request": int(r.index[0]) // batch_size,
+                                 "rows": len(r.index), "tokens": r.tokens,
+                                 "latency_ms": lat * 1e3})
+    logits = {k: [y.float().cpu() for y in ys] for k, ys in timed.results.items()}
+    if "lora_separate" in logits:
+        res["checks"] = _logit_checks(logits)
+        if (task, seed) not in ctx.reference:
+            ctx.reference[(task, seed)] = (batch_size, torch.cat(logits["lora_separate"]))
+    return res
+
+
+def _logit_checks(logits: dict[str, list[torch.Tensor]]) -> dict:
+    """``lora_runtime`` and ``lora_merged`` against ``lora_separate``, request by request."""
+    sep = logits["lora_separate"]
+    checks = {}
+    for kind in ("lora_runtime", "lora_merged"):
+        if kind in logits:
+            d = max((float((x - y).abs().max()) for x, y in zip(logits[kind], sep)), default=0.0)
+            checks[kind] = {"max_abs_logit_diff_vs_separate": d, "within_tol": d < TOL,
+                            "same_predictions": all(bool((x.argmax(1) == y.argmax(1)).all())
+                                                    for x, y in zip(logits[kind], sep))}
+    return checks

@@ -1,0 +1,98 @@
+"""Which adapters to serve: run directories (every finished LoRA job's adapter, found
+through :class:`~loralens.store.RunDir`), adapter directories, or ``NAME=DIR``; their
+names and tasks; copies for load tests."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..store import RunDir
+from ..tasks import get_task
+from .backends import AdapterError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
+NAME_RULE = "use letters, digits and _ . @ + - (at most 128 characters)"
+
+
+def valid_name(name: str) -> bool:
+    """An adapter name the server accepts (it appears in URLs and logs)."""
+    return bool(_NAME.match(name))
+
+
+@dataclass
+class AdapterSpec:
+    name: str
+    path: Path
+    task: str | None = None
+
+
+def _known_task(task: str) -> str | None:
+    try:
+        get_task(task)
+    except (KeyError, ValueError):  # tasks.get_task raises ConfigError (a ValueError)
+        return None
+    return task
+
+
+def task_of(path: Path) -> tuple[str | None, str]:
+    """(task, default name) of an adapter dir laid out as models/<task>/lora/seed<s>/adapter."""
+    parts = path.resolve().parts
+    if len(parts) >= 5 and parts[-1] == "adapter" and parts[-3] == "lora" \
+            and parts[-2].startswith("seed") and parts[-5] == "models":
+        return _known_task(parts[-4]), f"{parts[-4]}-{parts[-2]}"
+    name = path.parent.name if path.name == "adapter" else path.name
+    return None, name
+
+
+def collect_adapters(sources: Sequence[str]) -> tuple[list[AdapterSpec], Path | None]:
+    """Adapters named by ``sources``: run directories (every LoRA adapter in them),
+    adapter directories, or ``name=directory``. Returns (specs, run dir if one was given)."""
+    specs: list[AdapterSpec] = []
+    run_dir = None
+    for src in sources:
+        name = None
+        if "=" in src and not Path(src).exists():
+            name, src = src.split("=", 1)
+        path = Path(src)
+        run = RunDir(path)
+        if name is None and run.is_run_dir():
+            run_dir = run_dir or path
+            found = run.lora_adapters()
+            if not found:
+                raise AdapterError(f"{path}: run directory without trained LoRA adapters "
+                                   "(finished jobs of models/<task>/lora/seed<seed>/)")
+            specs += [AdapterSpec(f"{task}-seed{seed}", d, _known_task(task))
+                      for task, seed, d in found]
+            continue
+        if not (path / "adapter_config.json").is_file():
+            raise AdapterError(f"{path}: neither a run directory (config.yaml) nor a "
+                               "PEFT adapter directory (adapter_config.json)")
+        task, default = task_of(path)
+        specs.append(AdapterSpec(name or default, path, task))
+    seen = set()
+    for s in specs:
+        if not valid_name(s.name):
+            raise AdapterError(f"adapter name {s.name!r} ({s.path}): {NAME_RULE}")
+        if s.name in seen:
+            raise AdapterError(f"two adapters named {s.name!r}; name them with NAME=DIR")
+        seen.add(s.name)
+    return specs, run_dir
+
+
+def replicate(specs: list[AdapterSpec], n: int) -> list[AdapterSpec]:
+    """At least ``n`` adapters: the given ones, then copies named ``<name>@2``, ``@3``...
+
+    For load tests that need more adapters than a run trained: each copy is a
+    separate adapter to every backend (its own slot, PEFT adapter or merged
+    model); the cost of serving does not depend on the factor values.
+    """
+    out = list(specs)
+    k = 0
+    while len(out) < n:
+        s = specs[k % len(specs)]
+        out.append(AdapterSpec(f"{s.name}@{k // len(specs) + 2}", s.path, s.task))
+        k += 1
+    return out
