@@ -15,11 +15,9 @@ import hashlib
 import json
 import importlib.metadata
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -124,26 +122,32 @@ def convert_packaged_gguf(entry: ModelEntry) -> Path:
     directory and renames it into place, under a file lock, so concurrent
     processes never see a half-written cache.
     """
-    from filelock import FileLock
-
-    target = cache_root() / "models" / f"{entry.name}-{entry.sha256[:12]}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "config.json").is_file():
-            return target
+    def convert(out: Path) -> None:
         gguf = _packaged_file(entry)
         digest = _sha256(gguf)
         if entry.sha256 and digest != entry.sha256:
             raise ModelNotFound(f"{gguf}: sha256 {digest} does not match the expected "
                                 f"{entry.sha256}; reinstall the package")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=target.parent))
-        try:
-            _convert(gguf, tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _convert(gguf, out)
+
+    return build_cached(cache_root() / "models" / f"{entry.name}-{entry.sha256[:12]}", convert)
+
+
+def build_cached(target: Path, write: Callable[[Path], None]) -> Path:
+    """A model directory in the cache, written once by ``write(tmp_dir)``: atomically
+    (``store.atomic_dir``) and under a file lock, so concurrent processes never see a
+    half-written directory and never build it twice."""
+    from filelock import FileLock
+
+    from .store import atomic_dir
+
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").is_file():
+            with atomic_dir(target) as tmp:
+                write(tmp)
     return target
 
 
@@ -425,20 +429,8 @@ def build_random_model(entry: ModelEntry) -> Path:
     generator seeded with ``TINY_SEED`` in parameter-name order, so they do not depend on
     transformers' initialisation code.
     """
-    from filelock import FileLock
-
-    from .store import atomic_dir
-
-    target = cache_root() / "models" / f"{entry.name}-{_tiny_version(entry)}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "config.json").is_file():
-            return target
-        with atomic_dir(target) as tmp:
-            _write_tiny_random(tmp)
-    return target
+    return build_cached(cache_root() / "models" / f"{entry.name}-{_tiny_version(entry)}",
+                        _write_tiny_random)
 
 
 def _write_tiny_random(out: Path) -> None:

@@ -211,6 +211,9 @@ def run_extract(ctx: Context) -> bool:
                          progress=ctx.progress):
             print(summary_line(r), flush=True)
 
+    for t in ctx.tasks:
+        if not ctx.overwrite and is_extracted(ctx.run, t):
+            print(f"extract {t}: up to date ({ctx.run.extract_manifest(t)})", flush=True)
     ctx.work("extract", {t: {"task": t} for t in ctx.tasks}, one,
              finished=lambda p: is_extracted(ctx.run, p["task"]))
     return True
