@@ -193,17 +193,11 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
         epoch_loss, epoch_n = 0.0, 0
         for i, idx in enumerate(local):
             if len(idx):
-                b = next(D.iter_batches(train_enc, [idx], pad_id, pad_to))
-                with autocast_ctx(device, tc.precision):
-                    out = model(input_ids=b.input_ids.to(device),
-                                attention_mask=b.attention_mask.to(device),
-                                labels=b.labels.to(device))
                 # weight = rows / rows of the accumulation window (all ranks): exact mean
-                (out.loss * (len(idx) / _accum_rows(batches, i, tc.grad_accum))).backward()
-                epoch_loss += float(out.loss.detach()) * len(idx)
+                weight = len(idx) / _accum_rows(batches, i, tc.grad_accum)
+                epoch_loss += _backward(model, train_enc, idx, pad_id, pad_to, tc.precision,
+                                        weight, res) * len(idx)
                 epoch_n += len(idx)
-                res.real_tokens += b.real_tokens
-                res.padded_tokens += b.attention_mask.numel()
             if (i + 1) % tc.grad_accum and i + 1 != len(batches):
                 continue
             if world > 1:
@@ -245,6 +239,21 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
         _restore(model, best_state)
     model.eval()
     return res
+
+
+def _backward(model: nn.Module, enc: D.Encoded, idx: np.ndarray, pad_id: int,
+              pad_to: int | None, precision: str, weight: float, res: FitResult) -> float:
+    """Forward and backward of one micro-batch (loss scaled by ``weight``); counts its
+    tokens into ``res``; returns the batch's mean loss."""
+    device = device_of(model)
+    b = next(D.iter_batches(enc, [idx], pad_id, pad_to))
+    with autocast_ctx(device, precision):
+        out = model(input_ids=b.input_ids.to(device),
+                    attention_mask=b.attention_mask.to(device), labels=b.labels.to(device))
+    (out.loss * weight).backward()
+    res.real_tokens += b.real_tokens
+    res.padded_tokens += b.attention_mask.numel()
+    return float(out.loss.detach())
 
 
 def _adamw(params: list[torch.Tensor], weight_decay: float, lr: float) -> torch.optim.AdamW:

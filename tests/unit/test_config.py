@@ -1,6 +1,9 @@
+import dataclasses
+
 import pytest
 
-from loralens.config import ConfigError, StudyConfig, load_config, parse_override, preset_names
+from loralens.config import (ConfigError, StudyConfig, TrainConfig, load_config, parse_override,
+                             preset_names)
 
 
 def test_defaults_are_the_study():
@@ -153,3 +156,22 @@ def test_learning_rate_ranges_feed_the_search_space():
     for bad in ("[0.001, 0.0001]", "[0.001]", "[0, 0.001]"):
         with pytest.raises(ConfigError, match=r"search.lr_lora: expected \[low, high\]"):
             load_config(overrides=[f"search.lr_lora={bad}"])
+
+
+def test_configs_validate_where_they_are_built():
+    with pytest.raises(ConfigError, match=r"train.epochs: 0 is below the minimum 1"):
+        dataclasses.replace(StudyConfig().train, epochs=0)
+    with pytest.raises(ConfigError, match=r"train.precision: 'fp8' is not one of"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ConfigError, match=r"tasks: unknown task 'cola'"):
+        dataclasses.replace(StudyConfig(), tasks=["cola"])
+    with pytest.raises(ConfigError, match=r"search.lr_lora: expected \[low, high\]"):
+        dataclasses.replace(StudyConfig().search, lr_lora=[1e-3, 1e-4])
+    with pytest.raises(ConfigError, match=r"train: expected a TrainConfig"):
+        dataclasses.replace(StudyConfig(), train={"epochs": 2})
+    assert TrainConfig(lr=1).lr == 1.0 and isinstance(TrainConfig(lr=1).lr, float)
+
+
+def test_flow_lists_of_exponent_numbers_are_numbers():
+    cfg = load_config(overrides=["search.lr_lora=[1e-4, 1e-3]"])
+    assert cfg.search.lr_lora == [1e-4, 1e-3]
