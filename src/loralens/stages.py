@@ -117,7 +117,12 @@ class Context:
                 run_one(payload)
             return
         self.queue.add(stage, todo, reopen=True)
-        self.queue.work(stage, lambda key, payload: run_one(payload))
+
+        def claimed(key, payload):  # another worker may have finished it meanwhile
+            if self.overwrite or not finished(payload):
+                run_one(payload)
+
+        self.queue.work(stage, claimed)
 
 
 # --------------------------------------------------------------------------- stages
