@@ -352,16 +352,17 @@ def save_trained(model: nn.Module, method: str, out: Path) -> Path:
 
 def load_trained(job_dir: Path, backbone: nn.Module, num_labels: int) -> nn.Module:
     """Rebuild a trained classifier from a job directory (safetensors only), in eval mode."""
-    job_dir = Path(job_dir)
+    from .store import WEIGHTS_DIR
+
     model = CausalLMClassifier(backbone, num_labels)
-    if (job_dir / "adapter").is_dir():
+    adapter = Path(job_dir) / WEIGHTS_DIR["lora"]
+    if adapter.is_dir():
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, str(job_dir / "adapter")).eval()
+        return PeftModel.from_pretrained(model, str(adapter)).eval()
     from safetensors.torch import load_file
 
-    state = load_file(str(job_dir / "model" / "model.safetensors"))
-    model.load_state_dict(state)
+    model.load_state_dict(load_file(str(Path(job_dir) / WEIGHTS_DIR["full"] / "model.safetensors")))
     return model.eval()
 
 

@@ -189,6 +189,9 @@ def environment() -> dict:
             "hardware": hw}
 
 
+# A job's weights directory per method: PEFT's adapter layout, or a whole classifier.
+WEIGHTS_DIR = {"lora": "adapter", "full": "model"}
+
 DRIFT_FILES = ("layers.csv", "layers.json", "table3.csv", "table3.json", "table4.csv",
                "table4.json")
 
@@ -281,7 +284,7 @@ class RunDir:
 
     def weights_dir(self, task: str, method: str, seed: int) -> Path:
         """``adapter/`` (PEFT layout) for LoRA, ``model/`` for full fine-tuning."""
-        return self.job_dir(task, method, seed) / ("adapter" if method == "lora" else "model")
+        return self.job_dir(task, method, seed) / WEIGHTS_DIR[method]
 
     def job_done(self, task: str, method: str, seed: int) -> bool:
         return self.metrics_path(task, method, seed).is_file()
