@@ -320,7 +320,7 @@ STAGES: tuple[Stage, ...] = (
           reads=("metrics_path", "weights_dir"), writes=("extract_dir", "extract_manifest"),
           run=run_extract, selects=("task",), flags=(OVERWRITE,)),
     Stage("drift", "layer-wise similarity to the base model and Tables 3-4", None,
-          reads=("extract_manifest", "metrics_path", "val_logits_path"), writes=("drift_dir",),
+          reads=("extract_manifest", "metrics_path"), writes=("drift_dir", "drift_path"),
           run=run_drift, selects=("task",)),
     Stage("bench", "serving cost: separate vs merged adapters vs full models", "bench",
           reads=("weights_dir", "metrics_path"), writes=("bench_dir", "serving_path"),
