@@ -88,12 +88,17 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f"search.storage={args.storage}")
     if args.glue_dir:
         extra.append(f"data.glue_dir={os.path.abspath(args.glue_dir)}")
-    stage = get_stage(args.stage) if getattr(args, "stage", None) else None
+    stage = _stage_of(args)
     for f in stage.flags if stage else ():
         value = getattr(args, _dest(f.name))
         if f.config_key and value is not None:
             extra.append(f"{f.config_key}={value}")
     return extra
+
+
+def _stage_of(args: argparse.Namespace) -> Stage | None:
+    """The stage of a stage subcommand; None for ``run``."""
+    return get_stage(args.stage) if getattr(args, "stage", None) else None
 
 
 def _dest(flag: str) -> str:
@@ -119,7 +124,7 @@ def context(args: argparse.Namespace, cfg: StudyConfig, run) -> Context:
                   select_tasks=getattr(args, "task", None),
                   select_methods=getattr(args, "method", None),
                   select_seeds=getattr(args, "seed", None))
-    stage = get_stage(args.stage) if getattr(args, "stage", None) else None
+    stage = _stage_of(args)
     for f in stage.flags if stage else ():
         if f.context_field and getattr(args, _dest(f.name)):
             setattr(ctx, f.context_field, f.value)
@@ -132,7 +137,7 @@ def study_command(args: argparse.Namespace) -> int:
 
     cfg, run_dir = resolve(args)
     run = RunDir(run_dir)
-    stage = get_stage(args.stage) if getattr(args, "stage", None) else None
+    stage = _stage_of(args)
     if stage is None or not stage.read_only:  # the report only reads
         run.bind_config(cfg)
         run.record_environment(stage.name if stage else "run")

@@ -15,7 +15,7 @@ import hashlib
 import json
 import importlib.metadata
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -284,7 +284,6 @@ class Base:
     tokenizer: Any
     trust_remote_code: bool = False
     revision: str | None = None
-    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:

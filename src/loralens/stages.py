@@ -99,8 +99,9 @@ class Context:
             self.bar.update(n)
 
     def work(self, stage: str, jobs: dict[str, dict], run_one: Callable[[dict], None],
-             finished: Callable[[dict], bool] = lambda p: False) -> None:
-        """Run ``run_one(payload)`` for every job not ``finished``, through the queue.
+             finished: Callable[[dict], bool] = lambda p: False) -> list[dict]:
+        """Run ``run_one(payload)`` for every job not ``finished``, through the queue;
+        returns the payloads skipped as finished.
 
         Finished jobs (their output is there, and ``overwrite`` is off) are skipped;
         the others are (re)opened in the queue and claimed one at a time, so several
@@ -111,11 +112,12 @@ class Context:
         from .train import dist_info
 
         todo = {k: p for k, p in jobs.items() if self.overwrite or not finished(p)}
-        self.tick(len(jobs) - len(todo))
+        skipped = [p for k, p in jobs.items() if k not in todo]
+        self.tick(len(skipped))
         if dist_info()[1] > 1:
             for payload in todo.values():
                 run_one(payload)
-            return
+            return skipped
         self.queue.add(stage, todo, reopen=True)
 
         def claimed(key, payload):  # another worker may have finished it meanwhile
@@ -123,6 +125,7 @@ class Context:
                 run_one(payload)
 
         self.queue.work(stage, claimed)
+        return skipped
 
 
 # --------------------------------------------------------------------------- stages
@@ -182,9 +185,6 @@ def run_train(ctx: Context) -> bool:
 
     init_distributed()
     keys = ctx.train_keys()
-    for t, m, s in keys:
-        if ctx.run.job_done(t, m, s) and not ctx.overwrite:
-            print("skipped: " + summary_line(train_job(ctx.cfg, ctx.run, t, m, s)), flush=True)
 
     def one(p):
         t, m, s = p["task"], p["method"], p["seed"]
@@ -195,9 +195,12 @@ def run_train(ctx: Context) -> bool:
             print(summary_line(metrics), flush=True)
         ctx.tick()
 
-    ctx.work("train", {f"{t}/{m}/seed{s}": {"task": t, "method": m, "seed": s}
-                       for t, m, s in keys}, one,
-             finished=lambda p: ctx.run.job_done(p["task"], p["method"], p["seed"]))
+    skipped = ctx.work("train", {f"{t}/{m}/seed{s}": {"task": t, "method": m, "seed": s}
+                                 for t, m, s in keys}, one,
+                       finished=lambda p: ctx.run.job_done(p["task"], p["method"], p["seed"]))
+    for p in skipped:
+        done = train_job(ctx.cfg, ctx.run, p["task"], p["method"], p["seed"])  # reads metrics
+        print("skipped: " + summary_line(done), flush=True)
     missing = [k for k in keys if not ctx.run.job_done(*k)]
     if missing:
         raise RuntimeError(f"training jobs not finished: {missing}")
@@ -216,11 +219,10 @@ def run_extract(ctx: Context) -> bool:
                          progress=ctx.progress):
             print(summary_line(r), flush=True)
 
-    for t in ctx.tasks:
-        if not ctx.overwrite and is_extracted(ctx.run, t):
-            print(f"extract {t}: up to date ({ctx.run.extract_manifest(t)})", flush=True)
-    ctx.work("extract", {t: {"task": t} for t in ctx.tasks}, one,
-             finished=lambda p: is_extracted(ctx.run, p["task"]))
+    for p in ctx.work("extract", {t: {"task": t} for t in ctx.tasks}, one,
+                      finished=lambda p: is_extracted(ctx.run, p["task"])):
+        print(f"extract {p['task']}: up to date ({ctx.run.extract_manifest(p['task'])})",
+              flush=True)
     return True
 
 

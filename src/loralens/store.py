@@ -413,7 +413,10 @@ class RunDir:
                 break
             except ConfigError as e:
                 key = getattr(e, "key", None)
-                if not key or not _drop(data, key):
+                # only keys this version does not know; a known key with a bad value stays
+                # an error (the user must decide what it should be)
+                if not key or not str(e).startswith(f"unknown key {key!r}") \
+                        or not _drop(data, key):
                     raise RunDirError(f"{self.config_path}: cannot upgrade: {e}") from None
                 dropped.append(key)
         atomic_write_text(self.config_path.with_name("config.yaml.bak"),
@@ -431,12 +434,12 @@ class RunDir:
         self._update_json(self.data_path, task, stats)
 
     def add_timing(self, stage: str, seconds: float) -> None:
-        data = read_json(self.timings_path) if self.timings_path.is_file() else {}
-        self._update_json(self.timings_path, stage, data.get(stage, 0.0) + seconds)
+        self._update_json(self.timings_path, stage, lambda old: (old or 0.0) + seconds)
 
     def _update_json(self, path: Path, key: str, value: Any) -> None:
+        """Set ``key`` of a JSON object file; ``value`` may be a function of the old value."""
         data = read_json(path) if path.is_file() else {}
-        data[key] = value
+        data[key] = value(data.get(key)) if callable(value) else value
         atomic_write_json(path, data)
 
 
