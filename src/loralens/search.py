@@ -90,7 +90,8 @@ def _open_study(cfg: StudyConfig, run: RunDir, task: str, method: str) -> optuna
     storage = optuna.storages.RDBStorage(
         storage_url(cfg, run), heartbeat_interval=sc.heartbeat_interval,
         grace_period=sc.grace_period,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=sc.max_retry),
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=sc.max_retry),
         engine_kwargs=engine_kwargs(storage_url(cfg, run)))
     sampler = optuna.samplers.TPESampler(n_startup_trials=min(sc.startup_trials, sc.trials),
                                          seed=sampler_seed(task, method))
@@ -124,6 +125,29 @@ def params_to_overrides(params: dict, method: str) -> dict:
     return out
 
 
+def beat_unbeaten(study: optuna.Study) -> list[int]:
+    """Give a first heartbeat to RUNNING trials that never had one; call under the study lock.
+
+    A worker asks for a trial and records its first heartbeat under the study lock,
+    so a RUNNING trial seen without a heartbeat under that lock belongs to a worker
+    killed between the two (Optuna never fails a trial without a heartbeat, and the
+    run would wait for it forever). Beating it once makes it stale after the grace
+    period, and the normal path fails and retries it.
+    """
+    import sqlalchemy
+
+    storage = study._storage
+    rdb = getattr(storage, "_backend", storage)  # Optuna wraps RDBStorage in a cache
+    with rdb.engine.connect() as c:
+        ids = [r[0] for r in c.execute(sqlalchemy.text(
+            "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h "
+            "ON h.trial_id = t.trial_id WHERE t.study_id = :s AND t.state = 'RUNNING' "
+            "AND h.trial_id IS NULL"), {"s": study._study_id})]
+    for trial_id in ids:
+        storage.record_heartbeat(trial_id)
+    return ids
+
+
 def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base,
                progress: bool = True, on_trial=None) -> dict:
     """Run trials of (task, method) until the study has ``search.trials`` of them."""
@@ -138,7 +162,8 @@ def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base
     while True:
         with study_lock(storage_url(cfg, run), study_name(task, method), run.root):
             # A killed worker's trial stops beating: fail it (its configuration is
-            # re-enqueued by RetryFailedTrialCallback and taken by the next ask()).
+            # re-enqueued by RetryHeartbeatStaleTrialCallback and taken by the next ask()).
+            beat_unbeaten(study)
             optuna.storages.fail_stale_trials(study)
             counted = study.get_trials(deepcopy=False, states=COUNTED)
             trial = study.ask() if len(counted) < sc.trials else None

@@ -149,3 +149,30 @@ def test_a_trial_has_a_heartbeat_before_training_starts(tmp_path, glue_dir, tiny
         run_search(search_cfg(glue_dir, trials=1), RunDir(tmp_path), "rte", "lora", tiny_base,
                    progress=False)
     assert seen == [("RUNNING", 1)]
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_path, glue_dir,
+                                                                           tiny_base):
+    """A worker killed between ask() and its first heartbeat leaves a RUNNING trial with
+    no heartbeat (Optuna never fails those); the next worker must not wait for it forever
+    but fail it after the grace period and retry its configuration (the CI hang of stop 20)."""
+    from loralens.search import open_study
+
+    cfg = search_cfg(glue_dir, trials=2, extra=["search.heartbeat_interval=1",
+                                                "search.grace_period=1"])
+    run = RunDir(tmp_path)
+    orphan = open_study(cfg, run, "rte", "lora").ask()  # dies here: no heartbeat recorded
+    orphan_params = dict(orphan.params)
+    done = []
+    t = threading.Thread(target=lambda: done.append(
+        run_search(cfg, run, "rte", "lora", tiny_base, progress=False)), daemon=True)
+    t.start()
+    t.join(timeout=120)
+    assert not t.is_alive(), "run_search waited forever on a trial that never had a heartbeat"
+    trials = optuna.load_study(study_name="loralens-rte-lora",
+                               storage=run.sqlite_url("search")).get_trials()
+    assert trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 2 and done[0]["counts"]["COMPLETE"] == 2
+    assert any(t.system_attrs.get("failed_trial") == orphan.number for t in complete)
+    assert orphan_params == {}  # asked, never suggested: the retry runs a fresh suggestion
