@@ -81,9 +81,19 @@ class DataConfig(_Validated):
     train_size: int | None = _f(None, lo=1, doc="rows of the training split used (None = all)")
     train_size_per_task: dict[str, int] = _f(factory=dict, lo=1,
                                              doc="per-task training rows, overriding train_size")
+    selection: str = _f("train_slice", choices=("train_slice", "validation"),
+                        doc="rows that search, pruning and early stopping read: train_slice = "
+                            "a stratified slice held out of the training split (the model "
+                            "never trains on it); validation = the published protocol "
+                            "(optimistic: the reported split is also selected on)")
+    selection_fraction: float = _f(0.1, lo=0.0, hi=0.5,
+                                   doc="train_slice: fraction of the training split held out")
+    selection_min: int = _f(256, lo=1, doc="train_slice: at least this many rows, where the "
+                                           "split allows (never more than half of it)")
     early_stop_size: int | None = _f(None, lo=1,
-                                     doc="validation rows for early stopping (None = all)")
-    subset_seed: int = _f(0, doc="seed of the fixed row subsets (same for every method/seed)")
+                                     doc="selection rows scored for early stopping (None = all)")
+    subset_seed: int = _f(0, doc="seed of the fixed row subsets and of the selection slice "
+                                 "(same for every method and seed)")
     group_by_length: bool = _f(True, doc="length-grouped batches (False: plain shuffle)")
 
 
@@ -111,13 +121,20 @@ class TrainConfig(_Validated):
     weight_decay: float = _f(0.0, lo=0.0, hi=1.0, doc="AdamW weight decay")
     max_grad_norm: float = _f(0.3, lo=0.0, doc="gradient clipping norm (0 = off)")
     patience: int = _f(3, lo=0, doc="early stopping: evaluations without a better val loss")
-    eval_every: int = _f(0, lo=0, doc="evaluate every N optimizer steps (0 = once per epoch)")
+    eval_every: int = _f(0, lo=0, doc="early stopping: evaluate every N optimizer steps "
+                                      "(0 = evals_per_epoch times per epoch)")
+    evals_per_epoch: int = _f(4, lo=1, doc="evaluations per epoch when eval_every is 0 (the "
+                                           "last step of an epoch is always evaluated)")
     eval_batch_size: int = _f(32, lo=1, doc="examples per evaluation batch")
     precision: str = _f("auto", choices=("auto", "fp32", "bf16"),
                         doc="auto = bf16 autocast on a GPU, fp32 on the CPU")
     gradient_checkpointing: str = _f("auto", choices=("auto", "on", "off"),
                                      doc="auto = on for a GPU")
     threads: int = _f(0, lo=0, doc="torch CPU threads (0 = torch's default)")
+    optimizer_full: str = _f("adamw", choices=("adamw", "adamw_8bit_paged", "auto"),
+                             doc="full fine-tuning's optimizer: adamw (torch), adamw_8bit_paged "
+                                 "(bitsandbytes, state paged to the CPU; needs a GPU) or auto "
+                                 "(8-bit paged on a GPU with bitsandbytes, else adamw)")
 
 
 @dataclass
@@ -140,7 +157,7 @@ class SearchConfig(_Validated):
     storage: str | None = _f(None, doc="SQLAlchemy URL (PostgreSQL for several machines); "
                                        "None = SQLite in the run directory")
     train_size: int | None = _f(None, lo=1, doc="training rows per trial (None = data's)")
-    eval_size: int | None = _f(None, lo=1, doc="validation rows scored per trial (None = all)")
+    eval_size: int | None = _f(None, lo=1, doc="selection rows scored per trial (None = all)")
     epochs: list[int] = _f(factory=lambda: [2, 3, 4], lo=1, doc="epoch choices of the space")
     batch_full: list[int] = _f(factory=lambda: [1, 2, 4], lo=1,
                                doc="batch-size choices of full fine-tuning")
@@ -149,7 +166,11 @@ class SearchConfig(_Validated):
                               doc="[low, high] of full fine-tuning's log-uniform learning rate")
     lr_lora: list[float] = _f(factory=lambda: [5e-5, 5e-3], lo=0,
                               doc="[low, high] of LoRA's log-uniform learning rate")
-    seed: int = _f(42, doc="training seed of every trial")
+    seed: int = _f(0, doc="training seed of every trial; never one of the training seeds "
+                          "(a trained model would replay a trial)")
+    sampler_seed: int = _f(0, doc="mixed with task, method and the trial's position into each "
+                                  "trial's own TPE seed (workers and resumes never repeat a "
+                                  "draw; a rerun from scratch repeats the whole search)")
     heartbeat_interval: int = _f(60, lo=1, doc="seconds between a running trial's heartbeats")
     grace_period: int = _f(180, lo=1, doc="seconds without heartbeat before a trial is failed")
     max_retry: int = _f(2, lo=0, doc="times a failed (killed) trial's configuration is retried")
@@ -211,6 +232,12 @@ class StudyConfig(_Validated):
             if t not in TASKS:
                 raise ConfigError(f"data.train_size_per_task: unknown task {t!r}; known: "
                                   f"{', '.join(TASKS)}", "data.train_size_per_task")
+        if self.search.enabled and self.search.seed in self.seeds:
+            raise ConfigError(
+                f"search.seed: {self.search.seed} is also a training seed (seeds: {self.seeds}); "
+                "the model trained with it would replay a search trial instead of being an "
+                "independent seed. Pick a search seed outside the training seeds "
+                "(default 0).", "search.seed")
         for m in self.methods:
             if m not in METHODS:
                 raise ConfigError(f"methods: unknown method {m!r}; known: {', '.join(METHODS)}",

@@ -71,6 +71,41 @@ class Split:
         return {"rows": len(self), "source": self.source,
                 "label_counts": {str(k): v for k, v in sorted(self.label_counts.items())}}
 
+    def ids(self) -> list[int]:
+        return [e.id for e in self.examples]
+
+    def carve(self, fraction: float, minimum: int, seed: int) -> tuple["Split", "Split"]:
+        """(held-out slice, the rest): a fixed, label-stratified slice of the rows.
+
+        The slice has ``round(fraction * rows)`` rows, at least ``minimum`` where the
+        split allows, never more than half of it. Each label gets its share of the slice
+        (largest remainders, so the counts add up exactly), drawn with its own seed, so the
+        slice is the same for every method and seed and never depends on other splits.
+        Both parts keep the original row order and ids.
+        """
+        n_rows = len(self.examples)
+        n = min(max(round(fraction * n_rows), minimum), n_rows // 2)
+        if n < 1:
+            raise DataError(f"{self.source}: {n_rows} row(s) of {self.task}/{self.name} are too "
+                            "few to hold a selection slice out of (need at least 2)")
+        labels = self.labels
+        classes = sorted(self.label_counts)
+        exact = {c: n * self.label_counts[c] / n_rows for c in classes}
+        take = {c: int(exact[c]) for c in classes}
+        by_remainder = sorted(classes, key=lambda c: (-(exact[c] - take[c]), c))
+        for c in by_remainder[: n - sum(take.values())]:
+            take[c] += 1
+        rng = np.random.default_rng(seed)
+        held = np.sort(np.concatenate([
+            rng.choice(np.flatnonzero(labels == c), size=take[c], replace=False)
+            for c in classes]))
+        mask = np.zeros(n_rows, dtype=bool)
+        mask[held] = True
+        held_rows = [e for e, m in zip(self.examples, mask) if m]
+        rest_rows = [e for e, m in zip(self.examples, mask) if not m]
+        return (Split(self.task, "selection", held_rows, self.source, _count(held_rows)),
+                Split(self.task, self.name, rest_rows, self.source, _count(rest_rows)))
+
 
 def _count(rows: Sequence[Example]) -> dict[int, int]:
     counts: dict[int, int] = {}

@@ -3,8 +3,11 @@
 Unlike the study's published code (10 trials, 10 random start-up trials, a fresh
 in-memory study per trial, a sampler seed from Python's salted ``hash()``), every
 trial of a (task, method) reports to ONE study in a persistent storage, TPE gets
-fewer start-up trials than trials so it really models, and the sampler seed is a
-stable hash of task and method.
+fewer start-up trials than trials so it really models, each trial's sampler seed is a
+stable hash of task, method and the trial's position (no worker or resumed process
+draws a configuration again), trials train with ``search.seed`` (never a training
+seed), and trials are scored on the selection rows (``data.selection``), never on
+the split the report's Table 3 reports under the default protocol.
 
 Storage is SQLite in the run directory by default, or any SQLAlchemy URL
 (PostgreSQL) so that workers on several machines run trials of the same study at
@@ -65,9 +68,22 @@ def space(method: str, cfg: StudyConfig) -> dict[str, tuple]:
             **(LORA_SPACE if method == "lora" else {})}
 
 
-def sampler_seed(task: str, method: str) -> int:
-    """Stable across processes and machines (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.sha256(f"{task}/{method}".encode()).digest()[:4], "big")
+def sampler_seed(task: str, method: str, position: int = 0, base: int = 0) -> int:
+    """The TPE seed of the trial asked when the study holds ``position`` trials.
+
+    Stable across processes and machines (Python's hash() is salted per process). One
+    fixed seed per study would make every worker, and every resumed process, draw the
+    same first configurations again; a seed per position never repeats a draw while a
+    rerun from scratch repeats the whole search.
+    """
+    key = f"{task}/{method}/{base}/{position}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
+
+
+def make_sampler(cfg: StudyConfig, task: str, method: str, position: int) -> optuna.samplers.TPESampler:
+    sc = cfg.search
+    return optuna.samplers.TPESampler(n_startup_trials=min(sc.startup_trials, sc.trials),
+                                      seed=sampler_seed(task, method, position, sc.sampler_seed))
 
 
 def study_name(task: str, method: str) -> str:
@@ -93,8 +109,7 @@ def _open_study(cfg: StudyConfig, run: RunDir, task: str, method: str) -> optuna
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
             max_retry=sc.max_retry),
         engine_kwargs=engine_kwargs(storage_url(cfg, run)))
-    sampler = optuna.samplers.TPESampler(n_startup_trials=min(sc.startup_trials, sc.trials),
-                                         seed=sampler_seed(task, method))
+    sampler = make_sampler(cfg, task, method, 0)  # replaced before each ask (run_search)
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=max(sc.startup_trials, 1),
                                           n_warmup_steps=0)
               if sc.prune else optuna.pruners.NopPruner())
@@ -165,8 +180,13 @@ def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base
             # re-enqueued by RetryHeartbeatStaleTrialCallback and taken by the next ask()).
             beat_unbeaten(study)
             optuna.storages.fail_stale_trials(study)
-            counted = study.get_trials(deepcopy=False, states=COUNTED)
-            trial = study.ask() if len(counted) < sc.trials else None
+            every = study.get_trials(deepcopy=False)
+            counted = [t for t in every if t.state in COUNTED]
+            trial = None
+            if len(counted) < sc.trials:
+                # Trials are only created under this lock, so the study's size orders them.
+                study.sampler = make_sampler(cfg, task, method, len(every))
+                trial = study.ask()
             if trial is not None:
                 # Beat once before anyone can see the trial RUNNING: Optuna only fails
                 # trials that have a heartbeat, so a worker killed before its heartbeat
@@ -180,19 +200,25 @@ def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base
             time.sleep(min(sc.heartbeat_interval, 5))
             continue
         if prepared is None:
+            # Trials are scored on (and stop early and prune on) the selection rows: a
+            # slice held out of the training split unless data.selection is validation.
             prepared = prepare_task(tcfg, task, tokenizer)
-            eval_split = prepared.val_split.subset(sc.eval_size, cfg.data.subset_seed)
             from . import data as D
 
-            eval_enc = D.encode_split(tokenizer, eval_split, cfg.data.max_length)
+            eval_enc = D.encode_split(tokenizer, prepared.selection_rows(
+                sc.eval_size, cfg.data.subset_seed), cfg.data.max_length)
             prepared.early_stop = eval_enc
         overrides = suggest(trial, method, cfg)
         trial.set_user_attr("train_rows", len(prepared.train))
         trial.set_user_attr("eval_rows", len(eval_enc))
+        trial.set_user_attr("eval_split", prepared.selection_info["split"])
+        trial.set_user_attr("seed", sc.seed)
         metric = prepared.task.metric
 
         def on_eval(entry, trial=trial):
-            trial.report(entry[f"val_{metric}"], entry["epoch"] if entry.get("epoch") else 0)
+            # The k-th evaluation is the same fraction of training in every trial (steps
+            # are not: batch sizes differ), so pruning compares like with like.
+            trial.report(entry[f"val_{metric}"], entry["eval"])
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
@@ -234,8 +260,12 @@ def write_best(cfg: StudyConfig, run: RunDir, task: str, method: str,
     result = {
         "task": task, "method": method, "study": study.study_name,
         "storage": "sqlite (run directory)" if not cfg.search.storage else "external",
-        "sampler": {"name": "TPE", "seed": sampler_seed(task, method),
+        "sampler": {"name": "TPE", "seeding": "per trial: sha256(task/method/"
+                    "search.sampler_seed/number of trials in the study when asked)",
+                    "sampler_seed": cfg.search.sampler_seed,
                     "startup_trials": min(cfg.search.startup_trials, cfg.search.trials)},
+        "trial_seed": cfg.search.seed,
+        "selection": cfg.data.selection,
         "space": {k: list(v) for k, v in space(method, cfg).items()},
         "metric": get_task(task).metric,
         "best": {"number": best.number, "value": best.value, "params": best.params,

@@ -389,7 +389,7 @@ class RunDir:
             raise RunDirError(f"{self.root} is not a run directory (no config.yaml)")
         self.check_format()
         with open(self.config_path) as f:
-            data = yaml.safe_load(f) or {}
+            data = _before_held_out_selection(yaml.safe_load(f) or {}, self.config_path)
         try:
             return config_from_dict(data)
         except ConfigError as e:
@@ -405,7 +405,7 @@ class RunDir:
         from .config import ConfigError, config_from_dict
 
         with open(self.config_path) as f:
-            data = yaml.safe_load(f) or {}
+            data = _before_held_out_selection(yaml.safe_load(f) or {}, self.config_path)
         dropped: list[str] = []
         while True:
             try:
@@ -441,6 +441,33 @@ class RunDir:
         data = read_json(path) if path.is_file() else {}
         data[key] = value(data.get(key)) if callable(value) else value
         atomic_write_json(path, data)
+
+
+def _before_held_out_selection(data: dict, path: Path) -> dict:
+    """A config stored before ``data.selection`` existed, read as what that run did: its
+    search and early stopping read the validation split, evaluated once per epoch.
+
+    Read otherwise, it would take today's defaults (a held-out slice) and a continued
+    run would mix two protocols in one directory. A run whose search trials trained
+    with a training seed cannot be expressed in today's schema: it can be reported, not
+    continued or served from its config.
+    """
+    section = data.get("data")
+    if not isinstance(section, dict) or "selection" in section:
+        return data
+    data = {**data, "data": {**section, "selection": "validation"}}
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    if not train.get("eval_every"):
+        data["train"] = {**train, "evals_per_epoch": 1}
+    search = data.get("search") if isinstance(data.get("search"), dict) else {}
+    seed = search.get("seed", 42)
+    if search.get("enabled", True) and seed in (data.get("seeds") or [42, 1337, 2024]):
+        raise RunDirError(
+            f"{path} was written before held-out selection: its search trials trained with "
+            f"seed {seed}, also a training seed, and selected on the validation split. "
+            "Report it as it is (`loralens report --run-dir "
+            f"{path.parent}`); to continue the study, start a new --run-dir")
+    return data
 
 
 def _drop(data: dict, dotted: str) -> bool:

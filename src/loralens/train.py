@@ -7,8 +7,9 @@ clipping, early stopping, evaluation) is the same code path, so the comparison i
 controlled.
 
 Reads like a methods section: setup (data, model, method) -> fit (AdamW, cosine
-schedule with warm-up, clipping, accumulation, early stopping on validation loss
-with the best checkpoint restored) -> evaluate (whole validation split) -> save.
+schedule with warm-up, clipping, accumulation, early stopping on the selection rows'
+loss, evaluated a few times per epoch, with the best checkpoint restored) -> evaluate
+(the whole validation split, once, after everything that selects) -> save.
 """
 
 from __future__ import annotations
@@ -51,7 +52,14 @@ def learning_rate(train: TrainConfig, method: str) -> float:
 
 @dataclass
 class Prepared:
-    """A task's data, tokenized once and shared by every method and seed."""
+    """A task's data, tokenized once and shared by every method and seed.
+
+    ``selection_split`` is what selects (search objective, pruning, early stopping):
+    under ``data.selection: train_slice`` a stratified slice held out of the training
+    split (``train_split`` is drawn from the rest, so the model never trains on it);
+    under ``validation`` (the published protocol) the validation split itself.
+    ``val`` is the reported split, scored once per finished model.
+    """
 
     task: TaskSpec
     tokenizer: object
@@ -59,30 +67,53 @@ class Prepared:
     val_split: D.Split
     train: D.Encoded
     val: D.Encoded
-    early_stop: D.Encoded     # validation rows used for early stopping
+    early_stop: D.Encoded     # selection rows scored for early stopping
+    selection_split: D.Split
+    protocol: str = "train_slice"
+    selection_info: dict = field(default_factory=dict)
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
+    def selection_rows(self, n: int | None, seed: int) -> D.Split:
+        """The fixed selection rows a search trial is scored on (all when n is None)."""
+        return self.selection_split.subset(n, seed)
+
     def stats(self) -> dict:
         return {"train": self.train_split.stats(), "validation": self.val_split.stats(),
                 "early_stop_rows": len(self.early_stop),
+                "selection": {**self.selection_info, "early_stop_rows": len(self.early_stop)},
                 "mean_tokens": {"train": float(self.train.lengths.mean()),
                                 "validation": float(self.val.lengths.mean())}}
 
 
 def prepare_task(cfg: StudyConfig, task: str, tokenizer) -> Prepared:
-    spec = get_task(task)
-    size = cfg.data.train_size_per_task.get(spec.name, cfg.data.train_size)
-    train_split = D.load_split(spec, "train", cfg.data.glue_dir).subset(size, cfg.data.subset_seed)
-    val_split = D.load_split(spec, "validation", cfg.data.glue_dir)
-    val = D.encode_split(tokenizer, val_split, cfg.data.max_length)
-    es_split = val_split.subset(cfg.data.early_stop_size, cfg.data.subset_seed)
-    early = val if es_split is val_split else D.encode_split(tokenizer, es_split,
-                                                             cfg.data.max_length)
+    """Load, split and tokenize a task: training rows, selection rows, reported rows."""
+    spec, dc = get_task(task), cfg.data
+    size = dc.train_size_per_task.get(spec.name, dc.train_size)
+    full_train = D.load_split(spec, "train", dc.glue_dir)
+    val_split = D.load_split(spec, "validation", dc.glue_dir)
+    if dc.selection == "train_slice":
+        selection, rest = full_train.carve(dc.selection_fraction, dc.selection_min,
+                                           dc.subset_seed)
+    else:
+        selection, rest = val_split, full_train
+    train_split = rest.subset(size, dc.subset_seed)
+    val = D.encode_split(tokenizer, val_split, dc.max_length)
+    es_split = selection.subset(dc.early_stop_size, dc.subset_seed)
+    early = val if es_split is val_split else D.encode_split(tokenizer, es_split, dc.max_length)
+    info = {"protocol": dc.selection, "split": "train" if dc.selection == "train_slice"
+            else "validation", "seed": dc.subset_seed,
+            "fraction": dc.selection_fraction if dc.selection == "train_slice" else None,
+            "rows": len(selection), "row_ids": selection.ids(),
+            "label_counts": selection.stats()["label_counts"],
+            "early_stop_row_ids": es_split.ids(), "train_pool_rows": len(rest),
+            "search_eval_rows": (min(cfg.search.eval_size or len(selection), len(selection))
+                                 if cfg.search.enabled else None)}
     return Prepared(spec, tokenizer, train_split, val_split,
-                    D.encode_split(tokenizer, train_split, cfg.data.max_length), val, early)
+                    D.encode_split(tokenizer, train_split, dc.max_length), val, early,
+                    selection, dc.selection, info)
 
 
 # --------------------------------------------------------------------------- fit / evaluate
@@ -152,6 +183,8 @@ class FitResult:
     padded_tokens: int = 0
     final_train_loss: float = math.nan
     epochs: int = 0
+    eval_every: int = 0               # optimizer steps between early-stopping evaluations
+    stopped_step: int | None = None   # the step at which patience ran out (None: it did not)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -180,6 +213,7 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
 
     rank, world = dist_info()
     res, best_state, bad = FitResult(), None, 0
+    res.eval_every = eval_interval(len(train_enc), tc)
     bar = tqdm(total=total, desc=desc, disable=not progress or rank > 0, unit="step",
                dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -190,7 +224,7 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
                                   group_by_length)
         # Data parallel: every rank takes its share of each global batch.
         local = [b[rank::world] for b in batches] if world > 1 else batches
-        epoch_loss, epoch_n = 0.0, 0
+        epoch_loss, epoch_n, step_in_epoch = 0.0, 0, 0
         for i, idx in enumerate(local):
             if len(idx):
                 # weight = rows / rows of the accumulation window (all ranks): exact mean
@@ -212,7 +246,9 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
             bar.set_postfix(loss=f"{epoch_loss / max(epoch_n, 1):.4f}",
                             tok_s=f"{res.real_tokens * world / elapsed:.0f}")
             bar.update(1)
-            if tc.eval_every and early_stop_enc is not None and res.steps % tc.eval_every == 0:
+            step_in_epoch += 1
+            last = i + 1 == len(batches) or bool(tc.max_steps and res.steps >= tc.max_steps)
+            if early_stop_enc is not None and (step_in_epoch % res.eval_every == 0 or last):
                 best_state, bad, stop = _early_stop_check(model, early_stop_enc, pad_id, tc, res,
                                                           best_state, bad, epoch)
                 on_eval and on_eval(res.history[-1])
@@ -225,10 +261,6 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
         res.epochs = epoch + 1
         if stop_below_train_loss is not None and res.final_train_loss < stop_below_train_loss:
             break
-        if not stop and not tc.eval_every and early_stop_enc is not None:
-            best_state, bad, stop = _early_stop_check(model, early_stop_enc, pad_id, tc, res,
-                                                      best_state, bad, epoch)
-            on_eval and on_eval(res.history[-1])
         if res.history:
             res.history[-1].setdefault("train_loss", res.final_train_loss)
         if stop:
@@ -266,13 +298,22 @@ def _adamw(params: list[torch.Tensor], weight_decay: float, lr: float) -> torch.
         return torch.optim.AdamW(groups, lr=lr)
 
 
+def steps_per_epoch(n_rows: int, tc: TrainConfig) -> int:
+    return math.ceil(math.ceil(n_rows / tc.batch_size) / tc.grad_accum)
+
+
+def eval_interval(n_rows: int, tc: TrainConfig) -> int:
+    """Optimizer steps between early-stopping evaluations: ``train.eval_every``, else
+    ``evals_per_epoch`` evenly spread evaluations per epoch (so that patience can act
+    within the study's 2-4 epochs; the last step of each epoch is evaluated too)."""
+    return tc.eval_every or max(1, math.ceil(steps_per_epoch(n_rows, tc) / tc.evals_per_epoch))
+
+
 def _cosine_schedule(opt, n_rows: int, tc: TrainConfig):
     """(cosine schedule with linear warm-up, total optimizer steps) for ``n_rows`` rows."""
     from transformers import get_cosine_schedule_with_warmup
 
-    micro_per_epoch = math.ceil(n_rows / tc.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
-    total = steps_per_epoch * tc.epochs
+    total = steps_per_epoch(n_rows, tc) * tc.epochs
     if tc.max_steps:
         total = min(total, tc.max_steps)
     return get_cosine_schedule_with_warmup(opt, round(tc.warmup_ratio * total), total), total
@@ -335,14 +376,19 @@ def _accum_rows(batches: list[np.ndarray], i: int, accum: int) -> int:
 def _early_stop_check(model, enc, pad_id, tc, res: FitResult, best_state, bad, epoch):
     m = evaluate(model, enc, pad_id, tc.eval_batch_size, precision=tc.precision)
     improved = m["loss"] < res.best_val_loss - 1e-12
-    res.history.append({"step": res.steps, "epoch": epoch + 1, "val_loss": m["loss"],
-                        "val_accuracy": m["accuracy"], "val_f1": m["f1"]})
+    # "val_*": the selection rows (a slice of the training split unless data.selection is
+    # validation), never the reported split under the default protocol.
+    res.history.append({"eval": len(res.history) + 1, "step": res.steps, "epoch": epoch + 1,
+                        "val_loss": m["loss"], "val_accuracy": m["accuracy"],
+                        "val_f1": m["f1"]})
     if improved:
         res.best_val_loss, res.best_step, bad = m["loss"], res.steps, 0
         best_state = trainable_state(model)
     else:
         bad += 1
     stop = tc.patience > 0 and bad >= tc.patience
+    if stop and not res.stopped_early:
+        res.stopped_step = res.steps
     res.stopped_early = res.stopped_early or stop
     model.train()
     return best_state, bad, stop

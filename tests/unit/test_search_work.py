@@ -176,3 +176,64 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_pat
     assert len(complete) == 2 and done[0]["counts"]["COMPLETE"] == 2
     assert any(t.system_attrs.get("failed_trial") == orphan.number for t in complete)
     assert orphan_params == {}  # asked, never suggested: the retry runs a fresh suggestion
+
+
+def configs(res_or_study) -> list[tuple]:
+    trials = (res_or_study["trials"] if isinstance(res_or_study, dict)
+              else [{"params": t.params} for t in res_or_study.trials])
+    return [tuple(sorted(t["params"].items())) for t in trials]
+
+
+def test_workers_resumes_and_reruns_never_repeat_a_configuration(tmp_path, glue_dir, tiny_base):
+    """Every trial random (startup 4 of 4) makes a repeat visible: with one fixed sampler
+    seed per study, a resumed process and a second worker both drew trial 0's
+    configuration again (issue 12)."""
+    extra = ["search.startup_trials=4"]
+    scratch = run_search(search_cfg(glue_dir, 4, extra), RunDir(tmp_path / "a"), "rte", "lora",
+                         tiny_base, progress=False)
+    assert len(set(configs(scratch))) == 4
+    rerun = run_search(search_cfg(glue_dir, 4, extra), RunDir(tmp_path / "b"), "rte", "lora",
+                       tiny_base, progress=False)
+    assert configs(rerun) == configs(scratch)          # reproducible from scratch
+
+    # kill-and-resume: two trials, then a new process (a fresh study object) asks for more
+    resumed_dir = RunDir(tmp_path / "c")
+    run_search(search_cfg(glue_dir, 2, extra), resumed_dir, "rte", "lora", tiny_base,
+               progress=False)
+    resumed = run_search(search_cfg(glue_dir, 4, extra), resumed_dir, "rte", "lora", tiny_base,
+                         progress=False)
+    assert len(set(configs(resumed))) == 4
+    assert configs(resumed) == configs(scratch)        # as if never interrupted
+
+    # two workers on one study
+    cfg, run = search_cfg(glue_dir, 4, extra), RunDir(tmp_path / "d")
+    threads = [threading.Thread(target=run_search, args=(cfg, run, "rte", "lora", tiny_base),
+                                kwargs={"progress": False}) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    study = optuna.load_study(study_name="loralens-rte-lora", storage=run.sqlite_url("search"))
+    assert len(study.trials) == 4 and len(set(configs(study))) == 4
+
+
+def test_trials_train_with_the_search_seed_and_score_the_selection_rows(tmp_path, glue_dir,
+                                                                        tiny_base, monkeypatch):
+    import loralens.search as S
+
+    seen = []
+    real = S.train_model
+
+    def spy(cfg, prepared, method, seed, *a, **k):
+        seen.append((seed, prepared.early_stop.ids.tolist()))
+        return real(cfg, prepared, method, seed, *a, **k)
+
+    monkeypatch.setattr(S, "train_model", spy)
+    cfg = search_cfg(glue_dir, 1, ["seeds=[42]", "search.seed=5"])
+    res = run_search(cfg, RunDir(tmp_path), "rte", "lora", tiny_base, progress=False)
+    from loralens.train import prepare_task
+
+    p = prepare_task(cfg, "rte", tiny_base.tokenizer)
+    (seed, ids), = seen
+    assert seed == 5 and res["trial_seed"] == 5
+    assert len(ids) == 16 and set(ids) <= set(p.selection_split.ids())
+    assert set(ids).isdisjoint(p.train_split.ids())
+    assert res["trials"][0]["user_attrs"]["eval_split"] == "train"

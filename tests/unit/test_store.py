@@ -110,3 +110,40 @@ def test_csv_text_by_hand():
     assert csv_text(rows) == 'a,b,c,d\n1,0.1,,\n2,,1.5;2,"x,y"\n'
     assert csv_text(rows, ["b", "a"]) == "b,a\n0.1,1\n,2\n"
     assert csv_text([]) == ""
+
+
+def old_config(**search) -> dict:
+    """A config.yaml as loralens wrote it before held-out selection (no data.selection,
+    evaluation once per epoch, trials trained with seed 42)."""
+    cfg = StudyConfig().to_dict()
+    del cfg["data"]["selection"], cfg["data"]["selection_fraction"], cfg["data"]["selection_min"]
+    del cfg["train"]["evals_per_epoch"], cfg["search"]["sampler_seed"]
+    cfg["search"].update({"seed": 42, **search})
+    return cfg
+
+
+def test_a_run_dir_from_before_held_out_selection_reads_as_what_it_did(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old_config(seed=7)))
+    run = RunDir(tmp_path)
+    cfg = run.load_config()
+    assert cfg.data.selection == "validation" and cfg.train.evals_per_epoch == 1
+    # continuing it with today's defaults would mix two protocols in one directory
+    with pytest.raises(RunDirError, match=r"data\.selection: 'validation' -> 'train_slice'"):
+        run.bind_config(StudyConfig())
+
+
+def test_a_run_dir_whose_trials_trained_with_a_training_seed_is_reported_not_continued(
+        tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old_config()))
+    run = RunDir(tmp_path)
+    with pytest.raises(RunDirError) as e:
+        run.load_config()
+    assert str(e.value) == (
+        f"{tmp_path / 'config.yaml'} was written before held-out selection: its search trials "
+        "trained with seed 42, also a training seed, and selected on the validation split. "
+        f"Report it as it is (`loralens report --run-dir {tmp_path}`); to continue the study, "
+        "start a new --run-dir")
+    assert cli.main(["train", "--run-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "was written before held-out selection" in capsys.readouterr().err
+    assert cli.main(["report", "--run-dir", str(tmp_path), "--no-progress"]) == 0
+    assert (tmp_path / "report" / "report.md").is_file()
