@@ -32,8 +32,9 @@ def _split_stats(rows, labels=(0.5, 0.5), source="/glue/SST-2/train.tsv"):
     return {"rows": rows, "source": source, "label_counts": {"0": a, "1": rows - a}}
 
 
-def write_metrics(run: RunDir, task, method, seed, accuracy):
-    """A faithful copy of train.train_job's metrics.json."""
+def write_metrics(run: RunDir, task, method, seed, accuracy, selection="train_slice"):
+    """A faithful copy of train.train_job's metrics.json (``selection=None``: as written
+    before data.selection existed: no fit.eval_every, no fit.stopped_step)."""
     n = N_VAL[task]
     hp = {"lr": 2e-3 if method == "lora" else 3e-5, "lr_lora": 2e-3, "lr_full": 3e-5,
           "epochs": 1, "max_steps": 0, "batch_size": 16, "grad_accum": 1, "warmup_ratio": 0.1,
@@ -53,17 +54,38 @@ def write_metrics(run: RunDir, task, method, seed, accuracy):
                        else 134_000_000},
         "fit": {"history": [], "steps": 4, "best_step": 4, "best_val_loss": 0.6,
                 "stopped_early": False, "train_seconds": 30.0, "real_tokens": 900,
-                "padded_tokens": 1000, "final_train_loss": 0.6, "epochs": 1},
-        "data": data_stats(task), "device": "cpu", "data_parallel_processes": 1})
+                "padded_tokens": 1000, "final_train_loss": 0.6, "epochs": 1,
+                **({"eval_every": 2, "stopped_step": None} if selection else {})},
+        "data": data_stats(task, selection), "device": "cpu", "data_parallel_processes": 1})
 
 
-def data_stats(task):
-    """train.Prepared.stats()."""
-    return {"train": _split_stats(640 if task == "sst2" else 64),
-            "validation": _split_stats(N_VAL[task], (0.45, 0.55)),
-            "early_stop_rows": min(N_VAL[task], 128),
-            "mean_tokens": {"train": 12.5 if task == "sst2" else 72.1,
-                            "validation": 13.0 if task == "sst2" else 70.4}}
+# rows of the selection slice held out of each training split (train_slice)
+SLICE = {"sst2": 256, "rte": 32}
+
+
+def data_stats(task, selection="train_slice"):
+    """train.Prepared.stats(); ``selection=None``: an older data.json without the
+    "selection" entry."""
+    out = {"train": _split_stats(640 if task == "sst2" else 64),
+           "validation": _split_stats(N_VAL[task], (0.45, 0.55)),
+           "early_stop_rows": min(N_VAL[task], 128),
+           "mean_tokens": {"train": 12.5 if task == "sst2" else 72.1,
+                           "validation": 13.0 if task == "sst2" else 70.4}}
+    if selection == "train_slice":
+        n = SLICE[task]
+        out["selection"] = {"protocol": "train_slice", "split": "train", "seed": 0,
+                            "fraction": 0.1, "rows": n, "row_ids": list(range(n)),
+                            "label_counts": {"0": n // 2, "1": n - n // 2},
+                            "early_stop_rows": min(n, 128), "search_eval_rows": 32}
+    elif selection == "validation":
+        n = N_VAL[task]
+        out["selection"] = {"protocol": "validation", "split": "validation", "seed": 0,
+                            "fraction": None, "rows": n, "row_ids": list(range(n)),
+                            "label_counts": out["validation"]["label_counts"],
+                            "early_stop_rows": min(n, 128), "search_eval_rows": 32}
+    if selection:
+        out["early_stop_rows"] = out["selection"]["early_stop_rows"]
+    return out
 
 
 def write_search(cfg, run, task, method):
@@ -198,13 +220,21 @@ def write_loadtest(run: RunDir) -> dict:
 
 def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "drift", "bench",
                                       "loadtest"),
-                  seeds=SEEDS, search=True) -> RunDir:
-    """A complete (or, with fewer ``stages``, partial) run directory without a model."""
+                  seeds=SEEDS, search=True, selection="train_slice") -> RunDir:
+    """A complete (or, with fewer ``stages``, partial) run directory without a model.
+
+    ``selection``: data.selection of the run; None writes what an older version wrote
+    (config.yaml without the protocol keys, no "selection" in data.json).
+    """
     seeds = tuple(seeds)
     cfg = load_config(overrides={"preset": "smoke", "tasks": list(TASKS), "seeds": list(seeds),
-                                 "data": {"max_length": 128}, "search": {"enabled": search}})
+                                 "data": {"max_length": 128,
+                                          "selection": selection or "validation"},
+                                 "search": {"enabled": search}})
     run = RunDir(root)
     run.bind_config(cfg)
+    if selection is None:
+        _strip_protocol_keys(run)
     atomic_write_json(run.env_path, {"run": {
         "python": "3.11.2", "packages": {"loralens": "0.1.0", "torch": "2.13.0"},
         "git_commit": "0123abcd", "hardware": {"platform": "Linux-x86_64", "processor": "x86_64",
@@ -227,10 +257,10 @@ def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "d
                 write_search(cfg, run, t, m)
     if "train" in stages:
         for t in TASKS:
-            run.record_data(t, data_stats(t))
+            run.record_data(t, data_stats(t, selection))
             for m in ("lora", "full"):
                 for s, acc in zip(seeds, ACCURACY[(t, m)]):
-                    write_metrics(run, t, m, s, acc)
+                    write_metrics(run, t, m, s, acc, selection)
     if "extract" in stages:
         for t in TASKS:
             write_extract(run, t, rng, N_VAL[t], seeds=seeds)
@@ -245,6 +275,22 @@ def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "d
     atomic_write_json(run.timings_path, {s: 10.0 + i for i, s in enumerate(stages)
                                               if s != "loadtest"})
     return run
+
+
+# config keys added with the selection protocol (an older config.yaml lacks them)
+NEW_KEYS = ("data.selection", "data.selection_fraction", "data.selection_min", "search.seed",
+            "search.sampler_seed", "train.evals_per_epoch")
+
+
+def _strip_protocol_keys(run: RunDir) -> None:
+    """Rewrite config.yaml as a version before the selection protocol keys wrote it."""
+    import yaml
+
+    data = yaml.safe_load(run.config_path.read_text())
+    for key in NEW_KEYS:
+        section, name = key.split(".")
+        data[section].pop(name)
+    run.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 @pytest.fixture(scope="module")

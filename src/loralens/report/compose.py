@@ -12,7 +12,7 @@ import datetime
 
 from . import serving_tables, tables
 from .figures import FigureFile
-from .formatting import KINDS, Table, ci, g, pm, pval, signed_pct
+from .formatting import KINDS, Table, ci, finite, g, pm, pval, signed_pct
 from .render import Block
 from .run_data import RunData
 from .status import Stage, rerun_hint, stage_status, table_status
@@ -96,12 +96,45 @@ def _header(doc: _Document) -> None:
                   "directly comparable with the published study.", "warning"))
     elif model:
         doc.add(p(f"**Model:** {model}" + (f" — {note}" if note else ""), "note"))
+    _protocol_header(doc)
     if d.config is None:
         doc.add(p("**No config.yaml**: this directory is not a loralens run directory, or "
                   "the run has not started. Start one with `loralens run --preset smoke "
                   "--run-dir DIR`.", "missing"))
     for prob in d.problems:
         doc.add(p(f"**Unreadable file:** {prob}", "warning"))
+
+
+OPTIMISTIC = "**Validation scores are optimistic.** "
+
+
+def _protocol_header(doc: _Document) -> None:
+    """Which protocol produced the numbers; a warning when the reported split was also
+    the one selected on, since Table 3's scores then overstate accuracy on unseen data."""
+    pr = doc.d.protocol
+    if pr is None:
+        return
+    sizes = [f"{t} {sel.get('rows')} rows" for t, sel in pr.recorded.items()
+             if sel.get("split") == "train" and finite(sel.get("rows"))]
+    text = (("Selection protocol" if pr.optimistic else "**Selection protocol**")
+            + f" — {pr.info['text']}."
+            + (f" Selection slice per task: {', '.join(sizes)} (Table 1)."
+               if sizes and not pr.optimistic else "")
+            + (f" Assumed: {pr.assumed}." if pr.assumed else ""))
+    if pr.optimistic:
+        doc.add(p(OPTIMISTIC + text + " Table 3 reports the split on which the "
+                  "hyperparameters were chosen and the best state restored; a new run directory "
+                  "with `data.selection=train_slice` gives validation scores that nothing was "
+                  "selected on.", "warning"))
+    else:
+        doc.add(p(text, "note"))
+    if pr.mismatched:
+        recorded = {t: pr.task_protocol(t) for t in pr.mismatched}
+        doc.add(p("**data.json disagrees with config.yaml:** " + ", ".join(
+            f"{t} was prepared with data.selection {v}" for t, v in recorded.items())
+            + f", but config.yaml says {pr.name}; Tables 1 and 3 follow data.json"
+            + ("; validation-protocol tasks have optimistic validation scores"
+               if "validation" in recorded.values() else "") + ".", "warning"))
 
 
 def _glance(doc: _Document) -> None:
@@ -181,6 +214,8 @@ def _status(doc: _Document) -> None:
 def _provenance(doc: _Document) -> None:
     doc.add(h2("Provenance", "provenance"))
     doc.table(tables.table_provenance)
+    if doc.table(tables.table_differences) is None:
+        doc.add(missing("Differences from the published study", "unknown without config.yaml"))
     if doc.table(tables.table_timings) is None:
         doc.add(missing("Wall time per stage", "not recorded yet (no timings.json)",
                         "`loralens run` records it"))
@@ -228,6 +263,7 @@ def _accuracy(doc: _Document) -> None:
             doc.not_run("train", "Accuracy")
     elif doc.state["train"].state == "partial":
         doc.partial("train", "Training")
+    doc.table(tables.table_fit)
     doc.add(p("Sources: `drift/table3.json` (`table3.csv`), "
               "`models/<task>/<method>/seed<seed>/metrics.json`.", "note"))
 

@@ -2,7 +2,8 @@
 
 :func:`load_run` reads every file the stages write, each through its :class:`RunDir`
 path; a missing file leaves its field empty and an unreadable one is recorded in
-``problems``, never an error.
+``problems``, never an error. :attr:`RunData.protocol` says which selection protocol
+(``data.selection``) produced the numbers, read from config.yaml and data.json.
 
 Sources (see the writers for the exact fields): ``config.yaml``, ``env.json``,
 ``data.json``, ``timings.json`` (store.py, runner.py); ``models/<task>/<method>/
@@ -15,14 +16,18 @@ seed<seed>/metrics.json`` (train.py); ``sanity/*.json`` (sanity.py);
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ..store import RunDir
+
+if TYPE_CHECKING:
+    from ..config import StudyConfig
 
 STAGES = ("sanity", "search", "train", "extract", "drift", "bench", "report")
 
@@ -89,6 +94,128 @@ class RunData:
             return get_task(task).metric
         except KeyError:
             return "accuracy"
+
+    @property
+    def protocol(self) -> Protocol | None:
+        """The selection protocol of the run (None without a config.yaml)."""
+        if "protocol" not in self.cache:
+            self.cache["protocol"] = resolve_protocol(self.config, self.data) \
+                if self.config is not None else None
+        return self.cache["protocol"]
+
+
+# --------------------------------------------------------------------------- protocol
+
+# Config keys the protocol text and the list of differences read; a stored config without
+# them predates them, and the report says which values it had to assume.
+PROTOCOL_KEYS = ("data.selection", "data.selection_fraction", "data.selection_min",
+                 "data.subset_seed", "search.seed", "search.sampler_seed", "train.eval_every",
+                 "train.evals_per_epoch", "train.patience")
+SELECTIONS = ("train_slice", "validation")
+
+
+@dataclass
+class Protocol:
+    """Which protocol produced the numbers: what selects (search, pruning, early stopping)
+    and what Table 3 reports, from config.yaml, with what data.json recorded per task."""
+
+    name: str                        # "train_slice" or "validation"
+    info: dict                       # protocol.selection_protocol(cfg)
+    differences: list                # protocol.differences(cfg): (key, text)
+    assumed: str = ""                # why name was assumed (config.yaml lacks data.selection)
+    missing: list = field(default_factory=list)    # PROTOCOL_KEYS absent from config.yaml
+    dropped: list = field(default_factory=list)    # stored keys the config could not take
+    recorded: dict = field(default_factory=dict)   # task -> data.json "selection" entry
+
+    @property
+    def optimistic(self) -> bool:
+        return bool(self.info.get("optimistic"))
+
+    def task_protocol(self, task: str) -> str:
+        """What the task's data was actually prepared with (data.json), else the config."""
+        return str((self.recorded.get(task) or {}).get("protocol") or self.name)
+
+    @property
+    def mismatched(self) -> list[str]:
+        """Tasks whose data.json records another protocol than config.yaml states."""
+        return [t for t in self.recorded if self.task_protocol(t) != self.name]
+
+
+def resolve_protocol(config: dict, data: dict | None) -> Protocol:
+    """Rebuild the run's StudyConfig from the stored dict and ask :mod:`loralens.protocol`.
+
+    A config.yaml without ``data.selection`` was written before the key existed, by code
+    that selected on the validation split: it is read as the published protocol, never
+    as today's default. Keys the current schema rejects (renamed, out of range) are
+    dropped one by one, so an old run still gets a protocol; the report lists them.
+    """
+    from .. import protocol as P
+
+    stored = copy.deepcopy(config)
+    missing = [k for k in PROTOCOL_KEYS if _get(stored, k) is _ABSENT]
+    assumed = ""
+    if _get(stored, "data.selection") not in SELECTIONS:
+        value = _get(stored, "data.selection")
+        assumed = ("config.yaml has no data.selection: the run predates the key, and older "
+                   "versions selected on the validation split"
+                   if value is _ABSENT else
+                   f"config.yaml's data.selection {value!r} is not one of "
+                   f"{list(SELECTIONS)}, so it is read as the published protocol")
+        _set(stored, "data.selection", "validation")
+    cfg, dropped = _rebuild(stored)
+    recorded = {t: v["selection"] for t, v in (data or {}).items()
+                if isinstance(v, dict) and isinstance(v.get("selection"), dict)}
+    return Protocol(cfg.data.selection, P.selection_protocol(cfg), P.differences(cfg),
+                    assumed, missing, dropped, recorded)
+
+
+def _rebuild(stored: dict) -> tuple[StudyConfig, list[str]]:
+    """``config_from_dict``, dropping each key it rejects (at most 50); defaults else."""
+    from ..config import ConfigError, DataConfig, StudyConfig, config_from_dict
+
+    dropped: list[str] = []
+    for _ in range(50):
+        try:
+            return config_from_dict(stored), dropped
+        except ConfigError as e:
+            key = (e.key or "").split("[")[0]
+            if not key or key == "data.selection" or _get(stored, key) is _ABSENT:
+                break
+            dropped.append(str(e))  # the message names the key
+            _drop(stored, key)
+    dropped.append("config.yaml could not be rebuilt: today's defaults stand in for it")
+    return StudyConfig(data=DataConfig(selection=_get(stored, "data.selection"))), dropped
+
+
+_ABSENT = object()
+
+
+def _get(d: dict, dotted: str) -> Any:
+    node: Any = d
+    for k in dotted.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return _ABSENT
+        node = node[k]
+    return node
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = d
+    for k in parents:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[last] = value
+
+
+def _drop(d: dict, dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    node: Any = d
+    for k in parents:
+        node = node.get(k) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(last, None)
 
 
 def _read(path: Path, problems: list[str], kind: str = "json") -> Any:

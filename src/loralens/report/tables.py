@@ -1,5 +1,10 @@
 """The study's tables: provenance, data, search, accuracy (Table 3) and drift (Table 4).
 
+Tables whose meaning depends on the selection protocol (``data.selection``: what the
+search, pruning and early stopping read) say which one they follow, from
+:attr:`RunData.protocol`: Table 1 shows the selection rows, Table 2 names the split its
+scores come from, Table 3 says whether anything was selected on the split it reports.
+
 Each ``table_*`` function turns what :func:`run_data.load_run` read into a
 :class:`Table` whose cells are already formatted strings, or returns None when the
 run holds nothing for it yet. The serving tables are in :mod:`.serving_tables`.
@@ -43,7 +48,8 @@ def table_provenance(d: RunData) -> Table:
             ["Tasks / methods / seeds", f"{', '.join(d.tasks) or DASH} / "
                                         f"{', '.join(d.methods)} / "
                                         f"{', '.join(map(str, d.seeds)) or DASH}"],
-            ["max_length", str(d.cfg("data", "max_length", default=DASH))]]
+            ["max_length", str(d.cfg("data", "max_length", default=DASH))],
+            ["Selection protocol", protocol_text(d)]]
     if last:
         name, e = last
         hw = e.get("hardware") or {}
@@ -68,6 +74,38 @@ def table_provenance(d: RunData) -> Table:
                      + (f" ({s['device_name']})" if s.get("device_name") else "")
                      + f", {s.get('threads', DASH)} threads, {s.get('dtype', 'float32')}"])
     return Table("table-provenance", "Provenance", ["Item", "Value"], rows, numeric=False)
+
+
+def protocol_text(d: RunData) -> str:
+    """One line: the protocol's own description, and why it was assumed, if it was."""
+    pr = d.protocol
+    if pr is None:
+        return "unknown (no config.yaml)"
+    return pr.info["text"] + (f" ({pr.assumed})" if pr.assumed else "")
+
+
+def table_differences(d: RunData) -> Table | None:
+    """Where this run deliberately differs from the published study, and why."""
+    pr = d.protocol
+    if pr is None:
+        return None
+    rows = [[key, text] for key, text in pr.differences]
+    notes = []
+    if not pr.optimistic:
+        notes.append("Nothing selected on the validation split that Table 3 reports "
+                     "(first row).")
+    else:
+        notes.append("Selection follows the published study (data.selection: validation): "
+                     "there is no selection slice, and Table 3's scores are optimistic.")
+    if pr.missing:
+        notes.append(f"config.yaml lacks {', '.join(pr.missing)}: the run predates these keys, "
+                     "so the rows above use today's defaults for them, which the code that "
+                     "ran may not have followed.")
+    if pr.dropped:
+        notes.append("Stored keys the current config rejects, ignored here: "
+                     + "; ".join(pr.dropped) + ".")
+    return Table("table-differences", "Deliberate differences from the published study",
+                 ["Difference", "What differs, and why"], rows, notes=notes, numeric=False)
 
 
 def table_timings(d: RunData) -> Table | None:
@@ -115,8 +153,56 @@ def _data_for(d: RunData, task: str) -> dict | None:
     return None
 
 
+def _selection_cells(d: RunData, task: str, st: dict) -> list[str]:
+    """Selection rows (split), their labels and the early-stopping rows of one task.
+
+    An older data.json has no "selection" entry; its run selected on the validation
+    split, whose own rows are then shown.
+    """
+    sel = st.get("selection") if isinstance(st.get("selection"), dict) else None
+    es = str((sel or {}).get("early_stop_rows", st.get("early_stop_rows", DASH)))
+    if sel:
+        split = {"train": "train slice", "validation": "validation split"}.get(
+            sel.get("split"), str(sel.get("split", DASH)))
+        return [f"{sel.get('rows', DASH)} ({split})",
+                label_counts(task, sel.get("label_counts")), es]
+    va = st.get("validation") or {}
+    if st and d.protocol and d.protocol.task_protocol(task) == "validation":
+        return [f"{va.get('rows', DASH)} (validation split)",
+                label_counts(task, va.get("label_counts")), es]
+    return [DASH, DASH, es]
+
+
+def _table1_protocol_notes(d: RunData) -> list[str]:
+    pr = d.protocol
+    if pr is None:
+        return []
+    by: dict[str, list[str]] = {}
+    for task in d.tasks:
+        by.setdefault(pr.task_protocol(task), []).append(task)
+    texts = {"train_slice": "Train rows exclude the selection slice: a stratified slice held "
+                            "out of the training split (data.selection_fraction, at least "
+                            "data.selection_min rows, seed data.subset_seed) that search "
+                            "trials are scored on, pruning reads and early stopping "
+                            "evaluates (early-stop rows: the part scored at each "
+                            "evaluation, data.early_stop_size); no model trains on it, and "
+                            "the validation rows are only scored once per finished model.",
+             "validation": "Selection rows are the validation split itself (data.selection: "
+                           "validation, the published protocol): search, pruning and early "
+                           "stopping read the rows Table 3 reports."}
+    notes = [(f"{', '.join(tasks)}: " if len(by) > 1 else "") + texts.get(name, name)
+             for name, tasks in by.items()]
+    inferred = [t for t in by.get("validation", []) if t not in pr.recorded
+                and _data_for(d, t)]
+    if inferred:
+        notes.append(f"{', '.join(inferred)}: data.json predates its \"selection\" entry; the "
+                     "selection columns show the validation split's own rows.")
+    return notes
+
+
 def table1(d: RunData) -> Table | None:
-    """Dataset statistics with the rows actually used, and the extraction sample."""
+    """Dataset statistics with the rows actually used, the selection rows and the extraction
+    sample."""
     rows = []
     for task in d.tasks:
         st = _data_for(d, task) or {}
@@ -139,10 +225,10 @@ def table1(d: RunData) -> Table | None:
         else:
             sample = "not extracted"
         if not st and not man and not serv:
-            rows.append([task, DASH, DASH, DASH, DASH, DASH, DASH, sample, DASH])
+            rows.append([task] + [DASH] * 8 + [sample, DASH])
             continue
         rows.append([task, str(tr.get("rows", DASH)), label_counts(task, tr.get("label_counts")),
-                     str(va.get("rows", DASH)), str(st.get("early_stop_rows", DASH)),
+                     *_selection_cells(d, task, st), str(va.get("rows", DASH)),
                      f"{f(tok.get('train'), 1)} / {f(tok.get('validation'), 1)}",
                      trial_rows or DASH, sample,
                      str(serv.get("examples", DASH))])
@@ -151,13 +237,15 @@ def table1(d: RunData) -> Table | None:
     notes = ["Rows are those actually used (fixed subsets drawn with data.subset_seed); "
              "mean tokens after tokenization with the model's tokenizer, "
              f"truncated at max_length {d.cfg('data', 'max_length', default='?')}."]
+    notes += _table1_protocol_notes(d)
     for task, man in d.extract.items():
         if finite(man.get("n_examples")) and finite(man.get("requested")) \
                 and man["n_examples"] < man["requested"]:
             notes.append(f"{task}: drift uses {man['n_examples']} validation examples, the whole "
                          f"split, not the {man['requested']} requested.")
     return Table("table-1-data", "Table 1: datasets and the rows actually used",
-                 ["Task", "Train rows", "Train labels", "Validation rows", "Early-stop rows",
+                 ["Task", "Train rows", "Train labels", "Selection rows (split)",
+                  "Selection labels", "Early-stop rows", "Validation rows",
                   "Mean tokens (train / val)", "Search rows per trial (train / eval)",
                   "Drift sample (validation)", "Serving requests"], rows, notes=notes)
 
@@ -190,7 +278,8 @@ def table2_spaces(d: RunData) -> Table | None:
     samp = any_r.get("sampler") or {}
     notes.append(f"Optuna {samp.get('name', 'TPE')}, {samp.get('startup_trials', '?')} random "
                  f"start-up trials, one persistent study per task and method; LoRA rank fixed "
-                 f"at 8.")
+                 f"at 8" + (f"; trials train with seed {any_r['trial_seed']}, not a training "
+                            "seed" if any_r.get("trial_seed") is not None else "") + ".")
     return Table("table-2-spaces", "Table 2a: hyperparameter search spaces",
                  ["Parameter"] + [METHODS.get(m, m) for m in methods], rows, notes=notes)
 
@@ -228,11 +317,26 @@ def table2(d: RunData) -> Table | None:
                              _params_text(keep) + " (used in training)"])
     if not rows:
         return None
-    notes = ["Validation score: the selection metric of the best trial on the search's "
-             "validation rows (Table 1); trials: complete / pruned / failed."]
+    notes = [_search_score_note(d) + " Trials: complete / pruned / failed."]
     return Table("table-2-search", "Table 2b: chosen hyperparameters",
-                 ["Task", "Method", "Metric", "Validation score", "Best trial",
+                 ["Task", "Method", "Metric", "Search score", "Best trial",
                   "Trials (C/P/F)", "Chosen hyperparameters"], rows, notes=notes)
+
+
+def _search_score_note(d: RunData) -> str:
+    """Which rows the search scores came from: the search results' own record, else the
+    protocol."""
+    splits = {r.get("selection") or (d.protocol.task_protocol(t) if d.protocol else None)
+              for (t, _), r in d.search.items()}
+    if splits == {"train_slice"}:
+        return ("Search score: the selection metric of the best trial on the selection slice "
+                "held out of the training split (rows per trial: Table 1), never on the "
+                "validation split.")
+    if splits == {"validation"}:
+        return ("Search score: the selection metric of the best trial on the validation "
+                "split (rows per trial: Table 1), the split Table 3 reports: optimistic.")
+    return ("Search score: the selection metric of the best trial on the search's "
+            "selection rows (rows per trial: Table 1).")
 
 
 def accuracy_entries(d: RunData) -> tuple[list[dict], str | None]:
@@ -290,15 +394,137 @@ def table3(d: RunData) -> Table | None:
     notes = ["* selection metric of the task. Mean ± sd (ddof 1) over seeds on the whole "
              "validation split; p: two-sided paired t-test by seed, Bonferroni over tasks; "
              "Cohen's d of the paired differences (LoRA − full)."]
+    notes += reported_split_notes(d, entries) + [n for n in [seeds_note(entries)] if n]
     notes += [n for n in [note] if n]
     why = {f"{e.get('task')}: {c['note']}" for e in entries
            for c in (e.get("metrics") or {}).values() if isinstance(c, dict) and c.get("note")}
     notes += sorted(why)
     notes += _notes_about(d.table3, "accuracy", "f1", "training job")
-    return Table("table-3-accuracy", "Table 3: accuracy and F1 (validation)",
+    return Table("table-3-accuracy", f"Table 3: accuracy and F1 ({_table3_split(d, entries)})",
                  ["Task", "Metric", "n", "Majority", "LoRA mean ± sd", "LoRA per seed",
                   "Full FT mean ± sd", "Full FT per seed", "LoRA − full", "p", "p (Bonf.)",
                   "d", "Significant"], rows, notes=notes)
+
+
+def _table3_split(d: RunData, entries: list[dict]) -> str:
+    names = {d.protocol.task_protocol(e.get("task")) for e in entries} if d.protocol else set()
+    return {frozenset({"train_slice"}): "validation split, nothing selected on it",
+            frozenset({"validation"}): "validation split, also selected on: optimistic"}.get(
+        frozenset(names), "validation")
+
+
+def _rows_text(entries: list[dict]) -> str:
+    """"40 rows" for one task, "40 rows (sst2), 24 rows (rte)" for several."""
+    def n(e: dict) -> str:
+        return "/".join(map(str, e.get("n_validation") or [])) or "?"
+    if len(entries) == 1:
+        return f"{n(entries[0])} rows"
+    return ", ".join(f"{n(e)} rows ({e.get('task')})" for e in entries)
+
+
+def reported_split_notes(d: RunData, entries: list[dict]) -> list[str]:
+    """Which split Table 3 reports, and whether anything was selected on it, per protocol."""
+    pr = d.protocol
+    if pr is None:
+        return [f"Reported split: validation split, {_rows_text(entries)}; the selection "
+                "protocol is unknown (no config.yaml)."]
+    groups: dict[str, list[dict]] = {}
+    for e in entries:
+        groups.setdefault(pr.task_protocol(e.get("task")), []).append(e)
+    out = []
+    for name, es in groups.items():
+        rows = _rows_text(es) + (f" of {', '.join(e.get('task') for e in es)}"
+                                 if len(groups) > 1 and len(es) == 1 else "")
+        if name == "train_slice":
+            out.append(f"Reported split: validation split, {rows}, scored once per finished "
+                       "model; nothing selected on it (protocol train_slice: search, pruning "
+                       "and early stopping read a selection slice held out of the training "
+                       "split, Table 1).")
+        else:
+            out.append(f"Reported split: validation split, {rows}, also used for search and "
+                       "early stopping: optimistic (protocol validation, the published one: "
+                       "the hyperparameters and the restored best state were chosen on these "
+                       "rows, so the scores overstate accuracy on unseen data"
+                       + (f"; {pr.assumed}" if pr.assumed else "") + ").")
+    if pr.mismatched:
+        out.append(f"data.json records another selection protocol than config.yaml "
+                   f"({pr.name}) for {', '.join(pr.mismatched)}; the notes above follow "
+                   "data.json.")
+    return out
+
+
+def seeds_note(entries: list[dict]) -> str:
+    """How many seeds each mean rests on: one sentence when every mean has the same seeds."""
+    seen: dict[tuple[str, str], list[int]] = {}
+    for e in entries:
+        metrics = e.get("metrics") or {}
+        c = metrics.get(e.get("selection_metric")) or next(iter(metrics.values()), None) or {}
+        for m, vals in (c.get("all_seeds") or {}).items():
+            seen[(e.get("task"), m)] = sorted(int(s) for s in (vals or {}))
+    lists = {tuple(v) for v in seen.values()}
+    if not lists:
+        return ""
+    if len(lists) == 1:
+        (seeds,) = lists
+        return (f"Each mean rests on {len(seeds)} seed{'s' if len(seeds) != 1 else ''} per "
+                f"method ({', '.join(map(str, seeds)) or 'none'}).")
+    return "Seeds per mean: " + "; ".join(
+        f"{t} {METHODS.get(m, m)} {len(v)}" for (t, m), v in seen.items()) + "."
+
+
+def _eval_cadence(m: dict) -> str:
+    """Optimizer steps between early-stopping evaluations, as recorded; older metrics.json
+    (no fit.eval_every) come from code that evaluated once per epoch unless eval_every was
+    set."""
+    fit, hp = m.get("fit") or {}, m.get("hyperparameters") or {}
+    if finite(fit.get("eval_every")) and fit["eval_every"] > 0:
+        return f"{fit['eval_every']} steps"
+    if finite(hp.get("eval_every")) and hp["eval_every"] > 0:
+        return f"{hp['eval_every']} steps"
+    if "eval_every" in hp and "evals_per_epoch" not in hp:
+        return "once per epoch"
+    return DASH
+
+
+def _stopped(fit: dict) -> str:
+    if "stopped_step" in fit:
+        return f"at step {fit['stopped_step']}" if fit["stopped_step"] is not None else "no"
+    if "stopped_early" in fit:  # older metrics.json: a bool, and max_steps also set it
+        return "early (patience or max_steps)" if fit["stopped_early"] else "no"
+    return DASH
+
+
+def table_fit(d: RunData) -> Table | None:
+    """Per training job: how often early stopping evaluated, which state it restored and
+    whether patience ended training (metrics.json "fit")."""
+    if not d.jobs:
+        return None
+    def order(k: tuple) -> tuple:
+        t, m, s = k
+        return (d.tasks.index(t) if t in d.tasks else 99,
+                d.methods.index(m) if m in d.methods else 99, str(t), str(m), s)
+
+    rows = []
+    for key in sorted(d.jobs, key=order):
+        m = d.jobs[key]
+        fit = m.get("fit") if isinstance(m.get("fit"), dict) else {}
+        hist = fit.get("history")
+        best = fit.get("best_step")
+        rows.append([key[0], METHODS.get(key[1], key[1]), str(key[2]),
+                     str(fit.get("epochs", DASH)), str(fit.get("steps", DASH)),
+                     str(len(hist)) if isinstance(hist, list) else DASH, _eval_cadence(m),
+                     str(best) if finite(best) and best > 0 else DASH, _stopped(fit),
+                     seconds(fit.get("train_seconds"))])
+    pr = d.protocol
+    where = pr.info["selects_on"] if pr else "selection rows"
+    notes = [f"Early stopping scores the loss on the {where} (early-stop rows: Table 1) every "
+             f"'Eval every' optimizer steps and restores the state with the lowest loss "
+             f"(best step); patience {d.cfg('train', 'patience', default='?')} evaluations "
+             "without a better loss stop training (stopped)."]
+    return Table("table-3b-fit", "Table 3b: training jobs and early stopping",
+                 ["Task", "Method", "Seed", "Epochs", "Steps", "Evaluations", "Eval every",
+                  "Best step (restored)", "Stopped by patience", "Train time"], rows,
+                 notes=notes)
 
 
 def _notes_about(src: dict | None, *words: str) -> list[str]:
