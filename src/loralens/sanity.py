@@ -13,6 +13,7 @@ import numpy as np
 
 from . import data as D
 from .config import StudyConfig
+from .devices import training_device
 from .models import Base, apply_method, build_classifier
 from .store import RunDir, atomic_write_json, read_json
 from .train import fit, seed_everything
@@ -32,16 +33,21 @@ def sanity_pair(cfg: StudyConfig, task: str, method: str, prepared, base: Base,
     tc = replace(cfg.train, epochs=sc.epochs, batch_size=sc.batch_size, grad_accum=1,
                  warmup_ratio=0.0, weight_decay=0.0, max_steps=0, patience=0, eval_every=0)
     lr = sc.lr_lora if method == "lora" else sc.lr_full
+    # The training device, as train_model chooses it: the check runs the production loop
+    # where production runs (bf16 autocast and checkpointing on a GPU, by train.*).
+    device = training_device()
     seed_everything(seed)
     model = apply_method(build_classifier(base.backbone(), prepared.task.num_labels, seed),
-                         method, cfg)
+                         method, cfg).to(device)
     res = fit(model, tiny, None, prepared.pad_id, tc, lr, seed, progress=progress,
-              stop_below_train_loss=sc.loss_threshold, desc=f"sanity {task}/{method}")
+              stop_below_train_loss=sc.loss_threshold, desc=f"sanity {task}/{method}",
+              method=method)
     passed = res.final_train_loss < sc.loss_threshold
     return {"task": task, "method": method, "examples": int(len(tiny)),
             "epochs_run": res.epochs,
             "steps": res.steps, "final_train_loss": res.final_train_loss,
-            "threshold": sc.loss_threshold, "lr": lr, "passed": bool(passed)}
+            "threshold": sc.loss_threshold, "lr": lr, "device": str(device),
+            "passed": bool(passed)}
 
 
 def sanity_job(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base, prepared,

@@ -110,7 +110,10 @@ def prepare_task(cfg: StudyConfig, task: str, tokenizer) -> Prepared:
             "label_counts": selection.stats()["label_counts"],
             "early_stop_row_ids": es_split.ids(), "train_pool_rows": len(rest),
             "search_eval_rows": (min(cfg.search.eval_size or len(selection), len(selection))
-                                 if cfg.search.enabled else None)}
+                                 if cfg.search.enabled else None),
+            "search_seed": cfg.search.seed,
+            "sampler_seeding": f"TPE seed per trial = sha256(task/method/{cfg.search.sampler_seed}"
+                               "/trials in the study when asked)"}
     return Prepared(spec, tokenizer, train_split, val_split,
                     D.encode_split(tokenizer, train_split, dc.max_length), val, early,
                     selection, dc.selection, info)
@@ -197,14 +200,21 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None, pad_id: int,
         tc: TrainConfig, lr: float, seed: int, *, group_by_length: bool = True,
         stop_below_train_loss: float | None = None, pad_to: int | None = None,
-        progress: bool = True, desc: str = "train", on_eval=None) -> FitResult:
-    """Train ``model`` in place; restore the parameters with the best validation loss.
+        progress: bool = True, desc: str = "train", on_eval=None,
+        method: str = "lora") -> FitResult:
+    """Train ``model`` in place; restore the parameters with the best selection loss.
 
     ``on_eval(entry)`` is called after each early-stopping evaluation (search pruning).
+    ``method`` picks the optimizer (``train.optimizer_full`` applies to ``full``).
     """
+    from .devices import make_optimizer, param_groups
+
     device = device_of(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _adamw(params, tc.weight_decay, lr)
+    opt, note = make_optimizer(param_groups(params, tc.weight_decay), lr, method,
+                               tc.optimizer_full, device)
+    if note and rank_zero():
+        print(f"{desc}: {note}", flush=True)
     sched, total = _cosine_schedule(opt, len(train_enc), tc)
     use_ckpt = tc.gradient_checkpointing == "on" or (
         tc.gradient_checkpointing == "auto" and device.type == "cuda")
@@ -288,16 +298,6 @@ def _backward(model: nn.Module, enc: D.Encoded, idx: np.ndarray, pad_id: int,
     return float(out.loss.detach())
 
 
-def _adamw(params: list[torch.Tensor], weight_decay: float, lr: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only."""
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    try:  # the fused kernel: ~8x faster than the per-tensor loop for 135M parameters on the CPU
-        return torch.optim.AdamW(groups, lr=lr, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, lr=lr)
-
-
 def steps_per_epoch(n_rows: int, tc: TrainConfig) -> int:
     return math.ceil(math.ceil(n_rows / tc.batch_size) / tc.grad_accum)
 
@@ -324,6 +324,10 @@ def _restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     for n, p in model.named_parameters():
         if n in state:
             p.copy_(state[n])
+
+
+def rank_zero() -> bool:
+    return dist_info()[0] == 0
 
 
 def dist_info() -> tuple[int, int]:
@@ -429,7 +433,7 @@ def train_model(cfg: StudyConfig, prepared: Prepared, method: str, seed: int, ba
     fitres = fit(model, prepared.train, prepared.early_stop, prepared.pad_id, tc,
                  learning_rate(tc, method), seed, group_by_length=cfg.data.group_by_length,
                  progress=progress, desc=desc or f"{prepared.task.name}/{method}/seed{seed}",
-                 on_eval=on_eval)
+                 on_eval=on_eval, method=method)
     return model, fitres
 
 

@@ -20,6 +20,15 @@ SCRIPT = Path(__file__).parent / "scripts" / "dp_fit.py"
 TOL = 1e-5
 
 
+def free_port() -> int:
+    """A port nobody listens on now (a fixed one collides with a concurrent run)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_two_process_data_parallel_matches_single_process(tmp_path, method):
     single, dp = tmp_path / "single.json", tmp_path / "dp.json"
@@ -28,7 +37,7 @@ def test_two_process_data_parallel_matches_single_process(tmp_path, method):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(29517 + (method == "full")), str(SCRIPT), str(dp),
+                        "--master_port", str(free_port()), str(SCRIPT), str(dp),
                         method],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

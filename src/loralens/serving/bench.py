@@ -28,6 +28,11 @@ minus the RSS before: loading transients included) and ``resident_increase_mb``
 and ``memory_allocated``. Logits of ``lora_runtime`` and ``lora_merged`` are
 compared with ``lora_separate`` on every request.
 
+Dtype (``train.precision``, :func:`loralens.devices.serving_dtype`): every model is
+loaded in bf16 on a GPU, as the study serves, and in float32 on the CPU (auto; a note
+says so); ``bf16`` or ``fp32`` force one. The logit checks' tolerance follows the dtype
+(:func:`.bench_task.tolerance`: 1e-5 in float32, 0.5 in bf16).
+
 Comparison with full fine-tuning (Table 5): per task and batch size, latencies of
 every seed pooled; overhead % = mean / mean(full) - 1; the p-value is the two-sided
 Mann-Whitney U test on per-request latencies. Mann-Whitney rather than Welch's t:
@@ -63,11 +68,12 @@ from typing import Sequence
 import torch
 
 from ..config import StudyConfig
+from ..devices import dtype_name, serving_dtype, training_device
 from ..models import Base, load_base
 from ..store import RunDir, RunDirError, environment
 from .bench_multi import bench_multi
 from .bench_results import checks, comparison, summary_lines, write_results
-from .bench_task import TOL, BenchContext, bench_task
+from .bench_task import BenchContext, bench_task, tolerance
 from .measure import MemoryProbe, tensor_bytes
 from .runtime import MultiLoraClassifier
 
@@ -77,7 +83,8 @@ __all__ = ["run_bench", "summary_lines"]
 def run_bench(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
               batch_sizes: Sequence[int] = (1,), warmup: int = 10, n_requests: int = 100,
               progress: bool = True, *, mixed_batch_size: int = 8,
-              threads: int | None = None, base: Base | None = None) -> dict:
+              threads: int | None = None, base: Base | None = None,
+              precision: str | None = None) -> dict:
     """Benchmark serving of every trained model in ``run``; write RUN_DIR/bench/.
 
     ``n_requests`` validation examples per task (all of them when the split is
@@ -85,26 +92,36 @@ def run_bench(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
     ``threads``: torch CPU threads (default: ``cfg.train.threads`` or torch's).
     ``base``: the study's base model when the caller has loaded it already
     (default: ``models.load_base(cfg)``).
+    ``precision``: the dtype models are served in, in ``train.precision``'s values
+    (default: ``cfg.train.precision``; auto = bf16 on a GPU, as the study serves, float32
+    on the CPU: :func:`loralens.devices.serving_dtype`). Every model is loaded in it.
     Returns the result dict also written to RUN_DIR/bench/serving.json.
     """
     if n_requests < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("need n_requests >= 1, warmup >= 0 and batch sizes >= 1")
     jobs = _jobs_to_bench(cfg, run)
     tasks = _tasks_to_bench(run, cfg, jobs, tasks)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = training_device()
+    dtype, note = serving_dtype(device, precision or cfg.train.precision)
+    if note:
+        print(note, flush=True)
     threads = threads or cfg.train.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     batch_sizes = sorted(set(int(b) for b in batch_sizes))
 
     base = base or load_base(cfg)
-    ctx = BenchContext(cfg, run, device, base.backbone().eval(), base.tokenizer, warmup, progress)
+    # Loaded in the serving dtype: every served model (full, merged, separate, runtime) is
+    # built on a copy of these weights, so all of them serve in it.
+    ctx = BenchContext(cfg, run, device, base.backbone(dtype=dtype).eval(), base.tokenizer,
+                       warmup, progress, tol=tolerance(dtype))
     with MemoryProbe(device) as mem:
         ctx.runtime = MultiLoraClassifier(ctx.fresh().to(device))
     result = {
         "model": base.name, "model_note": base.note, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "threads": threads, "dtype": "float32", "batch_sizes": batch_sizes, "warmup": warmup,
-        "n_requests": n_requests, "max_length": cfg.data.max_length, "tolerance": TOL,
+        "threads": threads, "dtype": dtype_name(dtype), "batch_sizes": batch_sizes,
+        "warmup": warmup, "n_requests": n_requests, "max_length": cfg.data.max_length,
+        "tolerance": ctx.tol,
         "runtime_base_memory": {"weights_mb": tensor_bytes(ctx.runtime) / 2**20, **mem.to_dict()},
         "tasks": {}, "comparison": [], "load_average": {"start": os.getloadavg()},
     }

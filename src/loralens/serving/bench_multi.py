@@ -22,7 +22,7 @@ from .. import data as D
 from ..models import CausalLMClassifier
 from ..tasks import get_task
 from ..timing import median, stopwatch, summarize, time_interleaved
-from .bench_task import TOL, BenchContext
+from .bench_task import BenchContext
 from .runtime import LoraAdapter
 
 
@@ -127,7 +127,7 @@ def _stream(ctx: BenchContext, chosen, names: list[str], refs: list[torch.Tensor
             same &= bool(y.argmax() == refs[a][i].argmax())
         out[p] = {**summarize(lat, len(lat)),
                   "switch_median_ms": median(switch[p][-len(lat):]) * 1e3,  # timed calls only
-                  "max_abs_logit_diff_vs_single": diff, "within_tol": diff < TOL,
+                  "max_abs_logit_diff_vs_single": diff, "within_tol": diff < ctx.tol,
                   "same_predictions": same}
     return out
 
@@ -155,7 +155,7 @@ def _mixed(ctx: BenchContext, chosen, names: list[str], refs: list[torch.Tensor]
         mixed[p] = summarize(lat, len(rows))
         if p != "merged_single_model":
             diff, same = _agreement(timed.results[p], reqs, refs)
-            mixed[p].update(max_abs_logit_diff_vs_single=diff, within_tol=diff < TOL,
+            mixed[p].update(max_abs_logit_diff_vs_single=diff, within_tol=diff < ctx.tol,
                             same_predictions=same)
     ref_tp = mixed["merged_single_model"]["throughput_rps"]
     for p in mixed:

@@ -112,7 +112,7 @@ def write_results(run: RunDir, result: dict, requests: list[dict]) -> None:
 def summary_lines(result: dict) -> list[str]:
     """Human-readable lines: Table 5 per task and batch size, multi-adapter results, checks."""
     lines = [f"serving benchmark: {result['model']} ({result['model_note']}), {result['device']}, "
-             f"{result['threads']} threads, float32"]
+             f"{result['threads']} threads, {result.get('dtype', 'float32')}"]
     for r in result["comparison"]:
         vs = r.get("overhead_vs_full_pct")
         lines.append(
