@@ -22,8 +22,21 @@ def test_smoke_preset_runs_every_stage(tmp_path, glue_dir):
     assert cfg["preset"] == "smoke"
     tasks, methods = cfg["tasks"], cfg["methods"]
     # sanity, search, training
+    # every sanity check ran and passed: the stored loss is below the stored threshold,
+    # which is the preset's (a study continues past a failure, this smoke run must not)
     sanity = json.loads((run / "sanity.json").read_text())
-    assert len(sanity["results"]) == len(tasks) * len(methods) and not sanity["missing"]
+    assert not sanity["missing"]
+    assert sorted((r["task"], r["method"]) for r in sanity["results"]) == \
+        sorted((t, m) for t in tasks for m in methods)
+    for r in sanity["results"]:
+        where = f"sanity {r['task']}/{r['method']}: {r}"
+        assert r["passed"] is True, where
+        assert r["threshold"] == cfg["sanity"]["loss_threshold"] == 0.1, where
+        assert r["final_train_loss"] < r["threshold"], where
+        assert r["examples"] == cfg["sanity"]["examples"] == 10, where
+        assert r["epochs_run"] <= cfg["sanity"]["epochs"], where
+    n = len(tasks) * len(methods)
+    assert f"sanity: {n}/{n} passed" in out.stdout
     for t in tasks:
         for m in methods:
             s = json.loads((run / "search" / f"{t}-{m}.json").read_text())

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -32,7 +33,24 @@ def test_train_writes_run_directory_and_skips_when_done(tmp_path, glue_dir, caps
     m = json.loads((lora / "metrics.json").read_text())
     assert m["validation"]["n"] == 277            # the whole validation split
     assert m["fit"]["steps"] == 2
-    assert 0 <= m["validation"]["accuracy"] <= 1
+    # The recorded scores are the saved logits' scores against the labels of the GLUE file,
+    # read here on their own (label = the last tab-separated field, in file order).
+    lines = (glue_dir / "RTE" / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    assert lines[0].split("\t")[-1] == "label"
+    labels = np.array([{"entailment": 0, "not_entailment": 1}[ln.split("\t")[-1]]
+                       for ln in lines[1:] if ln])
+    assert len(labels) == 277 and np.bincount(labels).tolist() == [146, 131]
+    for job in (lora, full):
+        mj = json.loads((job / "metrics.json").read_text())
+        logits = np.load(job / "val_logits.npy")
+        assert logits.shape == (277, 2) and np.isfinite(logits).all()
+        pred = logits.argmax(axis=1)
+        assert mj["validation"]["accuracy"] == pytest.approx(float((pred == labels).mean()),
+                                                             abs=1e-12)
+        tp = int(((pred == 1) & (labels == 1)).sum())
+        f1 = 2 * tp / (2 * tp + int((pred != labels).sum())) if tp else 0.0
+        assert mj["validation"]["f1"] == pytest.approx(f1, abs=1e-12)
+        assert mj["score"] == mj["validation"]["accuracy"]  # RTE's study metric
     # majority label of the 16 training rows, scored on the validation split (146 / 131)
     maj = m["majority_baseline"]
     assert maj["accuracy"] == pytest.approx({0: 146, 1: 131}[maj["label"]] / 277)

@@ -16,14 +16,118 @@ def test_defaults_are_the_study():
     assert cfg.model.trust_remote_code is False
 
 
-@pytest.mark.parametrize("name", preset_names())
-def test_every_preset_loads_and_validates(name):
-    cfg = load_config(preset=name)
-    assert cfg.preset == name
+# What each preset resolves to (defaults + preset), written out as literals: the keys the
+# preset sets, and the ones that keep a run comparable with the study (methods, LoRA
+# rank and targets, accumulation, clipping, selection protocol, search seed, pruning)
+# even where they equal the default. Every key not listed must resolve to the default.
+# The paper preset has its own table (test_paper_preset.py).
+_COMMON = {
+    "methods": ["lora", "full"],
+    "model.trust_remote_code": False,
+    "lora.r": 8, "lora.alpha": 16.0, "lora.dropout": 0.05,
+    "lora.target_modules": ["q_proj", "v_proj"],
+    "data.selection": "train_slice", "data.subset_seed": 0,
+    "train.lr": None, "train.grad_accum": 1, "train.max_steps": 0,
+    "train.max_grad_norm": 0.3, "train.patience": 3, "train.precision": "auto",
+    "train.weight_decay": 0.0, "train.optimizer_full": "adamw",
+    "sanity.batch_size": 2, "sanity.loss_threshold": 0.1,
+    "search.seed": 0, "search.prune": True,
+}
+PRESET_TABLES = {
+    "smoke": {
+        **_COMMON,
+        "tasks": ["sst2", "rte"], "seeds": [42],
+        "model.name": "smollm2-135m",
+        "data.max_length": 128, "data.train_size": 64,
+        "data.train_size_per_task": {"sst2": 640}, "data.early_stop_size": 128,
+        "train.epochs": 1, "train.batch_size": 16, "train.lr_lora": 2e-3,
+        "train.lr_full": 3e-5, "train.warmup_ratio": 0.1, "train.eval_batch_size": 32,
+        "train.threads": 0,
+        "sanity.examples": 10, "sanity.epochs": 10, "sanity.lr_lora": 5e-3,
+        "sanity.lr_full": 1e-4,
+        "search.enabled": True, "search.trials": 2, "search.startup_trials": 1,
+        "search.train_size": 32, "search.eval_size": 32, "search.epochs": [1],
+        "search.batch_full": [4], "search.batch_lora": [4, 8, 16],
+        "search.lr_full": [1e-6, 5e-5], "search.lr_lora": [5e-5, 5e-3],
+        "extract.examples": 64,
+        "bench.requests": 20, "bench.warmup": 3, "bench.seeds": [], "bench.batch_sizes": [1],
+        "bench.mixed_batch_size": 8,
+    },
+    "quick": {
+        **_COMMON,
+        "tasks": ["mrpc", "sst2", "rte"], "seeds": [42, 1337, 2024],
+        "model.name": "smollm2-135m",
+        "data.max_length": 128, "data.train_size": 128,
+        "data.train_size_per_task": {"sst2": 384}, "data.early_stop_size": 64,
+        "train.epochs": 1, "train.batch_size": 16, "train.lr_lora": 2e-3,
+        "train.lr_full": 3e-5, "train.warmup_ratio": 0.1, "train.eval_batch_size": 32,
+        "train.threads": 0,
+        "sanity.examples": 10, "sanity.epochs": 10, "sanity.lr_lora": 5e-3,
+        "sanity.lr_full": 1e-4,
+        "search.enabled": True, "search.trials": 3, "search.startup_trials": 2,
+        "search.train_size": 64, "search.eval_size": 64, "search.epochs": [1],
+        "search.batch_full": [4], "search.batch_lora": [4, 8],
+        "search.lr_full": [1e-5, 5e-5], "search.lr_lora": [5e-4, 3e-3],
+        "extract.examples": 128,
+        "bench.requests": 20, "bench.warmup": 3, "bench.seeds": [42], "bench.batch_sizes": [1],
+        "bench.mixed_batch_size": 8,
+    },
+    "micro": {
+        **_COMMON,
+        "tasks": ["mrpc", "sst2", "rte"], "seeds": [42, 1337],
+        "model.name": "tiny-random",
+        "data.max_length": 256, "data.train_size": 16,
+        "data.train_size_per_task": {}, "data.early_stop_size": 16,
+        "train.epochs": 1, "train.batch_size": 8, "train.lr_lora": 1e-2,
+        "train.lr_full": 1e-3, "train.warmup_ratio": 0.1, "train.eval_batch_size": 64,
+        "train.threads": 1,
+        "sanity.examples": 4, "sanity.epochs": 30, "sanity.lr_lora": 0.2,
+        "sanity.lr_full": 1e-2,
+        "search.enabled": True, "search.trials": 2, "search.startup_trials": 1,
+        "search.train_size": 16, "search.eval_size": 16, "search.epochs": [1],
+        "search.batch_full": [4], "search.batch_lora": [4],
+        "search.lr_full": [1e-3, 1e-2], "search.lr_lora": [1e-2, 1e-1],
+        "extract.examples": 16,
+        "bench.requests": 4, "bench.warmup": 1, "bench.seeds": [], "bench.batch_sizes": [1],
+        "bench.mixed_batch_size": 4,
+    },
+}
 
 
-def test_presets_exist():
-    assert {"micro", "smoke", "quick", "paper"} <= set(preset_names())
+def _flat(d: dict) -> dict:
+    """{"train": {"epochs": 1}} -> {"train.epochs": 1}: top-level mappings are sections;
+    mappings inside a section are values (train_size_per_task) and stay whole."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def test_presets_are_exactly_the_tabled_ones():
+    # a new preset must get a table here (or, like paper, a test file of its own)
+    assert preset_names() == ["micro", "paper", "quick", "smoke"]
+    assert set(PRESET_TABLES) == {"micro", "quick", "smoke"}
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_TABLES))
+def test_every_preset_resolves_to_its_table(name):
+    got = _flat(load_config(preset=name).to_dict())
+    want = PRESET_TABLES[name]
+    assert got["preset"] == name
+    unknown = set(want) - set(got)
+    assert not unknown, f"table keys the config does not have: {sorted(unknown)}"
+    wrong = {k: (got[k], v) for k, v in want.items() if got[k] != v}
+    assert not wrong, f"{name}: resolved (got, expected): {wrong}"
+    # the types are the config's, not YAML's (5e-4 read as a string, 1 as an int)
+    for k, v in want.items():
+        assert type(got[k]) is type(v), f"{name}: {k} is {type(got[k]).__name__}"
+    # nothing else moved away from the defaults
+    defaults = _flat(StudyConfig().to_dict())
+    moved = {k: got[k] for k in set(got) - set(want) - {"preset"} if got[k] != defaults[k]}
+    assert not moved, f"{name}: keys off their default that the table does not list: {moved}"
 
 
 def _as_config_value(v):

@@ -29,26 +29,42 @@ def test_last_token_index_from_mask():
 
 
 def test_head_reads_end_of_sentence2_not_separator(tiny_backbone):
-    """pad == EOS == separator: the head must read sentence 2's last token."""
+    """pad == EOS == separator, right padding: the head must read the last real token.
+
+    The expected logits of each row are computed independently of the classifier's
+    pooling: the backbone runs on the row ALONE (batch of one, no padding, mask of ones)
+    and the head reads that run's final position. The batch holds a pair that is
+    right-padded with EOS behind a longer row, and a pair that ends in a real EOS (the
+    case where "rightmost non-pad id" breaks)."""
     model = build_classifier(tiny_backbone, 2, seed=0).eval()
     s1, s2 = [101, 102, 103], [201, 202, 203, 204]
-    ids, mask = D.collate([s1 + [EOS] + s2, [300, 301]], pad_id=EOS)
+    pair = s1 + [EOS] + s2                     # padded with EOS below
+    longer = [300 + i for i in range(11)]      # forces the padding of the other rows
+    ends_in_eos = s1 + [EOS] + s2[:2] + [EOS]  # a real EOS is the last real token
+    rows = [pair, longer, ends_in_eos]
+    ids, mask = D.collate(rows, pad_id=EOS)
+    assert ids[0, len(pair):].tolist() == [EOS] * (len(longer) - len(pair))
+    assert mask[0].tolist() == [1] * len(pair) + [0] * (len(longer) - len(pair))
+
+    def alone(row):  # the head on the last position of the row run by itself
+        with torch.no_grad():
+            t = torch.tensor([row])
+            h = model.backbone(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state
+            return model.score(h[0, -1]).float()
+
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask)
-        h = tiny_backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-    end_of_s2 = len(s1) + len(s2)          # position of token 204
-    sep = len(s1)                          # position of the separator (EOS)
-    torch.testing.assert_close(out.logits[0], model.score(h[0, end_of_s2]), rtol=0, atol=1e-6)
-    assert not torch.allclose(out.logits[0], model.score(h[0, sep]), atol=1e-4)
-    # The old transformers rule "token before the first pad id" reads sentence 1.
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(logits[i], alone(row), rtol=0, atol=1e-5)
+    # The readings the design warns about give other values, far beyond that tolerance:
+    # the old "token before the first pad id" reads sentence 1's end ...
     first_pad = int((ids[0] == EOS).nonzero()[0])
-    assert first_pad - 1 == sep - 1 != end_of_s2
-    # Changing the last token of sentence 2 changes the prediction input.
-    ids2 = ids.clone()
-    ids2[0, end_of_s2] = 205
-    with torch.no_grad():
-        assert not torch.allclose(model(input_ids=ids2, attention_mask=mask).logits[0],
-                                  out.logits[0], atol=1e-6)
+    assert ids[0, first_pad - 1] == s1[-1]
+    assert (logits[0] - alone(pair[:first_pad])).abs().max() > 1e-3
+    # ... the separator itself (the first EOS) is not the end either ...
+    assert (logits[0] - alone(pair[:len(s1) + 1])).abs().max() > 1e-3
+    # ... and "rightmost non-pad id" skips a real closing EOS.
+    assert (logits[2] - alone(ends_in_eos[:-1])).abs().max() > 1e-3
 
 
 def test_padding_to_384_changes_nothing(tiny_backbone):
@@ -167,6 +183,79 @@ def test_grad_accumulation_equals_big_batch():
 
     big, small = step(8, 1), step(4, 2)
     assert (big - small).abs().max() < 1e-6
+
+
+def test_grad_accumulation_partial_last_window(monkeypatch):
+    """5 micro-batches, grad_accum 2: windows of 2, 2 and 1 micro-batches (8, 8 and 2
+    rows). Each optimizer step must descend the window's mean loss: the sum of its rows'
+    losses divided by ITS row count (2 in the last window, not 8 nor 2 x 4).
+
+    The reference is computed by hand, independently of fit's weighting and batching:
+    every row runs alone (no padding), the window's loss is summed and divided by its
+    rows, and plain SGD takes the step with the cosine schedule's factors written out
+    (no warm-up, 3 steps: 0.5 * (1 + cos(pi * k / 3)) = 1, 0.75, 0.25). fit gets the same
+    SGD (make_optimizer patched) so that the update is linear in the gradient: a wrong
+    weight of any window shows in the parameters at full size (Adam's first steps would
+    hide a scale).
+    """
+    import copy
+    import math
+
+    from transformers import AutoModel
+
+    import loralens.devices
+    from loralens.models import tiny_llama_config
+
+    lr, enc = 0.5, tiny_encoded(18, seed=3)  # 18 rows, batch 4: 4 + 4 + 4 + 4 + 2
+    torch.manual_seed(0)
+    bb = AutoModel.from_config(tiny_llama_config(), dtype=torch.float32)
+    model = apply_method(build_classifier(bb, 2, seed=1), "full", StudyConfig())
+    ref = copy.deepcopy(model)
+
+    monkeypatch.setattr(loralens.devices, "make_optimizer",
+                        lambda groups, lr, *a, **k: (torch.optim.SGD(groups, lr=lr), ""))
+    seen = []  # the micro-batches fit draws (which rows; the weighting is fit's to get right)
+    real_batches = D.train_batches
+    monkeypatch.setattr(D, "train_batches",
+                        lambda *a, **k: seen.append(real_batches(*a, **k)) or seen[-1])
+    tc = replace(StudyConfig().train, epochs=1, batch_size=4, grad_accum=2, warmup_ratio=0.0,
+                 max_grad_norm=0.0, weight_decay=0.0)
+    res = fit(model, enc, None, EOS, tc, lr=lr, seed=0, group_by_length=False, progress=False)
+    (batches,) = seen
+    assert [len(b) for b in batches] == [4, 4, 4, 4, 2] and res.steps == 3
+    windows = [np.concatenate(batches[0:2]), np.concatenate(batches[2:4]), batches[4]]
+    assert sorted(np.concatenate(windows).tolist()) == list(range(18))
+
+    def row_loss(m, r):
+        t = torch.tensor([enc.input_ids[r]])
+        logits = m(input_ids=t, attention_mask=torch.ones_like(t)).logits
+        return torch.nn.functional.cross_entropy(logits, torch.tensor([int(enc.labels[r])]),
+                                                 reduction="sum")
+
+    def by_hand(weight_of_window):
+        m = copy.deepcopy(ref).train()
+        params = [p for p in m.parameters() if p.requires_grad]
+        for k, rows in enumerate(windows):
+            m.zero_grad(set_to_none=True)
+            (sum(row_loss(m, int(r)) for r in rows) * weight_of_window(rows)).backward()
+            factor = 0.5 * (1 + math.cos(math.pi * k / 3))
+            assert factor == pytest.approx([1.0, 0.75, 0.25][k])
+            with torch.no_grad():
+                for p in params:
+                    p -= lr * factor * p.grad
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    start = torch.cat([p.detach().flatten() for p in ref.parameters()])
+    got = torch.cat([p.detach().flatten() for p in model.parameters()]) - start
+    want = by_hand(lambda rows: 1 / len(rows)) - start
+    assert want.abs().max() > 0.1  # the steps moved the parameters (float32 rounding: ~1e-7)
+    err = (got - want).abs().max()
+    assert err < 5e-6, f"fit's parameters differ from the reference by {err:.2e}"
+    # The weightings a bug would use move the parameters 20x the tolerance and more: the
+    # last window divided by a full window's 8 rows, or every micro-batch's mean halved.
+    for wrong in (lambda rows: 1 / 8,
+                  lambda rows: 1 / 2 / (4 if len(rows) > 2 else 2)):
+        assert (got - (by_hand(wrong) - start)).abs().max() > 1e-4
 
 
 def test_early_stopping_restores_best(tiny_backbone):

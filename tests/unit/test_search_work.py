@@ -24,16 +24,51 @@ def test_sampler_seed_is_stable_across_processes():
     assert sampler_seed("rte", "lora") != sampler_seed("rte", "full")
 
 
-def test_spaces_are_the_studys():
-    # the resolved space (what the sampler sees) at the defaults is the study's
-    full, lora = space("full", StudyConfig()), space("lora", StudyConfig())
-    assert full["lr"] == ("loguniform", 1e-6, 5e-5)
-    assert full["batch_size"] == ("categorical", [1, 2, 4])
-    assert full["epochs"] == ("categorical", [2, 3, 4]) and "alpha" not in full
-    assert lora["lr"] == ("loguniform", 5e-5, 5e-3)
-    assert lora["batch_size"] == ("categorical", [4, 8, 16])
-    assert lora["alpha"] == ("categorical", [8, 16, 32, 64])
-    assert lora["dropout"] == ("uniform", 0.0, 0.3)
+# The whole resolved space (what the sampler sees) of each method, as literals: the study's
+# at the defaults, and the quick preset's (its search.* keys feed the space).
+STUDY_SPACE = {
+    "full": {"lr": ("loguniform", 1e-6, 5e-5),
+             "batch_size": ("categorical", [1, 2, 4]),
+             "warmup_ratio": ("uniform", 0.0, 0.2),
+             "weight_decay": ("uniform", 0.0, 0.01),
+             "epochs": ("categorical", [2, 3, 4])},
+    "lora": {"lr": ("loguniform", 5e-5, 5e-3),
+             "batch_size": ("categorical", [4, 8, 16]),
+             "warmup_ratio": ("uniform", 0.0, 0.3),
+             "weight_decay": ("uniform", 0.0, 0.1),
+             "epochs": ("categorical", [2, 3, 4]),
+             "alpha": ("categorical", [8, 16, 32, 64]),
+             "dropout": ("uniform", 0.0, 0.3)},
+}
+QUICK_SPACE = {
+    "full": {**STUDY_SPACE["full"], "lr": ("loguniform", 1e-5, 5e-5),
+             "batch_size": ("categorical", [4]), "epochs": ("categorical", [1])},
+    "lora": {**STUDY_SPACE["lora"], "lr": ("loguniform", 5e-4, 3e-3),
+             "batch_size": ("categorical", [4, 8]), "epochs": ("categorical", [1])},
+}
+
+
+def test_spaces_are_the_studys(tmp_path):
+    for method in ("full", "lora"):
+        assert space(method, StudyConfig()) == STUDY_SPACE[method]
+        assert space(method, load_config("quick")) == QUICK_SPACE[method]
+        # the numbers are floats, as Optuna's suggest_float gets them
+        for kind, *args in space(method, StudyConfig()).values():
+            assert kind == "categorical" or all(type(a) is float for a in args)
+    # search.prune decides the pruner of the opened (persistent) study
+    from loralens.search import open_study
+
+    run = RunDir(tmp_path / "run")
+    study = open_study(load_config(), run, "rte", "lora")  # defaults: prune on, 5 start-ups
+    assert type(study.pruner) is optuna.pruners.MedianPruner
+    assert study.pruner._percentile == 50.0
+    assert study.pruner._n_startup_trials == 5 and study.pruner._n_warmup_steps == 0
+    study = open_study(load_config(overrides=["search.prune=false"]), run, "rte", "full")
+    assert type(study.pruner) is optuna.pruners.NopPruner
+    quick = open_study(load_config("quick"), run, "mrpc", "full").pruner  # 2 start-ups
+    assert type(quick) is optuna.pruners.MedianPruner and quick._n_startup_trials == 2
+    assert type(open_study(load_config("paper"), run, "sst2", "full").pruner) is \
+        optuna.pruners.NopPruner
     cfg = load_config()
     study = optuna.create_study(direction="maximize")
     ov = suggest(study.ask(), "lora", cfg)
