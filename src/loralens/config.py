@@ -204,6 +204,51 @@ class BenchConfig(_Validated):
 
 
 @dataclass
+class DriftConfig(_Validated):
+    section: ClassVar[str] = "drift"
+    layers: str = _f("blocks", doc="hidden states that the mean drift, Table 4, its tests and "
+                                   "every figure use: blocks = the outputs of transformer "
+                                   "blocks 1..L (the last after the final norm; the embedding "
+                                   "output, state 0, left out), all = states 0..L, or explicit "
+                                   "state indices such as '1-12' or '4,8,12' (layers.csv keeps "
+                                   "every state)")
+
+    def __post_init__(self) -> None:
+        # YAML and key=value read "12" as an int and "[4, 8]" as a list: take them as indices
+        v = self.layers
+        if isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                       for i in v):
+            self.layers = ",".join(map(str, v))
+        elif isinstance(v, int) and not isinstance(v, bool):
+            self.layers = str(v)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        parse_layers(self.layers)
+
+
+def parse_layers(spec: str) -> str | list[int]:
+    """``drift.layers`` as ``"blocks"``, ``"all"`` or sorted unique state indices
+    (``"1-3,8"`` -> [1, 2, 3, 8]); the model's state count is checked where it is known."""
+    text = spec.strip().lower()
+    if text in ("blocks", "all"):
+        return text
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            a, b = int(lo), int(hi) if hi else int(lo)
+            if a < 0 or b < a:
+                raise ValueError(part)
+            out.update(range(a, b + 1))
+    except ValueError:
+        raise ConfigError(f"drift.layers: {spec!r} is not blocks, all, or state indices "
+                          "such as '1-12' or '4,8,12' (0 = embedding output)",
+                          "drift.layers") from None
+    return sorted(out)
+
+
+@dataclass
 class StudyConfig(_Validated):
     preset: str | None = _f(None, doc="preset the config was layered on")
     tasks: list[str] = _f(factory=lambda: ["mrpc", "sst2", "rte"], doc="GLUE tasks")
@@ -218,6 +263,7 @@ class StudyConfig(_Validated):
     search: SearchConfig = _f(factory=SearchConfig)
     extract: ExtractConfig = _f(factory=ExtractConfig)
     bench: BenchConfig = _f(factory=BenchConfig)
+    drift: DriftConfig = _f(factory=DriftConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

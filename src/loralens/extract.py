@@ -6,9 +6,11 @@ recorded). The base model and every finished trained model of the run directory
 see exactly these examples, in the same order, with the tokenization and the
 dynamic, length-grouped batching of training/evaluation. For each example and
 layer the hidden state is averaged over real tokens only (the attention mask),
-giving one float32 array ``[examples, layers, hidden]`` per model, where layer 0 is
-the embedding output and layer ``i`` the output of transformer block ``i``. No
-token-level tensor is stored.
+giving one float32 array ``[examples, layers, hidden]`` per model, the hidden states
+as transformers returns them: state 0 is the embedding output, state ``i`` the output
+of transformer block ``i``, and the last one block L's output after the model's final
+norm (``drift.layers`` picks the states drift averages). No token-level tensor is
+stored.
 
 Layout::
 
@@ -52,7 +54,8 @@ from .tasks import get_task
 BASE_KEY = "base"
 SPLIT = "validation"
 FORMAT = "loralens-extract-1"
-POOLING = "mean over real tokens (attention mask); layer 0 = embedding output"
+POOLING = ("mean over real tokens (attention mask); state 0 = embedding output, i = block i, "
+           "the last after the final norm")
 # Keys of the manifest that define the sample; a rerun with other values is an error.
 SAMPLE_KEYS = ("task", "split", "requested", "seed", "max_length", "model", "example_ids")
 

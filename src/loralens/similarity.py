@@ -19,6 +19,11 @@ Measures
 - :func:`procrustes_distance` -- orthogonal Procrustes distance (Ding, Denain &
   Steinhardt, 2021).
 - :func:`drift` -- ``1 - linear_cka``: the study's drift to the base model.
+- ``standardize=True`` (:func:`linear_cka`, :func:`cka_against_base`) -- linear
+  CKA of features z-scored per dimension: every dimension weighs the same, so a
+  few dimensions of huge variance ("massive activations") cannot decide it.
+- :func:`variance_shares` -- the share of a representation's variance held by
+  its top-k dimensions: how much a handful of dimensions can decide CKA.
 
 For many comparisons against one base model use :func:`cka_against_base`: it
 builds the base model's centered Gram matrix once per layer and reuses it for
@@ -50,6 +55,11 @@ References
   Things?", ICLR (debiased CKA).
 - Ding, Denain & Steinhardt (2021), "Grounding Representation Similarity with
   Statistical Testing", NeurIPS (orthogonal Procrustes distance).
+- Davari, Horoi, Natik, Lajoie, Wolf & Belilovsky (2023), "Reliability of CKA
+  as a Similarity Measure in Deep Learning", ICLR (CKA follows a few outlier
+  dimensions).
+- Sun, Chen, Kolter & Liu (2024), "Massive Activations in Large Language
+  Models", COLM.
 """
 
 from __future__ import annotations
@@ -59,9 +69,10 @@ from collections.abc import Mapping
 import numpy as np
 import scipy.linalg
 
-from .similarity_kernels import (as_2d, center_features, center_gram, centered_gram, check_n,
-                                 check_pair, cka_centered, cka_from_grams, gram_linear, gram_rbf,
-                                 layer_gram)
+from .similarity_kernels import (as_2d, center, center_features, center_gram, centered_gram,
+                                 check_n, check_pair, check_variance, cka_centered,
+                                 cka_from_grams, gram_linear, gram_rbf, layer_gram,
+                                 standardize_features)
 
 __all__ = [
     "linear_cka",
@@ -74,6 +85,8 @@ __all__ = [
     "rbf_cka",
     "cosine_similarity",
     "procrustes_distance",
+    "standardize_features",
+    "variance_shares",
 ]
 
 # --------------------------------------------------------------------------
@@ -122,7 +135,8 @@ def _linear_cka_features(Xc: np.ndarray, Yc: np.ndarray, debiased: bool) -> floa
     return float(np.clip(xty / np.sqrt(xtx * yty), -1.0, 1.0))
 
 
-def linear_cka(X, Y, debiased: bool = False, method: str = "auto") -> float:
+def linear_cka(X, Y, debiased: bool = False, method: str = "auto",
+               standardize: bool = False) -> float:
     """Linear CKA between two representations of the same examples.
 
     ``CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` with ``K = Xc Xc^T``,
@@ -144,6 +158,8 @@ def linear_cka(X, Y, debiased: bool = False, method: str = "auto") -> float:
         method: ``"gram"`` (``[n, n]`` matrices), ``"feature"`` (``[d, d]``
             matrices) or ``"auto"``: Gram form when ``n < max(d1, d2)``, the
             cheaper one. Both give the same value to rounding.
+        standardize: z-score each column first (:func:`standardize_features`;
+            constant columns drop out), so every dimension weighs the same.
 
     Returns:
         CKA as a float; 1 for identical inputs. Drift = ``1 - CKA``.
@@ -152,13 +168,16 @@ def linear_cka(X, Y, debiased: bool = False, method: str = "auto") -> float:
         ValueError: mismatched ``n`` (the message names both shapes), too few
             examples, non-finite input, or zero variance (a constant input).
     """
-    X = as_2d(X, "X")
-    Y = as_2d(Y, "Y")
+    # z-scores see the input's own dtype (float32 storage rounding is no variance)
+    X0, Y0 = as_2d(X, "X", keep_float32=True), as_2d(Y, "Y", keep_float32=True)
+    X, Y = X0.astype(np.float64, copy=False), Y0.astype(np.float64, copy=False)
     check_pair(X, Y)
     n = X.shape[0]
     check_n(n, debiased)
-    Xc = center_features(X, "X")
-    Yc = center_features(Y, "Y")
+    if standardize:
+        Xc, Yc = standardize_features(X0, "X"), standardize_features(Y0, "Y")
+    else:
+        Xc, Yc = center_features(X, "X"), center_features(Y, "Y")
     if method == "auto":
         method = "gram" if n < max(Xc.shape[1], Yc.shape[1]) else "feature"
     if method == "gram":
@@ -177,7 +196,7 @@ def drift(X, Y, debiased: bool = False) -> float:
 
 
 def cka_against_base(
-    base, others, debiased: bool = False, gram_dtype: str = "auto"
+    base, others, debiased: bool = False, gram_dtype: str = "auto", standardize: bool = False
 ) -> np.ndarray:
     """Layer-wise linear CKA of several models against one base model.
 
@@ -223,10 +242,11 @@ def cka_against_base(
     out = np.empty((len(models), n_layers), dtype=np.float64)
     for layer in range(n_layers):
         # the base model's Gram once per layer, reused for every model
-        Kb, norm_b = layer_gram(base[:, layer, :], f"base layer {layer}", low, debiased)
+        Kb, norm_b = layer_gram(base[:, layer, :], f"base layer {layer}", low, debiased,
+                                standardize)
         for i, (key, arr) in enumerate(models):
             Km, norm_m = layer_gram(arr[:, layer, :], f"model {key!r} layer {layer}", low,
-                                    debiased)
+                                    debiased, standardize)
             out[i, layer] = np.vdot(Kb, Km) / (norm_b * norm_m)
     return np.clip(out, -1.0, 1.0, out=out)
 
@@ -249,6 +269,45 @@ def _stacked_layers(base, others, debiased: bool) -> tuple[np.ndarray, list[tupl
             )
         checked.append((key, arr))
     return base, checked
+
+
+# --------------------------------------------------------------------------
+# Outlier dimensions
+# --------------------------------------------------------------------------
+
+
+def variance_shares(X, ks=(1, 5)) -> dict:
+    """Share of the total variance of ``X`` held by its ``k`` dimensions of largest
+    variance, for each ``k``.
+
+    Linear CKA weighs each dimension by its variance across examples: when one
+    dimension holds most of it (SmolLM2's massive activations), CKA mostly
+    compares that dimension. Pair with ``linear_cka(..., standardize=True)``.
+
+    Args:
+        X: ``[n, d]`` representation.
+        ks: numbers of top dimensions (each at least 1; ``k >= d`` gives 1.0).
+
+    Returns:
+        ``{"top<k>": share in [0, 1] for each k, "top_dims": [indices of the
+        max(ks) dimensions of largest variance, largest first]}``; variances with
+        ddof 0 in float64.
+
+    Raises:
+        ValueError: zero variance (every column constant) or non-finite input.
+    """
+    Xc, mu = center(X, "X")
+    var = np.einsum("ij,ij->j", Xc, Xc) / Xc.shape[0]
+    check_variance(float(var.sum()) * Xc.shape[0], mu, Xc.shape, "X")
+    order = np.argsort(var, kind="stable")[::-1]
+    total = float(var.sum())
+    out: dict = {}
+    for k in ks:
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        out[f"top{int(k)}"] = float(min(var[order[: int(k)]].sum() / total, 1.0))
+    out["top_dims"] = [int(i) for i in order[: max(int(k) for k in ks)]]
+    return out
 
 
 # --------------------------------------------------------------------------

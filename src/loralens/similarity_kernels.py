@@ -81,6 +81,33 @@ def center_features(X, name: str) -> np.ndarray:
     return Xc
 
 
+def standardize_features(X, name: str) -> np.ndarray:
+    """Each column centred and divided by its standard deviation (ddof 0): ``[n, d]``
+    float64 z-scores, so every dimension carries the same variance.
+
+    A column that does not vary across examples has no z-score: it becomes 0, which
+    leaves it out of every Gram matrix. "Does not vary" means its spread is within
+    rounding: of centring it in float64 (as in :func:`check_variance`), or, for float32
+    input (pooled states are stored so), within 4 float32 ulps of its magnitude, since
+    z-scoring would otherwise blow storage rounding up to a full dimension. Raises
+    ``ValueError`` when every column is constant, or on non-finite input.
+    """
+    X = np.asarray(X)
+    ulps = 4 * np.finfo(np.float32).eps if X.dtype == np.float32 else 0.0
+    Xc, mu = center(X, name)
+    var = np.einsum("ij,ij->j", Xc, Xc) / Xc.shape[0]
+    if not np.isfinite(var).all():
+        raise ValueError(f"{name} contains NaN or inf (shape {Xc.shape})")
+    constant = var <= max((Xc.shape[0] * _EPS) ** 2, ulps**2) * (var + mu * mu)
+    if constant.all():
+        raise ValueError(
+            f"{name} has zero variance across examples (every feature is constant, "
+            f"shape {Xc.shape}); standardised CKA is undefined (0/0)"
+        )
+    scale = np.where(constant, np.inf, np.sqrt(var))  # x / inf = 0: constant columns drop out
+    return Xc / scale
+
+
 # --------------------------------------------------------------------------
 # Gram matrices
 # --------------------------------------------------------------------------
@@ -245,10 +272,16 @@ def gram_float32(X, name: str) -> tuple[np.ndarray, np.ndarray]:
     return K, mu.astype(np.float64)
 
 
-def layer_gram(X, name: str, float32: bool, debiased: bool) -> tuple[np.ndarray, float]:
+def layer_gram(X, name: str, float32: bool, debiased: bool,
+               standardize: bool = False) -> tuple[np.ndarray, float]:
     """Centered linear Gram of one ``[n, d]`` layer and its Frobenius norm, for
     ``cka_against_base``: through :func:`gram_float32` when ``float32``, else a float64
-    syrk of the centered layer; U-centered when ``debiased``. Raises on zero variance."""
+    syrk of the centered layer; U-centered when ``debiased``; of the z-scored columns
+    (:func:`standardize_features`) when ``standardize``. Raises on zero variance."""
+    if standardize:
+        # z-scores are O(1): float32 products lose nothing that matters after this
+        X = standardize_features(X, name)
+        X = X.astype(np.float32) if float32 else X
     if float32:
         K, mu = gram_float32(X, name)
     else:

@@ -321,7 +321,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("extract", "pooled hidden states of the base and every trained model", "extract",
           reads=("metrics_path", "weights_dir"), writes=("extract_dir", "extract_manifest"),
           run=run_extract, selects=("task",), flags=(OVERWRITE,)),
-    Stage("drift", "layer-wise similarity to the base model and Tables 3-4", None,
+    Stage("drift", "layer-wise similarity to the base model and Tables 3-4", "drift",
           reads=("extract_manifest", "metrics_path"), writes=("drift_dir", "drift_path"),
           run=run_drift, selects=("task",)),
     Stage("bench", "serving cost: separate vs merged adapters vs full models", "bench",

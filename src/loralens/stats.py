@@ -1,24 +1,36 @@
-"""Statistics for LoRA vs full fine-tuning, paired by seed.
+"""Statistics for LoRA vs full fine-tuning: paired by seed, and paired by example.
 
 Per task and per layer (or per task for averaged drift and accuracy) each
 method gives one value per training seed; LoRA and full fine-tuning are run
 with the same seeds, so values are paired by seed:
 
-- :func:`paired_ttest` -- two-sided paired t-test on ``lora - full``
+- :func:`paired_ttest` -- two-sided paired t-test on ``a - b``
   (``scipy.stats.ttest_rel``).
-- :func:`cohens_d_paired` -- ``mean(diff) / sd(diff, ddof=1)``.
+- :func:`cohens_d_paired` -- ``mean(a - b) / sd(a - b, ddof=1)``.
 - :func:`bonferroni`, :func:`bonferroni_alpha` -- family-wise correction over
-  tasks (three GLUE tasks: alpha = 0.05 / 3).
+  the tests of one family (the caller says which tests that is).
 - :func:`bootstrap_ci`, :func:`bootstrap_reduction_ci` -- percentile bootstrap
   with a fixed seed; the reduction CI resamples seed pairs jointly.
+- :func:`distinct_resamples` -- how many different resamples a bootstrap of
+  n values can draw at all.
 - :func:`delta_percent` -- ``100 * (mean(full) - mean(lora)) / mean(full)``.
 - :func:`compare_methods` -- all of the above as one JSON-ready dict.
 
-Zero-variance differences (every ``lora - full`` equal, to float64 rounding
-of the inputs) are decided, not left to 0/0: all differences 0 ->
-``t = 0, p = 1, d = 0`` (no evidence of any difference); all equal and
-nonzero -> ``t = d = +-inf, p = 0`` (the limit as the spread of a fixed
-nonzero shift goes to 0).
+The evaluation set has its own uncertainty, which seed statistics do not show;
+for two classifiers scored on the same examples:
+
+- :func:`exact_mcnemar` -- exact (binomial) McNemar test on the discordant
+  examples.
+- :func:`wilson_interval` -- Wilson score interval of one accuracy.
+
+Zero spread (every paired difference equal, to float64 rounding of the
+inputs) is undefined, never significant: the t statistic is ``c / 0`` (or
+``0 / 0``) and says nothing about a population. :func:`paired_ttest` and
+:func:`cohens_d_paired` return NaN there, and :func:`compare_methods` reports
+``p = None``, ``significant = False``, ``zero_spread = True``. With
+accuracies on a 1/n grid, three seeds, or a method whose drift is 0 by
+construction, it happens; an earlier version reported ``p = 0``
+("significant") for it.
 
 Pitfalls of the study's published code that this module avoids: its p-value
 came from a one-sample t-test on per-seed percentage reductions (a different
@@ -26,9 +38,10 @@ hypothesis, on a ratio scale, from the paired test of the measured values);
 its Cohen's d used ``ddof=0`` (inflating d by ``sqrt(n/(n-1))``, 22% at
 n = 3); its bootstrap CIs were never computed.
 
-With three seeds every test has 2 degrees of freedom and a bootstrap has
-only 3^3 = 27 distinct resamples: report the per-seed values next to any
-p-value or interval.
+With three seeds every test has 2 degrees of freedom, and a bootstrap of
+three values can draw only ``C(5, 3) = 10`` distinct resamples (multisets),
+however many it is asked for: report the per-seed values next to any p-value
+or interval.
 """
 
 from __future__ import annotations
@@ -42,12 +55,16 @@ import scipy.stats
 __all__ = [
     "paired_ttest",
     "cohens_d_paired",
+    "zero_spread",
     "bonferroni",
     "bonferroni_alpha",
     "bootstrap_ci",
     "bootstrap_reduction_ci",
+    "distinct_resamples",
     "delta_percent",
     "compare_methods",
+    "exact_mcnemar",
+    "wilson_interval",
 ]
 
 
@@ -88,6 +105,13 @@ def _paired(a, b, min_n: int = 2) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def zero_spread(a, b) -> bool:
+    """Whether every paired difference ``a - b`` is the same (to float64 rounding of the
+    inputs): the paired t-test and Cohen's d are then undefined."""
+    a, b = _paired(a, b)
+    return _constant_difference(a, b) is not None
+
+
 def paired_ttest(a, b) -> tuple[float, float]:
     """Two-sided paired t-test of ``a - b`` against 0.
 
@@ -96,17 +120,15 @@ def paired_ttest(a, b) -> tuple[float, float]:
 
     Returns:
         ``(t, p)``: ``scipy.stats.ttest_rel(a, b)`` with n - 1 degrees of
-        freedom. If every difference is identical (to float64 rounding):
-        ``(0.0, 1.0)`` when they are all 0, ``(+-inf, 0.0)`` otherwise (see
-        the module docstring).
+        freedom. Zero spread (every difference identical, to float64
+        rounding): ``(nan, nan)``, undefined (module docstring).
 
     Raises:
         ValueError: unequal lengths, n < 2, non-finite values.
     """
     a, b = _paired(a, b)
-    const = _constant_difference(a, b)
-    if const is not None:
-        return (0.0, 1.0) if const == 0.0 else (math.copysign(math.inf, const), 0.0)
+    if _constant_difference(a, b) is not None:
+        return math.nan, math.nan
     res = scipy.stats.ttest_rel(a, b)
     return float(res.statistic), float(res.pvalue)
 
@@ -116,16 +138,15 @@ def cohens_d_paired(a, b) -> float:
 
     Uses the sample standard deviation (ddof=1), as the t statistic does, so
     ``t = d * sqrt(n)``. The study used ddof=0, which inflates d by
-    ``sqrt(n / (n - 1))``. Identical differences: 0.0 if all are 0, else
-    ``+-inf``.
+    ``sqrt(n / (n - 1))``. Positive when ``a`` is larger; the caller states
+    the order. Zero spread (identical differences): NaN.
 
     Raises:
         ValueError: unequal lengths, n < 2, non-finite values.
     """
     a, b = _paired(a, b)
-    const = _constant_difference(a, b)
-    if const is not None:
-        return 0.0 if const == 0.0 else math.copysign(math.inf, const)
+    if _constant_difference(a, b) is not None:
+        return math.nan
     diff = a - b
     return float(diff.mean() / diff.std(ddof=1))
 
@@ -136,8 +157,8 @@ def bonferroni(p_values, n_tests: int | None = None):
     Args:
         p_values: one p-value or a sequence of them.
         n_tests: size of the family; default the number of p-values given.
-            Pass it when adjusting one task's p-value for all tasks
-            (``n_tests=3``).
+            Pass it when adjusting one p-value for a family of tests made
+            elsewhere (e.g. one per task and measure).
 
     Returns:
         A float for a scalar input, else a float64 array of the same shape.
@@ -153,7 +174,7 @@ def bonferroni(p_values, n_tests: int | None = None):
 
 
 def bonferroni_alpha(n_tests: int, alpha: float = 0.05) -> float:
-    """Per-test significance level ``alpha / n_tests`` (0.05 / 3 for three tasks)."""
+    """Per-test significance level ``alpha / n_tests``."""
     if n_tests < 1:
         raise ValueError(f"n_tests must be >= 1, got {n_tests}")
     return alpha / n_tests
@@ -193,6 +214,16 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, x.size, size=(n_resamples, x.size))
     return _percentile_interval(np.asarray(stat(x[idx], axis=1)), confidence)
+
+
+def distinct_resamples(n: int) -> int:
+    """Distinct bootstrap resamples of ``n`` values: multisets of size n from n items,
+    ``C(2n - 1, n)`` (1, 3, 10, 35, 126 for n = 1..5). A percentile interval from
+    three seeds rests on 10 distinct values of the statistic, whatever
+    ``n_resamples`` is."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return math.comb(2 * n - 1, n)
 
 
 def delta_percent(drift_full, drift_lora) -> float:
@@ -257,6 +288,9 @@ def _summary(x: np.ndarray, boot: dict) -> dict:
     }
 
 
+SIGNS = ("lora - full", "full - lora")
+
+
 def compare_methods(
     lora_values,
     full_values,
@@ -266,6 +300,7 @@ def compare_methods(
     n_resamples: int = 10_000,
     confidence: float = 0.95,
     seed: int = 0,
+    sign: str = "lora - full",
 ) -> dict:
     """Everything the report needs to compare LoRA with full fine-tuning.
 
@@ -273,12 +308,17 @@ def compare_methods(
         lora_values, full_values: one value per seed (e.g. drift averaged over
             layers, or one layer's drift, or accuracy), paired by position.
         seeds: the training seeds, in the same order.
-        n_tests: Bonferroni family size (3 for three tasks).
+        n_tests: Bonferroni family size: the number of tests in the family
+            this one belongs to (the caller knows the family).
         alpha: family-wise significance level.
         n_resamples, confidence, seed: bootstrap settings.
+        sign: the paired difference ``t`` and Cohen's d are computed on:
+            ``"lora - full"`` (scores: positive when LoRA scores higher) or
+            ``"full - lora"`` (drift, as the paper: positive when full
+            fine-tuning drifts more). p does not depend on it.
 
     Returns:
-        A JSON-serializable dict (plain floats, ints, bools, lists):
+        A JSON-serializable dict (plain floats, ints, bools, lists, None):
 
         - ``seeds``, ``n_seeds``
         - ``lora`` / ``full``: ``mean``, ``sd`` (ddof=1),
@@ -287,23 +327,29 @@ def compare_methods(
         - ``delta_percent``: ``100 * (mean full - mean lora) / mean full``
           (None if the full mean is 0), ``delta_percent_ci``: seed-paired
           bootstrap interval (None if some resample's full mean is 0)
-        - ``t``, ``p``: paired t-test of ``lora - full`` (two-sided, n-1 df)
+        - ``bootstrap_distinct_resamples``: :func:`distinct_resamples` of
+          ``n_seeds`` (10 for three seeds)
+        - ``sign``; ``t``, ``p``: paired t-test of that difference
+          (two-sided, n-1 df)
         - ``n_tests``, ``alpha``, ``p_bonferroni``, ``significant``
           (``p_bonferroni < alpha``)
-        - ``cohens_d``: ``mean(lora - full) / sd(lora - full, ddof=1)``
+        - ``cohens_d``: ``mean(diff) / sd(diff, ddof=1)`` of that difference
+        - ``zero_spread``: every paired difference is the same; then ``t``,
+          ``p``, ``p_bonferroni`` and ``cohens_d`` are None, ``significant``
+          is False and ``note`` says why
+        - ``note``: None, or why a statistic is undefined
         - ``test``: a one-line description of the test
-
-        Non-finite numbers (t and d when every difference is the same nonzero
-        value) are encoded as None; ``p`` then is 0.0 and says which way by
-        the sign of ``mean(lora) - mean(full)``.
     """
+    if sign not in SIGNS:
+        raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
     lora, full = _paired(lora_values, full_values)
     seeds = [int(s) for s in seeds]
     if len(seeds) != lora.size:
         raise ValueError(f"got {len(seeds)} seeds for {lora.size} values per method")
     boot = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
-    t, p = paired_ttest(lora, full)
-    p_adj = bonferroni(p, n_tests)
+    a, b = (lora, full) if sign == "lora - full" else (full, lora)
+    t, p = paired_ttest(a, b)
+    zero = math.isnan(p)
     # Delta% is undefined when the full fine-tuning mean (overall, or in some
     # resample) is 0: report None rather than inf/NaN.
     try:
@@ -314,6 +360,12 @@ def compare_methods(
         delta_ci = list(bootstrap_reduction_ci(full, lora, **boot))
     except ValueError:
         delta_ci = None
+    note = None
+    if zero:
+        c = float((a - b).mean())
+        note = (f"zero spread: every paired difference ({sign}) is {c:.4g}, so t, p and "
+                "Cohen's d are undefined; not significant")
+    p_adj = None if zero else bonferroni(p, n_tests)
     return {
         "seeds": seeds,
         "n_seeds": len(seeds),
@@ -321,12 +373,60 @@ def compare_methods(
         "full": _summary(full, boot),
         "delta_percent": delta,
         "delta_percent_ci": delta_ci,
+        "bootstrap_distinct_resamples": distinct_resamples(len(seeds)),
+        "sign": sign,
         "t": _json_float(t),
-        "p": float(p),
+        "p": None if zero else float(p),
         "n_tests": int(n_tests),
         "alpha": float(alpha),
-        "p_bonferroni": float(p_adj),
-        "significant": bool(p_adj < alpha),
-        "cohens_d": _json_float(cohens_d_paired(lora, full)),
-        "test": "two-sided paired t-test (scipy.stats.ttest_rel) of lora - full, paired by seed",
+        "p_bonferroni": None if zero else float(p_adj),
+        "significant": False if zero else bool(p_adj < alpha),
+        "cohens_d": _json_float(cohens_d_paired(a, b)),
+        "zero_spread": zero,
+        "note": note,
+        "test": f"two-sided paired t-test (scipy.stats.ttest_rel) of {sign}, paired by seed",
     }
+
+
+# --------------------------------------------------------------------------- per example
+
+def exact_mcnemar(b: int, c: int) -> float:
+    """Two-sided exact McNemar test: p of ``b`` discordant examples one way and ``c``
+    the other, under H0 that either way is equally likely.
+
+    Args:
+        b: examples classifier 1 gets right and classifier 2 wrong.
+        c: examples classifier 2 gets right and classifier 1 wrong.
+
+    Returns:
+        ``min(1, 2 * P(X <= min(b, c)))`` with ``X ~ Binomial(b + c, 1/2)`` (the
+        exact conditional test; equals ``scipy.stats.binomtest(b, b + c).pvalue``).
+        No discordant example (``b + c = 0``): 1.0, the two agree on every example.
+    """
+    b, c = int(b), int(c)
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    return float(min(1.0, 2.0 * scipy.stats.binom.cdf(min(b, c), n, 0.5)))
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (no continuity correction).
+
+    ``(p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)`` with ``p = k/n``
+    and ``z`` the normal quantile of ``(1 + confidence) / 2`` (Wilson 1927). Unlike
+    ``p -+ z sqrt(p(1-p)/n)`` it stays inside [0, 1] and is not empty at k = 0 or n.
+    """
+    k, n = int(k), int(n)
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    z = float(scipy.stats.norm.ppf(0.5 + confidence / 2.0))
+    p = k / n
+    centre = p + z * z / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    denom = 1 + z * z / n
+    return max(0.0, (centre - half) / denom), min(1.0, (centre + half) / denom)

@@ -287,7 +287,7 @@ def test_loadtest_end_to_end(study, tmp_path, capsys):
     out = tmp_path / "lt"
     args = ["loadtest", str(root), "--backends", "merged,peft,ours", "--clients", "1,3",
             "--adapters", "1,3", "--requests", "6", "--warmup", "1", "--out", str(out),
-            "--no-progress", "--threads", "1"]
+            "--no-progress", "--threads", "1", "--repeats", "2"]
     assert main(args) == 0
     res = read_json(out / "loadtest.json")
     cells = res["cells"]
@@ -295,8 +295,15 @@ def test_loadtest_end_to_end(study, tmp_path, capsys):
     assert {(c["backend"], c["adapters"], c["clients"]) for c in cells} == {
         (b, a, c) for b in ("merged", "peft", "ours") for a in (1, 3) for c in (1, 3)}
     for c in cells:
-        assert c["errors"] == 0 and c["requests"] == 6
+        assert c["errors"] == 0 and c["requests"] == 6 and c["repeats"] == 2
         assert c["throughput_rps"] > 0 and 0 < c["p50_ms"] <= c["p95_ms"] <= c["p99_ms"]
+        lo, hi = c["throughput_ci"]
+        assert lo <= c["throughput_rps"] <= hi and len(c["throughput_runs"]) == 2
+    # every cell twice, the servers interleaved: each repeat runs all three, rotated
+    runs = res["runs"]
+    assert len(runs) == 24 and res["repeats"] == 2
+    assert [r["backend"] for r in runs[:6]] == ["merged", "peft", "ours", "peft", "ours",
+                                                "merged"]
     # one task (the same texts in every cell): its one trained adapter and two copies
     assert res["task"] == "rte"
     assert all(s["adapters"] == 3 for s in res["servers"].values())
@@ -305,6 +312,7 @@ def test_loadtest_end_to_end(study, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "p95 ms" in text and "vs merged" in text
     assert (out / "loadtest.csv").read_text().count("\n") == 13
+    assert (out / "loadtest_runs.csv").read_text().count("\n") == 25
     # a finished result is not overwritten silently
     assert main(args) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err

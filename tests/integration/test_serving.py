@@ -130,7 +130,16 @@ def test_run_bench_on_tiny_run(tiny_run):
     cfg, run = tiny_run
     res = run_bench(cfg, run, batch_sizes=(1, 2), warmup=2, n_requests=6, progress=False,
                     mixed_batch_size=4, threads=1, base=load_base(cfg))
-    assert all(res["checks"].values()) and len(res["checks"]) >= 6, res["checks"]
+    # identity checks: 3 adapters x 2 batch sizes x (runtime, merged), and the multi-adapter
+    # stream and mixed batches through our runtime and PEFT; float64 verdict
+    assert all(res["checks"].values()) and len(res["checks"]) == 3 * 2 * 2 + 4, res["checks"]
+    ident = res["identity"]
+    assert ident["dtype"] == "float64" and ident["tolerance"] == 1e-6
+    assert ident["serving_dtype"] == res["dtype"] == "float32"
+    for c in ident["checks"]:
+        assert c["float64"]["max_abs_diff"] <= 1e-12 and c["float64"]["same_predictions"], c
+        assert c["serving_dtype"]["relative_diff"] < 1e-4, c
+        assert c["rows"] == (6 if c["workload"] == "single" else 18), c
     sst2 = res["tasks"]["sst2"]
     assert sst2["examples"] == 6 and set(sst2["seeds"]) == {"1", "2"}
     one = sst2["seeds"]["1"]["batch"]["1"]["kinds"]
@@ -149,14 +158,29 @@ def test_run_bench_on_tiny_run(tiny_run):
     table = [r for r in res["comparison"] if r["task"] == "sst2" and r["batch_size"] == 1]
     sep = next(r for r in table if r["kind"] == "lora_separate")
     assert sep["seeds"] == 2 and sep["n"] == 12
-    assert 0 <= sep["p_vs_full"] <= 1 and "overhead_vs_full_pct" in sep
+    # paired by request with full fine-tuning, on the one seed that has both: the p-value
+    # recomputed from requests.csv (the raw latencies) with scipy directly
+    from scipy import stats
+
+    assert sep["paired_seeds_vs_full"] == [1] and sep["pairs_vs_full"] == 6
+    with open(run.bench_dir / "requests.csv") as f:
+        timed = [r for r in csv.DictReader(f) if r["task"] == "sst2" and r["seed"] == "1"
+                 and r["batch_size"] == "1"]
+    lat = {k: [float(r["latency_ms"]) for r in sorted(timed, key=lambda r: int(r["request"]))
+               if r["kind"] == k] for k in ("lora_separate", "full")}
+    diff = [a - b for a, b in zip(lat["lora_separate"], lat["full"])]
+    assert sep["p_vs_full"] == pytest.approx(stats.wilcoxon(diff).pvalue, rel=1e-6)
+    assert sep["overhead_vs_full_pct"] == pytest.approx(
+        (sum(lat["lora_separate"]) / sum(lat["full"]) - 1) * 100, rel=1e-6)
+    assert sep["seed_means_sd_ms"] > 0 and len(sep["overhead_vs_full_ci"]) == 2
     assert not any("overhead_vs_full_pct" in r for r in res["comparison"] if r["task"] == "rte")
     # several adapters of different tasks on one base
     multi = res["multi"]
     assert multi["adapters"] == ["sst2_seed1", "rte_seed1", "sst2_seed2"]  # tasks first
     assert multi["different_tasks"]
-    assert multi["stream"]["peft"]["within_tol"] and multi["stream"]["runtime"]["within_tol"]
-    assert multi["mixed"]["peft_adapter_names"]["same_predictions"]
+    assert {c["path"] for c in ident["checks"] if c["workload"] == "stream"} == {"runtime", "peft"}
+    assert {c["path"] for c in ident["checks"] if c["workload"] == "mixed"} == {
+        "runtime", "peft_adapter_names"}
     assert multi["mixed"]["runtime"]["throughput_vs_merged"] > 0
     # files
     out = run.bench_dir
@@ -168,6 +192,7 @@ def test_run_bench_on_tiny_run(tiny_run):
     assert len(reqs) == (3 * 2 + 1) * 9 + 3 * 9
     for name in ("latency.csv", "comparison.csv", "multi.csv"):
         assert (out / name).read_text().count("\n") > 1
+    assert (out / "identity.csv").read_text().count("\n") == 1 + 16
     with open(out / "latency.csv") as f:
         latency = list(csv.DictReader(f))
     assert len(latency) == (3 * 2 + 1 + 3) * 2 and "latency_s" not in latency[0]

@@ -11,7 +11,7 @@ from loralens import data as D
 from loralens.config import StudyConfig
 from loralens.models import build_classifier
 from loralens.serving.backends import AdapterError, AdapterInfo, make_backend
-from loralens.serving.loadtest import LoadTestError, choose_task, crossover_text, crossovers
+from loralens.serving.loadtest import LoadTestError, choose_task
 from loralens.serving.sources import AdapterSpec, collect_adapters, replicate
 from loralens.models import apply_method
 from loralens.store import RunDir, atomic_write_json
@@ -139,28 +139,6 @@ def test_collect_adapters_names_and_errors(tmp_path, tiny_backbone):
         collect_adapters([f"a b={one}"])
     more = replicate([AdapterSpec("x", one), AdapterSpec("y", one)], 5)
     assert [s.name for s in more] == ["x", "y", "x@2", "y@2", "x@3"]
-
-
-def test_crossovers():
-    def row(b, a, c, tp):
-        return {"backend": b, "adapters": a, "clients": c, "throughput_rps": tp}
-
-    rows = [row("merged", 1, 1, 10), row("ours", 1, 1, 9), row("merged", 4, 1, 8),
-            row("ours", 4, 1, 9), row("merged", 16, 1, 5), row("ours", 16, 1, 9),
-            row("merged", 1, 8, 30), row("ours", 1, 8, 20), row("merged", 4, 8, 10),
-            row("ours", 4, 8, 25), row("merged", 16, 8, 30), row("ours", 16, 8, 25)]
-    got = {(c["along"], c.get("clients"), c.get("adapters")): c for c in crossovers(rows)}
-    assert got[("adapters", 1, None)]["from"] == 4
-    assert got[("adapters", 8, None)]["from"] is None
-    assert got[("adapters", 8, None)]["faster_at"] == [4]
-    assert got[("clients", None, 4)]["from"] == 1
-    assert got[("clients", None, 1)]["faster_at"] == []
-    assert crossover_text(got[("adapters", 1, None)]) == \
-        "ours vs merged at 1 client: faster from 4 adapters on"
-    assert crossover_text(got[("adapters", 8, None)]) == \
-        "ours vs merged at 8 clients: faster only at 4 adapters"
-    assert crossover_text(got[("clients", None, 1)]) == \
-        "ours vs merged over 1 adapter: never faster"
 
 
 def test_choose_task_keeps_one_task():

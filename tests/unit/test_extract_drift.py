@@ -333,68 +333,117 @@ def test_drift_outputs_match_similarity_and_stats(tmp_path):
         assert r["procrustes"] == pytest.approx(S.procrustes_distance(X, Y), abs=1e-12)
         assert r["cka_rbf"] == pytest.approx(S.rbf_cka(X, Y), abs=1e-12)
         assert r["drift"] == pytest.approx(1 - r["cka"], abs=1e-15)
+        # standardised CKA: plain CKA of z-scored columns (numpy, written out)
+        Xz, Yz = [(A - A.mean(0)) / A.std(0) for A in (X.astype(np.float64),
+                                                      Y.astype(np.float64))]
+        assert r["cka_std"] == pytest.approx(S.linear_cka(Xz, Yz), abs=1e-6)
+        assert r["cka_std_debiased"] == pytest.approx(S.linear_cka(Xz, Yz, debiased=True),
+                                                      abs=1e-6)
+        # variance shares of the top 1 and 5 dimensions, numpy written out
+        for A, suffix in ((Y, ""), (X, "_base")):
+            v = np.sort(A.astype(np.float64).var(axis=0))[::-1]
+            assert r[f"var_top1{suffix}"] == pytest.approx(v[0] / v.sum(), rel=1e-9)
+            assert r[f"var_top5{suffix}"] == pytest.approx(v[:5].sum() / v.sum(), rel=1e-9)
     layers_json = json.loads((run.root / "drift" / "layers.json").read_text())
     assert layers_json["rows"][0].keys() == set(LAYER_COLUMNS)
 
-    # Table 4: values equal stats.py applied to the layer-averaged drift.
+    # Every state stays in layers.csv, labelled; the blocks (1..3) are the drift set.
+    assert [(r["layer"], r["state"], r["in_drift"]) for r in out["layers"][:4]] == [
+        (0, "embeddings", False), (1, "block 1", True), (2, "block 2", True),
+        (3, "block 3, after the final norm", True)]
+
+    # Table 4: the layer-averaged drift, tested against scipy and hand formulas.
     assert tuple(next(csv.DictReader(open(run.root / "drift" / "table4.csv")))) == \
         TABLE4_COLUMNS
     t4 = json.loads((run.root / "drift" / "table4.json").read_text())
-    assert t4["n_tests"] == 2 and t4["alpha_per_test"] == pytest.approx(0.025)
+    # family: 3 drift measures x 2 configured tasks
+    assert t4["n_tests"] == 6 and t4["alpha_per_test"] == pytest.approx(0.05 / 6)
+    assert t4["families"]["table4"]["size"] == 6
+    assert t4["families"]["per_layer"]["size"] == 3 * 2
+    assert t4["drift_layers"]["states"] == [1, 2, 3]
     for e in t4["tasks"]:
         arrays = truth[e["task"]]
         assert e["n_examples"] == 20 and e["requested"] == 25 and e["n_layers"] == 4
+        assert e["layers"] == [1, 2, 3]
         for measure, fn in (("cka", S.linear_cka),
                             ("cka_debiased", lambda X, Y: S.linear_cka(X, Y, debiased=True)),
                             ("cosine", S.cosine_similarity)):
             per = {m: [np.mean([1 - fn(arrays[BASE_KEY][:, li], arrays[model_key(m, s)][:, li])
-                                for li in range(4)]) for s in SEEDS] for m in ("lora", "full")}
+                                for li in (1, 2, 3)]) for s in SEEDS] for m in ("lora", "full")}
             c = e["measures"][measure]
             # CKA: float32 Gram products in drift (agreement 1e-6), see above
             tol = 1e-6 if measure.startswith("cka") else 1e-12
             np.testing.assert_allclose(c["lora"]["per_seed"], per["lora"], rtol=0, atol=tol)
             np.testing.assert_allclose(c["full"]["per_seed"], per["full"], rtol=0, atol=tol)
             assert c["lora"]["sd"] == pytest.approx(np.std(per["lora"], ddof=1), abs=tol)
-            assert c["delta_percent"] == pytest.approx(T.delta_percent(per["full"], per["lora"]),
-                                                       rel=1e-4)
+            mf, ml = np.mean(per["full"]), np.mean(per["lora"])
+            assert c["delta_percent"] == pytest.approx(100 * (mf - ml) / mf, rel=1e-4)
             assert c["delta_percent_ci"] == pytest.approx(list(T.bootstrap_reduction_ci(
                 per["full"], per["lora"], n_resamples=2000, seed=7)), rel=1e-4)
-            ref = scipy.stats.ttest_rel(per["lora"], per["full"])
-            assert c["t"] == pytest.approx(ref.statistic) and c["p"] == pytest.approx(ref.pvalue)
-            assert c["p_bonferroni"] == pytest.approx(min(1.0, 2 * ref.pvalue))
-            assert c["significant"] == (ref.pvalue < 0.05 / 2)
-            diff = np.subtract(per["lora"], per["full"])
-            assert c["cohens_d"] == pytest.approx(diff.mean() / diff.std(ddof=1))
+            assert c["bootstrap_distinct_resamples"] == 10  # C(5, 3) for 3 seeds
+            # d and t of full - lora: positive when full fine-tuning drifts more (the paper)
+            ref = scipy.stats.ttest_rel(per["full"], per["lora"])
+            assert c["t"] == pytest.approx(ref.statistic, rel=1e-4)
+            assert c["p"] == pytest.approx(ref.pvalue, rel=1e-4)
+            assert c["p_bonferroni"] == pytest.approx(min(1.0, 6 * ref.pvalue), rel=1e-4)
+            assert c["significant"] == (6 * ref.pvalue < 0.05)
+            diff = np.subtract(per["full"], per["lora"])
+            assert c["cohens_d"] == pytest.approx(diff.mean() / diff.std(ddof=1), rel=1e-4)
+            assert c["cohens_d"] > 0 and c["sign"] == "full - lora"
             assert c["seeds"] == sorted(SEEDS) and c["note"] is None
-            # Per layer: the same statistics on one layer's drift.
+            # Per state: the same statistics on one state's drift, family 3 states x 2 tasks.
             assert [p["layer"] for p in e["per_layer"][measure]] == [0, 1, 2, 3]
+            layer0 = e["per_layer"][measure][0]
+            assert layer0["tested"] is False and layer0["p"] is None  # outside drift.layers
             layer = e["per_layer"][measure][3]
             lo = [1 - fn(arrays[BASE_KEY][:, 3], arrays[model_key("lora", s)][:, 3])
                   for s in SEEDS]
             fu = [1 - fn(arrays[BASE_KEY][:, 3], arrays[model_key("full", s)][:, 3])
                   for s in SEEDS]
-            assert layer["t"] == pytest.approx(scipy.stats.ttest_rel(lo, fu).statistic)
-            assert layer["delta_percent"] == pytest.approx(T.delta_percent(fu, lo))
+            ref = scipy.stats.ttest_rel(fu, lo)
+            assert layer["t"] == pytest.approx(ref.statistic, rel=1e-4)
+            assert layer["p_bonferroni"] == pytest.approx(min(1, 6 * ref.pvalue), rel=1e-4)
+            assert layer["delta_percent"] == pytest.approx(
+                100 * (np.mean(fu) - np.mean(lo)) / np.mean(fu), rel=1e-4)
+            # Seed floor: 1 - similarity between two seeds of one method, averaged over 1..3.
+            floor = e["seed_floor"][measure]["full"]
+            pairs = [(42, 1337), (42, 2024), (1337, 2024)]
+            want = [np.mean([1 - fn(arrays[model_key("full", a)][:, li],
+                                    arrays[model_key("full", b)][:, li]) for li in (1, 2, 3)])
+                    for a, b in pairs]
+            assert [p["seeds"] for p in floor["pairs"]] == [list(p) for p in pairs]
+            np.testing.assert_allclose([p["mean"] for p in floor["pairs"]], want, atol=tol)
+            assert floor["mean"] == pytest.approx(np.mean(want), abs=tol)
+            assert c["seed_floor"]["full"]["mean"] == floor["mean"]
+        # Standardised CKA beside them, descriptive (not tested, in no family).
+        for measure in ("cka_std", "cka_std_debiased"):
+            c = e["measures"][measure]
+            assert c["tested"] is False and c["p"] is None and c["significant"] is None
         # LoRA (smaller perturbation) drifts less in this synthetic set-up.
         assert e["measures"]["cka"]["delta_percent"] > 0
 
-    # Table 3: accuracy and F1 from metrics.json.
+    # Table 3: the study metric of each task (accuracy for SST-2 and RTE), by hand.
     assert tuple(next(csv.DictReader(open(run.root / "drift" / "table3.csv")))) == \
         TABLE3_COLUMNS
     t3 = json.loads((run.root / "drift" / "table3.json").read_text())
+    assert t3["families"]["table3"]["size"] == 2
+    assert t3["families"]["table3"]["members"] == ["sst2 accuracy", "rte accuracy"]
     for e in t3["tasks"]:
         assert e["majority_baseline"]["accuracy"] == 0.51 and e["n_validation"] == [20]
-        for metric in ("accuracy", "f1"):
-            vals = {m: [json.loads((run.job_dir(e["task"], m, s) / "metrics.json").read_text())
-                        ["validation"][metric] for s in SEEDS] for m in ("lora", "full")}
-            c = e["metrics"][metric]
-            assert c["lora"]["per_seed"] == vals["lora"]
-            assert c["full"]["mean"] == pytest.approx(np.mean(vals["full"]))
-            assert c["full"]["sd"] == pytest.approx(np.std(vals["full"], ddof=1))
-            t, p = T.paired_ttest(vals["lora"], vals["full"])
-            assert c["t"] == pytest.approx(t) and c["p"] == pytest.approx(p)
-            assert c["cohens_d"] == pytest.approx(T.cohens_d_paired(vals["lora"], vals["full"]))
-            assert c["difference"] == pytest.approx(np.mean(vals["lora"]) - np.mean(vals["full"]))
+        assert list(e["metrics"]) == ["accuracy"]  # F1 of SST-2/RTE is not a study metric
+        vals = {m: [json.loads((run.job_dir(e["task"], m, s) / "metrics.json").read_text())
+                    ["validation"]["accuracy"] for s in SEEDS] for m in ("lora", "full")}
+        c = e["metrics"]["accuracy"]
+        assert c["lora"]["per_seed"] == vals["lora"]
+        assert c["full"]["mean"] == pytest.approx(np.mean(vals["full"]))
+        assert c["full"]["sd"] == pytest.approx(np.std(vals["full"], ddof=1))
+        diff = np.subtract(vals["lora"], vals["full"])
+        t = diff.mean() / (diff.std(ddof=1) / np.sqrt(3))
+        p = 2 * scipy.stats.t.sf(abs(t), df=2)
+        assert c["t"] == pytest.approx(t) and c["p"] == pytest.approx(p)
+        assert c["p_bonferroni"] == pytest.approx(min(1.0, 2 * p))
+        assert c["cohens_d"] == pytest.approx(diff.mean() / diff.std(ddof=1))
+        assert c["difference"] == pytest.approx(np.mean(vals["lora"]) - np.mean(vals["full"]))
     # The real count is shown: 20 of 25 requested is called out.
     assert any("20 examples" in n and "25 requested" in n for n in out["notes"])
 
@@ -418,8 +467,12 @@ def test_drift_notes_missing_extraction_and_unextracted_jobs(tmp_path):
 def test_compare_one_method_or_seed():
     c = compare({1: 0.2}, {}, n_tests=3)
     assert c["full"] is None and c["p"] is None and "only LoRA" in c["note"]
-    c = compare({1: 0.2, 2: 0.3}, {1: 0.4, 2: 0.5}, n_tests=3, n_resamples=100)
+    c = compare({1: 0.2, 2: 0.3}, {1: 0.4, 2: 0.6}, n_tests=3, n_resamples=100)
     assert c["p"] is not None and c["alpha_per_test"] == pytest.approx(0.05 / 3)
+    # zero spread (both differences -0.2): undefined, never significant
+    c = compare({1: 0.2, 2: 0.3}, {1: 0.4, 2: 0.5}, n_tests=3, n_resamples=100)
+    assert c["p"] is None and c["significant"] is False and c["zero_spread"] is True
+    assert "zero spread" in c["note"]
     c = compare({1: 0.2, 2: 0.3}, {2: 0.5, 3: 0.4}, n_tests=3)
     assert c["seeds"] == [2] and c["t"] is None and c["unpaired_seeds"] == {"lora": [1],
                                                                            "full": [3]}

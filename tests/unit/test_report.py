@@ -196,24 +196,26 @@ def write_bench(run, rng, seeds=SEEDS):
 
 
 def write_loadtest(run: RunDir) -> dict:
-    from loralens.serving.loadtest import crossovers
+    from loralens.serving.loadtest import crossovers, summarize_cells
 
-    cells = []
+    runs = []
     for b, base in (("merged", 20.0), ("peft", 12.0), ("ours", 18.0)):
         for a in (1, 4, 16):
             for c in (1, 8, 32):
                 # merged loses throughput as adapters multiply; ours does not
-                tp = base * (1 + 0.5 * (c > 1)) / (1 + (a - 1) * 0.2 * (b == "merged"))
-                cells.append({"backend": b, "adapters": a, "clients": c, "requests": 96,
-                              "errors": 0, "wall_s": 96 / tp, "throughput_rps": tp,
-                              "p50_ms": 1000 * c / tp, "p95_ms": 1300 * c / tp,
-                              "p99_ms": 1500 * c / tp, "mean_ms": 1050 * c / tp,
-                              "batches": 40, "mixed_batches": 10 * (a > 1),
-                              "rows_per_batch": 2.4})
-    result = {"schema": 1, "backends": ["merged", "peft", "ours"], "clients": [1, 8, 32],
-              "adapters": [1, 4, 16], "requests_per_cell": 96, "warmup": 4,
+                mean = base * (1 + 0.5 * (c > 1)) / (1 + (a - 1) * 0.2 * (b == "merged"))
+                for r, tp in enumerate((0.98 * mean, mean, 1.02 * mean)):  # 3 repeats
+                    runs.append({"backend": b, "adapters": a, "clients": c, "requests": 96,
+                                 "errors": 0, "wall_s": 96 / tp, "throughput_rps": tp,
+                                 "p50_ms": 1000 * c / tp, "p95_ms": 1300 * c / tp,
+                                 "p99_ms": 1500 * c / tp, "mean_ms": 1050 * c / tp,
+                                 "batches": 40, "mixed_batches": 10 * (a > 1), "rows": 96,
+                                 "rows_per_batch": 2.4, "repeat": r, "position": 0})
+    cells = summarize_cells(runs)
+    result = {"schema": 2, "backends": ["merged", "peft", "ours"], "clients": [1, 8, 32],
+              "adapters": [1, 4, 16], "requests_per_cell": 96, "warmup": 4, "repeats": 3,
               "server_args": ["--max-wait-ms", "5.0"], "machine": {"cpus": 2},
-              "cells": cells, "crossovers": crossovers(cells)}
+              "cells": cells, "runs": runs, "crossovers": crossovers(cells)}
     atomic_write_json(run.loadtest_path, result)
     return result
 
@@ -357,15 +359,18 @@ def test_markdown_has_every_table_and_number(full_report):
     # Table 5: mean latency, overhead vs full, p-value; multi-adapter rows
     serving = read_json(run.serving_path)
     row = next(r for r in serving["comparison"] if r["kind"] == "lora_separate")
-    assert f"{row['mean_ms']:.1f} ± {row['sd_ms']:.1f}" in md
+    assert f"{row['mean_ms']:.1f} ± {row['seed_means_sd_ms']:.1f}" in md  # sd across seeds
     assert f"{row['overhead_vs_full_pct']:+.1f}%" in md and pval(row["p_vs_full"]) in md
     assert "mixed batches of 8" in md and "round-robin stream" in md
     # Table 6: every cell, the best server per cell, the crossovers
     assert md.count("| merged (one model per adapter)") == 9
-    assert "| 16 | 32 | our multi-adapter path (best) | 27.00 |" in md
-    assert "ours vs merged at 1 client: faster from 4 adapters on" in md
-    assert "peft vs merged over 1 adapter: never faster" in md
-    assert "ours vs merged over 4 adapters: faster from 1 client on" in md
+    # (3 repeats at 0.98, 1 and 1.02 x the mean: mean ± 4.303 x 0.02 x mean / sqrt(3))
+    assert "| 16 | 32 | our multi-adapter path (best) | 27.00 [25.66, 28.34] |" in md
+    assert "| 4 | 8 | PEFT (separate adapters) | 18.00 [17.11, 18.89] |" in md
+    assert "ours vs merged at 1 client: faster from 4 adapters on; slower at 1 adapter." in md
+    assert "peft vs merged over 1 adapter: slower at 1, 8, 32 clients." in md
+    assert "peft vs merged over 4 adapters: no difference detected." in md  # 18 vs 18.75
+    assert "ours vs merged over 4 adapters: faster from 1 client on." in md
     # provenance: the packaged model said plainly; commit, versions, timings
     assert "not the study's TinyLlama-1.1B" in md and "Q4_1" in md
     assert "0123abcd" in md and "torch 2.13.0" in md and "smoke" in md
@@ -381,7 +386,8 @@ def test_figures_are_valid_png_and_svg(full_report):
     names = sorted(p.stem for p in figs.glob("*.png"))
     assert names == sorted(p.stem for p in figs.glob("*.svg"))
     assert names == ["fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwise-drift",
-                     "fig4-latency", "fig5-layerwise-debiased-cosine", "fig6-loadtest"]
+                     "fig4-latency", "fig5-layerwise-debiased-cosine", "fig6-loadtest",
+                     "fig7-outlier-dimensions"]
     for name in names:
         png = figs / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -402,11 +408,11 @@ def test_html_is_self_contained(full_report):
     assert refs and all(r.startswith(("data:image/png;base64,", "#")) for r in refs)
     assert "<script" not in html and "<link" not in html and "@import" not in html
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) == 6
+    assert len(images) == 7
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     for tid in ("table-status", "table-provenance", "table-timings", "table-sanity",
                 "table-1-data", "table-2-spaces", "table-2-search", "table-3-accuracy",
-                "table-4-drift", "table-5-serving", "table-5-multi"):
+                "table-4-drift", "table-4b-outliers", "table-5-serving", "table-5-multi"):
         assert f'<table id="{tid}">' in html
     assert "0.8200 ± 0.0100" in html
 
@@ -428,7 +434,7 @@ def test_partial_run_lists_what_is_missing(tmp_path):
     assert "Load test: no loadtest/loadtest.json" in md and "`loralens loadtest " in md
     assert "Sanity checks: not computed yet" in md
     assert "Hyperparameter search: not computed yet" in md
-    assert "Figures 1, 2, 3 and 5 (accuracy vs drift" in md and "appear once the drift" in md
+    assert "Figures 1, 2, 3, 5 and 7 (accuracy vs drift" in md and "appear once the drift" in md
     # what exists is shown: the one accuracy, the rows used, the model
     assert "0.8125" in md and "| sst2 | 640 |" in md and "not the study's TinyLlama" in md
     assert not list((run.report_dir / "figures").glob("*.png"))
@@ -487,7 +493,7 @@ def test_one_seed_without_search(tmp_path):
     assert "0.8100" in md and "42: 0.8100" in md
     assert "at least 2 paired seeds" in md  # why p, d and the CIs are empty
     figs = sorted(p.stem for p in (run.report_dir / "figures").glob("*.png"))
-    assert len(figs) == 6  # Figures 1-5 and the load test's Figure 6
+    assert len(figs) == 7  # Figures 1-5, the load test's Figure 6, outliers' Figure 7
     assert "not computed yet" not in md
 
 
@@ -510,3 +516,99 @@ def test_log_axes_when_lora_drifts_far_less():
     assert _needs_log({("sst2", "lora", 42): lo, ("sst2", "full", 42): fu})
     assert not _needs_log({("sst2", "lora", 42): lo * 100, ("sst2", "full", 42): fu})
     assert not _needs_log({("sst2", "lora", 42): lo})  # one method: nothing to compare
+
+
+def _section(md: str, start: str, end: str) -> str:
+    return md[md.index(start):md.index(end, md.index(start))]
+
+
+def test_table3_and_4_state_families_signs_and_resamples(full_report):
+    run, _, _ = full_report
+    md = (run.report_dir / "report.md").read_text()
+    t3 = _section(md, "**Table 3:", "**Table 3b")
+    # Hand values: sst2 LoRA - full = [-0.03, -0.04, -0.02], mean -0.03, sd 0.01:
+    # d = -3, t = -0.03 / (0.01 / sqrt 3) = -5.196, two-sided p (2 df) = 1 - 5.196 / sqrt(29)
+    # = 0.0351, x 2 tests = 0.070. rte: [0.02, 0.01, 0.03]: d = 2, t = 3.464,
+    # p = 1 - 3.464 / sqrt(14) = 0.0742, x 2 = 0.148.
+    assert "| -0.0300 | 0.035 | 0.070 | -3.00 | no |" in t3
+    assert "| +0.0200 | 0.074 | 0.148 | 2.00 | no |" in t3
+    assert "| f1" not in t3  # F1 is not SST-2's or RTE's study metric
+    assert "Bonferroni family: 2 tests, the study metric of each configured task (sst2 " \
+           "accuracy, rte accuracy)" in t3
+    assert "Cohen's d = mean(LoRA − full) / sd(LoRA − full, ddof 1)" in t3
+    assert "positive when LoRA scores higher" in t3
+    t4 = _section(md, "**Table 4:", "**Table 4b")
+    assert "Bonferroni family: 6 tests, the tested drift measures" in t4
+    assert "p (Bonf.) = min(1, p × 6)" in t4
+    assert "positive when full fine-tuning drifts more (the paper's sign)" in t4
+    assert "3 seeds allow only 10 distinct resamples" in t4
+    assert "averaged over hidden states 1–4 (drift.layers = blocks)" in t4
+    assert "4 = block 4 after the final norm" in t4
+    assert "Per-state tests" in t4 and "one Bonferroni family per measure of 8 tests" in t4
+    assert "Seed floor (LoRA / full FT)" in t4 and "compare tasks with the debiased rows" in t4
+    assert "1 − linear CKA, standardised (debiased)" in t4 and "not tested" in t4
+    assert "**Table 4b: how much a few dimensions decide**" in md
+    # each figure says which CKA form it draws
+    assert "1 − debiased linear CKA to the base model" in md          # Figure 1
+    assert "1 − linear CKA, biased: the paper's measure" in md        # Figure 3
+    assert "Figure 2: drift reduction per task.** Δ%" in md and \
+           "3 seeds allow only 10 distinct resamples); * significant after Bonferroni " \
+           "over drift measures × tasks" in md
+
+
+def test_zero_spread_is_undefined_and_example_level_table(tmp_path, monkeypatch):
+    """Scores on a 1/n grid, LoRA one example ahead at every seed: zero spread, never
+    significant; Table 3c tests each seed over the validation examples."""
+    import scipy.stats
+
+    from loralens.report import build_report
+
+    monkeypatch.delenv("LORALENS_GLUE_DIR", raising=False)
+    run = synthetic_run(tmp_path / "run", stages=("train",))
+    rng = np.random.default_rng(1)
+    ks = {}
+    for t in TASKS:
+        n = N_VAL[t]
+        labels = rng.integers(0, 2, n)
+        for i, s in enumerate(SEEDS):
+            for m, k in (("lora", n // 2 + i + 1), ("full", n // 2 + i)):
+                pred = labels.copy()
+                pred[k:] = 1 - pred[k:]            # right on the first k examples
+                np.save(run.val_logits_path(t, m, s), np.eye(2, dtype=np.float32)[pred])
+                write_metrics(run, t, m, s, k / n)
+                ks[(t, m, s)] = k
+    build_report(run)
+    md = (run.report_dir / "report.md").read_text()
+    t3 = _section(md, "**Table 3:", "**Table 3b")
+    row = next(line for line in t3.splitlines() if line.startswith("| sst2 | accuracy *"))
+    assert row.endswith("| undefined (zero spread) | – | – | no (p undefined) |")
+    assert "| yes |" not in t3 and "Zero spread:" in t3
+    # Table 3c: b = 1 (LoRA right, full wrong), c = 0 at every seed -> exact p = 1
+    assert "**Table 3c: LoRA vs full fine-tuning per seed, paired by validation example**" in md
+    t3c = _section(md, "**Table 3c", "**Table 3b")
+    for s in SEEDS:
+        k = ks[("sst2", "lora", s)]
+        ci = scipy.stats.binomtest(k, 40).proportion_ci(0.95, "wilson")
+        assert f"| sst2 | {s} | 40 | {k / 40:.4f} [{ci.low:.4f}, {ci.high:.4f}] |" in t3c
+    assert t3c.count("| 1 | 0 | 1.000 | 1.000 | no |") == 6
+    assert "Bonferroni family: 6 tests, configured tasks × seeds" in t3c
+    assert "the discordant counts are derived" in t3c  # no GLUE files in this run
+
+
+def test_report_of_an_older_drift_stage(tmp_path):
+    """table4.json as the drift stage wrote it before families and drift.layers."""
+    from loralens.report import build_report
+    from loralens.store import read_json
+
+    run = synthetic_run(tmp_path / "run", stages=("train", "extract", "drift"))
+    t4 = read_json(run.drift_path("table4.json"))
+    for key in ("families", "drift_layers", "cohens_d"):
+        t4.pop(key)
+    for e in t4["tasks"]:
+        e["layers_averaged"] = [0, e.pop("layers")[-1]]
+    atomic_write_json(run.drift_path("table4.json"), t4)
+    build_report(run)
+    md = (run.report_dir / "report.md").read_text()
+    t4md = _section(md, "**Table 4:", "**Table 4b")
+    assert "an older drift stage averaged every state" in t4md and "| 0–4 |" in t4md
+    assert "Family not recorded" in t4md and "an older drift stage: negative when" in t4md

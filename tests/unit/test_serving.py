@@ -207,20 +207,80 @@ def test_rslora_scaling(tiny_backbone, tmp_path):
 
 # --------------------------------------------------------------------------- bench statistics
 
-def test_summarize_and_compare():
-    from loralens.serving.bench_results import compare
+def test_summarize():
     from loralens.timing import summarize
 
     s = summarize([0.010, 0.020, 0.030, 0.040], rows=8)
     assert s["n"] == 4 and s["mean_ms"] == pytest.approx(25.0) and s["p50_ms"] == pytest.approx(25.0)
     assert s["throughput_rps"] == pytest.approx(8 / 0.1)
     assert s["sd_ms"] == pytest.approx(np.std([10, 20, 30, 40], ddof=1))
-    rng = np.random.default_rng(0)
-    base = 0.05 + rng.exponential(0.002, 200)
-    c = compare(base * 1.2, base)
-    assert c["overhead_mean_pct"] == pytest.approx(20.0) and c["p_mannwhitney"] < 1e-6
-    same = compare(base, base[::-1].copy())
-    assert same["overhead_mean_pct"] == pytest.approx(0.0, abs=1e-9) and same["p_mannwhitney"] > 0.9
+
+
+def test_paired_compare_against_independent_values():
+    """Wilcoxon signed-rank, exact: n positive differences of distinct sizes give the
+    two-sided p = 2 / 2**n (only the all-positive sign pattern is as extreme on each side)."""
+    from loralens.serving.bench_results import paired_compare
+
+    # requests of very different lengths (20 to 400 ms); the kind costs 1-8 ms more on each
+    base = np.array([0.02, 0.4, 0.05, 0.3, 0.1, 0.25, 0.03, 0.35])
+    x = base + np.arange(1, 9) * 1e-3
+    c = paired_compare([x], [base])
+    assert c["p_wilcoxon"] == pytest.approx(2 / 2**8)          # 0.0078125
+    assert c["pairs"] == 8 and c["seeds"] == 1
+    assert c["median_diff_ms"] == pytest.approx(4.5)
+    assert c["overhead_pct"] == pytest.approx(36e-3 / base.sum() * 100)
+    lo, hi = c["overhead_ci_pct"]
+    assert 0 < lo < c["overhead_pct"] < hi
+    # the same data pooled, unpaired: the request lengths drown the difference
+    from scipy import stats
+    assert stats.mannwhitneyu(x, base).pvalue > 0.5
+    # one difference of the other sign, the smallest: rank 1 -> W- = 1, p = 2 * 2 / 2**8
+    y = x.copy()
+    y[0] = base[0] - 0.5e-3
+    assert paired_compare([y], [base])["p_wilcoxon"] == pytest.approx(4 / 2**8)
+    # several seeds: the per-request difference is averaged over the seeds first
+    two = paired_compare([x, x + 2e-3], [base, base])
+    assert two["seeds"] == 2 and two["median_diff_ms"] == pytest.approx(5.5)
+    assert two["p_wilcoxon"] == pytest.approx(2 / 2**8)
+    # exact ratio: 20% on every request, interval [20, 20]
+    r = paired_compare([base * 1.2], [base])
+    assert r["overhead_pct"] == pytest.approx(20.0)
+    assert r["overhead_ci_pct"] == pytest.approx([20.0, 20.0])
+    # no difference at all: p undefined (never "significant")
+    same = paired_compare([base], [base.copy()])
+    assert same["p_wilcoxon"] is None and same["overhead_pct"] == 0.0
+    with pytest.raises(ValueError, match="one shape"):
+        paired_compare([x], [base[:-1]])
+
+
+def _seed_result(latency_s: dict) -> dict:
+    return {"methods": ["full", "lora"], "memory": {}, "batch": {"1": {"kinds": {
+        k: {"latency_s": list(v)} for k, v in latency_s.items()}}}}
+
+
+def test_table5_sd_is_across_seeds_and_the_test_pairs_by_request():
+    from loralens.serving.bench_results import PAIRED_TEST, comparison
+
+    base = np.array([0.02, 0.4, 0.05, 0.3, 0.1, 0.25, 0.03, 0.35])
+    up = np.arange(1, 9) * 1e-3
+    res = {"seeds": {"1": _seed_result({"full": base, "lora_separate": base + up}),
+                     "2": _seed_result({"full": base + 0.01, "lora_separate": base + 0.01 + up}),
+                     "3": _seed_result({"lora_separate": base + 0.03})}}  # no full model
+    rows = {r["kind"]: r for r in comparison("sst2", res, [1])}
+    sep, full = rows["lora_separate"], rows["full"]
+    means = [1e3 * (base + up).mean(), 1e3 * (base + 0.01 + up).mean(), 1e3 * (base + 0.03).mean()]
+    assert sep["seeds"] == 3 and sep["n"] == 24
+    assert sep["mean_ms"] == pytest.approx(np.mean(means))
+    assert sep["seed_means_sd_ms"] == pytest.approx(np.std(means, ddof=1))
+    assert full["seed_means_sd_ms"] == pytest.approx(np.std([1e3 * base.mean(),
+                                                             1e3 * (base.mean() + 0.01)], ddof=1))
+    # paired on seeds 1 and 2 only (seed 3 has no full model), by request
+    assert sep["paired_seeds_vs_full"] == [1, 2] and sep["pairs_vs_full"] == 8
+    assert sep["p_vs_full"] == pytest.approx(2 / 2**8) and sep["test_vs_full"] == PAIRED_TEST
+    assert sep["median_diff_ms_vs_full"] == pytest.approx(4.5)
+    assert "p_vs_full" not in full and "p_welch_vs_full" not in sep
+    one = comparison("rte", {"seeds": {"1": _seed_result({"full": base})}}, [1])[0]
+    assert one["seed_means_sd_ms"] is None  # one seed: no sd
 
 
 def test_memory_probe_sees_an_allocation():

@@ -304,3 +304,96 @@ def test_rbf_cka(debiased):
     assert np.isfinite(v) and v < 1.0
     # the median-distance bandwidth makes it invariant to rotation and scale
     assert rbf_cka(3.0 * X @ orthogonal(X.shape[1]), Y, debiased=debiased) == pytest.approx(v, abs=1e-10)
+
+
+# ---------------------------------------------------------------- outlier dimensions
+
+# 3 examples x 2 features, by hand. X's second column is constant; Y's second column has
+# 100 times the variance of its first.
+X32 = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]])
+Y32 = np.array([[1.0, 0.0], [3.0, 10.0], [2.0, 20.0]])
+
+
+def test_cka_by_hand_on_3x2_and_standardised():
+    # centred: Xc = [[-1, 0], [0, 0], [1, 0]], Yc = [[-1, -10], [1, 0], [0, 10]]
+    # ||Yc^T Xc||_F^2 = 1^2 + 20^2 = 401; ||Xc^T Xc||_F = 2;
+    # Yc^T Yc = [[2, 10], [10, 200]] -> ||.||_F = sqrt(40204)
+    plain = 401 / (2 * np.sqrt(40204))
+    assert linear_cka(X32, Y32) == pytest.approx(plain, rel=1e-12)  # 0.99995
+    # standardised (sd with ddof 0 is sqrt(2/3) and 10 sqrt(2/3)): X's constant column
+    # drops out, Xz = sqrt(3/2) [[-1, 0], [0, 0], [1, 0]], Yz = sqrt(3/2) [[-1, -1],
+    # [1, 0], [0, 1]]; CKA ignores the common factor: ||Yz^T Xz||^2 = 1^2 + 2^2 = 5,
+    # ||Xz^T Xz|| = 2, ||Yz^T Yz|| = ||[[2, 1], [1, 2]]|| = sqrt(10)
+    std = 5 / (2 * np.sqrt(10))
+    assert linear_cka(X32, Y32, standardize=True) == pytest.approx(std, rel=1e-12)  # 0.7906
+    for method in ("gram", "feature"):
+        assert linear_cka(X32, Y32, standardize=True, method=method) == pytest.approx(std)
+    # the fast per-layer path agrees
+    got = cka_against_base(X32[:, None, :], [Y32[:, None, :]], standardize=True)
+    assert got[0, 0] == pytest.approx(std, rel=1e-12)
+    got = cka_against_base(X32[:, None, :].astype(np.float32),
+                           [Y32[:, None, :].astype(np.float32)], standardize=True)
+    assert got[0, 0] == pytest.approx(std, abs=1e-6)
+
+
+def test_standardised_cka_is_not_decided_by_one_massive_dimension():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((80, 20))
+    Y = X + 0.3 * rng.standard_normal((80, 20))
+    # one shared dimension of huge variance ("massive activation") in both
+    spike = 3000.0 * rng.standard_normal(80)
+    Xs, Ys = X.copy(), Y.copy()
+    Xs[:, 3] = spike
+    Ys[:, 3] = spike
+    Ys[:, :3] = rng.standard_normal((80, 3))     # ... while the rest changes a lot
+    Ys[:, 4:] = rng.standard_normal((80, 16))
+    assert linear_cka(Xs, Ys) > 0.99                                     # decided by dim 3
+    assert linear_cka(Xs, Ys, standardize=True) < 0.3                    # the rest differs
+    # standardising is idempotent in CKA: z-scored input gives the same value
+    Z = (Xs - Xs.mean(0)) / Xs.std(0)
+    assert linear_cka(Z, Ys, standardize=True) == pytest.approx(
+        linear_cka(Xs, Ys, standardize=True), rel=1e-10)
+
+
+def test_standardize_guards_constant_columns():
+    from loralens.similarity import standardize_features
+
+    Z = standardize_features(X32, "X")
+    np.testing.assert_allclose(Z[:, 1], 0.0)                      # constant column: 0
+    np.testing.assert_allclose(Z[:, 0], np.array([-1, 0, 1]) * np.sqrt(1.5))
+    # float32 constant columns at a large offset (rounding noise is not variance)
+    W = np.column_stack([np.full(5, 2987.25, dtype=np.float32),
+                         np.arange(5, dtype=np.float32)])
+    assert np.all(standardize_features(W, "W")[:, 0] == 0.0)
+    # a float32 column that only wobbles by one ulp around 3000 is storage rounding, not
+    # a dimension to give unit weight; float64 input keeps it (it is exact there)
+    ulp = np.spacing(np.float32(3000.0))
+    W[:, 0] = np.float32(3000.0) + ulp * (np.arange(5) % 2)
+    assert np.all(standardize_features(W, "W")[:, 0] == 0.0)
+    assert np.abs(standardize_features(W.astype(np.float64), "W")[:, 0]).max() > 0.5
+    with pytest.raises(ValueError, match="zero variance"):
+        standardize_features(np.full((4, 3), 7.0), "X")
+    with pytest.raises(ValueError, match="zero variance"):
+        linear_cka(np.full((4, 3), 7.0), rand(4, 3), standardize=True)
+
+
+def test_variance_shares_by_hand():
+    from loralens.similarity import variance_shares
+
+    # column variances (ddof 0): [8/3, 2/3, 2], total 16/3
+    X = np.array([[0.0, 0.0, 0.0], [2.0, 1.0, 0.0], [4.0, 2.0, 3.0]])
+    out = variance_shares(X, ks=(1, 2, 5))
+    assert out["top1"] == pytest.approx(0.5)
+    assert out["top2"] == pytest.approx((8 / 3 + 2) / (16 / 3))
+    assert out["top5"] == 1.0 and out["top_dims"] == [0, 2, 1]
+    # against numpy on random data with one massive dimension
+    R = rand(50, 30)
+    R[:, 7] *= 40
+    v = np.sort(R.var(axis=0))[::-1]
+    out = variance_shares(R)
+    assert out["top1"] == pytest.approx(v[0] / v.sum()) and out["top_dims"][0] == 7
+    assert out["top5"] == pytest.approx(v[:5].sum() / v.sum())
+    # shares do not depend on a shift of the features (massive means do not count)
+    assert variance_shares(R + 3000.0)["top1"] == pytest.approx(out["top1"], rel=1e-9)
+    with pytest.raises(ValueError, match="zero variance"):
+        variance_shares(np.ones((5, 3)))

@@ -17,7 +17,11 @@ from loralens.stats import (
     cohens_d_paired,
     compare_methods,
     delta_percent,
+    distinct_resamples,
+    exact_mcnemar,
     paired_ttest,
+    wilson_interval,
+    zero_spread,
 )
 
 # a - b = [1, 2, 3]: mean 2, sd (ddof=1) = sqrt(((-1)^2 + 0 + 1^2) / 2) = 1,
@@ -47,24 +51,35 @@ def test_paired_ttest_matches_scipy():
 
 
 def test_cohens_d_uses_ddof_1():
+    # a - b = [1, 2, 3]: mean 2, sd (ddof 1) 1 -> d = 2 (header comment)
     assert cohens_d_paired(A, B) == pytest.approx(2.0)
-    # the study's ddof=0 value: sd = sqrt(2/3) = 0.8165, d = 2.449 -- 22% larger
-    diff = np.subtract(A, B)
-    study_d = diff.mean() / diff.std(ddof=0)
-    assert study_d == pytest.approx(math.sqrt(6))
-    assert cohens_d_paired(A, B) != pytest.approx(study_d)
-    # and t = d * sqrt(n)
-    assert paired_ttest(A, B)[0] == pytest.approx(cohens_d_paired(A, B) * math.sqrt(3))
+    assert cohens_d_paired(B, A) == pytest.approx(-2.0)  # the sign follows the order
+    # the study's ddof=0 value: sd = sqrt(2/3) = 0.8165, d = sqrt(6) = 2.449 -- 22% larger
+    assert cohens_d_paired(A, B) != pytest.approx(math.sqrt(6))
+    # another hand case: a - b = [0.1, 0.3], mean 0.2, sd = sqrt(0.02) -> d = sqrt(2)
+    assert cohens_d_paired([0.5, 0.9], [0.4, 0.6]) == pytest.approx(math.sqrt(2))
 
 
-def test_zero_variance_differences():
-    # all differences 0: no evidence of a difference
-    assert paired_ttest([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == (0.0, 1.0)
-    assert cohens_d_paired([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 0.0
-    # all differences equal and nonzero: the limit of a vanishing spread
-    assert paired_ttest([1.5, 2.5, 3.5], [1.0, 2.0, 3.0]) == (math.inf, 0.0)
-    assert paired_ttest([1.0, 2.0, 3.0], [1.5, 2.5, 3.5]) == (-math.inf, 0.0)
-    assert cohens_d_paired([1.0, 2.0, 3.0], [1.5, 2.5, 3.5]) == -math.inf
+def test_zero_spread_is_undefined_never_significant():
+    # all differences 0, or all equal and nonzero: t = 0/0 or c/0, no test at all
+    for a, b in (([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]), ([1.5, 2.5, 3.5], [1.0, 2.0, 3.0]),
+                 ([1.0, 2.0, 3.0], [1.5, 2.5, 3.5])):
+        assert zero_spread(a, b)
+        t, p = paired_ttest(a, b)
+        assert math.isnan(t) and math.isnan(p)
+        assert math.isnan(cohens_d_paired(a, b))
+    # accuracies on a 1/20 grid: 12/20 - 11/20 = 14/20 - 13/20 = ... up to float rounding
+    lora, full = [12 / 20, 14 / 20, 16 / 20], [11 / 20, 13 / 20, 15 / 20]
+    assert len({x - y for x, y in zip(lora, full)}) > 1  # not bit-identical differences
+    assert zero_spread(lora, full)
+    out = compare_methods(lora, full, [42, 1337, 2024], n_tests=3)
+    json.dumps(out, allow_nan=False)
+    assert out["zero_spread"] is True and out["significant"] is False
+    assert out["p"] is None and out["p_bonferroni"] is None and out["t"] is None
+    assert out["cohens_d"] is None and "zero spread" in out["note"]
+    assert out["lora"]["mean"] == pytest.approx(0.7)  # the description stays
+    # a tiny but real spread is a test again
+    assert not zero_spread([0.6, 0.7, 0.8], [0.55, 0.65, 0.7501])
 
 
 def test_input_errors():
@@ -144,7 +159,13 @@ def test_compare_methods_is_complete_and_json_ready():
     assert out["t"] == pytest.approx(t) and out["p"] == pytest.approx(p)
     assert out["p_bonferroni"] == pytest.approx(min(1.0, 3 * p))
     assert out["significant"] == (3 * p < 0.05)
-    assert out["cohens_d"] == pytest.approx(cohens_d_paired(lora, full))
+    # lora - full = [-0.10, -0.10, -0.16]: mean -0.12, sd sqrt(0.0012) -> d = -3.4641
+    assert out["cohens_d"] == pytest.approx(-0.12 / math.sqrt(0.0012))
+    assert out["sign"] == "lora - full" and out["bootstrap_distinct_resamples"] == 10
+    # the paper's drift convention: full - lora, positive when full drifts more
+    rev = compare_methods(lora, full, seeds, n_tests=3, sign="full - lora")
+    assert rev["cohens_d"] == pytest.approx(0.12 / math.sqrt(0.0012))
+    assert rev["t"] == pytest.approx(-t) and rev["p"] == pytest.approx(p)
     for key in ("lora", "full"):
         low, high = out[key]["ci"]
         assert low <= out[key]["mean"] <= high
@@ -152,10 +173,46 @@ def test_compare_methods_is_complete_and_json_ready():
     for v in (out["t"], out["p"], out["cohens_d"], out["lora"]["mean"]):
         assert type(v) is float
 
-    # identical nonzero shifts: t and d are infinite -> None, p = 0
+    # identical nonzero shifts: zero spread, undefined (never p = 0)
     same = compare_methods([0.1, 0.2, 0.3], [0.2, 0.3, 0.4], seeds)
     json.dumps(same, allow_nan=False)
-    assert same["t"] is None and same["cohens_d"] is None and same["p"] == 0.0
+    assert same["t"] is None and same["cohens_d"] is None and same["p"] is None
+    assert same["significant"] is False and same["zero_spread"] is True
 
     with pytest.raises(ValueError, match="seeds"):
         compare_methods(lora, full, seeds[:2])
+
+
+def test_distinct_resamples_counts_multisets():
+    # enumerate every resample of n labelled values; count distinct multisets
+    import itertools
+
+    for n in (1, 2, 3, 4):
+        seen = {tuple(sorted(r)) for r in itertools.product(range(n), repeat=n)}
+        assert distinct_resamples(n) == len(seen)
+    assert distinct_resamples(3) == 10
+    # the bootstrap of three values really takes only 10 distinct means
+    means = np.unique(np.round(np.array([1.0, 10.0, 100.0])[
+        np.random.default_rng(0).integers(0, 3, size=(5000, 3))].mean(axis=1), 9))
+    assert means.size == 10
+
+
+def test_exact_mcnemar_matches_binomial_test():
+    for b, c in ((0, 0), (0, 5), (3, 10), (10, 3), (7, 7), (1, 30), (120, 90)):
+        ref = 1.0 if b + c == 0 else scipy.stats.binomtest(b, b + c, 0.5).pvalue
+        assert exact_mcnemar(b, c) == pytest.approx(ref, rel=1e-12)
+    # by hand: b=0, c=5 -> 2 * 0.5^5 = 0.0625
+    assert exact_mcnemar(0, 5) == pytest.approx(0.0625)
+    with pytest.raises(ValueError):
+        exact_mcnemar(-1, 2)
+
+
+def test_wilson_interval_matches_scipy_and_formula():
+    for k, n in ((0, 10), (3, 10), (10, 10), (181, 277), (300, 408)):
+        ref = scipy.stats.binomtest(k, n).proportion_ci(0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ref.low, ref.high), abs=1e-12)
+    # RTE: 277 rows, accuracy ~0.65 -> the interval spans about +-5.5 points
+    lo, hi = wilson_interval(180, 277)
+    assert 0.10 < hi - lo < 0.12
+    with pytest.raises(ValueError):
+        wilson_interval(5, 4)

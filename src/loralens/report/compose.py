@@ -168,7 +168,9 @@ def _glance_accuracy(d: RunData, task: str, e: dict | None) -> str:
     lo, fu = c.get("lora") or {}, c.get("full") or {}
     text = f"{metric}: LoRA {pm(lo.get('mean'), lo.get('sd'))} vs full FT " \
            f"{pm(fu.get('mean'), fu.get('sd'))}"
-    if c.get("p") is not None:
+    if c.get("zero_spread"):
+        text += " (p undefined: zero spread)"
+    elif c.get("p") is not None:
         text += f" (p = {pval(c.get('p'))})"
     return text
 
@@ -176,13 +178,19 @@ def _glance_accuracy(d: RunData, task: str, e: dict | None) -> str:
 def _glance_drift(e: dict | None) -> str:
     if not e:
         return ""
-    c = (e.get("measures") or {}).get("cka") or {}
+    # tasks are compared here, line by line: the debiased form (its bias does not depend on
+    # each task's number of examples), the biased one from older files
+    measures = e.get("measures") or {}
+    form = "debiased" if "cka_debiased" in measures else "biased"
+    c = measures.get("cka_debiased") or measures.get("cka") or {}
     lo, fu = c.get("lora") or {}, c.get("full") or {}
-    text = (f"drift (1 − CKA): LoRA {g(lo.get('mean'))} vs full FT "
+    text = (f"drift (1 − {form} CKA): LoRA {g(lo.get('mean'))} vs full FT "
             f"{g(fu.get('mean'))}, Δ {signed_pct(c.get('delta_percent'))}")
     if ci(c.get("delta_percent_ci")):
         text += " " + ci(c.get("delta_percent_ci"), lambda v: f"{v:.1f}")
-    if c.get("significant") is not None:
+    if c.get("zero_spread"):
+        text += " (p undefined: zero spread)"
+    elif c.get("significant") is not None:
         text += " (significant after Bonferroni)" if c["significant"] else \
             " (not significant after Bonferroni)"
     return text
@@ -192,8 +200,11 @@ def _glance_latency(comp: list[dict], task: str, batch: int) -> str:
     rows = {r.get("kind"): r for r in comp if r.get("task") == task
             and r.get("batch_size") == batch}
     over = [f"{KINDS.get(k, k)} {signed_pct(r.get('overhead_vs_full_pct'))}"
-            + (f" (p = {pval(r.get('p_vs_full'))})" if r.get("p_vs_full") is not None
-               else "")
+            + (" " + ci(r.get("overhead_vs_full_ci"), lambda v: f"{v:+.1f}")
+               if ci(r.get("overhead_vs_full_ci")) else "")
+            + (f" (p = {pval(r.get('p_vs_full'))}"
+               + (", paired by request)" if r.get("test_vs_full") else ")")
+               if r.get("p_vs_full") is not None else "")
             for k, r in rows.items() if k != "full" and r.get("overhead_vs_full_pct")
             is not None]
     return f"batch-{batch} latency vs full FT: " + ", ".join(over) if over else ""
@@ -263,13 +274,17 @@ def _accuracy(doc: _Document) -> None:
             doc.not_run("train", "Accuracy")
     elif doc.state["train"].state == "partial":
         doc.partial("train", "Training")
+    if doc.table(tables.table3_examples) is None and d.jobs:
+        doc.add(missing("Example-level tests (Table 3c)", "no pair of LoRA and full "
+                        "fine-tuning models of one seed with val_logits.npy, or the drift "
+                        "stage has not run", rerun_hint("drift")))
     doc.table(tables.table_fit)
     doc.add(p("Sources: `drift/table3.json` (`table3.csv`), "
               "`models/<task>/<method>/seed<seed>/metrics.json`.", "note"))
 
 
 DRIFT_FIGURES = ("fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwise-drift",
-                 "fig5-layerwise-debiased-cosine")
+                 "fig5-layerwise-debiased-cosine", "fig7-outlier-dimensions")
 
 
 def _drift(doc: _Document) -> None:
@@ -281,15 +296,17 @@ def _drift(doc: _Document) -> None:
         doc.add(missing("Drift", why, doc.state["drift"].hint or rerun_hint("drift")))
     elif doc.state["drift"].state == "partial":
         doc.partial("drift", "Drift")
+    doc.table(tables.table4_outliers)
     if d.table4 is None and d.layers is None and all(f not in doc.figs for f in DRIFT_FIGURES):
-        doc.add(p("Figures 1, 2, 3 and 5 (accuracy vs drift, drift reduction, layer-wise "
-                  "drift) appear once the drift stage has run.", "missing"))
+        doc.add(p("Figures 1, 2, 3, 5 and 7 (accuracy vs drift, drift reduction, layer-wise "
+                  "drift, outlier dimensions) appear once the drift stage has run.",
+                  "missing"))
     else:
         for fid in DRIFT_FIGURES:
             doc.figure(fid)
     doc.add(p("Sources: `drift/table4.json` (`table4.csv`), `drift/layers.json` "
-              "(`layers.csv`: every layer, seed and measure, including Procrustes and RBF "
-              "CKA).", "note"))
+              "(`layers.csv`: every hidden state, seed and measure, including Procrustes, RBF "
+              "CKA, standardised CKA and the variance shares).", "note"))
 
 
 def _serving(doc: _Document) -> None:
@@ -308,8 +325,12 @@ def _serving(doc: _Document) -> None:
         if doc.table(serving_tables.table5_multi) is None:
             m = (d.serving or {}).get("multi") or {}
             doc.add(missing("Several adapters on one base", m.get("skipped") or "not measured"))
+    if d.serving is not None and doc.table(serving_tables.table5_identity) is None:
+        why = serving_tables.identity_not_recorded(d) or "not recorded"
+        doc.add(missing("Identity checks in float64", why,
+                        "" if why.startswith("skipped") else rerun_hint("bench")))
     doc.add(p("Sources: `bench/serving.json`, `comparison.csv`, `latency.csv`, "
-              "`requests.csv` (every timed request), `multi.csv`.", "note"))
+              "`requests.csv` (every timed request), `multi.csv`, `identity.csv`.", "note"))
 
 
 def _loadtest(doc: _Document) -> None:
@@ -319,4 +340,5 @@ def _loadtest(doc: _Document) -> None:
                         "`loralens run`)", f"run `loralens loadtest {doc.d.root}`"))
     else:
         doc.figure("fig6-loadtest")
-        doc.add(p("Sources: `loadtest/loadtest.json`, `loadtest/loadtest.csv`.", "note"))
+        doc.add(p("Sources: `loadtest/loadtest.json`, `loadtest/loadtest.csv` (one row per "
+                  "cell), `loadtest/loadtest_runs.csv` (one row per run).", "note"))

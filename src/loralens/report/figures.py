@@ -50,31 +50,53 @@ def _method(m: str) -> str:
 
 # --------------------------------------------------------------------------- data helpers
 
-def model_drift(d: RunData, measure: str = "drift") -> dict[tuple[str, str, int], np.ndarray]:
-    """Per model (task, method, seed): the per-layer value of ``measure`` from layers.json."""
+def model_drift(d: RunData, measure: str = "drift",
+                all_states: bool = False) -> dict[tuple[str, str, int], tuple[np.ndarray,
+                                                                            np.ndarray]]:
+    """Per model (task, method, seed): ``(states, values)`` of ``measure`` from layers.json,
+    over the hidden states of drift.layers (every figure uses the same set; rows of an
+    older drift stage carry no ``in_drift`` and count as selected). Similarities
+    (``cka``, ``cka_debiased``, ``cosine``, ...) are turned into drift, 1 - value."""
     out: dict[tuple[str, str, int], dict[int, float]] = {}
     for r in d.layers or []:
         v = r.get(measure)
-        if measure in ("cka", "cka_debiased", "cosine") and finite(v):
+        if measure in SIMILARITIES and finite(v):
             v = 1.0 - v
         if r.get("method") is None or r.get("seed") is None:
             continue
+        if not all_states and r.get("in_drift") is False:
+            continue
         out.setdefault((r["task"], r["method"], int(r["seed"])), {})[int(r["layer"])] = (
             float(v) if finite(v) else math.nan)
-    return {k: np.array([v[i] for i in sorted(v)]) for k, v in out.items()}
+    return {k: (np.array(sorted(v)), np.array([v[i] for i in sorted(v)]))
+            for k, v in out.items()}
 
 
-def first_layer(d: RunData) -> int:
-    return int((d.table4 or {}).get("first_layer") or 0)
+SIMILARITIES = ("cka", "cka_debiased", "cka_std", "cka_std_debiased", "cosine")
+
+
+def n_states(d: RunData) -> int | None:
+    """Hidden states of the model (embedding output + blocks), from layers.json."""
+    layers = [int(r["layer"]) for r in d.layers or [] if finite(r.get("layer"))]
+    return max(layers) + 1 if layers else None
+
+
+def state_axis(d: RunData, states: np.ndarray) -> str:
+    """The x-axis label of per-state figures: what the states are."""
+    last = (n_states(d) or 0) - 1
+    text = "transformer block" if states.size and states.min() > 0 else \
+        "hidden state (0 = embedding output, i = block i)"
+    return text + (f"; {last} = after the final norm" if last > 0 and last in states else "")
 
 
 # --------------------------------------------------------------------------- figures
 
 def fig_accuracy_vs_drift(d: RunData) -> Figure | str:
-    drift = model_drift(d, "drift")
+    # tasks share the axis: the debiased form, whose bias does not depend on each task's n
+    form = "debiased" if any("cka_debiased" in r for r in d.layers or []) else "biased"
+    drift = model_drift(d, "cka_debiased" if form == "debiased" else "cka")
     if not drift:
         return "needs drift/layers.json (the drift stage)"
-    lo = first_layer(d)
     tasks = sorted({k[0] for k in drift}, key=lambda t: d.tasks.index(t) if t in d.tasks else 99)
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
@@ -82,12 +104,12 @@ def fig_accuracy_vs_drift(d: RunData) -> Figure | str:
     for ti, task in enumerate(tasks):
         for m in ("lora", "full"):
             xs, ys = [], []
-            for (t, mm, s), arr in sorted(drift.items()):
+            for (t, mm, s), (_, arr) in sorted(drift.items()):
                 job = d.jobs.get((t, mm, s))
                 if t != task or mm != m or not job:
                     continue
                 score = job.get("score", (job.get("validation") or {}).get(d.metric(t)))
-                x = float(np.nanmean(arr[lo:])) if arr[lo:].size else math.nan
+                x = float(np.nanmean(arr)) if arr.size else math.nan
                 if finite(score) and math.isfinite(x):
                     xs.append(x)
                     ys.append(score)
@@ -112,8 +134,8 @@ def fig_accuracy_vs_drift(d: RunData) -> Figure | str:
     log = min(all_x) > 0 and max(all_x) / min(all_x) > 30
     if log:
         ax.set_xscale("log")
-    ax.set_xlabel("mean drift over layers, 1 − linear CKA to the base model (unitless"
-                  + (", log scale)" if log else ")"))
+    ax.set_xlabel(f"mean drift over the states of drift.layers:\n1 − {form} linear CKA to "
+                  "the base model" + (" (log scale)" if log else ""))
     f1_tasks = [t for t in tasks if d.metric(t) == "f1"]
     ax.set_ylabel("validation score (accuracy" + (f"; F1 for {', '.join(f1_tasks)}"
                                                    if f1_tasks else "") + ")")
@@ -201,16 +223,17 @@ def fig_layerwise(d: RunData, measures: tuple[str, ...], title: str) -> Figure |
         log = _needs_log(per[measure])
         for j, task in enumerate(tasks):
             ax = axes[i, j]
+            shown = np.arange(0)
             for m in ("lora", "full"):
-                curves = [arr for (t, mm, _), arr in sorted(per[measure].items())
+                curves = [c for (t, mm, _), c in sorted(per[measure].items())
                           if t == task and mm == m]
                 if not curves:
                     continue
-                n = min(len(c) for c in curves)
-                stack = np.vstack([c[:n] for c in curves])
+                layers = shown = curves[0][0]
+                curves = [arr for st, arr in curves if np.array_equal(st, layers)]
+                stack = np.vstack(curves)
                 if log:  # zero (or rounding-negative) drift has no place on a log axis
                     stack = np.where(stack > 0, stack, np.nan)
-                layers = np.arange(n)
                 mean = np.nanmean(stack, axis=0)
                 (line,) = ax.plot(layers, mean, color=COLORS[m], linewidth=1.8)
                 handle: object = line
@@ -223,7 +246,7 @@ def fig_layerwise(d: RunData, measures: tuple[str, ...], title: str) -> Figure |
                 legend.setdefault(f"{_method(m)}: mean of {len(curves)} seeds, band = min–max"
                                   if len(curves) > 1 else f"{_method(m)}: one seed", handle)
             ax.set_title(f"{task}" if len(measures) == 1 else f"{task}: {MEASURES[measure]}")
-            ax.set_xlabel("layer (0 = embedding output)")
+            ax.set_xlabel(state_axis(d, shown))
             if j == 0:
                 ax.set_ylabel(f"drift, {MEASURES[measure]}" + (" (log scale)" if log else ""))
             if log:
@@ -238,11 +261,77 @@ def fig_layerwise(d: RunData, measures: tuple[str, ...], title: str) -> Figure |
     return fig
 
 
-def _needs_log(curves: dict[tuple[str, str, int], np.ndarray], ratio: float = 20.0) -> bool:
+def fig_outliers(d: RunData) -> Figure | str:
+    """Per task: the top-1 / top-5 variance shares of the base model and of each method
+    (top), and drift with plain vs standardised features, debiased CKA (bottom)."""
+    rows = [r for r in d.layers or [] if r.get("in_drift") is not False]
+    if not rows or not any(finite(r.get("var_top1")) for r in rows):
+        return ("needs drift/layers.json with variance shares (a drift stage from before "
+                "them did not write them: rerun `loralens drift`)")
+    tasks = [t for t in d.tasks if any(r["task"] == t for r in rows)]
+    tasks += sorted({r["task"] for r in rows} - set(tasks))
+    fig = Figure(figsize=(max(4.4 * len(tasks), 6.0), 7.0), layout="constrained")
+    axes = fig.subplots(2, len(tasks), squeeze=False)
+    legend: dict[str, object] = {}
+
+    def curve(task: str, method: str | None, key: str) -> tuple[np.ndarray, np.ndarray]:
+        by: dict[int, list[float]] = {}
+        for r in rows:
+            if r["task"] == task and (method is None or r.get("method") == method):
+                v = r.get(key)
+                by.setdefault(int(r["layer"]), []).append(float(v) if finite(v) else np.nan)
+        x = np.array(sorted(by))
+        return x, np.array([np.nanmean(by[i]) if np.isfinite(by[i]).any() else np.nan
+                            for i in x])
+
+    for j, task in enumerate(tasks):
+        top, bottom = axes[0, j], axes[1, j]
+        for k, ls in (("1", "-"), ("5", ":")):
+            x, y = curve(task, None, f"var_top{k}_base")
+            (h,) = top.plot(x, y, color="black", ls=ls, lw=1.8)
+            legend.setdefault(f"base model, top {k}", h)
+            for m in ("lora", "full"):
+                x, y = curve(task, m, f"var_top{k}")
+                (h,) = top.plot(x, y, color=COLORS[m], ls=ls, lw=1.2, alpha=0.9)
+                legend.setdefault(f"{_method(m)}, top {k} (mean over seeds)", h)
+        top.set_ylim(0, 1.02)
+        top.set_title(task)
+        top.set_xlabel(state_axis(d, x))
+        drifts = {(task, m, key): curve(task, m, key) for m in ("lora", "full")
+                  for key in ("cka_debiased", "cka_std_debiased")}
+        log = _needs_log({(t, m, 0): 1.0 - y for (t, m, k), (_, y) in drifts.items()
+                          if k == "cka_debiased"})
+        for (_, m, key), (x, y) in drifts.items():
+            ls, what = ("-", "plain") if key == "cka_debiased" else ("--", "standardised")
+            y = 1.0 - y
+            (h,) = bottom.plot(x, np.where(y > 0, y, np.nan) if log else y, color=COLORS[m],
+                               ls=ls, lw=1.6)
+            legend.setdefault(f"{_method(m)}: drift, {what} features", h)
+        bottom.set_xlabel(state_axis(d, x))
+        if log:
+            bottom.set_yscale("log")
+        else:
+            bottom.set_ylim(bottom=min(0.0, bottom.get_ylim()[0]))
+        if j == 0:
+            top.set_ylabel("share of the variance\nheld by the top 1 / top 5 dimensions")
+            bottom.set_ylabel("drift, 1 − debiased linear CKA\n(mean over seeds"
+                              + (", log scale)" if log else ")"))
+        for ax in (top, bottom):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=3,
+               frameon=False)
+    fig.suptitle("Outlier dimensions: variance shares (top); drift, plain vs standardised "
+                 "features (bottom)")
+    return fig
+
+
+def _needs_log(curves: dict, ratio: float = 20.0) -> bool:
     """True when one method's largest drift is ``ratio`` times the other's: on a linear
-    axis the smaller curve would be a flat line at 0."""
+    axis the smaller curve would be a flat line at 0. ``curves``: (task, method, seed) ->
+    values, or -> (states, values) as :func:`model_drift` gives them."""
     top = {}
     for (_, m, _), arr in curves.items():
+        arr = arr[1] if isinstance(arr, tuple) else arr
         finite = arr[np.isfinite(arr)]
         if finite.size:
             top[m] = max(top.get(m, 0.0), float(finite.max()))
@@ -361,20 +450,35 @@ def fig_loadtest(d: RunData) -> Figure | str:
 
 # --------------------------------------------------------------------------- saving
 
+def _bootstrap_caption(d: RunData) -> str:
+    """How many distinct resamples Figure 2's intervals rest on, from the number of seeds."""
+    from math import comb
+
+    ns = sorted({int(c.get("n_seeds")) for e in (d.table4 or {}).get("tasks") or []
+                 for c in (e.get("measures") or {}).values()
+                 if finite(c.get("n_seeds")) and c.get("n_seeds") >= 2})
+    return "; ".join(f"{n} seeds allow only {comb(2 * n - 1, n)} distinct resamples"
+                     for n in ns)
+
+
 FIGURES = (
     ("fig1-accuracy-vs-drift", "Figure 1: accuracy vs mean drift",
-     "Validation score against drift (1 − linear CKA to the base model, averaged over layers) "
-     "for every trained model; colour = method, marker = task.",
+     "Validation score against drift (1 − debiased linear CKA to the base model, averaged "
+     "over the hidden states of drift.layers) for every trained model; colour = method, "
+     "marker = task. Debiased, because tasks share the axis and the biased form's bias "
+     "depends on each task's number of examples.",
      fig_accuracy_vs_drift),
     ("fig2-drift-reduction", "Figure 2: drift reduction per task",
-     "Δ% = 100·(drift full − drift LoRA)/drift full per task and drift measure; error bars: "
-     "95% seed-paired bootstrap CI (absent with fewer than 2 seeds); * significant after "
-     "Bonferroni over tasks.",
+     lambda d: "Δ% = 100·(drift full − drift LoRA)/drift full per task and drift measure "
+               "(biased CKA, debiased CKA, cosine, as labelled; compare tasks with the "
+               "debiased bars); error bars: 95% seed-paired bootstrap CI (absent with fewer "
+               "than 2 seeds" + (f"; {_bootstrap_caption(d)}" if _bootstrap_caption(d) else "")
+               + "); * significant after Bonferroni over drift measures × tasks.",
      fig_drift_reduction),
     ("fig3-layerwise-drift", "Figure 3: layer-wise drift, LoRA vs full fine-tuning",
-     "Drift (1 − linear CKA, biased) per layer; lines: mean over seeds, bands: min–max over "
-     "seeds.",
-     lambda d: fig_layerwise(d, ("cka",), "Layer-wise drift (1 − linear CKA)")),
+     "Drift (1 − linear CKA, biased: the paper's measure, compared within each task) per "
+     "hidden state of drift.layers; lines: mean over seeds, bands: min–max over seeds.",
+     lambda d: fig_layerwise(d, ("cka",), "Layer-wise drift (1 − linear CKA, biased)")),
     ("fig4-latency", "Figure 4: serving latency per strategy",
      "Mean latency per request, seeds pooled, with the 95% bootstrap CI of the mean as error "
      "bars and the 95th percentile (diamonds); labels: overhead of the mean vs full "
@@ -390,6 +494,13 @@ FIGURES = (
      "(bottom).",
      lambda d: fig_layerwise(d, ("cka_debiased", "cosine"),
                              "Layer-wise drift: debiased CKA and cosine")),
+    ("fig7-outlier-dimensions", "Figure 7: how much a few dimensions decide",
+     "Top: share of the pooled features' variance held by the 1 (solid) and 5 (dotted) "
+     "dimensions of largest variance, per hidden state of drift.layers, for the base model "
+     "and each method (mean over seeds). Bottom: drift, 1 − debiased linear CKA, with plain "
+     "(solid) and per-dimension standardised (dashed) features, mean over seeds: where they "
+     "part, a few high-variance dimensions decide the plain value.",
+     fig_outliers),
 )
 
 
@@ -421,5 +532,6 @@ def draw_all(d: RunData, out_dir: Path) -> tuple[list[FigureFile], dict[str, str
                 continue
             _save(fig, png, "png")
             _save(fig, svg, "svg")
-            files.append(FigureFile(fid, title, caption, png, svg))
+            files.append(FigureFile(fid, title, caption if isinstance(caption, str)
+                                    else caption(d), png, svg))
     return files, missing

@@ -362,18 +362,74 @@ def _accuracy_entries(d: RunData) -> tuple[list[dict], str | None]:
         from ..drift import accuracy_table
 
         tasks = [t for t in d.tasks if any(k[0] == t for k in d.jobs)]
-        return accuracy_table(d.run, tasks), (
+        return accuracy_table(d.run, tasks, family_tasks=d.tasks or tasks,
+                              family_seeds=d.seeds or None,
+                              glue_dir=d.cfg("data", "glue_dir")), (
             "computed from metrics.json for this report: the drift stage has not written "
             "drift/table3.json yet")
     except Exception as e:  # noqa: BLE001 - a report shows what it can
         return [], f"could not compute Table 3 from metrics.json: {e}"
 
 
+ZERO_SPREAD = "undefined (zero spread)"
+NOT_TESTED = "not tested"
+
+
+def _p_cells(c: dict) -> list[str]:
+    """p, p (Bonf.), d and Significant of one comparison: "undefined (zero spread)" where
+    every paired difference is the same (never significant), "not tested" for a
+    descriptive row."""
+    if c.get("zero_spread"):
+        return [ZERO_SPREAD, DASH, DASH, "no (p undefined)"]
+    if c.get("tested") is False:
+        return [NOT_TESTED, DASH, d_(c.get("cohens_d")), DASH]
+    return [pval(c.get("p")), pval(c.get("p_bonferroni")), d_(c.get("cohens_d")),
+            yesno(c.get("significant"))]
+
+
+def _family(src: dict | None, name: str, d: RunData) -> dict | None:
+    """A Bonferroni family as the drift stage stored it; without a stored file (Table 3
+    computed for the report), the one the drift stage will use: the configured tasks'
+    study metrics, or configured tasks x seeds for the example-level tests."""
+    fam = ((src or {}).get("families") or {}).get(name)
+    if fam or src is not None or not d.tasks or name not in ("table3", "examples"):
+        return fam
+    from ..tasks import get_task
+
+    members = ([f"{t} {get_task(t).metric}" for t in d.tasks] if name == "table3"
+               else [f"{t} seed {s}" for t in d.tasks for s in d.seeds])
+    return {"size": len(members), "members": members, "alpha": 0.05}
+
+
+def _family_note(fam: dict | None, what: str, fallback_n: Any = None) -> str:
+    if not fam:
+        return (f"Family not recorded (the stored file predates it): p (Bonf.) = p × "
+                f"{fallback_n if fallback_n is not None else '?'}; rerun `loralens drift`.")
+    members = fam.get("members") or []
+    tests = "test" if fam["size"] == 1 else "tests"
+    return (f"Bonferroni family: {fam['size']} {tests}, {what} ({', '.join(members)}); "
+            f"p (Bonf.) = min(1, p × {fam['size']}), significant when p (Bonf.) < "
+            f"{fam.get('alpha', 0.05)}.")
+
+
+def _resamples_note(entries: list[dict], where: str) -> str:
+    """How many distinct resamples the seeds allow (computed from their number)."""
+    from math import comb
+
+    ns = sorted({int(c.get("n_seeds")) for c in entries
+                 if finite(c.get("n_seeds")) and c.get("n_seeds") >= 2})
+    if not ns:
+        return ""
+    parts = [f"{n} seeds allow only {comb(2 * n - 1, n)} distinct resamples" for n in ns]
+    return (f"{where}: percentile bootstrap over seed pairs; " + "; ".join(parts)
+            + ", whatever the number drawn, so each interval end is one of those values.")
+
+
 def table3(d: RunData) -> Table | None:
     entries, note = accuracy_entries(d)
     if not entries:
         return None
-    rows = []
+    rows, comparisons = [], []
     for e in entries:
         task = e.get("task", DASH)
         base = e.get("majority_baseline") or {}
@@ -381,6 +437,7 @@ def table3(d: RunData) -> Table | None:
         sel = e.get("selection_metric")
         for metric in sorted(metrics, key=lambda k: (k != sel, k)):
             c = metrics[metric] or {}
+            comparisons.append(c)
             lo, fu = c.get("lora") or {}, c.get("full") or {}
             seeds = c.get("all_seeds") or {}
             rows.append([task, metric + (" *" if metric == sel else ""),
@@ -389,21 +446,67 @@ def table3(d: RunData) -> Table | None:
                          pm(lo.get("mean"), lo.get("sd")), per_seed(seeds.get("lora")),
                          pm(fu.get("mean"), fu.get("sd")), per_seed(seeds.get("full")),
                          f"{c['difference']:+.4f}" if finite(c.get("difference")) else DASH,
-                         pval(c.get("p")), pval(c.get("p_bonferroni")), d_(c.get("cohens_d")),
-                         yesno(c.get("significant"))])
-    notes = ["* selection metric of the task. Mean ± sd (ddof 1) over seeds on the whole "
-             "validation split; p: two-sided paired t-test by seed, Bonferroni over tasks; "
-             "Cohen's d of the paired differences (LoRA − full)."]
+                         *_p_cells(c)])
+    tested_n = sorted({c.get("n_tests") for c in comparisons if finite(c.get("n_tests"))})
+    notes = ["* the task's study metric (accuracy; F1 for MRPC), the only one tested; "
+             "accuracy beside MRPC's F1 is descriptive. Mean ± sd (ddof 1) over seeds on the "
+             "whole validation split; p: two-sided paired t-test by seed.",
+             _family_note(_family(d.table3, "table3", d), "the study metric of each "
+                          "configured task", ", ".join(map(str, tested_n)) or None),
+             "Cohen's d = mean(LoRA − full) / sd(LoRA − full, ddof 1) of the per-seed "
+             "differences: positive when LoRA scores higher."]
+    if any(c.get("zero_spread") for c in comparisons):
+        notes.append("Zero spread: every seed's LoRA − full difference is the same (scores on "
+                     "a 1/n grid, few seeds), so t, p and d are undefined; such a row is "
+                     "never significant.")
     notes += reported_split_notes(d, entries) + [n for n in [seeds_note(entries)] if n]
     notes += [n for n in [note] if n]
     why = {f"{e.get('task')}: {c['note']}" for e in entries
-           for c in (e.get("metrics") or {}).values() if isinstance(c, dict) and c.get("note")}
+           for c in (e.get("metrics") or {}).values() if isinstance(c, dict) and c.get("note")
+           and not c.get("zero_spread") and c.get("tested") is not False}
     notes += sorted(why)
     notes += _notes_about(d.table3, "accuracy", "f1", "training job")
     return Table("table-3-accuracy", f"Table 3: accuracy and F1 ({_table3_split(d, entries)})",
                  ["Task", "Metric", "n", "Majority", "LoRA mean ± sd", "LoRA per seed",
                   "Full FT mean ± sd", "Full FT per seed", "LoRA − full", "p", "p (Bonf.)",
                   "d", "Significant"], rows, notes=notes)
+
+
+def table3_examples(d: RunData) -> Table | None:
+    """Per seed, LoRA vs full fine-tuning on the same validation examples (exact McNemar)
+    and a Wilson interval on each accuracy: the evaluation set's own uncertainty."""
+    entries, _ = accuracy_entries(d)
+    rows, how = [], set()
+    for e in entries:
+        for x in e.get("example_level") or []:
+            lo, fu = x.get("lora") or {}, x.get("full") or {}
+            how.add(str(x.get("labels", "")).split(" (")[0])
+            rows.append([e.get("task", DASH), str(x.get("seed", DASH)), str(x.get("n", DASH)),
+                         f(lo.get("accuracy")) + " " + ci(lo.get("ci"), f),
+                         f(fu.get("accuracy")) + " " + ci(fu.get("ci"), f),
+                         str(x.get("lora_right_full_wrong", DASH)),
+                         str(x.get("lora_wrong_full_right", DASH)),
+                         pval(x.get("p")), pval(x.get("p_bonferroni")),
+                         yesno(x.get("significant"))])
+    if not rows:
+        return None
+    notes = ["Per seed, the LoRA and full fine-tuning models of that seed scored on the same "
+             "validation examples (val_logits.npy): exact McNemar test (two-sided binomial "
+             "test of the discordant examples, p = 1/2) and a 95% Wilson interval on each "
+             "accuracy, the evaluation set's own uncertainty, which Table 3's seed "
+             "statistics do not show. It compares accuracy, for MRPC too.",
+             _family_note(_family(d.table3, "examples", d), "configured tasks × seeds")]
+    if any(h.startswith("derived") for h in how):
+        notes.append("Where no GLUE files were at hand, the discordant counts are derived: "
+                     "with binary labels two different predictions have exactly one right, "
+                     "so b + c = disagreements and b − c = n × (accuracy LoRA − accuracy "
+                     "full) from metrics.json.")
+    notes += _notes_about(d.table3, "val_logits", "example-level")
+    return Table("table-3c-examples", "Table 3c: LoRA vs full fine-tuning per seed, paired "
+                 "by validation example",
+                 ["Task", "Seed", "n", "LoRA accuracy [95% CI]", "Full FT accuracy [95% CI]",
+                  "LoRA right, full wrong", "LoRA wrong, full right", "p (McNemar)",
+                  "p (Bonf.)", "Significant"], rows, notes=notes)
 
 
 def _table3_split(d: RunData, entries: list[dict]) -> str:
@@ -532,36 +635,150 @@ def _notes_about(src: dict | None, *words: str) -> list[str]:
     return [n for n in notes if any(w in n for w in words)]
 
 
+STD_MEASURES = {"cka_std": "1 − linear CKA, standardised (biased)",
+                "cka_std_debiased": "1 − linear CKA, standardised (debiased)"}
+
+
+def _states_text(states: list, n_states: Any) -> str:
+    """[1, ..., 30] -> "1–30"."""
+    runs, start = [], None
+    for i, v in enumerate(states):
+        start = v if start is None else start
+        if i + 1 == len(states) or states[i + 1] != v + 1:
+            runs.append(str(start) if v == start else f"{start}–{v}")
+            start = None
+    return ", ".join(runs)
+
+
+def _states_of(e: dict) -> list:
+    """The states a Table 4 entry averages; an older file stored only their range."""
+    if isinstance(e.get("layers"), list):
+        return e["layers"]
+    lay = e.get("layers_averaged") or []
+    return list(range(lay[0], lay[1] + 1)) if len(lay) == 2 else []
+
+
+def _floor_cell(c: dict) -> str:
+    fl = c.get("seed_floor") or {}
+    lo, fu = (fl.get("lora") or {}).get("mean"), (fl.get("full") or {}).get("mean")
+    return DASH if not (finite(lo) or finite(fu)) else f"{g(lo)} / {g(fu)}"
+
+
 def table4(d: RunData) -> Table | None:
     entries = (d.table4 or {}).get("tasks") or []
     if not entries:
         return None
-    rows = []
+    labels = {**MEASURES, **STD_MEASURES}
+    rows, comparisons = [], []
     for e in entries:
         n, req = e.get("n_examples"), e.get("requested")
-        lay = e.get("layers_averaged") or []
+        states = _states_of(e)
         for measure, c in (e.get("measures") or {}).items():
+            comparisons.append(c)
             lo, fu = c.get("lora") or {}, c.get("full") or {}
             delta = signed_pct(c.get("delta_percent"))
             if ci(c.get("delta_percent_ci")):
                 delta += " " + ci(c.get("delta_percent_ci"), lambda v: f"{v:.1f}")
-            rows.append([e.get("task", DASH), MEASURES.get(measure, measure),
+            rows.append([e.get("task", DASH), labels.get(measure, measure),
                          f"{n} of {req}" if n != req else str(n),
-                         f"{lay[0]}–{lay[1]}" if len(lay) == 2 else DASH,
+                         _states_text(states, e.get("n_states")) or DASH,
                          pm(lo.get("mean"), lo.get("sd"), g),
-                         pm(fu.get("mean"), fu.get("sd"), g),
-                         delta, pval(c.get("p")), pval(c.get("p_bonferroni")),
-                         d_(c.get("cohens_d")), yesno(c.get("significant"))])
+                         pm(fu.get("mean"), fu.get("sd"), g), _floor_cell(c),
+                         delta, *_p_cells(c)])
     t4 = d.table4 or {}
-    notes = ["Drift = 1 − similarity to the base model on the same validation examples, "
-             "averaged over layers (0 = embedding output), mean ± sd over seeds. "
+    dl = t4.get("drift_layers") or {}
+    ns = dl.get("n_states") or next((e.get("n_states") or e.get("n_layers") for e in entries),
+                                    None)
+    last = ns - 1 if finite(ns) else "L"
+    states = dl.get("states") or _states_of(entries[0])
+    which = (f"hidden states {_states_text(states, ns)} (drift.layers = {dl['spec']})"
+             if dl else f"hidden states {_states_text(states, ns)} (the embedding output "
+                        "included: an older drift stage averaged every state)")
+    notes = [f"Drift = 1 − similarity to the base model on the same validation examples, "
+             f"averaged over {which}; state 0 = embedding output, i = output of block i, "
+             f"{last} = block {last} after the final norm. Mean ± sd over seeds.",
              "Δ% = 100 (drift full − drift LoRA) / drift full (positive: LoRA drifts less), "
-             "with its 95% seed-paired bootstrap CI "
-             f"({(t4.get('bootstrap') or {}).get('n_resamples', '?')} resamples); "
-             f"p: paired t-test by seed; significant: Bonferroni-corrected p < "
-             f"{t4.get('alpha', 0.05)} over {t4.get('n_tests', '?')} tasks."]
-    notes += [n for n in (t4.get("notes") or []) if "accuracy" not in n]
+             "with its 95% seed-paired percentile bootstrap CI "
+             f"({(t4.get('bootstrap') or {}).get('n_resamples', '?')} resamples drawn). "
+             "p: two-sided paired t-test by seed.",
+             _resamples_note(comparisons, "Δ% CI"),
+             "Cohen's d = mean(full − LoRA) / sd(full − LoRA, ddof 1) of the per-seed "
+             "drifts: positive when full fine-tuning drifts more (the paper's sign)."
+             if t4.get("cohens_d") else "Cohen's d of the per-seed differences LoRA − full "
+             "(an older drift stage: negative when full fine-tuning drifts more).",
+             _family_note(_family(t4, "table4", d), "the tested drift measures (biased CKA, "
+                          "debiased CKA, cosine) × configured tasks", t4.get("n_tests")),
+             _per_layer_note(t4),
+             "Seed floor (LoRA / full FT): drift between two models of one method that differ "
+             "only in seed (1 − the same similarity between seed s and seed s′, averaged over "
+             "the same states), mean over the pairs of seeds; a LoRA-vs-full difference "
+             "within these is within seed noise.",
+             "CKA forms: the biased estimator's bias grows with dimensions per example "
+             f"(here {', '.join(sorted({str(e.get('n_examples')) for e in entries}))} "
+             "examples against thousands of dimensions) and differs between tasks: compare "
+             "tasks with the debiased rows. Standardised rows (features z-scored per "
+             "dimension, so a few dimensions of huge variance cannot decide) are "
+             "descriptive, not tested."]
+    if any(c.get("zero_spread") for c in comparisons):
+        notes.append("Zero spread: every seed's paired difference is the same, so t, p and d "
+                     "are undefined; such a row is never significant.")
+    notes = [n for n in notes if n]
+    notes += [n for n in (t4.get("notes") or []) if "accuracy" not in n
+              and "val_logits" not in n and "example-level" not in n]
     return Table("table-4-drift", "Table 4: representation drift to the base model",
-                 ["Task", "Drift measure", "Examples", "Layers", "LoRA mean ± sd",
-                  "Full FT mean ± sd", "Δ% [95% CI]", "p", "p (Bonf.)", "d", "Significant"],
-                 rows, notes=notes)
+                 ["Task", "Drift measure", "Examples", "States", "LoRA mean ± sd",
+                  "Full FT mean ± sd", "Seed floor LoRA / full", "Δ% [95% CI]", "p",
+                  "p (Bonf.)", "d", "Significant"], rows, notes=notes)
+
+
+def _per_layer_note(t4: dict) -> str:
+    fam = (t4.get("families") or {}).get("per_layer")
+    if not fam:
+        return ""
+    return (f"Per-state tests (`drift/table4.json`, per_layer): one Bonferroni family per "
+            f"measure of {fam['size']} tests ({', '.join(fam.get('members') or [])}); states "
+            "outside drift.layers are listed, not tested.")
+
+
+def table4_outliers(d: RunData) -> Table | None:
+    """Where a few dimensions decide: top-1 and top-5 variance shares per task and model,
+    and drift with plain vs standardised features (debiased CKA)."""
+    entries = [e for e in (d.table4 or {}).get("tasks") or [] if e.get("outliers")]
+    if not entries:
+        return None
+    rows = []
+    for e in entries:
+        out, measures = e["outliers"], e.get("measures") or {}
+        for who, name in (("base", "base model"), ("lora", "LoRA"), ("full", "full FT")):
+            o = out.get(who)
+            if not o:
+                continue
+            cells = []
+            for k in ("top1", "top5"):
+                x = o.get(k) or {}
+                cells += [f(x.get("mean"), 3), f"{f(x.get('max'), 3)} (state "
+                          f"{x.get('max_state', DASH)})"]
+            dims = o.get("top_dims_at_max")
+            if dims:
+                cells[1] += f", dimension {dims[0]}"
+            drift = [DASH, DASH] if who == "base" else [
+                g(((measures.get(m) or {}).get(who) or {}).get("mean"))
+                for m in ("cka_debiased", "cka_std_debiased")]
+            rows.append([e.get("task", DASH), name, *cells, *drift])
+    notes = ["Share of the pooled features' variance (summed over dimensions, across the "
+             "validation examples) held by the 1 and 5 dimensions of largest variance, per "
+             "hidden state of drift.layers: mean over those states, and the largest with its "
+             "state (and, for a single model, which dimension); LoRA and full FT: mean over "
+             "seeds.",
+             "Linear CKA weighs each dimension by its variance: where one dimension holds most "
+             "of it (massive activations), CKA mostly compares that dimension. Standardised "
+             "CKA z-scores every dimension first (constant ones dropped), so each weighs the "
+             "same: when drift with plain and standardised features disagree, a few "
+             "dimensions decide the plain one. Both columns: 1 − debiased linear CKA, "
+             "averaged over the same states, mean over seeds.",
+             "Per state: `drift/layers.csv` (var_top1, var_top5, var_top1_base, var_top5_base, "
+             "top_dim, cka_std, cka_std_debiased) and Figure 7."]
+    return Table("table-4b-outliers", "Table 4b: how much a few dimensions decide",
+                 ["Task", "Model", "Top-1 share (mean)", "Top-1 share (max)",
+                  "Top-5 share (mean)", "Top-5 share (max)", "Drift, debiased CKA",
+                  "Drift, debiased CKA, standardised"], rows, notes=notes)

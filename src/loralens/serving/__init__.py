@@ -3,7 +3,8 @@
 ``runtime``: :class:`MultiLoraClassifier` (one frozen base, many adapters and heads)
 and :class:`LoraAdapter` (a PEFT adapter directory read without PEFT).
 ``bench``: the ``loralens bench`` stage, :func:`run_bench` (with ``bench_task``,
-``bench_multi``, ``bench_results`` and ``measure``).
+``bench_multi``, ``identity`` (the float64 identity checks), ``bench_results`` and
+``measure``).
 ``backends``: ours / PEFT / merged behind one interface; ``server``: ``loralens serve``
 (FastAPI + uvicorn, dynamic batching); ``loadtest``: ``loralens loadtest``.
 

@@ -25,39 +25,41 @@ adapter loaded so far), ``peak_increase_mb`` (peak RSS, read from /proc/self/sta
 after resetting it, while the model is loaded and serves its warm-up requests,
 minus the RSS before: loading transients included) and ``resident_increase_mb``
 (RSS after minus before); on a GPU the same from ``torch.cuda.max_memory_allocated``
-and ``memory_allocated``. Logits of ``lora_runtime`` and ``lora_merged`` are
-compared with ``lora_separate`` on every request.
+and ``memory_allocated``.
 
-Dtype (``train.precision``, :func:`loralens.devices.serving_dtype`): every model is
-loaded in bf16 on a GPU, as the study serves, and in float32 on the CPU (auto; a note
-says so); ``bf16`` or ``fp32`` force one. The logit checks' tolerance follows the dtype
-(:func:`.bench_task.tolerance`: 1e-5 in float32, 0.5 in bf16).
+Dtype (``train.precision``, :func:`loralens.devices.serving_dtype`): every timed model
+is loaded in bf16 on a GPU, as the study serves, and in float32 on the CPU (auto; a
+note says so); ``bf16`` or ``fp32`` force one.
 
-Comparison with full fine-tuning (Table 5): per task and batch size, latencies of
-every seed pooled; overhead % = mean / mean(full) - 1; the p-value is the two-sided
-Mann-Whitney U test on per-request latencies. Mann-Whitney rather than Welch's t:
-latency distributions are right-skewed with scheduler outliers (heavily so on a
-shared CPU), which inflate the variance Welch's t relies on, while a rank test
-asks the question that matters (does one model's latency tend to be larger) and is
-unaffected by a few outliers. Welch's p-value is stored as well.
+Comparison (Table 5, :mod:`.bench_results`): per task, batch size and kind, the mean
+latency ± sd across seeds; overhead against full fine-tuning and merged LoRA paired by
+request (the same request served by both, in one interleaved run), with a bootstrap
+interval over requests and the two-sided Wilcoxon signed-rank test.
 
 Several adapters on one base: 2-3 adapters of different tasks (seeds of one task
 when the run has a single task) are loaded into one ``PeftModel`` with distinct
 names (``load_adapter``) and into our runtime. A round-robin stream of batch-1
-requests checks every prediction against single-adapter inference (max abs logit
-difference < 1e-5) and times adapter switching (``set_adapter`` vs our
-``activate``); mixed-adapter batches (``mixed_batch_size`` rows, one adapter per
-row) go through PEFT's ``adapter_names`` and through our runtime, with one merged
-model on the same batches as the throughput reference.
+requests times adapter switching (``set_adapter`` vs our ``activate``); mixed-adapter
+batches (``mixed_batch_size`` rows, one adapter per row) go through PEFT's
+``adapter_names`` and through our runtime, with one merged model on the same batches as
+the throughput reference.
+
+Identity checks (:mod:`.identity`): every LoRA path (our runtime and the merged model at
+each batch size; the multi-adapter stream and mixed batches through our runtime and
+PEFT) against each adapter's separate ``PeftModel``, on the first ``identity_examples``
+benchmarked examples per adapter, in float64 (the verdict: max |logit diff| <= 1e-6 x
+max(1, max |logit|)) and again in the serving dtype (information: differences relative to
+the logits' scale). They give ``checks``.
 
 Results: RUN_DIR/bench/serving.json (everything), latency.csv (one row per task,
 kind, seed, batch size), comparison.csv (Table 5), requests.csv (every timed
-request), multi.csv, all written atomically.
+request), multi.csv, identity.csv, all written atomically.
 
-Modules: this one is the stage (setup -> every task -> several adapters -> results);
-:mod:`.bench_task` one task's models and their timing, :mod:`.bench_multi` several
-adapters on one base, :mod:`.bench_results` Table 5, the checks and the files,
-:mod:`.measure` memory; the timing itself is :func:`loralens.timing.time_interleaved`.
+Modules: this one is the stage (setup -> every task -> several adapters -> identity ->
+results); :mod:`.bench_task` one task's models and their timing, :mod:`.bench_multi`
+several adapters on one base, :mod:`.identity` the identity checks,
+:mod:`.bench_results` Table 5, the checks and the files, :mod:`.measure` memory; the
+timing itself is :func:`loralens.timing.time_interleaved`.
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ from ..config import StudyConfig
 from ..devices import dtype_name, serving_dtype, training_device
 from ..models import Base, load_base
 from ..store import RunDir, RunDirError, environment
-from .bench_multi import bench_multi
+from ..tasks import get_task
+from . import identity as I
+from .bench_multi import bench_multi, choose_adapters
 from .bench_results import checks, comparison, summary_lines, write_results
 from .bench_task import BenchContext, bench_task, tolerance
 from .measure import MemoryProbe, tensor_bytes
@@ -84,7 +88,7 @@ def run_bench(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
               batch_sizes: Sequence[int] = (1,), warmup: int = 10, n_requests: int = 100,
               progress: bool = True, *, mixed_batch_size: int = 8,
               threads: int | None = None, base: Base | None = None,
-              precision: str | None = None) -> dict:
+              precision: str | None = None, identity_examples: int = 16) -> dict:
     """Benchmark serving of every trained model in ``run``; write RUN_DIR/bench/.
 
     ``n_requests`` validation examples per task (all of them when the split is
@@ -94,11 +98,15 @@ def run_bench(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
     (default: ``models.load_base(cfg)``).
     ``precision``: the dtype models are served in, in ``train.precision``'s values
     (default: ``cfg.train.precision``; auto = bf16 on a GPU, as the study serves, float32
-    on the CPU: :func:`loralens.devices.serving_dtype`). Every model is loaded in it.
+    on the CPU: :func:`loralens.devices.serving_dtype`). Every timed model is loaded in it.
+    ``identity_examples``: examples per adapter of the identity checks (float64 and the
+    serving dtype; the first of the benchmarked ones).
     Returns the result dict also written to RUN_DIR/bench/serving.json.
     """
-    if n_requests < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
-        raise ValueError("need n_requests >= 1, warmup >= 0 and batch sizes >= 1")
+    if (n_requests < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1
+            or identity_examples < 1):
+        raise ValueError("need n_requests >= 1, warmup >= 0, batch sizes >= 1 and "
+                         "identity_examples >= 1")
     jobs = _jobs_to_bench(cfg, run)
     tasks = _tasks_to_bench(run, cfg, jobs, tasks)
     device = training_device()
@@ -113,7 +121,7 @@ def run_bench(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
     # Loaded in the serving dtype: every served model (full, merged, separate, runtime) is
     # built on a copy of these weights, so all of them serve in it.
     ctx = BenchContext(cfg, run, device, base.backbone(dtype=dtype).eval(), base.tokenizer,
-                       warmup, progress, tol=tolerance(dtype))
+                       warmup, progress)
     with MemoryProbe(device) as mem:
         ctx.runtime = MultiLoraClassifier(ctx.fresh().to(device))
     result = {
@@ -121,7 +129,6 @@ def run_bench(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "threads": threads, "dtype": dtype_name(dtype), "batch_sizes": batch_sizes,
         "warmup": warmup, "n_requests": n_requests, "max_length": cfg.data.max_length,
-        "tolerance": ctx.tol,
         "runtime_base_memory": {"weights_mb": tensor_bytes(ctx.runtime) / 2**20, **mem.to_dict()},
         "tasks": {}, "comparison": [], "load_average": {"start": os.getloadavg()},
     }
@@ -130,10 +137,42 @@ def run_bench(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
         result["comparison"] += comparison(task, result["tasks"][task], batch_sizes)
     result["multi"] = bench_multi(ctx, tasks, jobs, mixed_batch_size)
     result["load_average"]["end"] = os.getloadavg()
+    result["identity"] = _identity(ctx, base, dtype, tasks, jobs, batch_sizes, mixed_batch_size,
+                                   identity_examples)
     result["checks"] = checks(result)
     result["environment"] = environment()
     write_results(run, result, ctx.requests)
     return result
+
+
+def _identity(ctx: BenchContext, base: Base, dtype: torch.dtype, tasks: list[str], jobs,
+              batch_sizes: list[int], mixed_batch_size: int, examples: int) -> dict:
+    """The identity checks (:mod:`.identity`) of every benchmarked LoRA adapter: in
+    float64 on fresh float64 copies of the base (the verdict), then in the serving dtype
+    on copies of the timed base weights (information)."""
+    lora = [(t, s) for t in tasks for s in sorted({s for tt, m, s in jobs
+                                                   if tt == t and m == "lora"})]
+    adapters = [I.Adapter(f"{t}_seed{s}", ctx.run.job_dir(t, "lora", s),
+                          ctx.run.weights_dir(t, "lora", s), get_task(t).num_labels,
+                          [list(x) for x in ctx.encoded[t].input_ids[:examples]])
+                for t, s in lora]
+    multi = [lora.index(c) for c in choose_adapters(tasks, jobs)]
+    out = {"dtype": dtype_name(I.IDENTITY_DTYPE),
+           "tolerance": I.IDENTITY_TOL,
+           "tolerance_rule": I.TOLERANCE_RULE.format(tol=I.IDENTITY_TOL),
+           "serving_dtype": dtype_name(dtype),
+           "serving_dtype_rounding": tolerance(dtype), "examples_per_adapter": examples,
+           "reference": "each adapter's separate PeftModel, batch 1, no padding",
+           "checks": []}
+    if not adapters:
+        out["skipped"] = "no LoRA adapter in the benchmark"
+        return out
+    args = (adapters, batch_sizes, multi if len(multi) >= 2 else [], mixed_batch_size,
+            ctx.pad_id, ctx.device)
+    exact = I.run_identity(base.backbone(dtype=I.IDENTITY_DTYPE).eval(), *args)
+    served = I.run_identity(ctx.pristine, *args)
+    out["checks"] = I.combine(exact, served)
+    return out
 
 
 def _jobs_to_bench(cfg: StudyConfig, run: RunDir) -> list[tuple[str, str, int]]:

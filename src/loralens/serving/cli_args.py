@@ -9,6 +9,7 @@ BACKENDS = ("ours", "peft", "merged")
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
 DEFAULT_CLIENTS = (1, 8, 32)
 DEFAULT_ADAPTERS = (1, 4, 16)
+DEFAULT_REPEATS = 3  # runs per cell (servers interleaved): intervals need at least 2
 
 
 def add_serve_arguments(p) -> None:
@@ -60,6 +61,9 @@ def add_loadtest_arguments(p) -> None:
                    help="adapters the requests are spread over (default 1,4,16)")
     p.add_argument("--requests", type=int, default=96, help="answered requests per cell (96)")
     p.add_argument("--seconds", type=float, help="also stop a cell after this many seconds")
+    p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                   help=f"runs per cell, the servers interleaved (default {DEFAULT_REPEATS}; "
+                        "crossovers need intervals, hence at least 2)")
     p.add_argument("--warmup", type=int, default=4,
                    help="untimed requests per cell (at least one per client)")
     p.add_argument("--out", help="output directory (default RUN_DIR/loadtest, else ./loadtest)")

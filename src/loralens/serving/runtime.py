@@ -396,7 +396,8 @@ class MultiLoraClassifier(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 adapters: str | Sequence[str]) -> torch.Tensor:
-        """Logits [batch, labels] (float32) for one adapter name or one name per row.
+        """Logits [batch, labels] for one adapter name or one name per row: float32, or
+        float64 when the backbone is float64 (the identity checks run there).
 
         Mixed rows whose heads have fewer labels than the widest in the batch are
         padded with -inf.
@@ -418,11 +419,16 @@ class MultiLoraClassifier(nn.Module):
         rows = torch.arange(h.shape[0], device=h.device)
         pooled = h[rows, last_token_index(attention_mask)]
         if slots is None:
-            return F.linear(pooled, self._head_w, self._head_b).float()
+            return _at_least_float32(F.linear(pooled, self._head_w, self._head_b))
         width = max(self.labels[s] for s in slots)
         w = self.heads.index_select(0, idx)[:, :width]                    # [batch, width, hidden]
         logits = torch.bmm(w, pooled.unsqueeze(2)).squeeze(2)              # [batch, width]
         logits = logits + self.head_bias.index_select(0, idx)[:, :width]
         n = torch.tensor([self.labels[s] for s in slots], device=logits.device)
         pad = torch.arange(width, device=logits.device)[None, :] >= n[:, None]
-        return logits.float().masked_fill(pad, float("-inf"))
+        return _at_least_float32(logits).masked_fill(pad, float("-inf"))
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """float32 logits from a bf16/fp16/float32 model; float64 ones stay float64."""
+    return x if x.dtype == torch.float64 else x.float()
