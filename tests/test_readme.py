@@ -54,7 +54,7 @@ EXPECT = {
     "hpo": r"^search \w+/\w+: best \w+ [\d.]+ \(trial \d+\)",
     "train": r"^(skipped: )?\w+/\w+/seed\d+: accuracy [\d.]+",
     "extract": r"^extract \w+/[\w-]+: \d+ examples -> ",
-    "drift": r"^drift \w+ \(1 - CKA, \d+ examples",
+    "drift": r"^drift \w+ \(1 - CKA over states \d+(–\d+)?[^,]*, \d+ examples",
     "bench": r"^(checks: \d+/\d+ passed|bench: results exist in )",
     "report": r"^report: \S*report\.html$",
     "serve": r"^listening on http://",

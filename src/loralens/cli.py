@@ -108,21 +108,25 @@ def _dest(flag: str) -> str:
 def resolve(args: argparse.Namespace) -> tuple[StudyConfig, Path]:
     """The config: the run directory's stored one when no settings are given, else
     defaults -> preset -> file -> overrides (checked against the stored one, if any)."""
-    from .store import RunDir, RunDirError
+    from .config import merge_overrides
+    from .store import MACHINE_LOCAL, RunDir, RunDirError
 
     run_dir = Path(getattr(args, "run_dir_pos", None) or args.run_dir
                    or Path("runs") / (args.preset or "default"))
     extra = _flag_overrides(args)
-    given = args.preset or args.config or args.overrides or extra
+    # --glue-dir and --storage say where this machine finds things, not what the study is
+    local = [e for e in extra if e.split("=", 1)[0] in MACHINE_LOCAL]
+    given = args.preset or args.config or args.overrides or [e for e in extra if e not in local]
     if not given and RunDir(run_dir).is_run_dir():
         stage = _stage_of(args)
         try:
-            return RunDir(run_dir).load_config(), run_dir
+            stored = RunDir(run_dir).load_config()
         except RunDirError:
             if stage is None or not stage.read_only:
                 raise
             # the report reads the run directory's own files, whatever version wrote them
             return load_config(), run_dir
+        return merge_overrides(stored, local), run_dir
     return load_config(args.preset, args.config, list(args.overrides or []) + extra), run_dir
 
 

@@ -441,6 +441,13 @@ def load_config(preset: str | None = None, file: str | Path | None = None,
     return cfg
 
 
+def merge_overrides(cfg: StudyConfig, overrides: list[str]) -> StudyConfig:
+    """``cfg`` with ``key=value`` items layered on."""
+    for item in overrides:
+        cfg = merge(StudyConfig, cfg, parse_override(item))
+    return cfg
+
+
 def _merge_from(cfg: StudyConfig, data: dict, source: str) -> StudyConfig:
     try:
         return merge(StudyConfig, cfg, data)

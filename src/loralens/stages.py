@@ -124,7 +124,7 @@ class Context:
             if self.overwrite or not finished(payload):
                 run_one(payload)
 
-        self.queue.work(stage, claimed)
+        self.queue.work(stage, claimed, keys=list(jobs))  # this command's selection only
         return skipped
 
 

@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 import sqlalchemy as sa
 
@@ -139,20 +139,30 @@ class JobQueue:
             if pid != os.getpid() and not _alive(pid):
                 self.release(r["key"])
 
-    def claim(self, stage: str, worker: str | None = None) -> tuple[str, dict] | None:
-        """Atomically take the next pending (or stale running) job of ``stage``."""
+    def claim(self, stage: str, worker: str | None = None,
+              keys: Collection[str] | None = None) -> tuple[str, dict] | None:
+        """Atomically take the next pending (or stale running) job of ``stage``, among
+        ``keys`` when given (a command run for some tasks must not take the others' jobs
+        that an earlier, killed run left in the queue)."""
         self.release_dead_local(stage)
         now = time.time()
         lock = " FOR UPDATE SKIP LOCKED" if self.pg else ""
+        among = " AND key IN :keys" if keys is not None else ""
         sql = sa.text(
             "UPDATE loralens_jobs SET status = 'running', worker = :w, heartbeat = :now, "
             "attempts = attempts + 1 WHERE queue = :q AND key = ("
             "  SELECT key FROM loralens_jobs WHERE queue = :q AND stage = :s AND"
-            "  (status = 'pending' OR (status = 'running' AND heartbeat < :stale))"
+            f"  (status = 'pending' OR (status = 'running' AND heartbeat < :stale)){among}"
             f"  ORDER BY key LIMIT 1{lock}) RETURNING key, payload")
+        params = {"w": worker or worker_id(), "now": now, "q": self.queue, "s": stage,
+                  "stale": now - self.stale_after}
+        if keys is not None:
+            if not keys:
+                return None
+            sql = sql.bindparams(sa.bindparam("keys", expanding=True))
+            params["keys"] = list(keys)
         with self.engine.begin() as c:  # one statement: atomic on SQLite too
-            row = c.execute(sql, {"w": worker or worker_id(), "now": now, "q": self.queue,
-                                  "s": stage, "stale": now - self.stale_after}).first()
+            row = c.execute(sql, params).first()
         return (row[0], json.loads(row[1])) if row else None
 
     def _set(self, key: str, **fields) -> None:
@@ -171,12 +181,12 @@ class JobQueue:
     def beat(self, key: str) -> None:
         self._set(key, heartbeat=time.time())
 
-    def counts(self, stage: str) -> dict[str, int]:
-        with self.engine.connect() as c:
-            rows = c.execute(sa.text(
-                "SELECT status, COUNT(*) FROM loralens_jobs WHERE queue = :q AND stage = :s "
-                "GROUP BY status"), {"q": self.queue, "s": stage}).all()
-        return {r[0]: int(r[1]) for r in rows}
+    def counts(self, stage: str, keys: Collection[str] | None = None) -> dict[str, int]:
+        rows = [r for r in self.rows(stage) if keys is None or r["key"] in keys]
+        out: dict[str, int] = {}
+        for r in rows:
+            out[r["status"]] = out.get(r["status"], 0) + 1
+        return out
 
     def rows(self, stage: str) -> list[dict]:
         with self.engine.connect() as c:
@@ -204,14 +214,17 @@ class JobQueue:
             stop.set()
             t.join(timeout=5)
 
-    def work(self, stage: str, run_one, poll: float = 2.0, wait: bool = True) -> int:
-        """Claim and run jobs of ``stage`` until none is pending; then, if ``wait``, wait
-        for jobs other workers are running (taking over stale ones). Returns jobs run here."""
+    def work(self, stage: str, run_one, poll: float = 2.0, wait: bool = True,
+             keys: Collection[str] | None = None) -> int:
+        """Claim and run jobs of ``stage`` (only ``keys``, when given) until none is
+        pending; then, if ``wait``, wait for those other workers are running (taking over
+        stale ones). Returns jobs run here."""
         ran = 0
+        keys = set(keys) if keys is not None else None
         while True:
-            job = self.claim(stage)
+            job = self.claim(stage, keys=keys)
             if job is None:
-                c = self.counts(stage)
+                c = self.counts(stage, keys)
                 if not wait or c.get("running", 0) == 0:
                     return ran
                 time.sleep(poll)

@@ -81,18 +81,23 @@ def test_full_report_in_chromium(tmp_path):
     report = build_report(synthetic_run(tmp_path / "run"))
     seen = probe(report, tmp_path)
     assert seen["resources"] == []  # nothing fetched: figures are embedded
-    assert len(seen["images"]) == 6
+    assert sorted(im["alt"].split(":")[0] for im in seen["images"]) == [
+        f"Figure {i}" for i in range(1, 8)]
     for im in seen["images"]:
         assert im["complete"] and im["width"] > 0 and im["height"] > 0 and im["data"], im
     tables = {t["id"]: t for t in seen["tables"]}
     assert FULL_TABLES <= set(tables)
     for tid in FULL_TABLES:
         assert tables[tid]["rows"] > 0 and tables[tid]["caption"], tid
-    assert tables["table-3-accuracy"]["rows"] == 2 * len(TASKS)      # accuracy and F1
-    assert tables["table-4-drift"]["rows"] == 3 * len(TASKS)         # three measures
+    # the study metric per task: accuracy for SST-2 and RTE (F1 only where it is MRPC's)
+    assert tables["table-3-accuracy"]["rows"] == len(TASKS)
+    # three tested measures and two descriptive standardised-CKA rows per task
+    assert tables["table-4-drift"]["rows"] == 5 * len(TASKS)
     assert tables["table-5-serving"]["rows"] == 4 * len(TASKS)       # four strategies
     assert tables["table-6-loadtest"]["rows"] == 27                  # 3 servers x 3 x 3 cells
-    assert seen["missing"] == 0
+    # one: Table 3c, because the synthetic accuracies (e.g. 0.81 of 40 rows) are off the
+    # 1/n grid, so no val_logits.npy can match them (tests/unit/test_report.py builds one)
+    assert seen["missing"] == 1
 
     shot = tmp_path / "report.png"
     chromium(["--window-size=1400,3000", f"--screenshot={shot}", report.as_uri()], tmp_path)

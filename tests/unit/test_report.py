@@ -190,9 +190,27 @@ def write_bench(run, rng, seeds=SEEDS):
                                                "within_tol": True, "same_predictions": True}},
                         "mixed": {"batch_size": 8, "batches": 5, "runtime": runtime_mixed,
                                   "merged_single_model": merged}}}
+    result["identity"] = synthetic_identity(seeds)
     result["checks"] = bench_results.checks(result)
     bench_results.write_results(run, result, [])
     return result
+
+
+def synthetic_identity(seeds) -> dict:
+    """serving.json's "identity" as serving/identity.py writes it: float64 verdicts, float32
+    differences as information."""
+    def diff(d, logit=4.0):
+        return {"max_abs_diff": d, "max_abs_logit": logit, "relative_diff": d / logit,
+                "same_predictions": True}
+
+    checks = [{"name": f"{task}_seed{seeds[0]}_{path}", "workload": "single", "path": path,
+               "adapters": [f"{task}_seed{seeds[0]}"], "batch_size": 1, "rows": 16,
+               "float64": diff(1e-15), "serving_dtype": diff(8e-6), "passed": True}
+              for task in TASKS for path in ("runtime", "merged")]
+    return {"dtype": "float64", "tolerance": 1e-6,
+            "tolerance_rule": "max |Δ logit| <= 1e-06 × max(1, max |logit|)",
+            "serving_dtype": "float32", "examples_per_adapter": 16,
+            "reference": "separate PeftModel, batch 1", "checks": checks}
 
 
 def write_loadtest(run: RunDir) -> dict:

@@ -272,3 +272,37 @@ def test_trials_train_with_the_search_seed_and_score_the_selection_rows(tmp_path
     assert len(ids) == 16 and set(ids) <= set(p.selection_split.ids())
     assert set(ids).isdisjoint(p.train_split.ids())
     assert res["trials"][0]["user_attrs"]["eval_split"] == "train"
+
+
+def test_a_command_for_some_tasks_claims_only_their_jobs(tmp_path):
+    """A killed `loralens run` leaves every task's jobs pending; `loralens train --task rte`
+    afterwards must train rte only (it trained whatever was pending)."""
+    q = JobQueue(f"sqlite:///{tmp_path / 'jobs.db'}", queue="study:x")
+    q.add("train", {f"{t}/lora/seed1": {"task": t} for t in ("mrpc", "rte", "sst2")})
+    ran = []
+    assert q.work("train", lambda k, p: ran.append(k), keys=["rte/lora/seed1"]) == 1
+    assert ran == ["rte/lora/seed1"]
+    assert {r["key"]: r["status"] for r in q.rows("train")} == {
+        "mrpc/lora/seed1": "pending", "rte/lora/seed1": "done", "sst2/lora/seed1": "pending"}
+    assert q.claim("train", keys=[]) is None
+    assert q.work("train", lambda k, p: ran.append(k)) == 2  # no selection: the rest
+    assert ran == ["rte/lora/seed1", "mrpc/lora/seed1", "sst2/lora/seed1"]
+
+
+def test_train_with_a_task_selection_leaves_other_pending_jobs_alone(tmp_path, glue_dir,
+                                                                      tiny_base):
+    from loralens import cli
+
+    run = RunDir(tmp_path / "run")
+    args = ["--run-dir", str(run.root), "--glue-dir", str(glue_dir), "--no-progress",
+            "model.name=tiny-random", "tasks=[rte,sst2]", "methods=[lora]", "seeds=[1]",
+            "search.enabled=false", "data.train_size=8", "data.early_stop_size=8",
+            "data.max_length=32", "train.epochs=1", "train.batch_size=8"]
+    run.bind_config(load_config(overrides=args[5:]))
+    # what a killed `loralens run` leaves behind: both tasks' jobs pending
+    q = JobQueue(run.sqlite_url("jobs"), queue=f"study:{run.root.name}")
+    q.add("train", {f"{t}/lora/seed1": {"task": t, "method": "lora", "seed": 1}
+                    for t in ("rte", "sst2")})
+    assert cli.main(["train", "--task", "rte", *args]) == 0
+    assert run.metrics_path("rte", "lora", 1).is_file()
+    assert not run.metrics_path("sst2", "lora", 1).exists()

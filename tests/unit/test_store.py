@@ -7,7 +7,9 @@ import pytest
 import yaml
 
 from loralens import cli
-from loralens.config import StudyConfig
+from dataclasses import replace
+
+from loralens.config import StudyConfig, load_config
 from loralens.store import (FORMAT_VERSION, RunDir, RunDirError, atomic_dir, atomic_path,
                             atomic_write_text, csv_text)
 
@@ -147,3 +149,20 @@ def test_a_run_dir_whose_trials_trained_with_a_training_seed_is_reported_not_con
     assert "was written before held-out selection" in capsys.readouterr().err
     assert cli.main(["report", "--run-dir", str(tmp_path), "--no-progress"]) == 0
     assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_glue_dir_and_storage_alone_keep_the_stored_config(tmp_path, glue_dir):
+    """`loralens train --run-dir R --glue-dir D` on a run directory made with a preset
+    used the defaults (a settings-differ error on every key): --glue-dir and --storage
+    say where this machine finds things, not what the study is."""
+    from loralens.cli import build_parser, resolve
+
+    stored = load_config(preset="smoke")
+    RunDir(tmp_path).bind_config(stored)
+    args = build_parser().parse_args(["train", "--run-dir", str(tmp_path), "--glue-dir",
+                                      str(glue_dir), "--storage", "sqlite:///x.db"])
+    cfg, _ = resolve(args)
+    assert cfg.data.glue_dir == str(glue_dir.resolve()) and cfg.search.storage == "sqlite:///x.db"
+    assert replace(cfg, data=replace(cfg.data, glue_dir=stored.data.glue_dir),
+                   search=replace(cfg.search, storage=None)) == stored
+    RunDir(tmp_path).bind_config(cfg)  # no "written with other settings"
