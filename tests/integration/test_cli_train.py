@@ -77,7 +77,10 @@ def test_changed_settings_in_same_run_dir_is_an_error(tmp_path, glue_dir, capsys
 
     first = load_config(overrides=[f"data.glue_dir={os.path.abspath(glue_dir)}", "train.epochs=99"])
     (run / "config.yaml").write_text(yaml.safe_dump(first.to_dict()))
-    rc = main(["train", "--task", "rte", "--run-dir", str(run), "--glue-dir", str(glue_dir)])
+    # a setting given to a command on an existing run directory must equal the stored one
+    # (--glue-dir alone would use the stored settings: it says where, not what)
+    rc = main(["train", "--task", "rte", "--run-dir", str(run), "--glue-dir", str(glue_dir),
+               "train.epochs=3"])
     assert rc == 2
     assert "written with other settings (train.epochs: 99 -> 3);" in capsys.readouterr().err
 
