@@ -49,6 +49,7 @@ README_PORT = "8000"
 # code alone would pass a command that did nothing.
 EXPECT = {
     "run": r"^study finished in \d+ s; run directory runs/",
+    "run --dry-run": r"^total\s+\d+\s.*\s(\d+ s|\d+ min|\d+ h \d+ min)(\s|$)",
     "sanity": r"^sanity: \d+/\d+ passed",
     "search": r"^search \w+/\w+: best \w+ [\d.]+ \(trial \d+\)",
     "hpo": r"^search \w+/\w+: best \w+ [\d.]+ \(trial \d+\)",
@@ -316,7 +317,8 @@ def test_substitute():
 
 
 def _check_output(cmd: Command, text: str, output: str) -> None:
-    pattern = EXPECT.get(cmd.subcommand)
+    dry = cmd.subcommand == "run" and "--dry-run" in text.split()
+    pattern = EXPECT.get("run --dry-run" if dry else cmd.subcommand)
     if pattern is None:
         return
     assert any(re.search(pattern, ln.strip()) for ln in output.splitlines()), (

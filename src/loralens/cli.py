@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=",".join(STAGE_NAMES),
                    help=f"comma-separated stages to run, in order (default: all: "
                         f"{','.join(STAGE_NAMES)})")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each stage's work (jobs, rows, tokens) and a wall time "
+                        "estimated from throughput measured here, then exit; writes nothing")
     _common(p)
     for stage in STAGES:
         _stage_parser(sub, stage)
@@ -147,20 +150,31 @@ def study_command(args: argparse.Namespace) -> int:
     from .store import RunDir
 
     cfg, run_dir = resolve(args)
-    run = RunDir(run_dir)
     stage = _stage_of(args)
+    names = _stage_names(args) if stage is None else ()
+    if getattr(args, "dry_run", False):  # before anything writes into the run directory
+        from .plan import dry_run
+
+        print(dry_run(cfg, names, run_dir), flush=True)
+        return 0
+    run = RunDir(run_dir)
     if stage is None or not stage.read_only:  # the report only reads
         run.bind_config(cfg)
         run.record_environment(stage.name if stage else "run")
     ctx = context(args, cfg, run)
     if stage is not None:
         return 0 if run_stage(stage, ctx, record=not stage.read_only) else 1
+    run_study(ctx, names)
+    return 0
+
+
+def _stage_names(args: argparse.Namespace) -> tuple[str, ...]:
+    """The stages of ``run --stages``, checked."""
     names = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = [s for s in names if s not in STAGE_NAMES]
     if unknown:
         raise ConfigError(f"--stages: unknown stage(s) {unknown}; known: {', '.join(STAGE_NAMES)}")
-    run_study(ctx, names)
-    return 0
+    return names
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")

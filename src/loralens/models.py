@@ -238,7 +238,7 @@ class CausalLMClassifier(nn.Module):
         h = out.last_hidden_state
         rows = torch.arange(h.shape[0], device=h.device)
         pooled = h[rows, last_token_index(attention_mask)]
-        logits = self.score(pooled).float()
+        logits = self.score(pooled.to(self.score.weight.dtype)).float()
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return ClassifierOutput(logits, loss, out.hidden_states if output_hidden_states else None)
 

@@ -19,17 +19,21 @@ from .store import RunDir, atomic_write_json, read_json
 from .train import fit, seed_everything
 
 
+def sanity_rows(train: D.Encoded, examples: int, seed: int = 42) -> D.Encoded:
+    """The rows the check overfits: the same fixed rows for every method, a class-balanced
+    draw of ``examples`` training rows when possible."""
+    labels = train.labels
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    take = np.sort(np.concatenate([c[: examples // len(per_class) + 1] for c in per_class])
+                   [: examples])
+    return D.Encoded([train.input_ids[i] for i in take], labels[take], train.ids[take])
+
+
 def sanity_pair(cfg: StudyConfig, task: str, method: str, prepared, base: Base,
                 seed: int = 42, progress: bool = True) -> dict:
     sc = cfg.sanity
-    # The same fixed rows for every method: a class-balanced draw when possible.
-    labels = prepared.train.labels
-    rng = np.random.default_rng(seed)
-    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    take = np.sort(np.concatenate([c[: sc.examples // len(per_class) + 1] for c in per_class])
-                   [: sc.examples])
-    tiny = D.Encoded([prepared.train.input_ids[i] for i in take], labels[take],
-                     prepared.train.ids[take])
+    tiny = sanity_rows(prepared.train, sc.examples, seed)
     tc = replace(cfg.train, epochs=sc.epochs, batch_size=sc.batch_size, grad_accum=1,
                  warmup_ratio=0.0, weight_decay=0.0, max_steps=0, patience=0, eval_every=0)
     lr = sc.lr_lora if method == "lora" else sc.lr_full

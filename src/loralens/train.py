@@ -14,7 +14,6 @@ loss, evaluated a few times per epoch, with the best checkpoint restored) -> eva
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -122,10 +121,12 @@ def prepare_task(cfg: StudyConfig, task: str, tokenizer) -> Prepared:
 # --------------------------------------------------------------------------- fit / evaluate
 
 def autocast_ctx(device: torch.device, precision: str):
+    """bf16 autocast on a CUDA device (``bf16``, or ``auto``); nothing on the CPU, where a
+    model that trains in bfloat16 is cast once (``precision.CastOnce``)."""
+    from .precision import autocast
+
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return autocast(device, torch.bfloat16 if use_bf16 else torch.float32)
 
 
 @torch.no_grad()
@@ -188,6 +189,20 @@ class FitResult:
     epochs: int = 0
     eval_every: int = 0               # optimizer steps between early-stopping evaluations
     stopped_step: int | None = None   # the step at which patience ran out (None: it did not)
+    # throughput (flops.py): FLOPs of the training steps over their seconds, against
+    # peaks measured in this process in the dtype training computed in
+    precision: str = "fp32"
+    precision_note: str = ""
+    compiled: bool = False
+    flops_per_token: int = 0
+    train_flops: float = 0.0
+    step_seconds: float = 0.0         # forward, backward and optimizer steps
+    eval_seconds: float = 0.0         # early-stopping evaluations inside the fit
+    achieved_flops_per_s: float = math.nan
+    peak_flops_per_s: float = math.nan
+    peak_model_flops_per_s: float = math.nan
+    mfu: float = math.nan
+    mfu_model_shapes: float = math.nan
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -207,10 +222,23 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
     ``on_eval(entry)`` is called after each early-stopping evaluation (search pruning).
     ``method`` picks the optimizer (``train.optimizer_full`` applies to ``full``).
     """
+    from . import flops
+    from . import precision as P
     from .devices import make_optimizer, param_groups
 
     device = device_of(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    res = FitResult()
+    dtype, res.precision_note = P.choose(tc.precision, device, model_config(model),
+                                         _tokens_per_batch(train_enc, tc.batch_size))
+    res.precision = P.dtype_label(dtype)
+    res.flops_per_token = flops.train_flops_per_token(model, method)
+    peak = _measure_peaks(model, dtype, device, train_enc, tc, res)
+    # bfloat16 on the CPU: cast once (P.CastOnce); on a GPU: autocast (P.autocast)
+    mp = P.CastOnce(model, dtype if device.type == "cpu" else torch.float32)
+    params = mp.params
+    step_model = model
+    if tc.compile:
+        step_model, res.compiled = torch.compile(model, dynamic=True), True
     opt, note = make_optimizer(param_groups(params, tc.weight_decay), lr, method,
                                tc.optimizer_full, device)
     if note and rank_zero():
@@ -222,7 +250,7 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
         _enable_checkpointing(model)
 
     rank, world = dist_info()
-    res, best_state, bad = FitResult(), None, 0
+    best_state, bad = None, 0
     res.eval_every = eval_interval(len(train_enc), tc)
     bar = tqdm(total=total, desc=desc, disable=not progress or rank > 0, unit="step",
                dynamic_ncols=True)
@@ -239,28 +267,37 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
             if len(idx):
                 # weight = rows / rows of the accumulation window (all ranks): exact mean
                 weight = len(idx) / _accum_rows(batches, i, tc.grad_accum)
-                epoch_loss += _backward(model, train_enc, idx, pad_id, pad_to, tc.precision,
+                t_step = time.perf_counter()
+                epoch_loss += _backward(step_model, train_enc, idx, pad_id, pad_to, dtype,
                                         weight, res) * len(idx)
+                res.step_seconds += time.perf_counter() - t_step
                 epoch_n += len(idx)
             if (i + 1) % tc.grad_accum and i + 1 != len(batches):
                 continue
+            t_step = time.perf_counter()
+            mp.grads_to_masters()
             if world > 1:
                 _all_reduce_grads(params)
             if tc.max_grad_norm > 0:
                 nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
             opt.step()
+            mp.masters_to_model()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            res.step_seconds += time.perf_counter() - t_step
             res.steps += 1
-            elapsed = time.perf_counter() - t0
+            achieved = res.flops_per_token * res.real_tokens / max(res.step_seconds, 1e-9)
             bar.set_postfix(loss=f"{epoch_loss / max(epoch_n, 1):.4f}",
-                            tok_s=f"{res.real_tokens * world / elapsed:.0f}")
+                            tok_s=f"{res.real_tokens * world / max(res.step_seconds, 1e-9):.0f}",
+                            mfu=f"{100 * achieved / peak:.0f}%")
             bar.update(1)
             step_in_epoch += 1
             last = i + 1 == len(batches) or bool(tc.max_steps and res.steps >= tc.max_steps)
             if early_stop_enc is not None and (step_in_epoch % res.eval_every == 0 or last):
+                t_eval = time.perf_counter()
                 best_state, bad, stop = _early_stop_check(model, early_stop_enc, pad_id, tc, res,
-                                                          best_state, bad, epoch)
+                                                          best_state, bad, epoch, mp)
+                res.eval_seconds += time.perf_counter() - t_eval
                 on_eval and on_eval(res.history[-1])
             if stop or (tc.max_steps and res.steps >= tc.max_steps):
                 stop = True
@@ -278,18 +315,49 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
     bar.close()
     res.train_seconds = time.perf_counter() - t0
     if best_state is not None:
-        _restore(model, best_state)
+        mp.restore(best_state)
+    mp.finish()  # float32 again: reported scores, extraction and saving read float32
+    res.train_flops = float(res.flops_per_token * res.real_tokens)
+    if res.step_seconds > 0:
+        res.achieved_flops_per_s = res.train_flops / res.step_seconds
+        res.mfu = flops.mfu(res.achieved_flops_per_s, res.peak_flops_per_s)
+        res.mfu_model_shapes = flops.mfu(res.achieved_flops_per_s, res.peak_model_flops_per_s)
     model.eval()
     return res
 
 
+def model_config(model: nn.Module):
+    """The backbone's transformers config (of a classifier, PEFT-wrapped or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "config", None)
+
+
+def _tokens_per_batch(enc: D.Encoded, batch_size: int) -> int:
+    return int(max(1, round(float(np.mean(enc.lengths)) * batch_size))) if len(enc) else 64
+
+
+def _measure_peaks(model, dtype, device, train_enc, tc, res: FitResult) -> float:
+    """Measure (once per process) the square-GEMM and model-shape peaks in ``dtype``."""
+    from . import flops
+
+    dev = "cuda" if device.type == "cuda" else "cpu"
+    res.peak_flops_per_s = flops.gemm_peak(dtype, dev)
+    cfg = model_config(model)
+    if cfg is not None and hasattr(cfg, "intermediate_size"):
+        res.peak_model_flops_per_s = flops.model_gemm_peak(
+            cfg, _tokens_per_batch(train_enc, tc.batch_size), dtype, dev)
+    return res.peak_flops_per_s
+
+
 def _backward(model: nn.Module, enc: D.Encoded, idx: np.ndarray, pad_id: int,
-              pad_to: int | None, precision: str, weight: float, res: FitResult) -> float:
+              pad_to: int | None, dtype: torch.dtype, weight: float, res: FitResult) -> float:
     """Forward and backward of one micro-batch (loss scaled by ``weight``); counts its
     tokens into ``res``; returns the batch's mean loss."""
+    from .precision import autocast
+
     device = device_of(model)
     b = next(D.iter_batches(enc, [idx], pad_id, pad_to))
-    with autocast_ctx(device, precision):
+    with autocast(device, dtype):
         out = model(input_ids=b.input_ids.to(device),
                     attention_mask=b.attention_mask.to(device), labels=b.labels.to(device))
     (out.loss * weight).backward()
@@ -377,8 +445,10 @@ def _accum_rows(batches: list[np.ndarray], i: int, accum: int) -> int:
     return sum(len(b) for b in batches[start:start + accum])
 
 
-def _early_stop_check(model, enc, pad_id, tc, res: FitResult, best_state, bad, epoch):
-    m = evaluate(model, enc, pad_id, tc.eval_batch_size, precision=tc.precision)
+def _early_stop_check(model, enc, pad_id, tc, res: FitResult, best_state, bad, epoch, mp):
+    # in the dtype training computes in (selection only; reported scores are float32)
+    m = evaluate(model, enc, pad_id, tc.eval_batch_size,
+                 precision="bf16" if res.precision == "bf16" else "fp32")
     improved = m["loss"] < res.best_val_loss - 1e-12
     # "val_*": the selection rows (a slice of the training split unless data.selection is
     # validation), never the reported split under the default protocol.
@@ -387,7 +457,7 @@ def _early_stop_check(model, enc, pad_id, tc, res: FitResult, best_state, bad, e
                         "val_f1": m["f1"]})
     if improved:
         res.best_val_loss, res.best_step, bad = m["loss"], res.steps, 0
-        best_state = trainable_state(model)
+        best_state = mp.state()
     else:
         bad += 1
     stop = tc.patience > 0 and bad >= tc.patience
@@ -456,8 +526,7 @@ def train_job(cfg: StudyConfig, run: RunDir, task: str, method: str, seed: int, 
     jcfg = with_overrides(cfg, overrides)
     model, fitres = train_model(jcfg, prepared, method, seed, base, progress)
     tc = jcfg.train
-    val = evaluate(model, prepared.val, prepared.pad_id, tc.eval_batch_size,
-                   precision=tc.precision)
+    val = evaluate(model, prepared.val, prepared.pad_id, tc.eval_batch_size)  # float32
     logits = val.pop("logits")
     rank, world = dist_info()
     if rank > 0:  # data parallel: rank 0 writes the job's files

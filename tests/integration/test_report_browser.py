@@ -48,9 +48,10 @@ window.addEventListener("load", function () {
 });
 </script>"""
 
-FULL_TABLES = {"table-status", "table-provenance", "table-timings", "table-sanity",
-               "table-1-data", "table-2-spaces", "table-2-search", "table-3-accuracy",
-               "table-4-drift", "table-5-serving", "table-5-multi", "table-6-loadtest"}
+FULL_TABLES = {"table-status", "table-provenance", "table-timings", "table-throughput",
+               "table-sanity", "table-1-data", "table-2-spaces", "table-2-search",
+               "table-3-accuracy", "table-4-drift", "table-5-serving", "table-5-multi",
+               "table-6-loadtest"}
 
 
 def chromium(args: list[str], tmp: Path) -> str:

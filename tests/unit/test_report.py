@@ -32,9 +32,32 @@ def _split_stats(rows, labels=(0.5, 0.5), source="/glue/SST-2/train.tsv"):
     return {"rows": rows, "source": source, "label_counts": {"0": a, "1": rows - a}}
 
 
-def write_metrics(run: RunDir, task, method, seed, accuracy, selection="train_slice"):
+# training throughput (metrics.json fit): 900 real tokens per job, fit loop 30 s; step
+# seconds per seed (median 24 s -> 37.5 tokens/s, 20% of the fit outside steps)
+STEP_SECONDS = {42: 20.0, 1337: 24.0, 2024: 25.0}
+N_NON_EMBEDDING, N_LORA = 106_000_000, 460_000
+PEAK, PEAK_MODEL = 186e9, 150e9
+PRECISION_NOTE = "auto: measured bf16 GEMMs 0.65x float32 on this CPU; training in float32"
+
+
+def throughput_fit(method, seed, real_tokens=900, train_seconds=30.0) -> dict:
+    """The throughput keys train.fit adds to metrics.json's "fit" (6N per real token for
+    full fine-tuning, 4N + 2n for LoRA; MFU against the measured peaks)."""
+    step = STEP_SECONDS.get(seed, 24.0)
+    per_token = 6 * N_NON_EMBEDDING if method == "full" else 4 * N_NON_EMBEDDING + 2 * N_LORA
+    achieved = real_tokens * per_token / step
+    return {"precision": "fp32", "precision_note": PRECISION_NOTE,
+            "train_flops": float(real_tokens * per_token), "step_seconds": step,
+            "eval_seconds": train_seconds - step - 0.5, "achieved_flops_per_s": achieved,
+            "peak_flops_per_s": PEAK, "peak_model_flops_per_s": PEAK_MODEL,
+            "mfu": achieved / PEAK, "mfu_model_shapes": achieved / PEAK_MODEL}
+
+
+def write_metrics(run: RunDir, task, method, seed, accuracy, selection="train_slice",
+                  throughput=True):
     """A faithful copy of train.train_job's metrics.json (``selection=None``: as written
-    before data.selection existed: no fit.eval_every, no fit.stopped_step)."""
+    before data.selection existed: no fit.eval_every, no fit.stopped_step;
+    ``throughput=False``: before throughput recording, no fit.step_seconds etc.)."""
     n = N_VAL[task]
     hp = {"lr": 2e-3 if method == "lora" else 3e-5, "lr_lora": 2e-3, "lr_full": 3e-5,
           "epochs": 1, "max_steps": 0, "batch_size": 16, "grad_accum": 1, "warmup_ratio": 0.1,
@@ -55,7 +78,8 @@ def write_metrics(run: RunDir, task, method, seed, accuracy, selection="train_sl
         "fit": {"history": [], "steps": 4, "best_step": 4, "best_val_loss": 0.6,
                 "stopped_early": False, "train_seconds": 30.0, "real_tokens": 900,
                 "padded_tokens": 1000, "final_train_loss": 0.6, "epochs": 1,
-                **({"eval_every": 2, "stopped_step": None} if selection else {})},
+                **({"eval_every": 2, "stopped_step": None} if selection else {}),
+                **(throughput_fit(method, seed) if throughput else {})},
         "data": data_stats(task, selection), "device": "cpu", "data_parallel_processes": 1})
 
 
@@ -240,11 +264,13 @@ def write_loadtest(run: RunDir) -> dict:
 
 def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "drift", "bench",
                                       "loadtest"),
-                  seeds=SEEDS, search=True, selection="train_slice") -> RunDir:
+                  seeds=SEEDS, search=True, selection="train_slice",
+                  throughput=True) -> RunDir:
     """A complete (or, with fewer ``stages``, partial) run directory without a model.
 
     ``selection``: data.selection of the run; None writes what an older version wrote
     (config.yaml without the protocol keys, no "selection" in data.json).
+    ``throughput=False``: metrics.json as written before throughput recording.
     """
     seeds = tuple(seeds)
     cfg = load_config(overrides={"preset": "smoke", "tasks": list(TASKS), "seeds": list(seeds),
@@ -280,7 +306,7 @@ def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "d
             run.record_data(t, data_stats(t, selection))
             for m in ("lora", "full"):
                 for s, acc in zip(seeds, ACCURACY[(t, m)]):
-                    write_metrics(run, t, m, s, acc, selection)
+                    write_metrics(run, t, m, s, acc, selection, throughput)
     if "extract" in stages:
         for t in TASKS:
             write_extract(run, t, rng, N_VAL[t], seeds=seeds)
@@ -393,6 +419,12 @@ def test_markdown_has_every_table_and_number(full_report):
     assert "not the study's TinyLlama-1.1B" in md and "Q4_1" in md
     assert "0123abcd" in md and "torch 2.13.0" in md and "smoke" in md
     assert "| drift | 14.0 s |" in md
+    # throughput: median over seeds of 900 tokens / (20, 24, 25) s; 6N per token (full)
+    assert "**Training throughput and FLOPs utilisation**" in md
+    assert ("| sst2 | full FT | fp32 | 3 (42, 1337, 2024) | 37.5 | 23.9 | 12.8% | 15.9% "
+            "| 186 | 150 | 20.0% |") in md
+    assert md.index("**Wall time per stage**") < md.index("**Training throughput") \
+        < md.index("## Sanity checks")
     assert "Every stage has run." in md and "not computed yet" not in md
 
 
@@ -428,9 +460,10 @@ def test_html_is_self_contained(full_report):
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(images) == 7
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
-    for tid in ("table-status", "table-provenance", "table-timings", "table-sanity",
-                "table-1-data", "table-2-spaces", "table-2-search", "table-3-accuracy",
-                "table-4-drift", "table-4b-outliers", "table-5-serving", "table-5-multi"):
+    for tid in ("table-status", "table-provenance", "table-timings", "table-throughput",
+                "table-sanity", "table-1-data", "table-2-spaces", "table-2-search",
+                "table-3-accuracy", "table-4-drift", "table-4b-outliers", "table-5-serving",
+                "table-5-multi"):
         assert f'<table id="{tid}">' in html
     assert "0.8200 ± 0.0100" in html
 

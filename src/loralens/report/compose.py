@@ -230,6 +230,13 @@ def _provenance(doc: _Document) -> None:
     if doc.table(tables.table_timings) is None:
         doc.add(missing("Wall time per stage", "not recorded yet (no timings.json)",
                         "`loralens run` records it"))
+    d = doc.d
+    if d.jobs and not any(tables.has_throughput(m) for m in d.jobs.values()):
+        doc.add(p("Training throughput and FLOPs utilisation: not shown, the run predates "
+                  "throughput recording (its metrics.json files have no fit.step_seconds, "
+                  "fit.train_flops or fit.mfu).", "note"))
+    else:
+        doc.table(tables.table_throughput)
 
 
 def _sanity(doc: _Document) -> None:

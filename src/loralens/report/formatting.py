@@ -99,6 +99,25 @@ def seconds(s: Any) -> str:
     return f"{s / 3600:.2f} h"
 
 
+def pct(x: Any) -> str:
+    """A fraction as a percent: one decimal, two significant digits below 1% (0.25 ->
+    "25.0%", 0.0004 -> "0.04%")."""
+    if not finite(x):
+        return DASH
+    v = 100 * x
+    return f"{v:.1f}%" if abs(v) >= 1 or v == 0 else f"{v:.2g}%"
+
+
+def rate(x: Any, scale: float = 1.0) -> str:
+    """A rate divided by ``scale`` (1e9: GFLOP/s): whole numbers with thousands
+    separators from 100 on, else three significant digits (186.3 -> "186",
+    12345.6 -> "12,346", 7.25 -> "7.25")."""
+    if not finite(x):
+        return DASH
+    v = x / scale
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def per_seed(values: dict | None, fmt=f) -> str:
     """``{seed: value}`` as "42: 0.8123, 1337: 0.8200"."""
     if not values:
