@@ -32,12 +32,19 @@ def _embedding_params(model: nn.Module) -> set[int]:
             for p in m.parameters(recurse=False)}
 
 
+def _unused(model: nn.Module) -> set[int]:
+    """Parameters a forward pass never multiplies: PEFT keeps the original of a module it
+    trains a copy of (``modules_to_save``: the head) as ``original_module``."""
+    return {id(p) for n, p in model.named_parameters() if ".original_module." in f".{n}"}
+
+
 def non_embedding_params(model: nn.Module) -> int:
-    """Parameters outside embedding tables (tied LM heads are not in a classifier)."""
-    emb = _embedding_params(model)
+    """Parameters a forward pass multiplies by: outside embedding tables (tied LM heads
+    are not in a classifier), each counted once, PEFT's unused originals left out."""
+    skip = _embedding_params(model) | _unused(model)
     seen, n = set(), 0
     for p in model.parameters():
-        if id(p) in seen or id(p) in emb:
+        if id(p) in seen or id(p) in skip:
             continue
         seen.add(id(p))
         n += p.numel()
@@ -45,8 +52,8 @@ def non_embedding_params(model: nn.Module) -> int:
 
 
 def trainable_non_embedding_params(model: nn.Module) -> int:
-    emb = _embedding_params(model)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in emb)
+    skip = _embedding_params(model) | _unused(model)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in skip)
 
 
 def train_flops_per_token(model: nn.Module, method: str) -> int:
@@ -76,10 +83,14 @@ def _median_seconds(fn, repeats: int = 5, min_seconds: float = 0.05) -> float:
     return statistics.median(times)
 
 
-@functools.cache
 def gemm_peak(dtype: torch.dtype = torch.float32, device: str = "cpu",
               side: int = SQUARE) -> float:
     """FLOP/s of a large square ``torch.mm`` in ``dtype`` (median of 5), cached per process."""
+    return _gemm_peak(dtype, str(device), int(side))
+
+
+@functools.cache
+def _gemm_peak(dtype: torch.dtype, device: str, side: int) -> float:
     a = torch.randn(side, side, device=device).to(dtype)
     b = torch.randn(side, side, device=device).to(dtype)
 
