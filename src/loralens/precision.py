@@ -84,13 +84,13 @@ class CastOnce:
         self.hooks: list = []
         self.frozen: list[tuple[nn.Parameter, torch.Tensor]] = []
         self.masters: list[tuple[nn.Parameter, nn.Parameter]] = []
-        self.names: dict[int, str] = {}
+        adapted = hasattr(model, "peft_config")  # PEFT: every trainable is adapter or head
         if dtype != torch.float32:
             for p in model.parameters():
                 if not p.is_floating_point() or p.dtype == dtype:
                     continue
                 if p.requires_grad:
-                    if _is_adapter_or_head(model, p):
+                    if adapted:
                         continue          # LoRA adapters and head: float32 as they are
                     master = nn.Parameter(p.detach().clone(), requires_grad=True)
                     self.masters.append((p, master))
@@ -163,11 +163,6 @@ def _compute_in(model: nn.Module, dtype: torch.dtype) -> list:
                 hooks.append(m.register_forward_pre_hook(to_weight_dtype))
             hooks.append(m.register_forward_hook(to_float32))
     return hooks
-
-
-def _is_adapter_or_head(model: nn.Module, p: nn.Parameter) -> bool:
-    """A trainable parameter of a PEFT-wrapped model (adapters, modules_to_save)."""
-    return hasattr(model, "peft_config")
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

@@ -208,10 +208,6 @@ class FitResult:
         return dict(self.__dict__)
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None, pad_id: int,
         tc: TrainConfig, lr: float, seed: int, *, group_by_length: bool = True,
         stop_below_train_loss: float | None = None, pad_to: int | None = None,
@@ -385,13 +381,6 @@ def _cosine_schedule(opt, n_rows: int, tc: TrainConfig):
     if tc.max_steps:
         total = min(total, tc.max_steps)
     return get_cosine_schedule_with_warmup(opt, round(tc.warmup_ratio * total), total), total
-
-
-@torch.no_grad()
-def _restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    for n, p in model.named_parameters():
-        if n in state:
-            p.copy_(state[n])
 
 
 def rank_zero() -> bool:
