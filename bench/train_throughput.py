@@ -1,6 +1,6 @@
 """Training throughput: the default path (``train.precision=auto``) against float32.
 
-Both sides run loralens' own training loop (``train.fit``) from the same initial weights
+Both sides run loralens' own training loop (``loop.fit``) from the same initial weights
 on the SAME real GLUE training batches (same rows, same length-grouped order, same
 seed), for LoRA and full fine-tuning, on SST-2 (short rows) and RTE (long rows). A
 repeat is one short fit per side, the sides interleaved (fp32, default, bf16, fp32, ...)
@@ -30,10 +30,10 @@ import sys
 import torch
 
 from loralens import flops
-from loralens import precision as P
 from loralens.config import StudyConfig, TrainConfig
 from loralens.models import apply_method, build_classifier, load_base
-from loralens.train import fit, prepare_task, seed_everything
+from loralens.loop import fit
+from loralens.train import prepare_task, seed_everything
 
 SIDES = ("fp32", "auto", "bf16")
 

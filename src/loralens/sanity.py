@@ -16,7 +16,8 @@ from .config import StudyConfig
 from .devices import training_device
 from .models import Base, apply_method, build_classifier
 from .store import RunDir, atomic_write_json, read_json
-from .train import fit, seed_everything
+from .loop import fit
+from .train import seed_everything
 
 
 def sanity_rows(train: D.Encoded, examples: int, seed: int = 42) -> D.Encoded:

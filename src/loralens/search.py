@@ -31,7 +31,8 @@ from .config import StudyConfig
 from .models import Base
 from .store import RunDir, atomic_write_json, read_json
 from .tasks import get_task
-from .train import evaluate, prepare_task, train_model, with_overrides
+from .loop import evaluate
+from .train import prepare_task, train_model, with_overrides
 from .work import engine_kwargs, study_lock
 
 # The study's method-specific spaces, for the dimensions the config does not set: the
@@ -163,88 +164,118 @@ def beat_unbeaten(study: optuna.Study) -> list[int]:
     return ids
 
 
+def _ask_under_lock(cfg: StudyConfig, run: RunDir, task: str, method: str,
+                    study: optuna.Study) -> tuple[optuna.Trial | None, list]:
+    """Under the study lock, fail stale trials and ask for a trial while the budget allows.
+
+    Returns the new trial, with its first heartbeat recorded (None once ``search.trials``
+    trials are complete, pruned or running), and those counted trials as seen under the lock.
+    """
+    with study_lock(storage_url(cfg, run), study_name(task, method), run.root):
+        # A killed worker's trial stops beating: fail it (its configuration is
+        # re-enqueued by RetryHeartbeatStaleTrialCallback and taken by the next ask()).
+        beat_unbeaten(study)
+        optuna.storages.fail_stale_trials(study)
+        all_trials = study.get_trials(deepcopy=False)
+        counted_trials = [t for t in all_trials if t.state in COUNTED]
+        if len(counted_trials) >= cfg.search.trials:
+            return None, counted_trials
+        # Trials are only created under this lock, so the study's size orders them.
+        study.sampler = make_sampler(cfg, task, method, len(all_trials))
+        trial = study.ask()
+        # Beat once before anyone can see the trial RUNNING: Optuna only fails
+        # trials that have a heartbeat, so a worker killed before its heartbeat
+        # thread's first beat would leave a RUNNING trial nobody ever fails.
+        study._storage.record_heartbeat(trial._trial_id)
+    return trial, counted_trials
+
+
+def _prepare_search_task(cfg: StudyConfig, train_cfg: StudyConfig, task: str, tokenizer):
+    """The task as trials train on it, and the encoded selection rows they are scored on.
+
+    Trials are scored on (and stop early and prune on) the selection rows: a slice held
+    out of the training split unless data.selection is validation.
+    """
+    prepared = prepare_task(train_cfg, task, tokenizer)
+    from . import data as D
+
+    eval_enc = D.encode_split(tokenizer, prepared.selection_rows(
+        cfg.search.eval_size, cfg.data.subset_seed), cfg.data.max_length)
+    prepared.early_stop = eval_enc
+    return prepared, eval_enc
+
+
+def _pruning_reporter(trial: optuna.Trial, metric: str):
+    """``on_eval`` callback of a trial: report each evaluation, prune when Optuna says so."""
+    def on_eval(entry):
+        # The k-th evaluation is the same fraction of training in every trial (steps
+        # are not: batch sizes differ), so pruning compares like with like.
+        trial.report(entry[f"val_{metric}"], entry["eval"])
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+
+    return on_eval
+
+
+def _run_trial(cfg: StudyConfig, train_cfg: StudyConfig, study: optuna.Study,
+               trial: optuna.Trial, task: str, method: str, base: Base, prepared, eval_enc,
+               progress: bool) -> None:
+    """Suggest, train and score one trial with a heartbeat running; tell the study its end."""
+    sc = cfg.search
+    overrides = suggest(trial, method, cfg)
+    trial.set_user_attr("train_rows", len(prepared.train))
+    trial.set_user_attr("eval_rows", len(eval_enc))
+    trial.set_user_attr("eval_split", prepared.selection_info["split"])
+    trial.set_user_attr("seed", sc.seed)
+    metric = prepared.task.metric
+    beat = get_heartbeat_thread(trial._trial_id, study._storage)
+    beat.start()  # ask/tell gets no heartbeat from Optuna itself (only optimize does)
+    try:
+        model, fitres = train_model(with_overrides(train_cfg, overrides), prepared, method,
+                                    sc.seed, base, progress,
+                                    desc=f"search {task}/{method} #{trial.number}",
+                                    on_eval=_pruning_reporter(trial, metric))
+        val = evaluate(model, eval_enc, prepared.pad_id, cfg.train.eval_batch_size)
+        value = val[metric]
+        trial.set_user_attr("accuracy", val["accuracy"])
+        trial.set_user_attr("f1", val["f1"])
+        trial.set_user_attr("steps", fitres.steps)
+        study.tell(trial, value)
+        print(f"search {task}/{method} trial {trial.number}: {metric} {value:.4f} "
+              f"{trial.params}", flush=True)
+    except optuna.TrialPruned:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        print(f"search {task}/{method} trial {trial.number}: pruned", flush=True)
+    except BaseException:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    finally:
+        beat.join()
+
+
 def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base,
                progress: bool = True, on_trial=None) -> dict:
     """Run trials of (task, method) until the study has ``search.trials`` of them."""
     sc = cfg.search
-    tokenizer = base.tokenizer
     study = open_study(cfg, run, task, method)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
-    tcfg = with_overrides(cfg, {"data": {"train_size": sc.train_size or cfg.data.train_size,
-                                         "train_size_per_task": {}}})
-    prepared = None
+    train_cfg = with_overrides(cfg, {"data": {"train_size": sc.train_size or cfg.data.train_size,
+                                              "train_size_per_task": {}}})
+    prepared = eval_enc = None
     while True:
-        with study_lock(storage_url(cfg, run), study_name(task, method), run.root):
-            # A killed worker's trial stops beating: fail it (its configuration is
-            # re-enqueued by RetryHeartbeatStaleTrialCallback and taken by the next ask()).
-            beat_unbeaten(study)
-            optuna.storages.fail_stale_trials(study)
-            every = study.get_trials(deepcopy=False)
-            counted = [t for t in every if t.state in COUNTED]
-            trial = None
-            if len(counted) < sc.trials:
-                # Trials are only created under this lock, so the study's size orders them.
-                study.sampler = make_sampler(cfg, task, method, len(every))
-                trial = study.ask()
-            if trial is not None:
-                # Beat once before anyone can see the trial RUNNING: Optuna only fails
-                # trials that have a heartbeat, so a worker killed before its heartbeat
-                # thread's first beat would leave a RUNNING trial nobody ever fails.
-                study._storage.record_heartbeat(trial._trial_id)
+        trial, counted_trials = _ask_under_lock(cfg, run, task, method, study)
         if trial is None:
             # Budget taken: done once no other worker's trial is still running (a dead
             # worker's trial turns stale, fails, and its retry reopens the budget).
-            if not any(t.state == optuna.trial.TrialState.RUNNING for t in counted):
+            if not any(t.state == optuna.trial.TrialState.RUNNING for t in counted_trials):
                 break
             time.sleep(min(sc.heartbeat_interval, 5))
             continue
         if prepared is None:
-            # Trials are scored on (and stop early and prune on) the selection rows: a
-            # slice held out of the training split unless data.selection is validation.
-            prepared = prepare_task(tcfg, task, tokenizer)
-            from . import data as D
-
-            eval_enc = D.encode_split(tokenizer, prepared.selection_rows(
-                sc.eval_size, cfg.data.subset_seed), cfg.data.max_length)
-            prepared.early_stop = eval_enc
-        overrides = suggest(trial, method, cfg)
-        trial.set_user_attr("train_rows", len(prepared.train))
-        trial.set_user_attr("eval_rows", len(eval_enc))
-        trial.set_user_attr("eval_split", prepared.selection_info["split"])
-        trial.set_user_attr("seed", sc.seed)
-        metric = prepared.task.metric
-
-        def on_eval(entry, trial=trial):
-            # The k-th evaluation is the same fraction of training in every trial (steps
-            # are not: batch sizes differ), so pruning compares like with like.
-            trial.report(entry[f"val_{metric}"], entry["eval"])
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-
-        beat = get_heartbeat_thread(trial._trial_id, study._storage)
-        beat.start()  # ask/tell gets no heartbeat from Optuna itself (only optimize does)
-        try:
-            model, fitres = train_model(with_overrides(tcfg, overrides), prepared, method,
-                                        sc.seed, base, progress,
-                                        desc=f"search {task}/{method} #{trial.number}",
-                                        on_eval=on_eval)
-            val = evaluate(model, eval_enc, prepared.pad_id, cfg.train.eval_batch_size)
-            value = val[metric]
-            trial.set_user_attr("accuracy", val["accuracy"])
-            trial.set_user_attr("f1", val["f1"])
-            trial.set_user_attr("steps", fitres.steps)
-            study.tell(trial, value)
-            print(f"search {task}/{method} trial {trial.number}: {metric} {value:.4f} "
-                  f"{trial.params}", flush=True)
-        except optuna.TrialPruned:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            print(f"search {task}/{method} trial {trial.number}: pruned", flush=True)
-        except BaseException:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
-        finally:
-            beat.join()
+            prepared, eval_enc = _prepare_search_task(cfg, train_cfg, task, base.tokenizer)
+        _run_trial(cfg, train_cfg, study, trial, task, method, base, prepared, eval_enc,
+                   progress)
         on_trial and on_trial()
     return write_best(cfg, run, task, method, study)
 

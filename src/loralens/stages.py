@@ -109,7 +109,7 @@ class Context:
         torchrun) every rank runs every job in the same order instead: the ranks of one
         job must meet in the same collective operations.
         """
-        from .train import dist_info
+        from .loop import dist_info
 
         todo = {k: p for k, p in jobs.items() if self.overwrite or not finished(p)}
         skipped = [p for k, p in jobs.items() if k not in todo]
@@ -181,7 +181,8 @@ def search_overrides(ctx: Context, task: str, method: str) -> dict | None:
 
 def run_train(ctx: Context) -> bool:
     """Train and evaluate every (task, method, seed), each with its pair's best settings."""
-    from .train import init_distributed, summary_line, train_job
+    from .loop import init_distributed
+    from .train import summary_line, train_job
 
     init_distributed()
     keys = ctx.train_keys()

@@ -291,6 +291,61 @@ def _summary(x: np.ndarray, boot: dict) -> dict:
 SIGNS = ("lora - full", "full - lora")
 
 
+def _checked_pairs(lora_values, full_values, seeds: Sequence[int],
+                   sign: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Validated ``(lora, full, seeds)`` for :func:`compare_methods`."""
+    if sign not in SIGNS:
+        raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
+    lora, full = _paired(lora_values, full_values)
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != lora.size:
+        raise ValueError(f"got {len(seeds)} seeds for {lora.size} values per method")
+    return lora, full, seeds
+
+
+def _reduction_fields(full: np.ndarray, lora: np.ndarray, boot: dict) -> dict:
+    """``delta_percent`` and its seed-paired bootstrap CI, each None where undefined."""
+    # Delta% is undefined when the full fine-tuning mean (overall, or in some
+    # resample) is 0: report None rather than inf/NaN.
+    try:
+        delta = delta_percent(full, lora)
+    except ValueError:
+        delta = None
+    try:
+        delta_ci = list(bootstrap_reduction_ci(full, lora, **boot))
+    except ValueError:
+        delta_ci = None
+    return {"delta_percent": delta, "delta_percent_ci": delta_ci}
+
+
+def _paired_test_fields(lora: np.ndarray, full: np.ndarray, sign: str, n_tests: int,
+                        alpha: float) -> dict:
+    """Paired t-test, Bonferroni and Cohen's d of the ``sign`` difference; on zero
+    spread p, p_bonferroni and d are None, not significant, and ``note`` says why."""
+    a, b = (lora, full) if sign == "lora - full" else (full, lora)
+    t, p = paired_ttest(a, b)
+    spread_is_zero = math.isnan(p)
+    note = None
+    if spread_is_zero:
+        difference = float((a - b).mean())
+        note = (f"zero spread: every paired difference ({sign}) is {difference:.4g}, "
+                "so t, p and Cohen's d are undefined; not significant")
+    p_corrected = None if spread_is_zero else bonferroni(p, n_tests)
+    return {
+        "sign": sign,
+        "t": _json_float(t),
+        "p": None if spread_is_zero else float(p),
+        "n_tests": int(n_tests),
+        "alpha": float(alpha),
+        "p_bonferroni": None if spread_is_zero else float(p_corrected),
+        "significant": False if spread_is_zero else bool(p_corrected < alpha),
+        "cohens_d": _json_float(cohens_d_paired(a, b)),
+        "zero_spread": spread_is_zero,
+        "note": note,
+        "test": f"two-sided paired t-test (scipy.stats.ttest_rel) of {sign}, paired by seed",
+    }
+
+
 def compare_methods(
     lora_values,
     full_values,
@@ -340,51 +395,16 @@ def compare_methods(
         - ``note``: None, or why a statistic is undefined
         - ``test``: a one-line description of the test
     """
-    if sign not in SIGNS:
-        raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
-    lora, full = _paired(lora_values, full_values)
-    seeds = [int(s) for s in seeds]
-    if len(seeds) != lora.size:
-        raise ValueError(f"got {len(seeds)} seeds for {lora.size} values per method")
+    lora, full, seeds = _checked_pairs(lora_values, full_values, seeds, sign)
     boot = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
-    a, b = (lora, full) if sign == "lora - full" else (full, lora)
-    t, p = paired_ttest(a, b)
-    zero = math.isnan(p)
-    # Delta% is undefined when the full fine-tuning mean (overall, or in some
-    # resample) is 0: report None rather than inf/NaN.
-    try:
-        delta = delta_percent(full, lora)
-    except ValueError:
-        delta = None
-    try:
-        delta_ci = list(bootstrap_reduction_ci(full, lora, **boot))
-    except ValueError:
-        delta_ci = None
-    note = None
-    if zero:
-        c = float((a - b).mean())
-        note = (f"zero spread: every paired difference ({sign}) is {c:.4g}, so t, p and "
-                "Cohen's d are undefined; not significant")
-    p_adj = None if zero else bonferroni(p, n_tests)
     return {
         "seeds": seeds,
         "n_seeds": len(seeds),
         "lora": _summary(lora, boot),
         "full": _summary(full, boot),
-        "delta_percent": delta,
-        "delta_percent_ci": delta_ci,
+        **_reduction_fields(full, lora, boot),
         "bootstrap_distinct_resamples": distinct_resamples(len(seeds)),
-        "sign": sign,
-        "t": _json_float(t),
-        "p": None if zero else float(p),
-        "n_tests": int(n_tests),
-        "alpha": float(alpha),
-        "p_bonferroni": None if zero else float(p_adj),
-        "significant": False if zero else bool(p_adj < alpha),
-        "cohens_d": _json_float(cohens_d_paired(a, b)),
-        "zero_spread": zero,
-        "note": note,
-        "test": f"two-sided paired t-test (scipy.stats.ttest_rel) of {sign}, paired by seed",
+        **_paired_test_fields(lora, full, sign, n_tests, alpha),
     }
 
 

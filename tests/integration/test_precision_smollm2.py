@@ -21,7 +21,8 @@ from loralens import data as D
 from loralens.config import StudyConfig
 from loralens.models import apply_method, build_classifier
 from loralens.tasks import get_task
-from loralens.train import evaluate, fit, seed_everything
+from loralens.loop import evaluate, fit
+from loralens.train import seed_everything
 
 pytestmark = pytest.mark.integration
 LR = {"lora": 1e-3, "full": 2e-5}

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from loralens import data as D
 from loralens.tasks import get_task

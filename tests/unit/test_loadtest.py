@@ -1,13 +1,14 @@
-"""The load test's schedule and statistics (serving/loadtest.py), without servers: every
-cell repeated with the servers interleaved, intervals over repeats, crossovers called only
-where the intervals separate."""
+"""The load test's schedule and statistics (serving/loadtest_analysis.py), without
+servers: every cell repeated with the servers interleaved, intervals over repeats,
+crossovers called only where the intervals separate."""
 
 from __future__ import annotations
 
 import pytest
 
-from loralens.serving.loadtest import (cell_summary, compare_cells, crossover_text, crossovers,
-                                       mean_interval, schedule, summarize_cells)
+from loralens.serving.loadtest_analysis import (cell_summary, compare_cells, crossover_text,
+                                                crossovers, mean_interval, schedule,
+                                                summarize_cells)
 
 T_975_2 = 4.302652729749464  # Student's t, 97.5% quantile, 2 degrees of freedom (tables)
 

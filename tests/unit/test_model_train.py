@@ -11,7 +11,7 @@ from loralens import data as D
 from loralens.config import StudyConfig
 from loralens.models import (CausalLMClassifier, apply_method, build_classifier,
                              last_token_index, load_trained, masked_mean, save_trained)
-from loralens.train import evaluate, fit
+from loralens.loop import evaluate, fit
 
 EOS = 2
 

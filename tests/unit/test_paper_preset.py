@@ -183,7 +183,7 @@ def test_lora_adapts_q_and_v_of_every_layer_and_trains_a_b_and_head(cfg):
 
 def test_optimizer_precision_and_schedule_on_a_gpu(cfg, monkeypatch):
     from loralens.devices import make_optimizer, param_groups
-    from loralens.train import _cosine_schedule, autocast_ctx
+    from loralens.loop import _cosine_schedule, autocast_ctx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "CUDA is not available ... disabling autocast"

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from loralens import cli, plan
+from loralens import cli, plan, plan_work
 from loralens.config import load_config
 from loralens.store import RunDir
 from loralens.train import prepare_task
@@ -33,9 +33,8 @@ def hand_tokens(example, max_length: int) -> int:
 def setup(glue_dir, tiny_tokenizer):
     cfg = load_config(overrides=TINY + [f"data.glue_dir={glue_dir}"])
     prepared = {t: prepare_task(cfg, t, tiny_tokenizer) for t in cfg.tasks}
-    works = {w.stage: w for w in plan.count_work(cfg, ["sanity", "search", "train", "extract",
-                                                       "drift", "bench", "report"],
-                                                 tiny_tokenizer, prepared)}
+    stages = ["sanity", "search", "train", "extract", "drift", "bench", "report"]
+    works = {w.stage: w for w in plan_work.count_work(cfg, stages, tiny_tokenizer, prepared)}
     return cfg, prepared, works
 
 
@@ -105,7 +104,7 @@ def test_bench_counts_served_requests_and_identity_checks(glue_dir, tiny_tokeniz
     rows = [hand_tokens(e, cfg.data.max_length)
             for e in p.val_split.subset(4, cfg.data.subset_seed).examples]
     total, first, second = sum(rows), rows[0], rows[1]
-    (w,) = plan.count_work(cfg, ["bench"], tiny_tokenizer, {"rte": p})
+    (w,) = plan_work.count_work(cfg, ["bench"], tiny_tokenizer, {"rte": p})
     # one full model: a warm-up request while loaded, then 4 requests + 1 warm-up at
     # batch 1 and 2 requests + 1 warm-up (rows 0-1) at batch 2; no adapter, no identity
     assert w.forward_tokens == {"batch1": total + 2 * first,
@@ -114,7 +113,7 @@ def test_bench_counts_served_requests_and_identity_checks(glue_dir, tiny_tokeniz
 
     cfg = load_config(overrides=base + ["methods=[lora]", "seeds=[42, 1337]",
                                         "bench.batch_sizes=[1]"])
-    (w,) = plan.count_work(cfg, ["bench"], tiny_tokenizer, {"rte": p})
+    (w,) = plan_work.count_work(cfg, ["bench"], tiny_tokenizer, {"rte": p})
     # per seed 3 LoRA kinds (separate, merged, runtime): 1 warm-up request while loaded,
     # then 4 requests + 1 warm-up; several adapters (the 2 seeds, 8 rows round robin):
     # stream (runtime, PEFT) 8 + 1 warm-up, mixed in pairs (+ merged) 4 + 1 warm-up;
@@ -144,7 +143,7 @@ def test_search_counts_trials(glue_dir, tiny_tokenizer):
         "search.eval_size=5", "search.epochs=[1, 2]", "search.batch_lora=[2, 4]",
         "search.batch_full=[3]"])
     prepared = {t: prepare_task(cfg, t, tiny_tokenizer) for t in cfg.tasks}
-    (w,) = plan.count_work(cfg, ["search"], tiny_tokenizer, prepared)
+    (w,) = plan_work.count_work(cfg, ["search"], tiny_tokenizer, prepared)
     assert w.jobs == len(cfg.tasks) * len(cfg.methods) * 3 == w.loads
     # a trial trains on search.train_size rows (search.run_search's own prepare_task)
     from loralens.train import with_overrides
@@ -187,10 +186,10 @@ def test_estimate_on_the_tiny_model(glue_dir, tiny_base):
 def test_fit_work_respects_max_steps():
     from loralens.config import TrainConfig
 
-    w = plan.StageWork("x")
+    w = plan_work.StageWork("x")
     lengths = np.full(10, 7)
-    evals = plan.fit_work(w, "lora", lengths, TrainConfig(epochs=3, batch_size=2, max_steps=7,
-                                                          evals_per_epoch=1), np.full(4, 3))
+    tc = TrainConfig(epochs=3, batch_size=2, max_steps=7, evals_per_epoch=1)
+    evals = plan_work.fit_work(w, "lora", lengths, tc, np.full(4, 3))
     # 5 steps per epoch: epoch 1 whole (eval at its end), epoch 2 stops after 2 steps (eval)
     assert w.steps == {"lora": 7} and evals == 2
     assert w.train_tokens == {"lora": 10 * 7 + 4 * 7}

@@ -18,7 +18,7 @@ from loralens import flops
 from loralens import precision as P
 from loralens.config import ConfigError, StudyConfig
 from loralens.models import apply_method, build_classifier, tiny_llama_config
-from loralens.train import evaluate, fit
+from loralens.loop import evaluate, fit
 
 EOS = 2
 # per layer: q 32x32 + k 32x16 + v 32x16 + o 32x32 + gate/up/down 3 x 32x64 + 2 norms of 32

@@ -41,7 +41,7 @@ PRECISION_NOTE = "auto: measured bf16 GEMMs 0.65x float32 on this CPU; training 
 
 
 def throughput_fit(method, seed, real_tokens=900, train_seconds=30.0) -> dict:
-    """The throughput keys train.fit adds to metrics.json's "fit" (6N per real token for
+    """The throughput keys loop.fit adds to metrics.json's "fit" (6N per real token for
     full fine-tuning, 4N + 2n for LoRA; MFU against the measured peaks)."""
     step = STEP_SECONDS.get(seed, 24.0)
     per_token = 6 * N_NON_EMBEDDING if method == "full" else 4 * N_NON_EMBEDDING + 2 * N_LORA
@@ -238,7 +238,7 @@ def synthetic_identity(seeds) -> dict:
 
 
 def write_loadtest(run: RunDir) -> dict:
-    from loralens.serving.loadtest import crossovers, summarize_cells
+    from loralens.serving.loadtest_analysis import crossovers, summarize_cells
 
     runs = []
     for b, base in (("merged", 20.0), ("peft", 12.0), ("ours", 18.0)):
@@ -561,7 +561,7 @@ def test_formatting_helpers():
 
 
 def test_log_axes_when_lora_drifts_far_less():
-    from loralens.report.figures import _needs_log
+    from loralens.report.drift_figures import _needs_log
 
     lo, fu = np.array([0.0, 1e-4, 1e-3]), np.array([0.01, 0.1, 0.3])
     assert _needs_log({("sst2", "lora", 42): lo, ("sst2", "full", 42): fu})

@@ -10,7 +10,7 @@ import pytest
 
 from loralens.report.formatting import DASH, pct, rate
 from loralens.report.run_data import RunData
-from loralens.report.tables import table_throughput
+from loralens.report.timing_tables import table_throughput
 from loralens.store import RunDir, atomic_write_json, read_json
 from tests.unit.test_report import synthetic_run, write_metrics
 

@@ -21,7 +21,8 @@ from loralens.data import Example, Split, load_split
 from loralens.models import apply_method, build_classifier
 from loralens.store import RunDir
 from loralens.tasks import get_task
-from loralens.train import fit, prepare_task
+from loralens.loop import fit
+from loralens.train import prepare_task
 
 
 def synthetic(n0: int, n1: int) -> Split:

@@ -7,8 +7,11 @@ self-contained page: figures embedded, no network needed) and
 says what is missing and how to produce it; it never fails for lack of results.
 
 Modules, in the order the report is built: :mod:`.run_data` (read the run directory),
-:mod:`.status` (which stages have run), :mod:`.tables` and :mod:`.serving_tables`
-(table data, cells formatted by :mod:`.formatting`), :mod:`.figures` (draw),
+:mod:`.status` (which stages have run), the tables (cells formatted by
+:mod:`.formatting`): :mod:`.provenance_tables`, :mod:`.timing_tables`,
+:mod:`.data_tables`, :mod:`.accuracy_tables` and :mod:`.drift_tables` (their tests'
+cells and notes in :mod:`.significance`), :mod:`.serving_tables`; :mod:`.figures`
+(the list of figures, drawn by :mod:`.drift_figures` and :mod:`.serving_figures`),
 :mod:`.compose` (the sections), :mod:`.render` (write Markdown and HTML).
 """
 

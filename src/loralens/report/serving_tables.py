@@ -184,7 +184,7 @@ LOADTEST_BACKENDS = {"merged": "merged (one model per adapter)",
 def _best(cells: list[dict], repeated: bool) -> set[int]:
     """ids of the cells whose server is the best of its (adapters, clients): the one whose
     throughput interval lies above every other server's (none without intervals)."""
-    from ..serving.loadtest import compare_cells
+    from ..serving.loadtest_analysis import compare_cells
 
     if not repeated:
         return set()
@@ -205,7 +205,7 @@ def table6_loadtest(d: RunData) -> Table | None:
     cells = lt.get("cells") or []
     if not cells:
         return None
-    from ..serving.loadtest import crossover_text, crossovers
+    from ..serving.loadtest_analysis import crossover_text, crossovers
 
     repeated = any(c.get("throughput_ci") for c in cells)
     best = _best(cells, repeated)

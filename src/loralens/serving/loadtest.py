@@ -11,21 +11,16 @@ only in clients and adapters) to adapter ``i mod adapters``, until ``requests``
 requests have been answered (or ``seconds`` have passed), after untimed warm-up
 requests. The adapters are that task's (copies of them when a run trained fewer).
 
-Every cell runs ``repeats`` times, the servers interleaved (:func:`schedule`): in each
-repeat every server runs the cell once, in an order rotated per repeat, so a change of
-background load (a shared machine: the client shares the cores with the servers, and
-other jobs run beside) hits every server alike instead of whichever ran during it.
+Every cell runs ``repeats`` times, the servers interleaved: in each repeat every server
+runs the cell once, in an order rotated per repeat, so a change of background load (a
+shared machine: the client shares the cores with the servers, and other jobs run beside)
+hits every server alike instead of whichever ran during it.
 
 Per run: p50/p95/p99/mean latency as the client sees it (HTTP included), throughput
 (answered requests per second of wall time), errors, and the server's own counters
-(batches, mixed batches, rows per batch) from ``/health``. Per cell
-(:func:`cell_summary`): throughput as the mean over repeats with its 95% t-interval,
-latency percentiles as medians over repeats. "Crossover" points compare each
-separate-adapter backend with merged models (:func:`crossovers`): a backend is called
-faster (slower) in a cell only where its throughput interval lies entirely above (below)
-merged models', else "no difference detected"; along adapter counts (for each client
-count) the crossover is the smallest count from which it is faster at every larger one
-(and the same along client counts). One run per cell gives no interval, hence no call.
+(batches, mixed batches, rows per batch) from ``/health``. The schedule, the per-cell
+statistics over repeats and the crossover calls are in
+:mod:`loralens.serving.loadtest_analysis`.
 
 The client runs in this process (asyncio + httpx). Results: RUN_DIR/loadtest/
 (``RunDir.loadtest_dir``) or ``--out``: loadtest.json, loadtest.csv (one row per cell),
@@ -37,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import os
 import platform
 import subprocess
@@ -53,6 +47,7 @@ import numpy as np
 from ..store import RunDir, atomic_write_json, write_csv
 from ..timing import stopwatch
 from .cli_args import BACKENDS, DEFAULT_ADAPTERS, DEFAULT_CLIENTS, DEFAULT_REPEATS
+from .loadtest_analysis import crossovers, schedule, summarize_cells, table_lines
 
 
 # RunDir names the result (RUN_DIR/loadtest/loadtest.json); --out keeps the name elsewhere
@@ -190,162 +185,6 @@ async def _cell(url: str, names: list[str], bodies: list[dict], clients: int,
     return Cell(backend, len(names), clients, len(lat), errors, wall, lat, server)
 
 
-# --------------------------------------------------------------------------- analysis
-
-def schedule(backends: Sequence[str], adapters: Sequence[int], clients: Sequence[int],
-             repeats: int, measure: Callable[[str, int, int], dict],
-             done: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run every cell ``repeats`` times, the servers interleaved: for each (adapters,
-    clients) cell and repeat r, every backend once, in the order rotated by r.
-    ``measure(backend, adapters, clients)`` returns one run's summary; ``done`` sees each
-    run. Returns the runs (with ``repeat`` and ``position`` in the rotation) in order."""
-    runs = []
-    k = len(backends)
-    for a in adapters:
-        for c in clients:
-            for r in range(repeats):
-                order = list(backends[r % k:]) + list(backends[:r % k])
-                for position, b in enumerate(order):
-                    run = {**measure(b, a, c), "repeat": r, "position": position}
-                    runs.append(run)
-                    if done is not None:
-                        done(run)
-    return runs
-
-
-def mean_interval(values: Sequence[float], level: float = 0.95) -> list[float] | None:
-    """The ``level`` t-interval of the mean of ``values`` (None with fewer than 2)."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=float)
-    if x.size < 2:
-        return None
-    half = stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
-    return [float(x.mean() - half), float(x.mean() + half)]
-
-
-def cell_summary(runs: list[dict]) -> dict:
-    """One cell's runs (one backend, adapters, clients) -> its row: throughput mean over
-    runs with its 95% t-interval and every run's value; latency percentiles: medians over
-    runs; requests: answered per run (the fewest); errors, batches, rows: summed."""
-    first = runs[0]
-    tp = [r["throughput_rps"] for r in runs]
-    have = [t for t in tp if t is not None]
-
-    def med(key):
-        vals = [r[key] for r in runs if r.get(key) is not None]
-        return float(np.median(vals)) if vals else None
-
-    batches = sum(r.get("batches") or 0 for r in runs)
-    rows = sum(r.get("rows") or 0 for r in runs)
-    return {
-        "backend": first["backend"], "adapters": first["adapters"], "clients": first["clients"],
-        "repeats": len(runs), "requests": min(r["requests"] for r in runs),
-        "errors": sum(r["errors"] for r in runs),
-        "wall_s": round(sum(r["wall_s"] for r in runs), 4),
-        "throughput_rps": float(np.mean(have)) if have else None,
-        "throughput_ci": mean_interval(have) if len(have) == len(tp) else None,
-        "throughput_sd": float(np.std(have, ddof=1)) if len(have) > 1 else None,
-        "throughput_runs": tp,
-        "p50_ms": med("p50_ms"), "p95_ms": med("p95_ms"), "p99_ms": med("p99_ms"),
-        "mean_ms": med("mean_ms"), "batches": batches,
-        "mixed_batches": sum(r.get("mixed_batches") or 0 for r in runs),
-        "rows_per_batch": rows / batches if batches else None,
-    }
-
-
-def summarize_cells(runs: list[dict]) -> list[dict]:
-    """Runs -> one :func:`cell_summary` per (backend, adapters, clients), first-run order."""
-    by: dict[tuple, list[dict]] = {}
-    for r in runs:
-        by.setdefault((r["backend"], r["adapters"], r["clients"]), []).append(r)
-    return [cell_summary(v) for v in by.values()]
-
-
-def compare_cells(x: dict | None, y: dict | None) -> str | None:
-    """``x`` against ``y`` by throughput: "faster" / "slower" where the intervals
-    separate, "no difference" where they overlap, None without intervals."""
-    cx, cy = (x or {}).get("throughput_ci"), (y or {}).get("throughput_ci")
-    if not cx or not cy:
-        return None
-    if cx[0] > cy[1]:
-        return "faster"
-    if cx[1] < cy[0]:
-        return "slower"
-    return "no difference"
-
-
-def crossovers(rows: list[dict], reference: str = "merged") -> list[dict]:
-    """Where each separate-adapter backend starts to out-serve ``reference`` (throughput
-    intervals, :func:`compare_cells`), along adapter counts and along client counts."""
-    by = {(r["backend"], r["adapters"], r["clients"]): r for r in rows}
-    adapters = sorted({r["adapters"] for r in rows})
-    clients = sorted({r["clients"] for r in rows})
-    out = []
-    for b in sorted({r["backend"] for r in rows} - {reference}):
-        def calls(cells: list[tuple[int, int]], levels: list[int]) -> dict:
-            v = {lv: compare_cells(by.get((b, a, c)), by.get((reference, a, c)))
-                 for lv, (a, c) in zip(levels, cells)}
-            wins = [lv for lv in levels if v[lv] == "faster"]
-            return {"from": _first_run(levels, wins), "faster_at": wins,
-                    "slower_at": [lv for lv in levels if v[lv] == "slower"],
-                    "no_difference_at": [lv for lv in levels if v[lv] == "no difference"],
-                    "not_called_at": [lv for lv in levels if v[lv] is None]}
-
-        for c in clients:
-            out.append({"backend": b, "versus": reference, "clients": c, "along": "adapters",
-                        **calls([(a, c) for a in adapters], adapters)})
-        for a in adapters:
-            out.append({"backend": b, "versus": reference, "adapters": a, "along": "clients",
-                        **calls([(a, c) for c in clients], clients)})
-    return out
-
-
-def _first_run(levels: list[int], wins: list[int]) -> int | None:
-    """Smallest level from which the backend wins at every larger level, else None."""
-    for i, level in enumerate(levels):
-        if all(x in wins for x in levels[i:]):
-            return level
-    return None
-
-
-def _levels(levels: list[int], unit: str) -> str:
-    """[1] -> "1 adapter"; [1, 4] -> "1, 4 adapters"."""
-    return f"{', '.join(map(str, levels))} {unit[:-1] if levels == [1] else unit}"
-
-
-def crossover_text(c: dict) -> str:
-    """One crossover entry in words: "ours vs merged at 32 clients: faster from 16 adapters
-    on; no difference detected at 1, 4 adapters", or "...: no difference detected"."""
-    if c["along"] == "adapters":
-        where = f"at {c['clients']} client{'s' if c['clients'] != 1 else ''}"
-        unit = "adapters"
-    else:
-        where = f"over {c['adapters']} adapter{'s' if c['adapters'] != 1 else ''}"
-        unit = "clients"
-    head = f"{c['backend']} vs {c['versus']} {where}: "
-    if "slower_at" not in c:  # an older loadtest.json: one run per cell, no intervals
-        return head + "not called (one run per cell: no intervals)"
-    faster, slower = c["faster_at"], c["slower_at"]
-    same, untested = c["no_difference_at"], c["not_called_at"]
-    if not (faster or slower or untested):
-        return head + "no difference detected"
-    if not (faster or slower or same):
-        return head + "not called (no intervals)"
-    parts = []
-    if c["from"] is not None:
-        parts.append(f"faster from {_levels([c['from']], unit)} on")
-    elif faster:
-        parts.append(f"faster only at {_levels(faster, unit)}")
-    if slower:
-        parts.append(f"slower at {_levels(slower, unit)}")
-    if same:
-        parts.append(f"no difference detected at {_levels(same, unit)}")
-    if untested:
-        parts.append(f"not called at {_levels(untested, unit)} (no interval)")
-    return head + "; ".join(parts)
-
-
 # --------------------------------------------------------------------------- the command
 
 def _bodies(task: str, glue_dir, n: int, seed: int = 0) -> list[dict]:
@@ -393,64 +232,24 @@ def run_loadtest(sources: Sequence[str], task: str, out_dir: Path,
                  server_args: Sequence[str] = (), progress: bool = True,
                  repeats: int = DEFAULT_REPEATS) -> dict:
     """Every (adapters, clients) cell ``repeats`` times on every backend, the servers
-    interleaved (:func:`schedule`); writes loadtest.json, loadtest.csv, loadtest_runs.csv."""
-    import httpx
-
-    bad = [b for b in backends if b not in BACKENDS]
-    if bad:
-        raise LoadTestError(f"unknown backend(s) {bad}; choose from {', '.join(BACKENDS)}")
-    if min(clients) < 1 or min(adapters) < 1 or requests < 1 or repeats < 1:
-        raise LoadTestError("clients, adapters, requests and repeats must be >= 1")
+    interleaved (:func:`~loralens.serving.loadtest_analysis.schedule`); writes
+    loadtest.json, loadtest.csv, loadtest_runs.csv."""
+    _check_settings(backends, clients, adapters, requests, repeats)
     t_start = time.time()
     bodies = _bodies(task, glue_dir, n=256)
     servers: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:
         procs: dict[str, ServerProcess] = {}
-        names_all: dict[str, list[str]] = {}
+        adapter_names: dict[str, list[str]] = {}
         for backend in backends:  # all up at once: the cells interleave them
-            with stopwatch() as startup:
-                srv = stack.enter_context(ServerProcess(sources, backend, max(adapters),
-                                                        server_args))
-            procs[backend] = srv
-            with httpx.Client(base_url=srv.url, timeout=60) as http:
-                infos = {a["name"]: a for a in http.get("/v1/adapters").json()["adapters"]}
-                health = http.get("/health").json()
-            names_all[backend] = list(infos)
-            if len(infos) < max(adapters):
-                raise LoadTestError(f"server has {len(infos)} adapters, need {max(adapters)}")
-            other = [n for n in infos if infos[n].get("task") != task]
-            if other:
-                raise LoadTestError(f"server loaded adapters of other tasks than {task}: {other}")
-            servers[backend] = {"startup_s": round(startup.seconds, 3), "adapters": len(infos),
-                                "health": health}
+            procs[backend], adapter_names[backend], servers[backend] = _start_server(
+                stack, sources, backend, task, max(adapters), server_args)
 
         def measure(backend: str, a: int, c: int) -> dict:
-            srv = procs[backend]
-            cell = asyncio.run(_cell(srv.url, names_all[backend][:a], bodies, c, requests,
-                                     seconds, warmup, backend))
-            if srv.proc.poll() is not None:
-                raise LoadTestError(f"server ({backend}) exited:\n" + "".join(srv.log[-30:]))
-            return cell.summary()
+            return _measure_run(procs[backend], adapter_names[backend][:a], bodies, c, requests,
+                                seconds, warmup)
 
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(backends) * len(clients) * len(adapters) * repeats,
-                       desc="loadtest", unit="run")
-
-        def done(run: dict) -> None:
-            if bar is not None:
-                tp = run["throughput_rps"]
-                bar.set_postfix_str(f"{run['backend']} a={run['adapters']} c={run['clients']} "
-                                    f"r={run['repeat']} " + (f"{tp:.1f} req/s" if tp else ""))
-                bar.update()
-
-        try:
-            runs = schedule(list(backends), list(adapters), list(clients), repeats, measure, done)
-        finally:
-            if bar is not None:
-                bar.close()
+        runs = _scheduled_runs(backends, adapters, clients, repeats, measure, progress)
     cells = summarize_cells(runs)
     result = {
         "schema": 2,
@@ -460,6 +259,86 @@ def run_loadtest(sources: Sequence[str], task: str, out_dir: Path,
         "repeats": repeats, "interleaved": True,
         "interval": "95% t-interval of the mean throughput over repeats",
         "server_args": list(server_args),
+        **_outcome(t_start, servers, cells, runs),
+    }
+    write_csv(out_dir / "loadtest.csv", cells)
+    write_csv(out_dir / "loadtest_runs.csv", runs)
+    atomic_write_json(out_dir / LOADTEST_JSON, result)
+    return result
+
+
+def _check_settings(backends: Sequence[str], clients: Sequence[int], adapters: Sequence[int],
+                    requests: int, repeats: int) -> None:
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad:
+        raise LoadTestError(f"unknown backend(s) {bad}; choose from {', '.join(BACKENDS)}")
+    if min(clients) < 1 or min(adapters) < 1 or requests < 1 or repeats < 1:
+        raise LoadTestError("clients, adapters, requests and repeats must be >= 1")
+
+
+def _start_server(stack: contextlib.ExitStack, sources: Sequence[str], backend: str, task: str,
+                  adapters: int, server_args: Sequence[str]
+                  ) -> tuple[ServerProcess, list[str], dict]:
+    """Start ``backend``'s server (``stack`` closes it) with ``adapters`` adapters of
+    ``task``: the server, its adapter names, and its entry of the result's ``servers``
+    (startup seconds, adapters, ``/health``)."""
+    import httpx
+
+    with stopwatch() as startup:
+        srv = stack.enter_context(ServerProcess(sources, backend, adapters, server_args))
+    with httpx.Client(base_url=srv.url, timeout=60) as http:
+        infos = {a["name"]: a for a in http.get("/v1/adapters").json()["adapters"]}
+        health = http.get("/health").json()
+    if len(infos) < adapters:
+        raise LoadTestError(f"server has {len(infos)} adapters, need {adapters}")
+    other = [n for n in infos if infos[n].get("task") != task]
+    if other:
+        raise LoadTestError(f"server loaded adapters of other tasks than {task}: {other}")
+    entry = {"startup_s": round(startup.seconds, 3), "adapters": len(infos), "health": health}
+    return srv, list(infos), entry
+
+
+def _measure_run(srv: ServerProcess, names: list[str], bodies: list[dict], clients: int,
+                 requests: int, seconds: float | None, warmup: int) -> dict:
+    """One run of a cell on ``srv``: its :meth:`Cell.summary`."""
+    cell = asyncio.run(_cell(srv.url, names, bodies, clients, requests, seconds, warmup,
+                             srv.backend))
+    if srv.proc.poll() is not None:
+        raise LoadTestError(f"server ({srv.backend}) exited:\n" + "".join(srv.log[-30:]))
+    return cell.summary()
+
+
+def _scheduled_runs(backends: Sequence[str], adapters: Sequence[int], clients: Sequence[int],
+                    repeats: int, measure: Callable[[str, int, int], dict],
+                    progress: bool) -> list[dict]:
+    """:func:`~loralens.serving.loadtest_analysis.schedule`, with a progress bar when
+    ``progress``."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(backends) * len(clients) * len(adapters) * repeats,
+                   desc="loadtest", unit="run")
+
+    def done(run: dict) -> None:
+        if bar is not None:
+            tp = run["throughput_rps"]
+            bar.set_postfix_str(f"{run['backend']} a={run['adapters']} c={run['clients']} "
+                                f"r={run['repeat']} " + (f"{tp:.1f} req/s" if tp else ""))
+            bar.update()
+
+    try:
+        return schedule(list(backends), list(adapters), list(clients), repeats, measure, done)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _outcome(t_start: float, servers: dict[str, dict], cells: list[dict],
+             runs: list[dict]) -> dict:
+    """The result's entries after the settings: the machine, when and how long, the
+    servers, cells, runs and crossovers."""
+    return {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "loadavg_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_start)),
@@ -469,30 +348,6 @@ def run_loadtest(sources: Sequence[str], task: str, out_dir: Path,
         "runs": runs,
         "crossovers": crossovers(cells),
     }
-    write_csv(out_dir / "loadtest.csv", cells)
-    write_csv(out_dir / "loadtest_runs.csv", runs)
-    atomic_write_json(out_dir / LOADTEST_JSON, result)
-    return result
-
-
-def table_lines(result: dict) -> list[str]:
-    """A plain-text table of every cell, then the crossovers."""
-    head = (f"{'backend':8s} {'adapters':>8s} {'clients':>7s} {'req/s':>8s} "
-            f"{'95% interval':>17s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} "
-            f"{'rows/batch':>10s} {'errors':>6s}")
-    lines = [head]
-    for c in result["cells"]:
-        def ms(x):
-            return f"{x:8.1f}" if x is not None else f"{'-':>8s}"
-        rpb = f"{c['rows_per_batch']:10.1f}" if c["rows_per_batch"] else f"{'-':>10s}"
-        tp = f"{c['throughput_rps']:8.2f}" if c["throughput_rps"] else f"{'-':>8s}"
-        lo_hi = c.get("throughput_ci")
-        iv = f"[{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else "-"
-        lines.append(f"{c['backend']:8s} {c['adapters']:8d} {c['clients']:7d} {tp} {iv:>17s} "
-                     f"{ms(c['p50_ms'])} {ms(c['p95_ms'])} {ms(c['p99_ms'])} {rpb} "
-                     f"{c['errors']:6d}")
-    lines += [crossover_text(c) for c in result["crossovers"]]
-    return lines
 
 
 def cli_command(args) -> int:

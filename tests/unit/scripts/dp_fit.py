@@ -11,7 +11,7 @@ from transformers import AutoModel
 from loralens import data as D
 from loralens.config import StudyConfig
 from loralens.models import apply_method, build_classifier, tiny_llama_config
-from loralens.train import dist_info, evaluate, fit, init_distributed
+from loralens.loop import dist_info, evaluate, fit, init_distributed
 
 init_distributed()
 torch.set_num_threads(1)

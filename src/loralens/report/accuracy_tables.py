@@ -1,0 +1,255 @@
+"""The accuracy tables: LoRA vs full fine-tuning per task (Table 3), per seed paired by
+validation example (Table 3c), and the training jobs' early stopping (Table 3b).
+
+Table 3 says which split it reports and whether anything was selected on it, from the
+selection protocol (:attr:`RunData.protocol`).
+"""
+
+from __future__ import annotations
+
+from .formatting import (DASH, METHODS, Table, ci, f, finite, per_seed, pm, pval, seconds,
+                         short_list, yesno)
+from .run_data import RunData
+from .significance import bonferroni_family, family_note, p_cells
+
+
+def accuracy_entries(d: RunData) -> tuple[list[dict], str | None]:
+    """Table 3's per-task entries: drift/table3.json, else computed from metrics.json."""
+    if "accuracy" not in d.cache:
+        d.cache["accuracy"] = _accuracy_entries(d)
+    return d.cache["accuracy"]
+
+
+def _accuracy_entries(d: RunData) -> tuple[list[dict], str | None]:
+    if d.table3 and isinstance(d.table3.get("tasks"), list):
+        return d.table3["tasks"], None
+    if not d.jobs:
+        return [], None
+    bad = [d.run.metrics_path(t, m, s).relative_to(d.root).as_posix()
+           for (t, m, s), j in d.jobs.items()
+           if not isinstance(j.get("validation"), dict) or "accuracy" not in j["validation"]]
+    if bad:
+        return [], (f"{len(bad)} metrics.json without validation results ({short_list(bad, 3)})"
+                    "; Table 3 needs every finished job's validation scores — retrain them "
+                    "with `loralens train --overwrite`")
+    try:  # same code as the drift stage, so the numbers match what it will write
+        from ..drift import accuracy_table
+
+        tasks = [t for t in d.tasks if any(k[0] == t for k in d.jobs)]
+        return accuracy_table(d.run, tasks, family_tasks=d.tasks or tasks,
+                              family_seeds=d.seeds or None,
+                              glue_dir=d.cfg("data", "glue_dir")), (
+            "computed from metrics.json for this report: the drift stage has not written "
+            "drift/table3.json yet")
+    except Exception as e:  # noqa: BLE001 - a report shows what it can
+        return [], f"could not compute Table 3 from metrics.json: {e}"
+
+
+def table3(d: RunData) -> Table | None:
+    entries, note = accuracy_entries(d)
+    if not entries:
+        return None
+    rows, comparisons = [], []
+    for e in entries:
+        task = e.get("task", DASH)
+        base = e.get("majority_baseline") or {}
+        metrics = e.get("metrics") or {}
+        sel = e.get("selection_metric")
+        for metric in sorted(metrics, key=lambda k: (k != sel, k)):
+            c = metrics[metric] or {}
+            comparisons.append(c)
+            lo, fu = c.get("lora") or {}, c.get("full") or {}
+            seeds = c.get("all_seeds") or {}
+            rows.append([task, metric + (" *" if metric == sel else ""),
+                         ", ".join(map(str, e.get("n_validation") or [])) or DASH,
+                         f(base.get(metric)),
+                         pm(lo.get("mean"), lo.get("sd")), per_seed(seeds.get("lora")),
+                         pm(fu.get("mean"), fu.get("sd")), per_seed(seeds.get("full")),
+                         f"{c['difference']:+.4f}" if finite(c.get("difference")) else DASH,
+                         *p_cells(c)])
+    tested_n = sorted({c.get("n_tests") for c in comparisons if finite(c.get("n_tests"))})
+    notes = ["* the task's study metric (accuracy; F1 for MRPC), the only one tested; "
+             "accuracy beside MRPC's F1 is descriptive. Mean ± sd (ddof 1) over seeds on the "
+             "whole validation split; p: two-sided paired t-test by seed.",
+             family_note(bonferroni_family(d.table3, "table3", d), "the study metric of each "
+                         "configured task", ", ".join(map(str, tested_n)) or None),
+             "Cohen's d = mean(LoRA − full) / sd(LoRA − full, ddof 1) of the per-seed "
+             "differences: positive when LoRA scores higher."]
+    if any(c.get("zero_spread") for c in comparisons):
+        notes.append("Zero spread: every seed's LoRA − full difference is the same (scores on "
+                     "a 1/n grid, few seeds), so t, p and d are undefined; such a row is "
+                     "never significant.")
+    notes += reported_split_notes(d, entries) + [n for n in [seeds_note(entries)] if n]
+    notes += [n for n in [note] if n]
+    why = {f"{e.get('task')}: {c['note']}" for e in entries
+           for c in (e.get("metrics") or {}).values() if isinstance(c, dict) and c.get("note")
+           and not c.get("zero_spread") and c.get("tested") is not False}
+    notes += sorted(why)
+    notes += _notes_about(d.table3, "accuracy", "f1", "training job")
+    return Table("table-3-accuracy", f"Table 3: accuracy and F1 ({_table3_split(d, entries)})",
+                 ["Task", "Metric", "n", "Majority", "LoRA mean ± sd", "LoRA per seed",
+                  "Full FT mean ± sd", "Full FT per seed", "LoRA − full", "p", "p (Bonf.)",
+                  "d", "Significant"], rows, notes=notes)
+
+
+def table3_examples(d: RunData) -> Table | None:
+    """Per seed, LoRA vs full fine-tuning on the same validation examples (exact McNemar)
+    and a Wilson interval on each accuracy: the evaluation set's own uncertainty."""
+    entries, _ = accuracy_entries(d)
+    rows, how = [], set()
+    for e in entries:
+        for x in e.get("example_level") or []:
+            lo, fu = x.get("lora") or {}, x.get("full") or {}
+            how.add(str(x.get("labels", "")).split(" (")[0])
+            rows.append([e.get("task", DASH), str(x.get("seed", DASH)), str(x.get("n", DASH)),
+                         f(lo.get("accuracy")) + " " + ci(lo.get("ci"), f),
+                         f(fu.get("accuracy")) + " " + ci(fu.get("ci"), f),
+                         str(x.get("lora_right_full_wrong", DASH)),
+                         str(x.get("lora_wrong_full_right", DASH)),
+                         pval(x.get("p")), pval(x.get("p_bonferroni")),
+                         yesno(x.get("significant"))])
+    if not rows:
+        return None
+    notes = ["Per seed, the LoRA and full fine-tuning models of that seed scored on the same "
+             "validation examples (val_logits.npy): exact McNemar test (two-sided binomial "
+             "test of the discordant examples, p = 1/2) and a 95% Wilson interval on each "
+             "accuracy, the evaluation set's own uncertainty, which Table 3's seed "
+             "statistics do not show. It compares accuracy, for MRPC too.",
+             family_note(bonferroni_family(d.table3, "examples", d), "configured tasks × seeds")]
+    if any(h.startswith("derived") for h in how):
+        notes.append("Where no GLUE files were at hand, the discordant counts are derived: "
+                     "with binary labels two different predictions have exactly one right, "
+                     "so b + c = disagreements and b − c = n × (accuracy LoRA − accuracy "
+                     "full) from metrics.json.")
+    notes += _notes_about(d.table3, "val_logits", "example-level")
+    return Table("table-3c-examples", "Table 3c: LoRA vs full fine-tuning per seed, paired "
+                 "by validation example",
+                 ["Task", "Seed", "n", "LoRA accuracy [95% CI]", "Full FT accuracy [95% CI]",
+                  "LoRA right, full wrong", "LoRA wrong, full right", "p (McNemar)",
+                  "p (Bonf.)", "Significant"], rows, notes=notes)
+
+
+def _table3_split(d: RunData, entries: list[dict]) -> str:
+    names = {d.protocol.task_protocol(e.get("task")) for e in entries} if d.protocol else set()
+    return {frozenset({"train_slice"}): "validation split, nothing selected on it",
+            frozenset({"validation"}): "validation split, also selected on: optimistic"}.get(
+        frozenset(names), "validation")
+
+
+def _rows_text(entries: list[dict]) -> str:
+    """"40 rows" for one task, "40 rows (sst2), 24 rows (rte)" for several."""
+    def n(e: dict) -> str:
+        return "/".join(map(str, e.get("n_validation") or [])) or "?"
+    if len(entries) == 1:
+        return f"{n(entries[0])} rows"
+    return ", ".join(f"{n(e)} rows ({e.get('task')})" for e in entries)
+
+
+def reported_split_notes(d: RunData, entries: list[dict]) -> list[str]:
+    """Which split Table 3 reports, and whether anything was selected on it, per protocol."""
+    pr = d.protocol
+    if pr is None:
+        return [f"Reported split: validation split, {_rows_text(entries)}; the selection "
+                "protocol is unknown (no config.yaml)."]
+    groups: dict[str, list[dict]] = {}
+    for e in entries:
+        groups.setdefault(pr.task_protocol(e.get("task")), []).append(e)
+    out = []
+    for name, es in groups.items():
+        rows = _rows_text(es) + (f" of {', '.join(e.get('task') for e in es)}"
+                                 if len(groups) > 1 and len(es) == 1 else "")
+        if name == "train_slice":
+            out.append(f"Reported split: validation split, {rows}, scored once per finished "
+                       "model; nothing selected on it (protocol train_slice: search, pruning "
+                       "and early stopping read a selection slice held out of the training "
+                       "split, Table 1).")
+        else:
+            out.append(f"Reported split: validation split, {rows}, also used for search and "
+                       "early stopping: optimistic (protocol validation, the published one: "
+                       "the hyperparameters and the restored best state were chosen on these "
+                       "rows, so the scores overstate accuracy on unseen data"
+                       + (f"; {pr.assumed}" if pr.assumed else "") + ").")
+    if pr.mismatched:
+        out.append(f"data.json records another selection protocol than config.yaml "
+                   f"({pr.name}) for {', '.join(pr.mismatched)}; the notes above follow "
+                   "data.json.")
+    return out
+
+
+def seeds_note(entries: list[dict]) -> str:
+    """How many seeds each mean rests on: one sentence when every mean has the same seeds."""
+    seen: dict[tuple[str, str], list[int]] = {}
+    for e in entries:
+        metrics = e.get("metrics") or {}
+        c = metrics.get(e.get("selection_metric")) or next(iter(metrics.values()), None) or {}
+        for m, vals in (c.get("all_seeds") or {}).items():
+            seen[(e.get("task"), m)] = sorted(int(s) for s in (vals or {}))
+    lists = {tuple(v) for v in seen.values()}
+    if not lists:
+        return ""
+    if len(lists) == 1:
+        (seeds,) = lists
+        return (f"Each mean rests on {len(seeds)} seed{'s' if len(seeds) != 1 else ''} per "
+                f"method ({', '.join(map(str, seeds)) or 'none'}).")
+    return "Seeds per mean: " + "; ".join(
+        f"{t} {METHODS.get(m, m)} {len(v)}" for (t, m), v in seen.items()) + "."
+
+
+def _eval_cadence(m: dict) -> str:
+    """Optimizer steps between early-stopping evaluations, as recorded; older metrics.json
+    (no fit.eval_every) come from code that evaluated once per epoch unless eval_every was
+    set."""
+    fit, hp = m.get("fit") or {}, m.get("hyperparameters") or {}
+    if finite(fit.get("eval_every")) and fit["eval_every"] > 0:
+        return f"{fit['eval_every']} steps"
+    if finite(hp.get("eval_every")) and hp["eval_every"] > 0:
+        return f"{hp['eval_every']} steps"
+    if "eval_every" in hp and "evals_per_epoch" not in hp:
+        return "once per epoch"
+    return DASH
+
+
+def _stopped(fit: dict) -> str:
+    if "stopped_step" in fit:
+        return f"at step {fit['stopped_step']}" if fit["stopped_step"] is not None else "no"
+    if "stopped_early" in fit:  # older metrics.json: a bool, and max_steps also set it
+        return "early (patience or max_steps)" if fit["stopped_early"] else "no"
+    return DASH
+
+
+def table_fit(d: RunData) -> Table | None:
+    """Per training job: how often early stopping evaluated, which state it restored and
+    whether patience ended training (metrics.json "fit")."""
+    if not d.jobs:
+        return None
+    def order(k: tuple) -> tuple:
+        t, m, s = k
+        return (d.tasks.index(t) if t in d.tasks else 99,
+                d.methods.index(m) if m in d.methods else 99, str(t), str(m), s)
+
+    rows = []
+    for key in sorted(d.jobs, key=order):
+        m = d.jobs[key]
+        fit = m.get("fit") if isinstance(m.get("fit"), dict) else {}
+        hist = fit.get("history")
+        best = fit.get("best_step")
+        rows.append([key[0], METHODS.get(key[1], key[1]), str(key[2]),
+                     str(fit.get("epochs", DASH)), str(fit.get("steps", DASH)),
+                     str(len(hist)) if isinstance(hist, list) else DASH, _eval_cadence(m),
+                     str(best) if finite(best) and best > 0 else DASH, _stopped(fit),
+                     seconds(fit.get("train_seconds"))])
+    pr = d.protocol
+    where = pr.info["selects_on"] if pr else "selection rows"
+    notes = [f"Early stopping scores the loss on the {where} (early-stop rows: Table 1) every "
+             f"'Eval every' optimizer steps and restores the state with the lowest loss "
+             f"(best step); patience {d.cfg('train', 'patience', default='?')} evaluations "
+             "without a better loss stop training (stopped)."]
+    return Table("table-3b-fit", "Table 3b: training jobs and early stopping",
+                 ["Task", "Method", "Seed", "Epochs", "Steps", "Evaluations", "Eval every",
+                  "Best step (restored)", "Stopped by patience", "Train time"], rows,
+                 notes=notes)
+
+
+def _notes_about(src: dict | None, *words: str) -> list[str]:
+    notes = (src or {}).get("notes") or []
+    return [n for n in notes if any(w in n for w in words)]

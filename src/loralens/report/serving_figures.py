@@ -1,0 +1,127 @@
+"""The serving figures: latency per strategy (Figure 4) and throughput and p95 latency
+under concurrent load (Figure 6), from ``bench/serving.json`` and
+``loadtest/loadtest.json``.
+
+Each ``fig_*`` function takes the loaded run (:class:`run_data.RunData`) and returns a
+matplotlib Figure, or a string saying why it cannot be drawn yet. Colours are fixed per
+serving strategy (Okabe-Ito, colour-blind safe).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .formatting import KINDS, finite
+from .run_data import RunData
+
+KIND_COLORS = {"full": "#D55E00", "lora_merged": "#009E73", "lora_separate": "#56B4E9",
+               "lora_runtime": "#CC79A7"}
+
+
+def latencies(serving: dict | None, task: str, batch: int, kind: str) -> np.ndarray:
+    """Every timed request's latency (ms) of one strategy, seeds pooled (serving.json)."""
+    out: list[float] = []
+    for seed in (((serving or {}).get("tasks") or {}).get(task) or {}).get("seeds", {}).values():
+        k = (((seed.get("batch") or {}).get(str(batch)) or {}).get("kinds") or {}).get(kind) or {}
+        out += [1e3 * v for v in k.get("latency_s") or [] if finite(v)]
+    return np.asarray(out, dtype=np.float64)
+
+
+def mean_ci_ms(x: np.ndarray, n_resamples: int = 2000, seed: int = 0
+               ) -> tuple[float, float] | None:
+    """95% percentile-bootstrap interval of the mean; latencies are right-skewed, so the
+    interval is asymmetric and never below 0 (mean ± sd often is)."""
+    if x.size < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def fig_latency(d: RunData) -> Figure | str:
+    comp = (d.serving or {}).get("comparison") or []
+    if not comp:
+        return "needs bench/serving.json (the serving benchmark)"
+    tasks = list(dict.fromkeys(r["task"] for r in comp))
+    batches = sorted({r["batch_size"] for r in comp})
+    fig = Figure(figsize=(max(4.6 * len(tasks), 6.0), 3.8 * len(batches) + 0.4),
+                 layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(batches), len(tasks), squeeze=False))
+    for i, b in enumerate(batches):
+        for j, task in enumerate(tasks):
+            ax = axes[i, j]
+            rows = {r["kind"]: r for r in comp if r["task"] == task and r["batch_size"] == b}
+            kinds = [k for k in KINDS if k in rows]
+            x = np.arange(len(kinds))
+            means = [rows[k].get("mean_ms", np.nan) for k in kinds]
+            p95 = [rows[k].get("p95_ms", np.nan) for k in kinds]
+            lo, hi, how = [], [], set()
+            for k, mean in zip(kinds, means):
+                ci = mean_ci_ms(latencies(d.serving, task, b, k))
+                if ci is None:  # no raw latencies stored: fall back to the sd
+                    sd = rows[k].get("sd_ms") or 0.0
+                    ci, _ = (max(mean - sd, 0.0), mean + sd), how.add("mean ± sd")
+                else:
+                    how.add("95% CI of the mean (bootstrap)")
+                lo.append(max(mean - ci[0], 0.0))
+                hi.append(max(ci[1] - mean, 0.0))
+            ax.bar(x, means, 0.62, color=[KIND_COLORS.get(k, "gray") for k in kinds],
+                   edgecolor="black", linewidth=0.6, zorder=2)
+            ax.errorbar(x, means, yerr=[lo, hi], fmt="none", ecolor="black", capsize=4,
+                        zorder=3, label="mean, " + " / ".join(sorted(how)))
+            ax.scatter(x, p95, marker="D", s=22, color="black", zorder=4, label="p95")
+            for xi, k, mean, up, q in zip(x, kinds, means, hi, p95):
+                ov = rows[k].get("overhead_vs_full_pct")
+                if finite(ov):
+                    top = max(v for v in (mean + up, q) if finite(v))
+                    text = "±0.0%" if abs(ov) < 0.05 else f"{ov:+.1f}%"
+                    ax.annotate(text, (xi, top), xytext=(0, 5), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=8.5, fontweight="bold")
+            ax.set_xticks(x, [KINDS[k].replace(" (", "\n(").replace(", ", ",\n") for k in kinds])
+            ax.set_ylabel("latency per request (ms)")
+            ax.set_title(f"{task}, batch {b}")
+            tops = [v for m_, up, q in zip(means, hi, p95) for v in (m_ + up, q)
+                    if finite(v)]
+            ax.set_ylim(0, 1.16 * max(tops) if tops else None)  # room for the labels
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False)
+    fig.suptitle("Serving latency per strategy (labels: mean overhead vs full fine-tuning)")
+    return fig
+
+
+LOADTEST_COLORS = {"merged": "#4c72b0", "peft": "#dd8452", "ours": "#55a868"}
+
+
+def fig_loadtest(d: RunData) -> Figure | str:
+    cells = (d.loadtest or {}).get("cells") or []
+    if not cells:
+        return "needs loadtest/loadtest.json (loralens loadtest RUN_DIR)"
+    clients = sorted({c["clients"] for c in cells})
+    backends = [b for b in ("merged", "peft", "ours") if any(c["backend"] == b for c in cells)]
+    fig = Figure(figsize=(max(4.2 * len(clients), 6.0), 6.8), layout="constrained")
+    axes = fig.subplots(2, len(clients), squeeze=False)
+    for j, n in enumerate(clients):
+        for b in backends:
+            rows = sorted((c for c in cells if c["clients"] == n and c["backend"] == b),
+                          key=lambda c: c["adapters"])
+            x = [c["adapters"] for c in rows]
+            kw = dict(color=LOADTEST_COLORS.get(b), marker="o", label=b)
+            axes[0, j].plot(x, [c.get("throughput_rps") or np.nan for c in rows], **kw)
+            axes[1, j].plot(x, [c.get("p95_ms") or np.nan for c in rows], **kw)
+        for i in range(2):
+            ax = axes[i, j]
+            ax.set_xscale("log", base=2)
+            xs = sorted({c["adapters"] for c in cells})
+            ax.set_xticks(xs, [str(v) for v in xs])
+            ax.minorticks_off()
+            ax.set_xlabel("adapters the requests are spread over")
+        axes[0, j].set_title(f"{n} concurrent client{'s' if n != 1 else ''}")
+        axes[0, j].set_ylabel("throughput (requests/s)")
+        axes[1, j].set_ylabel("p95 latency (ms)")
+        axes[0, j].set_ylim(bottom=0)
+        axes[1, j].set_ylim(bottom=0)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(backends), frameon=False)
+    fig.suptitle("Serving under concurrent load: merged models vs PEFT vs our multi-adapter path")
+    return fig

@@ -1,0 +1,172 @@
+"""The cost-of-the-run tables: wall time per stage, and training throughput with FLOPs
+utilisation per task and method (from metrics.json "fit").
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from .formatting import DASH, METHODS, Table, finite, pct, rate, seconds, short_list
+from .run_data import STAGES, RunData
+
+
+def table_timings(d: RunData) -> Table | None:
+    t = d.timings if isinstance(d.timings, dict) else {}
+    train_s = sum(float((m.get("fit") or {}).get("train_seconds") or 0) for m in d.jobs.values())
+    if not t and not train_s:
+        return None
+    order = [s for s in STAGES if s in t] + [s for s in t if s not in STAGES]
+    rows = [[s, seconds(t[s])] for s in order]
+    if t:
+        rows.append(["total (stages)", seconds(sum(v for v in t.values() if finite(v)))])
+    notes = []
+    if train_s:
+        notes.append(f"Training loops of the {len(d.jobs)} finished jobs: {seconds(train_s)} "
+                     "in all (fit only, from metrics.json).")
+    if not t:
+        notes.append("No timings.json: the stages were run one by one, not by `loralens run`.")
+    return Table("table-timings", "Wall time per stage", ["Stage", "Wall time"], rows,
+                 notes=notes)
+
+
+# fit keys of a metrics.json written since train.py records throughput
+THROUGHPUT_KEYS = ("precision", "train_flops", "step_seconds", "eval_seconds",
+                   "achieved_flops_per_s", "peak_flops_per_s", "peak_model_flops_per_s", "mfu",
+                   "mfu_model_shapes")
+
+
+def _fit_of(m: dict) -> dict:
+    fit = m.get("fit") if isinstance(m, dict) else None
+    return fit if isinstance(fit, dict) else {}
+
+
+def has_throughput(m: dict) -> bool:
+    """Whether a job's metrics.json records throughput (older runs have no such key)."""
+    return any(k in _fit_of(m) for k in THROUGHPUT_KEYS)
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if finite(a) and finite(b) and b > 0 else None
+
+
+def job_throughput(fit: dict) -> dict[str, float | None]:
+    """One job's rates (per second of training steps) and utilisations (fractions); a rate
+    not stored is derived from the counts that define it, a missing count gives None."""
+    step = fit.get("step_seconds")
+    achieved = fit.get("achieved_flops_per_s")
+    achieved = achieved if finite(achieved) else _ratio(fit.get("train_flops"), step)
+    peak, peak_model = fit.get("peak_flops_per_s"), fit.get("peak_model_flops_per_s")
+    mfu, mfu_model = fit.get("mfu"), fit.get("mfu_model_shapes")
+    in_steps = _ratio(step, fit.get("train_seconds"))
+    return {"tokens_per_s": _ratio(fit.get("real_tokens"), step),
+            "achieved": achieved,
+            "mfu": mfu if finite(mfu) else _ratio(achieved, peak),
+            "mfu_model": mfu_model if finite(mfu_model) else _ratio(achieved, peak_model),
+            "peak": peak if finite(peak) else None,
+            "peak_model": peak_model if finite(peak_model) else None,
+            "outside_steps": None if in_steps is None else 1 - in_steps}
+
+
+def _gflops(flops_per_s: float) -> str:
+    return rate(flops_per_s, 1e9)
+
+
+# the table's median columns: job_throughput's key, formatter
+THROUGHPUT_CELLS = (("tokens_per_s", rate), ("achieved", _gflops), ("mfu", pct),
+                    ("mfu_model", pct), ("peak", _gflops), ("peak_model", _gflops),
+                    ("outside_steps", pct))
+
+
+def _median_cell(values: list, fmt, n: int) -> str:
+    """Median of the finite values; "(k of n)" when only k of the row's n jobs have one."""
+    vals = [v for v in values if finite(v)]
+    if not vals:
+        return DASH
+    return fmt(statistics.median(vals)) + (f" ({len(vals)} of {n})" if len(vals) < n else "")
+
+
+def _precision_cell(fits: list[dict]) -> str:
+    names = [str(fit["precision"]) for fit in fits if fit.get("precision")]
+    counts = {p: names.count(p) for p in names}
+    if len(counts) <= 1:
+        return next(iter(counts), DASH)
+    return ", ".join(f"{p} ({k})" for p, k in counts.items())
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def table_throughput(d: RunData) -> Table | None:
+    """Per task and method: training-step throughput, achieved FLOP/s and MFU against the
+    peaks measured where the job trained (medians over seeds, from metrics.json "fit");
+    None when no job records them (runs before throughput recording)."""
+    groups: dict[tuple[str, str], list[tuple[int, dict]]] = {}
+    older = []
+    for (task, method, seed), m in d.jobs.items():
+        if has_throughput(m):
+            groups.setdefault((task, method), []).append((seed, _fit_of(m)))
+        else:
+            older.append(f"{task} {METHODS.get(method, method)} seed {seed}")
+    if not groups:
+        return None
+
+    def order(k: tuple) -> tuple:
+        t, m = k
+        return (d.tasks.index(t) if t in d.tasks else 99,
+                d.methods.index(m) if m in d.methods else 99, str(t), str(m))
+
+    rows, sizes, precision_notes, partial = [], set(), {}, False
+    for key in sorted(groups, key=order):
+        jobs = sorted(groups[key], key=lambda sf: sf[0])
+        fits = [fit for _, fit in jobs]
+        rates = [job_throughput(fit) for fit in fits]
+        sizes.add(len(jobs))
+        partial = partial or any(0 < sum(map(finite, (r[name] for r in rates))) < len(rates)
+                                 for name, _ in THROUGHPUT_CELLS)
+        label = f"{key[0]} {METHODS.get(key[1], key[1])}"
+        for text in dict.fromkeys(_sentence(str(fit["precision_note"])) for fit in fits
+                                  if fit.get("precision_note")):
+            precision_notes.setdefault(text, []).append(label)
+        rows.append([key[0], METHODS.get(key[1], key[1]), _precision_cell(fits),
+                     f"{len(jobs)} ({', '.join(str(s) for s, _ in jobs)})",
+                     *(_median_cell([r[name] for r in rates], fmt, len(jobs))
+                       for name, fmt in THROUGHPUT_CELLS)])
+    if sizes == {1}:
+        n_text = "One seed per row (Jobs): its values, not medians."
+    elif len(sizes) == 1:
+        n_text = f"Medians over the {next(iter(sizes))} seeds of each row (Jobs)."
+    else:
+        n_text = f"Medians over the seeds of each row (Jobs: {min(sizes)} to {max(sizes)})."
+    if partial:
+        n_text += " \"k of n\": only k of a row's n jobs recorded that value."
+    notes = [n_text + " Rates are per second of training steps (forward, backward, optimizer: "
+             "fit.step_seconds), without the early-stopping evaluations: real tokens/s = "
+             "real (non-padding) training tokens / step seconds; achieved = training FLOPs "
+             "/ step seconds.",
+             "FLOPs per real training token: 6N for full fine-tuning, 4N + 2n for LoRA "
+             "(N = non-embedding parameters; n = trainable adapter and head parameters, "
+             "since frozen weights get no weight gradient); padding tokens are not counted, "
+             "nor the attention score products.",
+             "MFU = achieved / peak FLOP/s in the dtype training computed in (Precision). "
+             "Both peaks were measured in the training process, on the machine that "
+             "trained: a large square torch.mm (square GEMM) and the model's own "
+             "linear-layer shapes (model shapes).",
+             "Fit time outside steps: 1 − step seconds / fit seconds, the share of the fit "
+             "loop spent outside training steps, mostly in early-stopping evaluations "
+             "(fit.eval_seconds)."]
+    if len(precision_notes) == 1 and len(next(iter(precision_notes.values()))) == len(rows):
+        notes.append("Why this precision: " + next(iter(precision_notes)))
+    else:
+        notes += [f"Why this precision, {', '.join(labels)}: {text}"
+                  for text, labels in precision_notes.items()]
+    if older:
+        notes.append(f"{len(older)} of {len(d.jobs)} finished jobs predate throughput "
+                     f"recording and are not in these medians: {short_list(older)}.")
+    return Table("table-throughput", "Training throughput and FLOPs utilisation",
+                 ["Task", "Method", "Precision", "Jobs (seeds)", "Real tokens/s",
+                  "Achieved GFLOP/s", "MFU (square-GEMM peak)", "MFU (model-shape peak)",
+                  "Peak GFLOP/s (square GEMM)", "Peak GFLOP/s (model shapes)",
+                  "Fit time outside steps"], rows, notes=notes)
