@@ -25,7 +25,7 @@ run: install
 	$(VENV)/bin/loralens run --preset $(PRESET) --glue-dir $(GLUE_DIR)
 
 test: install
-	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not gpu"
+	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not gpu" --durations=25
 
 test-fast: install
 	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not integration and not e2e and not gpu"

@@ -12,6 +12,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("LORALENS_CACHE", str(ROOT / ".cache" / "loralens"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The hub is unreachable here and in CI: fail fast instead of retrying for minutes.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # Fixtures that load the real SmolLM2: a test that uses them belongs to a tier that says so.

@@ -19,7 +19,8 @@ from .config import METHODS, ConfigError, StudyConfig, load_config, preset_names
 from .stages import STAGE_NAMES, STAGES, Context, Stage, get_stage, run_stage, run_study
 
 SELECTORS = {
-    "task": dict(action="append", help="task (repeatable; default: the config's)"),
+    "task": dict(action="append", help="task: a built-in name or a task file (.yaml) "
+                                       "(repeatable; default: the config's)"),
     "method": dict(action="append", choices=list(METHODS),
                    help="method (repeatable; default: the config's)"),
     "seed": dict(action="append", type=int, help="seed (repeatable; default: the config's)"),
@@ -33,7 +34,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="registry name, hub id or local directory (model.name)")
     p.add_argument("--glue-dir", help="GLUE root directory (data.glue_dir; else $LORALENS_GLUE_DIR)")
     p.add_argument("--storage", help="SQLAlchemy URL shared by workers on several machines "
-                                     "(search.storage), e.g. postgresql://user@host/db")
+                                     "(search.storage; else $LORALENS_STORAGE), e.g. "
+                                     "postgresql://user@host/db; stored with its password "
+                                     "hidden")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
@@ -61,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=",".join(STAGE_NAMES),
                    help=f"comma-separated stages to run, in order (default: all: "
                         f"{','.join(STAGE_NAMES)})")
+    p.add_argument("--task", action="append",
+                   help="the study's tasks: built-in names or task files (.yaml) (repeatable; "
+                        "sets the config's tasks)")
     p.add_argument("--dry-run", action="store_true",
                    help="print each stage's work (jobs, rows, tokens) and a wall time "
                         "estimated from throughput measured here, then exit; writes nothing")
@@ -77,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("upgrade", help="rewrite an older run directory's config for this "
                                        "version (unknown keys dropped, a .bak kept)")
     p.add_argument("run_dir_pos", metavar="RUN_DIR")
+    from .artifact_cli import add_artifact_commands
+
+    add_artifact_commands(sub)  # export, predict
     sub.add_parser("models", help="list the model registry")
     sub.add_parser("presets", help="list the presets")
     return parser
@@ -87,8 +96,9 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     extra = []
     if args.model:
         extra.append(f"model.name={args.model}")
-    if args.storage:
-        extra.append(f"search.storage={args.storage}")
+    storage = args.storage or os.environ.get("LORALENS_STORAGE")  # recorded redacted
+    if storage:
+        extra.append(f"search.storage={storage}")
     if args.glue_dir:
         extra.append(f"data.glue_dir={os.path.abspath(args.glue_dir)}")
     stage = _stage_of(args)
@@ -111,8 +121,7 @@ def _dest(flag: str) -> str:
 def resolve(args: argparse.Namespace) -> tuple[StudyConfig, Path]:
     """The config: the run directory's stored one when no settings are given, else
     defaults -> preset -> file -> overrides (checked against the stored one, if any)."""
-    from .config import merge_overrides
-    from .store import MACHINE_LOCAL, RunDir, RunDirError
+    from .store import MACHINE_LOCAL, RunDir
 
     run_dir = Path(getattr(args, "run_dir_pos", None) or args.run_dir
                    or Path("runs") / (args.preset or "default"))
@@ -121,21 +130,49 @@ def resolve(args: argparse.Namespace) -> tuple[StudyConfig, Path]:
     local = [e for e in extra if e.split("=", 1)[0] in MACHINE_LOCAL]
     given = args.preset or args.config or args.overrides or [e for e in extra if e not in local]
     if not given and RunDir(run_dir).is_run_dir():
-        stage = _stage_of(args)
-        try:
-            stored = RunDir(run_dir).load_config()
-        except RunDirError:
-            if stage is None or not stage.read_only:
-                raise
-            # the report reads the run directory's own files, whatever version wrote them
-            return load_config(), run_dir
-        return merge_overrides(stored, local), run_dir
-    return load_config(args.preset, args.config, list(args.overrides or []) + extra), run_dir
+        cfg, run_dir = _stored(args, run_dir, local)
+        return _with_task_files(args, cfg, stored=True), run_dir
+    cfg = load_config(args.preset, args.config, list(args.overrides or []) + extra)
+    return _with_task_files(args, cfg, stored=False), run_dir
+
+
+def _with_task_files(args: argparse.Namespace, cfg: StudyConfig, stored: bool) -> StudyConfig:
+    """``--task``: for ``run``, the study's tasks; for a stage, task files it names join the
+    config's tasks (a stored config's must already be there)."""
+    from .config import merge
+    from .tasks import is_task_file, task_key
+
+    given = list(getattr(args, "task", None) or [])
+    if not given:
+        return cfg
+    if _stage_of(args) is None:
+        return merge(StudyConfig, cfg, {"tasks": given})
+    extra = [t for t in given if is_task_file(t) and task_key(t) not in cfg.tasks]
+    if extra and stored:
+        raise ConfigError(f"--task {extra[0]}: task {task_key(extra[0])!r} is not one of this "
+                          f"run directory's tasks ({', '.join(cfg.tasks)})", "tasks")
+    return merge(StudyConfig, cfg, {"tasks": [*cfg.tasks, *extra]}) if extra else cfg
+
+
+def _stored(args: argparse.Namespace, run_dir: Path, local: list[str]):
+    """The run directory's stored config (with this machine's local settings)."""
+    from .config import merge_overrides
+    from .store import RunDir, RunDirError
+
+    stage = _stage_of(args)
+    try:
+        stored = RunDir(run_dir).load_config()
+    except RunDirError:
+        if stage is None or not stage.read_only:
+            raise
+        # the report reads the run directory's own files, whatever version wrote them
+        return load_config(), run_dir
+    return merge_overrides(stored, local), run_dir
 
 
 def context(args: argparse.Namespace, cfg: StudyConfig, run) -> Context:
     ctx = Context(cfg, run, progress=not args.no_progress,
-                  select_tasks=getattr(args, "task", None),
+                  select_tasks=_selected_tasks(args),
                   select_methods=getattr(args, "method", None),
                   select_seeds=getattr(args, "seed", None))
     stage = _stage_of(args)
@@ -143,6 +180,16 @@ def context(args: argparse.Namespace, cfg: StudyConfig, run) -> Context:
         if f.context_field and getattr(args, _dest(f.name)):
             setattr(ctx, f.context_field, f.value)
     return ctx
+
+
+def _selected_tasks(args: argparse.Namespace) -> list[str] | None:
+    """A stage's ``--task`` values as task names (a task file by its name)."""
+    from .tasks import task_key
+
+    given = getattr(args, "task", None)
+    if not given or _stage_of(args) is None:
+        return None
+    return [task_key(t) for t in given]
 
 
 def study_command(args: argparse.Namespace) -> int:
@@ -201,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "upgrade":
             return _upgrade(args.run_dir_pos)
+        if args.command in ("export", "predict"):
+            from .artifact_cli import artifact_command
+
+            return artifact_command(args)
         return study_command(args)
     except KeyboardInterrupt:
         print("loralens: interrupted; finished jobs are kept, rerun to resume", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -160,7 +161,8 @@ class SearchConfig(_Validated):
     trials: int = _f(15, lo=1, doc="trials per task and method (one persistent study each)")
     startup_trials: int = _f(5, lo=0, doc="random start-up trials before TPE models")
     storage: str | None = _f(None, doc="SQLAlchemy URL (PostgreSQL for several machines); "
-                                       "None = SQLite in the run directory")
+                                       "None = $LORALENS_STORAGE, else SQLite in the run "
+                                       "directory; stored with its password hidden")
     train_size: int | None = _f(None, lo=1, doc="training rows per trial (None = data's)")
     eval_size: int | None = _f(None, lo=1, doc="selection rows scored per trial (None = all)")
     epochs: list[int] = _f(factory=lambda: [2, 3, 4], lo=1, doc="epoch choices of the space")
@@ -232,6 +234,31 @@ class DriftConfig(_Validated):
         parse_layers(self.layers)
 
 
+@dataclass
+class WeightsConfig(_Validated):
+    section: ClassVar[str] = "weights"
+    matrices: list[str] = _f(factory=list, doc="matrices analysed in every model, for both "
+                                               "methods ([] = lora.target_modules, the ones "
+                                               "LoRA adapts)")
+    full_extra: list[str] = _f(factory=lambda: ["k_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"],
+                               doc="full fine-tuning only: further matrices it changes, "
+                                   "analysed in extra_layers layers")
+    extra_layers: int = _f(3, lo=0, doc="full_extra in this many evenly spaced layers (first "
+                                        "and last included; 0 = none): a cheap subset")
+    top_k: int = _f(10, lo=1, doc="top singular vectors searched for intruder dimensions")
+    forgetting: bool = _f(True, doc="measure forgetting (LM cross-entropy, base LM head)")
+    forgetting_text: str | None = _f(None, doc="general text: a .txt file (one text per line) "
+                                               "or .jsonl ({\"text\": ...} per line); None = "
+                                               "validation sentences of the GLUE tasks the "
+                                               "model was not trained on")
+    forgetting_examples: int = _f(16, lo=1, doc="texts sampled per held-out task (or from the "
+                                                "file)")
+    forgetting_max_length: int = _f(128, lo=2, doc="tokens per text (truncated)")
+    forgetting_seed: int = _f(0, doc="seed of the text sample (same texts for every model)")
+    batch_size: int = _f(16, lo=1, doc="texts per forward pass")
+
+
 def parse_layers(spec: str) -> str | list[int]:
     """``drift.layers`` as ``"blocks"``, ``"all"`` or sorted unique state indices
     (``"1-3,8"`` -> [1, 2, 3, 8]); the model's state count is checked where it is known."""
@@ -256,7 +283,11 @@ def parse_layers(spec: str) -> str | list[int]:
 @dataclass
 class StudyConfig(_Validated):
     preset: str | None = _f(None, doc="preset the config was layered on")
-    tasks: list[str] = _f(factory=lambda: ["mrpc", "sst2", "rte"], doc="GLUE tasks")
+    tasks: list[str] = _f(factory=lambda: ["mrpc", "sst2", "rte"],
+                          doc="tasks: built-in names (loralens.tasks) or task files (.yaml)")
+    task_defs: dict[str, Any] = _f(factory=dict, doc="definitions of the tasks read from task "
+                                   "files, by name (filled in from tasks: the run directory "
+                                   "keeps them)")
     methods: list[str] = _f(factory=lambda: ["lora", "full"],
                             doc="methods: lora or full (full = no adapter)")
     seeds: list[int] = _f(factory=lambda: [42, 1337, 2024], doc="training seeds")
@@ -269,20 +300,21 @@ class StudyConfig(_Validated):
     extract: ExtractConfig = _f(factory=ExtractConfig)
     bench: BenchConfig = _f(factory=BenchConfig)
     drift: DriftConfig = _f(factory=DriftConfig)
+    weights: WeightsConfig = _f(factory=WeightsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
         from .tasks import TASKS
+        from .task_files import resolve_tasks
 
-        for t in self.tasks:
-            if t not in TASKS:
-                raise ConfigError(f"tasks: unknown task {t!r}; known: {', '.join(TASKS)}", "tasks")
+        self.tasks, self.task_defs = resolve_tasks(self.tasks, self.task_defs)
         for t in self.data.train_size_per_task:
-            if t not in TASKS:
+            if t not in TASKS and t not in self.tasks:
                 raise ConfigError(f"data.train_size_per_task: unknown task {t!r}; known: "
-                                  f"{', '.join(TASKS)}", "data.train_size_per_task")
+                                  f"{', '.join([*TASKS, *self.tasks])}",
+                                  "data.train_size_per_task")
         if self.search.enabled and self.search.seed in self.seeds:
             raise ConfigError(
                 f"search.seed: {self.search.seed} is also a training seed (seeds: {self.seeds}); "
@@ -336,6 +368,8 @@ def _check(value: Any, tp: Any, key: str, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}", key)
         value = float(value)
+        if not math.isfinite(value):  # NaN would pass every bound check below
+            raise ConfigError(f"{key}: {value!r} is not a finite number", key)
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}", key)
@@ -409,6 +443,10 @@ def _load_yaml(path: Path) -> dict:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

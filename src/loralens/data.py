@@ -1,8 +1,9 @@
-"""Data: GLUE loading, matched tokenization, collation, length-grouped batches.
+"""Data: splits, GLUE TSV reading, matched tokenization, collation, length-grouped batches.
 
-Rows come from the canonical GLUE directory layout (``<glue_dir>/<TASK>/{train,dev}.tsv``)
-or, when no directory is given, from ``nyu-mll/glue`` on the Hugging Face hub, with
-identical label ids. Every malformed row is an error naming the file and line:
+Rows come from a task's source (:mod:`loralens.task_sources`): the canonical GLUE
+directory layout (``<glue_dir>/<TASK>/{train,dev}.tsv``, read here), local tables, or,
+when no directory is given, the Hugging Face hub (``nyu-mll/glue`` for the GLUE tasks,
+with identical label ids). Every malformed row is an error naming the file and line:
 nothing is skipped silently.
 
 Tokenization follows the study: a pair is ``sentence1 <eos> sentence2``, the sequence
@@ -23,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .tasks import HUB_COLUMNS, TaskSpec
+from .tasks import TaskSpec
 
 GLUE_ENV = "LORALENS_GLUE_DIR"
 
@@ -126,24 +127,33 @@ def resolve_glue_dir(glue_dir: str | os.PathLike | None) -> Path | None:
     return path
 
 
-def read_glue_tsv(path: Path, spec: TaskSpec, split: str) -> Split:
-    """Read one canonical GLUE TSV file (tab-separated, no quoting, maybe a BOM)."""
+def read_glue_tsv(path: Path, spec: TaskSpec, split: str, header: Sequence[str] | None = None,
+                  text_columns: Sequence[str] | None = None, label_column: str | None = None
+                  ) -> Split:
+    """Read one canonical GLUE TSV file (tab-separated, no quoting, maybe a BOM).
+
+    ``header``: the column names of a file without a header row (CoLA); the columns
+    default to the task's.
+    """
     if not path.is_file():
         raise DataError(f"{path}: file not found (task {spec.name}, split {split})")
+    text_columns = tuple(text_columns or spec.text_columns)
+    label_column = label_column or spec.label_column
     rows: list[Example] = []
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        reader = _checked_rows(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), path)
+        given = header is not None
         try:
-            header = next(reader)
+            header = list(header) if given else next(reader)
         except StopIteration:
             raise DataError(f"{path}:1: empty file, expected a header row") from None
-        needed = (*spec.text_columns, spec.label_column)
+        needed = (*text_columns, label_column)
         missing = [c for c in needed if c not in header]
         if missing:
             raise DataError(f"{path}:1: missing column(s) {missing}; header has {header}")
-        cols = [header.index(c) for c in spec.text_columns]
-        lab = header.index(spec.label_column)
-        for line_no, fields in enumerate(reader, start=2):
+        cols = [header.index(c) for c in text_columns]
+        lab = header.index(label_column)
+        for line_no, fields in enumerate(reader, start=1 if given else 2):
             if not fields:
                 raise DataError(f"{path}:{line_no}: empty line")
             if len(fields) != len(header):
@@ -156,41 +166,47 @@ def read_glue_tsv(path: Path, spec: TaskSpec, split: str) -> Split:
             texts = tuple(fields[c].strip() for c in cols)
             if any(t == "" for t in texts):
                 raise DataError(f"{path}:{line_no}: empty text in column(s) "
-                                f"{[spec.text_columns[i] for i, t in enumerate(texts) if not t]}")
+                                f"{[text_columns[i] for i, t in enumerate(texts) if not t]}")
             rows.append(Example(len(rows), texts, spec.label_map[raw]))
     if not rows:
         raise DataError(f"{path}: no data rows after the header")
     return Split(spec.name, split, rows, str(path), _count(rows))
 
 
+def _checked_rows(reader, path: Path) -> Iterator[list[str]]:
+    """The rows of a ``csv.reader``; undecodable bytes and csv's own errors (a field over
+    its size limit, ...) become a DataError naming the file and line."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: {e}") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{_undecodable_line(path)}: not UTF-8 text ({e.reason}); "
+                            "GLUE files are UTF-8") from None
+        yield row
+
+
+def _undecodable_line(path: Path) -> int:
+    """The first line of ``path`` that is not UTF-8 (the decoder reads ahead in chunks,
+    so its error does not say)."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return line_no
+    return 1
+
+
 def load_split(spec: TaskSpec, split: str, glue_dir: str | os.PathLike | None = None) -> Split:
-    """Load ``split`` ("train" or "validation") of a task from GLUE files or the hub."""
-    if split not in spec.splits:
-        raise DataError(f"unknown split {split!r} of {spec.name}; use one of {list(spec.splits)}")
-    root = resolve_glue_dir(glue_dir)
-    if root is not None:
-        return read_glue_tsv(root / spec.glue_dir / f"{spec.splits[split]}.tsv", spec, split)
-    return _load_from_hub(spec, split)
+    """Load ``split`` ("train" or "validation") of a task from its source (GLUE files, local
+    tables or the hub; :func:`loralens.task_sources.load_split`)."""
+    from .task_sources import load_split as _load
 
-
-def _load_from_hub(spec: TaskSpec, split: str) -> Split:
-    try:
-        import datasets
-
-        ds = datasets.load_dataset("nyu-mll/glue", spec.hub_config, split=spec.hub_splits[split])
-    except Exception as e:  # offline, hub down, ...
-        raise DataError(
-            f"no GLUE directory given (--glue-dir or ${GLUE_ENV}) and nyu-mll/glue could not "
-            f"be loaded from the Hugging Face hub: {type(e).__name__}: {e}") from e
-    text_cols, label_col = HUB_COLUMNS[spec.name]
-    source = f"hf://nyu-mll/glue/{spec.hub_config}/{spec.hub_splits[split]}"
-    rows = []
-    for i, r in enumerate(ds):
-        label = int(r[label_col])
-        if label not in range(spec.num_labels):
-            raise DataError(f"{source} row {i}: label {label} outside 0..{spec.num_labels - 1}")
-        rows.append(Example(len(rows), tuple(r[c] for c in text_cols), label))
-    return Split(spec.name, split, rows, source, _count(rows))
+    return _load(spec, split, glue_dir)
 
 
 # --------------------------------------------------------------------------- tokenization

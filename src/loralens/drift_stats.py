@@ -195,7 +195,7 @@ def validation_labels(task: str, glue_dir: str | None, n: int) -> tuple[np.ndarr
     spec = get_task(task)
     try:
         root = D.resolve_glue_dir(glue_dir)
-        if root is None:
+        if root is None and spec.source("files") is None:  # local task files: no network
             return None, "no GLUE directory (data.glue_dir or $LORALENS_GLUE_DIR)"
         split = D.load_split(spec, "validation", root)
     except D.DataError as e:

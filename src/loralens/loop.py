@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from . import data as D
 from .config import TrainConfig
+from .metrics import scores
 
 
 # --------------------------------------------------------------------------- scoring
@@ -44,15 +45,9 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     lt = torch.as_tensor(logits, dtype=torch.float64)
     loss = float(nn.functional.cross_entropy(lt, torch.as_tensor(labels)).item())
     pred = logits.argmax(axis=1)
-    return {"loss": loss, "accuracy": float((pred == labels).mean()),
-            "f1": f1_binary(pred, labels), "n": int(len(labels))}
-
-
-def f1_binary(pred: np.ndarray, labels: np.ndarray, positive: int = 1) -> float:
-    tp = int(((pred == positive) & (labels == positive)).sum())
-    fp = int(((pred == positive) & (labels != positive)).sum())
-    fn = int(((pred != positive) & (labels == positive)).sum())
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+    s = scores(pred, labels, logits.shape[1])  # f1: binary for 2 classes, macro for more
+    return {"loss": loss, "accuracy": s["accuracy"], "f1": s["f1"], "n": int(len(labels)),
+            "mcc": s["mcc"]}
 
 
 def autocast_ctx(device: torch.device, precision: str):
@@ -392,7 +387,7 @@ def _early_stop_check(model, enc, pad_id, tc, res: FitResult, best_state, bad, e
     # validation), never the reported split under the default protocol.
     res.history.append({"eval": len(res.history) + 1, "step": res.steps, "epoch": epoch + 1,
                         "val_loss": m["loss"], "val_accuracy": m["accuracy"],
-                        "val_f1": m["f1"]})
+                        "val_f1": m["f1"], "val_mcc": m["mcc"]})
     if improved:
         res.best_val_loss, res.best_step, bad = m["loss"], res.steps, 0
         best_state = mp.state()

@@ -17,7 +17,7 @@ import importlib.metadata
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -214,17 +214,29 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class CausalLMClassifier(nn.Module):
-    """A causal LM backbone with a linear head (``score``) on the last real token."""
+    """A causal LM backbone with a linear head (``score``) on the last real token.
+
+    The backbone is the submodule ``model`` (alias ``backbone``), so parameter names are
+    those of transformers' ``<Arch>ForSequenceClassification`` (``model.layers...``,
+    ``score.weight``): PEFT adapters and full checkpoints saved from it load into
+    transformers' class as they are. State dicts of the old layout (``backbone.*``) are
+    renamed on load (:func:`_rename_old_keys`), so old runs stay readable.
+    """
 
     def __init__(self, backbone: nn.Module, num_labels: int):
         super().__init__()
-        self.backbone = backbone
+        self.model = backbone
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
         self.config = backbone.config  # PEFT and generic tooling look for .config
         hidden = backbone.config.hidden_size
         self.score = nn.Linear(hidden, num_labels, bias=False)
         std = getattr(backbone.config, "initializer_range", 0.02)
         nn.init.normal_(self.score.weight, std=std)
         self.score.to(next(backbone.parameters()).dtype)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model
 
     @property
     def num_labels(self) -> int:
@@ -241,6 +253,18 @@ class CausalLMClassifier(nn.Module):
         logits = self.score(pooled.to(self.score.weight.dtype)).float()
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return ClassifierOutput(logits, loss, out.hidden_states if output_hidden_states else None)
+
+
+OLD_PREFIX, NEW_PREFIX = "backbone.", "model."
+
+
+def _rename_old_keys(module, state_dict, prefix, *_):
+    """Load-time rename of loralens's old parameter names (``backbone.*``, before the
+    backbone became ``model``) in a state dict, in place: old full checkpoints and old PEFT
+    adapters (``base_model.model.backbone.*``) load into the current classifier."""
+    old = prefix + OLD_PREFIX
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + NEW_PREFIX + key[len(old):]] = state_dict.pop(key)
 
 
 def build_classifier(backbone: nn.Module, num_labels: int, seed: int) -> CausalLMClassifier:
@@ -331,38 +355,41 @@ def apply_method(model: CausalLMClassifier, method: str, cfg) -> nn.Module:
     raise ValueError(f"unknown method {method!r}; use 'lora' or 'full'")
 
 
-def save_trained(model: nn.Module, method: str, out: Path) -> Path:
-    """LoRA: PEFT's adapter format; full: the whole classifier. Both safetensors, and the
-    directory replaced atomically (a kill leaves the old one or the new one)."""
+def save_trained(model: nn.Module, method: str, out: Path, tokenizer=None,
+                 label_names: Sequence[str] | None = None, card: dict | None = None) -> Path:
+    """Save in the ecosystem's standard layouts (:mod:`loralens.artifacts`), safetensors
+    only, the directory replaced atomically (a kill leaves the old one or the new one).
+
+    LoRA: PEFT's standard sequence-classification adapter; full: a standard
+    ``<Arch>ForSequenceClassification`` checkpoint with ``label_names``. With
+    ``tokenizer`` the tokenizer is saved beside the weights; a model card (README.md)
+    states the preprocessing and what ``card`` says (task, scores, ...).
+    """
+    from .artifacts import write_adapter, write_full
+    from .modelcard import write_card
     from .store import atomic_dir
 
     with atomic_dir(out) as tmp:
         if method == "lora":
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            write_adapter(model, tmp, tokenizer)
         else:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                      str(tmp / "model.safetensors"))
-            model.config.save_pretrained(str(tmp))
-            (tmp / "classifier.json").write_text(json.dumps({"num_labels": model.num_labels}))
+            write_full(model, tmp, tokenizer, label_names)
+        write_card(tmp, {"method": method, "label_names": label_names, "path": str(out),
+                         **(card or {})})
     return Path(out)
 
 
 def load_trained(job_dir: Path, backbone: nn.Module, num_labels: int) -> nn.Module:
-    """Rebuild a trained classifier from a job directory (safetensors only), in eval mode."""
+    """Rebuild a trained classifier from a job directory (safetensors only), in eval mode;
+    standard and old layouts alike (:mod:`loralens.artifacts`)."""
+    from .artifacts import load_adapter, load_full
     from .store import WEIGHTS_DIR
 
     model = CausalLMClassifier(backbone, num_labels)
     adapter = Path(job_dir) / WEIGHTS_DIR["lora"]
     if adapter.is_dir():
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, str(adapter)).eval()
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(Path(job_dir) / WEIGHTS_DIR["full"] / "model.safetensors")))
-    return model.eval()
+        return load_adapter(model, adapter)
+    return load_full(model, Path(job_dir) / WEIGHTS_DIR["full"])
 
 
 # --------------------------------------------------------------------------- tiny random model

@@ -111,7 +111,7 @@ def count_work(cfg: StudyConfig, stages: Sequence[str], tokenizer,
     """Each stage's work, from the config and the tasks' data (``prepared``: task ->
     :class:`loralens.train.Prepared`), as the stage's code does it."""
     count = {"sanity": _sanity, "search": _search, "train": _train, "extract": _extract,
-             "drift": _drift, "bench": _bench, "report": _report}
+             "drift": _drift, "weights": _weights, "bench": _bench, "report": _report}
     return [count[s](cfg, tokenizer, prepared) for s in stages]
 
 
@@ -232,6 +232,26 @@ def _drift(cfg, tokenizer, prepared) -> StageWork:
     models = len(cfg.methods) * len(cfg.seeds)
     return StageWork("drift", jobs=len(cfg.tasks), cheap="arithmetic on pooled arrays",
                      what=f"{models} models per task vs the base: CKA, cosine, tests")
+
+
+def _weights(cfg, tokenizer, prepared) -> StageWork:
+    """The weights stage (weights.py): every trained model loaded once, its matrices'
+    eigenproblems (not counted: about 0.1 s per matrix on one core) and, with forgetting,
+    a forward pass over the task's general-text sample (and one for the base per task)."""
+    from .forgetting import encode_texts, text_sample
+
+    wc, models = cfg.weights, len(cfg.methods) * len(cfg.seeds)
+    w = StageWork("weights", what=f"{models} models per task: intruders and spectra of the "
+                                  "analysed matrices" + (", forgetting" if wc.forgetting else ""))
+    for t in cfg.tasks:
+        w.jobs += models
+        w.loads += models + 1
+        if wc.forgetting:
+            ids = encode_texts(tokenizer, text_sample(t, wc, cfg.data.glue_dir).texts,
+                               wc.forgetting_max_length)
+            n_tok = float(sum(len(x) for x in ids))
+            w.forward("batched", (models + 1) * n_tok, (models + 1) * len(ids))
+    return w
 
 
 def _report(cfg, tokenizer, prepared) -> StageWork:

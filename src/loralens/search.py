@@ -29,6 +29,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 
 from .config import StudyConfig
 from .models import Base
+from .redact import resolve_storage
 from .store import RunDir, atomic_write_json, read_json
 from .tasks import get_task
 from .loop import evaluate
@@ -92,7 +93,9 @@ def study_name(task: str, method: str) -> str:
 
 
 def storage_url(cfg: StudyConfig, run: RunDir) -> str:
-    return cfg.search.storage or run.sqlite_url("search")
+    """search.storage (else $LORALENS_STORAGE; a redacted one restored from it), else the
+    run directory's SQLite file."""
+    return resolve_storage(cfg.search.storage) or run.sqlite_url("search")
 
 
 def open_study(cfg: StudyConfig, run: RunDir, task: str, method: str) -> optuna.Study:
@@ -290,7 +293,7 @@ def write_best(cfg: StudyConfig, run: RunDir, task: str, method: str,
     trials = study.get_trials(deepcopy=False)
     result = {
         "task": task, "method": method, "study": study.study_name,
-        "storage": "sqlite (run directory)" if not cfg.search.storage else "external",
+        "storage": "external" if resolve_storage(cfg.search.storage) else "sqlite (run directory)",
         "sampler": {"name": "TPE", "seeding": "per trial: sha256(task/method/"
                     "search.sampler_seed/number of trials in the study when asked)",
                     "sampler_seed": cfg.search.sampler_seed,

@@ -87,9 +87,10 @@ class Context:
     @property
     def queue(self):
         if self._queue is None:
+            from .redact import resolve_storage
             from .work import JobQueue
 
-            url = self.cfg.search.storage or self.run.sqlite_url("jobs")
+            url = resolve_storage(self.cfg.search.storage) or self.run.sqlite_url("jobs")
             self._queue = JobQueue(url, queue=f"study:{self.run.root.name}",
                                    stale_after=self.cfg.search.grace_period)
         return self._queue
@@ -236,6 +237,13 @@ def run_drift(ctx: Context) -> bool:
     return True
 
 
+def run_weights(ctx: Context) -> bool:
+    """Intruder dimensions, the weight change's spectrum and forgetting (seconds per model)."""
+    from .weights import run_weights as weights
+
+    return weights(ctx)
+
+
 def run_bench(ctx: Context) -> bool:
     """Serving cost: separate vs merged adapters vs full models, several adapters at once.
 
@@ -325,6 +333,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("drift", "layer-wise similarity to the base model and Tables 3-4", "drift",
           reads=("extract_manifest", "metrics_path"), writes=("drift_dir", "drift_path"),
           run=run_drift, selects=("task",)),
+    Stage("weights", "intruder dimensions, weight-change spectra and forgetting per model",
+          "weights", reads=("weights_dir", "metrics_path"),
+          writes=("weightspace_dir", "weightspace_model_path", "weightspace_path"),
+          run=run_weights, selects=("task",), units=lambda c: len(c.train_keys())),
     Stage("bench", "serving cost: separate vs merged adapters vs full models", "bench",
           reads=("weights_dir", "metrics_path"), writes=("bench_dir", "serving_path"),
           run=run_bench, selects=("task",), flags=(OVERWRITE,)),

@@ -95,6 +95,23 @@ def _constant_difference(a: np.ndarray, b: np.ndarray) -> float | None:
     return 0.0 if abs(mean) <= tol else mean
 
 
+def _scaled_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a - b`` divided by its largest magnitude. t, p and Cohen's d do not depend on the
+    scale, and scaled values square without underflow (differences near 1e-200 gave a
+    variance of 0, so t = 0/0) or overflow (near 1e200: an infinite variance)."""
+    diff = a - b
+    if not np.isfinite(diff).all():  # a - b beyond float64's range: halve both first
+        diff = a / 2 - b / 2
+    scale = float(np.abs(diff).max())
+    return diff / scale if scale > 0 else diff
+
+
+def _sd(x: np.ndarray) -> float:
+    """Sample standard deviation (ddof=1), computed on ``x`` scaled as above."""
+    scale = float(np.abs(x).max())
+    return 0.0 if scale == 0 else scale * float((x / scale).std(ddof=1))
+
+
 def _paired(a, b, min_n: int = 2) -> tuple[np.ndarray, np.ndarray]:
     a = _vector(a, "a")
     b = _vector(b, "b")
@@ -129,7 +146,7 @@ def paired_ttest(a, b) -> tuple[float, float]:
     a, b = _paired(a, b)
     if _constant_difference(a, b) is not None:
         return math.nan, math.nan
-    res = scipy.stats.ttest_rel(a, b)
+    res = scipy.stats.ttest_1samp(_scaled_difference(a, b), 0.0)  # = ttest_rel(a, b)
     return float(res.statistic), float(res.pvalue)
 
 
@@ -147,7 +164,7 @@ def cohens_d_paired(a, b) -> float:
     a, b = _paired(a, b)
     if _constant_difference(a, b) is not None:
         return math.nan
-    diff = a - b
+    diff = _scaled_difference(a, b)
     return float(diff.mean() / diff.std(ddof=1))
 
 
@@ -234,13 +251,18 @@ def delta_percent(drift_full, drift_lora) -> float:
     not the mean of per-seed ratios.
 
     Raises:
-        ValueError: mean of ``drift_full`` is 0 (the ratio is undefined).
+        ValueError: mean of ``drift_full`` is 0, or the ratio beyond float64's range
+            (undefined).
     """
     full = _vector(drift_full, "drift_full")
     lora = _vector(drift_lora, "drift_lora")
     if full.mean() == 0.0:
         raise ValueError("delta_percent is undefined: the mean of drift_full is 0")
-    return float(100.0 * (full.mean() - lora.mean()) / full.mean())
+    with np.errstate(over="ignore"):
+        delta = float(100.0 * (full.mean() - lora.mean()) / full.mean())
+    if not math.isfinite(delta):
+        raise ValueError("delta_percent is undefined: the ratio exceeds float64's range")
+    return delta
 
 
 def bootstrap_reduction_ci(
@@ -269,7 +291,12 @@ def bootstrap_reduction_ci(
     lora_means = lora[idx].mean(axis=1)
     if np.any(full_means == 0.0):
         raise ValueError("delta_percent is undefined in a resample: mean of drift_full is 0")
-    return _percentile_interval(100.0 * (full_means - lora_means) / full_means, confidence)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ratios = 100.0 * (full_means - lora_means) / full_means
+    if not np.isfinite(ratios).all():
+        raise ValueError("delta_percent is undefined in a resample: the ratio exceeds "
+                         "float64's range")
+    return _percentile_interval(ratios, confidence)
 
 
 def _json_float(x: float) -> float | None:
@@ -281,8 +308,8 @@ def _json_float(x: float) -> float | None:
 def _summary(x: np.ndarray, boot: dict) -> dict:
     """Mean, sd (ddof=1), the values and the bootstrap CI of the mean of one method."""
     return {
-        "mean": float(x.mean()),
-        "sd": float(x.std(ddof=1)),
+        "mean": _json_float(x.mean()),  # None only beyond float64's range
+        "sd": _json_float(_sd(x)),
         "per_seed": [float(v) for v in x],
         "ci": list(bootstrap_ci(x, **boot)),
     }
@@ -449,4 +476,5 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
     centre = p + z * z / (2 * n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     denom = 1 + z * z / n
-    return max(0.0, (centre - half) / denom), min(1.0, (centre + half) / denom)
+    # the interval contains k/n (exactly: rounding gave a lower bound of 2e-17 at k = 0)
+    return max(0.0, min(p, (centre - half) / denom)), min(1.0, max(p, (centre + half) / denom))

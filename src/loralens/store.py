@@ -23,6 +23,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import yaml
 
+from .leftovers import remove_stale_temporaries, temp_prefix
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -62,7 +64,8 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    # named after this process: a later command removes it if a kill left it (leftovers.py)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -84,7 +87,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -94,7 +97,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_UMASK)
         old = None
         if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            old = path.parent / f"{temp_prefix(path.name)}old"
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:
@@ -219,6 +222,7 @@ class RunDir:
                                            its presence marks the job finished)
         extract/<task>/                    manifest.json + one .npz per model
         drift/                             layers.*, table3.*, table4.*
+        weightspace/                       intruders, change spectra, forgetting (weights stage)
         bench/                             serving.json + CSVs
         loadtest/                          loadtest.json, loadtest.csv
         report/                            report.md, report.html, figures
@@ -325,6 +329,18 @@ class RunDir:
         return self.drift_dir / name
 
     @property
+    def weightspace_dir(self) -> Path:
+        """``weightspace/``: the weights stage (``models/`` one JSON per trained model,
+        ``layers.*``, ``forgetting.*``, ``summary.json``)."""
+        return self.root / "weightspace"
+
+    def weightspace_path(self, name: str) -> Path:
+        return self.weightspace_dir / name
+
+    def weightspace_model_path(self, task: str, method: str, seed: int) -> Path:
+        return self.weightspace_dir / "models" / f"{task}-{method}-seed{seed}.json"
+
+    @property
     def bench_dir(self) -> Path:
         return self.root / "bench"
 
@@ -367,7 +383,10 @@ class RunDir:
         stored by an older version is read through the current schema first, so keys
         added since then take their defaults and are no difference.
         """
+        from .redact import redact_config_file, without_secrets
+
         self.check_format()
+        remove_stale_temporaries(self.root)  # what writers killed earlier left
         new = cfg.to_dict()
         if self.config_path.is_file():
             old = self.load_config().to_dict()
@@ -376,8 +395,10 @@ class RunDir:
                 shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:8])
                 raise RunDirError(f"{self.config_path} was written with other settings ({shown}); "
                                   "use another --run-dir, or the stored settings")
+            redact_config_file(self.config_path)  # one an older version wrote
         else:
-            atomic_write_text(self.config_path, yaml.safe_dump(new, sort_keys=False))
+            atomic_write_text(self.config_path, yaml.safe_dump(without_secrets(new),
+                                                               sort_keys=False))
         if not self.format_path.is_file():
             atomic_write_json(self.format_path, {"format": FORMAT_VERSION,
                                                  "loralens": _version("loralens")})
@@ -403,6 +424,7 @@ class RunDir:
         does not know are dropped (listed in the return), new keys get their defaults,
         the old file is kept as ``config.yaml.bak``."""
         from .config import ConfigError, config_from_dict
+        from .redact import without_secrets
 
         with open(self.config_path) as f:
             data = _before_held_out_selection(yaml.safe_load(f) or {}, self.config_path)
@@ -421,7 +443,8 @@ class RunDir:
                 dropped.append(key)
         atomic_write_text(self.config_path.with_name("config.yaml.bak"),
                           self.config_path.read_text())
-        atomic_write_text(self.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(self.config_path, yaml.safe_dump(without_secrets(cfg.to_dict()),
+                                                           sort_keys=False))
         atomic_write_json(self.format_path, {"format": FORMAT_VERSION,
                                              "loralens": _version("loralens")})
         return dropped

@@ -23,7 +23,8 @@ from torch import nn
 
 from . import data as D
 from .config import StudyConfig, TrainConfig
-from .loop import device_of, dist_info, evaluate, f1_binary, fit
+from .loop import device_of, dist_info, evaluate, fit
+from .metrics import scores
 from .models import Base, apply_method, build_classifier, load_base, save_trained
 from .store import RunDir, atomic_path, atomic_write_json, read_json
 from .tasks import TaskSpec, get_task
@@ -115,8 +116,7 @@ def majority_baseline(train_labels: np.ndarray, val_labels: np.ndarray, num_labe
     """Predict the most frequent training label for every validation example."""
     majority = int(np.bincount(train_labels, minlength=num_labels).argmax())
     pred = np.full_like(val_labels, majority)
-    return {"label": majority, "accuracy": float((pred == val_labels).mean()),
-            "f1": f1_binary(pred, val_labels)}
+    return {"label": majority, **scores(pred, val_labels, num_labels)}
 
 
 # --------------------------------------------------------------------------- one job
@@ -176,7 +176,11 @@ def train_job(cfg: StudyConfig, run: RunDir, task: str, method: str, seed: int, 
     if rank > 0:  # data parallel: rank 0 writes the job's files
         return {"task": task, "method": method, "seed": seed, "validation": val, "rank": rank}
     metrics_path.unlink(missing_ok=True)
-    save_trained(model, method, run.weights_dir(task, method, seed))
+    save_trained(model, method, run.weights_dir(task, method, seed), base.tokenizer,
+                 prepared.task.label_names,
+                 card={"task": task, "base": base.name, "base_note": base.note, "seed": seed,
+                       "scores": {m: val[m] for m in prepared.task.metrics},
+                       "score_split": "validation", "max_length": cfg.data.max_length})
     with atomic_path(run.val_logits_path(task, method, seed), suffix=".npy") as tmp:
         np.save(tmp, logits)
     metrics = {

@@ -53,7 +53,8 @@ def test_smoke_preset_runs_every_stage(tmp_path, glue_dir):
     assert html.is_file() and (run / "report" / "report.md").is_file()
     assert f"report: {html}" in out.stdout
     timings = json.loads((run / "timings.json").read_text())
-    assert set(timings) == {"sanity", "search", "train", "extract", "drift", "bench", "report"}
+    assert set(timings) == {"sanity", "search", "train", "extract", "drift", "weights", "bench",
+                            "report"}
     # A second run finds everything done and repeats nothing.
     mtimes = {p: p.stat().st_mtime_ns for p in run.glob("models/*/*/seed*/metrics.json")}
     again = subprocess.run([exe, "run", "--preset", "smoke", "--run-dir", str(run),

@@ -215,8 +215,8 @@ def test_wrong_type_and_range():
         load_config(overrides=["lora.dropout=1.5"])
     with pytest.raises(ConfigError, match=r"train.precision: 'fp8' is not one of"):
         load_config(overrides=["train.precision=fp8"])
-    with pytest.raises(ConfigError, match=r"tasks: unknown task 'cola'"):
-        load_config(overrides=["tasks=[cola]"])
+    with pytest.raises(ConfigError, match=r"tasks: unknown task 'stsb'"):  # cola is built in
+        load_config(overrides=["tasks=[stsb]"])
     with pytest.raises(ConfigError, match=r"expected true or false"):
         load_config(overrides=["model.trust_remote_code=yes please"])
 
@@ -242,8 +242,8 @@ def test_parse_override_numbers_and_null():
 def test_per_task_train_size():
     cfg = load_config(overrides=["data.train_size_per_task={sst2: 640, rte: 64}"])
     assert cfg.data.train_size_per_task == {"sst2": 640, "rte": 64}
-    with pytest.raises(ConfigError, match=r"train_size_per_task: unknown task 'cola'"):
-        load_config(overrides=["data.train_size_per_task={cola: 3}"])
+    with pytest.raises(ConfigError, match=r"train_size_per_task: unknown task 'stsb'"):
+        load_config(overrides=["data.train_size_per_task={stsb: 3}"])
     with pytest.raises(ConfigError, match=r"data.train_size_per_task.rte: 0 is below the minimum 1"):
         load_config(overrides=["data.train_size_per_task={rte: 0}"])
 
@@ -267,8 +267,8 @@ def test_configs_validate_where_they_are_built():
         dataclasses.replace(StudyConfig().train, epochs=0)
     with pytest.raises(ConfigError, match=r"train.precision: 'fp8' is not one of"):
         TrainConfig(precision="fp8")
-    with pytest.raises(ConfigError, match=r"tasks: unknown task 'cola'"):
-        dataclasses.replace(StudyConfig(), tasks=["cola"])
+    with pytest.raises(ConfigError, match=r"tasks: unknown task 'stsb'"):
+        dataclasses.replace(StudyConfig(), tasks=["stsb"])
     with pytest.raises(ConfigError, match=r"search.lr_lora: expected \[low, high\]"):
         dataclasses.replace(StudyConfig().search, lr_lora=[1e-3, 1e-4])
     with pytest.raises(ConfigError, match=r"train: expected a TrainConfig"):

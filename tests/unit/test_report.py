@@ -262,8 +262,38 @@ def write_loadtest(run: RunDir) -> dict:
     return result
 
 
+def write_weights(run, rng, seeds=SEEDS, blocks=4):
+    """weightspace/ as the weights stage writes it: real measures of small random matrices
+    (LoRA: a large rank-2 update, which makes intruders; full: a small dense one)."""
+    import torch
+
+    from loralens.weight_measures import matrix_measures
+    from loralens.weights import write_outputs
+
+    results = []
+    for t in TASKS:
+        for m in ("lora", "full"):
+            for s in seeds:
+                mats = []
+                for layer in range(blocks):
+                    for name in ("q_proj", "v_proj"):
+                        w0 = torch.tensor(rng.standard_normal((16, 12)))
+                        dw = (3.0 * rng.standard_normal((16, 2)) @ rng.standard_normal((2, 12))
+                              if m == "lora" else 0.01 * rng.standard_normal((16, 12)))
+                        mats.append({"layer": layer, "matrix": name, "group": "common",
+                                     "module": f"layers.{layer}.self_attn.{name}",
+                                     **matrix_measures(w0 + torch.tensor(dw), w0)})
+                ce = 3.0 + (0.01 if m == "lora" else 0.05) * (1 + 0.1 * seeds.index(s))
+                results.append({"task": t, "method": m, "seed": s, "matrices": mats,
+                                "forgetting": {"source": "GLUE validation sentences of the "
+                                               "tasks not trained on: x (4)", "n_texts": 4,
+                                               "n_tokens": 50, "ce_base": 3.0, "ce_tuned": ce,
+                                               "forgetting": ce - 3.0}})
+    return write_outputs(run, results, list(TASKS))
+
+
 def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "drift", "bench",
-                                      "loadtest"),
+                                      "loadtest", "weights"),
                   seeds=SEEDS, search=True, selection="train_slice",
                   throughput=True) -> RunDir:
     """A complete (or, with fewer ``stages``, partial) run directory without a model.
@@ -318,6 +348,8 @@ def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "d
         write_bench(run, rng, seeds)
     if "loadtest" in stages:
         write_loadtest(run)
+    if "weights" in stages:
+        write_weights(run, rng, seeds)
     atomic_write_json(run.timings_path, {s: 10.0 + i for i, s in enumerate(stages)
                                               if s != "loadtest"})
     return run
@@ -376,7 +408,8 @@ def test_markdown_has_every_table_and_number(full_report):
     run, _, _ = full_report
     md = (run.report_dir / "report.md").read_text()
     for title in ("Table 1:", "Table 2a:", "Table 2b:", "Table 3:", "Table 4:", "Table 5:",
-                  "Table 5b:", "Table 6:", "Provenance", "Wall time per stage", "Sanity check",
+                  "Table 5b:", "Table 6:", "Table 7:", "Table 7b:", "Table 8:", "Provenance",
+                  "Wall time per stage", "Sanity check",
                   "Stages of this run"):
         assert f"**{title}" in md, title
     # Table 3: mean ± sd over seeds, each seed's value, baseline
@@ -437,7 +470,7 @@ def test_figures_are_valid_png_and_svg(full_report):
     assert names == sorted(p.stem for p in figs.glob("*.svg"))
     assert names == ["fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwise-drift",
                      "fig4-latency", "fig5-layerwise-debiased-cosine", "fig6-loadtest",
-                     "fig7-outlier-dimensions"]
+                     "fig7-outlier-dimensions", "fig8-layerwise-intruders"]
     for name in names:
         png = figs / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -458,7 +491,7 @@ def test_html_is_self_contained(full_report):
     assert refs and all(r.startswith(("data:image/png;base64,", "#")) for r in refs)
     assert "<script" not in html and "<link" not in html and "@import" not in html
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) == 7
+    assert len(images) == 8
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     for tid in ("table-status", "table-provenance", "table-timings", "table-throughput",
                 "table-sanity", "table-1-data", "table-2-spaces", "table-2-search",
@@ -544,7 +577,7 @@ def test_one_seed_without_search(tmp_path):
     assert "0.8100" in md and "42: 0.8100" in md
     assert "at least 2 paired seeds" in md  # why p, d and the CIs are empty
     figs = sorted(p.stem for p in (run.report_dir / "figures").glob("*.png"))
-    assert len(figs) == 7  # Figures 1-5, the load test's Figure 6, outliers' Figure 7
+    assert len(figs) == 8  # Figures 1-5, load test's 6, outliers' 7, weight space's 8
     assert "not computed yet" not in md
 
 

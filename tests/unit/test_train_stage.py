@@ -69,7 +69,7 @@ def test_a_kill_during_overwrite_leaves_the_job_unfinished(tmp_path, glue_dir, t
         pass
 
     if where == "weights":  # the kill lands while the new adapter is being written
-        def save_then_die(model, method, out):
+        def save_then_die(model, method, out, *_, **__):
             from loralens.store import atomic_dir
 
             with atomic_dir(out) as tmp:

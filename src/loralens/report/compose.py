@@ -77,7 +77,7 @@ class _Document:
 def compose(d: RunData, figures: list[FigureFile], fig_missing: dict[str, str]) -> list[Block]:
     doc = _Document(d, figures, fig_missing)
     for section in (_header, _glance, _status, _provenance, _sanity, _data, _search, _accuracy,
-                    _drift, _serving, _loadtest):
+                    _drift, _weights, _serving, _loadtest):
         section(doc)
     return doc.blocks
 
@@ -315,6 +315,22 @@ def _drift(doc: _Document) -> None:
     doc.add(p("Sources: `drift/table4.json` (`table4.csv`), `drift/layers.json` "
               "(`layers.csv`: every hidden state, seed and measure, including Procrustes, RBF "
               "CKA, standardised CKA and the variance shares).", "note"))
+
+
+def _weights(doc: _Document) -> None:
+    from .weight_tables import table7, table7b, table8
+
+    doc.add(h2("Weight space and forgetting (Tables 7-8)", "weights"))
+    if doc.table(table7) is None:
+        doc.add(missing("Intruder dimensions and weight-change spectra", "not computed yet "
+                        "(no weightspace/summary.json)", rerun_hint("weights")))
+        return
+    doc.table(table7b)
+    doc.figure("fig8-layerwise-intruders")
+    if doc.table(table8) is None:
+        doc.add(missing("Forgetting", "not measured (weights.forgetting is off)"))
+    doc.add(p("Sources: `weightspace/summary.json`, `layers.csv` (every matrix, layer, seed and "
+              "ε), `forgetting.csv`, `models/` (one JSON per model).", "note"))
 
 
 def _serving(doc: _Document) -> None:

@@ -20,6 +20,7 @@ from .drift_figures import fig_accuracy_vs_drift, fig_drift_reduction, fig_layer
 from .formatting import finite
 from .run_data import RunData
 from .serving_figures import fig_latency, fig_loadtest
+from .weight_figures import fig_layerwise_intruders
 
 RC = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
       "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.spines.top": False,
@@ -88,6 +89,13 @@ FIGURES = (
      "(solid) and per-dimension standardised (dashed) features, mean over seeds: where they "
      "part, a few high-variance dimensions decide the plain value.",
      fig_outliers),
+    ("fig8-layerwise-intruders", "Figure 8: per-layer weight change beside activation drift",
+     "Per transformer block (layer i's matrices at block i, the state it writes), mean over "
+     "seeds: intruder dimensions at ε = 0.5 summed over the compared matrices (left), their "
+     "mean relative change ‖W − W0‖F / ‖W0‖F (middle), and drift, 1 − debiased linear CKA "
+     "of block i's output (right). ρ: Spearman correlation over blocks between the mean "
+     "relative change and the mean drift, per method.",
+     fig_layerwise_intruders),
 )
 
 

@@ -134,7 +134,7 @@ def label_counts(task: str, counts: dict | None) -> str:
         from ..tasks import get_task
 
         names = get_task(task).label_names
-    except KeyError:
+    except (KeyError, ValueError):  # a task file this process has not read: ids
         names = ()
     total = sum(counts.values()) or 1
     parts = []

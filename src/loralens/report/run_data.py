@@ -92,7 +92,7 @@ class RunData:
             from ..tasks import get_task
 
             return get_task(task).metric
-        except KeyError:
+        except (KeyError, ValueError):  # a task file this process has not read
             return "accuracy"
 
     @property
@@ -236,6 +236,10 @@ def load_run(run: RunDir | str | Path) -> RunData:
     p = d.problems
     cfg = _read(run.config_path, p, "yaml")
     d.config = cfg if isinstance(cfg, dict) else None
+    if d.config:  # tasks read from task files: their label names and metrics
+        from ..task_files import register_definitions
+
+        p.extend(register_definitions(d.config.get("task_defs")))
     d.env = _read(run.env_path, p)
     d.data = _read(run.data_path, p)
     d.timings = _read(run.timings_path, p)

@@ -27,7 +27,7 @@ def rerun_hint(stage: str) -> str:
 def stage_status(d: RunData) -> list[Stage]:
     pairs = [(t, m) for t in d.tasks for m in d.methods]
     return [_sanity(d, pairs), _search(d, pairs), _train(d, pairs), _extract(d), _drift(d),
-            _bench(d)]
+            _weights(d), _bench(d)]
 
 
 def table_status(stages: list[Stage]) -> Table:
@@ -111,6 +111,20 @@ def _stale_drift(d: RunData) -> str:
         return ""
     later = [f"{t}/{m}/seed{s}" for (t, m, s) in d.jobs if (t, m, s) not in counted]
     return f"jobs finished after the drift tables: {short_list(later)}" if later else ""
+
+
+def _weights(d: RunData) -> Stage:
+    from .weight_tables import weight_data
+
+    rows = weight_data(d)["layers"]
+    if rows is None:
+        return Stage("weights", "not run", "no weightspace/layers.json", rerun_hint("weights"))
+    have = {(r.get("task"), r.get("method"), r.get("seed")) for r in rows}
+    miss = [f"{t}/{m}/seed{s}" for t, m, s in d.jobs if (t, m, s) not in have]
+    detail = f"{len(have)} of {len(d.jobs)} trained models analysed" + (
+        f"; missing {short_list(miss)}" if miss else "")
+    return Stage("weights", "partial" if miss else "done", detail,
+                 rerun_hint("weights") if miss else "")
 
 
 def _bench(d: RunData) -> Stage:

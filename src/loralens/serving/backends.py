@@ -137,18 +137,17 @@ class PeftBackend(Backend):
         self.labels: int | None = None
 
     def _add(self, name, path, adapter):
-        from peft import PeftModel
+        from ..artifacts import load_adapter  # standard or old layout
 
         if self.labels is not None and adapter.num_labels != self.labels:
             raise AdapterError(f"{path}: {adapter.num_labels} labels; the PEFT backend holds "
                                f"heads of {self.labels} labels (one PeftModel, one head shape)")
         if self.model is None:
             base = CausalLMClassifier(self.backbone, adapter.num_labels)
-            self.model = PeftModel.from_pretrained(base, str(path), adapter_name=name).eval()
+            self.model = load_adapter(base, path, adapter_name=name)
             self.labels = adapter.num_labels
         else:
-            self.model.load_adapter(str(path), adapter_name=name)
-            self.model.eval()
+            load_adapter(self.model, path, adapter_name=name)
         self.active = self.model.active_adapter
 
     def _remove(self, name):

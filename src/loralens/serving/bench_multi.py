@@ -75,15 +75,15 @@ def _peft_with_adapters(ctx: BenchContext, names: list[str], dirs: list[Path],
                         labels: list[int], out: dict) -> nn.Module | None:
     """One PeftModel holding every adapter (None where the heads differ in shape); the
     median time of ``load_adapter`` goes to ``out``."""
-    from peft import PeftModel
+    from ..artifacts import load_adapter
 
     if len(set(labels)) != 1:  # PEFT's head copies must share one shape
         out["peft_skipped"] = "heads with different label counts cannot share one PeftModel"
         return None
     base = CausalLMClassifier(ctx.fresh(), labels[0])
-    peft = PeftModel.from_pretrained(base, str(dirs[0]), adapter_name=names[0])
+    peft = load_adapter(base, dirs[0], adapter_name=names[0])  # standard or old layout
     loads = time_interleaved(
-        {"load_adapter": lambda nd: peft.load_adapter(str(nd[1]), adapter_name=nd[0])},
+        {"load_adapter": lambda nd: load_adapter(peft, nd[1], adapter_name=nd[0])},
         list(zip(names[1:], dirs[1:])), pause_gc=False)
     out["peft_load_adapter_s"] = loads.median("load_adapter")
     return peft.to(ctx.device).eval()
@@ -148,7 +148,7 @@ def _mixed(ctx: BenchContext, chosen, names: list[str], n: int, peft: nn.Module 
 
 
 def _merged_on_fresh_base(ctx: BenchContext, adapter_dir: Path, num_labels: int) -> nn.Module:
-    from peft import PeftModel
+    from ..artifacts import load_adapter
 
-    model = PeftModel.from_pretrained(CausalLMClassifier(ctx.fresh(), num_labels), str(adapter_dir))
+    model = load_adapter(CausalLMClassifier(ctx.fresh(), num_labels), adapter_dir)
     return model.merge_and_unload().to(ctx.device).eval()

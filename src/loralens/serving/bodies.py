@@ -9,6 +9,8 @@ from typing import Annotated, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 
+from .sources import NAME_PATTERN
+
 
 class RequestError(Exception):
     """A client error: HTTP status and message."""
@@ -37,7 +39,9 @@ class ClassifyIn(BaseModel):
 
 class AdapterIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: NonEmpty
+    # the rule is checked by the server (sources.valid_name, with its own message) and
+    # declared here, so that the schema says which names are valid
+    name: Annotated[NonEmpty, Field(json_schema_extra={"pattern": NAME_PATTERN})]
     path: NonEmpty
     task: NonEmpty | None = None
 

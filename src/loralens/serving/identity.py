@@ -226,7 +226,7 @@ def run_identity(backbone: nn.Module, adapters: Sequence[Adapter], batch_sizes: 
 def _multi_checks(fresh, adapters: Sequence[Adapter], refs, multi: list[int], serve_rt: Serve,
                   mixed_batch_size: int, pad_id: int, device: torch.device) -> list[dict]:
     """Several adapters on one base: our runtime and (heads of one shape) one PeftModel."""
-    from peft import PeftModel
+    from ..artifacts import load_adapter  # standard or old layout
 
     chosen = [adapters[i] for i in multi]
     n = min(len(a.rows) for a in chosen)
@@ -236,10 +236,10 @@ def _multi_checks(fresh, adapters: Sequence[Adapter], refs, multi: list[int], se
                                           "mixed": {"runtime": serve_rt}}
     peft = None
     if len({a.num_labels for a in chosen}) == 1:  # PEFT's head copies must share one shape
-        peft = PeftModel.from_pretrained(CausalLMClassifier(fresh(), chosen[0].num_labels),
-                                         str(chosen[0].weights_dir), adapter_name=chosen[0].name)
+        peft = load_adapter(CausalLMClassifier(fresh(), chosen[0].num_labels),
+                            chosen[0].weights_dir, adapter_name=chosen[0].name)
         for a in chosen[1:]:
-            peft.load_adapter(str(a.weights_dir), adapter_name=a.name)
+            load_adapter(peft, a.weights_dir, adapter_name=a.name)
         peft = peft.to(device).eval()
         names = [a.name for a in adapters]
         paths["stream"]["peft"] = peft_set_adapter_serve(peft, names)

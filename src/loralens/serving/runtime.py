@@ -71,7 +71,9 @@ class LoraAdapter:
     """One task's adapter, independent of any model object.
 
     ``factors`` maps a module path relative to the classifier (e.g.
-    ``backbone.layers.0.self_attn.q_proj``) to ``(A [r, in], B [out, r], scaling)``;
+    ``backbone.layers.0.self_attn.q_proj``, whether the file says ``model.`` as
+    transformers names it or ``backbone.`` as old loralens adapters did) to
+    ``(A [r, in], B [out, r], scaling)``;
     ``head_weight`` is [num_labels, hidden], ``head_bias`` [num_labels] or None.
     """
 
@@ -135,7 +137,10 @@ class LoraAdapter:
         for module, pair in ab.items():
             if set(pair) != {"A", "B"}:
                 raise ValueError(f"{source}: module {module} lacks lora_A or lora_B")
-            factors[module] = (pair["A"], pair["B"], scaling)
+            # standard layout (transformers' names, model.*) and loralens's old one
+            # (backbone.*) give one key form: the backbone path behind "backbone."
+            key = "backbone." + module[len("model."):] if module.startswith("model.") else module
+            factors[key] = (pair["A"], pair["B"], scaling)
         return cls(factors, head["weight"], head.get("bias"), source)
 
     @classmethod

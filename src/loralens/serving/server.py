@@ -56,6 +56,8 @@ from .backends import AdapterError, AdapterInfo, Backend, make_backend
 from .bodies import (AdapterIn, BodyLimit, ClassifyIn, RequestError, json_body_schema,
                      read_body)
 from .cli_args import DEFAULT_MAX_BODY
+from .responses import (ADDED_LINKS, AdapterOut, AdaptersOut, ClassifyOut, HealthOut, RemovedOut,
+                        responses)
 from .sources import NAME_RULE, AdapterSpec, collect_adapters, replicate, task_of, valid_name
 
 __all__ = ["AdapterSpec", "RequestError", "Service", "build_service",
@@ -116,15 +118,17 @@ class Service:
             raise RequestError(422, f"adapter name {spec.name!r}: {NAME_RULE}")
         if spec.name in self.backend.infos:
             raise RequestError(409, f"adapter {spec.name!r} is already loaded; remove it first")
+        if "\x00" in str(spec.path) or "\x00" in (spec.task or ""):  # no OS call takes one
+            raise RequestError(422, "path and task must not contain a NUL character")
         task = spec.task
-        if task is None:
-            task = task_of(spec.path)[0]
         labels = None
-        if task is not None:
-            try:
+        try:
+            if task is None:
+                task = task_of(spec.path)[0]
+            if task is not None:
                 labels = get_task(task).label_names
-            except (KeyError, ValueError) as e:
-                raise RequestError(422, str(e).strip("'\"")) from None
+        except (KeyError, ValueError, OSError) as e:  # OSError: e.g. a name too long
+            raise RequestError(422, str(e).strip("'\"")) from None
         info = AdapterInfo(spec.name, str(spec.path), 0, task, labels)
         try:
             return await self._run(self.backend.add, info, spec.path)
@@ -245,6 +249,7 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY):
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @asynccontextmanager
     async def lifespan(app):
@@ -257,6 +262,11 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY):
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)  # unknown path 404, wrong method 405
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -273,7 +283,7 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY):
             {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
             for e in errors]}, status_code=422)
 
-    @app.get("/health")
+    @app.get("/health", operation_id="health", responses=responses(200, HealthOut))
     async def health():
         st = service.stats
         return {"status": "ok", "backend": service.backend.kind,
@@ -281,22 +291,27 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY):
                 "batches": st.batches, "mixed_batches": st.mixed_batches, "rows": st.rows,
                 "uptime_s": round(time.time() - st.started, 3)}
 
-    @app.get("/v1/adapters")
+    @app.get("/v1/adapters", operation_id="list_adapters",
+             responses=responses(200, AdaptersOut))
     async def list_adapters():
         return {"adapters": [i.to_dict() for i in service.backend.infos.values()]}
 
-    @app.post("/v1/adapters", status_code=201, openapi_extra=json_body_schema(AdapterIn))
+    @app.post("/v1/adapters", status_code=201, openapi_extra=json_body_schema(AdapterIn),
+              operation_id="add_adapter",
+              responses=responses(201, AdapterOut, 409, 422, links=ADDED_LINKS))
     async def add_adapter(request: Request):
         body = await read_body(request, AdapterIn)
         info = await service.add_adapter(AdapterSpec(body.name, Path(body.path), body.task))
         return info.to_dict()
 
-    @app.delete("/v1/adapters/{name}")
+    @app.delete("/v1/adapters/{name}", operation_id="remove_adapter",
+                responses=responses(200, RemovedOut, 404, 422))
     async def remove_adapter(name: str):
         await service.remove_adapter(name)
         return {"removed": name}
 
-    @app.post("/v1/classify", openapi_extra=json_body_schema(ClassifyIn))
+    @app.post("/v1/classify", openapi_extra=json_body_schema(ClassifyIn), operation_id="classify",
+              responses=responses(200, ClassifyOut, 404, 422))
     async def classify(request: Request):
         body = await read_body(request, ClassifyIn)
         if len(body.texts or body.pairs) > service.max_texts:

@@ -13,7 +13,8 @@ from ..store import RunDir
 from ..tasks import get_task
 from .backends import AdapterError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$"  # also in the OpenAPI schema
+_NAME = re.compile(NAME_PATTERN.replace("$", r"\Z"))  # Python's $ also matches before a "\n"
 NAME_RULE = "use letters, digits and _ . @ + - (at most 128 characters)"
 
 
@@ -42,6 +43,9 @@ def task_of(path: Path) -> tuple[str | None, str]:
     parts = path.resolve().parts
     if len(parts) >= 5 and parts[-1] == "adapter" and parts[-3] == "lora" \
             and parts[-2].startswith("seed") and parts[-5] == "models":
+        from ..task_files import register_run_tasks
+
+        register_run_tasks(Path(*parts[:-5]))  # tasks from task files: their label names
         return _known_task(parts[-4]), f"{parts[-4]}-{parts[-2]}"
     name = path.parent.name if path.name == "adapter" else path.name
     return None, name

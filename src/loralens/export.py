@@ -1,0 +1,86 @@
+"""``loralens export RUN_DIR OUT_DIR [--merge]``: every trained model of a run as standard
+artifacts (:mod:`loralens.artifacts`) with a model card.
+
+``OUT_DIR/<task>/<method>/seed<seed>/`` holds a PEFT adapter (LoRA) or a standard
+sequence-classification checkpoint (full fine-tuning, and LoRA with ``--merge``), the
+tokenizer and README.md: task and labels, method, hyperparameters, the validation scores
+with the split and file they were measured on, the base model and its note, the loralens
+version and commit that trained it, the input preprocessing. ``OUT_DIR/export.json`` lists
+them. Run directories of the old layouts export too: this is also the converter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .store import RunDir, RunDirError, atomic_write_json, read_json
+
+
+def _provenance(run: RunDir) -> tuple[str | None, str | None]:
+    """(loralens version, git commit) that wrote the run, from loralens.json and env.json."""
+    version = read_json(run.format_path).get("loralens") if run.format_path.is_file() else None
+    commit = None
+    if run.env_path.is_file():
+        env = read_json(run.env_path)
+        for key in ("train", "run", *env):  # the training command's record first
+            if isinstance(env.get(key), dict) and env[key].get("git_commit"):
+                commit = env[key]["git_commit"]
+                break
+    return version, commit
+
+
+def job_card(run: RunDir, task: str, method: str, seed: int, cfg) -> dict:
+    """What the model card says about one job, from its metrics.json and the run."""
+    m = read_json(run.metrics_path(task, method, seed))
+    version, commit = _provenance(run)
+    source = ((m.get("data") or {}).get("validation") or {}).get("source")
+    v = m.get("validation") or {}
+    return {
+        "task": task, "method": method, "seed": seed, "base": m.get("model"),
+        "base_note": m.get("model_note"),
+        "hyperparameters": {**(m.get("hyperparameters") or {}),
+                            **({"overrides": m["overrides"]} if m.get("overrides") else {})},
+        "scores": {k: v[k] for k in ("accuracy", "f1", "loss", "n") if k in v},
+        "score_split": f"the validation split, {v.get('n', '?')} rows of "
+                       f"{source or 'the GLUE dev file'}",
+        "version": version, "commit": commit, "max_length": cfg.data.max_length,
+    }
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False,
+               progress=print) -> list[dict]:
+    """Export every finished job of ``run_dir`` into ``out_dir``; returns the manifest rows."""
+    from .artifacts import merged
+    from .models import load_base, load_trained, save_trained
+    from .tasks import get_task
+
+    run, out = RunDir(run_dir), Path(out_dir)
+    cfg = run.load_config()
+    jobs = run.finished_jobs()
+    if not jobs:
+        raise RunDirError(f"{run.root}: no finished model to export (no models/*/*/seed*/"
+                          "metrics.json)")
+    if out.resolve() == run.root.resolve() or run.root.resolve() in out.resolve().parents:
+        raise RunDirError(f"{out}: export into a directory outside the run directory")
+    base = load_base(cfg)
+    rows = []
+    for task, method, seed in jobs:
+        spec = get_task(task)
+        card = job_card(run, task, method, seed, cfg)
+        model = load_trained(run.job_dir(task, method, seed), base.backbone(), spec.num_labels)
+        as_adapter = method == "lora" and not merge
+        if method == "lora" and merge:
+            model = merged(model)
+            card.update(merged=True, kind="LoRA adapter merged into a full checkpoint")
+        dest = out / task / method / f"seed{seed}"
+        save_trained(model, "lora" if as_adapter else "full", dest, base.tokenizer,
+                     spec.label_names, card)
+        rows.append({"task": task, "method": method, "seed": seed, "path": str(dest),
+                     "kind": "peft-adapter" if as_adapter else "sequence-classification",
+                     "scores": card["scores"]})
+        progress(f"exported {task}/{method}/seed{seed} -> {dest} ({rows[-1]['kind']})")
+        del model
+    atomic_write_json(out / "export.json", {"run_dir": str(run.root), "merge": merge,
+                                            "base": base.name, "base_path": base.resolved.path,
+                                            "artifacts": rows})
+    return rows
