@@ -80,7 +80,8 @@ def server(study, tokenizer):
     for task in ("sst2", "rte"):
         path = root / "models" / task / "lora" / "seed1" / "adapter"
         be.add(AdapterInfo(f"{task}-seed1", str(path), 0, task, get_task(task).label_names), path)
-    service = Service(be, tokenizer, MAX_LENGTH, max_batch=16, max_wait_ms=100, max_texts=8)
+    service = Service(be, tokenizer, MAX_LENGTH, max_batch=16, max_wait_ms=100, max_texts=8,
+                      adapter_root=root.parent)  # the study and its spare adapter
     with serving(service) as url, httpx.Client(base_url=url, timeout=60) as client:
         yield client, service
 
@@ -271,6 +272,9 @@ def test_add_and_remove_adapters_at_run_time(server, study, tokenizer, glue_dir)
     assert bad.status_code == 422 and "stsb" in bad.json()["error"]  # cola is built in
     bad = client.post("/v1/adapters", json={"name": "../etc", "path": str(spare)})
     assert bad.status_code == 422 and "adapter name" in bad.json()["error"]
+    # nothing is read outside the adapter root, a symbolic link out of it included
+    outside = client.post("/v1/adapters", json={"name": "z", "path": "/etc"})
+    assert outside.status_code == 403 and "outside the server's adapter root" in outside.text
     # remove: gone for new requests, the others unaffected
     assert client.delete("/v1/adapters/rte-spare").json() == {"removed": "rte-spare"}
     gone = client.post("/v1/classify", json={"adapter": "rte-spare", "pairs": pairs})

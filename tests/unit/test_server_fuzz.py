@@ -40,7 +40,8 @@ def api(tiny_base, tmp_path_factory):
         _random_adapter(tiny_base.backbone(), i, path)
     service = build_service([AdapterSpec(n, dirs[d], t) for n, (d, t) in INITIAL.items()],
                             tiny_base,
-                            max_length=32, max_batch=8, max_wait_ms=1, max_texts=8)
+                            max_length=32, max_batch=8, max_wait_ms=1, max_texts=8,
+                            adapter_root=root)
     with serving(service, max_body=64 * 1024) as url:
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
         yield url, schema, dirs

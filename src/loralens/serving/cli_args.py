@@ -35,6 +35,9 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--max-texts", type=int, default=64, help="inputs per request (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
                    help=f"largest request body (default {DEFAULT_MAX_BODY})")
+    p.add_argument("--adapter-root", metavar="DIR",
+                   help="POST /v1/adapters may load adapters only from below DIR (default: the "
+                        "run directory served; none when only adapter directories are given)")
     p.add_argument("--replicate", type=int, default=0,
                    help="load copies of the adapters until there are this many (load tests)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")

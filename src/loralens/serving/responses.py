@@ -56,6 +56,7 @@ class ClassifyOut(BaseModel):
 
 ERRORS = {
     400: "malformed JSON, or a bad Content-Length header",
+    403: "an adapter path outside the server's adapter root (--adapter-root)",
     404: "unknown adapter, or no such path",
     405: "method not allowed",
     409: "an adapter of that name is already loaded",

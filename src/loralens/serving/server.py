@@ -87,12 +87,15 @@ class Service:
     """Tokenizer + backend + dynamic batcher. Create inside a running event loop's app."""
 
     def __init__(self, backend: Backend, tokenizer, max_length: int, max_batch: int = 32,
-                 max_wait_ms: float = 5.0, max_texts: int = 64):
+                 max_wait_ms: float = 5.0, max_texts: int = 64,
+                 adapter_root: str | Path | None = None):
         if max_batch < 1 or max_texts < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_texts must be >= 1, max_wait_ms >= 0")
         self.backend, self.tokenizer = backend, tokenizer
         self.max_length, self.max_batch = max_length, max_batch
         self.max_wait, self.max_texts = max_wait_ms / 1000.0, max_texts
+        # POST /v1/adapters reads only below this directory (None: it reads nothing)
+        self.adapter_root = Path(adapter_root).resolve() if adapter_root is not None else None
         self.pad_id = tokenizer.pad_token_id
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="loralens-infer")
         self.queue: asyncio.Queue[_Pending] | None = None
@@ -120,6 +123,7 @@ class Service:
             raise RequestError(409, f"adapter {spec.name!r} is already loaded; remove it first")
         if "\x00" in str(spec.path) or "\x00" in (spec.task or ""):  # no OS call takes one
             raise RequestError(422, "path and task must not contain a NUL character")
+        self.check_allowed(spec.path)
         task = spec.task
         labels = None
         try:
@@ -134,6 +138,20 @@ class Service:
             return await self._run(self.backend.add, info, spec.path)
         except AdapterError as e:
             raise RequestError(409 if "already loaded" in str(e) else 422, str(e)) from None
+
+    def check_allowed(self, path: Path) -> None:
+        """A client's path must resolve (symbolic links followed) below the adapter root:
+        the server reads no file outside it on a client's say-so (403 otherwise)."""
+        if self.adapter_root is None:
+            raise RequestError(403, "this server takes no adapter paths over HTTP: start it "
+                                    "with --adapter-root DIR to allow adapters below DIR")
+        try:
+            resolved = Path(path).resolve()
+        except (OSError, RuntimeError, ValueError) as e:  # a loop of links, a name too long
+            raise RequestError(422, f"path {str(path)!r}: {e}") from None
+        if resolved != self.adapter_root and self.adapter_root not in resolved.parents:
+            raise RequestError(403, f"path {str(path)!r} is outside the server's adapter root "
+                                    f"{str(self.adapter_root)!r} (--adapter-root)")
 
     async def remove_adapter(self, name: str) -> None:
         if name not in self.backend.infos:
@@ -298,7 +316,7 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY):
 
     @app.post("/v1/adapters", status_code=201, openapi_extra=json_body_schema(AdapterIn),
               operation_id="add_adapter",
-              responses=responses(201, AdapterOut, 409, 422, links=ADDED_LINKS))
+              responses=responses(201, AdapterOut, 403, 409, 422, links=ADDED_LINKS))
     async def add_adapter(request: Request):
         body = await read_body(request, AdapterIn)
         info = await service.add_adapter(AdapterSpec(body.name, Path(body.path), body.task))
@@ -326,14 +344,16 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY):
 
 def build_service(specs: Sequence[AdapterSpec], base: Base, backend: str = "ours",
                   max_length: int = 384, max_batch: int = 32, max_wait_ms: float = 5.0,
-                  max_texts: int = 64) -> Service:
-    """The base model's weights loaded once, every adapter added to a new backend."""
+                  max_texts: int = 64, adapter_root: str | Path | None = None) -> Service:
+    """The base model's weights loaded once, every adapter added to a new backend.
+    ``adapter_root``: the directory below which clients may add adapters (None: none)."""
     b = make_backend(backend, base.backbone())
     for s in specs:
         task = s.task
         b.add(AdapterInfo(s.name, str(s.path), 0, task,
                           get_task(task).label_names if task else None), s.path)
-    return Service(b, base.tokenizer, max_length, max_batch, max_wait_ms, max_texts)
+    return Service(b, base.tokenizer, max_length, max_batch, max_wait_ms, max_texts,
+                   adapter_root)
 
 
 def base_model_config(args, run_cfg=None):
@@ -387,7 +407,9 @@ def cli_command(args) -> int:
         torch.set_num_threads(args.threads)
     if args.replicate:
         specs = replicate(specs, args.replicate)
+    root = args.adapter_root or (run_dir if run_dir is not None else None)
     service = build_service(specs, load_base(base_model_config(args, run_cfg)), args.backend,
-                            max_length, args.max_batch, args.max_wait_ms, args.max_texts)
+                            max_length, args.max_batch, args.max_wait_ms, args.max_texts,
+                            root)
     serve(service, args.host, args.port, args.max_body_bytes, args.log_level)
     return 0
