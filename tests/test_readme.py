@@ -357,6 +357,9 @@ def test_readme_command(cmd: Command, request):
         assert out.returncode == 0, (text, out.stdout, out.stderr)
         body, _, status = out.stdout.rpartition("\n")
         assert 200 <= int(status) < 300, f"`{text}` answered HTTP {status}: {body}"
+        if "/metrics" in text:  # Prometheus text, not JSON
+            assert "loralens_http_requests_total{" in body, body[:2000]
+            return
         answer = json.loads(body)
         keys = next(k for pattern, k in CURL_KEYS if re.search(pattern, text))
         assert keys <= set(answer), f"`{text}` answered without {keys - set(answer)}: {answer}"

@@ -15,14 +15,15 @@ import re
 import sys
 from pathlib import Path
 
-from .config import METHODS, ConfigError, StudyConfig, load_config, preset_names
+from .config import ConfigError, StudyConfig, load_config, preset_names
 from .stages import STAGE_NAMES, STAGES, Context, Stage, get_stage, run_stage, run_study
 
 SELECTORS = {
     "task": dict(action="append", help="task: a built-in name or a task file (.yaml) "
                                        "(repeatable; default: the config's)"),
-    "method": dict(action="append", choices=list(METHODS),
-                   help="method (repeatable; default: the config's)"),
+    "method": dict(action="append",
+                   help="method: a built-in name (loralens.methods) or one of method_defs "
+                        "(repeatable; default: the config's)"),
     "seed": dict(action="append", type=int, help="seed (repeatable; default: the config's)"),
 }
 
@@ -38,6 +39,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                                      "postgresql://user@host/db; stored with its password "
                                      "hidden")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--report-to", action="append", metavar="none|tensorboard|mlflow",
+                   help="experiment trackers of the training jobs (tracking.report_to; "
+                        "repeatable or comma-separated)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (else $MLFLOW_TRACKING_URI, "
+                                          "else sqlite:///RUN_DIR/mlflow.db); never stored")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
@@ -101,6 +107,9 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f"search.storage={storage}")
     if args.glue_dir:
         extra.append(f"data.glue_dir={os.path.abspath(args.glue_dir)}")
+    if args.report_to:
+        names = [n.strip() for a in args.report_to for n in a.split(",") if n.strip()]
+        extra.append(f"tracking.report_to=[{','.join(names)}]")
     stage = _stage_of(args)
     for f in stage.flags if stage else ():
         value = getattr(args, _dest(f.name))
@@ -197,6 +206,8 @@ def study_command(args: argparse.Namespace) -> int:
     from .store import RunDir
 
     cfg, run_dir = resolve(args)
+    if args.tracking_uri:  # read where MLflow reads it; never written to the run directory
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     stage = _stage_of(args)
     names = _stage_names(args) if stage is None else ()
     if getattr(args, "dry_run", False):  # before anything writes into the run directory
@@ -227,11 +238,22 @@ def _stage_names(args: argparse.Namespace) -> tuple[str, ...]:
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
+def _commands_with_overrides(parser: argparse.ArgumentParser) -> set[str]:
+    """The subcommands (aliases included) whose parser has the ``key=value`` positional."""
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {name for name, p in subs.choices.items()
+            if any(x.dest == "overrides" for x in p._actions)}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # key=value overrides may stand anywhere among the options
-    overrides = [a for a in argv if OVERRIDE.match(a)]
-    args = build_parser().parse_args([a for a in argv if not OVERRIDE.match(a)])
+    parser = build_parser()
+    # key=value overrides may stand anywhere among the options of a command that takes
+    # them (not among `serve NAME=DIR` sources)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    takes = command in _commands_with_overrides(parser)
+    overrides = [a for a in argv if takes and OVERRIDE.match(a)]
+    args = parser.parse_args([a for a in argv if not (takes and OVERRIDE.match(a))])
     if hasattr(args, "overrides"):
         args.overrides = overrides + list(args.overrides or [])
     if args.command == "models":

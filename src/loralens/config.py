@@ -257,6 +257,16 @@ class WeightsConfig(_Validated):
     forgetting_max_length: int = _f(128, lo=2, doc="tokens per text (truncated)")
     forgetting_seed: int = _f(0, doc="seed of the text sample (same texts for every model)")
     batch_size: int = _f(16, lo=1, doc="texts per forward pass")
+    sweep: bool = _f(False, doc="the causal test: rescale each LoRA model's intruder directions "
+                                "(PEFT's reduce_intruder_dimension) and re-measure accuracy, "
+                                "drift and forgetting (opt-in; on in the paper preset)")
+    sweep_lambdas: list[float] = _f(factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.0], lo=0,
+                                    doc="mitigation_lambda values (1 = unchanged, 0 = intruder "
+                                        "directions removed)")
+    sweep_seeds: int = _f(1, lo=0, doc="LoRA models swept per task: the first N seeds (0 = all)")
+    sweep_epsilon: float = _f(0.5, lo=0, doc="PEFT's threshold_epsilon for the sweep")
+    sweep_eval_examples: int | None = _f(None, lo=1, doc="validation rows scored per lambda "
+                                                         "(None = the whole split)")
 
 
 def parse_layers(spec: str) -> str | list[int]:
@@ -281,6 +291,16 @@ def parse_layers(spec: str) -> str | list[int]:
 
 
 @dataclass
+class TrackingConfig(_Validated):
+    section: ClassVar[str] = "tracking"
+    report_to: list[str] = _f(factory=lambda: ["none"], choices=("none", "tensorboard", "mlflow"),
+                              doc="experiment trackers of the training jobs (loralens.tracking): "
+                                  "none, or tensorboard and/or mlflow (--report-to)")
+    experiment: str | None = _f(None, doc="MLflow experiment grouping the study's runs (None = "
+                                          "the run directory's name)")
+
+
+@dataclass
 class StudyConfig(_Validated):
     preset: str | None = _f(None, doc="preset the config was layered on")
     tasks: list[str] = _f(factory=lambda: ["mrpc", "sst2", "rte"],
@@ -289,7 +309,12 @@ class StudyConfig(_Validated):
                                    "files, by name (filled in from tasks: the run directory "
                                    "keeps them)")
     methods: list[str] = _f(factory=lambda: ["lora", "full"],
-                            doc="methods: lora or full (full = no adapter)")
+                            doc="methods: built-in names (loralens.methods: full, head, lora, "
+                                "dora, rslora, lora-all-linear, pissa, olora, ia3) or "
+                                "method_defs names")
+    method_defs: dict[str, Any] = _f(factory=dict, doc="user-defined methods, by name: "
+                                     "{family: full|head|peft, peft: {type: lora|ia3, ...}}")
+    reference_method: str = _f("full", doc="the method every other one is compared with")
     seeds: list[int] = _f(factory=lambda: [42, 1337, 2024], doc="training seeds")
     model: ModelConfig = _f(factory=ModelConfig)
     data: DataConfig = _f(factory=DataConfig)
@@ -301,6 +326,7 @@ class StudyConfig(_Validated):
     bench: BenchConfig = _f(factory=BenchConfig)
     drift: DriftConfig = _f(factory=DriftConfig)
     weights: WeightsConfig = _f(factory=WeightsConfig)
+    tracking: TrackingConfig = _f(factory=TrackingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -321,10 +347,9 @@ class StudyConfig(_Validated):
                 "the model trained with it would replay a search trial instead of being an "
                 "independent seed. Pick a search seed outside the training seeds "
                 "(default 0).", "search.seed")
-        for m in self.methods:
-            if m not in METHODS:
-                raise ConfigError(f"methods: unknown method {m!r}; known: {', '.join(METHODS)}",
-                                  "methods")
+        from .methods import validate_methods
+
+        validate_methods(self)
 
 
 METHODS = ("lora", "full")
@@ -478,17 +503,26 @@ def load_config(preset: str | None = None, file: str | Path | None = None,
         cfg = _merge_from(cfg, _load_yaml(Path(file)), str(file))
     if isinstance(overrides, dict):
         cfg = merge(StudyConfig, cfg, overrides)
-    else:
-        for item in overrides or []:
-            cfg = merge(StudyConfig, cfg, parse_override(item))
+    elif overrides:
+        cfg = merge_overrides(cfg, overrides)
     return cfg
 
 
 def merge_overrides(cfg: StudyConfig, overrides: list[str]) -> StudyConfig:
-    """``cfg`` with ``key=value`` items layered on."""
+    """``cfg`` with ``key=value`` items layered on, validated together (so that
+    ``methods=[.., mine]`` may come before the ``method_defs`` that defines ``mine``)."""
+    combined: dict = {}
     for item in overrides:
-        cfg = merge(StudyConfig, cfg, parse_override(item))
-    return cfg
+        _deep_update(combined, parse_override(item))
+    return merge(StudyConfig, cfg, combined) if combined else cfg
+
+
+def _deep_update(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_update(into[k], v)
+        else:
+            into[k] = v
 
 
 def _merge_from(cfg: StudyConfig, data: dict, source: str) -> StudyConfig:

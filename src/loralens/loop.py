@@ -138,8 +138,12 @@ class _Loop:
         self.step_model = model
         if tc.compile:
             self.step_model, res.compiled = torch.compile(model, dynamic=True), True
-        self.opt, note = make_optimizer(param_groups(self.mp.params, tc.weight_decay), lr,
-                                        opts["method"], tc.optimizer_full, device)
+        groups = param_groups(self.mp.params, tc.weight_decay)
+        if opts.get("lr_ratio"):  # LoRA+: lora_B at lr_ratio times the rate of the rest
+            from .methods import loraplus_groups
+
+            groups = loraplus_groups(groups, self.mp.names, lr, opts["lr_ratio"])
+        self.opt, note = make_optimizer(groups, lr, opts["method"], tc.optimizer_full, device)
         if note and rank_zero():
             print(f"{opts['desc']}: {note}", flush=True)
         self.sched, total = _cosine_schedule(self.opt, len(train_enc), tc)
@@ -182,6 +186,7 @@ class _Loop:
         # Data parallel: every rank takes its share of each global batch.
         local = [b[self.rank::self.world] for b in batches] if self.world > 1 else batches
         loss_sum, rows, step_in_epoch, stop = 0.0, 0, 0, False
+        window = (0.0, 0)  # (loss_sum, rows) at the previous optimizer step
         for i, idx in enumerate(local):
             if len(idx):
                 # weight = rows / rows of the accumulation window (all ranks): exact mean
@@ -193,7 +198,9 @@ class _Loop:
                 rows += len(idx)
             if (i + 1) % tc.grad_accum and i + 1 != len(batches):
                 continue
-            self.optimizer_step(loss_sum / max(rows, 1))
+            self.optimizer_step(loss_sum / max(rows, 1),
+                                (loss_sum - window[0]) / max(rows - window[1], 1))
+            window = (loss_sum, rows)
             step_in_epoch += 1
             last = i + 1 == len(batches) or bool(tc.max_steps and res.steps >= tc.max_steps)
             if self.early_stop_enc is not None and (step_in_epoch % res.eval_every == 0 or last):
@@ -207,7 +214,7 @@ class _Loop:
         res.epochs = epoch + 1
         return stop
 
-    def optimizer_step(self, running_loss: float) -> None:
+    def optimizer_step(self, running_loss: float, step_loss: float = math.nan) -> None:
         res, tc = self.res, self.tc
         t_step = time.perf_counter()
         self.mp.grads_to_masters()
@@ -221,6 +228,8 @@ class _Loop:
         self.opt.zero_grad(set_to_none=True)
         res.step_seconds += time.perf_counter() - t_step
         res.steps += 1
+        on_step = self.opts.get("on_step")  # (step, this step's mean loss, learning rate)
+        on_step and on_step(res.steps, step_loss, self.sched.get_last_lr()[0])
         seconds = max(res.step_seconds, 1e-9)
         achieved = res.flops_per_token * res.real_tokens / seconds
         self.bar.set_postfix(loss=f"{running_loss:.4f}",
@@ -254,15 +263,17 @@ def fit(model: nn.Module, train_enc: D.Encoded, early_stop_enc: D.Encoded | None
         tc: TrainConfig, lr: float, seed: int, *, group_by_length: bool = True,
         stop_below_train_loss: float | None = None, pad_to: int | None = None,
         progress: bool = True, desc: str = "train", on_eval=None,
-        method: str = "lora") -> FitResult:
+        method: str = "lora", on_step=None, lr_ratio: float | None = None) -> FitResult:
     """Train ``model`` in place; restore the parameters with the best selection loss.
 
-    ``on_eval(entry)`` is called after each early-stopping evaluation (search pruning).
-    ``method`` picks the optimizer (``train.optimizer_full`` applies to ``full``).
+    ``on_eval(entry)`` is called after each early-stopping evaluation (search pruning),
+    ``on_step(step, loss, lr)`` after each optimizer step (experiment tracking).
+    ``method`` picks the optimizer (``train.optimizer_full`` applies to ``full``);
+    ``lr_ratio`` (LoRA+) trains LoRA's B matrices at ``lr_ratio * lr``.
     """
     opts = {"group_by_length": group_by_length, "stop_below_train_loss": stop_below_train_loss,
             "pad_to": pad_to, "progress": progress, "desc": desc, "on_eval": on_eval,
-            "method": method}
+            "method": method, "on_step": on_step, "lr_ratio": lr_ratio}
     return _Loop(model, train_enc, early_stop_enc, pad_id, tc, lr, seed, opts).run()
 
 

@@ -337,22 +337,20 @@ def load_base(model_cfg) -> Base:
 def apply_method(model: CausalLMClassifier, method: str, cfg) -> nn.Module:
     """Make ``model`` trainable for ``method``: the only place methods differ.
 
-    ``full`` trains every parameter; ``lora`` wraps the classifier with a PEFT LoRA
-    adapter from ``cfg.lora`` (head trained and saved with it, as ``modules_to_save``).
+    ``method`` is a name of the method registry (:mod:`loralens.methods`: built-ins and
+    ``cfg.method_defs``). ``full`` trains every parameter; ``head`` only the head;
+    a PEFT method (``lora``: from ``cfg.lora``) wraps the classifier with its adapter
+    (head trained and saved with it, as ``modules_to_save``).
     """
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
+    from .methods import get_method, make_trainable
 
-        lc = cfg.lora
-        peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                              target_modules=list(lc.target_modules), modules_to_save=["score"],
-                              bias="none")
-        return get_peft_model(model, peft_cfg)
-    raise ValueError(f"unknown method {method!r}; use 'lora' or 'full'")
+    return make_trainable(model, get_method(method, cfg))
+
+
+def _is_peft(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 def save_trained(model: nn.Module, method: str, out: Path, tokenizer=None,
@@ -370,7 +368,7 @@ def save_trained(model: nn.Module, method: str, out: Path, tokenizer=None,
     from .store import atomic_dir
 
     with atomic_dir(out) as tmp:
-        if method == "lora":
+        if _is_peft(model):  # any PEFT method: PEFT's adapter layout
             write_adapter(model, tmp, tokenizer)
         else:
             write_full(model, tmp, tokenizer, label_names)

@@ -192,8 +192,11 @@ def _notes(cfg: StudyConfig, works: list[StageWork], run_dir) -> list[str]:
 
 def dry_run(cfg: StudyConfig, stages: Sequence[str], run_dir: str | Path | None = None) -> str:
     """``loralens run --dry-run``: the plan of ``stages`` as text (progress on stderr)."""
+    from .methods import require_supported
+
     def log(s: str) -> None:
         print(s, file=sys.stderr, flush=True)
 
+    require_supported("dry-run", cfg.methods, cfg)  # the planner times lora and full only
     works, tp = plan_study(cfg, stages, log=log)
     return format_plan(cfg, works, tp, run_dir)

@@ -14,6 +14,7 @@ import numpy as np
 from . import data as D
 from .config import StudyConfig
 from .devices import training_device
+from .methods import get_method
 from .models import Base, apply_method, build_classifier
 from .store import RunDir, atomic_write_json, read_json
 from .loop import fit
@@ -37,7 +38,9 @@ def sanity_pair(cfg: StudyConfig, task: str, method: str, prepared, base: Base,
     tiny = sanity_rows(prepared.train, sc.examples, seed)
     tc = replace(cfg.train, epochs=sc.epochs, batch_size=sc.batch_size, grad_accum=1,
                  warmup_ratio=0.0, weight_decay=0.0, max_steps=0, patience=0, eval_every=0)
-    lr = sc.lr_lora if method == "lora" else sc.lr_full
+    meth = get_method(method, cfg)
+    kind = meth.optimizer_kind  # full: lr_full; adapter/head: lr_lora
+    lr = sc.lr_full if kind == "full" else sc.lr_lora
     # The training device, as train_model chooses it: the check runs the production loop
     # where production runs (bf16 autocast and checkpointing on a GPU, by train.*).
     device = training_device()
@@ -46,7 +49,7 @@ def sanity_pair(cfg: StudyConfig, task: str, method: str, prepared, base: Base,
                          method, cfg).to(device)
     res = fit(model, tiny, None, prepared.pad_id, tc, lr, seed, progress=progress,
               stop_below_train_loss=sc.loss_threshold, desc=f"sanity {task}/{method}",
-              method=method)
+              method=kind, lr_ratio=meth.lr_ratio)
     passed = res.final_train_loss < sc.loss_threshold
     return {"task": task, "method": method, "examples": int(len(tiny)),
             "epochs_run": res.epochs,

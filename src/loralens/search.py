@@ -59,15 +59,26 @@ COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
 
 
 def space(method: str, cfg: StudyConfig) -> dict[str, tuple]:
-    """The resolved search space of ``method``: ``{name: (kind, *args)}``."""
+    """The resolved search space of ``method``: ``{name: (kind, *args)}``.
+
+    Its family's default (:mod:`loralens.methods`): full fine-tuning searches
+    ``search.lr_full``/``batch_full``; head-only and adapter methods ``lr_lora``/
+    ``batch_lora``; LoRA-type methods also LoRA's alpha and dropout where they take
+    them from the ``lora`` section. Then the method's own ``search`` entries
+    (``method_defs.<name>.search``) replace or add dimensions.
+    """
+    from .methods import get_method, inherited_lora_keys, space_overrides
+
     sc = cfg.search
-    lo, hi = sc.lr_full if method == "full" else sc.lr_lora
+    full = get_method(method, cfg).family == "full"
+    lo, hi = sc.lr_full if full else sc.lr_lora
+    lora_keys = inherited_lora_keys(method, cfg)
     return {"lr": ("loguniform", float(lo), float(hi)),
-            "batch_size": ("categorical", list(sc.batch_full if method == "full"
-                                               else sc.batch_lora)),
-            **SPACES[method],
+            "batch_size": ("categorical", list(sc.batch_full if full else sc.batch_lora)),
+            **SPACES["full" if full else "lora"],
             "epochs": ("categorical", list(sc.epochs)),
-            **(LORA_SPACE if method == "lora" else {})}
+            **{k: v for k, v in LORA_SPACE.items() if k in lora_keys},
+            **space_overrides(method, cfg)}
 
 
 def sampler_seed(task: str, method: str, position: int = 0, base: int = 0) -> int:
@@ -139,8 +150,9 @@ def suggest(trial: optuna.Trial, method: str, cfg: StudyConfig) -> dict:
 def params_to_overrides(params: dict, method: str) -> dict:
     """Trial parameters as nested config overrides; the rank stays the config's ``lora.r``."""
     out: dict = {"train": {k: v for k, v in params.items() if k not in LORA_KEYS}}
-    if method == "lora":
-        out["lora"] = {k: v for k, v in params.items() if k in LORA_KEYS}
+    lora = {k: v for k, v in params.items() if k in LORA_KEYS}
+    if method == "lora" or lora:  # LoRA-type methods read alpha/dropout from lora.*
+        out["lora"] = lora
     return out
 
 
@@ -208,9 +220,11 @@ def _prepare_search_task(cfg: StudyConfig, train_cfg: StudyConfig, task: str, to
     return prepared, eval_enc
 
 
-def _pruning_reporter(trial: optuna.Trial, metric: str):
-    """``on_eval`` callback of a trial: report each evaluation, prune when Optuna says so."""
+def _pruning_reporter(trial: optuna.Trial, metric: str, tracker=None):
+    """``on_eval`` callback of a trial: report each evaluation (to the experiment tracker
+    too, if any), prune when Optuna says so."""
     def on_eval(entry):
+        tracker and tracker.on_eval(entry)
         # The k-th evaluation is the same fraction of training in every trial (steps
         # are not: batch sizes differ), so pruning compares like with like.
         trial.report(entry[f"val_{metric}"], entry["eval"])
@@ -222,10 +236,13 @@ def _pruning_reporter(trial: optuna.Trial, metric: str):
 
 def _run_trial(cfg: StudyConfig, train_cfg: StudyConfig, study: optuna.Study,
                trial: optuna.Trial, task: str, method: str, base: Base, prepared, eval_enc,
-               progress: bool) -> None:
+               progress: bool, run_root=None) -> None:
     """Suggest, train and score one trial with a heartbeat running; tell the study its end."""
+    from .tracking import open_trial
+
     sc = cfg.search
     overrides = suggest(trial, method, cfg)
+    tracker = open_trial(cfg, run_root, task, method, trial.number) if run_root else None
     trial.set_user_attr("train_rows", len(prepared.train))
     trial.set_user_attr("eval_rows", len(eval_enc))
     trial.set_user_attr("eval_split", prepared.selection_info["split"])
@@ -237,7 +254,7 @@ def _run_trial(cfg: StudyConfig, train_cfg: StudyConfig, study: optuna.Study,
         model, fitres = train_model(with_overrides(train_cfg, overrides), prepared, method,
                                     sc.seed, base, progress,
                                     desc=f"search {task}/{method} #{trial.number}",
-                                    on_eval=_pruning_reporter(trial, metric))
+                                    on_eval=_pruning_reporter(trial, metric, tracker))
         val = evaluate(model, eval_enc, prepared.pad_id, cfg.train.eval_batch_size)
         value = val[metric]
         trial.set_user_attr("accuracy", val["accuracy"])
@@ -246,14 +263,22 @@ def _run_trial(cfg: StudyConfig, train_cfg: StudyConfig, study: optuna.Study,
         study.tell(trial, value)
         print(f"search {task}/{method} trial {trial.number}: {metric} {value:.4f} "
               f"{trial.params}", flush=True)
+        if tracker:
+            tracker.params({"params": trial.params, "metric": metric, "seed": sc.seed})
+            tracker.scalars(fitres.steps, {"search/objective": value,
+                                           **{f"search/{k}": val[k] for k in ("accuracy", "f1")}})
     except optuna.TrialPruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         print(f"search {task}/{method} trial {trial.number}: pruned", flush=True)
+        tracker and tracker.params({"params": trial.params, "metric": metric, "pruned": True})
     except BaseException:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        tracker and tracker.close(ok=False)
+        tracker = None
         raise
     finally:
         beat.join()
+        tracker and tracker.close()
 
 
 def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base,
@@ -278,7 +303,7 @@ def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base
         if prepared is None:
             prepared, eval_enc = _prepare_search_task(cfg, train_cfg, task, base.tokenizer)
         _run_trial(cfg, train_cfg, study, trial, task, method, base, prepared, eval_enc,
-                   progress)
+                   progress, run.root)
         on_trial and on_trial()
     return write_best(cfg, run, task, method, study)
 

@@ -234,6 +234,12 @@ def run_drift(ctx: Context) -> bool:
 
     print("\n".join(summary_lines(drift(ctx.cfg, ctx.run, ctx.tasks, progress=ctx.progress))),
           flush=True)
+    if set(ctx.cfg.methods) - {"lora", "full"}:  # more methods: each vs the reference
+        from .drift_methods import method_drift
+
+        res = method_drift(ctx.cfg, ctx.run, ctx.tasks)
+        print(f"drift of {len(ctx.cfg.methods)} methods vs {res['reference_method']}: "
+              f"{res['files'][1]}", flush=True)
     return True
 
 
@@ -356,12 +362,21 @@ def get_stage(name: str) -> Stage:
     raise KeyError(name)
 
 
+def check_methods(stage: Stage, ctx: Context) -> None:
+    """Refuse (``ConfigError`` naming method and stage) a method the stage cannot handle."""
+    from .methods import require_supported
+
+    if stage.name != "search" or ctx.cfg.search.enabled:
+        require_supported(stage.name, ctx.methods, ctx.cfg)
+
+
 def run_stage(stage: Stage, ctx: Context, record: bool = True) -> bool:
     """Run one stage and (``record``) add its wall time to the run directory's timings."""
     if ctx.cfg.train.threads:  # every stage computes with the same number of threads
         import torch
 
         torch.set_num_threads(ctx.cfg.train.threads)
+    check_methods(stage, ctx)
     t0 = time.perf_counter()
     ok = stage.run(ctx)
     if record:
@@ -378,6 +393,8 @@ def run_study(ctx: Context, names: tuple[str, ...] = STAGE_NAMES) -> bool:
     from tqdm.auto import tqdm
 
     stages = [get_stage(n) for n in names]
+    for stage in stages:  # before any work: a stage that would refuse a method refuses now
+        check_methods(stage, ctx)
     t0 = time.perf_counter()
     ok = True
     with tqdm(total=sum(s.units(ctx) for s in stages), desc="study", unit="job",

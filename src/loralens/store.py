@@ -33,7 +33,8 @@ PACKAGES = ("loralens", "torch", "transformers", "peft", "datasets", "accelerate
 
 
 # Keys that may differ between the machines that share one run directory.
-MACHINE_LOCAL = {"data.glue_dir", "search.storage"}
+# where this machine finds things or reports to, not what the study is
+MACHINE_LOCAL = {"data.glue_dir", "search.storage", "tracking.report_to", "tracking.experiment"}
 
 
 class RunDirError(RuntimeError):
@@ -287,8 +288,13 @@ class RunDir:
         return self.job_dir(task, method, seed) / "val_logits.npy"
 
     def weights_dir(self, task: str, method: str, seed: int) -> Path:
-        """``adapter/`` (PEFT layout) for LoRA, ``model/`` for full fine-tuning."""
-        return self.job_dir(task, method, seed) / WEIGHTS_DIR[method]
+        """``adapter/`` (PEFT layout) for LoRA, ``model/`` for full fine-tuning; for other
+        methods (:mod:`loralens.methods`) the one the job wrote (``model/`` for head-only
+        training, ``adapter/`` for PEFT methods), ``adapter/`` before it ran."""
+        job = self.job_dir(task, method, seed)
+        if method in WEIGHTS_DIR:
+            return job / WEIGHTS_DIR[method]
+        return job / ("model" if (job / "model").is_dir() else "adapter")
 
     def job_done(self, task: str, method: str, seed: int) -> bool:
         return self.metrics_path(task, method, seed).is_file()
@@ -339,6 +345,10 @@ class RunDir:
 
     def weightspace_model_path(self, task: str, method: str, seed: int) -> Path:
         return self.weightspace_dir / "models" / f"{task}-{method}-seed{seed}.json"
+
+    def weightspace_sweep_path(self, task: str, seed: int) -> Path:
+        """One LoRA model's intruder-removal sweep (the weights stage, weights.sweep)."""
+        return self.weightspace_dir / "sweep" / f"{task}-lora-seed{seed}.json"
 
     @property
     def bench_dir(self) -> Path:

@@ -25,9 +25,11 @@ from . import data as D
 from .config import StudyConfig, TrainConfig
 from .loop import device_of, dist_info, evaluate, fit
 from .metrics import scores
+from .methods import get_method, method_record, weights_subdir
 from .models import Base, apply_method, build_classifier, load_base, save_trained
 from .store import RunDir, atomic_path, atomic_write_json, read_json
 from .tasks import TaskSpec, get_task
+from .tracking import open_job
 
 
 # --------------------------------------------------------------------------- setup
@@ -38,10 +40,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def learning_rate(train: TrainConfig, method: str) -> float:
+def learning_rate(train: TrainConfig, method: str, kind: str | None = None) -> float:
+    """``train.lr``, else the method's default: ``lr_full`` for full fine-tuning, ``lr_lora``
+    for adapter and head methods (``kind``: :attr:`loralens.methods.Method.optimizer_kind`,
+    ``method`` itself when omitted)."""
     if train.lr is not None:
         return train.lr
-    return train.lr_lora if method == "lora" else train.lr_full
+    return train.lr_full if (kind or method) == "full" else train.lr_lora
 
 
 @dataclass
@@ -135,19 +140,21 @@ def with_overrides(cfg: StudyConfig, overrides: dict | None) -> StudyConfig:
 
 
 def train_model(cfg: StudyConfig, prepared: Prepared, method: str, seed: int, base: Base,
-                progress: bool = True, desc: str | None = None, on_eval=None):
+                progress: bool = True, desc: str | None = None, on_eval=None, on_step=None):
     """Build, train and return (model, FitResult) for one method and seed."""
     tc = cfg.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if tc.threads:
         torch.set_num_threads(tc.threads)
     seed_everything(seed)
+    meth = get_method(method, cfg)
+    kind = meth.optimizer_kind
     model = apply_method(build_classifier(base.backbone(), prepared.task.num_labels, seed),
                          method, cfg).to(device)
     fitres = fit(model, prepared.train, prepared.early_stop, prepared.pad_id, tc,
-                 learning_rate(tc, method), seed, group_by_length=cfg.data.group_by_length,
+                 learning_rate(tc, method, kind), seed, group_by_length=cfg.data.group_by_length,
                  progress=progress, desc=desc or f"{prepared.task.name}/{method}/seed{seed}",
-                 on_eval=on_eval, method=method)
+                 on_eval=on_eval, method=kind, on_step=on_step, lr_ratio=meth.lr_ratio)
     return model, fitres
 
 
@@ -168,15 +175,38 @@ def train_job(cfg: StudyConfig, run: RunDir, task: str, method: str, seed: int, 
     base = base or load_base(cfg)
     prepared = prepared or prepare_task(cfg, task, base.tokenizer)
     jcfg = with_overrides(cfg, overrides)
-    model, fitres = train_model(jcfg, prepared, method, seed, base, progress)
-    tc = jcfg.train
+    tracker = open_job(cfg, run.root, task, method, seed) if dist_info()[0] == 0 else None
+    try:
+        model, fitres = train_model(jcfg, prepared, method, seed, base, progress,
+                                    on_eval=tracker and tracker.on_eval,
+                                    on_step=tracker and tracker.on_step)
+        metrics = _finish_job(jcfg, run, task, method, seed, prepared, base, model, fitres,
+                              overrides)
+    except BaseException:
+        tracker and tracker.close(ok=False)
+        raise
+    if tracker:
+        tracker.params({"hyperparameters": metrics["hyperparameters"], "task": task,
+                        "method": method, "seed": seed, "model": base.name})
+        tracker.finish(metrics)
+        tracker.close()
+    return metrics
+
+
+def _finish_job(jcfg, run, task, method, seed, prepared, base, model, fitres, overrides):
+    """Score the trained model on the reported split once; write weights, logits and
+    metrics.json (last)."""
+    cfg, tc = jcfg, jcfg.train
+    metrics_path = run.metrics_path(task, method, seed)
     val = evaluate(model, prepared.val, prepared.pad_id, tc.eval_batch_size)  # float32
     logits = val.pop("logits")
     rank, world = dist_info()
     if rank > 0:  # data parallel: rank 0 writes the job's files
         return {"task": task, "method": method, "seed": seed, "validation": val, "rank": rank}
     metrics_path.unlink(missing_ok=True)
-    save_trained(model, method, run.weights_dir(task, method, seed), base.tokenizer,
+    meth = get_method(method, jcfg)
+    save_trained(model, method, run.job_dir(task, method, seed) / weights_subdir(meth),
+                 base.tokenizer,
                  prepared.task.label_names,
                  card={"task": task, "base": base.name, "base_note": base.note, "seed": seed,
                        "scores": {m: val[m] for m in prepared.task.metrics},
@@ -191,8 +221,10 @@ def train_job(cfg: StudyConfig, run: RunDir, task: str, method: str, seed: int, 
         "score": val[prepared.task.metric],
         "majority_baseline": majority_baseline(prepared.train.labels, prepared.val.labels,
                                                prepared.task.num_labels),
-        "hyperparameters": {**tc.__dict__, "lr": learning_rate(tc, method),
-                            **({"lora": jcfg.lora.__dict__} if method == "lora" else {})},
+        "hyperparameters": {**tc.__dict__, "lr": learning_rate(tc, method, meth.optimizer_kind),
+                            **({"lora": jcfg.lora.__dict__} if method == "lora" else {}),
+                            **({"method": method_record(meth)} if method not in ("lora", "full")
+                               else {})},
         "overrides": overrides or {},
         "parameters": count_parameters(model),
         "fit": fitres.to_dict(),

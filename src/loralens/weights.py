@@ -322,4 +322,15 @@ def run_weights(ctx) -> bool:
     finished = ctx.run.finished_jobs()
     summary = write_outputs(ctx.run, load_results(ctx.run, finished), ctx.cfg.tasks)
     print("\n".join(summary_lines(summary)), flush=True)
+    if set(ctx.cfg.methods) - {"lora", "full"}:  # more methods: each vs the reference
+        from .weights_methods import method_summary
+
+        method_summary(ctx.cfg, ctx.run, load_results(ctx.run, finished))
+        print(f"weights of {len(ctx.cfg.methods)} methods vs {ctx.cfg.reference_method}: "
+              f"{ctx.run.weightspace_path('methods.json')}", flush=True)
+    if ctx.cfg.weights.sweep:  # the causal test (intruder_sweep.py): opt-in
+        from .intruder_sweep import run_sweep
+
+        run_sweep(ctx, lambda: state.get("an") or state.setdefault(
+            "an", Analyzer(ctx.cfg, ctx.base)))
     return True

@@ -83,7 +83,7 @@ def test_full_report_in_chromium(tmp_path):
     seen = probe(report, tmp_path)
     assert seen["resources"] == []  # nothing fetched: figures are embedded
     assert sorted(im["alt"].split(":")[0] for im in seen["images"]) == [
-        f"Figure {i}" for i in range(1, 9)]
+        f"Figure {i}" for i in range(1, 10)]
     for im in seen["images"]:
         assert im["complete"] and im["width"] > 0 and im["height"] > 0 and im["data"], im
     tables = {t["id"]: t for t in seen["tables"]}

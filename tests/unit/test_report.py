@@ -289,7 +289,23 @@ def write_weights(run, rng, seeds=SEEDS, blocks=4):
                                                "tasks not trained on: x (4)", "n_texts": 4,
                                                "n_tokens": 50, "ce_base": 3.0, "ce_tuned": ce,
                                                "forgetting": ce - 3.0}})
+    write_sweep(run, seeds[:1])
     return write_outputs(run, results, list(TASKS))
+
+
+def write_sweep(run, seeds):
+    """weightspace/sweep.* as the weights stage writes them (weights.sweep): λ lowers drift."""
+    from loralens.intruder_sweep import write_outputs
+
+    cfg = load_config(overrides={"weights": {"sweep_lambdas": [1.0, 0.5, 0.0]}})
+    results = [{"task": t, "seed": s, "lambdas": {f"{lam:g}": {
+        "lambda": lam, "metric": "accuracy", "score": 0.6 + 0.1 * lam, "accuracy": 0.6 + 0.1 * lam,
+        "n_eval": N_VAL[t], "n_drift": N_VAL[t], "drift": {"mean": 0.01 * lam,
+                                                          "per_state": [0.0, 0.01 * lam]},
+        "forgetting": 0.02 * lam, "peft_intruders": 4, "peft_modules_changed": 2,
+        "intruders_after": 0 if lam == 0 else 4}
+        for lam in (1.0, 0.5, 0.0)}} for t in TASKS for s in seeds]
+    write_outputs(run, cfg, results)
 
 
 def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "drift", "bench",
@@ -461,6 +477,17 @@ def test_markdown_has_every_table_and_number(full_report):
     assert "Every stage has run." in md and "not computed yet" not in md
 
 
+def test_the_causal_test_table(full_report):
+    run, _, _ = full_report
+    md = (run.report_dir / "report.md").read_text()
+    assert "Table 7c: the causal test, removing intruder dimensions" in md
+    task = next(iter(TASKS))
+    # λ = 0.5: score 0.65, drift 0.005, forgetting 0.01, 4 detected by PEFT, 4 left
+    assert f"| {task} | 0.5 | 1 | accuracy | 0.6500 | 0.005 | 0.01 | 4 | 4 |" in md
+    assert f"| {task} | 0 | 1 | accuracy | 0.6000 | 0 | 0 | 4 | 0 |" in md
+    assert "![Figure 9: the causal test" in md
+
+
 def test_figures_are_valid_png_and_svg(full_report):
     from PIL import Image
 
@@ -470,7 +497,8 @@ def test_figures_are_valid_png_and_svg(full_report):
     assert names == sorted(p.stem for p in figs.glob("*.svg"))
     assert names == ["fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwise-drift",
                      "fig4-latency", "fig5-layerwise-debiased-cosine", "fig6-loadtest",
-                     "fig7-outlier-dimensions", "fig8-layerwise-intruders"]
+                     "fig7-outlier-dimensions", "fig8-layerwise-intruders",
+                     "fig9-intruder-sweep"]
     for name in names:
         png = figs / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -491,7 +519,7 @@ def test_html_is_self_contained(full_report):
     assert refs and all(r.startswith(("data:image/png;base64,", "#")) for r in refs)
     assert "<script" not in html and "<link" not in html and "@import" not in html
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) == 8
+    assert len(images) == 9
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     for tid in ("table-status", "table-provenance", "table-timings", "table-throughput",
                 "table-sanity", "table-1-data", "table-2-spaces", "table-2-search",
@@ -577,7 +605,7 @@ def test_one_seed_without_search(tmp_path):
     assert "0.8100" in md and "42: 0.8100" in md
     assert "at least 2 paired seeds" in md  # why p, d and the CIs are empty
     figs = sorted(p.stem for p in (run.report_dir / "figures").glob("*.png"))
-    assert len(figs) == 8  # Figures 1-5, load test's 6, outliers' 7, weight space's 8
+    assert len(figs) == 9  # Figures 1-5, load test's 6, outliers' 7, weight space's 8, 9
     assert "not computed yet" not in md
 
 

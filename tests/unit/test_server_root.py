@@ -92,3 +92,17 @@ def test_the_root_defaults_to_the_served_run_directory(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="stop here"):
             server.cli_command(parser.parse_args(argv))
         assert str(roots[-1]) == str(want)
+
+
+def test_name_equals_dir_sources_reach_serve_and_overrides_still_reach_stages(monkeypatch):
+    """`serve NAME=DIR` is a source, not a config override (it once failed with "the
+    following arguments are required"); `train key=value` stays an override."""
+    from loralens import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_serving_command", lambda args: seen.setdefault("s", args) and 0)
+    assert cli.main(["serve", "mine=/some/adapter", "--port", "0"]) == 0
+    assert seen["s"].sources == ["mine=/some/adapter"]
+    args = cli.build_parser().parse_args(["train"])
+    assert "train" in cli._commands_with_overrides(cli.build_parser())
+    assert args.overrides == []

@@ -329,6 +329,10 @@ def _weights(doc: _Document) -> None:
     doc.figure("fig8-layerwise-intruders")
     if doc.table(table8) is None:
         doc.add(missing("Forgetting", "not measured (weights.forgetting is off)"))
+    from .sweep_report import table7c
+
+    if doc.table(table7c) is not None:
+        doc.figure("fig9-intruder-sweep")
     doc.add(p("Sources: `weightspace/summary.json`, `layers.csv` (every matrix, layer, seed and "
               "ε), `forgetting.csv`, `models/` (one JSON per model).", "note"))
 

@@ -40,6 +40,12 @@ def add_serve_arguments(p) -> None:
                         "run directory served; none when only adapter directories are given)")
     p.add_argument("--replicate", type=int, default=0,
                    help="load copies of the adapters until there are this many (load tests)")
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health, "
+                        "KEY the first line of FILE (default: $LORALENS_API_KEY if set, else "
+                        "no authentication); never pass a key as an argument: ps shows those")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="GET /metrics answers without the API key (for a scraper without one)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
 

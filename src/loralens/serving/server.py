@@ -8,6 +8,7 @@ directory's LoRA adapters, or adapter directories) is added to one backend
 Endpoints::
 
     GET    /health                  {"status": "ok", "backend": ..., "adapters": n}
+    GET    /metrics                 Prometheus text (:mod:`.metrics`)
     GET    /v1/adapters             [{"name", "task", "num_labels", "label_names", "source"}]
     POST   /v1/adapters             {"name": "x", "path": "/dir/adapter", "task": "sst2"?}  -> 201
     DELETE /v1/adapters/{name}
@@ -28,7 +29,9 @@ and never stops the server: malformed JSON 400; wrong types, missing or extra ke
 empty lists or strings 422; unknown adapter 404; too many texts, or a body over
 ``max_body_bytes``, 413. The server binds to 127.0.0.1 unless told otherwise.
 
-Modules: :mod:`.sources` (which adapters), :mod:`.bodies` (request bodies, limits).
+Modules: :mod:`.sources` (which adapters), :mod:`.bodies` (request bodies, limits),
+:mod:`.auth` (the optional bearer token: every endpoint but /health), :mod:`.metrics`.
+On SIGTERM the server stops accepting, answers the requests it has, and exits 0.
 The base model is the run's (name, revision, trust_remote_code from its config)
 when a run directory is served, loaded through :func:`loralens.models.load_base`.
 """
@@ -55,7 +58,9 @@ from ..tasks import get_task
 from .backends import AdapterError, AdapterInfo, Backend, make_backend
 from .bodies import (AdapterIn, BodyLimit, ClassifyIn, RequestError, json_body_schema,
                      read_body)
+from .auth import BearerAuth, declare_auth, load_api_key
 from .cli_args import DEFAULT_MAX_BODY
+from .metrics import MetricsMiddleware, install_metrics
 from .responses import (ADDED_LINKS, AdapterOut, AdaptersOut, ClassifyOut, HealthOut, RemovedOut,
                         responses)
 from .sources import NAME_RULE, AdapterSpec, collect_adapters, replicate, task_of, valid_name
@@ -101,6 +106,7 @@ class Service:
         self.queue: asyncio.Queue[_Pending] | None = None
         self.task: asyncio.Task | None = None
         self.stats = ServiceStats()
+        self.metrics = None  # a metrics.ServerMetrics once an app serves this service
 
     # ---- lifecycle (called by the app's lifespan)
     async def start(self) -> None:
@@ -239,6 +245,7 @@ class Service:
 
     def _infer(self, batch: list[_Pending]) -> list[torch.Tensor | Exception]:
         """On the worker thread: one forward for every request whose adapter is loaded."""
+        started = time.perf_counter()
         live = [p for p in batch if p.adapter in self.backend.infos]  # removed meanwhile?
         results: dict[int, torch.Tensor | Exception] = {
             id(p): RequestError(404, self._unknown(p.adapter))
@@ -256,12 +263,17 @@ class Service:
             self.stats.rows += len(ids)
             self.stats.requests += len(live)
             self.stats.mixed_batches += len(set(names)) > 1
+            if self.metrics is not None:
+                self.metrics.observe_batch(live, started)
         return [results[id(p)] for p in batch]
 
 
 # --------------------------------------------------------------------------- the app
 
-def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY):
+def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY, api_key=None,
+               public_metrics: bool = False):
+    """The ASGI app: FastAPI's routes inside the body limit, the bearer-token check when
+    ``api_key`` (an :class:`.auth.ApiKey`) is given, and the metrics, outermost."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -337,7 +349,13 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY):
                                     f"the limit is {service.max_texts}")
         return await service.classify(body.adapter, body.texts, body.pairs)
 
-    return BodyLimit(app, max_body_bytes)
+    metrics = install_metrics(app, service)
+    inner = BodyLimit(app, max_body_bytes)
+    if api_key is not None:
+        open_paths = {"/health", "/metrics"} if public_metrics else {"/health"}
+        declare_auth(app, open_paths)
+        inner = BearerAuth(inner, api_key, open_paths)
+    return MetricsMiddleware(inner, metrics, app.routes)
 
 
 # --------------------------------------------------------------------------- building and running
@@ -381,25 +399,48 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(service: Service, host: str = "127.0.0.1", port: int = 8000,
-          max_body_bytes: int = DEFAULT_MAX_BODY, log_level: str = "warning") -> None:
+          max_body_bytes: int = DEFAULT_MAX_BODY, log_level: str = "warning", api_key=None,
+          public_metrics: bool = False) -> None:
     """Run until interrupted. Prints ``listening on http://HOST:PORT`` once ready."""
     import uvicorn
 
     sock = bind_socket(host, port)
     actual = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(service, max_body_bytes), log_level=log_level,
-                            access_log=False, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(create_app(service, max_body_bytes, api_key, public_metrics),
+                            log_level=log_level,
+                            access_log=False, timeout_graceful_shutdown=GRACE_S)
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host
     print(f"listening on http://{shown}:{actual} (backend {service.backend.kind}, "
           f"{len(service.backend.infos)} adapters)", flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: bound to {host}: reachable from other machines; the server has no "
-              "authentication", file=sys.stderr, flush=True)
-    server.run(sockets=[sock])
+              "authentication (set $LORALENS_API_KEY or --api-key-file)", file=sys.stderr,
+              flush=True)
+    run_until_stopped(server, sock)
+
+
+GRACE_S = 30  # after SIGTERM: how long requests already received may take to be answered
+
+
+def run_until_stopped(server, sock: socket.socket) -> None:
+    """Serve until SIGTERM or Ctrl-C. On SIGTERM uvicorn stops accepting, answers the
+    requests it has (queued ones included: the batcher stops only after them), then
+    re-raises the signal; a no-op handler turns that into a normal return (exit 0)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return server.run(sockets=[sock])
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cli_command(args) -> int:
+    api_key = load_api_key(args.api_key_file)  # before the model loads: a bad file fails fast
     specs, run_dir = collect_adapters(args.sources)
     run_cfg = RunDir(run_dir).load_config() if run_dir is not None else None
     max_length = args.max_length or (run_cfg.data.max_length if run_cfg is not None else 384)
@@ -411,5 +452,6 @@ def cli_command(args) -> int:
     service = build_service(specs, load_base(base_model_config(args, run_cfg)), args.backend,
                             max_length, args.max_batch, args.max_wait_ms, args.max_texts,
                             root)
-    serve(service, args.host, args.port, args.max_body_bytes, args.log_level)
+    serve(service, args.host, args.port, args.max_body_bytes, args.log_level,
+          api_key, args.public_metrics)
     return 0

@@ -1,0 +1,105 @@
+"""Drift of every method against the study's reference method (``reference_method``,
+default ``full``), for studies with more than the two methods of Tables 3 and 4.
+
+Writes ``RUN_DIR/drift/methods.json`` and ``methods.csv``: per task, tested drift measure
+(:data:`~loralens.drift_measures.DRIFT_MEASURES`) and method, the drift averaged over the
+states of ``drift.layers`` (mean, sd and each seed's value), and the method against the
+reference, seed-paired (:func:`loralens.drift_stats.compare`: paired t-test, Bonferroni
+over (methods other than the reference) x configured tasks x measures, Cohen's d of
+reference - method, positive when the reference drifts more; Delta% = 100 (drift_ref -
+drift_method) / drift_ref).
+
+A method of the ``head`` family trains only the classification head: its backbone is the
+base model's, its drift 0 by construction, so its tests are undefined (never
+significant) and say so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from .config import StudyConfig
+from .drift_measures import DRIFT_MEASURES, DRIFT_SIGN, drift_states, layer_similarities
+from .drift_stats import compare, describe
+from .extract import BASE_KEY, load_task
+from .methods import get_method
+from .store import RunDir, atomic_write_json, write_csv
+
+HEAD_NOTE = ("undefined: a head-only method's backbone is the base model's, its drift 0 by "
+             "construction (not tested, never significant)")
+CSV_KEYS = ("task", "measure", "method", "family", "reference", "n_seeds", "mean", "sd",
+            "per_seed", "reference_mean", "delta_percent", "t", "p", "p_bonferroni",
+            "significant", "cohens_d", "tested", "note")
+
+
+def method_drift(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None, *,
+                 alpha: float = 0.05, n_resamples: int = 10_000, ci_seed: int = 0) -> dict:
+    """Compute and write the per-method drift table; returns ``{"rows", "notes", ...}``."""
+    ref = cfg.reference_method
+    others = [m for m in cfg.methods if m != ref]
+    n_tests = max(1, len(others) * len(cfg.tasks) * len(DRIFT_MEASURES))
+    notes: list[str] = []
+    if ref not in cfg.methods:
+        notes.append(f"reference method {ref!r} is not among the methods {cfg.methods}: "
+                     "no comparisons")
+    rows: list[dict] = []
+    for task in list(tasks or cfg.tasks):
+        if not run.extract_manifest(task).is_file():
+            notes.append(f"{task}: not extracted; run `loralens extract` first")
+            continue
+        manifest, arrays = load_task(run, task)
+        base = arrays.pop(BASE_KEY)
+        states = drift_states(cfg.drift.layers, base.shape[1])
+        sims = layer_similarities(base, arrays, notes, f"{task}: ")
+        entries = manifest["models"]
+        means = {m: {measure: {} for measure in DRIFT_MEASURES} for m in cfg.methods}
+        for key, sim in sims.items():
+            m, seed = entries[key]["method"], entries[key]["seed"]
+            if m in means:
+                for measure in DRIFT_MEASURES:
+                    v = float(np.mean(1.0 - sim[measure][states]))
+                    if math.isfinite(v):
+                        means[m][measure][seed] = v
+        for measure in DRIFT_MEASURES:
+            for m in cfg.methods:
+                rows.append(_row(task, measure, m, ref, means, n_tests, alpha, n_resamples,
+                                 ci_seed, cfg))
+    meta = {"reference_method": ref, "methods": list(cfg.methods), "alpha": alpha,
+            "n_tests": n_tests, "alpha_per_test": alpha / n_tests,
+            "family": "methods other than the reference x configured tasks x measures",
+            "cohens_d": f"sign {DRIFT_SIGN!r} with lora = the method, full = the reference: "
+                        "positive when the reference drifts more",
+            "drift_layers": cfg.drift.layers}
+    files = [run.drift_dir / "methods.json", run.drift_dir / "methods.csv"]
+    atomic_write_json(files[0], {**meta, "rows": rows, "notes": notes})
+    write_csv(files[1], [{k: _cell(r.get(k)) for k in CSV_KEYS} for r in rows], list(CSV_KEYS))
+    return {**meta, "rows": rows, "notes": notes, "files": [str(f) for f in files]}
+
+
+def _row(task, measure, m, ref, means, n_tests, alpha, n_resamples, ci_seed, cfg) -> dict:
+    vals = means[m][measure]
+    seeds = sorted(vals)
+    mean = float(np.mean([vals[s] for s in seeds])) if seeds else None
+    sd = float(np.std([vals[s] for s in seeds], ddof=1)) if len(seeds) > 1 else None
+    row = {"task": task, "measure": measure, "method": m, "family": get_method(m, cfg).family,
+           "reference": ref, "n_seeds": len(seeds), "mean": mean, "sd": sd,
+           "per_seed": {str(s): vals[s] for s in seeds}, "tested": False}
+    if m == ref or ref not in means:
+        row["note"] = "the reference method" if m == ref else "no reference method"
+        return row
+    c = compare(vals, means[ref][measure], n_tests, alpha, n_resamples, ci_seed, DRIFT_SIGN)
+    if row["family"] == "head":
+        describe(c, HEAD_NOTE)
+    row.update({k: c.get(k) for k in ("t", "p", "p_bonferroni", "significant", "cohens_d",
+                                      "tested", "note", "delta_percent")})
+    row["reference_mean"] = (c.get("full") or {}).get("mean")
+    return row
+
+
+def _cell(v):
+    if isinstance(v, dict):
+        return ";".join(f"{k}={x:.6g}" for k, x in v.items())
+    return v
