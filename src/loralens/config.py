@@ -310,7 +310,7 @@ class StudyConfig(_Validated):
                                    "keeps them)")
     methods: list[str] = _f(factory=lambda: ["lora", "full"],
                             doc="methods: built-in names (loralens.methods: full, head, lora, "
-                                "dora, rslora, lora-all-linear, pissa, olora, ia3) or "
+                                "dora, rslora, lora-all-linear, pissa, olora, loraplus, ia3) or "
                                 "method_defs names")
     method_defs: dict[str, Any] = _f(factory=dict, doc="user-defined methods, by name: "
                                      "{family: full|head|peft, peft: {type: lora|ia3, ...}}")

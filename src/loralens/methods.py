@@ -9,7 +9,8 @@ Families:
 * ``peft``: a PEFT adapter around the backbone, the head trained and saved with it
   (``modules_to_save``). ``peft.type`` is ``lora`` (with any rank, alpha, dropout and
   target modules, ``all-linear`` included; rsLoRA ``use_rslora``; DoRA ``use_dora``;
-  PiSSA/OLoRA initialisation ``init_lora_weights``) or ``ia3``.
+  PiSSA/OLoRA initialisation ``init_lora_weights``; LoRA+ ``lr_ratio``, the B matrices'
+  learning rate over the rest's, applied by the training loop) or ``ia3``.
 
 Built-in entries are :data:`BUILTIN`; a study adds its own in ``method_defs`` (name ->
 ``{family, peft: {...}}``), validated here with errors naming the key. Keys a LoRA
@@ -122,7 +123,9 @@ def _check_peft(name: str, peft: Any, key: str, cfg) -> dict:
         out["target_modules"] = _modules(out["target_modules"], f"{key}.target_modules")
         out["feedforward_modules"] = _modules(out["feedforward_modules"],
                                               f"{key}.feedforward_modules")
-        extra = sorted(set(out["feedforward_modules"]) - set(out["target_modules"]))
+        targets = out["target_modules"]
+        extra = [] if targets == "all-linear" or out["feedforward_modules"] == "all-linear" \
+            else sorted(set(out["feedforward_modules"]) - set(targets))
         if extra:
             raise ConfigError(f"{key}.feedforward_modules: {extra} are not target modules "
                               f"({out['target_modules']})", f"{key}.feedforward_modules")

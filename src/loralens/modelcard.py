@@ -63,8 +63,12 @@ def render_card(info: dict) -> str:
     """The card's markdown from ``info`` (keys: kind, method, task, label_names, base,
     base_path, base_note, sep, arch, path, hyperparameters, scores, score_split, version,
     commit, max_length); missing keys leave their lines out."""
-    kind = info.get("kind") or ("LoRA adapter" if info.get("method") == "lora"
-                                else "full fine-tuned model")
+    adapter = info.get("adapter", info.get("method") == "lora")  # any PEFT method's adapter
+    method = info.get("method")
+    kind = info.get("kind") or (
+        ("LoRA adapter" if method == "lora" else f"PEFT adapter ({method})") if adapter
+        else "full fine-tuned model" if method in (None, "full")
+        else f"fine-tuned model ({method}, full checkpoint)")
     title = f"loralens {kind}" + (f" for GLUE {info['task']}" if info.get("task") else "")
     lines = [f"# {title}", ""]
     facts = [("method", info.get("method")), ("task", info.get("task")),
@@ -82,7 +86,7 @@ def render_card(info: dict) -> str:
     lines.append(PREPROCESSING.format(sep=info.get("sep") or "EOS",
                                       arch=info.get("arch") or "ForSequenceClassification class",
                                       max_length=f" ({ml} here)" if ml else ""))
-    usage = ADAPTER_USAGE if info.get("method") == "lora" and not info.get("merged") else FULL_USAGE
+    usage = ADAPTER_USAGE if adapter and not info.get("merged") else FULL_USAGE
     n = len(info.get("label_names") or ()) or 2
     lines.append(usage.format(path=info.get("path") or ".", base=info.get("base_path") or "BASE",
                               n=n))

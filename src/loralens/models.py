@@ -373,7 +373,7 @@ def save_trained(model: nn.Module, method: str, out: Path, tokenizer=None,
         else:
             write_full(model, tmp, tokenizer, label_names)
         write_card(tmp, {"method": method, "label_names": label_names, "path": str(out),
-                         **(card or {})})
+                         "adapter": _is_peft(model), **(card or {})})
     return Path(out)
 
 

@@ -84,6 +84,8 @@ def test_methods_and_method_defs_in_the_config():
     ("method_defs={dora: {family: head}}", "method_defs.dora: 'dora' is a built-in method"),
     ("method_defs={x: {family: head, lr: 1}}", "method_defs.x.lr: unknown key; known: family"),
     ("reference_method=lorax", "reference_method: unknown method 'lorax'"),
+    ("method_defs={x: {family: peft, peft: {type: lora, lr_ratio: 0}}}",
+     "method_defs.x.peft.lr_ratio: 0 is not a positive number (LoRA+"),
 ])
 def test_bad_methods_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -163,6 +165,9 @@ def test_save_and_load_round_trip(tiny_backbone, tmp_path, method):
     want = evaluate(model, enc, EOS)["logits"]
     sub = "model" if method == "head" else "adapter"
     save_trained(model, method, tmp_path / sub)
+    card = (tmp_path / sub / "README.md").read_text().splitlines()[0]
+    assert card == ("# loralens fine-tuned model (head, full checkpoint)" if method == "head"
+                    else f"# loralens PEFT adapter ({method})")
     got = evaluate(load_trained(tmp_path, copy.deepcopy(pristine), 2), enc, EOS)["logits"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     if method != "head":
