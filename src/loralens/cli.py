@@ -15,7 +15,8 @@ import re
 import sys
 from pathlib import Path
 
-from .config import ConfigError, StudyConfig, load_config, preset_names
+from .config import ConfigError, StudyConfig
+from .config_load import load_config, preset_names
 from .stages import STAGE_NAMES, STAGES, Context, Stage, get_stage, run_stage, run_study
 
 SELECTORS = {
@@ -165,7 +166,7 @@ def _with_task_files(args: argparse.Namespace, cfg: StudyConfig, stored: bool) -
 
 def _stored(args: argparse.Namespace, run_dir: Path, local: list[str]):
     """The run directory's stored config (with this machine's local settings)."""
-    from .config import merge_overrides
+    from .config_load import merge_overrides
     from .store import RunDir, RunDirError
 
     stage = _stage_of(args)
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         print("loralens: interrupted; finished jobs are kept, rerun to resume", file=sys.stderr)
         return 130
     except Exception as e:
-        return _user_error(e)
+        return _user_error(e, args)
 
 
 def _upgrade(path: str) -> int:
@@ -291,16 +292,40 @@ def _upgrade(path: str) -> int:
     return 0
 
 
-def _user_error(e: Exception) -> int:
+def _database_full(e: Exception, args: argparse.Namespace) -> str | None:
+    """The one-line message for SQLite running out of space (the job table or the search
+    study), naming the database; None for any other error."""
+    orig = getattr(e, "orig", None)
+    if orig is None or "database or disk is full" not in str(orig):
+        return None
+    from .redact import redact_url, resolve_storage
+
+    storage = resolve_storage(getattr(args, "storage", None))
+    run_dir = (getattr(args, "run_dir_pos", None) or getattr(args, "run_dir", None)
+               or Path("runs") / (getattr(args, "preset", None) or "default"))
+    where = redact_url(storage) if storage else f"{run_dir}/{{jobs,search}}.db"
+    return (f"no space left on the device writing the SQLite database {where} (database or "
+            "disk is full); free some space and rerun: finished work is kept")
+
+
+def _user_error(e: Exception, args: argparse.Namespace | None = None) -> int:
     """One clear line for the expected failure kinds (bad config, data, model, run
     directory); anything else is a bug and keeps its traceback."""
     from .data import DataError
     from .models import ModelNotFound
     from .store import RunDirError
+    from .files import DiskFullError
 
     if isinstance(e, ConfigError):
         print(f"loralens: config error: {e}", file=sys.stderr)
         return 2
+    full = _database_full(e, args) if args is not None else None
+    if full:
+        print(f"loralens: error: {full}", file=sys.stderr)
+        return 1
+    if isinstance(e, DiskFullError):
+        print(f"loralens: error: {e.strerror}", file=sys.stderr)
+        return 1
     if isinstance(e, (DataError, ModelNotFound, RunDirError)):
         print(f"loralens: error: {e}", file=sys.stderr)
         return 2

@@ -50,7 +50,8 @@ from .drift_measures import (DRIFT_MEASURES, DRIFT_SIGN, MEASURES, PAIR, STD_MEA
                              state_label, states_text, variance_profile)
 from .drift_stats import accuracy_table, compare, describe, families
 from .extract import BASE_KEY, job_fingerprint, load_task
-from .store import DRIFT_FILES, RunDir, RunDirError, atomic_write_json, write_csv
+from .store import DRIFT_FILES, RunDir, RunDirError
+from .files import atomic_write_json, write_csv
 
 
 # --------------------------------------------------------------------------- stage

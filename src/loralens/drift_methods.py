@@ -26,7 +26,8 @@ from .drift_measures import DRIFT_MEASURES, DRIFT_SIGN, drift_states, layer_simi
 from .drift_stats import compare, describe
 from .extract import BASE_KEY, load_task
 from .methods import get_method
-from .store import RunDir, atomic_write_json, write_csv
+from .store import RunDir
+from .files import atomic_write_json, write_csv
 
 HEAD_NOTE = ("undefined: a head-only method's backbone is the base model's, its drift 0 by "
              "construction (not tested, never significant)")

@@ -15,7 +15,8 @@ import numpy as np
 from . import data as D
 from . import stats
 from .drift_measures import DRIFT_MEASURES, PAIR, SCORE_SIGN
-from .store import RunDir, read_json
+from .store import RunDir
+from .files import read_json
 from .tasks import get_task
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .store import RunDir, RunDirError, atomic_write_json, read_json
+from .store import RunDir, RunDirError
+from .files import atomic_write_json, read_json
 
 
 def _provenance(run: RunDir) -> tuple[str | None, str | None]:

@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 from . import data as D
 from .config import StudyConfig
 from .models import Base, build_classifier, load_base, load_trained, masked_mean
-from .store import RunDir, RunDirError, atomic_path, atomic_write_json, read_json
+from .store import RunDir, RunDirError
+from .files import atomic_path, atomic_write_json, read_json
 from .tasks import get_task
 
 BASE_KEY = "base"

@@ -44,7 +44,8 @@ from .extract import BASE_KEY, SPLIT, job_fingerprint, load_pooled, pooled_hidde
 from .loop import evaluate
 from .models import load_trained
 from .similarity import cka_against_base
-from .store import RunDir, RunDirError, atomic_write_json, read_json, write_csv
+from .store import RunDir, RunDirError
+from .files import atomic_write_json, read_json, write_csv
 from .tasks import get_task
 
 FORMAT = "loralens-sweep-1"

@@ -1,7 +1,7 @@
 """Temporary files of atomic writes, named after their writer, and the removal of those a
 killed writer left behind.
 
-:func:`loralens.store.atomic_path` and :func:`~loralens.store.atomic_dir` write beside
+:func:`loralens.files.atomic_path` and :func:`~loralens.files.atomic_dir` write beside
 the target under a temporary name and rename it at the end. A SIGKILL (or a power cut)
 skips their cleanup, so the temporary file stays: never in the target's place, but
 litter in a run directory that is copied and published. Each temporary name carries the

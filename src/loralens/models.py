@@ -135,11 +135,11 @@ def convert_packaged_gguf(entry: ModelEntry) -> Path:
 
 def build_cached(target: Path, write: Callable[[Path], None]) -> Path:
     """A model directory in the cache, written once by ``write(tmp_dir)``: atomically
-    (``store.atomic_dir``) and under a file lock, so concurrent processes never see a
+    (``files.atomic_dir``) and under a file lock, so concurrent processes never see a
     half-written directory and never build it twice."""
     from filelock import FileLock
 
-    from .store import atomic_dir
+    from .files import atomic_dir
 
     if (target / "config.json").is_file():
         return target
@@ -365,7 +365,7 @@ def save_trained(model: nn.Module, method: str, out: Path, tokenizer=None,
     """
     from .artifacts import write_adapter, write_full
     from .modelcard import write_card
-    from .store import atomic_dir
+    from .files import atomic_dir
 
     with atomic_dir(out) as tmp:
         if _is_peft(model):  # any PEFT method: PEFT's adapter layout

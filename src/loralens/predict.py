@@ -197,7 +197,7 @@ def predict_file(target, task: str, input_path, output_path, method: str | None 
                  seed: int | None = None, batch_size: int = 32,
                  max_length: int | None = None) -> dict:
     """Predict every row of ``input_path`` into ``output_path``; returns a summary."""
-    from .store import atomic_write_text
+    from .files import atomic_write_text
 
     out = Path(output_path)
     fmt = _format(out)

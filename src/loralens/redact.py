@@ -124,7 +124,7 @@ def redact_config_file(path) -> None:
     redaction) without it, the rest unchanged."""
     import yaml
 
-    from .store import atomic_write_text
+    from .files import atomic_write_text
 
     with open(path) as f:
         data = yaml.safe_load(f) or {}

@@ -16,7 +16,8 @@ from .config import StudyConfig
 from .devices import training_device
 from .methods import get_method
 from .models import Base, apply_method, build_classifier
-from .store import RunDir, atomic_write_json, read_json
+from .store import RunDir
+from .files import atomic_write_json, read_json
 from .loop import fit
 from .train import seed_everything
 

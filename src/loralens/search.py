@@ -30,7 +30,8 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 from .config import StudyConfig
 from .models import Base
 from .redact import resolve_storage
-from .store import RunDir, atomic_write_json, read_json
+from .store import RunDir
+from .files import atomic_write_json, read_json
 from .tasks import get_task
 from .loop import evaluate
 from .train import prepare_task, train_model, with_overrides

@@ -257,7 +257,7 @@ def run_bench(ctx: Context) -> bool:
     multi-adapter part loads adapters of every task on one base.
     """
     from .serving.bench import run_bench as bench, summary_lines
-    from .store import read_json
+    from .files import read_json
 
     bc = ctx.cfg.bench
     result: dict = {}

@@ -1,32 +1,20 @@
-"""The run directory (:class:`RunDir` owns its layout), atomic writes, CSV, provenance.
-
-Every file is written through :func:`atomic_path` (a temporary name, fsync, rename), and
-a directory through :func:`atomic_dir`, so a killed process leaves either the old file
-or the new one, never half of one.
-"""
+"""The run directory (:class:`RunDir` owns its layout), its format version and stored
+config, and provenance (versions, commit, hardware). Files are written through
+:mod:`loralens.files` (atomic writes, JSON, CSV)."""
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import importlib.metadata
-import io
-import json
-import math
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import yaml
 
-from .leftovers import remove_stale_temporaries, temp_prefix
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from .files import atomic_write_json, atomic_write_text, read_json
+from .leftovers import remove_stale_temporaries
 
 PACKAGES = ("loralens", "torch", "transformers", "peft", "datasets", "accelerate", "optuna",
             "numpy", "scipy", "safetensors", "gguf", "tokenizers", "matplotlib")
@@ -39,129 +27,6 @@ MACHINE_LOCAL = {"data.glue_dir", "search.storage", "tracking.report_to", "track
 
 class RunDirError(RuntimeError):
     """The run directory conflicts with what was asked (e.g. a different config)."""
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe: numpy scalars to Python, NaN/inf to None."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Write a file atomically: yields a temporary path beside ``path``; on success the
-    file is fsynced and renamed onto ``path``, on any error (or a kill) ``path`` keeps its
-    old content and the temporary file is removed. ``suffix`` keeps writers that pick a
-    format from the extension (matplotlib, numpy) working.
-
-    The one atomic-write helper: every file loralens writes goes through it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # named after this process: a later command removes it if a kill left it (leftovers.py)
-    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Write a directory atomically: yields an empty temporary directory beside ``path``;
-    on success its files are fsynced and it replaces ``path`` (an old ``path`` is moved
-    aside first and removed after). On an error the temporary directory is removed and
-    ``path`` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~_UMASK)
-        old = None
-        if path.exists():
-            old = path.parent / f"{temp_prefix(path.name)}old"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
-
-
-def csv_text(rows: Iterable[dict], columns: Sequence[str] | None = None) -> str:
-    """CSV of dict rows. ``columns`` default: every key in first-seen order. ``None`` and
-    non-finite floats become empty cells, floats keep ``repr`` precision, lists are joined
-    with ``;``."""
-    rows = list(rows)
-    if columns is None:
-        columns = []
-        for r in rows:
-            columns += [k for k in r if k not in columns]
-    if not columns:
-        return ""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: _csv_cell(r.get(k)) for k in columns})
-    return buf.getvalue()
-
-
-def _csv_cell(v: Any) -> str:
-    v = _clean(v)  # numpy scalars to Python, NaN/inf to None
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, list):
-        return ";".join(_csv_cell(x) for x in v)
-    if isinstance(v, dict):
-        return json.dumps(v, sort_keys=True)
-    return str(v)
-
-
-def write_csv(path: str | Path, rows: Iterable[dict], columns: Sequence[str] | None = None) -> None:
-    """The one CSV writer: :func:`csv_text`, written atomically."""
-    atomic_write_text(path, csv_text(rows, columns))
-
-
-def read_json(path: str | Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
 
 
 def git_commit() -> str | None:
@@ -414,7 +279,8 @@ class RunDir:
                                                  "loralens": _version("loralens")})
 
     def load_config(self):
-        from .config import ConfigError, config_from_dict
+        from .config import ConfigError
+        from .config_load import config_from_dict
 
         if not self.config_path.is_file():
             raise RunDirError(f"{self.root} is not a run directory (no config.yaml)")
@@ -433,7 +299,8 @@ class RunDir:
         """Rewrite an older run directory's config for this version: keys this version
         does not know are dropped (listed in the return), new keys get their defaults,
         the old file is kept as ``config.yaml.bak``."""
-        from .config import ConfigError, config_from_dict
+        from .config import ConfigError
+        from .config_load import config_from_dict
         from .redact import without_secrets
 
         with open(self.config_path) as f:

@@ -27,7 +27,8 @@ from .loop import device_of, dist_info, evaluate, fit
 from .metrics import scores
 from .methods import get_method, method_record, weights_subdir
 from .models import Base, apply_method, build_classifier, load_base, save_trained
-from .store import RunDir, atomic_path, atomic_write_json, read_json
+from .store import RunDir
+from .files import atomic_path, atomic_write_json, read_json
 from .tasks import TaskSpec, get_task
 from .tracking import open_job
 

@@ -42,7 +42,8 @@ from .config import StudyConfig
 from .extract import job_fingerprint
 from .forgetting import base_lm_head, encode_texts, lm_cross_entropy, text_sample
 from .models import Base, load_trained
-from .store import RunDir, atomic_write_json, read_json, write_csv
+from .store import RunDir
+from .files import atomic_write_json, read_json, write_csv
 from .tasks import get_task
 from .weight_measures import EPSILONS, base_svd, matrix_measures, one_thread
 

@@ -16,7 +16,8 @@ from typing import Sequence
 
 from . import stats
 from .methods import get_method
-from .store import RunDir, atomic_write_json
+from .store import RunDir
+from .files import atomic_write_json
 from .weights import MEASURES, _describe, model_summary
 
 HEAD_NOTE = ("undefined: a head-only method's backbone is the base model's (no weight "

@@ -19,12 +19,13 @@ import pytest
 import torch
 
 from loralens import data as D
-from loralens.config import load_config
+from loralens.config_load import load_config
 from loralens.drift import LAYER_COLUMNS, run_drift
 from loralens.drift_measures import MEASURES
 from loralens.extract import load_pooled, pooled_hidden_states, run_extract, sample_split
 from loralens.models import build_classifier
-from loralens.store import RunDir, atomic_write_json, read_json
+from loralens.store import RunDir
+from loralens.files import atomic_write_json, read_json
 from loralens.tasks import get_task
 from loralens.models import load_trained
 from loralens.train import train_job

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -191,3 +192,61 @@ def test_two_workers_on_one_run_directory_share_the_work(tmp_path, glue_dir):
         assert len(states) == 2 and set(states) <= {"COMPLETE", "PRUNED"}, states
     assert len(list(run.glob("models/rte/*/seed*/metrics.json"))) == 4
     assert [p for p in run.rglob(".*") if not p.name.endswith(".lock")] == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs mounted for the test (skipped where mounting is not allowed)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """A ballast file that leaves ``leave`` bytes free on ``disk``."""
+    import shutil
+
+    ballast = disk / "ballast"
+    free = shutil.disk_usage(disk).free
+    subprocess.run(["fallocate", "-l", str(free - leave), str(ballast)], check=True)
+    return ballast
+
+
+@pytest.mark.parametrize("stage,before,leave", [("train", "sanity,search", 96 * 1024),
+                                                ("extract", "sanity,search,train", 24 * 1024)])
+def test_a_full_disk_is_a_clear_error_and_the_rerun_completes(reference, small_disk, glue_dir,
+                                                              stage, before, leave):
+    """The disk fills up during training (a model is written) or extraction (hidden
+    states): the command fails with one line naming the file it could not write and the
+    space left, nothing half-written or marked done stays behind, and after the space is
+    freed the rerun completes and equals the uninterrupted study."""
+    ref, _ = reference
+    run_dir = small_disk / "run"
+    finish(start(["run", "--stages", before], run_dir, glue_dir))
+    ballast = fill(small_disk, leave)
+    p = start(["run", "--stages", stage], run_dir, glue_dir)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 1, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    # a file of the run (with the space left), or the SQLite job table / study
+    assert re.fullmatch(rf"loralens: error: no space left on the device writing "
+                        rf"({re.escape(str(run_dir))}/\S+ \(\d+ bytes free\)|the SQLite database "
+                        rf"{re.escape(str(run_dir))}/{{jobs,search}}\.db \(database or disk is "
+                        rf"full\)); free some space and rerun: finished work is kept", last), last
+    assert "Traceback" not in out
+    half_written = [p for p in run_dir.rglob(".*") if not p.name.endswith(".lock")]
+    assert half_written == []
+    if stage == "train":  # no job is marked done without its model
+        for m in run_dir.glob("models/*/*/*/metrics.json"):
+            assert any(m.parent.glob("adapter*")) or any(m.parent.glob("model*")), m
+    ballast.unlink()
+    for rest in STAGE_NAMES[STAGE_NAMES.index(stage):]:
+        finish(start(["run", "--stages", rest], run_dir, glue_dir))
+    assert_same_study(ref, run_dir)

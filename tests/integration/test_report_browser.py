@@ -107,7 +107,7 @@ def test_full_report_in_chromium(tmp_path):
 
 def test_partial_report_in_chromium(tmp_path):
     """One finished job: no figure, the tables that exist, and what is missing."""
-    from loralens.config import load_config
+    from loralens.config_load import load_config
     from loralens.report import build_report
 
     run = RunDir(tmp_path / "run")

@@ -16,11 +16,12 @@ import torch
 
 from loralens import data as D
 from loralens.cli import main
-from loralens.config import load_config
+from loralens.config_load import load_config
 from loralens.models import apply_method, build_classifier
 from loralens.serving.backends import AdapterInfo, make_backend
 from loralens.serving.server import Service, bind_socket, create_app
-from loralens.store import RunDir, atomic_write_json, read_json
+from loralens.store import RunDir
+from loralens.files import atomic_write_json, read_json
 from loralens.tasks import get_task
 
 from .test_serving import randomize_lora

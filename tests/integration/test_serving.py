@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from loralens import data as D
-from loralens.config import StudyConfig, load_config
+from loralens.config import StudyConfig
+from loralens.config_load import load_config
 from loralens.models import CausalLMClassifier, apply_method, build_classifier, save_trained
 from loralens.serving import MultiLoraClassifier
-from loralens.store import RunDir, atomic_write_json
+from loralens.store import RunDir
+from loralens.files import atomic_write_json
 from loralens.tasks import get_task
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,8 @@ from loralens.serving.backends import AdapterError, AdapterInfo, make_backend
 from loralens.serving.loadtest import LoadTestError, choose_task
 from loralens.serving.sources import AdapterSpec, collect_adapters, replicate
 from loralens.models import apply_method
-from loralens.store import RunDir, atomic_write_json
+from loralens.store import RunDir
+from loralens.files import atomic_write_json
 
 TOL = 1e-5
 
@@ -159,7 +160,7 @@ def test_serve_uses_the_runs_model_revision(tmp_path, monkeypatch):
     model section (revision, trust_remote_code); --model naming another model drops it."""
     import argparse
 
-    from loralens.config import load_config
+    from loralens.config_load import load_config
     from loralens.serving import add_serve_arguments, server
 
     run = RunDir(tmp_path / "run")

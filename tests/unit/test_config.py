@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
-from loralens.config import (ConfigError, StudyConfig, TrainConfig, load_config, parse_override,
-                             preset_names)
+from loralens.config import ConfigError, StudyConfig, TrainConfig
+from loralens.config_load import load_config, parse_override, preset_names
 
 
 def test_defaults_are_the_study():
@@ -150,7 +150,7 @@ def test_every_preset_documents_itself(name):
 
     import yaml
 
-    from loralens.config import preset_path
+    from loralens.config_load import preset_path
 
     text = preset_path(name).read_text()
     header = text[: text.index("\n" + next(l for l in text.splitlines()

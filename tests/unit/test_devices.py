@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from loralens import devices
-from loralens.config import ConfigError, load_config
+from loralens.config import ConfigError
+from loralens.config_load import load_config
 from loralens.devices import make_optimizer, optimizer_for, param_groups, serving_dtype
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -174,7 +175,8 @@ class _FakeBase:
 
 def _bench_until_load(tmp_path, monkeypatch, cuda: bool, **kw):
     from loralens.serving import bench
-    from loralens.store import RunDir, atomic_write_json
+    from loralens.store import RunDir
+    from loralens.files import atomic_write_json
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     run = RunDir(tmp_path / "run")

@@ -10,11 +10,12 @@ import pytest
 import scipy.stats
 import torch
 
-from loralens.config import ConfigError, load_config
+from loralens.config import ConfigError
+from loralens.config_load import load_config
 from loralens.drift import run_drift
 from loralens.drift_measures import drift_states, state_label, states_text
 from loralens.extract import BASE_KEY, job_fingerprint, model_key
-from loralens.store import atomic_write_json, read_json
+from loralens.files import atomic_write_json, read_json
 from tests.unit.test_extract_drift import SEEDS, synthetic_run
 
 

@@ -13,13 +13,15 @@ import torch
 from loralens import data as D
 from loralens import similarity as S
 from loralens import stats as T
-from loralens.config import StudyConfig, load_config
+from loralens.config import StudyConfig
+from loralens.config_load import load_config
 from loralens.drift import LAYER_COLUMNS, TABLE3_COLUMNS, TABLE4_COLUMNS, run_drift
 from loralens.drift_stats import compare
 from loralens.extract import (BASE_KEY, job_fingerprint, load_pooled, load_task, model_key,
                               pooled_hidden_states, run_extract, sample_split, save_pooled)
 from loralens.models import apply_method, build_classifier, save_trained, tiny_llama_config
-from loralens.store import RunDir, RunDirError, atomic_write_json
+from loralens.store import RunDir, RunDirError
+from loralens.files import atomic_write_json
 
 EOS = 2
 

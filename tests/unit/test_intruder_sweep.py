@@ -11,7 +11,7 @@ import torch
 
 from loralens import cli
 from loralens.artifacts import merged
-from loralens.config import load_config
+from loralens.config_load import load_config
 from loralens.intruder_sweep import REDUCED, drift_of, reduce_intruders
 from loralens.models import apply_method, build_classifier
 from loralens.store import RunDir

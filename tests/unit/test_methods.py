@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from loralens import cli
-from loralens.config import ConfigError, StudyConfig, load_config
+from loralens.config import ConfigError, StudyConfig
+from loralens.config_load import load_config
 from loralens.loop import evaluate
 from loralens.methods import BUILTIN, get_method, peft_config, require_supported
 from loralens.models import apply_method, build_classifier, load_trained, save_trained

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from loralens.config import load_config, preset_path
+from loralens.config_load import load_config, preset_path
 from loralens.protocol import differences
 
 # --------------------------------------------------------------------------- the paper's table

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from loralens import cli, plan, plan_work
-from loralens.config import load_config
+from loralens.config_load import load_config
 from loralens.store import RunDir
 from loralens.train import prepare_task
 

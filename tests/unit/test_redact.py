@@ -4,7 +4,8 @@ environment where needed, and an unparseable one is never echoed whole."""
 import pytest
 import yaml
 
-from loralens.config import ConfigError, load_config
+from loralens.config import ConfigError
+from loralens.config_load import load_config
 from loralens.redact import (STORAGE_ENV, is_redacted, redact_url, resolve_storage,
                              secrets_in)
 from loralens.store import RunDir

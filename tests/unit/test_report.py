@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loralens.config import load_config
-from loralens.store import RunDir, atomic_write_json
+from loralens.config_load import load_config
+from loralens.store import RunDir
+from loralens.files import atomic_write_json
 
 TASKS = ("sst2", "rte")
 SEEDS = (42, 1337, 2024)
@@ -403,7 +404,7 @@ def _snapshot(run: RunDir) -> dict:
 
 
 def _drift_json(run: RunDir, name: str) -> dict:
-    from loralens.store import read_json
+    from loralens.files import read_json
 
     return read_json(run.drift_path(name))
 
@@ -419,7 +420,7 @@ def test_report_files_and_return_value(full_report):
 
 
 def test_markdown_has_every_table_and_number(full_report):
-    from loralens.store import read_json
+    from loralens.files import read_json
 
     run, _, _ = full_report
     md = (run.report_dir / "report.md").read_text()
@@ -710,7 +711,7 @@ def test_zero_spread_is_undefined_and_example_level_table(tmp_path, monkeypatch)
 def test_report_of_an_older_drift_stage(tmp_path):
     """table4.json as the drift stage wrote it before families and drift.layers."""
     from loralens.report import build_report
-    from loralens.store import read_json
+    from loralens.files import read_json
 
     run = synthetic_run(tmp_path / "run", stages=("train", "extract", "drift"))
     t4 = read_json(run.drift_path("table4.json"))

@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 from loralens import protocol
-from loralens.config import config_from_dict, load_config
+from loralens.config_load import config_from_dict, load_config
 from loralens.report.compose import OPTIMISTIC
 from loralens.report.run_data import load_run, resolve_protocol
-from loralens.store import RunDir, atomic_write_json, read_json
+from loralens.store import RunDir
+from loralens.files import atomic_write_json, read_json
 from tests.unit.test_report import N_VAL, SEEDS, SLICE, TASKS, synthetic_run
 
 SPLIT_NOTE = {

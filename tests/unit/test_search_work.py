@@ -8,7 +8,8 @@ import threading
 import optuna
 import pytest
 
-from loralens.config import StudyConfig, load_config
+from loralens.config import StudyConfig
+from loralens.config_load import load_config
 from loralens.search import run_search, sampler_seed, space, suggest
 from loralens.train import with_overrides
 from loralens.store import RunDir

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from loralens import cli
-from loralens.config import ConfigError, StudyConfig, load_config
+from loralens.config import ConfigError, StudyConfig
+from loralens.config_load import load_config
 from loralens.data import Example, Split, load_split
 from loralens.models import apply_method, build_classifier
 from loralens.store import RunDir

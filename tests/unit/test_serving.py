@@ -306,9 +306,10 @@ def test_adapter_for_another_model_is_rejected_without_changes(runtime, adapters
 
 
 def test_bench_seeds_select_the_models(tmp_path):
-    from loralens.config import load_config
+    from loralens.config_load import load_config
     from loralens.serving.bench import run_bench
-    from loralens.store import RunDir, RunDirError, atomic_write_json
+    from loralens.store import RunDir, RunDirError
+    from loralens.files import atomic_write_json
 
     run = RunDir(tmp_path / "run")
     atomic_write_json(run.job_dir("sst2", "lora", 42) / "metrics.json", {"score": 0.5})

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from loralens import data as D
-from loralens.config import ConfigError, config_from_dict, load_config
+from loralens.config import ConfigError
+from loralens.config_load import config_from_dict, load_config
 from loralens.metrics import f1_binary, f1_macro, matthews
 from loralens.task_files import TaskFileError, load_task_file
 from loralens.task_sources import carve_validation, read_source

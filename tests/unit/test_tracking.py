@@ -10,8 +10,10 @@ import math
 import pytest
 
 from loralens.cli import build_parser, _flag_overrides
-from loralens.config import ConfigError, load_config
-from loralens.store import RunDir, read_json
+from loralens.config import ConfigError
+from loralens.config_load import load_config
+from loralens.store import RunDir
+from loralens.files import read_json
 from loralens.tracking import REPORT_TO, URI_ENV, open_job, reporters
 
 STEPS = 8  # 16 rows, batch 4, 2 epochs

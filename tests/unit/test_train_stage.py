@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from loralens import cli
-from loralens.store import RunDir, atomic_write_json
+from loralens.store import RunDir
+from loralens.files import atomic_write_json
 
 TINY = ["model.name=tiny-random", "tasks=[rte]", "methods=[lora]", "seeds=[42]",
         "data.train_size=8", "data.early_stop_size=8", "data.max_length=32",
@@ -70,7 +71,7 @@ def test_a_kill_during_overwrite_leaves_the_job_unfinished(tmp_path, glue_dir, t
 
     if where == "weights":  # the kill lands while the new adapter is being written
         def save_then_die(model, method, out, *_, **__):
-            from loralens.store import atomic_dir
+            from loralens.files import atomic_dir
 
             with atomic_dir(out) as tmp:
                 (tmp / "adapter_model.safetensors").write_bytes(b"half")

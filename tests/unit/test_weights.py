@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from loralens import cli
-from loralens.config import load_config
+from loralens.config_load import load_config
 from loralens.forgetting import lm_cross_entropy, read_text_file
 from loralens.models import apply_method, build_classifier
 from loralens.store import RunDir

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..store import RunDir, atomic_write_text
+from ..store import RunDir
+from ..files import atomic_write_text
 from .compose import compose
 from .figures import draw_all
 from .render import to_html, to_markdown

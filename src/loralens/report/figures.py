@@ -4,7 +4,7 @@
 it (:mod:`.drift_figures`, :mod:`.serving_figures`), which takes the loaded run
 (:class:`run_data.RunData`) and returns a matplotlib Figure, or a string saying why it
 cannot be drawn yet. :func:`draw_all` saves every figure as PNG and SVG under
-``report/figures/`` (atomically, through :func:`store.atomic_path`).
+``report/figures/`` (atomically, through :func:`files.atomic_path`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
-from ..store import atomic_path
+from ..files import atomic_path
 from .drift_figures import fig_accuracy_vs_drift, fig_drift_reduction, fig_layerwise, fig_outliers
 from .formatting import finite
 from .run_data import RunData

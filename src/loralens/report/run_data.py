@@ -171,7 +171,8 @@ def resolve_protocol(config: dict, data: dict | None) -> Protocol:
 
 def _rebuild(stored: dict) -> tuple[StudyConfig, list[str]]:
     """``config_from_dict``, dropping each key it rejects (at most 50); defaults else."""
-    from ..config import ConfigError, DataConfig, StudyConfig, config_from_dict
+    from ..config import ConfigError, DataConfig, StudyConfig
+    from ..config_load import config_from_dict
 
     dropped: list[str] = []
     for _ in range(50):

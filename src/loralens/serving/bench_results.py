@@ -23,7 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..store import RunDir, atomic_write_json, write_csv
+from ..store import RunDir
+from ..files import atomic_write_json, write_csv
 from ..timing import summarize
 from .bench_task import KINDS
 

@@ -44,7 +44,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..store import RunDir, atomic_write_json, write_csv
+from ..store import RunDir
+from ..files import atomic_write_json, write_csv
 from ..timing import stopwatch
 from .cli_args import BACKENDS, DEFAULT_ADAPTERS, DEFAULT_CLIENTS, DEFAULT_REPEATS
 from .loadtest_analysis import crossovers, schedule, summarize_cells, table_lines
