@@ -270,24 +270,12 @@ class Service:
 
 # --------------------------------------------------------------------------- the app
 
-def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY, api_key=None,
-               public_metrics: bool = False):
-    """The ASGI app: FastAPI's routes inside the body limit, the bearer-token check when
-    ``api_key`` (an :class:`.auth.ApiKey`) is given, and the metrics, outermost."""
-    from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI
+def _error_handlers(app) -> None:
+    """Every error answers ``{"error": ...}``: the service's own errors, unknown paths (404)
+    and wrong methods (405), malformed JSON (400) and schema mismatches (422)."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    @asynccontextmanager
-    async def lifespan(app):
-        await service.start()
-        yield
-        await service.stop()
-
-    app = FastAPI(title="loralens", lifespan=lifespan, docs_url=None, redoc_url=None)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
@@ -312,6 +300,25 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY, api_key
         return JSONResponse({"error": "; ".join(parts), "detail": [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
             for e in errors]}, status_code=422)
+
+
+def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY, api_key=None,
+               public_metrics: bool = False):
+    """The ASGI app: FastAPI's routes inside the body limit, the bearer-token check when
+    ``api_key`` (an :class:`.auth.ApiKey`) is given, and the metrics, outermost."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(title="loralens", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    _error_handlers(app)
 
     @app.get("/health", operation_id="health", responses=responses(200, HealthOut))
     async def health():
