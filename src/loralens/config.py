@@ -348,8 +348,6 @@ class StudyConfig(_Validated):
         validate_methods(self)
 
 
-METHODS = ("lora", "full")
-
 
 # --------------------------------------------------------------------------- validation
 
