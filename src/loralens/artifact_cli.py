@@ -16,7 +16,10 @@ def add_artifact_commands(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--merge", action="store_true",
-                   help="merge LoRA adapters into full checkpoints")
+                   help="merge adapters (LoRA, DoRA, IA3, ...) into full checkpoints")
+    p.add_argument("--method", action="append", dest="methods", metavar="NAME",
+                   help="export only this method's models (repeatable; default: every "
+                        "method of the run)")
     p = sub.add_parser("predict", help="batch prediction with a trained model "
                                        "(labels, label names, probabilities)")
     p.add_argument("target", metavar="RUN_DIR|MODEL_DIR")
@@ -24,8 +27,9 @@ def add_artifact_commands(sub) -> None:
     p.add_argument("--input", required=True, metavar="FILE",
                    help=".tsv (GLUE files, test splits included), .csv or .jsonl")
     p.add_argument("--output", required=True, metavar="FILE", help=".tsv, .csv or .jsonl")
-    p.add_argument("--method", choices=("lora", "full"),
-                   help="with a RUN_DIR: which model (default lora, else full)")
+    p.add_argument("--method", metavar="NAME",
+                   help="with a RUN_DIR: which method's model (default lora, else the "
+                        "run's first method)")
     p.add_argument("--seed", type=int, help="with a RUN_DIR: which seed (default the smallest)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int,
@@ -47,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from .export import export_run
 
-        rows = export_run(args.run_dir, args.out_dir, merge=args.merge)
+        rows = export_run(args.run_dir, args.out_dir, merge=args.merge, methods=args.methods)
         print(f"exported {len(rows)} model(s) to {args.out_dir} (see export.json)")
         return 0
     from .predict import predict_file

@@ -19,6 +19,12 @@ Every artifact carries the tokenizer (pad token = EOS, right padding) and a mode
 Old layouts stay readable: adapters keyed ``base_model.model.backbone.*`` are renamed on
 load (:func:`load_adapter`); old full checkpoints (``backbone.*``) by the classifier's
 load-time hook (``models._rename_old_keys``). Only the standard layouts are written.
+
+An encoder classifier (BERT/RoBERTa family) or a pooling other than ``last`` has no
+transformers class that computes it (``BertForSequenceClassification`` puts its own
+pooler and ``classifier`` on [CLS]): it is written in the same files, readable by
+loralens (``models.load_trained``), but claims no transformers class (no
+``architectures``; an adapter without ``task_type``) and its card says so.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .model_families import standard_layout
 from .models import NEW_PREFIX, OLD_PREFIX
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -72,7 +79,9 @@ def write_adapter(model: nn.Module, out: Path, tokenizer=None, base: str | None 
     """A PeftModel's adapter in PEFT's standard sequence-classification layout, into ``out``."""
     cfg = model.peft_config[model.active_adapter]
     saved = (cfg.task_type, cfg.base_model_name_or_path, getattr(cfg, "auto_mapping", None))
-    cfg.task_type = "SEQ_CLS"  # also keeps PEFT from writing an auto_mapping to loralens
+    # SEQ_CLS also keeps PEFT from writing an auto_mapping to loralens; loralens's own
+    # layout (an encoder, a pooling other than last) claims no transformers class.
+    cfg.task_type = "SEQ_CLS" if standard_layout(model) else None
     cfg.auto_mapping = None    # (an old adapter read back carries one)
     cfg.base_model_name_or_path = base or saved[1] or base_name_or_path(model)
     try:
@@ -94,7 +103,8 @@ def write_full(model: nn.Module, out: Path, tokenizer=None,
     if len(names) != n:
         raise ValueError(f"{len(names)} label names for a head of {n} labels")
     config = copy.deepcopy(model.config)
-    arch = seq_cls_architecture(getattr(config, "model_type", None))
+    arch = (seq_cls_architecture(getattr(config, "model_type", None))
+            if standard_layout(model) else None)  # loralens's own layout: no class claimed
     config.architectures = [arch] if arch else None
     config.id2label = dict(enumerate(names))
     config.label2id = {name: i for i, name in enumerate(names)}

@@ -10,6 +10,7 @@ selectors (``--task``, ``--method``, ``--seed``) and their flags come from
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print each stage's work (jobs, rows, tokens) and a wall time "
                         "estimated from throughput measured here, then exit; writes nothing")
+    p.add_argument("--executor", choices=("local", "ray"),
+                   help="run.executor: local (this process; other workers through the job "
+                        "table), or ray: every unit of work a Ray task (the ray extra)")
+    p.add_argument("--ray-address", help="run.ray_address: the Ray cluster to join (auto, "
+                                         "host:port, ray://host:port)")
     _common(p)
     for stage in STAGES:
         _stage_parser(sub, stage)
@@ -111,6 +117,9 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     if args.report_to:
         names = [n.strip() for a in args.report_to for n in a.split(",") if n.strip()]
         extra.append(f"tracking.report_to=[{','.join(names)}]")
+    for key in ("executor", "ray_address"):  # `run` only; quoted: host:port is no YAML number
+        if getattr(args, key, None):
+            extra.append(f"run.{key}={json.dumps(getattr(args, key))}")
     stage = _stage_of(args)
     for f in stage.flags if stage else ():
         value = getattr(args, _dest(f.name))
@@ -181,10 +190,12 @@ def _stored(args: argparse.Namespace, run_dir: Path, local: list[str]):
 
 
 def context(args: argparse.Namespace, cfg: StudyConfig, run) -> Context:
+    from .executors import make_executor
+
     ctx = Context(cfg, run, progress=not args.no_progress,
                   select_tasks=_selected_tasks(args),
                   select_methods=getattr(args, "method", None),
-                  select_seeds=getattr(args, "seed", None))
+                  select_seeds=getattr(args, "seed", None), executor=make_executor(cfg))
     stage = _stage_of(args)
     for f in stage.flags if stage else ():
         if f.context_field and getattr(args, _dest(f.name)):

@@ -68,6 +68,10 @@ class ModelConfig(_Validated):
     name: str = _f("smollm2-135m", doc="registry name, hub id or local directory")
     trust_remote_code: bool = _f(False, doc="run model code from the hub (off unless you ask)")
     revision: str | None = _f(None, doc="hub revision (branch, tag or commit)")
+    pooling: str = _f("auto", choices=("auto", "last", "cls", "mean"),
+                      doc="what the head reads: last real token, cls (first token; encoders "
+                          "only) or mean over real tokens; auto = last for causal LMs, cls "
+                          "for encoders (BERT/RoBERTa family)")
 
 
 @dataclass
@@ -296,6 +300,36 @@ class TrackingConfig(_Validated):
                                           "the run directory's name)")
 
 
+RAY_RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")  # any other key: a custom resource
+
+
+@dataclass
+class RunConfig(_Validated):
+    """How this invocation executes the stages' units of work (loralens.executors), not
+    what the study is: never stored in config.yaml, never a difference between workers."""
+
+    section: ClassVar[str] = "run"
+    executor: str = _f("local", choices=("local", "ray"),
+                       doc="local: this process (and other workers through the job table); "
+                           "ray: each unit of work a Ray task (the ray extra; --executor)")
+    ray_address: str | None = _f(None, doc="Ray cluster to join: auto, host:port or "
+                                           "ray://host:port (None = $RAY_ADDRESS, else a "
+                                           "local one for this run; --ray-address)")
+    ray_resources: dict[str, dict[str, float]] = _f(
+        factory=lambda: {"default": {"num_cpus": 1.0}}, lo=0.0,
+        doc="each Ray task's request, by stage name or default: num_cpus, num_gpus, memory "
+            "(bytes) or a custom resource, e.g. {train: {num_cpus: 4, num_gpus: 1}}")
+    ray_max_retries: int = _f(3, lo=0, doc="times Ray reruns a task whose worker died")
+
+    def validate(self) -> None:
+        from .stages import STAGE_NAMES
+
+        for stage in self.ray_resources:
+            if stage != "default" and stage not in STAGE_NAMES:
+                raise ConfigError(f"run.ray_resources: unknown stage {stage!r}; known: default, "
+                                  f"{', '.join(STAGE_NAMES)}", f"run.ray_resources.{stage}")
+
+
 @dataclass
 class StudyConfig(_Validated):
     preset: str | None = _f(None, doc="preset the config was layered on")
@@ -323,6 +357,7 @@ class StudyConfig(_Validated):
     drift: DriftConfig = _f(factory=DriftConfig)
     weights: WeightsConfig = _f(factory=WeightsConfig)
     tracking: TrackingConfig = _f(factory=TrackingConfig)
+    run: RunConfig = _f(factory=RunConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

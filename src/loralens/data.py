@@ -231,8 +231,14 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[int]:
     """Token ids of one example: ``s1`` or ``s1 <eos> s2``, truncated to max_length.
 
     The first segment gets the tokenizer's own special tokens (e.g. a BOS), the
-    second none; the separator is the EOS token, as in the study.
+    second none; the separator is the EOS token, as in the study. An encoder's tokenizer
+    (marked by :func:`model_families.prepare_tokenizer`) uses its own pair template
+    instead (``[CLS] s1 [SEP] s2 [SEP]``).
     """
+    from .model_families import PAIRS_ATTR, encode_native
+
+    if getattr(tokenizer, PAIRS_ATTR, None) == "native":
+        return encode_native(tokenizer, texts, max_length)
     ids = list(tokenizer(texts[0], add_special_tokens=True)["input_ids"])
     for extra in texts[1:]:
         ids.append(tokenizer.eos_token_id)

@@ -5,13 +5,16 @@ Writes ``RUN_DIR/drift/methods.json`` and ``methods.csv``: per task, tested drif
 (:data:`~loralens.drift_measures.DRIFT_MEASURES`) and method, the drift averaged over the
 states of ``drift.layers`` (mean, sd and each seed's value), and the method against the
 reference, seed-paired (:func:`loralens.drift_stats.compare`: paired t-test, Bonferroni
-over (methods other than the reference) x configured tasks x measures, Cohen's d of
-reference - method, positive when the reference drifts more; Delta% = 100 (drift_ref -
-drift_method) / drift_ref).
+over the tests made: (methods other than the reference and the head-only ones) x
+configured tasks x measures, Cohen's d of reference - method, positive when the reference
+drifts more; Delta% = 100 (drift_ref - drift_method) / drift_ref).
 
 A method of the ``head`` family trains only the classification head: its backbone is the
 base model's, its drift 0 by construction, so its tests are undefined (never
-significant) and say so.
+significant, in no family) and say so.
+
+:func:`method_accuracy` is Table 3's counterpart: each method's study metric against the
+reference's (written beside the drift rows, and computed by the report from metrics.json).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Sequence
 import numpy as np
 
 from .config import StudyConfig
-from .drift_measures import DRIFT_MEASURES, DRIFT_SIGN, drift_states, layer_similarities
+from .drift_measures import (DRIFT_MEASURES, DRIFT_SIGN, SCORE_SIGN, drift_states,
+                             layer_similarities)
 from .drift_stats import compare, describe
 from .extract import BASE_KEY, load_task
 from .methods import get_method
@@ -40,8 +44,8 @@ def method_drift(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = No
                  alpha: float = 0.05, n_resamples: int = 10_000, ci_seed: int = 0) -> dict:
     """Compute and write the per-method drift table; returns ``{"rows", "notes", ...}``."""
     ref = cfg.reference_method
-    others = [m for m in cfg.methods if m != ref]
-    n_tests = max(1, len(others) * len(cfg.tasks) * len(DRIFT_MEASURES))
+    tested = [m for m in cfg.methods if m != ref and get_method(m, cfg).family != "head"]
+    n_tests = max(1, len(tested) * len(cfg.tasks) * len(DRIFT_MEASURES))
     notes: list[str] = []
     if ref not in cfg.methods:
         notes.append(f"reference method {ref!r} is not among the methods {cfg.methods}: "
@@ -70,10 +74,13 @@ def method_drift(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = No
                                  ci_seed, cfg))
     meta = {"reference_method": ref, "methods": list(cfg.methods), "alpha": alpha,
             "n_tests": n_tests, "alpha_per_test": alpha / n_tests,
-            "family": "methods other than the reference x configured tasks x measures",
+            "family": "methods other than the reference and the head-only ones x configured "
+                      "tasks x measures",
             "cohens_d": f"sign {DRIFT_SIGN!r} with lora = the method, full = the reference: "
                         "positive when the reference drifts more",
             "drift_layers": cfg.drift.layers}
+    meta["accuracy"] = method_accuracy(job_scores(run, cfg.tasks), cfg.tasks, cfg.methods,
+                                       ref, alpha, n_resamples, ci_seed)
     files = [run.drift_dir / "methods.json", run.drift_dir / "methods.csv"]
     atomic_write_json(files[0], {**meta, "rows": rows, "notes": notes})
     write_csv(files[1], [{k: _cell(r.get(k)) for k in CSV_KEYS} for r in rows], list(CSV_KEYS))
@@ -95,12 +102,73 @@ def _row(task, measure, m, ref, means, n_tests, alpha, n_resamples, ci_seed, cfg
     if row["family"] == "head":
         describe(c, HEAD_NOTE)
     row.update({k: c.get(k) for k in ("t", "p", "p_bonferroni", "significant", "cohens_d",
-                                      "tested", "note", "delta_percent")})
+                                      "tested", "note", "delta_percent", "delta_percent_ci",
+                                      "zero_spread", "n_tests")})
     row["reference_mean"] = (c.get("full") or {}).get("mean")
     return row
+
+
+def job_scores(run: RunDir, tasks: Sequence[str]) -> dict:
+    """``{(task, method, seed): study metric on the validation split}`` of finished jobs."""
+    from .files import read_json
+    from .tasks import get_task
+
+    out = {}
+    for t, m, s in run.finished_jobs():
+        if t in tasks:
+            v = (read_json(run.metrics_path(t, m, s)).get("validation") or {}).get(
+                get_task(t).metric)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                out[(t, m, s)] = float(v)
+    return out
 
 
 def _cell(v):
     if isinstance(v, dict):
         return ";".join(f"{k}={x:.6g}" for k, x in v.items())
     return v
+
+
+def method_accuracy(scores: dict, tasks: Sequence[str], methods: Sequence[str], ref: str,
+                    alpha: float = 0.05, n_resamples: int = 10_000, ci_seed: int = 0) -> dict:
+    """Each method's study metric against the reference method's, per task.
+
+    ``scores``: ``{(task, method, seed): score}`` (the task's study metric on the whole
+    validation split). Seed-paired :func:`~loralens.drift_stats.compare` of method -
+    reference (``SCORE_SIGN`` with lora = the method, full = the reference: t and Cohen's
+    d positive when the method scores higher). Bonferroni family: every method but the
+    reference x configured ``tasks`` (a head-only method's score is a real test), fixed
+    by the config so a correction never changes with what has finished. Returns
+    ``{"rows": [{task, method, mean, sd, per_seed, difference, t, p, ...}], "n_tests",
+    "alpha", "family", "sign"}``.
+    """
+    others = [m for m in methods if m != ref]
+    n_tests = max(1, len(others) * len(tasks))
+    rows = []
+    for task in tasks:
+        by = {m: {s: v for (t, mm, s), v in scores.items() if t == task and mm == m}
+              for m in methods}
+        if not any(by.values()):
+            continue
+        for m in methods:
+            vals = by[m]
+            seeds = sorted(vals)
+            row = {"task": task, "method": m, "reference": ref, "n_seeds": len(seeds),
+                   "mean": float(np.mean([vals[s] for s in seeds])) if seeds else None,
+                   "sd": float(np.std([vals[s] for s in seeds], ddof=1))
+                   if len(seeds) > 1 else None,
+                   "per_seed": {str(s): vals[s] for s in seeds}, "tested": False}
+            if m == ref or not by.get(ref):
+                row["note"] = "the reference method" if m == ref else "no reference results"
+            elif vals:
+                c = compare(vals, by[ref], n_tests, alpha, n_resamples, ci_seed, SCORE_SIGN)
+                row.update({k: c.get(k) for k in ("t", "p", "p_bonferroni", "significant",
+                                                  "cohens_d", "tested", "note", "zero_spread",
+                                                  "n_tests")})
+                if c["lora"] and c["full"]:
+                    row["difference"] = c["lora"]["mean"] - c["full"]["mean"]
+            rows.append(row)
+    return {"rows": rows, "reference_method": ref, "n_tests": n_tests, "alpha": alpha,
+            "family": "methods other than the reference x configured tasks (study metric)",
+            "sign": "method - reference: t and Cohen's d positive when the method scores "
+                    "higher"}

@@ -1,8 +1,11 @@
-"""``loralens export RUN_DIR OUT_DIR [--merge]``: every trained model of a run as standard
-artifacts (:mod:`loralens.artifacts`) with a model card.
+"""``loralens export RUN_DIR OUT_DIR [--method NAME ...] [--merge]``: every trained model of
+a run (or of the methods named) as standard artifacts (:mod:`loralens.artifacts`) with a
+model card.
 
-``OUT_DIR/<task>/<method>/seed<seed>/`` holds a PEFT adapter (LoRA) or a standard
-sequence-classification checkpoint (full fine-tuning, and LoRA with ``--merge``), the
+``OUT_DIR/<task>/<method>/seed<seed>/`` holds a PEFT adapter (any PEFT method: LoRA, DoRA,
+IA3, ..., which plain PEFT loads) or a standard sequence-classification checkpoint (full
+fine-tuning; head-only training, the base with its trained head; and a PEFT method with
+``--merge``), the
 tokenizer and README.md: task and labels, method, hyperparameters, the validation scores
 with the split and file they were measured on, the base model and its note, the loralens
 version and commit that trained it, the input preprocessing. ``OUT_DIR/export.json`` lists
@@ -12,6 +15,7 @@ them. Run directories of the old layouts export too: this is also the converter.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from .store import RunDir, RunDirError
 from .files import atomic_write_json, read_json
@@ -48,10 +52,26 @@ def job_card(run: RunDir, task: str, method: str, seed: int, cfg) -> dict:
     }
 
 
+def select_methods(run: RunDir, jobs: list, methods: Sequence[str] | None) -> list:
+    """The jobs of ``methods`` (all of them: None); a method the run has no finished model
+    of is an error naming the methods it has."""
+    if not methods:
+        return jobs
+    present = sorted({m for _, m, _ in jobs})
+    missing = [m for m in dict.fromkeys(methods) if m not in present]
+    if missing:
+        raise RunDirError(f"{run.root}: no finished model of method(s) "
+                          f"{', '.join(missing)} to export; the run has "
+                          f"{', '.join(present) or 'none'}")
+    return [j for j in jobs if j[1] in set(methods)]
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False,
-               progress=print) -> list[dict]:
-    """Export every finished job of ``run_dir`` into ``out_dir``; returns the manifest rows."""
+               progress=print, methods: Sequence[str] | None = None) -> list[dict]:
+    """Export every finished job of ``run_dir`` (of ``methods`` only, when given) into
+    ``out_dir``; returns the manifest rows."""
     from .artifacts import merged
+    from .methods import get_method
     from .models import load_base, load_trained, save_trained
     from .tasks import get_task
 
@@ -61,6 +81,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False,
     if not jobs:
         raise RunDirError(f"{run.root}: no finished model to export (no models/*/*/seed*/"
                           "metrics.json)")
+    jobs = select_methods(run, jobs, methods)
     if out.resolve() == run.root.resolve() or run.root.resolve() in out.resolve().parents:
         raise RunDirError(f"{out}: export into a directory outside the run directory")
     base = load_base(cfg)
@@ -69,19 +90,20 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False,
         spec = get_task(task)
         card = job_card(run, task, method, seed, cfg)
         model = load_trained(run.job_dir(task, method, seed), base.backbone(), spec.num_labels)
-        as_adapter = method == "lora" and not merge
-        if method == "lora" and merge:
+        adapter = get_method(method, cfg).is_adapter  # any PEFT method (LoRA, DoRA, IA3...)
+        as_adapter = adapter and not merge
+        if adapter and merge:
             model = merged(model)
-            card.update(merged=True, kind="LoRA adapter merged into a full checkpoint")
+            card.update(merged=True, kind="PEFT adapter merged into a full checkpoint")
         dest = out / task / method / f"seed{seed}"
-        save_trained(model, "lora" if as_adapter else "full", dest, base.tokenizer,
-                     spec.label_names, card)
+        save_trained(model, method, dest, base.tokenizer, spec.label_names, card)
         rows.append({"task": task, "method": method, "seed": seed, "path": str(dest),
                      "kind": "peft-adapter" if as_adapter else "sequence-classification",
                      "scores": card["scores"]})
         progress(f"exported {task}/{method}/seed{seed} -> {dest} ({rows[-1]['kind']})")
         del model
     atomic_write_json(out / "export.json", {"run_dir": str(run.root), "merge": merge,
+                                            "methods": sorted({m for _, m, _ in jobs}),
                                             "base": base.name, "base_path": base.resolved.path,
                                             "artifacts": rows})
     return rows

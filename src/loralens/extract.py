@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 
 from . import data as D
 from .config import StudyConfig
-from .models import Base, build_classifier, load_base, load_trained, masked_mean
+from .model_families import pool
+from .models import Base, build_classifier, load_base, load_trained
 from .store import RunDir, RunDirError
 from .files import atomic_path, atomic_write_json, read_json
 from .tasks import get_task
@@ -66,7 +67,8 @@ SAMPLE_KEYS = ("task", "split", "requested", "seed", "max_length", "model", "exa
 @torch.no_grad()
 def pooled_hidden_states(model: nn.Module, encoded: D.Encoded, pad_id: int, batch_size: int = 32,
                          *, group_by_length: bool = True, pad_to: int | None = None,
-                         progress: bool = False, desc: str = "extract") -> np.ndarray:
+                         progress: bool = False, desc: str = "extract",
+                         pooling: str = "mean") -> np.ndarray:
     """Hidden states of every layer, mean-pooled over real tokens: ``[n, layers, d]`` float32.
 
     Args:
@@ -81,6 +83,8 @@ def pooled_hidden_states(model: nn.Module, encoded: D.Encoded, pad_id: int, batc
         group_by_length: batches of similar length (little padding), as in evaluation.
         pad_to: pad every batch to this width instead of its longest member (for
             benchmarks; the result is the same up to float rounding).
+        pooling: ``mean`` over real tokens (the stage's, for causal LMs and encoders
+            alike: the study's measure), or ``last``/``cls`` (:func:`model_families.pool`).
 
     Returns:
         float32 array ``[len(encoded), n_hidden_states, hidden_size]``. Pooling
@@ -101,7 +105,7 @@ def pooled_hidden_states(model: nn.Module, encoded: D.Encoded, pad_id: int, batc
             states = getattr(res, "hidden_states", None)
             if not states:
                 raise ValueError(f"{type(model).__name__} returned no hidden_states")
-            pooled = torch.stack([masked_mean(h.float(), mask) for h in states], dim=1)
+            pooled = torch.stack([pool(h.float(), mask, pooling) for h in states], dim=1)
             if out is None:
                 out = np.empty((len(encoded), *pooled.shape[1:]), dtype=np.float32)
             out[b.index] = pooled.float().cpu().numpy()

@@ -89,10 +89,19 @@ def gemm_peak(dtype: torch.dtype = torch.float32, device: str = "cpu",
     return _gemm_peak(dtype, str(device), int(side))
 
 
+def _private_generator(device: str) -> torch.Generator:
+    """The timing operands' own random numbers: the first job of a process measures the
+    peak (cached), and drawing from the global generator after its seed_everything would
+    change its dropout and shuffles, so a job's results would depend on what ran before
+    it in its process (a Ray worker, a resumed run)."""
+    return torch.Generator(device=device).manual_seed(0)
+
+
 @functools.cache
 def _gemm_peak(dtype: torch.dtype, device: str, side: int) -> float:
-    a = torch.randn(side, side, device=device).to(dtype)
-    b = torch.randn(side, side, device=device).to(dtype)
+    g = _private_generator(device)
+    a = torch.randn(side, side, device=device, generator=g).to(dtype)
+    b = torch.randn(side, side, device=device, generator=g).to(dtype)
 
     def mm():
         torch.mm(a, b)
@@ -118,9 +127,10 @@ def model_shapes(config) -> list[tuple[int, int, int]]:
 @functools.cache
 def _model_gemm_peak(shapes: tuple, tokens: int, dtype: torch.dtype, device: str) -> float:
     flops, seconds = 0.0, 0.0
+    g = _private_generator(device)
     for k, n, count in shapes:
-        x = torch.randn(tokens, k, device=device).to(dtype)
-        w = torch.randn(n, k, device=device).to(dtype)
+        x = torch.randn(tokens, k, device=device, generator=g).to(dtype)
+        w = torch.randn(n, k, device=device, generator=g).to(dtype)
 
         def lin():
             nn.functional.linear(x, w)

@@ -102,6 +102,10 @@ def base_lm_head(base) -> torch.Tensor:
     which is the input embedding where the model ties them."""
     from transformers import AutoModelForCausalLM
 
+    if getattr(base, "family", "causal") != "causal":
+        raise ValueError(f"forgetting (next-token cross-entropy) needs a causal LM; "
+                         f"{base.name} is an encoder: set weights.forgetting=false")
+
     lm = AutoModelForCausalLM.from_pretrained(base.resolved.path, dtype=torch.float32,
                                               use_safetensors=True,
                                               trust_remote_code=base.trust_remote_code,

@@ -68,8 +68,9 @@ BUILTIN: dict[str, dict] = {
 # The stages that handle each family (the others refuse, naming method and stage).
 ALL = frozenset(FAMILIES)
 STAGE_FAMILIES: dict[str, frozenset] = {"sanity": ALL, "search": ALL, "train": ALL,
-                                         "extract": ALL, "drift": ALL, "weights": ALL}
-TWO_METHOD_STAGES = ("bench", "report")
+                                         "extract": ALL, "drift": ALL, "weights": ALL,
+                                         "bench": ALL, "report": ALL}
+TWO_METHOD_STAGES = ()
 
 
 @dataclass(frozen=True)

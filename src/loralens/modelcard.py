@@ -58,6 +58,15 @@ classify(text)  # text prepared as above
 ```
 """
 
+OWN_LAYOUT = """\
+## Input and loading (loralens only)
+
+A {family} classifier whose head reads the `{pooling}` pooling of the last hidden state
+(`cls`: the first token; `mean`: the mean over real tokens; `last`: the last real token).
+No transformers class computes this head, so the files claim none: load them with
+`loralens.models.load_trained`. Inputs: {inputs}.
+"""
+
 
 def render_card(info: dict) -> str:
     """The card's markdown from ``info`` (keys: kind, method, task, label_names, base,
@@ -83,13 +92,16 @@ def render_card(info: dict) -> str:
                   ""]
         lines += [f"- {k}: {v}" for k, v in info["scores"].items()] + [""]
     ml = info.get("max_length")
-    lines.append(PREPROCESSING.format(sep=info.get("sep") or "EOS",
-                                      arch=info.get("arch") or "ForSequenceClassification class",
-                                      max_length=f" ({ml} here)" if ml else ""))
-    usage = ADAPTER_USAGE if adapter and not info.get("merged") else FULL_USAGE
-    n = len(info.get("label_names") or ()) or 2
-    lines.append(usage.format(path=info.get("path") or ".", base=info.get("base_path") or "BASE",
-                              n=n))
+    if info.get("own_layout"):  # an encoder or another pooling: loralens's layout only
+        lines.append(OWN_LAYOUT.format(**info["own_layout"]))
+    else:
+        lines.append(PREPROCESSING.format(
+            sep=info.get("sep") or "EOS", arch=info.get("arch") or "ForSequenceClassification "
+            "class", max_length=f" ({ml} here)" if ml else ""))
+        usage = ADAPTER_USAGE if adapter and not info.get("merged") else FULL_USAGE
+        n = len(info.get("label_names") or ()) or 2
+        lines.append(usage.format(path=info.get("path") or ".",
+                                  base=info.get("base_path") or "BASE", n=n))
     if info.get("hyperparameters"):
         lines += ["## Hyperparameters", "", "```json",
                   json.dumps(info["hyperparameters"], indent=2, sort_keys=True, default=str),

@@ -2,8 +2,10 @@
 place models are loaded, made trainable for a method, saved and loaded back (training,
 sanity, search, extraction, the benchmark and the server all use these functions).
 
-The classifier is a causal LM backbone (no LM head) plus a linear head on the
-hidden state of the last *real* token. The last real token is found from the
+The classifier is a backbone (no LM head) plus a linear head on one pooled vector per
+input; the pooling, the tokenizer's pair format and the default LoRA targets belong to the
+model family (:mod:`loralens.model_families`: causal LMs and BERT/RoBERTa encoders). For a
+causal LM the head reads the hidden state of the last *real* token, found from the
 attention mask, never from token ids: with Llama tokenizers pad == EOS == the pair
 separator, so "the token before the first pad id" is the end of sentence 1 and
 "the rightmost non-pad id" breaks when a real EOS ends the input.
@@ -21,6 +23,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+
+from . import model_families as F
+
+# Pooling primitives live with the families; these names stay importable from here.
+last_token_index, masked_mean = F.last_token_index, F.masked_mean
 
 CACHE_ENV = "LORALENS_CACHE"
 
@@ -167,8 +174,21 @@ def _convert(gguf: Path, out: Path) -> None:
 
 # --------------------------------------------------------------------------- loading
 
+def load_model_config(resolved: ResolvedModel, trust_remote_code: bool = False,
+                revision: str | None = None):
+    """The model's transformers config (family detection, loading options)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolved.path, trust_remote_code=trust_remote_code,
+                                          revision=revision)
+    except OSError as e:
+        raise ModelNotFound(_not_found(resolved.name, str(e).splitlines()[0])) from e
+
+
 def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False,
-                   revision: str | None = None):
+                   revision: str | None = None, family: str | None = None):
+    """The tokenizer set up for ``family`` (None: the config's, ``causal`` without one)."""
     from transformers import AutoTokenizer
 
     try:
@@ -176,22 +196,22 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False,
                                             revision=revision)
     except OSError as e:
         raise ModelNotFound(_not_found(resolved.name, f"tokenizer: {e}")) from e
-    if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer of {resolved.name} has no EOS token; "
-                         "the pair separator and padding need one")
-    tok.pad_token = tok.eos_token  # the study pads with EOS
-    tok.padding_side = "right"
-    return tok
+    family = family or F.family_of_path(resolved.path, trust_remote_code=trust_remote_code,
+                                        revision=revision)
+    return F.prepare_tokenizer(tok, family, resolved.name)
 
 
 def load_backbone(resolved: ResolvedModel, trust_remote_code: bool = False,
                   revision: str | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The transformer without its LM head (e.g. LlamaModel), weights via safetensors."""
+    """The transformer without its LM head (e.g. LlamaModel, BertModel), weights via
+    safetensors."""
     from transformers import AutoModel
 
+    config = load_model_config(resolved, trust_remote_code, revision)
     try:
-        return AutoModel.from_pretrained(resolved.path, dtype=dtype, use_safetensors=True,
-                                         trust_remote_code=trust_remote_code, revision=revision)
+        return AutoModel.from_pretrained(resolved.path, config=config, dtype=dtype,
+                                         use_safetensors=True, revision=revision,
+                                         trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ModelNotFound(_not_found(resolved.name, str(e).splitlines()[0])) from e
 
@@ -203,28 +223,23 @@ class ClassifierOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings + every layer
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position of the last real token of each row: [batch] long.
-
-    Taken from the mask (rightmost position with mask 1), so it works for any
-    padding side and whatever token ids the sequence holds.
-    """
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask.long() * (positions + 1)).argmax(dim=1)
-
-
 class CausalLMClassifier(nn.Module):
-    """A causal LM backbone with a linear head (``score``) on the last real token.
+    """A backbone with a linear head (``score``) on one pooled vector per input: a causal
+    LM's last real token, an encoder's first token or mean (:mod:`loralens.model_families`;
+    ``pooling`` None: the config's ``loralens_pooling``, else the family's default).
 
-    The backbone is the submodule ``model`` (alias ``backbone``), so parameter names are
-    those of transformers' ``<Arch>ForSequenceClassification`` (``model.layers...``,
-    ``score.weight``): PEFT adapters and full checkpoints saved from it load into
-    transformers' class as they are. State dicts of the old layout (``backbone.*``) are
-    renamed on load (:func:`_rename_old_keys`), so old runs stay readable.
+    The backbone is the submodule ``model`` (alias ``backbone``): a causal LM's parameter
+    names are those of transformers' ``<Arch>ForSequenceClassification`` (``model.layers``,
+    ``score.weight``), so its adapters and checkpoints load into that class as they are.
+    Old state dicts (``backbone.*``) are renamed on load (:func:`_rename_old_keys`).
     """
 
-    def __init__(self, backbone: nn.Module, num_labels: int):
+    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str | None = None):
         super().__init__()
+        self.family = F.detect_family(backbone.config)
+        self.pooling = F.resolve_pooling(
+            self.family, pooling or getattr(backbone.config, F.POOLING_ATTR, None))
+        F.drop_pooler(backbone, self.family)
         self.model = backbone
         self.register_load_state_dict_pre_hook(_rename_old_keys)
         self.config = backbone.config  # PEFT and generic tooling look for .config
@@ -245,11 +260,10 @@ class CausalLMClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, output_hidden_states: bool = False,
                 **_: object) -> ClassifierOutput:
+        extra = F.forward_kwargs(self.family, self.config, input_ids, attention_mask)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                            output_hidden_states=output_hidden_states, use_cache=False)
-        h = out.last_hidden_state
-        rows = torch.arange(h.shape[0], device=h.device)
-        pooled = h[rows, last_token_index(attention_mask)]
+                            output_hidden_states=output_hidden_states, **extra)
+        pooled = F.pool(out.last_hidden_state, attention_mask, self.pooling)
         logits = self.score(pooled.to(self.score.weight.dtype)).float()
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return ClassifierOutput(logits, loss, out.hidden_states if output_hidden_states else None)
@@ -288,15 +302,6 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**kw)
 
 
-def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens only: [batch, seq, d] x [batch, seq] -> [batch, d].
-
-    Pad positions are excluded (the study's published code averaged them in).
-    """
-    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
-
-
 # --------------------------------------------------------------------------- the base model
 
 @dataclass
@@ -308,6 +313,8 @@ class Base:
     tokenizer: Any
     trust_remote_code: bool = False
     revision: str | None = None
+    family: str = F.CAUSAL        # model_families.detect_family of the config
+    pooling: str = "last"         # resolved model.pooling (never auto)
 
     @property
     def name(self) -> str:
@@ -318,8 +325,13 @@ class Base:
         return self.resolved.note
 
     def backbone(self, dtype: torch.dtype = torch.float32) -> nn.Module:
-        return load_backbone(self.resolved, trust_remote_code=self.trust_remote_code,
-                             revision=self.revision, dtype=dtype)
+        """A fresh backbone; its config carries the pooling (and an encoder's [SEP] id)."""
+        bb = load_backbone(self.resolved, trust_remote_code=self.trust_remote_code,
+                           revision=self.revision, dtype=dtype)
+        setattr(bb.config, F.POOLING_ATTR, self.pooling)
+        if self.family == F.ENCODER and getattr(self.tokenizer, "sep_token_id", None) is not None:
+            setattr(bb.config, F.SEP_ATTR, self.tokenizer.sep_token_id)
+        return bb
 
 
 def load_base(model_cfg) -> Base:
@@ -327,9 +339,11 @@ def load_base(model_cfg) -> Base:
     by a ``StudyConfig`` (its ``model`` section)."""
     mc = getattr(model_cfg, "model", model_cfg)
     resolved = resolve_model(mc.name)
+    family = F.detect_family(load_model_config(resolved, mc.trust_remote_code, mc.revision))
+    pooling = F.resolve_pooling(family, getattr(mc, "pooling", "auto"))
     tokenizer = load_tokenizer(resolved, trust_remote_code=mc.trust_remote_code,
-                               revision=mc.revision)
-    return Base(resolved, tokenizer, mc.trust_remote_code, mc.revision)
+                               revision=mc.revision, family=family)
+    return Base(resolved, tokenizer, mc.trust_remote_code, mc.revision, family, pooling)
 
 
 # --------------------------------------------------------------------------- methods, save, load
@@ -340,11 +354,12 @@ def apply_method(model: CausalLMClassifier, method: str, cfg) -> nn.Module:
     ``method`` is a name of the method registry (:mod:`loralens.methods`: built-ins and
     ``cfg.method_defs``). ``full`` trains every parameter; ``head`` only the head;
     a PEFT method (``lora``: from ``cfg.lora``) wraps the classifier with its adapter
-    (head trained and saved with it, as ``modules_to_save``).
+    (head trained and saved with it, as ``modules_to_save``); on an encoder the default
+    targets become its own names (:func:`model_families.for_model`).
     """
     from .methods import get_method, make_trainable
 
-    return make_trainable(model, get_method(method, cfg))
+    return make_trainable(model, F.for_model(get_method(method, cfg), model))
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -373,7 +388,8 @@ def save_trained(model: nn.Module, method: str, out: Path, tokenizer=None,
         else:
             write_full(model, tmp, tokenizer, label_names)
         write_card(tmp, {"method": method, "label_names": label_names, "path": str(out),
-                         "adapter": _is_peft(model), **(card or {})})
+                         "adapter": _is_peft(model), "own_layout": F.own_layout_card(model),
+                         **(card or {})})
     return Path(out)
 
 

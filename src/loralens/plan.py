@@ -8,8 +8,9 @@
    (evaluations, extraction, serving), and the fresh copies of the base model each job
    loads;
 2. measures this machine's throughput on the study's own model
-   (:func:`loralens.plan_measure.measure`): a few forward + backward steps per method on
-   real training rows of the first task, a no-grad forward at ``train.eval_batch_size``,
+   (:func:`loralens.plan_measure.measure`): a few forward + backward steps per method
+   family (:func:`cost_basis`: full fine-tuning, and LoRA for every PEFT method) on real
+   training rows of the first task, a no-grad forward at ``train.eval_batch_size``,
    and, for the serving benchmark, batch-1 forwards (in the serving dtype, and in float64
    for its identity checks);
 3. turns work into FLOPs (``flops.train_flops_per_token``, ``forward_flops_per_token``:
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import StudyConfig
+from .methods import Method, get_method
 from .plan_measure import Throughput, measure
 from .plan_work import CHEAP, FORWARD_KINDS, StageWork, _n, count_work
 
@@ -52,6 +54,47 @@ def estimate(works: list[StageWork], tp: Throughput) -> list[StageWork]:
                      + sum(n * tp.step_s[m] for m, n in w.steps.items())
                      + w.loads * tp.load_s)
     return works
+
+
+# Training cost per method family. The dry run times one representative per family and
+# estimates the other methods from it (assumptions, not measurements):
+# * full: timed (6N FLOPs per real token);
+# * every PEFT method: timed as the study's ``lora`` (4N + 2n per token). Other ranks and
+#   target modules, rsLoRA, PiSSA/OLoRA initialisation (an SVD/QR once per job, not per
+#   token), LoRA+ and IA3 cost about as much per token: the frozen backbone's forward and
+#   the backward through its activations dominate, the adapters are a few % of N;
+# * DoRA: LoRA's FLOPs, DORA_SLOWDOWN x its seconds: PEFT's DoRA also forms W + s B A and
+#   its column norms for every adapted weight at each forward (and backward), work that
+#   4N + 2n does not count (assumed, not measured here);
+# * head: only the head trains and nothing backpropagates into the frozen backbone: a
+#   forward pass (2N per token) at the measured forward throughput; its optimizer step
+#   (hidden x labels weights) is negligible.
+DORA_SLOWDOWN = 1.3
+
+
+def cost_basis(method: Method) -> tuple[str | None, float, str]:
+    """How the dry run prices ``method``'s training: (the timed representative, ``full`` or
+    ``lora``, None for forward-only; slowdown factor; the basis in words)."""
+    if method.family == "full":
+        return "full", 1.0, "timed"
+    if method.family == "head":
+        return None, 1.0, "forward-only backbone (head-only training)"
+    if method.peft.get("use_dora"):
+        return "lora", DORA_SLOWDOWN, f"LoRA's measured cost x {DORA_SLOWDOWN} (DoRA)"
+    return "lora", 1.0, "timed" if method.name == "lora" else "LoRA's measured cost"
+
+
+def per_method(tp: Throughput, basis: dict[str, tuple]) -> Throughput:
+    """Replace the timed representatives' training figures by one entry per method
+    (:func:`cost_basis`); ``tp.basis`` says how each was priced."""
+    timed = {k: (tp.train_flops_s[k], tp.train_fpt[k], tp.step_s[k]) for k in tp.train_flops_s}
+    tp.train_flops_s, tp.train_fpt, tp.step_s, tp.basis = {}, {}, {}, {}
+    for m, (rep, slowdown, words) in basis.items():
+        flops_s, fpt, step = (timed[rep] if rep else
+                              (tp.forward_flops_s["batched"], tp.forward_fpt, 0.0))
+        tp.train_flops_s[m], tp.train_fpt[m], tp.step_s[m] = flops_s / slowdown, fpt, step
+        tp.basis[m] = words
+    return tp
 
 
 def needs(works: list[StageWork]) -> tuple[list[str], list[str]]:
@@ -81,8 +124,12 @@ def plan_study(cfg: StudyConfig, stages: Sequence[str], base=None,
     methods, kinds = needs(works)
     if not (methods or kinds):
         return works, None
-    tp = measure(cfg, base, prepared[cfg.tasks[0]], methods, kinds, log)
-    return estimate(works, tp), tp
+    basis = {m: cost_basis(get_method(m, cfg)) for m in methods}
+    if any(rep is None for rep, _, _ in basis.values()) and "batched" not in kinds:
+        kinds = [k for k in FORWARD_KINDS if k in kinds or k == "batched"]
+    timed = sorted({rep for rep, _, _ in basis.values() if rep})
+    tp = measure(cfg, base, prepared[cfg.tasks[0]], timed, kinds, log)
+    return estimate(works, per_method(tp, basis)), tp
 
 
 # --------------------------------------------------------------------------- text
@@ -149,7 +196,7 @@ def _measured(tp: Throughput) -> list[str]:
     for m, fs in tp.train_flops_s.items():
         out.append(f"  training {m}: {tp.tokens_s(m):.0f} tokens/s = {fs / 1e9:.1f} GFLOP/s "
                    f"on {tp.tokens['train']} tokens per step; optimizer step "
-                   f"{tp.step_s[m]:.2f} s")
+                   f"{tp.step_s[m]:.2f} s" + (f" ({tp.basis[m]})" if m in tp.basis else ""))
     for k, fs in tp.forward_flops_s.items():
         n = tp.tokens["batch1" if k == "float64" else k]
         out.append(f"  scoring, {FORWARD_KINDS[k]}: {tp.tokens_s(k):.0f} tokens/s = "
@@ -191,12 +238,11 @@ def _notes(cfg: StudyConfig, works: list[StageWork], run_dir) -> list[str]:
 
 
 def dry_run(cfg: StudyConfig, stages: Sequence[str], run_dir: str | Path | None = None) -> str:
-    """``loralens run --dry-run``: the plan of ``stages`` as text (progress on stderr)."""
-    from .methods import require_supported
+    """``loralens run --dry-run``: the plan of ``stages`` as text (progress on stderr), for
+    every method of the study (:func:`cost_basis` prices each family)."""
 
     def log(s: str) -> None:
         print(s, file=sys.stderr, flush=True)
 
-    require_supported("dry-run", cfg.methods, cfg)  # the planner times lora and full only
     works, tp = plan_study(cfg, stages, log=log)
     return format_plan(cfg, works, tp, run_dir)

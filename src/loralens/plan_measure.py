@@ -39,6 +39,7 @@ class Throughput:
     train_flops_s: dict[str, float] = field(default_factory=dict)    # method -> FLOP/s
     train_fpt: dict[str, int] = field(default_factory=dict)          # method -> FLOPs/token
     step_s: dict[str, float] = field(default_factory=dict)           # method -> optimizer step
+    basis: dict[str, str] = field(default_factory=dict)  # method -> how priced (plan.cost_basis)
     forward_flops_s: dict[str, float] = field(default_factory=dict)  # kind -> FLOP/s
     forward_fpt: int = 0
     load_s: float = 0.0             # a fresh copy of the base model

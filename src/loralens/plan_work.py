@@ -119,6 +119,13 @@ def _pairs(cfg: StudyConfig) -> list[tuple[str, str]]:
     return [(t, m) for t in cfg.tasks for m in cfg.methods]
 
 
+def _is_full(cfg: StudyConfig, method: str) -> bool:
+    """Full fine-tuning's search space (batch choices) applies (search.method_space)."""
+    from .methods import get_method
+
+    return get_method(method, cfg).family == "full"
+
+
 def _n(k: int, noun: str) -> str:
     return f"{k} {noun}{'' if k == 1 else 's'}"
 
@@ -172,7 +179,7 @@ def _search(cfg, tokenizer, prepared) -> StageWork:
         rows[t], evals[t] = len(p.train), len(eval_enc)
         for m in cfg.methods:
             # upper bounds: the largest epoch choice, the smallest batch (most steps, evals)
-            batch = min(sc.batch_full if m == "full" else sc.batch_lora)
+            batch = min(sc.batch_full if _is_full(cfg, m) else sc.batch_lora)
             trial_tc = replace(cfg.train, epochs=max(sc.epochs), batch_size=batch)
             trial = StageWork("search", jobs=1, loads=1)
             fit_work(trial, m, p.train.lengths, trial_tc, eval_enc.lengths)
@@ -190,7 +197,7 @@ def train_settings(cfg: StudyConfig, method: str):
     if not sc.enabled:
         return cfg.train
     return replace(cfg.train, epochs=max(sc.epochs),
-                   batch_size=min(sc.batch_full if method == "full" else sc.batch_lora))
+                   batch_size=min(sc.batch_full if _is_full(cfg, method) else sc.batch_lora))
 
 
 def _train(cfg, tokenizer, prepared) -> StageWork:
@@ -261,9 +268,13 @@ def _report(cfg, tokenizer, prepared) -> StageWork:
 
 def _bench(cfg, tokenizer, prepared) -> StageWork:
     """The serving benchmark (serving/bench*.py, identity.py): per task and benchmarked
-    seed every served kind at each batch size (warm-up requests included), several
-    adapters on one base, and the identity checks (float64 and the serving dtype)."""
+    seed every served kind of every method at each batch size (warm-up requests included;
+    the kinds of :func:`loralens.serving.paths.serving_kinds`), several adapters our runtime
+    serves exactly on one base, and the identity checks of every adapter (float64 and the
+    serving dtype)."""
+    from .methods import get_method
     from .serving.bench_multi import choose_adapters
+    from .serving.paths import lean_inexact, serving_kinds
     from .tasks import get_task
 
     bc, w = cfg.bench, StageWork("bench", jobs=1)
@@ -273,7 +284,10 @@ def _bench(cfg, tokenizer, prepared) -> StageWork:
         w.what = "off: no model to benchmark"
         return w
     sizes = sorted(set(bc.batch_sizes))
-    kinds = (1 if "full" in cfg.methods else 0) + (3 if "lora" in cfg.methods else 0)
+    methods = {m: get_method(m, cfg) for m in cfg.methods}
+    kinds = sum(len(serving_kinds(x)) for x in methods.values())
+    adapters = [m for m, x in methods.items() if x.is_adapter]
+    lean = [m for m in adapters if lean_inexact(methods[m]) is None]
     enc = {t: D.encode_split(tokenizer, prepared[t].val_split.subset(
         bc.requests, cfg.data.subset_seed), cfg.data.max_length).lengths.tolist()
         for t in cfg.tasks}
@@ -297,31 +311,33 @@ def _bench(cfg, tokenizer, prepared) -> StageWork:
             for b in sizes:
                 reqs = requests(enc[t], b)
                 serve(reqs + warm(reqs, bc.warmup), kinds)
-    lora = [(t, s) for t in cfg.tasks for s in seeds] if "lora" in cfg.methods else []
-    chosen = choose_adapters(list(cfg.tasks), [(t, "lora", s) for t, s in lora])
-    peft = len({get_task(t).num_labels for t, _ in chosen}) == 1  # heads of one shape
+    checked = [(t, m) for t in cfg.tasks for m in adapters for _ in seeds]
+    chosen = choose_adapters(list(cfg.tasks), [(t, m, s) for t in cfg.tasks for m in lean
+                                                for s in seeds], lean)
+    peft = len({get_task(t).num_labels for t, _, _ in chosen}) == 1  # heads of one shape
 
     def round_robin(n: int) -> list[int]:  # row j: adapter j mod k, example j div k
         return [enc[chosen[j % len(chosen)][0]][j // len(chosen)]
                 for j in range(n * len(chosen))]
 
     if len(chosen) >= 2:  # bench_multi: our runtime, PEFT, a merged model for reference
-        rows = round_robin(min(len(enc[t]) for t, _ in chosen))
+        rows = round_robin(min(len(enc[t]) for t, _, _ in chosen))
         for reqs, passes in ((requests(rows, 1), 1 + peft),
                              (requests(rows, bc.mixed_batch_size), 2 + peft)):
             serve(reqs + warm(reqs, min(bc.warmup, len(reqs))), passes)
         w.loads += 1 + peft
     # identity: float64 (the verdict), then the serving dtype; per adapter its first
-    # examples at batch 1 (the reference), then our runtime and the merged model
+    # examples at batch 1 (the reference), then the merged model and, for the methods it
+    # serves, our runtime
     ident = 16  # serving.bench.run_bench's identity_examples
     for dtype in ("float64", None):
-        for t, _ in lora:
+        for t, m in checked:
             serve(requests(enc[t][:ident], 1), 1, dtype)
             for b in sizes:
-                serve(requests(enc[t][:ident], b), 2, dtype)
+                serve(requests(enc[t][:ident], b), 1 + (m in lean), dtype)
             w.loads += 1
         if len(chosen) >= 2:
-            rows = round_robin(min(len(enc[t][:ident]) for t, _ in chosen))
+            rows = round_robin(min(len(enc[t][:ident]) for t, _, _ in chosen))
             for b in (1, bc.mixed_batch_size):  # stream, mixed: our runtime and PEFT
                 serve(requests(rows, b), 1 + peft, dtype)
             w.loads += 1 + peft

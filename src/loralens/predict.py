@@ -124,10 +124,13 @@ def _from_run(root: Path, spec: TaskSpec, method, seed, max_length) -> Loaded:
     jobs = [j for j in run.finished_jobs() if j[0] == spec.name
             and (method is None or j[1] == method) and (seed is None or j[2] == seed)]
     if not jobs:
+        have = sorted({f"{j[1]}/seed{j[2]}" for j in run.finished_jobs() if j[0] == spec.name})
         raise PredictError(f"{root}: no finished {spec.name} model"
                            + (f" with method {method}" if method else "")
-                           + (f" and seed {seed}" if seed is not None else ""))
-    jobs.sort(key=lambda j: (j[1] != "lora", j[2]))
+                           + (f" and seed {seed}" if seed is not None else "")
+                           + f"; the run has {', '.join(have) or 'none'}")
+    methods = list(dict.fromkeys(j[1] for j in run.finished_jobs()))
+    jobs.sort(key=lambda j: (j[1] != "lora", methods.index(j[1]), j[2]))
     cfg = run.load_config()
     base = load_base(cfg)
     model = load_trained(run.job_dir(*jobs[0]), base.backbone(), spec.num_labels)

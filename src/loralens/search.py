@@ -285,6 +285,15 @@ def _run_trial(cfg: StudyConfig, train_cfg: StudyConfig, study: optuna.Study,
 def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base,
                progress: bool = True, on_trial=None) -> dict:
     """Run trials of (task, method) until the study has ``search.trials`` of them."""
+    study = run_trials(cfg, run, task, method, base, progress, on_trial)
+    return write_best(cfg, run, task, method, study)
+
+
+def run_trials(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base,
+               progress: bool = True, on_trial=None, limit: int | None = None) -> optuna.Study:
+    """Run trials of (task, method) while the study's budget allows, at most ``limit`` here
+    (a Ray task runs one); returns once the budget is spent and no trial is running, or
+    after ``limit`` trials."""
     sc = cfg.search
     study = open_study(cfg, run, task, method)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -292,7 +301,8 @@ def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base
     train_cfg = with_overrides(cfg, {"data": {"train_size": sc.train_size or cfg.data.train_size,
                                               "train_size_per_task": {}}})
     prepared = eval_enc = None
-    while True:
+    ran = 0
+    while limit is None or ran < limit:
         trial, counted_trials = _ask_under_lock(cfg, run, task, method, study)
         if trial is None:
             # Budget taken: done once no other worker's trial is still running (a dead
@@ -305,8 +315,9 @@ def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base
             prepared, eval_enc = _prepare_search_task(cfg, train_cfg, task, base.tokenizer)
         _run_trial(cfg, train_cfg, study, trial, task, method, base, prepared, eval_enc,
                    progress, run.root)
+        ran += 1
         on_trial and on_trial()
-    return write_best(cfg, run, task, method, study)
+    return study
 
 
 def write_best(cfg: StudyConfig, run: RunDir, task: str, method: str,

@@ -44,6 +44,7 @@ class Context:
     overwrite: bool = False                    # redo finished work (train, extract, bench)
     use_search: bool = True                    # train with the search's best hyperparameters
     bar: Any = None                            # the study's progress bar (``loralens run``)
+    executor: Any = None                       # loralens.executors (None: this process)
     _base: Any = field(default=None, repr=False)
     _prepared: dict = field(default_factory=dict, repr=False)
     _queue: Any = field(default=None, repr=False)
@@ -119,12 +120,14 @@ class Context:
             for payload in todo.values():
                 run_one(payload)
             return skipped
-        self.queue.add(stage, todo, reopen=True)
 
         def claimed(key, payload):  # another worker may have finished it meanwhile
             if self.overwrite or not finished(payload):
                 run_one(payload)
 
+        if self.executor is not None:  # Ray: each job a task running ``claimed`` below
+            return self.executor.work(self, stage, todo, skipped, claimed)
+        self.queue.add(stage, todo, reopen=True)
         self.queue.work(stage, claimed, keys=list(jobs))  # this command's selection only
         return skipped
 
@@ -157,6 +160,8 @@ def run_search(ctx: Context) -> bool:
     if not ctx.cfg.search.enabled:
         print("search disabled (search.enabled=false): training uses the config's values")
         return True
+    if ctx.executor is not None:  # Ray: every trial a task; each study's budget is then
+        ctx.executor.search(ctx)  # spent, and the loop below writes its best trial
     for t, m in ctx.pairs():
         res = search_pair(ctx.cfg, ctx.run, t, m, ctx.base, progress=ctx.progress,
                           on_trial=ctx.tick)
@@ -270,10 +275,12 @@ def run_bench(ctx: Context) -> bool:
         print("\n".join(summary_lines(result)), flush=True)
         print(f"results in {ctx.run.bench_dir}", flush=True)
 
-    ctx.work("bench", {"all": {}}, one, finished=lambda p: ctx.run.serving_path.is_file())
+    skipped = ctx.work("bench", {"all": {}}, one,
+                       finished=lambda p: ctx.run.serving_path.is_file())
     if not result and ctx.run.serving_path.is_file():
         result = read_json(ctx.run.serving_path)
-        print(f"bench: results exist in {ctx.run.bench_dir} (--overwrite to measure again)")
+        if skipped:  # else another worker (a Ray task) measured them just now
+            print(f"bench: results exist in {ctx.run.bench_dir} (--overwrite to measure again)")
     return all(result.get("checks", {}).values())
 
 
@@ -282,6 +289,11 @@ def run_report(ctx: Context) -> bool:
     from .report import build_report
 
     print(f"report: {build_report(ctx.run)}", flush=True)
+    from .tracking_study import log_study, logged_where
+
+    if log_study(ctx.cfg, ctx.run) is not None:  # --report-to: the study's run
+        print(f"report: headline numbers and report files tracked "
+              f"({logged_where(ctx.cfg, ctx.run)})", flush=True)
     return True
 
 

@@ -22,7 +22,11 @@ PACKAGES = ("loralens", "torch", "transformers", "peft", "datasets", "accelerate
 
 # Keys that may differ between the machines that share one run directory.
 # where this machine finds things or reports to, not what the study is
-MACHINE_LOCAL = {"data.glue_dir", "search.storage", "tracking.report_to", "tracking.experiment"}
+MACHINE_LOCAL = {"data.glue_dir", "search.storage", "tracking.report_to", "tracking.experiment",
+                 "run.executor", "run.ray_address"}
+# Config sections of how one invocation executes (config.RunConfig), not of the study:
+# never stored, never a difference (a Ray run and a local run give the same run directory)
+NOT_STORED = ("run",)
 
 
 class RunDirError(RuntimeError):
@@ -265,14 +269,16 @@ class RunDir:
         new = cfg.to_dict()
         if self.config_path.is_file():
             old = self.load_config().to_dict()
-            diffs = [d for d in _diff(old, new) if d[0] not in MACHINE_LOCAL]
+            diffs = [d for d in _diff(old, new) if d[0] not in MACHINE_LOCAL
+                     and d[0].split(".", 1)[0] not in NOT_STORED]
             if diffs:
                 shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:8])
                 raise RunDirError(f"{self.config_path} was written with other settings ({shown}); "
                                   "use another --run-dir, or the stored settings")
             redact_config_file(self.config_path)  # one an older version wrote
         else:
-            atomic_write_text(self.config_path, yaml.safe_dump(without_secrets(new),
+            stored = {k: v for k, v in new.items() if k not in NOT_STORED}
+            atomic_write_text(self.config_path, yaml.safe_dump(without_secrets(stored),
                                                                sort_keys=False))
         if not self.format_path.is_file():
             atomic_write_json(self.format_path, {"format": FORMAT_VERSION,
@@ -337,10 +343,15 @@ class RunDir:
         self._update_json(self.timings_path, stage, lambda old: (old or 0.0) + seconds)
 
     def _update_json(self, path: Path, key: str, value: Any) -> None:
-        """Set ``key`` of a JSON object file; ``value`` may be a function of the old value."""
-        data = read_json(path) if path.is_file() else {}
-        data[key] = value(data.get(key)) if callable(value) else value
-        atomic_write_json(path, data)
+        """Set ``key`` of a JSON object file; ``value`` may be a function of the old value.
+        Under a file lock: workers (Ray tasks) recording different tasks at once would
+        otherwise each write back what they read, and one entry would be lost."""
+        from filelock import FileLock
+
+        with FileLock(str(path.with_name(f".{path.name}.lock"))):
+            data = read_json(path) if path.is_file() else {}
+            data[key] = value(data.get(key)) if callable(value) else value
+            atomic_write_json(path, data)
 
 
 def _before_held_out_selection(data: dict, path: Path) -> dict:

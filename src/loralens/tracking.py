@@ -15,6 +15,9 @@ training job, one tracked run named ``TASK/METHOD/seedN`` holding:
 Per search trial, a run ``search/TASK/METHOD/trialN``: its sampled parameters, the
 ``selection/*`` evaluations it was pruned on, and ``search/objective`` (absent when pruned).
 
+Per study, after the report stage, a run ``study``: the report's headline numbers and, in
+MLflow, the report files as artifacts (:mod:`loralens.tracking_study`).
+
 The runs of one study are grouped: TensorBoard writes ``RUN_DIR/tensorboard/TASK-METHOD-seedN``
 (``tensorboard --logdir RUN_DIR/tensorboard``); MLflow puts them in one experiment named
 ``tracking.experiment`` (default: the run directory's name), in the store at
@@ -75,6 +78,12 @@ class _TensorBoard:
         for k, v in values.items():
             self.w.add_scalar(k, v, step)
 
+    def text(self, tag: str, text: str) -> None:
+        self.w.add_text(tag, text, 0)
+
+    def artifacts(self, local_dir: Path, path: str) -> None:
+        pass  # TensorBoard holds no files: the report is its text summary
+
     def close(self, ok: bool) -> None:
         self.w.close()
 
@@ -106,6 +115,12 @@ class _MLflow:
         now = int(time.time() * 1000)
         self.c.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step)
                                                for k, v in values.items()])
+
+    def text(self, tag: str, text: str) -> None:
+        pass  # the same text travels as a file among the artifacts
+
+    def artifacts(self, local_dir: Path, path: str) -> None:
+        self.c.log_artifacts(self.run_id, str(local_dir), path)
 
     def close(self, ok: bool) -> None:
         self.c.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
@@ -146,6 +161,15 @@ class JobTracker:
                        "fit/final_train_loss": fit["final_train_loss"],
                        "fit/best_step": fit["best_step"]})
         self.scalars(fit["steps"], values)
+
+    def text(self, tag: str, text: str) -> None:
+        for s in self.sinks:
+            s.text(tag, text)
+
+    def artifacts(self, local_dir: Path, path: str) -> None:
+        """The files under ``local_dir`` as artifacts under ``path`` (MLflow only)."""
+        for s in self.sinks:
+            s.artifacts(local_dir, path)
 
     def close(self, ok: bool = True) -> None:
         for s in self.sinks:

@@ -45,6 +45,10 @@ def test_smoke_preset_runs_every_stage(tmp_path, glue_dir):
             metrics = json.loads((run / "models" / t / m / "seed42" / "metrics.json").read_text())
             assert metrics["validation"]["n"] == {"sst2": 872, "rte": 277}[t]
             assert metrics["overrides"]["train"]["lr"] == s["best"]["params"]["lr"]
+    # LoRA learns SST-2 on 640 rows: above the majority class of the 872 dev rows (444
+    # positive, counted from dev.tsv: 0.509), by a margin no lucky majority-ish model reaches
+    lora_sst2 = json.loads((run / "models" / "sst2" / "lora" / "seed42" / "metrics.json").read_text())
+    assert lora_sst2["validation"]["accuracy"] > 0.6, lora_sst2["validation"]
     # extraction, drift, serving, report
     assert any((run / "extract").rglob("*.npy")) or any((run / "extract").rglob("*.npz"))
     assert (run / "drift").is_dir() and any((run / "drift").glob("*.csv"))

@@ -1,5 +1,9 @@
 """Scale-out on a real PostgreSQL server: two worker processes share one study and one
-job grid. .ci/run starts the server and sets LORALENS_TEST_PG_URL."""
+job grid. .ci/run starts the server and sets LORALENS_TEST_PG_URL.
+
+The workers run the ``micro`` preset (the tiny random model): what is tested is the
+coordination through PostgreSQL, which does not depend on the model; the real SmolLM2
+made each test take minutes (223 s and 100 s in CI), the tiny model takes seconds."""
 
 import os
 import uuid
@@ -31,7 +35,8 @@ def pg_url():
 
 
 def test_two_workers_complete_exactly_n_trials(tmp_path, glue_dir, pg_url):
-    args = ["hpo", "--task", "rte", "--method", "full", "--trials", "4", "--storage", pg_url]
+    args = ["hpo", "--preset", "micro", "--task", "rte", "--method", "full", "--trials", "4",
+            "--storage", pg_url]
     procs = [loralens(args, tmp_path / "run", glue_dir) for _ in range(2)]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[-2000:] for o in outs]
@@ -44,7 +49,8 @@ def test_two_workers_complete_exactly_n_trials(tmp_path, glue_dir, pg_url):
 
 
 def test_two_workers_run_each_job_of_a_grid_once(tmp_path, glue_dir, pg_url):
-    args = ["run", "--stages", "train", "--storage", pg_url, "search.enabled=false",
+    args = ["run", "--preset", "micro", "--stages", "train", "--storage", pg_url,
+            "search.enabled=false",
             "tasks=[rte]", "methods=[lora]", "seeds=[1,2,3,4]"]
     procs = [loralens(args, tmp_path / "run", glue_dir) for _ in range(2)]
     outs = [p.communicate(timeout=900)[0] for p in procs]

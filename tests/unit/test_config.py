@@ -39,10 +39,10 @@ PRESET_TABLES = {
         "tasks": ["sst2", "rte"], "seeds": [42],
         "model.name": "smollm2-135m",
         "data.max_length": 128, "data.train_size": 64,
-        "data.train_size_per_task": {"sst2": 640}, "data.early_stop_size": 128,
+        "data.train_size_per_task": {"sst2": 640}, "data.early_stop_size": 64,
         "train.epochs": 1, "train.batch_size": 16, "train.lr_lora": 2e-3,
         "train.lr_full": 3e-5, "train.warmup_ratio": 0.1, "train.eval_batch_size": 32,
-        "train.threads": 0,
+        "train.threads": 0, "train.evals_per_epoch": 2,
         "sanity.examples": 10, "sanity.epochs": 10, "sanity.lr_lora": 5e-3,
         "sanity.lr_full": 1e-4,
         "search.enabled": True, "search.trials": 2, "search.startup_trials": 1,
@@ -50,7 +50,7 @@ PRESET_TABLES = {
         "search.batch_full": [4], "search.batch_lora": [4, 8, 16],
         "search.lr_full": [1e-6, 5e-5], "search.lr_lora": [5e-5, 5e-3],
         "extract.examples": 64,
-        "bench.requests": 20, "bench.warmup": 3, "bench.seeds": [], "bench.batch_sizes": [1],
+        "bench.requests": 10, "bench.warmup": 2, "bench.seeds": [], "bench.batch_sizes": [1],
         "bench.mixed_batch_size": 8,
     },
     "quick": {
@@ -107,8 +107,9 @@ def _flat(d: dict) -> dict:
 
 
 def test_presets_are_exactly_the_tabled_ones():
-    # a new preset must get a table here (or, like paper, a test file of its own)
-    assert preset_names() == ["micro", "paper", "quick", "smoke"]
+    # a new preset must get a table here (or, like paper, a test file of its own:
+    # ranks and ranks-paper in test_rank_sweep.py)
+    assert preset_names() == ["micro", "paper", "quick", "ranks", "ranks-paper", "smoke"]
     assert set(PRESET_TABLES) == {"micro", "quick", "smoke"}
 
 

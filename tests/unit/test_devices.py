@@ -164,6 +164,7 @@ class _FakeBase:
     """Records the dtype the benchmark loads its base weights in, then stops the run."""
 
     name, note, tokenizer = "fake", "fake", None
+    family, pooling = "causal", "last"  # a causal LM read at its last token: servable
 
     def __init__(self):
         self.dtypes = []

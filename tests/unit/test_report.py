@@ -138,8 +138,9 @@ def write_search(cfg, run, task, method):
     return write_best(cfg, run, task, method, study)
 
 
-def write_extract(run, task, rng, n, layers=5, d=16, seeds=SEEDS):
-    """Pooled arrays and manifest as extract.run_extract writes them (random numbers)."""
+def write_extract(run, task, rng, n, layers=5, d=16, seeds=SEEDS, methods=("lora", "full")):
+    """Pooled arrays and manifest as extract.run_extract writes them (random numbers; a
+    head-only method's are the base model's)."""
     from loralens.extract import BASE_KEY, job_fingerprint, model_key, save_pooled
 
     ids = np.sort(rng.choice(500, size=n, replace=False))
@@ -148,8 +149,9 @@ def write_extract(run, task, rng, n, layers=5, d=16, seeds=SEEDS):
     models = {}
     depth = np.linspace(0.1, 1.0, layers)[None, :, None]
     for key, method, seed in [(BASE_KEY, None, None)] + [
-            (model_key(m, s), m, s) for m in ("lora", "full") for s in seeds]:
-        scale = 0 if method is None else (0.25 if method == "lora" else 0.9) * (
+            (model_key(m, s), m, s) for m in methods for s in seeds]:
+        scale = 0 if method is None else {"lora": 0.25, "dora": 0.4, "head": 0.0}.get(
+            method, 0.9) * (
             1 + 0.1 * seeds.index(seed))
         hidden = (base + scale * depth * rng.standard_normal((n, layers, d))).astype(np.float32)
         entry = {"key": key, "kind": "base" if method is None else "trained", "method": method,
@@ -263,9 +265,10 @@ def write_loadtest(run: RunDir) -> dict:
     return result
 
 
-def write_weights(run, rng, seeds=SEEDS, blocks=4):
+def write_weights(run, rng, seeds=SEEDS, blocks=4, methods=("lora", "full")):
     """weightspace/ as the weights stage writes it: real measures of small random matrices
-    (LoRA: a large rank-2 update, which makes intruders; full: a small dense one)."""
+    (LoRA, DoRA: a large rank-2 update, which makes intruders; full: a small dense one;
+    head: none); returns the per-model results."""
     import torch
 
     from loralens.weight_measures import matrix_measures
@@ -273,25 +276,28 @@ def write_weights(run, rng, seeds=SEEDS, blocks=4):
 
     results = []
     for t in TASKS:
-        for m in ("lora", "full"):
+        for m in methods:
             for s in seeds:
                 mats = []
                 for layer in range(blocks):
                     for name in ("q_proj", "v_proj"):
                         w0 = torch.tensor(rng.standard_normal((16, 12)))
                         dw = (3.0 * rng.standard_normal((16, 2)) @ rng.standard_normal((2, 12))
-                              if m == "lora" else 0.01 * rng.standard_normal((16, 12)))
+                              if m in ("lora", "dora") else 0.01 * rng.standard_normal(
+                                  (16, 12))) * (m != "head")
                         mats.append({"layer": layer, "matrix": name, "group": "common",
                                      "module": f"layers.{layer}.self_attn.{name}",
                                      **matrix_measures(w0 + torch.tensor(dw), w0)})
-                ce = 3.0 + (0.01 if m == "lora" else 0.05) * (1 + 0.1 * seeds.index(s))
+                ce = 3.0 + {"lora": 0.01, "dora": 0.02, "head": 0.0}.get(m, 0.05) * (
+                    1 + 0.1 * seeds.index(s))
                 results.append({"task": t, "method": m, "seed": s, "matrices": mats,
                                 "forgetting": {"source": "GLUE validation sentences of the "
                                                "tasks not trained on: x (4)", "n_texts": 4,
                                                "n_tokens": 50, "ce_base": 3.0, "ce_tuned": ce,
                                                "forgetting": ce - 3.0}})
     write_sweep(run, seeds[:1])
-    return write_outputs(run, results, list(TASKS))
+    write_outputs(run, results, list(TASKS))
+    return results
 
 
 def write_sweep(run, seeds):

@@ -49,10 +49,11 @@ def test_table5_shows_sd_across_seeds_and_the_paired_test(tmp_path):
     sep = next(r for r in _cells(t) if r[2] == "LoRA separate (PEFT)")
     row = next(r for r in comp if r["kind"] == "lora_separate")
     # mean ± sd across the two seeds' means (192.0 and 202.0 ms: sd 7.07)
-    assert sep[4] == "197.0 ± 7.1"
+    assert sep[3] == "PEFT"  # served by (a kind recorded before served_by: from its name)
+    assert sep[5] == "197.0 ± 7.1"
     lo, hi = row["overhead_vs_full_ci"]
-    assert sep[6] == f"{row['overhead_vs_full_pct']:+.1f}% [{lo:+.1f}, {hi:+.1f}]"
-    assert sep[7] == "0.008"  # 2 / 2**8, exact Wilcoxon
+    assert sep[7] == f"{row['overhead_vs_full_pct']:+.1f}% [{lo:+.1f}, {hi:+.1f}]"
+    assert sep[8] == "0.008"  # 2 / 2**8, exact Wilcoxon
     notes = " ".join(t.notes)
     assert "sd across seeds" in notes and "Wilcoxon signed-rank" in notes
     assert "paired by request" in notes and "Mann-Whitney" not in notes
@@ -61,7 +62,7 @@ def test_table5_shows_sd_across_seeds_and_the_paired_test(tmp_path):
 def test_table5_of_an_old_file_says_what_its_p_was(tmp_path):
     t = ST.table5(_data(tmp_path, _old_serving()))
     sep = _cells(t)[1]
-    assert sep[4] == "93.0 ± 2.5" and sep[6] == "+16.2%" and sep[7] == "0.004"
+    assert sep[5] == "93.0 ± 2.5" and sep[7] == "+16.2%" and sep[8] == "0.004"
     notes = " ".join(t.notes)
     assert "Mann-Whitney U over pooled requests" in notes and "older loralens" in notes
 

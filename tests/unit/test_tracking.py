@@ -174,3 +174,117 @@ def test_search_trials_are_tracked(tracked):
         reported = [v for _, v in sorted(t.intermediate_values.items())]
         curve = [e.value for e in ea.Scalars("selection/val_accuracy")]
         assert len(curve) == len(reported) and all(map(_close, curve, reported))
+
+
+# --------------------------------------------------------------------------- the study run
+
+@pytest.fixture(scope="module")
+def tracked_study(tmp_path_factory):
+    """A complete model-free run directory (tests/unit/test_report.py), its report built
+    by ``loralens report --report-to tensorboard,mlflow``; (run dir, report's output)."""
+    from loralens.cli import main
+    from tests.unit.test_report import synthetic_run
+
+    run = synthetic_run(tmp_path_factory.mktemp("study") / "run")
+    mp = pytest.MonkeyPatch()
+    mp.delenv(URI_ENV, raising=False)
+    try:
+        assert main(["report", "--run-dir", str(run.root), "--no-progress",
+                     "--report-to", "tensorboard,mlflow", "tracking.experiment=study-x"]) == 0
+    finally:
+        mp.undo()
+    return run
+
+
+def _study_run(root):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root.resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("study-x")
+    runs = client.search_runs([exp.experiment_id], "tags.kind = 'study'",
+                              order_by=["attributes.start_time DESC"])
+    return client, runs
+
+
+def _expected_headline(run) -> dict:
+    """A few headline numbers per table, read straight from the JSON files."""
+    t3, t4 = read_json(run.drift_path("table3.json")), read_json(run.drift_path("table4.json"))
+    want = {}
+    for e in t3["tasks"]:
+        c = e["metrics"][e["selection_metric"]]
+        for m in ("lora", "full"):
+            want[f"table3/{e['task']}/{e['selection_metric']}/{m}/mean"] = c[m]["mean"]
+        want[f"table3/{e['task']}/{e['selection_metric']}/p"] = c["p"]
+        want[f"table3/{e['task']}/majority/accuracy"] = e["majority_baseline"]["accuracy"]
+    for e in t4["tasks"]:
+        for measure, c in e["measures"].items():
+            for m in ("lora", "full"):
+                want[f"table4/{e['task']}/{measure}/{m}/mean"] = c[m]["mean"]
+            want[f"table4/{e['task']}/{measure}/delta_percent"] = c["delta_percent"]
+    for r in read_json(run.serving_path)["comparison"]:
+        key = f"serving/{r['task']}/batch{r['batch_size']}/{r['kind']}"
+        want[f"{key}/mean_ms"] = r["mean_ms"]
+        if r["kind"] != "full":
+            want[f"{key}/overhead_vs_full_pct"] = r["overhead_vs_full_pct"]
+    return want
+
+
+def test_the_study_run_holds_the_headline_numbers(tracked_study):
+    import hashlib
+
+    run = tracked_study
+    client, runs = _study_run(run.root)
+    [r] = runs
+    assert r.info.run_name == "study" and r.info.status == "FINISHED"
+    assert r.data.tags["run_dir"] == str(run.root.resolve())
+    assert r.data.tags["config_sha256"] == hashlib.sha256(
+        run.config_path.read_bytes()).hexdigest()
+    want = _expected_headline(run)
+    assert len(want) > 40
+    for k, v in want.items():
+        assert _close(r.data.metrics[k], v), k
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run.root / "tensorboard" / "study"), size_guidance={"scalars": 0})
+    ea.Reload()
+    tb = {t: ea.Scalars(t) for t in ea.Tags()["scalars"]}
+    assert set(tb) == set(r.data.metrics)  # the same numbers in both trackers
+    for k, [e] in tb.items():
+        assert e.step == 0 and _close(e.value, r.data.metrics[k]), k
+    [text] = ea.Tensors("report/text_summary")
+    assert text.tensor_proto.string_val[0].decode() == (run.report_dir / "report.md").read_text()
+
+
+def test_the_study_run_holds_the_report_files(tracked_study, tmp_path):
+    run = tracked_study
+    client, [r] = _study_run(run.root)
+    rid = r.info.run_id
+
+    def listing(path):
+        out = {}
+        for a in client.list_artifacts(rid, path):
+            out.update(listing(a.path) if a.is_dir else {a.path: a.file_size})
+        return out
+
+    on_disk = {f"report/{p.relative_to(run.report_dir).as_posix()}": p.stat().st_size
+               for p in run.report_dir.rglob("*") if p.is_file()}
+    assert {"report/report.md", "report/report.html"} <= set(on_disk)
+    assert any(p.startswith("report/figures/") for p in on_disk)
+    assert listing("report") == on_disk
+    got = client.download_artifacts(rid, "report/report.html", str(tmp_path))
+    assert open(got, "rb").read() == (run.report_dir / "report.html").read_bytes()
+    assert (run.root / "mlartifacts").is_dir()  # artifacts stay in the run directory
+
+
+def test_a_report_without_tracking_logs_nothing(tracked_study, tmp_path):
+    import shutil
+
+    from loralens.cli import main
+
+    root = tmp_path / "run"
+    shutil.copytree(tracked_study.root, root,
+                    ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "tensorboard"))
+    assert main(["report", "--run-dir", str(root), "--no-progress",
+                 "tracking.report_to=[none]"]) == 0
+    assert (root / "report" / "report.html").is_file()
+    assert not (root / "mlflow.db").exists() and not (root / "tensorboard").exists()

@@ -10,8 +10,10 @@ Modules, in the order the report is built: :mod:`.run_data` (read the run direct
 :mod:`.status` (which stages have run), the tables (cells formatted by
 :mod:`.formatting`): :mod:`.provenance_tables`, :mod:`.timing_tables`,
 :mod:`.data_tables`, :mod:`.accuracy_tables` and :mod:`.drift_tables` (their tests'
-cells and notes in :mod:`.significance`), :mod:`.serving_tables`; :mod:`.figures`
-(the list of figures, drawn by :mod:`.drift_figures` and :mod:`.serving_figures`),
+cells and notes in :mod:`.significance`; for a study of more methods than LoRA and full
+fine-tuning, :mod:`.methods_report`), :mod:`.serving_tables`; :mod:`.figures`
+(the list of figures, drawn by :mod:`.drift_figures`, :mod:`.methods_figures` and
+:mod:`.serving_figures`, one colour per method from :mod:`.colors`),
 :mod:`.compose` (the sections), :mod:`.render` (write Markdown and HTML).
 """
 

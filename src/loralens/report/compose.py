@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 
-from . import (accuracy_tables, data_tables, drift_tables, provenance_tables,
+from . import (accuracy_tables, data_tables, drift_tables, methods_report, provenance_tables,
                serving_tables, timing_tables)
 from .figures import FigureFile
 from .formatting import KINDS, Table, ci, finite, g, pm, pval, signed_pct
@@ -152,9 +152,11 @@ def glance(d: RunData) -> list[str]:
     comp = (d.serving or {}).get("comparison") or []
     b0 = min((r.get("batch_size", 1) for r in comp), default=1)
     lines = []
+    multi = methods_report.is_multi(d)
     for task in d.tasks:
-        parts = [text for text in (_glance_accuracy(d, task, acc.get(task)),
-                                   _glance_drift(drift.get(task)),
+        parts = [text for text in (*(methods_report.glance_parts(d, task) if multi else (
+                                   _glance_accuracy(d, task, acc.get(task)),
+                                   _glance_drift(drift.get(task)))),
                                    _glance_latency(comp, task, b0)) if text]
         if parts:
             lines.append(f"**{task}**: " + "; ".join(parts))
@@ -274,7 +276,8 @@ def _search(doc: _Document) -> None:
 def _accuracy(doc: _Document) -> None:
     d = doc.d
     doc.add(h2("Accuracy (Table 3)", "accuracy"))
-    if doc.table(accuracy_tables.table3) is None:
+    multi = methods_report.is_multi(d)
+    if doc.table(methods_report.table3_methods if multi else accuracy_tables.table3) is None:
         why = accuracy_tables.accuracy_entries(d)[1]
         if d.jobs and why:
             doc.add(missing("Accuracy", why))
@@ -282,7 +285,10 @@ def _accuracy(doc: _Document) -> None:
             doc.not_run("train", "Accuracy")
     elif doc.state["train"].state == "partial":
         doc.partial("train", "Training")
-    if doc.table(accuracy_tables.table3_examples) is None and d.jobs:
+    if multi:
+        doc.add(p("Example-level McNemar tests (Table 3c) pair LoRA with full fine-tuning "
+                  "only: not shown for a study of more methods.", "note"))
+    elif doc.table(accuracy_tables.table3_examples) is None and d.jobs:
         doc.add(missing("Example-level tests (Table 3c)", "no pair of LoRA and full "
                         "fine-tuning models of one seed with val_logits.npy, or the drift "
                         "stage has not run", rerun_hint("drift")))
@@ -298,13 +304,14 @@ DRIFT_FIGURES = ("fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwi
 def _drift(doc: _Document) -> None:
     d = doc.d
     doc.add(h2("Representation drift (Table 4)", "drift"))
-    if doc.table(drift_tables.table4) is None:
+    multi = methods_report.is_multi(d)
+    if doc.table(methods_report.table4_methods if multi else drift_tables.table4) is None:
         why = "not computed yet" + (" (the hidden states have not been extracted either)"
                                     if doc.state["extract"].state == "not run" else "")
         doc.add(missing("Drift", why, doc.state["drift"].hint or rerun_hint("drift")))
     elif doc.state["drift"].state == "partial":
         doc.partial("drift", "Drift")
-    doc.table(drift_tables.table4_outliers)
+    doc.table(methods_report.table4b_methods if multi else drift_tables.table4_outliers)
     if d.table4 is None and d.layers is None and all(f not in doc.figs for f in DRIFT_FIGURES):
         doc.add(p("Figures 1, 2, 3, 5 and 7 (accuracy vs drift, drift reduction, layer-wise "
                   "drift, outlier dimensions) appear once the drift stage has run.",
@@ -312,15 +319,24 @@ def _drift(doc: _Document) -> None:
     else:
         for fid in DRIFT_FIGURES:
             doc.figure(fid)
+    from .rank_figures import RANK_FIGURES, has_rank_sweep
+
+    if has_rank_sweep(d):  # the rank sweep (--preset ranks): Figures R1 and R2
+        for fid, *_ in RANK_FIGURES:
+            doc.figure(fid)
     doc.add(p("Sources: `drift/table4.json` (`table4.csv`), `drift/layers.json` "
               "(`layers.csv`: every hidden state, seed and measure, including Procrustes, RBF "
               "CKA, standardised CKA and the variance shares).", "note"))
 
 
 def _weights(doc: _Document) -> None:
-    from .weight_tables import table7, table7b, table8
+    from . import weight_tables as W
+    from .weight_tables import table7b
 
     doc.add(h2("Weight space and forgetting (Tables 7-8)", "weights"))
+    multi = methods_report.is_multi(doc.d)
+    table7 = methods_report.table7_methods if multi else W.table7
+    table8 = methods_report.table8_methods if multi else W.table8
     if doc.table(table7) is None:
         doc.add(missing("Intruder dimensions and weight-change spectra", "not computed yet "
                         "(no weightspace/summary.json)", rerun_hint("weights")))

@@ -2,9 +2,9 @@
 drift (Figures 3 and 5) and outlier dimensions (Figure 7).
 
 Each ``fig_*`` function takes the loaded run (:class:`run_data.RunData`) and returns a
-matplotlib Figure, or a string saying why it cannot be drawn yet. Colours are fixed per
-method across figures: LoRA blue, full fine-tuning vermillion (Okabe-Ito, colour-blind
-safe).
+matplotlib Figure, or a string saying why it cannot be drawn yet. Every method of the
+study is drawn, in its colour (:func:`colors.method_color`: one per method, the same in
+every figure).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .colors import method_color
 from .formatting import MEASURES, METHODS, finite
 from .run_data import RunData
 
-COLORS = {"lora": "#0072B2", "full": "#D55E00"}
 MEASURE_STYLE = {"cka": ("#404040", ""), "cka_debiased": ("#8c8c8c", "//"),
                  "cosine": ("#c8c8c8", "..")}
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
@@ -26,6 +26,13 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 def _method(m: str) -> str:
     return METHODS.get(m, m)
+
+
+def drawn_methods(d: RunData, keys) -> list[str]:
+    """The study's methods that have data among ``keys`` ((task, method, ...) tuples), in
+    the study's order."""
+    have = {k[1] for k in keys}
+    return [m for m in d.methods if m in have]
 
 
 # --------------------------------------------------------------------------- data helpers
@@ -52,6 +59,7 @@ def model_drift(d: RunData, measure: str = "drift",
             for k, v in out.items()}
 
 
+ZERO = 1e-9  # drift at rounding level (a head-only method's backbone is the base model's)
 SIMILARITIES = ("cka", "cka_debiased", "cka_std", "cka_std_debiased", "cosine")
 
 
@@ -81,8 +89,9 @@ def fig_accuracy_vs_drift(d: RunData) -> Figure | str:
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     plotted, all_x = 0, []
+    methods = drawn_methods(d, drift)
     for ti, task in enumerate(tasks):
-        for m in ("lora", "full"):
+        for m in methods:
             xs, ys = [], []
             for (t, mm, s), (_, arr) in sorted(drift.items()):
                 job = d.jobs.get((t, mm, s))
@@ -95,7 +104,7 @@ def fig_accuracy_vs_drift(d: RunData) -> Figure | str:
                     ys.append(score)
             all_x += xs
             if xs:
-                ax.scatter(xs, ys, s=46, color=COLORS.get(m, "gray"),
+                ax.scatter(xs, ys, s=46, color=method_color(d, m),
                            marker=MARKERS[ti % len(MARKERS)], edgecolor="black", linewidth=0.5,
                            alpha=0.9, zorder=3)
                 plotted += len(xs)
@@ -103,15 +112,15 @@ def fig_accuracy_vs_drift(d: RunData) -> Figure | str:
         return "no trained model has both a drift value and a validation score"
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], ls="", marker="o", color=COLORS[m], markeredgecolor="black",
-                      label=_method(m)) for m in ("lora", "full")]
+    handles = [Line2D([], [], ls="", marker="o", color=method_color(d, m),
+                      markeredgecolor="black", label=_method(m)) for m in methods]
     handles += [Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], color="white",
                        markeredgecolor="black",
                        label=f"{t} ({d.metric(t)})") for i, t in enumerate(tasks)]
     ax.legend(handles=handles, loc="best", frameon=True, ncols=2)
     # LoRA can drift orders of magnitude less than full fine-tuning: a linear axis would
     # squash its points onto x = 0.
-    log = min(all_x) > 0 and max(all_x) / min(all_x) > 30
+    log = min(all_x) > ZERO and max(all_x) / min(all_x) > 30
     if log:
         ax.set_xscale("log")
     ax.set_xlabel(f"mean drift over the states of drift.layers:\n1 − {form} linear CKA to "
@@ -204,7 +213,7 @@ def fig_layerwise(d: RunData, measures: tuple[str, ...], title: str) -> Figure |
         for j, task in enumerate(tasks):
             ax = axes[i, j]
             shown = np.arange(0)
-            for m in ("lora", "full"):
+            for m in drawn_methods(d, per[measure]):
                 curves = [c for (t, mm, _), c in sorted(per[measure].items())
                           if t == task and mm == m]
                 if not curves:
@@ -212,15 +221,15 @@ def fig_layerwise(d: RunData, measures: tuple[str, ...], title: str) -> Figure |
                 layers = shown = curves[0][0]
                 curves = [arr for st, arr in curves if np.array_equal(st, layers)]
                 stack = np.vstack(curves)
-                if log:  # zero (or rounding-negative) drift has no place on a log axis
-                    stack = np.where(stack > 0, stack, np.nan)
+                if log:  # zero (or rounding-level) drift has no place on a log axis
+                    stack = np.where(stack > ZERO, stack, np.nan)
                 mean = np.nanmean(stack, axis=0)
-                (line,) = ax.plot(layers, mean, color=COLORS[m], linewidth=1.8)
+                (line,) = ax.plot(layers, mean, color=method_color(d, m), linewidth=1.8)
                 handle: object = line
                 if len(curves) > 1:
                     multi_seed = True
                     band = ax.fill_between(layers, np.nanmin(stack, axis=0),
-                                           np.nanmax(stack, axis=0), color=COLORS[m],
+                                           np.nanmax(stack, axis=0), color=method_color(d, m),
                                            alpha=0.22, linewidth=0)
                     handle = (band, line)
                 legend.setdefault(f"{_method(m)}: mean of {len(curves)} seeds, band = min–max"
@@ -237,7 +246,7 @@ def fig_layerwise(d: RunData, measures: tuple[str, ...], title: str) -> Figure |
     fig.suptitle(title + ("" if multi_seed else "; one seed: no band"))
     if legend:
         fig.legend(list(legend.values()), list(legend), loc="outside lower center",
-                   ncols=min(len(legend), 4), frameon=False)
+                   ncols=min(len(legend), 2 if len(legend) > 3 else 3), frameon=False)
     return fig
 
 
@@ -253,6 +262,7 @@ def fig_outliers(d: RunData) -> Figure | str:
     fig = Figure(figsize=(max(4.4 * len(tasks), 6.0), 7.0), layout="constrained")
     axes = fig.subplots(2, len(tasks), squeeze=False)
     legend: dict[str, object] = {}
+    methods = drawn_methods(d, [(r["task"], r.get("method")) for r in rows])
 
     def curve(task: str, method: str | None, key: str) -> tuple[np.ndarray, np.ndarray]:
         by: dict[int, list[float]] = {}
@@ -270,22 +280,22 @@ def fig_outliers(d: RunData) -> Figure | str:
             x, y = curve(task, None, f"var_top{k}_base")
             (h,) = top.plot(x, y, color="black", ls=ls, lw=1.8)
             legend.setdefault(f"base model, top {k}", h)
-            for m in ("lora", "full"):
+            for m in methods:
                 x, y = curve(task, m, f"var_top{k}")
-                (h,) = top.plot(x, y, color=COLORS[m], ls=ls, lw=1.2, alpha=0.9)
+                (h,) = top.plot(x, y, color=method_color(d, m), ls=ls, lw=1.2, alpha=0.9)
                 legend.setdefault(f"{_method(m)}, top {k} (mean over seeds)", h)
         top.set_ylim(0, 1.02)
         top.set_title(task)
         top.set_xlabel(state_axis(d, x))
-        drifts = {(task, m, key): curve(task, m, key) for m in ("lora", "full")
+        drifts = {(task, m, key): curve(task, m, key) for m in methods
                   for key in ("cka_debiased", "cka_std_debiased")}
         log = _needs_log({(t, m, 0): 1.0 - y for (t, m, k), (_, y) in drifts.items()
                           if k == "cka_debiased"})
         for (_, m, key), (x, y) in drifts.items():
             ls, what = ("-", "plain") if key == "cka_debiased" else ("--", "standardised")
             y = 1.0 - y
-            (h,) = bottom.plot(x, np.where(y > 0, y, np.nan) if log else y, color=COLORS[m],
-                               ls=ls, lw=1.6)
+            (h,) = bottom.plot(x, np.where(y > ZERO, y, np.nan) if log else y,
+                               color=method_color(d, m), ls=ls, lw=1.6)
             legend.setdefault(f"{_method(m)}: drift, {what} features", h)
         bottom.set_xlabel(state_axis(d, x))
         if log:
@@ -313,7 +323,7 @@ def _needs_log(curves: dict, ratio: float = 20.0) -> bool:
     for (_, m, _), arr in curves.items():
         arr = arr[1] if isinstance(arr, tuple) else arr
         finite = arr[np.isfinite(arr)]
-        if finite.size:
+        if finite.size and finite.max() > ZERO:  # a head-only method's drift is 0: no scale
             top[m] = max(top.get(m, 0.0), float(finite.max()))
     if len(top) < 2 or min(top.values()) <= 0:
         return False

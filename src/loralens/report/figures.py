@@ -15,9 +15,12 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
-from ..files import atomic_path
+from ..files import atomic_path, atomic_write_json
 from .drift_figures import fig_accuracy_vs_drift, fig_drift_reduction, fig_layerwise, fig_outliers
 from .formatting import finite
+from .methods_figures import fig_method_drift, legend_labels
+from .methods_report import is_multi
+from .rank_figures import RANK_FIGURES
 from .run_data import RunData
 from .serving_figures import fig_latency, fig_loadtest
 from .sweep_report import fig_intruder_sweep
@@ -57,14 +60,17 @@ FIGURES = (
      "marker = task. Debiased, because tasks share the axis and the biased form's bias "
      "depends on each task's number of examples.",
      fig_accuracy_vs_drift),
-    ("fig2-drift-reduction", "Figure 2: drift reduction per task",
-     lambda d: "Δ% = 100·(drift full − drift LoRA)/drift full per task and drift measure "
-               "(biased CKA, debiased CKA, cosine, as labelled; compare tasks with the "
-               "debiased bars); error bars: 95% seed-paired bootstrap CI (absent with fewer "
-               "than 2 seeds" + (f"; {_bootstrap_caption(d)}" if _bootstrap_caption(d) else "")
-               + "); * significant after Bonferroni over drift measures × tasks.",
-     fig_drift_reduction),
-    ("fig3-layerwise-drift", "Figure 3: layer-wise drift, LoRA vs full fine-tuning",
+    ("fig2-drift-reduction",
+     lambda d: "Figure 2: drift per task and method" if is_multi(d)
+     else "Figure 2: drift reduction per task",
+     lambda d: METHODS_FIG2 if is_multi(d) else
+     "Δ% = 100·(drift full − drift LoRA)/drift full per task and drift measure "
+     "(biased CKA, debiased CKA, cosine, as labelled; compare tasks with the "
+     "debiased bars); error bars: 95% seed-paired bootstrap CI (absent with fewer "
+     "than 2 seeds" + (f"; {_bootstrap_caption(d)}" if _bootstrap_caption(d) else "")
+     + "); * significant after Bonferroni over drift measures × tasks.",
+     lambda d: fig_method_drift(d) if is_multi(d) else fig_drift_reduction(d)),
+    ("fig3-layerwise-drift", "Figure 3: layer-wise drift per method",
      "Drift (1 − linear CKA, biased: the paper's measure, compared within each task) per "
      "hidden state of drift.layers; lines: mean over seeds, bands: min–max over seeds.",
      lambda d: fig_layerwise(d, ("cka",), "Layer-wise drift (1 − linear CKA, biased)")),
@@ -103,7 +109,15 @@ FIGURES = (
      "reduce_intruder_dimension rescales each adapted matrix's intruder directions by λ "
      "(λ = 1: the trained model; λ = 0: intruders removed). Table 7c gives the numbers.",
      fig_intruder_sweep),
+    *RANK_FIGURES,  # drawn for a rank sweep only (rank_figures.has_rank_sweep)
 )
+
+
+METHODS_FIG2 = ("Drift, 1 − debiased linear CKA averaged over the hidden states of "
+                "drift.layers, per task and method (mean over seeds; error bars: min–max "
+                "over seeds); * significant against the reference method after Bonferroni "
+                "(Table 4); a head-only method's drift is 0 by construction, its test "
+                "undefined.")
 
 
 def _save(fig: Figure, path: Path, fmt: str) -> None:
@@ -119,9 +133,10 @@ def draw_all(d: RunData, out_dir: Path) -> tuple[list[FigureFile], dict[str, str
     never shows a figure from an earlier state of the run.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    files, missing = [], {}
+    files, missing, legends = [], {}, {}
     with matplotlib.rc_context(RC):
         for fid, title, caption, fn in FIGURES:
+            title = title if isinstance(title, str) else title(d)
             png, svg = out_dir / f"{fid}.png", out_dir / f"{fid}.svg"
             try:
                 fig = fn(d)
@@ -134,6 +149,9 @@ def draw_all(d: RunData, out_dir: Path) -> tuple[list[FigureFile], dict[str, str
                 continue
             _save(fig, png, "png")
             _save(fig, svg, "svg")
+            legends[fid] = legend_labels(fig)
             files.append(FigureFile(fid, title, caption if isinstance(caption, str)
                                     else caption(d), png, svg))
+    # what each drawn figure's legends name (a reader or a test checks the methods there)
+    atomic_write_json(out_dir / "legends.json", {"methods": d.methods, "figures": legends})
     return files, missing

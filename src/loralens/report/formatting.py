@@ -14,7 +14,9 @@ from typing import Any
 
 DASH = "–"
 # Display names of methods, serving strategies and drift measures (tables and figures).
-METHODS = {"lora": "LoRA", "full": "full FT"}
+METHODS = {"lora": "LoRA", "full": "full FT", "head": "head only", "dora": "DoRA",
+           "rslora": "rsLoRA", "pissa": "PiSSA", "olora": "OLoRA", "loraplus": "LoRA+",
+           "ia3": "IA3", "lora-all-linear": "LoRA all-linear"}
 KINDS = {"full": "full fine-tuning", "lora_merged": "LoRA merged",
          "lora_separate": "LoRA separate (PEFT)", "lora_runtime": "LoRA, our runtime"}
 MEASURES = {"cka": "1 − linear CKA (biased)", "cka_debiased": "1 − linear CKA (debiased)",

@@ -3,8 +3,10 @@ under concurrent load (Figure 6), from ``bench/serving.json`` and
 ``loadtest/loadtest.json``.
 
 Each ``fig_*`` function takes the loaded run (:class:`run_data.RunData`) and returns a
-matplotlib Figure, or a string saying why it cannot be drawn yet. Colours are fixed per
-serving strategy (Okabe-Ito, colour-blind safe).
+matplotlib Figure, or a string saying why it cannot be drawn yet. Figure 4 colours a bar
+by its method (the report's one colour per method, :mod:`colors`) and hatches it by the
+path that served it (whole model, merged, separate through PEFT, our runtime); Figure 6
+colours by serving backend.
 """
 
 from __future__ import annotations
@@ -12,11 +14,42 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
+from matplotlib.patches import Patch
+
+from .colors import method_color, method_label
 from .formatting import KINDS, finite
 from .run_data import RunData
 
-KIND_COLORS = {"full": "#D55E00", "lora_merged": "#009E73", "lora_separate": "#56B4E9",
-               "lora_runtime": "#CC79A7"}
+# the path a kind was served by (its name's suffix; whole models have none) -> bar hatch
+PATH_HATCHES = {"whole": "", "merged": "", "separate": "//", "runtime": "xx"}
+PATH_LABELS = {"whole": "whole model", "merged": "merged", "separate": "separate (PEFT)",
+               "runtime": "our runtime"}
+
+
+def kind_parts(kind: str, row: dict) -> tuple[str, str]:
+    """(method, path) of a served kind: ``lora_runtime`` -> (lora, runtime), ``full`` ->
+    (full, whole); the row's ``method`` wins where bench recorded it."""
+    head, _, tail = kind.rpartition("_")
+    path = tail if head and tail in PATH_HATCHES else "whole"
+    return row.get("method") or (head if path != "whole" else kind), path
+
+
+def kind_order(d: RunData, rows: dict[str, dict]) -> list[str]:
+    """The kinds of one panel: by the study's method order, then path order."""
+    methods = list(d.methods)
+    paths = list(PATH_HATCHES)
+
+    def key(k):
+        m, p = kind_parts(k, rows[k])
+        return (methods.index(m) if m in methods else len(methods), m, paths.index(p))
+    return sorted(rows, key=key)
+
+
+def kind_label(kind: str, row: dict) -> str:
+    if kind in KINDS:
+        return KINDS[kind]
+    m, p = kind_parts(kind, row)
+    return method_label(m) + ("" if p == "whole" else f" ({PATH_LABELS[p]})")
 
 
 def latencies(serving: dict | None, task: str, batch: int, kind: str) -> np.ndarray:
@@ -48,11 +81,12 @@ def fig_latency(d: RunData) -> Figure | str:
     fig = Figure(figsize=(max(4.6 * len(tasks), 6.0), 3.8 * len(batches) + 0.4),
                  layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(batches), len(tasks), squeeze=False))
+    shown: set[tuple[str, str]] = set()  # (method, path) pairs drawn: the legend's entries
     for i, b in enumerate(batches):
         for j, task in enumerate(tasks):
             ax = axes[i, j]
             rows = {r["kind"]: r for r in comp if r["task"] == task and r["batch_size"] == b}
-            kinds = [k for k in KINDS if k in rows]
+            kinds = kind_order(d, rows)
             x = np.arange(len(kinds))
             means = [rows[k].get("mean_ms", np.nan) for k in kinds]
             p95 = [rows[k].get("p95_ms", np.nan) for k in kinds]
@@ -66,8 +100,12 @@ def fig_latency(d: RunData) -> Figure | str:
                     how.add("95% CI of the mean (bootstrap)")
                 lo.append(max(mean - ci[0], 0.0))
                 hi.append(max(ci[1] - mean, 0.0))
-            ax.bar(x, means, 0.62, color=[KIND_COLORS.get(k, "gray") for k in kinds],
-                   edgecolor="black", linewidth=0.6, zorder=2)
+            parts = [kind_parts(k, rows[k]) for k in kinds]
+            bars = ax.bar(x, means, 0.62, color=[method_color(d, m) for m, _ in parts],
+                          edgecolor="black", linewidth=0.6, zorder=2)
+            for bar, (_, path) in zip(bars, parts):
+                bar.set_hatch(PATH_HATCHES[path])
+            shown.update(parts)
             ax.errorbar(x, means, yerr=[lo, hi], fmt="none", ecolor="black", capsize=4,
                         zorder=3, label="mean, " + " / ".join(sorted(how)))
             ax.scatter(x, p95, marker="D", s=22, color="black", zorder=4, label="p95")
@@ -78,15 +116,26 @@ def fig_latency(d: RunData) -> Figure | str:
                     text = "±0.0%" if abs(ov) < 0.05 else f"{ov:+.1f}%"
                     ax.annotate(text, (xi, top), xytext=(0, 5), textcoords="offset points",
                                 ha="center", va="bottom", fontsize=8.5, fontweight="bold")
-            ax.set_xticks(x, [KINDS[k].replace(" (", "\n(").replace(", ", ",\n") for k in kinds])
+            ax.set_xticks(x, [kind_label(k, rows[k]).replace(" (", "\n(").replace(", ", ",\n")
+                              for k in kinds])
             ax.set_ylabel("latency per request (ms)")
             ax.set_title(f"{task}, batch {b}")
             tops = [v for m_, up, q in zip(means, hi, p95) for v in (m_ + up, q)
                     if finite(v)]
             ax.set_ylim(0, 1.16 * max(tops) if tops else None)  # room for the labels
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False)
-    fig.suptitle("Serving latency per strategy (labels: mean overhead vs full fine-tuning)")
+    methods = [m for m in dict.fromkeys([*d.methods, *(m for m, _ in sorted(shown))])
+               if any(m == mm for mm, _ in shown)]
+    handles += [Patch(facecolor=method_color(d, m), edgecolor="black", label=method_label(m))
+                for m in methods]
+    handles += [Patch(facecolor="white", edgecolor="black", hatch=PATH_HATCHES[p],
+                      label=PATH_LABELS[p])
+                for p in PATH_HATCHES if PATH_HATCHES[p] and any(p == pp for _, pp in shown)]
+    labels = [h.get_label() for h in handles]
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 6),
+               frameon=False)
+    fig.suptitle("Serving latency per method and path (labels: mean overhead vs full "
+                 "fine-tuning)")
     return fig
 
 

@@ -38,6 +38,37 @@ def _overhead(r: dict, base: str) -> str:
     return f"{text} {interval}" if interval and text != DASH else text
 
 
+SERVED_BY = {"separate": "PEFT", "merged": "merged", "runtime": "lean runtime"}
+
+
+def served_by(r: dict) -> str:
+    """The path that served a Table 5 row: recorded (``served_by``), or, in a serving.json
+    written before it was, read from the kind's name (``lora_runtime``: lean runtime)."""
+    if r.get("served_by"):
+        return str(r["served_by"])
+    kind = str(r.get("kind"))
+    return SERVED_BY.get(kind.rsplit("_", 1)[-1], "whole model") if "_" in kind else "whole model"
+
+
+def _strategy(r: dict) -> str:
+    kind = r.get("kind")
+    if kind in KINDS:
+        return KINDS[kind]
+    return str(r.get("method") or kind)
+
+
+def _served_by_note(s: dict) -> str:
+    """Which path serves which method, and why our runtime skips some."""
+    text = ("Served by: whole model (full fine-tuning, head-only: the model as it is), PEFT "
+            "(the separate adapter on a fresh base), merged (the adapter merged into the base "
+            "weights), lean runtime (our multi-adapter runtime, which serves only the methods "
+            "it computes exactly: LoRA of any rank and target modules, rsLoRA, LoRA+)")
+    skipped = [f"{m} ({v['lean_runtime_not_exact']})" for m, v in (s.get("served_by") or {}).items()
+               if isinstance(v, dict) and v.get("family") == "peft"
+               and v.get("lean_runtime_not_exact")]
+    return text + (f". Not in the lean runtime: {'; '.join(skipped)}." if skipped else ".")
+
+
 def table5(d: RunData) -> Table | None:
     s = d.serving or {}
     comp = s.get("comparison") or []
@@ -48,22 +79,25 @@ def table5(d: RunData) -> Table | None:
         task, b, kind = r.get("task"), r.get("batch_size"), r.get("kind")
         tp, mem, share = serving_extras(s, task, b, kind)
         busy += share
-        rows.append([str(task), str(b), KINDS.get(kind, str(kind)),
+        rows.append([str(task), str(b), _strategy(r), served_by(r),
                      f"{r.get('seeds', DASH)} / {r.get('n', DASH)}",
                      pm(r.get("mean_ms"), r.get("seed_means_sd_ms"), lambda v: f"{v:.1f}"),
                      f(r.get("p95_ms"), 1), _overhead(r, "full"), pval(r.get("p_vs_full")),
-                     _overhead(r, "lora_merged"), f(_mean(tp), 1), f(_mean(mem), 0)])
-    paired = any(r.get("test_vs_full") or r.get("test_vs_lora_merged") for r in comp)
+                     _overhead(r, r.get("merged_kind") or "lora_merged"), f(_mean(tp), 1),
+                     f(_mean(mem), 0)])
+    paired = any(r.get("test_vs_full") or r.get(f"test_vs_{r.get('merged_kind') or 'lora_merged'}")
+                 for r in comp)
     notes = [f"Each request: 'Batch' validation examples; {s.get('warmup', '?')} warm-up "
              f"requests per model; models served interleaved on {s.get('device', '?')} with "
              f"{s.get('threads', '?')} threads; latency is one forward pass (tokenization "
              "excluded). Mean ± sd: mean latency per request ± the sd across seeds of the "
              "seeds' mean latencies (as in the paper; one seed: no sd). Requests: every "
-             "seed's, together."]
+             "seed's, together.", _served_by_note(s)]
     if paired:
         notes.append("Overhead: summed latency over the summed latency of the baseline on the "
                      "same requests (each request served by both strategies in one interleaved "
-                     "run; seeds where both were trained), with a 95% bootstrap interval over "
+                     "run; seeds where both were trained; 'merged': the same method's merged "
+                     "model), with a 95% bootstrap interval over "
                      "requests. p: two-sided Wilcoxon signed-rank test of the per-request "
                      "latency differences vs full fine-tuning (paired by request, differences "
                      "averaged over seeds; – where every difference is 0: undefined).")
@@ -79,7 +113,8 @@ def table5(d: RunData) -> Table | None:
                      "time while requests were timed (shared machine: absolute latencies are "
                      "noisy; the interleaving keeps the comparison fair).")
     return Table("table-5-serving", "Table 5: serving latency per strategy",
-                 ["Task", "Batch", "Strategy", "Seeds / requests", "Mean ms ± sd (seeds)",
+                 ["Task", "Batch", "Strategy", "Served by", "Seeds / requests",
+                  "Mean ms ± sd (seeds)",
                   "p95 ms", "Overhead vs full FT [95% CI]", "p vs full FT",
                   "Overhead vs merged [95% CI]", "Throughput (rows/s)", "Peak memory +MB"],
                  rows, notes=notes)
@@ -109,7 +144,9 @@ def table5_multi(d: RunData) -> Table | None:
                      f(v.get("p95_ms"), 1), f(v.get("throughput_rps"), 1),
                      f(v.get("throughput_vs_merged"), 2) + "×", DASH])
     notes = [f"Adapters on one base: {', '.join(m.get('adapters') or [])}"
-             + (" (different tasks)" if m.get("different_tasks") else " (seeds of one task)")
+             + (" (different tasks)" if m.get("different_tasks") else
+                f" (methods {', '.join(m['methods'])} of one task)"
+                if len(m.get("methods") or []) > 1 else " (seeds of one task)")
              + f". Loading one adapter: our runtime {seconds(m.get('runtime_load_adapter_s'))}"
              + (f", PEFT {seconds(m.get('peft_load_adapter_s'))}"
                 if m.get("peft_load_adapter_s") is not None else "") + "."]
@@ -138,9 +175,10 @@ def table5_identity(d: RunData) -> Table | None:
                      g(exact.get("max_abs_logit"), 3), g(exact.get("max_abs_diff"), 2),
                      yesno(c.get("passed")), g(served.get("max_abs_diff"), 2),
                      g(served.get("relative_diff"), 2), yesno(served.get("same_predictions"))])
-    notes = [f"Each LoRA serving path against each adapter's separate PeftModel (batch 1, no "
-             f"padding) on the first {ident.get('examples_per_adapter', '?')} benchmarked "
-             "examples per adapter: our runtime and the merged model at each batch size "
+    notes = [f"Each adapter serving path against each adapter's separate PeftModel (batch 1, "
+             f"no padding) on the first {ident.get('examples_per_adapter', '?')} benchmarked "
+             "examples per adapter: our runtime (for the methods it serves) and the merged "
+             "model at each batch size "
              "(padded batches); several adapters on one base in a round-robin stream and in "
              "mixed batches (Table 5b's workloads).",
              "Verdict in float64 (float64 copies of the base and adapters, for the check "
@@ -154,7 +192,7 @@ def table5_identity(d: RunData) -> Table | None:
              + (f"; in {dtype}, absolute differences up to about "
                 f"{g(ident['serving_dtype_rounding'], 2)} are rounding (measured on SmolLM2's "
                 "30 layers)" if finite(ident.get("serving_dtype_rounding")) else "") + "."]
-    return Table("table-5-identity", "Table 5c: identity checks of the LoRA serving paths",
+    return Table("table-5-identity", "Table 5c: identity checks of the adapter serving paths",
                  ["Check", "Rows", "max |logit|", "float64 max |Δ logit|", "Passed (float64)",
                   f"{dtype} max |Δ logit|", f"{dtype} max |Δ| / max |logit|",
                   f"{dtype} same predictions"], rows, notes=notes)

@@ -107,6 +107,11 @@ def _stale_drift(d: RunData) -> str:
             for m, seeds in (c.get("all_seeds") or {}).items():
                 counted |= {(e.get("task"), m, int(s)) for s in seeds}
             break
+    from .methods_report import is_multi, method_results
+
+    if is_multi(d):  # the other methods' drift: drift/methods.json
+        for r in (method_results(d)["drift"] or {}).get("rows") or []:
+            counted |= {(r.get("task"), r.get("method"), int(s)) for s in r.get("per_seed") or {}}
     if d.table3 is None:
         return ""
     later = [f"{t}/{m}/seed{s}" for (t, m, s) in d.jobs if (t, m, s) not in counted]

@@ -11,7 +11,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .drift_figures import COLORS, model_drift
+from .colors import method_color
+from .drift_figures import drawn_methods, model_drift
 from .formatting import METHODS
 from .run_data import RunData
 from .weight_tables import weight_data
@@ -56,6 +57,8 @@ def spearman(models: list[dict]) -> float | None:
         return None
     xs = [x[list(xb).index(b)] for b in common]
     ys = [y[list(yb).index(b)] for b in common]
+    if np.ptp(xs) == 0 or np.ptp(ys) == 0:  # constant (a head-only method): undefined
+        return None
     rho = spearmanr(xs, ys).statistic
     return float(rho) if np.isfinite(rho) else None
 
@@ -72,7 +75,7 @@ def fig_layerwise_intruders(d: RunData) -> Figure | str:
     fig = Figure(figsize=(11, 2.6 * len(tasks) + 0.6), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(tasks), 3, squeeze=False))
     for row, task in zip(axes, tasks):
-        for method in ("lora", "full"):
+        for method in drawn_methods(d, data):
             models = [v for k, v in data.items() if k[0] == task and k[1] == method]
             if not models:
                 continue
@@ -82,7 +85,7 @@ def fig_layerwise_intruders(d: RunData) -> Figure | str:
             for ax, (what, _) in zip(row, PANELS):
                 x, y = _mean_curve(models, what)
                 if x.size:
-                    ax.plot(x, y, marker="o", ms=2.5, lw=1.2, color=COLORS.get(method),
+                    ax.plot(x, y, marker="o", ms=2.5, lw=1.2, color=method_color(d, method),
                             label=label if what == "drift" else METHODS.get(method, method))
         for ax, (_, title) in zip(row, PANELS):
             ax.set_title(f"{task}: {title}")

@@ -4,7 +4,7 @@ forgetting (Table 8), from ``weightspace/`` (the weights stage, :mod:`loralens.w
 
 from __future__ import annotations
 
-from .formatting import DASH, Table, f, finite, g, pm
+from .formatting import DASH, METHODS, Table, f, finite, g, pm
 from .run_data import RunData, _read
 from .significance import p_cells
 
@@ -94,7 +94,7 @@ def table7b(d: RunData) -> Table | None:
                  key=float)
     rows = []
     for task in d.tasks:
-        for m in ("lora", "full"):
+        for m in d.methods:
             mine = [r for r in rows_in if r["task"] == task and r["method"] == m]
             seeds = sorted({r["seed"] for r in mine})
             if not seeds:
@@ -103,7 +103,7 @@ def table7b(d: RunData) -> Table | None:
             for e in eps:
                 totals = [sum(r[f"intruders_{e}"] for r in mine if r["seed"] == s) for s in seeds]
                 cells.append(g(sum(totals) / len(totals)))
-            rows.append([task, "LoRA" if m == "lora" else "full FT", str(len(seeds)), *cells])
+            rows.append([task, METHODS.get(m, m), str(len(seeds)), *cells])
     return Table("table-7b-intruders", "Table 7b: intruder dimensions at each threshold ε",
                  ["Task", "Method", "Seeds", *[f"ε = {e}" for e in eps]], rows,
                  notes=["Intruders among the top 10 left singular vectors, summed over the "

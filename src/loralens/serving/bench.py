@@ -1,13 +1,19 @@
 """Serving cost: separate LoRA, merged LoRA, full fine-tuning, and our multi-adapter runtime.
 
 The study's second question (its Table 5), for every trained model of a task in the
-run directory:
+run directory, every method by the paths :mod:`.paths` gives it (each result records
+its ``method`` and ``served_by``):
 
-* ``lora_separate``: the PEFT adapter applied at run time (``PeftModel`` on a fresh base);
-* ``lora_merged``:   ``merge_and_unload``: W + (alpha/r) B A, the trained head in place;
-* ``lora_runtime``:  our :class:`~loralens.serving.runtime.MultiLoraClassifier`, one
-  base shared by every adapter of the run;
-* ``full``:          the fully fine-tuned classifier.
+* ``<method>_separate`` (PEFT): the PEFT adapter applied at run time (``PeftModel`` on a
+  fresh base), e.g. ``lora_separate``;
+* ``<method>_merged`` (merged): ``merge_and_unload``: W + (alpha/r) B A (DoRA and IA3 merge
+  too), the trained head in place;
+* ``<method>_runtime`` (lean runtime): our
+  :class:`~loralens.serving.runtime.MultiLoraClassifier`, one base shared by every adapter
+  of the run, for the methods it computes exactly (:func:`.paths.lean_inexact`: LoRA of any
+  rank and targets, rsLoRA, LoRA+; not DoRA, IA3, PiSSA, OLoRA);
+* ``full``, ``head`` (whole model): the fully fine-tuned classifier; the base with its
+  trained head.
 
 Method. Requests are validation examples (a fixed subset of ``n_requests`` rows,
 the same for every model), tokenized as in training and right-padded per batch
@@ -32,21 +38,22 @@ is loaded in bf16 on a GPU, as the study serves, and in float32 on the CPU (auto
 note says so); ``bf16`` or ``fp32`` force one.
 
 Comparison (Table 5, :mod:`.bench_results`): per task, batch size and kind, the mean
-latency ± sd across seeds; overhead against full fine-tuning and merged LoRA paired by
-request (the same request served by both, in one interleaved run), with a bootstrap
+latency ± sd across seeds; overhead against full fine-tuning and the method's merged
+model (``lora_merged`` for ``lora_runtime``) paired by request (the same request served by both, in one interleaved run), with a bootstrap
 interval over requests and the two-sided Wilcoxon signed-rank test.
 
-Several adapters on one base: 2-3 adapters of different tasks (seeds of one task
-when the run has a single task) are loaded into one ``PeftModel`` with distinct
+Several adapters on one base: 2-3 adapters our runtime serves exactly, of different
+tasks (other such methods, e.g. other ranks or targets, then seeds of one task when the
+run has a single task) are loaded into one ``PeftModel`` with distinct
 names (``load_adapter``) and into our runtime. A round-robin stream of batch-1
 requests times adapter switching (``set_adapter`` vs our ``activate``); mixed-adapter
 batches (``mixed_batch_size`` rows, one adapter per row) go through PEFT's
 ``adapter_names`` and through our runtime, with one merged model on the same batches as
 the throughput reference.
 
-Identity checks (:mod:`.identity`): every LoRA path (our runtime and the merged model at
-each batch size; the multi-adapter stream and mixed batches through our runtime and
-PEFT) against each adapter's separate ``PeftModel``, on the first ``identity_examples``
+Identity checks (:mod:`.identity`): every adapter path (our runtime where it serves the
+method, and the merged model, at each batch size; the multi-adapter stream and mixed
+batches through our runtime and PEFT) against each adapter's separate ``PeftModel``, on the first ``identity_examples``
 benchmarked examples per adapter, in float64 (the verdict: max |logit diff| <= 1e-6 x
 max(1, max |logit|)) and again in the serving dtype (information: differences relative to
 the logits' scale). They give ``checks``.
@@ -56,7 +63,8 @@ kind, seed, batch size), comparison.csv (Table 5), requests.csv (every timed
 request), multi.csv, identity.csv, all written atomically.
 
 Modules: this one is the stage (setup -> every task -> several adapters -> identity ->
-results); :mod:`.bench_task` one task's models and their timing, :mod:`.bench_multi`
+results); :mod:`.paths` which path serves which method, :mod:`.bench_task` one task's
+models and their timing, :mod:`.bench_multi`
 several adapters on one base, :mod:`.identity` the identity checks,
 :mod:`.bench_results` Table 5, the checks and the files, :mod:`.measure` memory; the
 timing itself is :func:`loralens.timing.time_interleaved`.
@@ -71,6 +79,8 @@ import torch
 
 from ..config import StudyConfig
 from ..devices import dtype_name, serving_dtype, training_device
+from ..methods import get_method
+from ..model_families import require_servable
 from ..models import Base, load_base
 from ..store import RunDir, RunDirError, environment
 from ..tasks import get_task
@@ -78,12 +88,14 @@ from . import identity as I
 from .bench_multi import bench_multi, choose_adapters
 from .bench_results import checks, comparison, summary_lines, write_results
 from .bench_task import BenchContext, bench_task, tolerance
-from .measure import MemoryProbe, tensor_bytes
+from .measure import MemoryProbe, frozen_heap, tensor_bytes
+from .paths import adapter_name, lean_inexact, rewrites_base
 from .runtime import MultiLoraClassifier
 
 __all__ = ["run_bench", "summary_lines"]
 
 
+@frozen_heap
 def run_bench(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
               batch_sizes: Sequence[int] = (1,), warmup: int = 10, n_requests: int = 100,
               progress: bool = True, *, mixed_batch_size: int = 8,
@@ -118,6 +130,7 @@ def run_bench(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
     batch_sizes = sorted(set(int(b) for b in batch_sizes))
 
     base = base or load_base(cfg)
+    require_servable(base.family, base.pooling, "bench")
     # Loaded in the serving dtype: every served model (full, merged, separate, runtime) is
     # built on a copy of these weights, so all of them serve in it.
     ctx = BenchContext(cfg, run, device, base.backbone(dtype=dtype).eval(), base.tokenizer,
@@ -135,7 +148,8 @@ def run_bench(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
     for task in tasks:
         result["tasks"][task] = bench_task(ctx, task, jobs, batch_sizes, n_requests)
         result["comparison"] += comparison(task, result["tasks"][task], batch_sizes)
-    result["multi"] = bench_multi(ctx, tasks, jobs, mixed_batch_size)
+    result["served_by"] = _served_by(cfg, jobs)
+    result["multi"] = bench_multi(ctx, tasks, jobs, mixed_batch_size, _lean(cfg, jobs))
     result["load_average"]["end"] = os.getloadavg()
     result["identity"] = _identity(ctx, base, dtype, tasks, jobs, batch_sizes, mixed_batch_size,
                                    identity_examples)
@@ -145,18 +159,41 @@ def run_bench(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
     return result
 
 
+def _lean(cfg: StudyConfig, jobs) -> list[str]:
+    """The run's methods our runtime serves exactly (:func:`.paths.lean_inexact`), in the
+    study's order."""
+    lean = {m for _, m, _ in jobs if lean_inexact(get_method(m, cfg)) is None}
+    return [m for m in cfg.methods if m in lean] + sorted(lean - set(cfg.methods))
+
+
+def _served_by(cfg: StudyConfig, jobs) -> dict[str, dict]:
+    """Per method of the run: its family, the kinds and paths serving it, and why our
+    runtime does not serve it (None where it does)."""
+    from .paths import serving_kinds
+
+    out = {}
+    for name in sorted({m for _, m, _ in jobs}):
+        m = get_method(name, cfg)
+        out[name] = {"family": m.family, "kinds": serving_kinds(m),
+                     "lean_runtime_not_exact": lean_inexact(m) if m.is_adapter else None}
+    return out
+
+
 def _identity(ctx: BenchContext, base: Base, dtype: torch.dtype, tasks: list[str], jobs,
               batch_sizes: list[int], mixed_batch_size: int, examples: int) -> dict:
-    """The identity checks (:mod:`.identity`) of every benchmarked LoRA adapter: in
-    float64 on fresh float64 copies of the base (the verdict), then in the serving dtype
-    on copies of the timed base weights (information)."""
-    lora = [(t, s) for t in tasks for s in sorted({s for tt, m, s in jobs
-                                                   if tt == t and m == "lora"})]
-    adapters = [I.Adapter(f"{t}_seed{s}", ctx.run.job_dir(t, "lora", s),
-                          ctx.run.weights_dir(t, "lora", s), get_task(t).num_labels,
-                          [list(x) for x in ctx.encoded[t].input_ids[:examples]])
-                for t, s in lora]
-    multi = [lora.index(c) for c in choose_adapters(tasks, jobs)]
+    """The identity checks (:mod:`.identity`) of every benchmarked adapter (every PEFT
+    method): in float64 on fresh float64 copies of the base (the verdict), then in the
+    serving dtype on copies of the timed base weights (information)."""
+    methods = {m: get_method(m, ctx.cfg) for m in {m for _, m, _ in jobs}}
+    triples = sorted(((t, m, s) for t, m, s in jobs if t in tasks and methods[m].is_adapter),
+                     key=lambda j: (tasks.index(j[0]), j[1] != "lora", j[1], j[2]))
+    adapters = [I.Adapter(adapter_name(t, m, s), ctx.run.job_dir(t, m, s),
+                          ctx.run.weights_dir(t, m, s), get_task(t).num_labels,
+                          [list(x) for x in ctx.encoded[t].input_ids[:examples]],
+                          lean=lean_inexact(methods[m]) is None,
+                          rewrites_base=rewrites_base(methods[m].peft))
+                for t, m, s in triples]
+    multi = [triples.index(c) for c in choose_adapters(tasks, jobs, _lean(ctx.cfg, jobs))]
     out = {"dtype": dtype_name(I.IDENTITY_DTYPE),
            "tolerance": I.IDENTITY_TOL,
            "tolerance_rule": I.TOLERANCE_RULE.format(tol=I.IDENTITY_TOL),
@@ -165,7 +202,7 @@ def _identity(ctx: BenchContext, base: Base, dtype: torch.dtype, tasks: list[str
            "reference": "each adapter's separate PeftModel, batch 1, no padding",
            "checks": []}
     if not adapters:
-        out["skipped"] = "no LoRA adapter in the benchmark"
+        out["skipped"] = "no adapter (PEFT method) in the benchmark"
         return out
     args = (adapters, batch_sizes, multi if len(multi) >= 2 else [], mixed_batch_size,
             ctx.pad_id, ctx.device)

@@ -1,6 +1,7 @@
-"""Several adapters on one base, in the serving benchmark: 2-3 adapters of different
-tasks (seeds of one task when the run has a single task) loaded into one ``PeftModel``
-(``load_adapter``, distinct names) and into our runtime.
+"""Several adapters on one base, in the serving benchmark: 2-3 adapters that our runtime
+serves exactly (:func:`loralens.serving.paths.lean_inexact`: LoRA of any rank and targets,
+rsLoRA, ...) of different tasks (other such methods, then seeds, when the run has a single
+task) loaded into one ``PeftModel`` (``load_adapter``, distinct names) and into our runtime.
 
 * stream: round-robin batch-1 requests, every request switching adapter; switching
   timed (``set_adapter`` vs our ``activate``);
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -26,18 +28,22 @@ from ..models import CausalLMClassifier
 from ..tasks import get_task
 from ..timing import median, stopwatch, summarize, time_interleaved
 from .bench_task import BenchContext
+from .paths import adapter_name
 from .runtime import LoraAdapter
 
 
-def bench_multi(ctx: BenchContext, tasks: list[str], jobs, mixed_batch_size: int) -> dict:
-    """2-3 adapters on one base: switching and mixing, timed."""
-    chosen = choose_adapters(tasks, jobs)
+def bench_multi(ctx: BenchContext, tasks: list[str], jobs, mixed_batch_size: int,
+                lean: Sequence[str] = ("lora",)) -> dict:
+    """2-3 adapters on one base (methods ``lean``: those our runtime serves exactly):
+    switching and mixing, timed."""
+    chosen = choose_adapters(tasks, jobs, lean)
     if len(chosen) < 2:
-        return {"skipped": "fewer than 2 LoRA adapters in the run"}
-    names = [f"{t}_seed{s}" for t, s in chosen]
-    dirs = [ctx.run.weights_dir(t, "lora", s) for t, s in chosen]
-    labels = [get_task(t).num_labels for t, _ in chosen]
-    out: dict = {"adapters": names, "different_tasks": len({t for t, _ in chosen}) > 1}
+        return {"skipped": "fewer than 2 adapters our runtime serves exactly in the run"}
+    names = [adapter_name(t, m, s) for t, m, s in chosen]
+    dirs = [ctx.run.weights_dir(t, m, s) for t, m, s in chosen]
+    labels = [get_task(t).num_labels for t, _, _ in chosen]
+    out: dict = {"adapters": names, "different_tasks": len({t for t, _, _ in chosen}) > 1,
+                 "methods": sorted({m for _, m, _ in chosen})}
     for nm, d in zip(names, dirs):
         if nm not in ctx.runtime.adapters:
             ctx.runtime.add_adapter(nm, d)
@@ -48,7 +54,7 @@ def bench_multi(ctx: BenchContext, tasks: list[str], jobs, mixed_batch_size: int
     ctx.runtime.remove_adapter("_load_probe")
     peft = _peft_with_adapters(ctx, names, dirs, labels, out)
 
-    n = min(len(ctx.encoded[t]) for t, _ in chosen)
+    n = min(len(ctx.encoded[t]) for t, _, _ in chosen)
     out["stream"] = _stream(ctx, chosen, names, n, peft)
     merged = _merged_on_fresh_base(ctx, dirs[0], labels[0])
     out["mixed"] = _mixed(ctx, chosen, names, n, peft, merged, mixed_batch_size)
@@ -57,17 +63,20 @@ def bench_multi(ctx: BenchContext, tasks: list[str], jobs, mixed_batch_size: int
     return out
 
 
-def choose_adapters(tasks: list[str], jobs) -> list[tuple[str, int]]:
-    """Up to 3 (task, seed): one adapter per task first, then more seeds."""
-    lora = sorted((t, s) for t, m, s in jobs if m == "lora" and t in tasks)
-    chosen: list[tuple[str, int]] = []
+def choose_adapters(tasks: list[str], jobs, lean: Sequence[str] = ("lora",)
+                    ) -> list[tuple[str, str, int]]:
+    """Up to 3 (task, method, seed) of the methods ``lean`` (``lora`` first, then in the
+    order given): one adapter per task first, then other methods, then more seeds."""
+    order = {m: i for i, m in enumerate(sorted(lean, key=lambda m: m != "lora"))}
+    cands = sorted(((t, m, s) for t, m, s in jobs if m in order and t in tasks),
+                   key=lambda j: (order[j[1]], j[2], tasks.index(j[0])))
+    chosen: list[tuple[str, str, int]] = []
     for t in tasks:
-        chosen += [(tt, s) for tt, s in lora if tt == t][:1]
-    for ts in lora:
-        if len(chosen) >= 3:
-            break
-        if ts not in chosen:
-            chosen.append(ts)
+        chosen += [j for j in cands if j[0] == t][:1]
+    for j in cands:  # other methods (another rank, other targets, rsLoRA), then seeds
+        if j not in chosen and j[1] not in {c[1] for c in chosen}:
+            chosen.append(j)
+    chosen += [j for j in cands if j not in chosen]
     return chosen[:3]
 
 

@@ -1,11 +1,12 @@
 """Results of the serving benchmark: Table 5 (each kind against full fine-tuning and
-merged LoRA, paired by request), the identity checks flattened, the files in
+its method's merged model, paired by request), the identity checks flattened, the files in
 RUN_DIR/bench/ and the summary.
 
 Table 5, per task, batch size and kind. Mean: the mean latency per request (over the
 seeds' means: every seed serves the same requests); ± sd: across seeds (the sd of the
 seeds' mean latencies, as in the paper; none with one seed). Against a baseline kind
-(full fine-tuning, merged LoRA), the comparison is paired by request: every kind of one
+(full fine-tuning; the same method merged, e.g. ``lora_merged`` for ``lora_separate`` and
+``lora_runtime``), the comparison is paired by request: every kind of one
 (task, seed) serves the same requests interleaved, so request j's latency under kind X
 and under the baseline are a pair (over the seeds where both were trained, the pair's
 difference averaged over those seeds). Overhead: summed latency of X over summed latency
@@ -27,6 +28,7 @@ from ..store import RunDir
 from ..files import atomic_write_json, write_csv
 from ..timing import summarize
 from .bench_task import KINDS
+from .paths import merged_kind
 
 PAIRED_TEST = "wilcoxon signed-rank, paired by request"
 N_RESAMPLES = 2000  # bootstrap resamples of the overhead interval
@@ -66,18 +68,22 @@ def paired_compare(latencies_s: Sequence[Sequence[float]], baseline_s: Sequence[
 
 
 def comparison(task: str, res: dict, batch_sizes: list[int]) -> list[dict]:
-    """Table 5: each kind against full fine-tuning and merged LoRA (module docstring)."""
+    """Table 5: each kind against full fine-tuning and its method's merged model (module
+    docstring); each row says which method and path (``served_by``) it is."""
     rows = []
     for b in batch_sizes:
         by_seed: dict[str, dict[str, list[float]]] = {}   # kind -> seed -> latencies
+        info: dict[str, dict] = {}                         # kind -> method, served_by
         for seed, s in res["seeds"].items():
             for kind, k in s["batch"][str(b)]["kinds"].items():
                 by_seed.setdefault(kind, {})[seed] = k["latency_s"]
-        for kind in (k for k in KINDS if k in by_seed):
+                info.setdefault(kind, {x: k[x] for x in ("method", "served_by") if x in k})
+        for kind in [k for k in KINDS if k in by_seed] + [k for k in by_seed if k not in KINDS]:
             seeds = by_seed[kind]
             lat = [v for x in seeds.values() for v in x]
             means = [1e3 * statistics.mean(x) for x in seeds.values()]
-            row = {"task": task, "batch_size": b, "kind": kind, "seeds": len(seeds),
+            method = info[kind].get("method") or kind.rsplit("_", 1)[0]
+            row = {"task": task, "batch_size": b, "kind": kind, **info[kind], "seeds": len(seeds),
                    **{k: v for k, v in summarize(lat, len(lat) * b).items()
                       if k in ("n", "sd_ms", "p50_ms", "p95_ms")},
                    "mean_ms": statistics.mean(means),
@@ -86,7 +92,9 @@ def comparison(task: str, res: dict, batch_sizes: list[int]) -> list[dict]:
                 vals = [s["memory"][kind][key] for s in res["seeds"].values()
                         if s["memory"].get(kind, {}).get(key) is not None]
                 row[key] = statistics.mean(vals) if vals else None
-            for base in ("full", "lora_merged"):
+            mk = merged_kind(method)
+            row["merged_kind"] = mk if mk in by_seed else None
+            for base in ("full", row["merged_kind"]):
                 if base == kind or base not in by_seed:
                     continue
                 both = [sd for sd in seeds if sd in by_seed[base]
@@ -180,7 +188,9 @@ def summary_lines(result: dict) -> list[str]:
         vs, lo_hi = r.get("overhead_vs_full_pct"), r.get("overhead_vs_full_ci")
         p = r.get("p_vs_full")
         lines.append(
-            f"{r['task']:5s} batch {r['batch_size']} {r['kind']:13s} mean {r['mean_ms']:7.1f} ms "
+            f"{r['task']:5s} batch {r['batch_size']} {r['kind']:13s} "
+            + (f"[{r['served_by']}] " if r.get("served_by") else "")
+            + f"mean {r['mean_ms']:7.1f} ms "
             + (f"sd over seeds {sd:6.1f} " if sd is not None else "(1 seed, no sd) ")
             + f"p50 {r['p50_ms']:7.1f} p95 {r['p95_ms']:7.1f} "
             f"(n={r['n']}, {r['seeds']} seed(s))"

@@ -1,6 +1,7 @@
-"""One task of the serving benchmark: its requests, and per seed its served models
-(full, merged LoRA, separate LoRA, our runtime) timed interleaved at each batch size.
-(The LoRA paths' logits are checked in :mod:`.identity`, in float64.)"""
+"""One task of the serving benchmark: its requests, and per seed its served models timed
+interleaved at each batch size: every method of the run by the paths :mod:`.paths` gives
+it (whole models; PEFT methods separate, merged and, where exact, in our runtime). (The
+adapter paths' logits are checked in :mod:`.identity`, in float64.)"""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ from torch import nn
 
 from .. import data as D
 from ..config import StudyConfig
+from ..methods import get_method
 from ..models import load_trained
 from ..store import RunDir
 from ..tasks import get_task
 from ..timing import CpuContention, Timings, stopwatch, summarize, time_interleaved
 from .measure import MemoryProbe, tensor_bytes
+from .paths import LEAN, MERGED, PEFT, WHOLE, adapter_name, serving_kinds
 from .runtime import MultiLoraClassifier
 
+# The study's kinds, in Table 5's order; other methods' kinds follow in the run's order.
 KINDS = ("full", "lora_merged", "lora_separate", "lora_runtime")
 TOL = 1e-5  # typical max abs logit difference between equivalent serving paths (float32)
 # ... per serving dtype: the rounding scale, recorded beside the serving dtype's identity
@@ -69,6 +73,8 @@ class ServedModel:
 
     module: nn.Module
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    method: str = ""
+    served_by: str = ""        # paths.LEAN / PEFT / MERGED / WHOLE
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.fn(ids, mask)
@@ -129,7 +135,9 @@ def bench_task(ctx: BenchContext, task: str, jobs, batch_sizes: list[int], n_req
         methods = {m for t, m, s in jobs if t == task and s == seed}
         models, memory, load_s = _build_models(ctx, task, seed, methods, spec.num_labels,
                                                requests[batch_sizes[0]])
-        seed_out = {"methods": sorted(methods), "memory": memory, "load_s": load_s, "batch": {}}
+        seed_out = {"methods": sorted(methods), "memory": memory, "load_s": load_s,
+                    "served_by": {k: m.served_by for k, m in models.items()},
+                    "kind_methods": {k: m.method for k, m in models.items()}, "batch": {}}
         for b in batch_sizes:
             seed_out["batch"][str(b)] = _time_batch_size(ctx, task, seed, models, requests[b], b,
                                                          len(enc))
@@ -160,20 +168,26 @@ def _build_models(ctx: BenchContext, task: str, seed: int, methods: set[str], nu
     def trained(method: str) -> nn.Module:
         return load_trained(ctx.run.job_dir(task, method, seed), ctx.fresh(), num_labels)
 
-    name = f"{task}_seed{seed}"
-    if "full" in methods:
-        build("full", lambda: ServedModel.classifier(trained("full").to(ctx.device)))
-    if "lora" in methods:
-        build("lora_separate", lambda: ServedModel.classifier(trained("lora").to(ctx.device)))
-        build("lora_merged", lambda: ServedModel.classifier(
-            trained("lora").merge_and_unload().to(ctx.device).eval()))
+    def make(method: str, path: str) -> Callable[[], ServedModel]:
+        if path == LEAN:  # weights: the shared base + every adapter so far
+            name = adapter_name(task, method, seed)
 
-        def add_to_runtime() -> ServedModel:  # weights: the shared base + every adapter so far
-            if name not in ctx.runtime.adapters:
-                ctx.runtime.add_adapter(name, ctx.run.weights_dir(task, "lora", seed))
-            return ServedModel(ctx.runtime, lambda ids, mask: ctx.runtime(ids, mask, name))
+            def add_to_runtime() -> ServedModel:
+                if name not in ctx.runtime.adapters:
+                    ctx.runtime.add_adapter(name, ctx.run.weights_dir(task, method, seed))
+                return ServedModel(ctx.runtime, lambda ids, mask: ctx.runtime(ids, mask, name))
+            return add_to_runtime
+        if path == MERGED:
+            return lambda: ServedModel.classifier(
+                trained(method).merge_and_unload().to(ctx.device).eval())
+        assert path in (PEFT, WHOLE), path
+        return lambda: ServedModel.classifier(trained(method).to(ctx.device))
 
-        build("lora_runtime", add_to_runtime)
+    for method in [m for m in ctx.cfg.methods if m in methods] + sorted(
+            m for m in methods if m not in ctx.cfg.methods):
+        for kind, path in serving_kinds(get_method(method, ctx.cfg)).items():
+            build(kind, make(method, path))
+            models[kind].method, models[kind].served_by = method, path
     return models, memory, load_s
 
 
@@ -187,9 +201,11 @@ def _time_batch_size(ctx: BenchContext, task: str, seed: int, models: dict[str, 
         timed = ctx.time(sides, requests, desc=f"{task}/seed{seed}/batch{batch_size}")
     res = {"other_processes_cpu_share": contention.share, "kinds": {}}
     for kind, latency_s in timed.seconds.items():
-        res["kinds"][kind] = {**summarize(latency_s, examples), "latency_s": latency_s}
+        res["kinds"][kind] = {**summarize(latency_s, examples), "method": models[kind].method,
+                              "served_by": models[kind].served_by, "latency_s": latency_s}
         for r, lat in zip(requests, latency_s):
             ctx.requests.append({"task": task, "seed": seed, "kind": kind,
+                                 "served_by": models[kind].served_by,
                                  "batch_size": batch_size,
                                  "request": int(r.index[0]) // batch_size,
                                  "rows": len(r.index), "tokens": r.tokens,

@@ -1,4 +1,4 @@
-"""Identity checks of the LoRA serving paths, run where identity is exact: float64.
+"""Identity checks of the adapter serving paths, run where identity is exact: float64.
 
 Every LoRA serving path computes one function: the separate adapter (PEFT:
 ``W x + s B A x``), the merged model (``(W + s B A) x``), our runtime (one adapter, or
@@ -28,8 +28,10 @@ the served models show, relative to the logits' scale (max |Δ| / max |logit|).
 Reference: each adapter's separate ``PeftModel`` on a fresh base, one example at a time
 (batch 1, no padding). Workloads (:func:`run_identity`):
 
-* ``single``: our runtime (holding every adapter of the benchmark) and the merged
-  model, at each benchmarked batch size (right-padded batches of consecutive examples);
+* ``single``: our runtime (holding every adapter of the benchmark it serves exactly:
+  :func:`loralens.serving.paths.lean_inexact`) and the merged model (every PEFT method:
+  LoRA, DoRA, IA3, ...), at each benchmarked batch size (right-padded batches of
+  consecutive examples);
 * ``stream``: round-robin batch-1 requests (request j: adapter j mod k, example j div k),
   every request switching adapter: our runtime and one ``PeftModel`` holding the
   adapters (``set_adapter``);
@@ -72,6 +74,18 @@ class Adapter:
     weights_dir: Path           # the PEFT adapter directory
     num_labels: int
     rows: list[list[int]]       # token ids of its examples (no padding)
+    lean: bool = True           # served by our runtime (exact there: paths.lean_inexact)
+    rewrites_base: bool = False  # PiSSA/OLoRA: PEFT rebuilds the base on load (float32 only)
+
+
+def load_reference(a: Adapter, backbone: nn.Module) -> nn.Module:
+    """The separate PeftModel of ``a`` on ``backbone``. PEFT redoes a base-rewriting
+    initialisation (PiSSA's SVD, OLoRA's QR) on load and refuses float64 there: such an
+    adapter loads on a float32 copy, then the whole model becomes the backbone's dtype."""
+    dtype = next(backbone.parameters()).dtype
+    if a.rewrites_base and dtype == torch.float64:
+        return load_trained(a.job_dir, backbone.float(), a.num_labels).to(dtype)
+    return load_trained(a.job_dir, backbone, a.num_labels)
 
 
 def head_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, **kw) -> torch.Tensor:
@@ -195,19 +209,21 @@ def run_identity(backbone: nn.Module, adapters: Sequence[Adapter], batch_sizes: 
     names = [a.name for a in adapters]
     runtime = runtime_cls(fresh().to(device))
     for a in adapters:
-        runtime.add_adapter(a.name, a.weights_dir)
+        if a.lean:
+            runtime.add_adapter(a.name, a.weights_dir)
     serve_rt = runtime_serve(runtime, names)
     refs: list[list[torch.Tensor]] = []
     out: list[dict] = []
     for k, a in enumerate(adapters):
         # reference: the separate PeftModel; then the same model merged (merge_and_unload)
-        model = load_trained(a.job_dir, fresh(), a.num_labels).to(device).eval()
+        model = load_reference(a, fresh()).to(device).eval()
         refs.append(reference_logits(model, a.rows, device))
         merged = model.merge_and_unload().eval()
         n = len(a.rows)
         for b in batch_sizes:
             batches = single_batches(k, n, b)
-            for path, serve in (("runtime", serve_rt), ("merged", classifier_serve(merged))):
+            for path, serve in ((("runtime", serve_rt),) if a.lean else ()) + (
+                    ("merged", classifier_serve(merged)),):
                 out.append({"name": f"{a.name.replace('_seed', '/seed')}/batch{b}: "
                                     f"{path} == separate",
                             "workload": "single", "path": path, "adapters": [a.name],

@@ -115,6 +115,13 @@ class LoraAdapter:
             if value not in (default, None, False, {}, []):
                 raise NotImplementedError(f"{source}: adapter_config {key}={value!r} is not "
                                           "supported by the serving runtime")
+        from .paths import rewrites_base
+
+        if rewrites_base(config):  # PiSSA/OLoRA: A, B alone are not the model on the base W
+            raise NotImplementedError(
+                f"{source}: adapter_config init_lora_weights={config['init_lora_weights']!r} "
+                "rewrites the base weights; the serving runtime shares the unchanged base, so "
+                "serve it through PEFT or merged weights")
         r, alpha = int(config["r"]), float(config["lora_alpha"])
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         ab: dict[str, dict[str, torch.Tensor]] = {}

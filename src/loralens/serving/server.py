@@ -372,6 +372,9 @@ def build_service(specs: Sequence[AdapterSpec], base: Base, backend: str = "ours
                   max_texts: int = 64, adapter_root: str | Path | None = None) -> Service:
     """The base model's weights loaded once, every adapter added to a new backend.
     ``adapter_root``: the directory below which clients may add adapters (None: none)."""
+    from ..model_families import require_servable
+
+    require_servable(base.family, base.pooling, "serve")
     b = make_backend(backend, base.backbone())
     for s in specs:
         task = s.task
