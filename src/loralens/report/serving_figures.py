@@ -48,8 +48,8 @@ def kind_order(d: RunData, rows: dict[str, dict]) -> list[str]:
 def kind_label(kind: str, row: dict) -> str:
     if kind in KINDS:
         return KINDS[kind]
-    m, p = kind_parts(kind, row)
-    return method_label(m) + ("" if p == "whole" else f" ({PATH_LABELS[p]})")
+    m, p = kind_parts(kind, row)  # named as KINDS names LoRA's: "DoRA separate (PEFT)"
+    return method_label(m) + {"whole": "", "runtime": ", our runtime"}.get(p, f" {PATH_LABELS[p]}")
 
 
 def latencies(serving: dict | None, task: str, batch: int, kind: str) -> np.ndarray:
@@ -116,8 +116,11 @@ def fig_latency(d: RunData) -> Figure | str:
                     text = "±0.0%" if abs(ov) < 0.05 else f"{ov:+.1f}%"
                     ax.annotate(text, (xi, top), xytext=(0, 5), textcoords="offset points",
                                 ha="center", va="bottom", fontsize=8.5, fontweight="bold")
-            ax.set_xticks(x, [kind_label(k, rows[k]).replace(" (", "\n(").replace(", ", ",\n")
-                              for k in kinds])
+            labels = [kind_label(k, rows[k]) for k in kinds]
+            if len(kinds) <= 4:  # the study's four strategies: wrapped, upright
+                ax.set_xticks(x, [t.replace(" (", "\n(").replace(", ", ",\n") for t in labels])
+            else:  # more methods: slanted, so neighbours never overlap
+                ax.set_xticks(x, labels, rotation=30, ha="right", rotation_mode="anchor")
             ax.set_ylabel("latency per request (ms)")
             ax.set_title(f"{task}, batch {b}")
             tops = [v for m_, up, q in zip(means, hi, p95) for v in (m_ + up, q)

@@ -6,6 +6,7 @@ still read: what they did not record is said so.
 
 from __future__ import annotations
 
+from .colors import method_label
 from .formatting import (DASH, KINDS, Table, ci, f, finite, g, pm, pval, seconds, signed_pct,
                          yesno)
 from .run_data import RunData
@@ -54,7 +55,7 @@ def _strategy(r: dict) -> str:
     kind = r.get("kind")
     if kind in KINDS:
         return KINDS[kind]
-    return str(r.get("method") or kind)
+    return method_label(str(r.get("method") or kind))  # the method's name in every table
 
 
 def _served_by_note(s: dict) -> str:
