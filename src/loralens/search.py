@@ -5,7 +5,7 @@ in-memory study per trial, a sampler seed from Python's salted ``hash()``), ever
 trial of a (task, method) reports to ONE study in a persistent storage, TPE gets
 fewer start-up trials than trials so it really models, each trial's sampler seed is a
 stable hash of task, method and the trial's position (no worker or resumed process
-draws a configuration again), trials train with ``search.seed`` (never a training
+draws a configuration again; a killed trial's retry replays the killed one's), trials train with ``search.seed`` (never a training
 seed), and trials are scored on the selection rows (``data.selection``), never on
 the split the report's Table 3 reports under the default protocol.
 
@@ -80,6 +80,9 @@ def space(method: str, cfg: StudyConfig) -> dict[str, tuple]:
             "epochs": ("categorical", list(sc.epochs)),
             **{k: v for k, v in LORA_SPACE.items() if k in lora_keys},
             **space_overrides(method, cfg)}
+
+
+POSITION_ATTR = "loralens:sampler_position"  # a trial's system attribute (sampler_position)
 
 
 def sampler_seed(task: str, method: str, position: int = 0, base: int = 0) -> int:
@@ -197,13 +200,37 @@ def _ask_under_lock(cfg: StudyConfig, run: RunDir, task: str, method: str,
         if len(counted_trials) >= cfg.search.trials:
             return None, counted_trials
         # Trials are only created under this lock, so the study's size orders them.
-        study.sampler = make_sampler(cfg, task, method, len(all_trials))
+        position = sampler_position(all_trials)
+        study.sampler = make_sampler(cfg, task, method, position)
         trial = study.ask()
+        study._storage.set_trial_system_attr(trial._trial_id, POSITION_ATTR, position)
         # Beat once before anyone can see the trial RUNNING: Optuna only fails
         # trials that have a heartbeat, so a worker killed before its heartbeat
         # thread's first beat would leave a RUNNING trial nobody ever fails.
         study._storage.record_heartbeat(trial._trial_id)
     return trial, counted_trials
+
+
+def sampler_position(trials: list) -> int:
+    """The sampler position of the trial ``ask()`` gives next (:func:`sampler_seed`).
+
+    A new trial takes the next free position: one per trial that holds one (neither
+    FAILed nor WAITING). A killed worker's trial is FAILed and retried by a WAITING copy,
+    which ``ask()`` takes first: the retry takes the killed trial's position, so it draws
+    the killed trial's configuration even when the kill landed before the trial drew it,
+    and the study ends as the uninterrupted one would.
+    """
+    holds = lambda t: t.state not in (optuna.trial.TrialState.FAIL,  # noqa: E731
+                                      optuna.trial.TrialState.WAITING)
+    by_number = {t.number: t for t in trials}
+    waiting = sorted((t for t in trials if t.state == optuna.trial.TrialState.WAITING),
+                     key=lambda t: t.number)
+    if waiting:  # ask() takes the oldest waiting trial
+        failed = by_number.get(waiting[0].system_attrs.get("failed_trial"))
+        if failed is not None:  # recorded when it was asked; else as if asked in order
+            return int(failed.system_attrs.get(POSITION_ATTR, sum(
+                holds(t) for t in trials if t.number < failed.number)))
+    return sum(holds(t) for t in trials)
 
 
 def _prepare_search_task(cfg: StudyConfig, train_cfg: StudyConfig, task: str, tokenizer):
@@ -332,7 +359,8 @@ def write_best(cfg: StudyConfig, run: RunDir, task: str, method: str,
         "task": task, "method": method, "study": study.study_name,
         "storage": "external" if resolve_storage(cfg.search.storage) else "sqlite (run directory)",
         "sampler": {"name": "TPE", "seeding": "per trial: sha256(task/method/"
-                    "search.sampler_seed/number of trials in the study when asked)",
+                    "search.sampler_seed/position: trials holding one when asked; a "
+                    "killed trial's retry takes the killed trial's)",
                     "sampler_seed": cfg.search.sampler_seed,
                     "startup_trials": min(cfg.search.startup_trials, cfg.search.trials)},
         "trial_seed": cfg.search.seed,

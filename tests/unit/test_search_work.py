@@ -212,6 +212,13 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_pat
     assert len(complete) == 2 and done[0]["counts"]["COMPLETE"] == 2
     assert any(t.system_attrs.get("failed_trial") == orphan.number for t in complete)
     assert orphan_params == {}  # asked, never suggested: the retry runs a fresh suggestion
+    # ... which draws the orphan's configuration: the retry takes the orphan's sampler
+    # position, so the study holds the uninterrupted study's configurations (the fault
+    # drill of stop 23's CI: a kill during the first trial's data preparation)
+    scratch = run_search(cfg, RunDir(tmp_path / "scratch"), "rte", "lora", tiny_base,
+                         progress=False)
+    assert sorted(tuple(sorted(t.params.items())) for t in complete) == sorted(configs(scratch))
+    assert len(set(configs(scratch))) == 2
 
 
 def configs(res_or_study) -> list[tuple]:
@@ -307,3 +314,31 @@ def test_train_with_a_task_selection_leaves_other_pending_jobs_alone(tmp_path, g
     assert cli.main(["train", "--task", "rte", *args]) == 0
     assert run.metrics_path("rte", "lora", 1).is_file()
     assert not run.metrics_path("sst2", "lora", 1).exists()
+
+
+def test_sampler_position_of_new_trials_and_of_a_killed_trials_retry():
+    """New trials take the next position held (FAILed and WAITING trials hold none); the
+    retry of a killed trial (the oldest WAITING one, which ask() takes) takes the killed
+    trial's recorded position, or, unrecorded, the one it was asked at."""
+    from optuna.trial import TrialState, create_trial
+
+    from loralens.search import POSITION_ATTR, sampler_position
+
+    def trial(n, state, **sys):
+        t = create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None,
+                         system_attrs=sys)
+        t.number = n
+        return t
+
+    C, R, F, W = TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING
+    assert sampler_position([]) == 0
+    assert sampler_position([trial(0, C), trial(1, R)]) == 2   # a running worker holds one
+    # killed trial 1 (position 1): its retry replays position 1, the next new trial takes 2
+    killed = [trial(0, C, **{POSITION_ATTR: 0}), trial(1, F, **{POSITION_ATTR: 1})]
+    assert sampler_position([*killed, trial(2, W, failed_trial=1)]) == 1
+    assert sampler_position([*killed, trial(2, C, failed_trial=1)]) == 2
+    # a worker killed while another went on: trial 0 failed after trial 1 took position 1
+    assert sampler_position([trial(0, F, **{POSITION_ATTR: 0}), trial(1, C),
+                             trial(2, W, failed_trial=0)]) == 0
+    # no recorded position (a trial asked outside loralens): as if asked in order
+    assert sampler_position([trial(0, C), trial(1, F), trial(2, W, failed_trial=1)]) == 1
