@@ -85,22 +85,29 @@ def space(method: str, cfg: StudyConfig) -> dict[str, tuple]:
 POSITION_ATTR = "loralens:sampler_position"  # a trial's system attribute (sampler_position)
 
 
-def sampler_seed(task: str, method: str, position: int = 0, base: int = 0) -> int:
-    """The TPE seed of the trial asked when the study holds ``position`` trials.
+def sampler_seed(task: str, method: str, position: int = 0, base: int = 0,
+                 param: str | None = None) -> int:
+    """The TPE seed of the trial asked when the study holds ``position`` trials, and of
+    its parameter ``param`` when given.
 
     Stable across processes and machines (Python's hash() is salted per process). One
     fixed seed per study would make every worker, and every resumed process, draw the
     same first configurations again; a seed per position never repeats a draw while a
-    rerun from scratch repeats the whole search.
+    rerun from scratch repeats the whole search. A seed per parameter makes each value a
+    function of the study's history alone, not of which parameters this process drew
+    first: the retry of a trial killed between two suggestions keeps the values drawn
+    and draws the rest as the uninterrupted trial did.
     """
-    key = f"{task}/{method}/{base}/{position}"
+    key = f"{task}/{method}/{base}/{position}" + (f"/{param}" if param else "")
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
 
 
-def make_sampler(cfg: StudyConfig, task: str, method: str, position: int) -> optuna.samplers.TPESampler:
+def make_sampler(cfg: StudyConfig, task: str, method: str, position: int,
+                 param: str | None = None) -> optuna.samplers.TPESampler:
     sc = cfg.search
-    return optuna.samplers.TPESampler(n_startup_trials=min(sc.startup_trials, sc.trials),
-                                      seed=sampler_seed(task, method, position, sc.sampler_seed))
+    return optuna.samplers.TPESampler(
+        n_startup_trials=min(sc.startup_trials, sc.trials),
+        seed=sampler_seed(task, method, position, sc.sampler_seed, param))
 
 
 def study_name(task: str, method: str) -> str:
@@ -137,10 +144,13 @@ def _open_study(cfg: StudyConfig, run: RunDir, task: str, method: str) -> optuna
                                load_if_exists=True)
 
 
-def suggest(trial: optuna.Trial, method: str, cfg: StudyConfig) -> dict:
-    """Nested overrides {"train": {...}, "lora": {...}} for one trial."""
+def suggest(trial: optuna.Trial, method: str, cfg: StudyConfig, sampler_for=None) -> dict:
+    """Nested overrides {"train": {...}, "lora": {...}} for one trial; ``sampler_for(name)``,
+    when given, is the sampler that draws parameter ``name``."""
     out: dict = {"train": {}, "lora": {}}
     for name, (kind, *args) in space(method, cfg).items():
+        if sampler_for is not None:
+            trial.study.sampler = sampler_for(name)
         if kind == "loguniform":
             v = trial.suggest_float(name, args[0], args[1], log=True)
         elif kind == "uniform":
@@ -269,7 +279,9 @@ def _run_trial(cfg: StudyConfig, train_cfg: StudyConfig, study: optuna.Study,
     from .tracking import open_trial
 
     sc = cfg.search
-    overrides = suggest(trial, method, cfg)
+    position = study._storage.get_trial_system_attrs(trial._trial_id).get(POSITION_ATTR)
+    overrides = suggest(trial, method, cfg, None if position is None else (
+        lambda name: make_sampler(cfg, task, method, position, name)))
     tracker = open_trial(cfg, run_root, task, method, trial.number) if run_root else None
     trial.set_user_attr("train_rows", len(prepared.train))
     trial.set_user_attr("eval_rows", len(eval_enc))
@@ -358,9 +370,9 @@ def write_best(cfg: StudyConfig, run: RunDir, task: str, method: str,
     result = {
         "task": task, "method": method, "study": study.study_name,
         "storage": "external" if resolve_storage(cfg.search.storage) else "sqlite (run directory)",
-        "sampler": {"name": "TPE", "seeding": "per trial: sha256(task/method/"
-                    "search.sampler_seed/position: trials holding one when asked; a "
-                    "killed trial's retry takes the killed trial's)",
+        "sampler": {"name": "TPE", "seeding": "per trial and parameter: sha256(task/method/"
+                    "search.sampler_seed/position/parameter; position: trials holding one "
+                    "when asked; a killed trial's retry takes the killed trial's)",
                     "sampler_seed": cfg.search.sampler_seed,
                     "startup_trials": min(cfg.search.startup_trials, cfg.search.trials)},
         "trial_seed": cfg.search.seed,

@@ -112,8 +112,9 @@ def prepare_task(cfg: StudyConfig, task: str, tokenizer) -> Prepared:
             "search_eval_rows": (min(cfg.search.eval_size or len(selection), len(selection))
                                  if cfg.search.enabled else None),
             "search_seed": cfg.search.seed,
-            "sampler_seeding": f"TPE seed per trial = sha256(task/method/{cfg.search.sampler_seed}"
-                               "/trials in the study when asked)"}
+            "sampler_seeding": f"TPE seed per trial and parameter = sha256(task/method/"
+                               f"{cfg.search.sampler_seed}/trials in the study when asked"
+                               "/parameter)"}
     return Prepared(spec, tokenizer, train_split, val_split,
                     D.encode_split(tokenizer, train_split, dc.max_length), val, early,
                     selection, dc.selection, info)

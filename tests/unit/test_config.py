@@ -47,7 +47,7 @@ PRESET_TABLES = {
         "sanity.lr_full": 1e-4,
         "search.enabled": True, "search.trials": 2, "search.startup_trials": 1,
         "search.train_size": 32, "search.eval_size": 32, "search.epochs": [1],
-        "search.batch_full": [4], "search.batch_lora": [4, 8, 16],
+        "search.batch_full": [8], "search.batch_lora": [4, 8, 16],
         "search.lr_full": [1e-6, 5e-5], "search.lr_lora": [5e-5, 5e-3],
         "extract.examples": 64,
         "bench.requests": 10, "bench.warmup": 2, "bench.seeds": [], "bench.batch_sizes": [1],
