@@ -206,6 +206,8 @@ class BenchConfig(_Validated):
     warmup: int = _f(10, lo=0, doc="untimed warm-up requests per model")
     requests: int = _f(100, lo=1, doc="validation examples timed per model")
     mixed_batch_size: int = _f(8, lo=1, doc="rows per mixed-adapter batch")
+    identity_examples: int = _f(16, lo=1, doc="examples per adapter of the identity checks "
+                                              "(float64, then the serving dtype)")
     seeds: list[int] = _f(factory=list, doc="seeds whose models are benchmarked ([] = every "
                                             "trained seed)")
 

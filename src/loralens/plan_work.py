@@ -329,7 +329,7 @@ def _bench(cfg, tokenizer, prepared) -> StageWork:
     # identity: float64 (the verdict), then the serving dtype; per adapter its first
     # examples at batch 1 (the reference), then the merged model and, for the methods it
     # serves, our runtime
-    ident = 16  # serving.bench.run_bench's identity_examples
+    ident = bc.identity_examples
     for dtype in ("float64", None):
         for t, m in checked:
             serve(requests(enc[t][:ident], 1), 1, dtype)

@@ -271,7 +271,7 @@ def run_bench(ctx: Context) -> bool:
         result.update(bench(ctx.cfg, ctx.run, tasks=ctx.tasks, batch_sizes=bc.batch_sizes,
                             warmup=bc.warmup, n_requests=bc.requests,
                             mixed_batch_size=bc.mixed_batch_size, progress=ctx.progress,
-                            base=ctx.base))
+                            base=ctx.base, identity_examples=bc.identity_examples))
         print("\n".join(summary_lines(result)), flush=True)
         print(f"results in {ctx.run.bench_dir}", flush=True)
 
