@@ -27,7 +27,9 @@ def temp_prefix(name: str) -> str:
     return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (the job table, the search's trials and
+    atomic writes tell a dead worker's leftovers by it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -44,7 +46,7 @@ def stale_temporaries(root: str | Path) -> list[Path]:
     out = []
     for p in Path(root).rglob(".*.tmp-*"):
         m = _TEMP.match(p.name)
-        if m and m["host"] == host and not _alive(int(m["pid"])):
+        if m and m["host"] == host and not pid_alive(int(m["pid"])):
             out.append(p)
     return sorted(out)
 

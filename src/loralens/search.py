@@ -19,7 +19,10 @@ PostgreSQL advisory lock otherwise), so N trials are completed exactly.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import os
+import socket
 import time
 
 import warnings
@@ -35,7 +38,8 @@ from .files import atomic_write_json, read_json
 from .tasks import get_task
 from .loop import evaluate
 from .train import prepare_task, train_model, with_overrides
-from .work import engine_kwargs, study_lock
+from .leftovers import pid_alive
+from .work import engine_kwargs, study_lock, worker_id
 
 # The study's method-specific spaces, for the dimensions the config does not set: the
 # learning-rate range, epoch and batch-size choices come from ``search.*`` (see
@@ -83,6 +87,7 @@ def space(method: str, cfg: StudyConfig) -> dict[str, tuple]:
 
 
 POSITION_ATTR = "loralens:sampler_position"  # a trial's system attribute (sampler_position)
+WORKER_ATTR = "loralens:worker"  # host:pid of the process that asked the trial
 
 
 def sampler_seed(task: str, method: str, position: int = 0, base: int = 0,
@@ -193,6 +198,32 @@ def beat_unbeaten(study: optuna.Study) -> list[int]:
     return ids
 
 
+def fail_dead_local(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials asked by a process of this host that no longer runs, and
+    retry them (Optuna's stale-trial callback); call under the study lock.
+
+    The job table's ``release_dead_local`` for trials: a killed worker's trial is failed at
+    once instead of after the heartbeat's grace period, so a command resumed on the same
+    machine retries it before it asks a new trial, and the study ends as the uninterrupted
+    one would (TPE draws from the trials finished before each one). Trials of other hosts,
+    and of processes that run, are left to their heartbeats.
+    """
+    storage, host, failed = study._storage, socket.gethostname(), []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        h, _, pid = str(t.system_attrs.get(WORKER_ATTR, "")).rpartition(":")
+        if h != host or not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+            continue
+        try:
+            if storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL):
+                failed.append(t._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another process failed it
+            pass
+    retry = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in failed:
+        retry and retry(study, copy.deepcopy(storage.get_trial(trial_id)))
+    return failed
+
+
 def _ask_under_lock(cfg: StudyConfig, run: RunDir, task: str, method: str,
                     study: optuna.Study) -> tuple[optuna.Trial | None, list]:
     """Under the study lock, fail stale trials and ask for a trial while the budget allows.
@@ -203,6 +234,7 @@ def _ask_under_lock(cfg: StudyConfig, run: RunDir, task: str, method: str,
     with study_lock(storage_url(cfg, run), study_name(task, method), run.root):
         # A killed worker's trial stops beating: fail it (its configuration is
         # re-enqueued by RetryHeartbeatStaleTrialCallback and taken by the next ask()).
+        fail_dead_local(study)
         beat_unbeaten(study)
         optuna.storages.fail_stale_trials(study)
         all_trials = study.get_trials(deepcopy=False)
@@ -213,6 +245,7 @@ def _ask_under_lock(cfg: StudyConfig, run: RunDir, task: str, method: str,
         position = sampler_position(all_trials)
         study.sampler = make_sampler(cfg, task, method, position)
         trial = study.ask()
+        study._storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker_id())
         study._storage.set_trial_system_attr(trial._trial_id, POSITION_ATTR, position)
         # Beat once before anyone can see the trial RUNNING: Optuna only fails
         # trials that have a heartbeat, so a worker killed before its heartbeat

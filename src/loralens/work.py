@@ -27,6 +27,8 @@ from typing import Collection, Iterator
 
 import sqlalchemy as sa
 
+from .leftovers import pid_alive
+
 _ENGINES: dict[str, sa.Engine] = {}
 
 
@@ -71,16 +73,6 @@ def study_lock(url: str, name: str, root: Path) -> Iterator[None]:
         root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(root / f".{name}.lock")):
             yield
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def worker_id() -> str:
@@ -136,7 +128,7 @@ class JobQueue:
             if r["status"] != "running" or not (r["worker"] or "").startswith(host + ":"):
                 continue
             pid = int(r["worker"].rsplit(":", 1)[1])
-            if pid != os.getpid() and not _alive(pid):
+            if pid != os.getpid() and not pid_alive(pid):
                 self.release(r["key"])
 
     def claim(self, stage: str, worker: str | None = None,

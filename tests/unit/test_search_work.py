@@ -213,14 +213,8 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_pat
         suggest(orphan, "lora", cfg, sampler_for)
     orphan_params = dict(orphan.params)
     assert len(orphan_params) == drawn
-    done = []
-    t = threading.Thread(target=lambda: done.append(
-        run_search(cfg, run, "rte", "lora", tiny_base, progress=False)), daemon=True)
-    t.start()
-    t.join(timeout=120)
-    assert not t.is_alive(), "run_search waited forever on a trial that never had a heartbeat"
-    trials = optuna.load_study(study_name="loralens-rte-lora",
-                               storage=run.sqlite_url("search")).get_trials()
+    done, trials = search_within(cfg, run, tiny_base,
+                                 "run_search waited forever on a trial that never had a heartbeat")
     assert trials[orphan.number].state == optuna.trial.TrialState.FAIL
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 2 and done[0]["counts"]["COMPLETE"] == 2
@@ -236,10 +230,77 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_pat
     assert len(set(configs(scratch))) == 2
 
 
+def search_within(cfg, run, base, why: str, timeout: float = 120) -> tuple[list, list]:
+    """run_search of rte/lora in a thread that must end within ``timeout`` seconds:
+    ([its result], the study's trials)."""
+    done: list = []
+    t = threading.Thread(target=lambda: done.append(
+        run_search(cfg, run, "rte", "lora", base, progress=False)), daemon=True)
+    t.start()
+    t.join(timeout=timeout)
+    assert not t.is_alive(), why
+    return done, optuna.load_study(study_name="loralens-rte-lora",
+                                   storage=run.sqlite_url("search")).get_trials()
+
+
 def configs(res_or_study) -> list[tuple]:
     trials = (res_or_study["trials"] if isinstance(res_or_study, dict)
               else [{"params": t.params} for t in res_or_study.trials])
     return [tuple(sorted(t["params"].items())) for t in trials]
+
+
+def test_a_dead_local_workers_trial_is_retried_at_once_and_the_study_is_unchanged(
+        tmp_path, glue_dir, tiny_base):
+    """A command resumed right after a SIGKILL finds the killed trial RUNNING with a fresh
+    heartbeat. Waiting out the grace period, it asked a new trial first: TPE drew both from
+    other histories than the uninterrupted study's (stop 24's CI: the fault drill's round
+    19). A trial whose worker (host:pid, recorded at ask) is a dead process of this host
+    is failed and retried at once; other hosts' trials and live workers' are left alone."""
+    import socket
+
+    from loralens.search import WORKER_ATTR, fail_dead_local, make_sampler, open_study
+
+    cfg = search_cfg(glue_dir, trials=2, extra=["search.heartbeat_interval=1",
+                                                "search.grace_period=600"])
+    run = RunDir(tmp_path)
+    study = open_study(cfg, run, "rte", "lora")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    killed = study.ask()  # killed after its first suggestion, its heartbeat still fresh
+    storage = study._storage
+    storage.set_trial_system_attr(killed._trial_id, WORKER_ATTR, f"{socket.gethostname()}:{dead}")
+    storage.set_trial_system_attr(killed._trial_id, "loralens:sampler_position", 0)
+    storage.record_heartbeat(killed._trial_id)
+    study.sampler = make_sampler(cfg, "rte", "lora", 0, "lr")
+    killed.suggest_float("lr", *space("lora", cfg)["lr"][1:], log=True)
+    # other hosts' trials and live processes' trials stay RUNNING
+    others = [study.ask() for _ in range(2)]
+    storage.set_trial_system_attr(others[0]._trial_id, WORKER_ATTR, f"other-host:{dead}")
+    storage.set_trial_system_attr(others[1]._trial_id, WORKER_ATTR,
+                                  f"{socket.gethostname()}:{os.getppid()}")
+    assert fail_dead_local(study) == [killed._trial_id]
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states == {0: "FAIL", 1: "RUNNING", 2: "RUNNING", 3: "WAITING"}
+    assert study.get_trials()[3].system_attrs["failed_trial"] == 0
+    for t in others:  # (not part of the study below)
+        storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+
+    # the run itself: the retry comes first and the study ends as the uninterrupted one
+    run2 = RunDir(tmp_path / "resumed")
+    study = open_study(cfg, run2, "rte", "lora")
+    killed = study.ask()
+    study._storage.set_trial_system_attr(killed._trial_id, WORKER_ATTR,
+                                         f"{socket.gethostname()}:{dead}")
+    study._storage.set_trial_system_attr(killed._trial_id, "loralens:sampler_position", 0)
+    study._storage.record_heartbeat(killed._trial_id)  # fresh: 600 s before it turns stale
+    done, trials = search_within(cfg, run2, tiny_base,
+                                 "run_search waited for the dead worker's heartbeat to go stale")
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].system_attrs["failed_trial"] == 0  # the retry ran first
+    scratch = run_search(cfg, RunDir(tmp_path / "scratch"), "rte", "lora", tiny_base,
+                         progress=False)
+    assert [tuple(sorted(t.params.items())) for t in trials[1:]] == configs(scratch)
+    assert done[0]["counts"]["COMPLETE"] == 2
 
 
 def test_workers_resumes_and_reruns_never_repeat_a_configuration(tmp_path, glue_dir, tiny_base):

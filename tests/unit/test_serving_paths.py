@@ -18,7 +18,7 @@ from loralens.methods import BUILTIN, get_method, make_trainable, method_from_de
 from loralens.models import CausalLMClassifier, load_trained, save_trained
 from loralens.serving.identity import head_logits
 from loralens.serving.paths import (LEAN, MERGED, PEFT, WHOLE, adapter_name, lean_inexact,
-                                    serving_kinds)
+                                    serving_kinds, split_kind)
 from loralens.serving.runtime import LoraAdapter, MultiLoraClassifier
 
 CFG = load_config(overrides=["model.name=tiny-random"])
@@ -61,6 +61,26 @@ def test_the_rule_per_builtin_method():
     assert lean_inexact(custom) is None
     assert adapter_name("sst2", "lora", 42) == "sst2_seed42"
     assert adapter_name("sst2", "dora", 42) == "sst2_dora_seed42"
+
+
+def test_split_kind_inverts_every_methods_kind_names():
+    """Report and benchmark read (method, path) back from a kind's name by one function."""
+    names = [*BUILTIN, "lora-r4", "my_full"]  # a name with an underscore, served whole
+    defs = {"lora-r4": {"family": "peft", "peft": {"type": "lora", "r": 4}},
+            "my_full": {"family": "full"}}
+    cfg = load_config(overrides={"model": {"name": "tiny-random"}, "method_defs": defs})
+    seen = 0
+    for name in names:
+        for kind, path in serving_kinds(get_method(name, cfg)).items():
+            assert split_kind(kind, name) == (name, path)
+            if name != "my_full":  # recorded by the benchmark; a name alone reads back too
+                assert split_kind(kind) == (name, path)
+            seen += 1
+    assert seen >= len(names)
+    assert split_kind("lora_runtime") == ("lora", LEAN)
+    assert split_kind("dora_separate") == ("dora", PEFT)
+    assert split_kind("full") == ("full", WHOLE)
+    assert split_kind("my_full") == ("my_full", WHOLE)  # "full" is no path suffix
 
 
 @pytest.mark.parametrize("name", [n for n in BUILTIN if BUILTIN[n]["family"] == "peft"])

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from matplotlib.patches import Patch
 
+from ..serving.paths import SUFFIX, split_kind
 from .colors import method_color, method_label
 from .formatting import KINDS, finite
 from .run_data import RunData
@@ -27,11 +28,10 @@ PATH_LABELS = {"whole": "whole model", "merged": "merged", "separate": "separate
 
 
 def kind_parts(kind: str, row: dict) -> tuple[str, str]:
-    """(method, path) of a served kind: ``lora_runtime`` -> (lora, runtime), ``full`` ->
-    (full, whole); the row's ``method`` wins where bench recorded it."""
-    head, _, tail = kind.rpartition("_")
-    path = tail if head and tail in PATH_HATCHES else "whole"
-    return row.get("method") or (head if path != "whole" else kind), path
+    """(method, path key of :data:`PATH_HATCHES`) of a served kind (:func:`split_kind`):
+    ``lora_runtime`` -> (lora, runtime), ``full`` -> (full, whole)."""
+    method, path = split_kind(kind, row.get("method"))
+    return method, SUFFIX.get(path, "whole")
 
 
 def kind_order(d: RunData, rows: dict[str, dict]) -> list[str]:

@@ -6,6 +6,7 @@ still read: what they did not record is said so.
 
 from __future__ import annotations
 
+from ..serving.paths import split_kind
 from .colors import method_label
 from .formatting import (DASH, KINDS, Table, ci, f, finite, g, pm, pval, seconds, signed_pct,
                          yesno)
@@ -39,16 +40,10 @@ def _overhead(r: dict, base: str) -> str:
     return f"{text} {interval}" if interval and text != DASH else text
 
 
-SERVED_BY = {"separate": "PEFT", "merged": "merged", "runtime": "lean runtime"}
-
-
 def served_by(r: dict) -> str:
     """The path that served a Table 5 row: recorded (``served_by``), or, in a serving.json
     written before it was, read from the kind's name (``lora_runtime``: lean runtime)."""
-    if r.get("served_by"):
-        return str(r["served_by"])
-    kind = str(r.get("kind"))
-    return SERVED_BY.get(kind.rsplit("_", 1)[-1], "whole model") if "_" in kind else "whole model"
+    return str(r.get("served_by") or split_kind(str(r.get("kind")))[1])
 
 
 def _strategy(r: dict) -> str:

@@ -28,7 +28,7 @@ from ..store import RunDir
 from ..files import atomic_write_json, write_csv
 from ..timing import summarize
 from .bench_task import KINDS
-from .paths import merged_kind
+from .paths import merged_kind, split_kind
 
 PAIRED_TEST = "wilcoxon signed-rank, paired by request"
 N_RESAMPLES = 2000  # bootstrap resamples of the overhead interval
@@ -82,7 +82,7 @@ def comparison(task: str, res: dict, batch_sizes: list[int]) -> list[dict]:
             seeds = by_seed[kind]
             lat = [v for x in seeds.values() for v in x]
             means = [1e3 * statistics.mean(x) for x in seeds.values()]
-            method = info[kind].get("method") or kind.rsplit("_", 1)[0]
+            method, _ = split_kind(kind, info[kind].get("method"))
             row = {"task": task, "batch_size": b, "kind": kind, **info[kind], "seeds": len(seeds),
                    **{k: v for k, v in summarize(lat, len(lat) * b).items()
                       if k in ("n", "sd_ms", "p50_ms", "p95_ms")},

@@ -70,6 +70,18 @@ def serving_kinds(method: Method) -> dict[str, str]:
     return {f"{method.name}_{SUFFIX[p]}": p for p in paths}
 
 
+def split_kind(kind: str, method: str | None = None) -> tuple[str, str]:
+    """(method, path) of a served kind, the inverse of :func:`serving_kinds`'s names:
+    ``dora_separate`` -> (dora, PEFT), ``lora_runtime`` -> (lora, lean runtime), ``full``
+    -> (full, whole model). ``method``, where the benchmark recorded it, wins over the name
+    (a whole model's method may itself hold an underscore)."""
+    head, _, tail = kind.rpartition("_")
+    path = next((p for p, s in SUFFIX.items() if s == tail), None) if head else None
+    if path is None:
+        return method or kind, WHOLE
+    return method or head, path
+
+
 def merged_kind(method_name: str) -> str:
     """The merged kind of a PEFT method (the baseline of its other paths' overhead)."""
     return f"{method_name}_{SUFFIX[MERGED]}"
