@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
-import socket
 import time
 
 import warnings
@@ -38,8 +36,7 @@ from .files import atomic_write_json, read_json
 from .tasks import get_task
 from .loop import evaluate
 from .train import prepare_task, train_model, with_overrides
-from .leftovers import pid_alive
-from .work import engine_kwargs, study_lock, worker_id
+from .work import dead_local, engine_kwargs, study_lock, worker_id
 
 # The study's method-specific spaces, for the dimensions the config does not set: the
 # learning-rate range, epoch and batch-size choices come from ``search.*`` (see
@@ -208,10 +205,9 @@ def fail_dead_local(study: optuna.Study) -> list[int]:
     one would (TPE draws from the trials finished before each one). Trials of other hosts,
     and of processes that run, are left to their heartbeats.
     """
-    storage, host, failed = study._storage, socket.gethostname(), []
+    storage, failed = study._storage, []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        h, _, pid = str(t.system_attrs.get(WORKER_ATTR, "")).rpartition(":")
-        if h != host or not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+        if not dead_local(t.system_attrs.get(WORKER_ATTR)):
             continue
         try:
             if storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL):

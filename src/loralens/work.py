@@ -79,6 +79,14 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def dead_local(worker: str | None) -> bool:
+    """Whether ``worker`` (a :func:`worker_id`) is a process of this host, other than this
+    one, that no longer runs: its claimed job or asked trial can be taken over at once."""
+    host, _, pid = (worker or "").rpartition(":")
+    return (host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid()
+            and not pid_alive(int(pid)))
+
+
 DDL = """
 CREATE TABLE IF NOT EXISTS loralens_jobs (
     queue TEXT NOT NULL,
@@ -123,12 +131,8 @@ class JobQueue:
 
     def release_dead_local(self, stage: str) -> None:
         """Jobs 'running' under a process of this host that no longer exists go back."""
-        host = socket.gethostname()
         for r in self.rows(stage):
-            if r["status"] != "running" or not (r["worker"] or "").startswith(host + ":"):
-                continue
-            pid = int(r["worker"].rsplit(":", 1)[1])
-            if pid != os.getpid() and not pid_alive(pid):
+            if r["status"] == "running" and dead_local(r["worker"]):
                 self.release(r["key"])
 
     def claim(self, stage: str, worker: str | None = None,
