@@ -3,7 +3,7 @@
 Compares, on one task's arrays at the study's size (750 examples x 2048
 features, 22 layers, 6 fine-tuned models plus the base, float32 pooled states):
 
-(a) ``loralens.similarity.cka_against_base`` as ``loralens drift`` calls it:
+(a) ``loralens.analysis.similarity.cka_against_base`` as ``loralens drift`` calls it:
     the base model's centered Gram matrix [n, n] is built once per layer and
     reused; each model layer costs one Gram (n^2 d flops) and one elementwise
     dot product. The inputs are float32 (as stored), so the Gram products run
@@ -34,8 +34,8 @@ import os
 
 import numpy as np
 
-from loralens.similarity import cka_against_base
-from loralens.timing import time_interleaved
+from loralens.analysis.similarity import cka_against_base
+from loralens.core.timing import time_interleaved
 
 
 def make_task(n: int, layers: int, d: int, n_models: int, seed: int = 0):

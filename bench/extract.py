@@ -1,14 +1,14 @@
 """Benchmark: extraction throughput with dynamic padding vs padding every batch to 384.
 
 On SST-2 validation rows with the embedded SmolLM2 (float32, CPU or GPU), runs
-``loralens.extract.pooled_hidden_states`` twice in one process:
+``loralens.analysis.extract.pooled_hidden_states`` twice in one process:
 
 (a) dynamic, length-grouped batches: rows sorted by length, each batch padded to
     its longest member (what ``loralens extract`` does);
 (b) every batch padded to 384 tokens (the study's published code).
 
 Same model, same batch size (32), runs of (a) and (b) interleaved
-(``loralens.timing.time_interleaved``). SST-2's
+(``loralens.core.timing.time_interleaved``). SST-2's
 validation sentences average 23 SmolLM2 tokens (max 59), so (b) spends about 94%
 of its compute on pad positions (and attention grows with the square of the
 width). (b) is timed on a subset (its cost per example does not depend on which
@@ -32,12 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loralens import data as D
-from loralens.config import StudyConfig
-from loralens.extract import pooled_hidden_states, sample_split
-from loralens.models import build_classifier, load_base
-from loralens.tasks import get_task
-from loralens.timing import time_interleaved
+from loralens.tasks import sources as TS
+from loralens.training import batches as B
+from loralens.core.config import StudyConfig
+from loralens.analysis.extract import pooled_hidden_states, sample_split
+from loralens.models.classifier import build_classifier, load_base
+from loralens.tasks.spec import get_task
+from loralens.core.timing import time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,13 +62,13 @@ def main() -> None:
     tokenizer = base.tokenizer
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_classifier(base.backbone(), 2, seed=0).to(device).eval()
-    split = D.load_split(get_task("sst2"), "validation", args.glue_dir)
+    split = TS.load_split(get_task("sst2"), "validation", args.glue_dir)
     dyn_split = sample_split(split, n_dyn, 0)
-    enc = D.encode_split(tokenizer, dyn_split, 384)
+    enc = B.encode_split(tokenizer, dyn_split, 384)
     # (b) runs on a subset of (a)'s rows, so the arrays can be compared row by row.
     pick = np.sort(np.random.default_rng(1).choice(len(enc), size=min(n_pad, len(enc)),
                                                    replace=False))
-    enc_pad = D.Encoded([enc.input_ids[i] for i in pick], enc.labels[pick], enc.ids[pick])
+    enc_pad = B.Encoded([enc.input_ids[i] for i in pick], enc.labels[pick], enc.ids[pick])
     pad_id = tokenizer.pad_token_id
     print(f"model {base.name} ({base.note}); device {device}, "
           f"{torch.get_num_threads()} threads, batch {args.batch_size}, {repeats} repeat(s)")

@@ -4,7 +4,7 @@ Both sides train the same LoRA classifier (SmolLM2-135M, float32, CPU) on the SA
 real GLUE training batches (drawn by the length-grouped sampler, so the rows and the
 real tokens per batch are identical); only the padding differs. Each side has its own
 copy of the model and optimizer; after one untimed warm-up step each, their steps are
-interleaved (``loralens.timing.time_interleaved``: one step of each side in turn, so a
+interleaved (``loralens.core.timing.time_interleaved``: one step of each side in turn, so a
 change of the machine's load hits both alike; the dynamic side, being cheaper, runs
 more steps, alone once the padded side's are done). Throughput is real (non-pad)
 tokens per second of forward + backward + optimizer step, median over the timed
@@ -27,11 +27,11 @@ import sys
 import numpy as np
 import torch
 
-from loralens import data as D
-from loralens.config import StudyConfig
-from loralens.models import apply_method, build_classifier, load_base
-from loralens.timing import time_interleaved
-from loralens.train import prepare_task
+from loralens.training import batches as B
+from loralens.core.config import StudyConfig
+from loralens.models.classifier import apply_method, build_classifier, load_base
+from loralens.core.timing import time_interleaved
+from loralens.training.job import prepare_task
 
 
 def trainer(model, lr=1e-4):
@@ -40,7 +40,7 @@ def trainer(model, lr=1e-4):
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
 
-    def step(b: D.Batch) -> float:
+    def step(b: B.Batch) -> float:
         out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
@@ -71,7 +71,7 @@ def main() -> None:
     steps = {"dynamic": (None, args.dynamic_steps), "pad384": (384, args.steps)}
     for task in args.tasks:
         p = prepare_task(cfg, task, base.tokenizer)
-        batches = D.train_batches(p.train.lengths, args.batch_size, seed=0)
+        batches = B.train_batches(p.train.lengths, args.batch_size, seed=0)
         batches = batches[:max(args.steps, args.dynamic_steps) + 1]
         torch.manual_seed(0)
         model = apply_method(build_classifier(copy.deepcopy(backbone), p.task.num_labels, 0),
@@ -79,7 +79,7 @@ def main() -> None:
         step, padded, loss0 = {}, {}, {}
         for name, (pad_to, n) in steps.items():
             step[name] = trainer(copy.deepcopy(model))  # same initial weights on each side
-            padded[name] = list(D.iter_batches(p.train, batches[:n + 1], p.pad_id, pad_to))
+            padded[name] = list(B.iter_batches(p.train, batches[:n + 1], p.pad_id, pad_to))
             loss0[name] = step[name](padded[name][0])   # the untimed warm-up step
         timed = time_interleaved(step, {k: v[1:] for k, v in padded.items()})
         res = {}

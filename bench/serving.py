@@ -65,12 +65,13 @@ from pathlib import Path
 
 import torch
 
-from loralens import data as D
-from loralens.config import StudyConfig
-from loralens.models import CausalLMClassifier, apply_method, build_classifier, load_base
+from loralens.tasks import sources as TS
+from loralens.training import batches as B
+from loralens.core.config import StudyConfig
+from loralens.models.classifier import CausalLMClassifier, apply_method, build_classifier, load_base
 from loralens.serving import MultiLoraClassifier
-from loralens.tasks import get_task
-from loralens.timing import CpuContention, time_interleaved
+from loralens.tasks.spec import get_task
+from loralens.core.timing import CpuContention, time_interleaved
 
 N_ADAPTERS = 8
 
@@ -241,8 +242,8 @@ def main() -> None:
     pristine = base.backbone().eval()
     glue = os.environ.get("LORALENS_GLUE_DIR") or str(Path(__file__).resolve().parents[1].parent
                                                          / "shared" / "glue")
-    split = D.load_split(get_task("sst2"), "validation", glue)
-    enc = D.encode_split(base.tokenizer, split, 384)
+    split = TS.load_split(get_task("sst2"), "validation", glue)
+    enc = B.encode_split(base.tokenizer, split, 384)
     sentences = enc.input_ids[:max(args.sentences, 8 * args.batches)]
     names = [f"a{i}" for i in range(N_ADAPTERS)]
     merged, peft1, peft8, ours = load_models(pristine, names)
@@ -251,7 +252,7 @@ def main() -> None:
 
     one = [(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
            for s in sentences[:args.sentences]]
-    eight = [D.collate(sentences[i * 8:(i + 1) * 8], base.tokenizer.pad_token_id)
+    eight = [B.collate(sentences[i * 8:(i + 1) * 8], base.tokenizer.pad_token_id)
              for i in range(args.batches)]
 
     # correctness first

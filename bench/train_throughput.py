@@ -8,7 +8,7 @@ so that a change of the machine's load hits them alike; each fit's rate is real 
 per second of training steps (forward, backward, optimizer; ``fit.step_seconds``), and
 the table shows the median over repeats.
 
-MFU is printed against two peaks measured in this process (``loralens.flops``): a large
+MFU is printed against two peaks measured in this process (``loralens.training.flops``): a large
 square GEMM, and the model's own GEMM shapes (tokens per batch x 576 x 576/192/1536) in
 the dtype the side computes in. FLOPs: 6N per real token (full), 4N + 2n (LoRA).
 
@@ -29,11 +29,11 @@ import sys
 
 import torch
 
-from loralens import flops
-from loralens.config import StudyConfig, TrainConfig
-from loralens.models import apply_method, build_classifier, load_base
-from loralens.loop import fit
-from loralens.train import prepare_task, seed_everything
+from loralens.training import flops
+from loralens.core.config import StudyConfig, TrainConfig
+from loralens.models.classifier import apply_method, build_classifier, load_base
+from loralens.training.loop import fit
+from loralens.training.job import prepare_task, seed_everything
 
 SIDES = ("fp32", "auto", "bf16")
 

@@ -40,8 +40,8 @@ def glue_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded default as a ``models.Base`` (integration tests only)."""
-    from loralens.config import StudyConfig
-    from loralens.models import load_base
+    from loralens.core.config import StudyConfig
+    from loralens.models.classifier import load_base
 
     return load_base(StudyConfig())
 
@@ -57,8 +57,8 @@ def tiny_base():
     """The registry's ``tiny-random`` model as a ``models.Base``: a 2-layer, hidden-32
     random Llama and a byte-level tokenizer (byte b = id 3 + b, BOS 1, EOS = pad 2), built
     in code into the cache on first use. ``backbone()`` loads the same weights every call."""
-    from loralens.config import ModelConfig
-    from loralens.models import load_base
+    from loralens.core.config import ModelConfig
+    from loralens.models.classifier import load_base
 
     return load_base(ModelConfig(name="tiny-random"))
 
@@ -74,7 +74,7 @@ def tiny_backbone():
     (token ids up to 49151; no tokenizer), seeded: the same weights in every test."""
     from transformers import AutoModel
 
-    from loralens.models import tiny_llama_config
+    from loralens.models.tiny import tiny_llama_config
 
     torch.manual_seed(0)
     return AutoModel.from_config(tiny_llama_config(), dtype=torch.float32).eval()

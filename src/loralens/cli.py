@@ -4,7 +4,7 @@ Every study subcommand takes ``--preset``, ``--config FILE`` and trailing ``key=
 overrides (dotted keys of the config, e.g. ``train.lr=1e-4 data.train_size=512``),
 layered in that order on the defaults and validated. The subcommands, their
 selectors (``--task``, ``--method``, ``--seed``) and their flags come from
-:data:`loralens.stages.STAGES`: a stage is wired once.
+:data:`loralens.study.stages.STAGES`: a stage is wired once.
 """
 
 from __future__ import annotations
@@ -16,15 +16,17 @@ import re
 import sys
 from pathlib import Path
 
-from .config import ConfigError, StudyConfig
-from .config_load import load_config, preset_names
-from .stages import STAGE_NAMES, STAGES, Context, Stage, get_stage, run_stage, run_study
+from loralens.core.config import ConfigError, StudyConfig
+from loralens.core.config_load import load_config, preset_names
+from loralens.study.stages import (
+    STAGE_NAMES, STAGES, Context, Stage, get_stage, run_stage, run_study,
+)
 
 SELECTORS = {
     "task": dict(action="append", help="task: a built-in name or a task file (.yaml) "
                                        "(repeatable; default: the config's)"),
     "method": dict(action="append",
-                   help="method: a built-in name (loralens.methods) or one of method_defs "
+                   help="method: a built-in name (loralens.models.methods) or one of method_defs "
                         "(repeatable; default: the config's)"),
     "seed": dict(action="append", type=int, help="seed (repeatable; default: the config's)"),
 }
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         _stage_parser(sub, stage)
 
-    from .serving import add_loadtest_arguments, add_serve_arguments
+    from loralens.serving import add_loadtest_arguments, add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="HTTP classification server for many "
                                                      "LoRA adapters"))
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("upgrade", help="rewrite an older run directory's config for this "
                                        "version (unknown keys dropped, a .bak kept)")
     p.add_argument("run_dir_pos", metavar="RUN_DIR")
-    from .artifact_cli import add_artifact_commands
+    from loralens.export.commands import add_artifact_commands
 
     add_artifact_commands(sub)  # export, predict
     sub.add_parser("models", help="list the model registry")
@@ -140,7 +142,7 @@ def _dest(flag: str) -> str:
 def resolve(args: argparse.Namespace) -> tuple[StudyConfig, Path]:
     """The config: the run directory's stored one when no settings are given, else
     defaults -> preset -> file -> overrides (checked against the stored one, if any)."""
-    from .store import MACHINE_LOCAL, RunDir
+    from loralens.core.run_dir import MACHINE_LOCAL, RunDir
 
     run_dir = Path(getattr(args, "run_dir_pos", None) or args.run_dir
                    or Path("runs") / (args.preset or "default"))
@@ -158,8 +160,8 @@ def resolve(args: argparse.Namespace) -> tuple[StudyConfig, Path]:
 def _with_task_files(args: argparse.Namespace, cfg: StudyConfig, stored: bool) -> StudyConfig:
     """``--task``: for ``run``, the study's tasks; for a stage, task files it names join the
     config's tasks (a stored config's must already be there)."""
-    from .config import merge
-    from .tasks import is_task_file, task_key
+    from loralens.core.config import merge
+    from loralens.tasks.spec import is_task_file, task_key
 
     given = list(getattr(args, "task", None) or [])
     if not given:
@@ -175,8 +177,8 @@ def _with_task_files(args: argparse.Namespace, cfg: StudyConfig, stored: bool) -
 
 def _stored(args: argparse.Namespace, run_dir: Path, local: list[str]):
     """The run directory's stored config (with this machine's local settings)."""
-    from .config_load import merge_overrides
-    from .store import RunDir, RunDirError
+    from loralens.core.config_load import merge_overrides
+    from loralens.core.run_dir import RunDir, RunDirError
 
     stage = _stage_of(args)
     try:
@@ -190,7 +192,7 @@ def _stored(args: argparse.Namespace, run_dir: Path, local: list[str]):
 
 
 def context(args: argparse.Namespace, cfg: StudyConfig, run) -> Context:
-    from .executors import make_executor
+    from loralens.study.executors import make_executor
 
     ctx = Context(cfg, run, progress=not args.no_progress,
                   select_tasks=_selected_tasks(args),
@@ -205,7 +207,7 @@ def context(args: argparse.Namespace, cfg: StudyConfig, run) -> Context:
 
 def _selected_tasks(args: argparse.Namespace) -> list[str] | None:
     """A stage's ``--task`` values as task names (a task file by its name)."""
-    from .tasks import task_key
+    from loralens.tasks.spec import task_key
 
     given = getattr(args, "task", None)
     if not given or _stage_of(args) is None:
@@ -215,7 +217,7 @@ def _selected_tasks(args: argparse.Namespace) -> list[str] | None:
 
 def study_command(args: argparse.Namespace) -> int:
     """``run`` and every stage subcommand."""
-    from .store import RunDir
+    from loralens.core.run_dir import RunDir
 
     cfg, run_dir = resolve(args)
     if args.tracking_uri:  # read where MLflow reads it; never written to the run directory
@@ -223,7 +225,7 @@ def study_command(args: argparse.Namespace) -> int:
     stage = _stage_of(args)
     names = _stage_names(args) if stage is None else ()
     if getattr(args, "dry_run", False):  # before anything writes into the run directory
-        from .plan import dry_run
+        from loralens.study.plan.dry_run import dry_run
 
         print(dry_run(cfg, names, run_dir), flush=True)
         return 0
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "overrides"):
         args.overrides = overrides + list(args.overrides or [])
     if args.command == "models":
-        from .models import REGISTRY
+        from loralens.models.registry import REGISTRY
 
         for e in REGISTRY.values():
             print(f"{e.name:16s} {e.ref}\n{'':16s} {e.note}")
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "upgrade":
             return _upgrade(args.run_dir_pos)
         if args.command in ("export", "predict"):
-            from .artifact_cli import artifact_command
+            from loralens.export.commands import artifact_command
 
             return artifact_command(args)
         return study_command(args)
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _upgrade(path: str) -> int:
-    from .store import RunDir
+    from loralens.core.run_dir import RunDir
 
     dropped = RunDir(path).upgrade()
     print(f"upgraded {path}: " + (f"dropped unknown keys {dropped}" if dropped
@@ -309,7 +311,7 @@ def _database_full(e: Exception, args: argparse.Namespace) -> str | None:
     orig = getattr(e, "orig", None)
     if orig is None or "database or disk is full" not in str(orig):
         return None
-    from .redact import redact_url, resolve_storage
+    from loralens.core.redaction import redact_url, resolve_storage
 
     storage = resolve_storage(getattr(args, "storage", None))
     run_dir = (getattr(args, "run_dir_pos", None) or getattr(args, "run_dir", None)
@@ -322,10 +324,10 @@ def _database_full(e: Exception, args: argparse.Namespace) -> str | None:
 def _user_error(e: Exception, args: argparse.Namespace | None = None) -> int:
     """One clear line for the expected failure kinds (bad config, data, model, run
     directory); anything else is a bug and keeps its traceback."""
-    from .data import DataError
-    from .models import ModelNotFound
-    from .store import RunDirError
-    from .files import DiskFullError
+    from loralens.tasks.rows import DataError
+    from loralens.models.registry import ModelNotFound
+    from loralens.core.run_dir import RunDirError
+    from loralens.core.files import DiskFullError
 
     if isinstance(e, ConfigError):
         print(f"loralens: config error: {e}", file=sys.stderr)
@@ -345,18 +347,18 @@ def _user_error(e: Exception, args: argparse.Namespace | None = None) -> int:
 
 def _serving_command(args) -> int:
     """``serve`` and ``loadtest`` take adapter sources, not a study config."""
-    from .serving.backends import AdapterError
+    from loralens.serving.backends import AdapterError
 
     try:
         if args.command == "serve":
-            from .serving.server import cli_command
+            from loralens.serving.server import cli_command
         else:
-            from .serving.loadtest import cli_command
+            from loralens.serving.loadtest import cli_command
         return cli_command(args)
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        from .serving.loadtest import LoadTestError
+        from loralens.serving.loadtest import LoadTestError
 
         if isinstance(e, (AdapterError, LoadTestError, OSError)):
             print(f"loralens: error: {e}", file=sys.stderr)

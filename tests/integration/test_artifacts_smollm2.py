@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from loralens import data as D
-from loralens.artifacts import merged
-from loralens.config import StudyConfig
-from loralens.loop import evaluate
-from loralens.models import apply_method, build_classifier, save_trained
-from loralens.preprocess import format_fields
-from loralens.tasks import get_task
+from loralens.tasks import sources as TS
+from loralens.training import batches as B
+from loralens.models.artifacts import merged
+from loralens.core.config import StudyConfig
+from loralens.training.loop import evaluate
+from loralens.models.classifier import apply_method, build_classifier
+from loralens.models.saving import save_trained
+from loralens.tasks.preprocess import format_fields
+from loralens.tasks.spec import get_task
 
 pytestmark = pytest.mark.integration
 TOL = 1e-5
@@ -26,8 +28,8 @@ TOL = 1e-5
 def rows(glue_dir):
     """Four raw SST-2 and four raw RTE dev rows (stripped by the loader, so re-add the
     trailing space SST-2's files have, as a user's raw text would)."""
-    sst2 = D.load_split(get_task("sst2"), "validation", glue_dir).examples[:4]
-    rte = D.load_split(get_task("rte"), "validation", glue_dir).examples[:4]
+    sst2 = TS.load_split(get_task("sst2"), "validation", glue_dir).examples[:4]
+    rte = TS.load_split(get_task("rte"), "validation", glue_dir).examples[:4]
     return [(e.texts[0] + " ",) for e in sst2] + [e.texts for e in rte]
 
 
@@ -45,8 +47,8 @@ def lora(smollm2):
 
 
 def _ours(model, tokenizer, rows) -> np.ndarray:
-    ids = [D.encode_texts(tokenizer, [t.strip() for t in r], 384) for r in rows]
-    enc = D.Encoded(ids, np.zeros(len(ids), dtype=np.int64), np.arange(len(ids)))
+    ids = [B.encode_texts(tokenizer, [t.strip() for t in r], 384) for r in rows]
+    enc = B.Encoded(ids, np.zeros(len(ids), dtype=np.int64), np.arange(len(ids)))
     return evaluate(model, enc, tokenizer.pad_token_id, batch_size=8)["logits"]
 
 

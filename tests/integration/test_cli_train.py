@@ -73,7 +73,7 @@ def test_train_writes_run_directory_and_skips_when_done(tmp_path, glue_dir, caps
 def test_changed_settings_in_same_run_dir_is_an_error(tmp_path, glue_dir, capsys):
     run = tmp_path / "run"
     (run).mkdir()
-    from loralens.config_load import load_config
+    from loralens.core.config_load import load_config
 
     first = load_config(overrides=[f"data.glue_dir={os.path.abspath(glue_dir)}", "train.epochs=99"])
     (run / "config.yaml").write_text(yaml.safe_dump(first.to_dict()))

@@ -18,17 +18,18 @@ import numpy as np
 import pytest
 import torch
 
-from loralens import data as D
-from loralens.config_load import load_config
-from loralens.drift import LAYER_COLUMNS, run_drift
-from loralens.drift_measures import MEASURES
-from loralens.extract import load_pooled, pooled_hidden_states, run_extract, sample_split
-from loralens.models import build_classifier
-from loralens.store import RunDir
-from loralens.files import atomic_write_json, read_json
-from loralens.tasks import get_task
-from loralens.models import load_trained
-from loralens.train import train_job
+from loralens.tasks import sources as TS
+from loralens.training import batches as B
+from loralens.core.config_load import load_config
+from loralens.analysis.drift.stage import LAYER_COLUMNS, run_drift
+from loralens.analysis.drift.measures import MEASURES
+from loralens.analysis.extract import load_pooled, pooled_hidden_states, run_extract, sample_split
+from loralens.models.classifier import build_classifier
+from loralens.core.run_dir import RunDir
+from loralens.core.files import atomic_write_json, read_json
+from loralens.tasks.spec import get_task
+from loralens.models.saving import load_trained
+from loralens.training.job import train_job
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +51,8 @@ def fake_full_job(cfg, run, smollm2, lora_metrics: dict) -> None:
     test's time; train_job is exercised by the LoRA job.) Every weight is perturbed a
     little, so every layer differs from the base model.
     """
-    from loralens.models import apply_method, save_trained
+    from loralens.models.classifier import apply_method
+    from loralens.models.saving import save_trained
 
     model = apply_method(build_classifier(smollm2.backbone(), 2, seed=42), "full", cfg)
     g = torch.Generator().manual_seed(42)
@@ -95,7 +97,7 @@ def test_extract_on_smollm2(study, glue_dir):
     np.testing.assert_array_equal(arrays["lora-seed42"][:, 0], arrays["base"][:, 0])
     assert not np.array_equal(arrays["full-seed42"][:, 5], arrays["base"][:, 5])
     # The published code's "750 samples" were 277 on RTE: the whole split, counted.
-    val = D.load_split(get_task("rte"), "validation", glue_dir)
+    val = TS.load_split(get_task("rte"), "validation", glue_dir)
     assert len(sample_split(val, 750, 0)) == 277
 
 
@@ -110,9 +112,9 @@ def test_lora_separate_merged_and_padding_agree(study, smollm2, tokenizer):
     cfg, run, _ = study
     folder = run.root / "extract" / "rte"
     ids = read_json(folder / "manifest.json")["example_ids"]
-    split = D.load_split(get_task("rte"), "validation", cfg.data.glue_dir)
+    split = TS.load_split(get_task("rte"), "validation", cfg.data.glue_dir)
     split.examples = [split.examples[i] for i in ids]
-    enc = D.encode_split(tokenizer, split, cfg.data.max_length)
+    enc = B.encode_split(tokenizer, split, cfg.data.max_length)
     pad = tokenizer.pad_token_id
 
     model = load_trained(run.job_dir("rte", "lora", 42), smollm2.backbone(), 2)
@@ -133,7 +135,7 @@ def test_lora_separate_merged_and_padding_agree(study, smollm2, tokenizer):
 
     # Pooling ignores pads: one example per batch, mixed-length batches, padding to 384.
     base = build_classifier(smollm2.backbone(), 2, seed=0).eval()
-    few = D.Encoded(enc.input_ids[:4], enc.labels[:4], enc.ids[:4])
+    few = B.Encoded(enc.input_ids[:4], enc.labels[:4], enc.ids[:4])
     alone = pooled_hidden_states(base, few, pad, 1)
     assert_layers_close(alone, pooled_hidden_states(base, few, pad, 4, group_by_length=False),
                         "batched")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loralens.stages import STAGE_NAMES
+from loralens.study.stages import STAGE_NAMES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -17,12 +17,13 @@ from dataclasses import replace
 
 import pytest
 
-from loralens import data as D
-from loralens.config import StudyConfig
-from loralens.models import apply_method, build_classifier
-from loralens.tasks import get_task
-from loralens.loop import evaluate, fit
-from loralens.train import seed_everything
+from loralens.tasks import sources as TS
+from loralens.training import batches as B
+from loralens.core.config import StudyConfig
+from loralens.models.classifier import apply_method, build_classifier
+from loralens.tasks.spec import get_task
+from loralens.training.loop import evaluate, fit
+from loralens.training.job import seed_everything
 
 pytestmark = pytest.mark.integration
 LR = {"lora": 1e-3, "full": 2e-5}
@@ -42,8 +43,8 @@ def train(smollm2, enc, method, precision, seed=0, steps=20, batch=4):
 @pytest.mark.parametrize("task", ["sst2", "rte"])
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_bf16_loss_after_20_steps_within_1_percent(smollm2, glue_dir, task, method):
-    split = D.load_split(get_task(task), "train", glue_dir).subset(80, 0)
-    enc = D.encode_split(smollm2.tokenizer, split, 96)  # real rows; RTE's longest cut to 96
+    split = TS.load_split(get_task(task), "train", glue_dir).subset(80, 0)
+    enc = B.encode_split(smollm2.tokenizer, split, 96)  # real rows; RTE's longest cut to 96
     out = {}
     for precision in ("fp32", "bf16"):
         model, res = train(smollm2, enc, method, precision)
@@ -61,9 +62,9 @@ def test_bf16_loss_after_20_steps_within_1_percent(smollm2, glue_dir, task, meth
 def test_bf16_short_training_accuracy_within_two_sd_over_three_seeds(smollm2, glue_dir):
     spec = get_task("sst2")
     tok = smollm2.tokenizer
-    enc = D.encode_split(tok, D.load_split(spec, "train", glue_dir).subset(96, 0), 128)
-    val_split = D.load_split(spec, "validation", glue_dir).subset(128, 0)
-    val = D.encode_split(tok, val_split, 128)
+    enc = B.encode_split(tok, TS.load_split(spec, "train", glue_dir).subset(96, 0), 128)
+    val_split = TS.load_split(spec, "validation", glue_dir).subset(128, 0)
+    val = B.encode_split(tok, val_split, 128)
     acc = {"fp32": [], "bf16": []}
     for seed in (42, 1337, 2024):
         for precision in acc:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from loralens.store import RunDir
+from loralens.core.run_dir import RunDir
 from tests.unit.test_report import TASKS, SEEDS, synthetic_run, write_metrics
 
 pytestmark = pytest.mark.integration
@@ -107,7 +107,7 @@ def test_full_report_in_chromium(tmp_path):
 
 def test_partial_report_in_chromium(tmp_path):
     """One finished job: no figure, the tables that exist, and what is missing."""
-    from loralens.config_load import load_config
+    from loralens.core.config_load import load_config
     from loralens.report import build_report
 
     run = RunDir(tmp_path / "run")

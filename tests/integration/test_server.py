@@ -14,15 +14,16 @@ import httpx
 import pytest
 import torch
 
-from loralens import data as D
+from loralens.tasks import sources as TS
+from loralens.training import batches as B
 from loralens.cli import main
-from loralens.config_load import load_config
-from loralens.models import apply_method, build_classifier
+from loralens.core.config_load import load_config
+from loralens.models.classifier import apply_method, build_classifier
 from loralens.serving.backends import AdapterInfo, make_backend
 from loralens.serving.server import Service, bind_socket, create_app
-from loralens.store import RunDir
-from loralens.files import atomic_write_json, read_json
-from loralens.tasks import get_task
+from loralens.core.run_dir import RunDir
+from loralens.core.files import atomic_write_json, read_json
+from loralens.tasks.spec import get_task
 
 from .test_serving import randomize_lora
 
@@ -88,7 +89,7 @@ def server(study, tokenizer):
 
 
 def val_rows(glue_dir, task, n, offset=0):
-    return D.load_split(get_task(task), "validation", glue_dir).examples[offset:offset + n]
+    return TS.load_split(get_task(task), "validation", glue_dir).examples[offset:offset + n]
 
 
 def reference_probs(peft_model, tokenizer, texts_per_row):
@@ -96,7 +97,7 @@ def reference_probs(peft_model, tokenizer, texts_per_row):
     out = []
     with torch.no_grad():
         for segs in texts_per_row:
-            ids = torch.tensor([D.encode_texts(tokenizer, segs, MAX_LENGTH)])
+            ids = torch.tensor([B.encode_texts(tokenizer, segs, MAX_LENGTH)])
             logits = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
             out.append(torch.softmax(logits, -1)[0])
     return torch.stack(out)
@@ -165,7 +166,7 @@ def test_long_input_is_truncated_as_in_training(server, study, tokenizer):
     long = "a remarkably long and winding review " * 40
     r = client.post("/v1/classify", json={"adapter": "sst2-seed1", "texts": [long]})
     assert r.status_code == 200, r.text
-    assert len(D.encode_texts(tokenizer, [long], 10_000)) > MAX_LENGTH
+    assert len(B.encode_texts(tokenizer, [long], 10_000)) > MAX_LENGTH
     ref = reference_probs(peft[root / "models/sst2/lora/seed1/adapter"], tokenizer, [[long]])
     assert (torch.tensor(r.json()["probabilities"]) - ref).abs().max().item() <= TOL
 

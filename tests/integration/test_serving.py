@@ -9,14 +9,16 @@ import json
 import pytest
 import torch
 
-from loralens import data as D
-from loralens.config import StudyConfig
-from loralens.config_load import load_config
-from loralens.models import CausalLMClassifier, apply_method, build_classifier, save_trained
+from loralens.tasks import sources as TS
+from loralens.training import batches as B
+from loralens.core.config import StudyConfig
+from loralens.core.config_load import load_config
+from loralens.models.classifier import CausalLMClassifier, apply_method, build_classifier
+from loralens.models.saving import save_trained
 from loralens.serving import MultiLoraClassifier
-from loralens.store import RunDir
-from loralens.files import atomic_write_json
-from loralens.tasks import get_task
+from loralens.core.run_dir import RunDir
+from loralens.core.files import atomic_write_json
+from loralens.tasks.spec import get_task
 
 pytestmark = pytest.mark.integration
 TOL = 1e-5
@@ -36,9 +38,9 @@ def randomize_lora(peft, seed):
 
 
 def rows(tokenizer, glue_dir, task, n):
-    split = D.load_split(get_task(task), "validation", glue_dir)
+    split = TS.load_split(get_task(task), "validation", glue_dir)
     split.examples = split.examples[:n]
-    return D.encode_split(tokenizer, split, 384).input_ids
+    return B.encode_split(tokenizer, split, 384).input_ids
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_runtime_equals_peft_on_smollm2_and_glue(smol_adapters, tokenizer, glue_
         # a mixed batch of sst2 and rte rows against separate PeftModels on the same batch
         mixed = [data["sst2"][0], data["rte"][0], data["sst2"][1], data["rte"][1]]
         names = ["sst2", "rte", "sst2", "rte"]
-        ids, mask = D.collate(mixed, pad)
+        ids, mask = B.collate(mixed, pad)
         out = rt(ids, mask, names)
         for i, n in enumerate(names):
             ref = adapters[n][1](input_ids=ids, attention_mask=mask).logits[i]
@@ -101,7 +103,7 @@ def tiny_run(tokenizer, glue_dir, tmp_path_factory):
     directly (saved models + a minimal metrics.json) instead of training."""
     from transformers import AutoModel
 
-    from loralens.models import tiny_llama_config
+    from loralens.models.tiny import tiny_llama_config
 
     root = tmp_path_factory.mktemp("run")
     model_dir = root / "tiny-model"
@@ -126,8 +128,8 @@ def tiny_run(tokenizer, glue_dir, tmp_path_factory):
 
 
 def test_run_bench_on_tiny_run(tiny_run):
-    from loralens.models import load_base
-    from loralens.serving.bench import run_bench, summary_lines
+    from loralens.models.classifier import load_base
+    from loralens.serving.bench.stage import run_bench, summary_lines
 
     cfg, run = tiny_run
     res = run_bench(cfg, run, batch_sizes=(1, 2), warmup=2, n_requests=6, progress=False,

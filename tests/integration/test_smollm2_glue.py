@@ -6,9 +6,12 @@ import sys
 import pytest
 import torch
 
-from loralens import data as D
-from loralens.models import ModelNotFound, build_classifier, masked_mean, resolve_model
-from loralens.tasks import get_task
+from loralens.tasks import sources as TS
+from loralens.training import batches as B
+from loralens.models.registry import ModelNotFound, resolve_model
+from loralens.models.classifier import build_classifier
+from loralens.models.families import masked_mean
+from loralens.tasks.spec import get_task
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +25,7 @@ pytestmark = pytest.mark.integration
     ("rte", "validation", 277, {0: 146, 1: 131}),
 ])
 def test_glue_row_counts(glue_dir, task, split, rows, counts):
-    s = D.load_split(get_task(task), split, glue_dir)
+    s = TS.load_split(get_task(task), split, glue_dir)
     assert len(s) == rows
     if counts:
         assert s.label_counts == counts
@@ -45,13 +48,13 @@ def test_dynamic_padding_equals_padding_to_384(glue_dir, tokenizer, base_model, 
     differently, so a 1e-5 absolute bound is below float32 resolution there.
     """
     spec = get_task(task)
-    split = D.load_split(spec, "validation", glue_dir)
+    split = TS.load_split(spec, "validation", glue_dir)
     split.examples = split.examples[:4]
-    enc = D.encode_split(tokenizer, split, 384)
+    enc = B.encode_split(tokenizer, split, 384)
     if spec.is_pair:
         assert all(tokenizer.eos_token_id in x for x in enc.input_ids)
-    dyn = D.collate(enc.input_ids, tokenizer.pad_token_id)
-    pad = D.collate(enc.input_ids, tokenizer.pad_token_id, pad_to=384)
+    dyn = B.collate(enc.input_ids, tokenizer.pad_token_id)
+    pad = B.collate(enc.input_ids, tokenizer.pad_token_id, pad_to=384)
     assert dyn[0].shape[1] < 384
     with torch.no_grad():
         a = base_model(input_ids=dyn[0], attention_mask=dyn[1], output_hidden_states=True)
@@ -65,10 +68,10 @@ def test_dynamic_padding_equals_padding_to_384(glue_dir, tokenizer, base_model, 
 
 
 def test_head_reads_last_token_of_sentence2_on_real_pairs(glue_dir, tokenizer, base_model):
-    split = D.load_split(get_task("rte"), "validation", glue_dir)
-    enc = D.encode_split(tokenizer, split, 384)
+    split = TS.load_split(get_task("rte"), "validation", glue_dir)
+    enc = B.encode_split(tokenizer, split, 384)
     rows = enc.input_ids[:3]
-    ids, mask = D.collate(rows, tokenizer.pad_token_id)
+    ids, mask = B.collate(rows, tokenizer.pad_token_id)
     with torch.no_grad():
         out = base_model(input_ids=ids, attention_mask=mask)
         h = base_model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -13,12 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loralens import data as D
-from loralens.artifacts import ArtifactError, load_adapter, merged, write_full
-from loralens.config import StudyConfig
-from loralens.loop import evaluate
-from loralens.models import apply_method, build_classifier, load_trained, save_trained
-from loralens.preprocess import format_input
+from loralens.training import batches as B
+from loralens.models.artifacts import ArtifactError, load_adapter, merged, write_full
+from loralens.core.config import StudyConfig
+from loralens.training.loop import evaluate
+from loralens.models.classifier import apply_method, build_classifier
+from loralens.models.saving import load_trained, save_trained
+from loralens.tasks.preprocess import format_input
 
 EOS = 2
 LABELS = ("entailment", "not_entailment")
@@ -42,9 +43,9 @@ def _trained(tiny_base, method: str):
     return _randomize(model)
 
 
-def _encoded(tokenizer) -> D.Encoded:
-    ids = [D.encode_texts(tokenizer, [t.strip() for t in ex], 64) for ex in EXAMPLES]
-    return D.Encoded(ids, np.zeros(len(ids), dtype=np.int64), np.arange(len(ids)))
+def _encoded(tokenizer) -> B.Encoded:
+    ids = [B.encode_texts(tokenizer, [t.strip() for t in ex], 64) for ex in EXAMPLES]
+    return B.Encoded(ids, np.zeros(len(ids), dtype=np.int64), np.arange(len(ids)))
 
 
 def _ours(model, tokenizer) -> np.ndarray:
@@ -172,7 +173,7 @@ def test_old_layouts_still_load_in_loralens(tiny_base, tmp_path):
 
 
 def test_an_adapter_that_does_not_fit_is_an_error_not_a_warning(tiny_base, tmp_path):
-    from loralens.models import CausalLMClassifier
+    from loralens.models.classifier import CausalLMClassifier
 
     save_trained(_trained(tiny_base, "lora"), "lora", tmp_path / "adapter")
     st = tmp_path / "adapter" / "adapter_model.safetensors"
@@ -192,7 +193,7 @@ def test_our_head_and_transformers_head_read_the_same_token(tiny_base, texts):
     hf = LlamaForSequenceClassification(ours.config).eval()
     hf.load_state_dict(ours.state_dict())  # identical parameter names
     hf.config.pad_token_id = EOS
-    ids, mask = D.collate([D.encode_texts(tiny_base.tokenizer, t, 64) for t in texts], EOS)
+    ids, mask = B.collate([B.encode_texts(tiny_base.tokenizer, t, 64) for t in texts], EOS)
     with torch.no_grad():
         a = ours(input_ids=ids, attention_mask=mask).logits
         b = hf(input_ids=ids, attention_mask=mask).logits
@@ -227,6 +228,6 @@ def test_format_input_tokenizes_as_training_did(tiny_tokenizer):
     assert tiny_tokenizer(format_input(" ab\t", sep="</s>"))["input_ids"] == [1, 100, 101]
     for ex in EXAMPLES:
         assert (tiny_tokenizer(format_input(*ex, sep="</s>"))["input_ids"]
-                == D.encode_texts(tiny_tokenizer, [t.strip() for t in ex], 64))
+                == B.encode_texts(tiny_tokenizer, [t.strip() for t in ex], 64))
     with pytest.raises(ValueError, match="needs sep=tokenizer.eos_token"):
         format_input("a", "b", sep="")

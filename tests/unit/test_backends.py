@@ -7,15 +7,15 @@ import copy
 import pytest
 import torch
 
-from loralens import data as D
-from loralens.config import StudyConfig
-from loralens.models import build_classifier
+from loralens.training import batches as B
+from loralens.core.config import StudyConfig
+from loralens.models.classifier import build_classifier
 from loralens.serving.backends import AdapterError, AdapterInfo, make_backend
 from loralens.serving.loadtest import LoadTestError, choose_task
 from loralens.serving.sources import AdapterSpec, collect_adapters, replicate
-from loralens.models import apply_method
-from loralens.store import RunDir
-from loralens.files import atomic_write_json
+from loralens.models.classifier import apply_method
+from loralens.core.run_dir import RunDir
+from loralens.core.files import atomic_write_json
 
 TOL = 1e-5
 
@@ -44,7 +44,7 @@ def _batch(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     lens = [3, 7, 5, 2, 6, 4][:n]
     rows = [torch.randint(5, 1000, (k,), generator=g).tolist() for k in lens]
-    return D.collate(rows, pad_id=0)
+    return B.collate(rows, pad_id=0)
 
 
 @pytest.mark.parametrize("kind", ["ours", "peft", "merged"])
@@ -160,7 +160,7 @@ def test_serve_uses_the_runs_model_revision(tmp_path, monkeypatch):
     model section (revision, trust_remote_code); --model naming another model drops it."""
     import argparse
 
-    from loralens.config_load import load_config
+    from loralens.core.config_load import load_config
     from loralens.serving import add_serve_arguments, server
 
     run = RunDir(tmp_path / "run")

@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
-from loralens.config import ConfigError, StudyConfig, TrainConfig
-from loralens.config_load import load_config, parse_override, preset_names
+from loralens.core.config import ConfigError, StudyConfig, TrainConfig
+from loralens.core.config_load import load_config, parse_override, preset_names
 
 
 def test_defaults_are_the_study():
@@ -151,7 +151,7 @@ def test_every_preset_documents_itself(name):
 
     import yaml
 
-    from loralens.config_load import preset_path
+    from loralens.core.config_load import preset_path
 
     text = preset_path(name).read_text()
     header = text[: text.index("\n" + next(l for l in text.splitlines()
@@ -250,7 +250,7 @@ def test_per_task_train_size():
 
 
 def test_learning_rate_ranges_feed_the_search_space():
-    from loralens.search import space
+    from loralens.training.search import space
 
     cfg = StudyConfig()  # the study's ranges are the defaults
     assert space("lora", cfg)["lr"] == ("loguniform", 5e-5, 5e-3)

@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
 
-from loralens import data as D
-from loralens.tasks import get_task
+from loralens.tasks import rows as D
+from loralens.tasks import sources as TS
+from loralens.training import batches as B
+from loralens.tasks.spec import get_task
 
 SST2 = get_task("sst2")
 RTE = get_task("rte")
@@ -44,9 +46,9 @@ def test_malformed_rows_name_file_and_line(tmp_path, text, message):
 
 def test_missing_file_and_dir(tmp_path):
     with pytest.raises(D.DataError, match=r"SST-2/dev.tsv: file not found"):
-        D.load_split(SST2, "validation", tmp_path)
+        TS.load_split(SST2, "validation", tmp_path)
     with pytest.raises(D.DataError, match=r"does not exist"):
-        D.load_split(SST2, "validation", tmp_path / "nowhere")
+        TS.load_split(SST2, "validation", tmp_path / "nowhere")
 
 
 def test_subset_is_fixed_and_ordered(tmp_path):
@@ -61,40 +63,40 @@ def test_subset_is_fixed_and_ordered(tmp_path):
 def test_train_batches_cover_each_row_once_and_group_lengths():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 300, size=1000)
-    batches = D.train_batches(lengths, 16, seed=1, group_by_length=True)
+    batches = B.train_batches(lengths, 16, seed=1, group_by_length=True)
     flat = np.concatenate(batches)
     assert sorted(flat.tolist()) == list(range(1000))
     # grouping: padding waste far below that of a plain shuffle
     def waste(bs):
         return sum(len(b) * lengths[b].max() - lengths[b].sum() for b in bs)
-    plain = D.train_batches(lengths, 16, seed=1, group_by_length=False)
+    plain = B.train_batches(lengths, 16, seed=1, group_by_length=False)
     assert waste(batches) < 0.1 * waste(plain)
     # deterministic per seed, different across seeds
-    again = D.train_batches(lengths, 16, seed=1)
+    again = B.train_batches(lengths, 16, seed=1)
     assert all((x == y).all() for x, y in zip(batches, again))
-    other = D.train_batches(lengths, 16, seed=2)
+    other = B.train_batches(lengths, 16, seed=2)
     assert not all(len(x) == len(y) and (x == y).all() for x, y in zip(batches, other))
 
 
 def test_eval_batches_sorted_and_complete():
     lengths = np.array([5, 1, 9, 3, 7])
-    b = D.eval_batches(lengths, 2)
+    b = B.eval_batches(lengths, 2)
     assert [x.tolist() for x in b] == [[1, 3], [0, 4], [2]]
 
 
 def test_collate_right_pads_with_given_id():
-    ids, mask = D.collate([[5, 6, 7], [8]], pad_id=2)
+    ids, mask = B.collate([[5, 6, 7], [8]], pad_id=2)
     assert ids.tolist() == [[5, 6, 7], [8, 2, 2]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
-    ids, mask = D.collate([[5]], pad_id=2, pad_to=4)
+    ids, mask = B.collate([[5]], pad_id=2, pad_to=4)
     assert ids.shape == (1, 4) and mask.sum() == 1
     with pytest.raises(ValueError, match="does not fit"):
-        D.collate([[1, 2, 3]], pad_id=2, pad_to=2)
+        B.collate([[1, 2, 3]], pad_id=2, pad_to=2)
 
 
 def test_pair_encoding_uses_eos_separator_and_truncates(tiny_tokenizer):
     tok = tiny_tokenizer
-    ids = D.encode_texts(tok, ("the cat sat", "a dog ran"), max_length=384)
+    ids = B.encode_texts(tok, ("the cat sat", "a dog ran"), max_length=384)
     a = tok("the cat sat")["input_ids"]
     b = tok("a dog ran", add_special_tokens=False)["input_ids"]
     assert ids == a + [tok.eos_token_id] + b
@@ -103,7 +105,7 @@ def test_pair_encoding_uses_eos_separator_and_truncates(tiny_tokenizer):
     # sentence gets the BOS, the separator is EOS, the second sentence no BOS.
     assert ids == ([1] + [3 + c for c in b"the cat sat"] + [2]
                    + [3 + c for c in b"a dog ran"])
-    assert D.encode_texts(tok, ("the cat sat", "a dog ran"), max_length=3) == ids[:3]
+    assert B.encode_texts(tok, ("the cat sat", "a dog ran"), max_length=3) == ids[:3]
     # Truncation cuts sentence 2 first: 1 BOS + 11 bytes + EOS + 2 bytes of sentence 2.
-    assert D.encode_texts(tok, ("the cat sat", "a dog ran"), max_length=15) == ids[:15] \
+    assert B.encode_texts(tok, ("the cat sat", "a dog ran"), max_length=15) == ids[:15] \
         == [1] + [3 + c for c in b"the cat sat"] + [2, 3 + ord("a"), 3 + ord(" ")]

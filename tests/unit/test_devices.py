@@ -1,4 +1,4 @@
-"""Device-dependent choices (loralens.devices), the sanity check's device and the serving
+"""Device-dependent choices (loralens.training.devices), the sanity check's device and the serving
 benchmark's dtype, on a CPU-only machine: CUDA is faked (torch.cuda.is_available,
 torch.device("cuda") objects that no tensor is moved to, a fake ``bitsandbytes`` module)."""
 
@@ -10,10 +10,10 @@ import types
 import pytest
 import torch
 
-from loralens import devices
-from loralens.config import ConfigError
-from loralens.config_load import load_config
-from loralens.devices import make_optimizer, optimizer_for, param_groups, serving_dtype
+from loralens.training import devices
+from loralens.core.config import ConfigError
+from loralens.core.config_load import load_config
+from loralens.training.devices import make_optimizer, optimizer_for, param_groups, serving_dtype
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
@@ -148,7 +148,7 @@ def test_serving_dtype():
 
 
 def test_tolerance_follows_the_dtype():
-    from loralens.serving.bench_task import TOL, tolerance
+    from loralens.serving.bench.task import TOL, tolerance
 
     assert tolerance(torch.float32) == TOL == 1e-5
     assert tolerance(torch.bfloat16) == 0.5
@@ -175,9 +175,9 @@ class _FakeBase:
 
 
 def _bench_until_load(tmp_path, monkeypatch, cuda: bool, **kw):
-    from loralens.serving import bench
-    from loralens.store import RunDir
-    from loralens.files import atomic_write_json
+    from loralens.serving.bench import stage as bench
+    from loralens.core.run_dir import RunDir
+    from loralens.core.files import atomic_write_json
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     run = RunDir(tmp_path / "run")
@@ -209,9 +209,9 @@ def test_sanity_model_goes_to_the_training_device(monkeypatch, tiny_base):
     otherwise."""
     import numpy as np
 
-    from loralens import data as D
-    from loralens import sanity
-    from loralens.tasks import get_task
+    from loralens.training import batches as B
+    from loralens.training import sanity
+    from loralens.tasks.spec import get_task
 
     seen = []
     real_apply = sanity.apply_method
@@ -222,7 +222,7 @@ def test_sanity_model_goes_to_the_training_device(monkeypatch, tiny_base):
         return out
 
     monkeypatch.setattr(sanity, "apply_method", apply_method)
-    enc = D.Encoded([[1, 10 + i, 11, 2] for i in range(4)], np.array([0, 1] * 2), np.arange(4))
+    enc = B.Encoded([[1, 10 + i, 11, 2] for i in range(4)], np.array([0, 1] * 2), np.arange(4))
     prepared = types.SimpleNamespace(train=enc, task=get_task("sst2"), pad_id=2)
     cfg = load_config(overrides=["sanity.examples=2", "sanity.epochs=1", "sanity.batch_size=2"])
     for cuda, device in ((True, CUDA), (False, CPU)):

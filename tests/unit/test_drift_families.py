@@ -10,12 +10,12 @@ import pytest
 import scipy.stats
 import torch
 
-from loralens.config import ConfigError
-from loralens.config_load import load_config
-from loralens.drift import run_drift
-from loralens.drift_measures import drift_states, state_label, states_text
-from loralens.extract import BASE_KEY, job_fingerprint, model_key
-from loralens.files import atomic_write_json, read_json
+from loralens.core.config import ConfigError
+from loralens.core.config_load import load_config
+from loralens.analysis.drift.stage import run_drift
+from loralens.analysis.drift.measures import drift_states, state_label, states_text
+from loralens.analysis.extract import BASE_KEY, job_fingerprint, model_key
+from loralens.core.files import atomic_write_json, read_json
 from tests.unit.test_extract_drift import SEEDS, synthetic_run
 
 
@@ -149,7 +149,7 @@ def test_drift_zero_spread_when_nothing_moves(tmp_path):
     """A method whose drift is 0 at every seed (both methods identical to the base)."""
     cfg, run, truth = synthetic_run(tmp_path, tasks=("sst2",), seeds=(1, 2))
     folder = run.extract_dir("sst2")
-    from loralens.extract import load_pooled, save_pooled
+    from loralens.analysis.extract import load_pooled, save_pooled
 
     for key in ("lora-seed1", "lora-seed2", "full-seed1", "full-seed2"):
         _, ids, meta = load_pooled(folder / f"{key}.npz")
@@ -165,7 +165,7 @@ def test_drift_zero_spread_when_nothing_moves(tmp_path):
 
 def test_seed_floor_is_zero_for_identical_seeds(tmp_path):
     cfg, run, truth = synthetic_run(tmp_path, tasks=("sst2",))
-    from loralens.extract import load_pooled, save_pooled
+    from loralens.analysis.extract import load_pooled, save_pooled
 
     folder = run.extract_dir("sst2")
     same = truth["sst2"][model_key("full", 42)]

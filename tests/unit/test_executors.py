@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from loralens.cli import build_parser, _flag_overrides
-from loralens.config import ConfigError
-from loralens.config_load import load_config
-from loralens.executors import make_executor, ray_options
-from loralens.store import RunDir
+from loralens.core.config import ConfigError
+from loralens.core.config_load import load_config
+from loralens.study.executors import make_executor, ray_options
+from loralens.core.run_dir import RunDir
 
 
 def test_the_default_is_local_and_needs_no_ray(monkeypatch):

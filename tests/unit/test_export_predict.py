@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loralens import cli
-from loralens.preprocess import format_input
-from loralens.store import RunDir
+from loralens.tasks.preprocess import format_input
+from loralens.core.run_dir import RunDir
 
 TINY = ["model.name=tiny-random", "tasks=[rte]", "methods=[lora,full]", "seeds=[42]",
         "data.train_size=8", "data.early_stop_size=8", "data.max_length=32",

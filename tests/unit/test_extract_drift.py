@@ -10,18 +10,23 @@ import pytest
 import scipy.stats
 import torch
 
-from loralens import data as D
-from loralens import similarity as S
-from loralens import stats as T
-from loralens.config import StudyConfig
-from loralens.config_load import load_config
-from loralens.drift import LAYER_COLUMNS, TABLE3_COLUMNS, TABLE4_COLUMNS, run_drift
-from loralens.drift_stats import compare
-from loralens.extract import (BASE_KEY, job_fingerprint, load_pooled, load_task, model_key,
-                              pooled_hidden_states, run_extract, sample_split, save_pooled)
-from loralens.models import apply_method, build_classifier, save_trained, tiny_llama_config
-from loralens.store import RunDir, RunDirError
-from loralens.files import atomic_write_json
+from loralens.tasks import sources as TS
+from loralens.training import batches as B
+from loralens.analysis import similarity as S
+from loralens.analysis import stats as T
+from loralens.core.config import StudyConfig
+from loralens.core.config_load import load_config
+from loralens.analysis.drift.stage import LAYER_COLUMNS, TABLE3_COLUMNS, TABLE4_COLUMNS, run_drift
+from loralens.analysis.drift.stats import compare
+from loralens.analysis.extract import (
+    BASE_KEY, job_fingerprint, load_pooled, load_task, model_key, pooled_hidden_states,
+    run_extract, sample_split, save_pooled,
+)
+from loralens.models.classifier import apply_method, build_classifier
+from loralens.models.saving import save_trained
+from loralens.models.tiny import tiny_llama_config
+from loralens.core.run_dir import RunDir, RunDirError
+from loralens.core.files import atomic_write_json
 
 EOS = 2
 
@@ -40,7 +45,7 @@ def tiny_factory():
 def tiny_encoded(n=12, seed=0, lo=2, hi=25):
     rng = np.random.default_rng(seed)
     ids = [[int(t) for t in rng.integers(10, 4000, size=rng.integers(lo, hi))] for _ in range(n)]
-    return D.Encoded(ids, np.array([sum(x) % 2 for x in ids]), np.arange(n))
+    return B.Encoded(ids, np.array([sum(x) % 2 for x in ids]), np.arange(n))
 
 
 def randomize_lora(model, seed=0, scale=0.3):
@@ -130,7 +135,7 @@ def test_pooling_ignores_pads_and_batching(tiny_backbone):
     np.testing.assert_allclose(pooled_hidden_states(model, enc, 777, batch_size=10), alone,
                                atol=1e-5, rtol=0)
     # Naive pooling over every position (the published code) would differ.
-    ids, mask = D.collate(enc.input_ids, EOS)
+    ids, mask = B.collate(enc.input_ids, EOS)
     with torch.no_grad():
         h = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
     assert np.abs(h.mean(1).numpy() - alone[:, -1]).max() > 1e-3
@@ -143,7 +148,7 @@ def test_bare_backbone_and_order(tiny_backbone):
     np.testing.assert_allclose(pooled_hidden_states(model, enc, EOS, batch_size=3), a,
                                atol=1e-6, rtol=0)
     # Rows follow the Encoded order, whatever the length-sorted batch order.
-    rev = D.Encoded(enc.input_ids[::-1], enc.labels[::-1], enc.ids[::-1])
+    rev = B.Encoded(enc.input_ids[::-1], enc.labels[::-1], enc.ids[::-1])
     np.testing.assert_allclose(pooled_hidden_states(tiny_backbone, rev, EOS, batch_size=3),
                                a[::-1], atol=1e-5, rtol=0)
 
@@ -166,10 +171,10 @@ def test_lora_separate_and_merged_agree(tiny_backbone):
 # --------------------------------------------------------------------------- stage
 
 def test_sample_is_fixed_and_short_split_is_whole(tmp_path):
-    from loralens.tasks import get_task
+    from loralens.tasks.spec import get_task
 
     glue = write_glue(tmp_path / "glue")
-    split = D.load_split(get_task("sst2"), "validation", glue)
+    split = TS.load_split(get_task("sst2"), "validation", glue)
     a, b = sample_split(split, 12, 0), sample_split(split, 12, 0)
     assert [e.id for e in a.examples] == [e.id for e in b.examples]
     assert [e.id for e in a.examples] == sorted(e.id for e in a.examples)
@@ -209,8 +214,8 @@ def test_run_extract_files_manifest_and_resume(tiny_study):
         assert sorted(p.name for p in folder.iterdir()) == [
             "base.npz", "full-seed1.npz", "lora-seed1.npz", "manifest.json"]
     # The sample equals the documented draw.
-    from loralens.tasks import get_task
-    want = sample_split(D.load_split(get_task("sst2"), "validation", cfg.data.glue_dir), 12, 0)
+    from loralens.tasks.spec import get_task
+    want = sample_split(TS.load_split(get_task("sst2"), "validation", cfg.data.glue_dir), 12, 0)
     assert load_task(run, "sst2")[0]["example_ids"] == [e.id for e in want.examples]
 
     # Resume: everything finished is skipped, files untouched.

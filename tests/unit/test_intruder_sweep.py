@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from loralens import cli
-from loralens.artifacts import merged
-from loralens.config_load import load_config
-from loralens.intruder_sweep import REDUCED, drift_of, reduce_intruders
-from loralens.models import apply_method, build_classifier
-from loralens.store import RunDir
-from loralens.weights import Analyzer, backbone_of
+from loralens.models.artifacts import merged
+from loralens.core.config_load import load_config
+from loralens.analysis.weights.intruder_sweep import REDUCED, drift_of, reduce_intruders
+from loralens.models.classifier import apply_method, build_classifier
+from loralens.core.run_dir import RunDir
+from loralens.analysis.weights.stage import Analyzer, backbone_of
 from tests.unit.test_weights import TINY as WEIGHTS_TINY
 
 IDS = torch.tensor([[1, 50, 60, 70, 80, 90], [1, 40, 41, 42, 2, 2]])

@@ -7,9 +7,9 @@ import socket
 import subprocess
 import sys
 
-from loralens.leftovers import remove_stale_temporaries, temp_prefix
-from loralens.store import RunDir
-from loralens.files import atomic_dir, atomic_path
+from loralens.core.leftovers import remove_stale_temporaries, temp_prefix
+from loralens.core.run_dir import RunDir
+from loralens.core.files import atomic_dir, atomic_path
 
 
 def test_temporary_names_carry_host_and_pid(tmp_path):
@@ -23,7 +23,7 @@ def test_temporary_names_carry_host_and_pid(tmp_path):
 
 def test_a_sigkilled_writer_leaves_a_temporary_that_the_next_command_removes(tmp_path):
     run = tmp_path / "run"
-    code = ("import sys, time; from loralens.files import atomic_path\n"
+    code = ("import sys, time; from loralens.core.files import atomic_path\n"
             f"with atomic_path({str(run / 'x' / 'big.npy')!r}, suffix='.npy') as t:\n"
             "    t.write_bytes(b'half'); print('writing', flush=True); time.sleep(60)\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -36,7 +36,7 @@ def test_a_sigkilled_writer_leaves_a_temporary_that_the_next_command_removes(tmp
     other = run / f".y.json.tmp-{socket.gethostname()}x-{p.pid}-abcd1234"  # another host
     live.write_text("in progress")
     other.write_text("another machine's")
-    from loralens.config_load import load_config
+    from loralens.core.config_load import load_config
 
     RunDir(run).bind_config(load_config("micro"))  # any writing command starts with this
     assert not left[0].exists() and live.exists() and other.exists()

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from loralens.serving.loadtest_analysis import (cell_summary, compare_cells, crossover_text,
-                                                crossovers, mean_interval, schedule,
-                                                summarize_cells)
+from loralens.analysis.latency import (
+    cell_summary, compare_cells, crossover_text, crossovers, mean_interval, schedule,
+    summarize_cells,
+)
 
 T_975_2 = 4.302652729749464  # Student's t, 97.5% quantile, 2 degrees of freedom (tables)
 

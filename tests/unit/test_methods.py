@@ -1,4 +1,4 @@
-"""Methods as data (:mod:`loralens.methods`) on the tiny random model: the registry and its
+"""Methods as data (:mod:`loralens.models.methods`) on the tiny random model: the registry and its
 validation, each family's trainable parameters checked against plain PEFT, save/load
 round trips read back by PEFT's own loader, and the stages that refuse a method they
 cannot handle yet."""
@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from loralens import cli
-from loralens.config import ConfigError, StudyConfig
-from loralens.config_load import load_config
-from loralens.loop import evaluate
-from loralens.methods import BUILTIN, get_method, peft_config, require_supported
-from loralens.models import apply_method, build_classifier, load_trained, save_trained
-from loralens.store import RunDir
+from loralens.core.config import ConfigError, StudyConfig
+from loralens.core.config_load import load_config
+from loralens.training.loop import evaluate
+from loralens.models.methods import BUILTIN, get_method, peft_config, require_supported
+from loralens.models.classifier import apply_method, build_classifier
+from loralens.models.saving import load_trained, save_trained
+from loralens.core.run_dir import RunDir
 from tests.unit.test_model_train import EOS, _train, tiny_encoded
 
 
@@ -225,7 +226,7 @@ def test_train_stage_trains_four_methods(tmp_path, glue_dir, tiny_base):
 # --------------------------------------------------------------------------- search
 
 def test_each_family_has_its_search_space_and_a_method_overrides_it():
-    from loralens.search import space
+    from loralens.training.search import space
 
     cfg = cfg_with("method_defs={r4: {family: peft, peft: {type: lora, r: 4, alpha: 8}, "
                    "search: {lr: [loguniform, 1e-4, 1e-2], epochs: [categorical, [1, 2]]}}}")
@@ -342,7 +343,7 @@ def test_the_readme_method_example_is_a_valid_config():
 
     import yaml
 
-    from loralens.config import merge
+    from loralens.core.config import merge
 
     text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     start = text.index("methods: [full, head, lora, r16-all]")
@@ -358,7 +359,7 @@ def test_loraplus_trains_b_at_ratio_times_the_rate(tiny_backbone):
     import copy
     from dataclasses import replace
 
-    from loralens.loop import fit
+    from loralens.training.loop import fit
 
     assert get_method("loraplus", StudyConfig()).lr_ratio == 16.0
     tc = replace(StudyConfig().train, epochs=1, batch_size=8, warmup_ratio=0.0, max_steps=1,
@@ -376,7 +377,7 @@ def test_loraplus_trains_b_at_ratio_times_the_rate(tiny_backbone):
 
 
 def test_loraplus_groups_split_b_from_the_rest():
-    from loralens.methods import loraplus_groups
+    from loralens.models.methods import loraplus_groups
 
     a, b, n = (torch.nn.Parameter(torch.zeros(2, 2)) for _ in range(3))
     names = {id(a): "x.lora_A.default.weight", id(b): "x.lora_B.default.weight",

@@ -15,8 +15,8 @@ import pytest
 from loralens import cli
 from loralens.report import serving_tables as ST
 from loralens.report.run_data import RunData
-from loralens.serving.paths import LEAN, MERGED, PEFT, WHOLE
-from loralens.store import RunDir
+from loralens.models.serving_paths import LEAN, MERGED, PEFT, WHOLE
+from loralens.core.run_dir import RunDir
 
 from .test_export_predict import _dev_rows, _plain_logits
 
@@ -43,7 +43,7 @@ def run(tmp_path_factory, glue_dir, tiny_base):
 
 
 def test_bench_serves_each_method_by_its_path_and_checks_it(run, tiny_base):
-    from loralens.serving.bench import run_bench
+    from loralens.serving.bench.stage import run_bench
 
     res = run_bench(run.load_config(), run, warmup=1, n_requests=4, progress=False,
                     mixed_batch_size=3, threads=1, base=tiny_base, identity_examples=3)

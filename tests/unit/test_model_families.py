@@ -11,21 +11,23 @@ import numpy as np
 import pytest
 import torch
 
-from loralens import data as D
-from loralens import model_families as F
-from loralens import similarity as S
-from loralens.config import ModelConfig, StudyConfig
-from loralens.config_load import load_config
-from loralens.drift import run_drift
-from loralens.extract import load_task, pooled_hidden_states, run_extract
-from loralens.files import atomic_write_json
-from loralens.loop import fit
-from loralens.methods import get_method
-from loralens.models import (CausalLMClassifier, ResolvedModel, apply_method, build_classifier,
-                             load_base, load_tokenizer, load_trained, save_trained)
-from loralens.store import RunDir
-from loralens.tasks import get_task
-from loralens.train import train_job
+from loralens.tasks import sources as TS
+from loralens.training import batches as B
+from loralens.models import families as F
+from loralens.analysis import similarity as S
+from loralens.core.config import ModelConfig, StudyConfig
+from loralens.core.config_load import load_config
+from loralens.analysis.drift.stage import run_drift
+from loralens.analysis.extract import load_task, pooled_hidden_states, run_extract
+from loralens.core.files import atomic_write_json
+from loralens.training.loop import fit
+from loralens.models.methods import get_method
+from loralens.models.classifier import CausalLMClassifier, apply_method, build_classifier, load_base
+from loralens.models.registry import ResolvedModel, load_tokenizer
+from loralens.models.saving import load_trained, save_trained
+from loralens.core.run_dir import RunDir
+from loralens.tasks.spec import get_task
+from loralens.training.job import train_job
 
 WORDS = "the cat sat on a mat while dogs ran far away from home today".split()
 ALNUM = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -70,7 +72,7 @@ def encoded(tok, n=16, seed=0, pairs=True):
     rng = np.random.default_rng(seed)
     texts = [(sentence(rng), sentence(rng)) if pairs and i % 2 else (sentence(rng),)
              for i in range(n)]
-    return D.Encoded([D.encode_texts(tok, t, 64) for t in texts],
+    return B.Encoded([B.encode_texts(tok, t, 64) for t in texts],
                      np.array([i % 2 for i in range(n)]), np.arange(n))
 
 
@@ -132,7 +134,7 @@ def test_llama_logits_bit_identical_to_last_token_by_hand(tiny_backbone):
     model = build_classifier(tiny_backbone, 2, seed=0).eval()
     assert (model.family, model.pooling) == (F.CAUSAL, "last")
     rows = [[1, 50, 60, 70, 2, 80, 90], [1, 100, 110], [1, 120, 130, 140, 150, 2]]
-    ids, mask = D.collate(rows, pad_id=2)
+    ids, mask = B.collate(rows, pad_id=2)
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).logits
         h = tiny_backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
@@ -142,7 +144,7 @@ def test_llama_logits_bit_identical_to_last_token_by_hand(tiny_backbone):
 
 
 def test_llama_pairs_keep_the_eos_format(tiny_tokenizer):
-    ids = D.encode_texts(tiny_tokenizer, ("ab", "c"), 64)
+    ids = B.encode_texts(tiny_tokenizer, ("ab", "c"), 64)
     assert ids == [1, 3 + ord("a"), 3 + ord("b"), 2, 3 + ord("c")]
 
 
@@ -152,12 +154,12 @@ def test_encoder_tokenizer_keeps_its_pair_template_and_pad(bert_base):
     tok = bert_base.tokenizer
     assert (bert_base.family, bert_base.pooling) == (F.ENCODER, "cls")
     assert tok.pad_token == "[PAD]" and tok.padding_side == "right"
-    got = D.encode_texts(tok, ("the cat sat", "dogs ran"), 64)
+    got = B.encode_texts(tok, ("the cat sat", "dogs ran"), 64)
     assert got == tok("the cat sat", "dogs ran")["input_ids"]
     assert tok.convert_ids_to_tokens(got) == ["[CLS]", "the", "cat", "sat", "[SEP]", "dogs",
                                               "ran", "[SEP]"]
     # Truncation keeps both [SEP]s (longest segment first).
-    short = D.encode_texts(tok, ("the cat sat on a mat", "dogs ran"), 7)
+    short = B.encode_texts(tok, ("the cat sat on a mat", "dogs ran"), 7)
     assert len(short) == 7 and tok.convert_ids_to_tokens(short)[-1] == "[SEP]"
     assert tok.convert_ids_to_tokens(short).count("[SEP]") == 2
 
@@ -171,9 +173,9 @@ def test_encoder_pooling_by_hand_and_padding_invariant(bert_base, pooling):
     model = CausalLMClassifier(bert_base.backbone(), 3, pooling=pooling).eval()
     texts = [("the cat sat", "a dog ran far"), ("home today",),
              ("the mat while dogs ran far away from home",)]
-    rows = [D.encode_texts(tok, t, 64) for t in texts]
-    ids, mask = D.collate(rows, tok.pad_token_id)
-    padded = D.collate(rows, tok.pad_token_id, pad_to=40)
+    rows = [B.encode_texts(tok, t, 64) for t in texts]
+    ids, mask = B.collate(rows, tok.pad_token_id)
+    padded = B.collate(rows, tok.pad_token_id, pad_to=40)
 
     def alone(t, with_segments=True):
         enc = tok(*t, return_tensors="pt")
@@ -240,7 +242,7 @@ def test_encoder_artifacts_roundtrip_in_loralens_layout(bert_base, tmp_path, met
                 p.add_(torch.randn_like(p) * 0.05)
     model.eval()
     enc = encoded(tok, 6, seed=1)
-    batch = D.collate(enc.input_ids, tok.pad_token_id)
+    batch = B.collate(enc.input_ids, tok.pad_token_id)
     with torch.no_grad():
         want = model(input_ids=batch[0], attention_mask=batch[1]).logits
     sub = "adapter" if method == "lora" else "model"
@@ -262,7 +264,7 @@ def test_encoder_artifacts_roundtrip_in_loralens_layout(bert_base, tmp_path, met
     # The artifact's tokenizer comes back as an encoder's (for an adapter: from its base).
     again = load_tokenizer(ResolvedModel(str(tmp_path / sub), str(tmp_path / sub), ""))
     assert getattr(again, F.PAIRS_ATTR) == "native" and again.pad_token == "[PAD]"
-    assert D.encode_texts(again, ("the cat", "a mat"), 64) == tok("the cat", "a mat")[
+    assert B.encode_texts(again, ("the cat", "a mat"), 64) == tok("the cat", "a mat")[
         "input_ids"]
 
 
@@ -316,7 +318,7 @@ def test_train_extract_drift_stages_on_an_encoder_run(tmp_path, bert_dir):
         k: (10, 3, 32) for k in ("base", "lora-seed1", "full-seed1")}
     np.testing.assert_array_equal(arrays["full-seed1"], arrays["base"])
     # The pooled states are the classifier's hidden states, mean-pooled over real tokens.
-    enc = D.encode_split(base.tokenizer, D.load_split(get_task("rte"), "validation",
+    enc = B.encode_split(base.tokenizer, TS.load_split(get_task("rte"), "validation",
                                                       cfg.data.glue_dir), 64)
     again = pooled_hidden_states(build_classifier(base.backbone(), 2, 0), enc,
                                  base.tokenizer.pad_token_id, batch_size=3)
@@ -334,8 +336,8 @@ def test_train_extract_drift_stages_on_an_encoder_run(tmp_path, bert_dir):
 @pytest.mark.parametrize("family,pooling", [("encoder", "cls"), ("encoder", "mean"),
                                             ("causal", "mean")])
 def test_serving_refuses_what_its_paths_would_compute_wrongly(family, pooling):
-    from loralens.config import ConfigError
-    from loralens.model_families import require_servable
+    from loralens.core.config import ConfigError
+    from loralens.models.families import require_servable
 
     with pytest.raises(ConfigError, match=f"bench: serving supports causal LMs with "
                        f"last-token pooling only; this model is a {family} with {pooling}"):

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from loralens import data as D
-from loralens.config import StudyConfig
-from loralens.models import (CausalLMClassifier, apply_method, build_classifier,
-                             last_token_index, load_trained, masked_mean, save_trained)
-from loralens.loop import evaluate, fit
+from loralens.training import batches as B
+from loralens.core.config import StudyConfig
+from loralens.models.classifier import CausalLMClassifier, apply_method, build_classifier
+from loralens.models.families import last_token_index, masked_mean
+from loralens.models.saving import load_trained, save_trained
+from loralens.training.loop import evaluate, fit
 
 EOS = 2
 
@@ -20,7 +21,7 @@ def tiny_encoded(n=24, seed=0, lo=3, hi=20):
     rng = np.random.default_rng(seed)
     ids = [list(rng.integers(10, 4000, size=rng.integers(lo, hi))) for _ in range(n)]
     labels = np.array([int(sum(x) % 2) for x in ids])
-    return D.Encoded([[int(t) for t in x] for x in ids], labels, np.arange(n))
+    return B.Encoded([[int(t) for t in x] for x in ids], labels, np.arange(n))
 
 
 def test_last_token_index_from_mask():
@@ -42,7 +43,7 @@ def test_head_reads_end_of_sentence2_not_separator(tiny_backbone):
     longer = [300 + i for i in range(11)]      # forces the padding of the other rows
     ends_in_eos = s1 + [EOS] + s2[:2] + [EOS]  # a real EOS is the last real token
     rows = [pair, longer, ends_in_eos]
-    ids, mask = D.collate(rows, pad_id=EOS)
+    ids, mask = B.collate(rows, pad_id=EOS)
     assert ids[0, len(pair):].tolist() == [EOS] * (len(longer) - len(pair))
     assert mask[0].tolist() == [1] * len(pair) + [0] * (len(longer) - len(pair))
 
@@ -70,8 +71,8 @@ def test_head_reads_end_of_sentence2_not_separator(tiny_backbone):
 def test_padding_to_384_changes_nothing(tiny_backbone):
     model = build_classifier(tiny_backbone, 2, seed=0).eval()
     enc = tiny_encoded(6)
-    dyn = D.collate(enc.input_ids, EOS)
-    full = D.collate(enc.input_ids, EOS, pad_to=384)
+    dyn = B.collate(enc.input_ids, EOS)
+    full = B.collate(enc.input_ids, EOS, pad_to=384)
     with torch.no_grad():
         a = model(input_ids=dyn[0], attention_mask=dyn[1], output_hidden_states=True)
         b = model(input_ids=full[0], attention_mask=full[1], output_hidden_states=True)
@@ -113,7 +114,7 @@ def test_full_trains_every_parameter(tiny_backbone):
 def test_merged_equals_unmerged_and_roundtrip(tiny_backbone, tmp_path):
     from transformers import AutoModel
 
-    from loralens.models import tiny_llama_config
+    from loralens.models.tiny import tiny_llama_config
 
     cfg = StudyConfig()
     model = apply_method(build_classifier(tiny_backbone, 2, seed=0), "lora", cfg)
@@ -135,7 +136,7 @@ def test_merged_equals_unmerged_and_roundtrip(tiny_backbone, tmp_path):
 def test_full_save_load_roundtrip(tiny_backbone, tmp_path):
     from transformers import AutoModel
 
-    from loralens.models import tiny_llama_config
+    from loralens.models.tiny import tiny_llama_config
 
     model = apply_method(build_classifier(tiny_backbone, 2, seed=0), "full", StudyConfig())
     _train(model, tiny_encoded(), max_steps=1)
@@ -151,7 +152,7 @@ def test_full_save_load_roundtrip(tiny_backbone, tmp_path):
 def test_same_seed_same_result(method):
     from transformers import AutoModel
 
-    from loralens.models import tiny_llama_config
+    from loralens.models.tiny import tiny_llama_config
 
     def once():
         torch.manual_seed(0)
@@ -169,7 +170,7 @@ def test_same_seed_same_result(method):
 def test_grad_accumulation_equals_big_batch():
     from transformers import AutoModel
 
-    from loralens.models import tiny_llama_config
+    from loralens.models.tiny import tiny_llama_config
 
     def step(batch, accum):
         torch.manual_seed(0)
@@ -203,8 +204,8 @@ def test_grad_accumulation_partial_last_window(monkeypatch):
 
     from transformers import AutoModel
 
-    import loralens.devices
-    from loralens.models import tiny_llama_config
+    import loralens.training.devices
+    from loralens.models.tiny import tiny_llama_config
 
     lr, enc = 0.5, tiny_encoded(18, seed=3)  # 18 rows, batch 4: 4 + 4 + 4 + 4 + 2
     torch.manual_seed(0)
@@ -212,11 +213,11 @@ def test_grad_accumulation_partial_last_window(monkeypatch):
     model = apply_method(build_classifier(bb, 2, seed=1), "full", StudyConfig())
     ref = copy.deepcopy(model)
 
-    monkeypatch.setattr(loralens.devices, "make_optimizer",
+    monkeypatch.setattr(loralens.training.devices, "make_optimizer",
                         lambda groups, lr, *a, **k: (torch.optim.SGD(groups, lr=lr), ""))
     seen = []  # the micro-batches fit draws (which rows; the weighting is fit's to get right)
-    real_batches = D.train_batches
-    monkeypatch.setattr(D, "train_batches",
+    real_batches = B.train_batches
+    monkeypatch.setattr(B, "train_batches",
                         lambda *a, **k: seen.append(real_batches(*a, **k)) or seen[-1])
     tc = replace(StudyConfig().train, epochs=1, batch_size=4, grad_accum=2, warmup_ratio=0.0,
                  max_grad_norm=0.0, weight_decay=0.0)
@@ -277,7 +278,7 @@ def test_early_stopping_restores_best(tiny_backbone):
 def test_tiny_random_is_built_once_and_the_same_everywhere(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from loralens.models import resolve_model
+    from loralens.models.registry import resolve_model
 
     monkeypatch.setenv("LORALENS_CACHE", str(tmp_path / "a"))
     r = resolve_model("tiny-random")

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from loralens.config_load import load_config, preset_path
-from loralens.protocol import differences
+from loralens.core.config_load import load_config, preset_path
+from loralens.core.protocol import differences
 
 # --------------------------------------------------------------------------- the paper's table
 
@@ -92,7 +92,7 @@ def test_search_settings(cfg):
 
 
 def test_resolved_search_space(cfg):
-    from loralens.search import space
+    from loralens.training.search import space
 
     assert space("full", cfg) == {
         "lr": PAPER["lr_full"],
@@ -115,8 +115,8 @@ def test_resolved_search_space(cfg):
 def test_search_study_is_tpe_maximising_without_pruning(cfg, tmp_path):
     import optuna
 
-    from loralens.search import open_study
-    from loralens.store import RunDir
+    from loralens.training.search import open_study
+    from loralens.core.run_dir import RunDir
 
     run = RunDir(tmp_path / "run")
     study = open_study(cfg, run, "mrpc", "lora")
@@ -126,13 +126,13 @@ def test_search_study_is_tpe_maximising_without_pruning(cfg, tmp_path):
 
 
 def test_task_metrics(cfg):
-    from loralens.tasks import get_task
+    from loralens.tasks.spec import get_task
 
     assert {t: get_task(t).metric for t in cfg.tasks} == PAPER["metrics"]
 
 
 def test_registry_names_the_hub_checkpoint(cfg):
-    from loralens.models import REGISTRY, resolve_model
+    from loralens.models.registry import REGISTRY, resolve_model
 
     entry = REGISTRY[cfg.model.name]
     assert entry.source == "hub" and entry.ref == HUB_ID
@@ -142,15 +142,15 @@ def test_registry_names_the_hub_checkpoint(cfg):
 def test_pair_is_s1_eos_s2_right_padded(cfg, tiny_tokenizer):
     """The tokenizer path of every model (models.load_tokenizer, data.encode_texts,
     data.collate) on the byte-level tiny tokenizer: BOS 1, EOS 2, byte b = 3 + b."""
-    from loralens import data as D
+    from loralens.training import batches as B
 
     tok = tiny_tokenizer
     assert tok.padding_side == "right" and tok.pad_token_id == tok.eos_token_id == 2
-    ids = D.encode_texts(tok, ("ab", "cd"), cfg.data.max_length)
+    ids = B.encode_texts(tok, ("ab", "cd"), cfg.data.max_length)
     assert ids == [1, 3 + ord("a"), 3 + ord("b"), 2, 3 + ord("c"), 3 + ord("d")]
-    long = D.encode_texts(tok, ("x" * 300, "y" * 300), cfg.data.max_length)
+    long = B.encode_texts(tok, ("x" * 300, "y" * 300), cfg.data.max_length)
     assert len(long) == PAPER["max_length"] and long[301] == 2  # s1, then <eos>, then s2
-    batch, mask = D.collate([ids, ids[:2]], tok.pad_token_id)
+    batch, mask = B.collate([ids, ids[:2]], tok.pad_token_id)
     assert batch[1].tolist() == ids[:2] + [2] * 4  # padding on the right, with EOS
     assert mask.tolist() == [[1] * 6, [1, 1, 0, 0, 0, 0]]
 
@@ -158,7 +158,7 @@ def test_pair_is_s1_eos_s2_right_padded(cfg, tiny_tokenizer):
 def _tiny_22_layer_backbone():
     from transformers import AutoModel
 
-    from loralens.models import tiny_llama_config
+    from loralens.models.tiny import tiny_llama_config
 
     torch.manual_seed(0)
     config = tiny_llama_config(vocab_size=259, num_hidden_layers=PAPER["layers"])
@@ -166,7 +166,7 @@ def _tiny_22_layer_backbone():
 
 
 def test_lora_adapts_q_and_v_of_every_layer_and_trains_a_b_and_head(cfg):
-    from loralens.models import apply_method, build_classifier
+    from loralens.models.classifier import apply_method, build_classifier
 
     model = apply_method(build_classifier(_tiny_22_layer_backbone(), 2, 0), "lora", cfg)
     pc = model.peft_config["default"]
@@ -182,8 +182,8 @@ def test_lora_adapts_q_and_v_of_every_layer_and_trains_a_b_and_head(cfg):
 
 
 def test_optimizer_precision_and_schedule_on_a_gpu(cfg, monkeypatch):
-    from loralens.devices import make_optimizer, param_groups
-    from loralens.loop import _cosine_schedule, autocast_ctx
+    from loralens.training.devices import make_optimizer, param_groups
+    from loralens.training.loop import _cosine_schedule, autocast_ctx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "CUDA is not available ... disabling autocast"
@@ -225,11 +225,11 @@ def test_optimizer_precision_and_schedule_on_a_gpu(cfg, monkeypatch):
 
 
 def test_extraction_every_layer_mean_over_real_tokens(cfg):
-    from loralens import data as D
-    from loralens.extract import pooled_hidden_states
+    from loralens.training import batches as B
+    from loralens.analysis.extract import pooled_hidden_states
 
     assert cfg.extract.examples == PAPER["extract_examples"]
-    enc = D.Encoded([[1, 10, 11, 12, 2, 13], [1, 20, 21]], np.array([0, 1]), np.array([0, 1]))
+    enc = B.Encoded([[1, 10, 11, 12, 2, 13], [1, 20, 21]], np.array([0, 1]), np.array([0, 1]))
     model = _tiny_22_layer_backbone()
     batched = pooled_hidden_states(model, enc, pad_id=2, batch_size=2)
     one_by_one = pooled_hidden_states(model, enc, pad_id=2, batch_size=1)
@@ -239,7 +239,7 @@ def test_extraction_every_layer_mean_over_real_tokens(cfg):
 
 
 def test_serving_benchmark(cfg):
-    from loralens.devices import serving_dtype
+    from loralens.training.devices import serving_dtype
 
     bc = cfg.bench
     assert bc.batch_sizes == PAPER["bench_batch_sizes"]

@@ -1,4 +1,4 @@
-"""``loralens run --dry-run`` (loralens.plan): each stage's work is counted as the stage
+"""``loralens run --dry-run`` (loralens.study.plan.dry_run): each stage's work is counted as the stage
 does it, checked against hand counts on the tiny random model's byte tokenizer (a text
 of b UTF-8 bytes is b tokens, a pair ``<s> s1 </s> s2``); the estimate is positive and
 finite; and a dry run leaves no trace in the run directory."""
@@ -8,10 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from loralens import cli, plan, plan_work
-from loralens.config_load import load_config
-from loralens.store import RunDir
-from loralens.train import prepare_task
+from loralens import cli
+from loralens.study.plan import dry_run as plan, work as plan_work
+from loralens.core.config_load import load_config
+from loralens.core.run_dir import RunDir
+from loralens.training.job import prepare_task
 
 TINY = ["model.name=tiny-random", "tasks=[rte, mrpc]", "methods=[lora, full]",
         "seeds=[42, 1337]", "data.train_size=8", "data.early_stop_size=8", "data.max_length=64",
@@ -74,7 +75,7 @@ def test_train_stage_counts_every_job_epoch_and_evaluation(setup):
 
 def test_sanity_and_extract_counts(setup):
     cfg, prepared, works = setup
-    from loralens.sanity import sanity_rows
+    from loralens.training.sanity import sanity_rows
 
     w = works["sanity"]
     assert w.jobs == 4 and w.loads == 4 and not w.forward_tokens
@@ -146,7 +147,7 @@ def test_search_counts_trials(glue_dir, tiny_tokenizer):
     (w,) = plan_work.count_work(cfg, ["search"], tiny_tokenizer, prepared)
     assert w.jobs == len(cfg.tasks) * len(cfg.methods) * 3 == w.loads
     # a trial trains on search.train_size rows (search.run_search's own prepare_task)
-    from loralens.train import with_overrides
+    from loralens.training.job import with_overrides
 
     tcfg = with_overrides(cfg, {"data": {"train_size": 6}})
     trial = {t: prepare_task(tcfg, t, tiny_tokenizer) for t in cfg.tasks}
@@ -184,7 +185,7 @@ def test_estimate_on_the_tiny_model(glue_dir, tiny_base):
 
 
 def test_fit_work_respects_max_steps():
-    from loralens.config import TrainConfig
+    from loralens.core.config import TrainConfig
 
     w = plan_work.StageWork("x")
     lengths = np.full(10, 7)

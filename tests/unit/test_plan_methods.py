@@ -1,4 +1,4 @@
-"""The dry-run planner for any list of methods (loralens.plan): every method's work is
+"""The dry-run planner for any list of methods (loralens.study.plan.dry_run): every method's work is
 counted, each family priced by its stated basis (head: a forward-only backbone; PEFT
 methods: LoRA's measured cost; DoRA: more), and the bench stage's served kinds follow the
 serving paths of each method (serving/paths.py)."""
@@ -9,10 +9,11 @@ import math
 
 import pytest
 
-from loralens import cli, plan, plan_work
-from loralens.config_load import load_config
-from loralens.methods import get_method
-from loralens.train import prepare_task
+from loralens import cli
+from loralens.study.plan import dry_run as plan, work as plan_work
+from loralens.core.config_load import load_config
+from loralens.models.methods import get_method
+from loralens.training.job import prepare_task
 
 from .test_plan import TINY, hand_tokens
 

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from loralens import data as D
-from loralens import flops
-from loralens import precision as P
-from loralens.config import ConfigError, StudyConfig
-from loralens.models import apply_method, build_classifier, tiny_llama_config
-from loralens.loop import evaluate, fit
+from loralens.training import batches as B
+from loralens.training import flops
+from loralens.training import precision as P
+from loralens.core.config import ConfigError, StudyConfig
+from loralens.models.classifier import apply_method, build_classifier
+from loralens.models.tiny import tiny_llama_config
+from loralens.training.loop import evaluate, fit
 
 EOS = 2
 # per layer: q 32x32 + k 32x16 + v 32x16 + o 32x32 + gate/up/down 3 x 32x64 + 2 norms of 32
@@ -32,7 +33,7 @@ def encoded(n=24, seed=0, lo=3, hi=20):
     rng = np.random.default_rng(seed)
     ids = [list(rng.integers(10, 4000, size=rng.integers(lo, hi))) for _ in range(n)]
     labels = np.array([int(sum(x) % 2) for x in ids])
-    return D.Encoded([[int(t) for t in x] for x in ids], labels, np.arange(n))
+    return B.Encoded([[int(t) for t in x] for x in ids], labels, np.arange(n))
 
 
 def model_for(backbone, method):

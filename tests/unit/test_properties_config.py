@@ -13,8 +13,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from loralens.config import ConfigError, StudyConfig
-from loralens.config_load import config_from_dict, load_config
+from loralens.core.config import ConfigError, StudyConfig
+from loralens.core.config_load import config_from_dict, load_config
 
 FAST = settings(max_examples=150, deadline=2000, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

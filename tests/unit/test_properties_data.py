@@ -11,8 +11,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from loralens.data import DataError, load_split
-from loralens.tasks import get_task
+from loralens.tasks.rows import DataError
+from loralens.tasks.sources import load_split
+from loralens.tasks.spec import get_task
 
 FAST = settings(max_examples=200, deadline=3000, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

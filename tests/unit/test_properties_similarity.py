@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from loralens import similarity as sim
+from loralens.analysis import similarity as sim
 
 FAST = settings(max_examples=250, deadline=2000, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])

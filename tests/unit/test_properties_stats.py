@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from loralens import stats
+from loralens.analysis import stats
 
 FAST = settings(max_examples=200, deadline=3000, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 
 from loralens import cli
-from loralens.config import StudyConfig
-from loralens.config_load import load_config, preset_names
-from loralens.methods import get_method
+from loralens.core.config import StudyConfig
+from loralens.core.config_load import load_config, preset_names
+from loralens.models.methods import get_method
 from loralens.report.figures import FIGURES
-from loralens.report.rank_figures import (RANK_FIGURES, WHY_NOT, fig_accuracy_vs_params,
-                                          fig_drift_vs_rank, has_rank_sweep)
+from loralens.report.rank_figures import (
+    RANK_FIGURES, WHY_NOT, fig_accuracy_vs_params, fig_drift_vs_rank, has_rank_sweep,
+)
 from loralens.report.run_data import RunData
-from loralens.store import RunDir
+from loralens.core.run_dir import RunDir
 
 SWEEP = ["head", "lora-r1", "lora-r2", "lora-r4", "lora-r8", "lora-r16", "lora-r64",
          "lora-all-linear", "full"]
@@ -93,9 +94,9 @@ def test_trainable_parameters_by_hand(tiny_base):
     """LoRA trains r * (d_in + d_out) per adapted matrix, plus the head (hidden x labels);
     the tiny random model: hidden 32, 4 query heads and 2 key/value heads of size 8,
     MLP 64, 2 layers, 259 byte-level tokens (tied embeddings), no biases."""
-    from loralens.methods import make_trainable
-    from loralens.models import build_classifier
-    from loralens.train import count_parameters
+    from loralens.models.methods import make_trainable
+    from loralens.models.classifier import build_classifier
+    from loralens.training.job import count_parameters
 
     h, kv, mlp, layers, vocab, labels = 32, 16, 64, 2, 259, 2
     head = h * labels

@@ -4,11 +4,12 @@ environment where needed, and an unparseable one is never echoed whole."""
 import pytest
 import yaml
 
-from loralens.config import ConfigError
-from loralens.config_load import load_config
-from loralens.redact import (STORAGE_ENV, is_redacted, redact_url, resolve_storage,
-                             secrets_in)
-from loralens.store import RunDir
+from loralens.core.config import ConfigError
+from loralens.core.config_load import load_config
+from loralens.core.redaction import (
+    STORAGE_ENV, is_redacted, redact_url, resolve_storage, secrets_in,
+)
+from loralens.core.run_dir import RunDir
 
 PW = "Zq7s3cr3tPW"
 

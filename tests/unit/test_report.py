@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loralens.config_load import load_config
-from loralens.store import RunDir
-from loralens.files import atomic_write_json
+from loralens.core.config_load import load_config
+from loralens.core.run_dir import RunDir
+from loralens.core.files import atomic_write_json
 
 TASKS = ("sst2", "rte")
 SEEDS = (42, 1337, 2024)
@@ -117,7 +117,7 @@ def write_search(cfg, run, task, method):
     """search.write_best on an in-memory Optuna study with three trials."""
     import optuna
 
-    from loralens.search import space, write_best
+    from loralens.training.search import space, write_best
 
     dists = {}
     for name, (kind, *args) in space(method, cfg).items():
@@ -141,7 +141,7 @@ def write_search(cfg, run, task, method):
 def write_extract(run, task, rng, n, layers=5, d=16, seeds=SEEDS, methods=("lora", "full")):
     """Pooled arrays and manifest as extract.run_extract writes them (random numbers; a
     head-only method's are the base model's)."""
-    from loralens.extract import BASE_KEY, job_fingerprint, model_key, save_pooled
+    from loralens.analysis.extract import BASE_KEY, job_fingerprint, model_key, save_pooled
 
     ids = np.sort(rng.choice(500, size=n, replace=False))
     base = rng.standard_normal((n, layers, d)).astype(np.float32)
@@ -171,8 +171,8 @@ def write_extract(run, task, rng, n, layers=5, d=16, seeds=SEEDS, methods=("lora
 
 def write_bench(run, rng, seeds=SEEDS):
     """bench/serving.json through the serving benchmark's own summary, comparison and writer."""
-    from loralens.serving import bench_results
-    from loralens.timing import summarize
+    from loralens.serving.bench import results as bench_results
+    from loralens.core.timing import summarize
 
     base_ms = {"full": 76.0, "lora_merged": 76.5, "lora_separate": 89.0, "lora_runtime": 80.0}
     tasks = {}
@@ -241,7 +241,7 @@ def synthetic_identity(seeds) -> dict:
 
 
 def write_loadtest(run: RunDir) -> dict:
-    from loralens.serving.loadtest_analysis import crossovers, summarize_cells
+    from loralens.analysis.latency import crossovers, summarize_cells
 
     runs = []
     for b, base in (("merged", 20.0), ("peft", 12.0), ("ours", 18.0)):
@@ -271,8 +271,8 @@ def write_weights(run, rng, seeds=SEEDS, blocks=4, methods=("lora", "full")):
     head: none); returns the per-model results."""
     import torch
 
-    from loralens.weight_measures import matrix_measures
-    from loralens.weights import write_outputs
+    from loralens.analysis.weights.measures import matrix_measures
+    from loralens.analysis.weights.stage import write_outputs
 
     results = []
     for t in TASKS:
@@ -302,7 +302,7 @@ def write_weights(run, rng, seeds=SEEDS, blocks=4, methods=("lora", "full")):
 
 def write_sweep(run, seeds):
     """weightspace/sweep.* as the weights stage writes them (weights.sweep): λ lowers drift."""
-    from loralens.intruder_sweep import write_outputs
+    from loralens.analysis.weights.intruder_sweep import write_outputs
 
     cfg = load_config(overrides={"weights": {"sweep_lambdas": [1.0, 0.5, 0.0]}})
     results = [{"task": t, "seed": s, "lambdas": {f"{lam:g}": {
@@ -341,7 +341,7 @@ def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "d
                                                "cuda": False}}})
     rng = np.random.default_rng(0)
     if "sanity" in stages:
-        from loralens.sanity import collect_sanity
+        from loralens.training.sanity import collect_sanity
 
         for t in TASKS:
             for m in ("lora", "full"):
@@ -364,7 +364,7 @@ def synthetic_run(root: Path, stages=("sanity", "search", "train", "extract", "d
         for t in TASKS:
             write_extract(run, t, rng, N_VAL[t], seeds=seeds)
     if "drift" in stages:
-        from loralens.drift import run_drift
+        from loralens.analysis.drift.stage import run_drift
 
         run_drift(cfg, run, n_resamples=200)
     if "bench" in stages:
@@ -410,7 +410,7 @@ def _snapshot(run: RunDir) -> dict:
 
 
 def _drift_json(run: RunDir, name: str) -> dict:
-    from loralens.files import read_json
+    from loralens.core.files import read_json
 
     return read_json(run.drift_path(name))
 
@@ -426,7 +426,7 @@ def test_report_files_and_return_value(full_report):
 
 
 def test_markdown_has_every_table_and_number(full_report):
-    from loralens.files import read_json
+    from loralens.core.files import read_json
 
     run, _, _ = full_report
     md = (run.report_dir / "report.md").read_text()
@@ -717,7 +717,7 @@ def test_zero_spread_is_undefined_and_example_level_table(tmp_path, monkeypatch)
 def test_report_of_an_older_drift_stage(tmp_path):
     """table4.json as the drift stage wrote it before families and drift.layers."""
     from loralens.report import build_report
-    from loralens.files import read_json
+    from loralens.core.files import read_json
 
     run = synthetic_run(tmp_path / "run", stages=("train", "extract", "drift"))
     t4 = read_json(run.drift_path("table4.json"))

@@ -15,8 +15,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from scipy import stats as sps
 
-from loralens.config_load import load_config
-from loralens.store import RunDir
+from loralens.core.config_load import load_config
+from loralens.core.run_dir import RunDir
 from tests.unit.test_report import (SEEDS, TASKS, data_stats, write_extract, write_metrics,
                                     write_weights)
 
@@ -33,9 +33,9 @@ FIGS = ("fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwise-drift"
 
 
 def four_method_run(root) -> RunDir:
-    from loralens.drift import run_drift
-    from loralens.drift_methods import method_drift
-    from loralens.weights_methods import method_summary
+    from loralens.analysis.drift.stage import run_drift
+    from loralens.analysis.drift.methods import method_drift
+    from loralens.analysis.weights.methods import method_summary
 
     cfg = load_config(overrides={"preset": "smoke", "tasks": list(TASKS), "seeds": list(SEEDS),
                                  "methods": list(METHODS), "data": {"max_length": 128}})
@@ -208,8 +208,8 @@ def test_legend_sidecar_names_every_method(report):
 
 
 def test_report_stage_accepts_any_method_list():
-    from loralens.config import StudyConfig
-    from loralens.methods import require_supported
+    from loralens.core.config import StudyConfig
+    from loralens.models.methods import require_supported
 
     require_supported("report", list(METHODS) + ["ia3", "rslora"], StudyConfig())
 

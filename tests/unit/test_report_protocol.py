@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from loralens import protocol
-from loralens.config_load import config_from_dict, load_config
+from loralens.core import protocol
+from loralens.core.config_load import config_from_dict, load_config
 from loralens.report.compose import OPTIMISTIC
 from loralens.report.run_data import load_run, resolve_protocol
-from loralens.store import RunDir
-from loralens.files import atomic_write_json, read_json
+from loralens.core.run_dir import RunDir
+from loralens.core.files import atomic_write_json, read_json
 from tests.unit.test_report import N_VAL, SEEDS, SLICE, TASKS, synthetic_run
 
 SPLIT_NOTE = {

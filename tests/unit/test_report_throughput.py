@@ -11,8 +11,8 @@ import pytest
 from loralens.report.formatting import DASH, pct, rate
 from loralens.report.run_data import RunData
 from loralens.report.timing_tables import table_throughput
-from loralens.store import RunDir
-from loralens.files import atomic_write_json, read_json
+from loralens.core.run_dir import RunDir
+from loralens.core.files import atomic_write_json, read_json
 from tests.unit.test_report import synthetic_run, write_metrics
 
 COLUMNS = ["Task", "Method", "Precision", "Jobs (seeds)", "Real tokens/s", "Achieved GFLOP/s",

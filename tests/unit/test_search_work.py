@@ -8,16 +8,16 @@ import threading
 import optuna
 import pytest
 
-from loralens.config import StudyConfig
-from loralens.config_load import load_config
-from loralens.search import run_search, sampler_seed, space, suggest
-from loralens.train import with_overrides
-from loralens.store import RunDir
-from loralens.work import JobQueue
+from loralens.core.config import StudyConfig
+from loralens.core.config_load import load_config
+from loralens.training.search import run_search, sampler_seed, space, suggest
+from loralens.training.job import with_overrides
+from loralens.core.run_dir import RunDir
+from loralens.core.job_queue import JobQueue
 
 
 def test_sampler_seed_is_stable_across_processes():
-    code = "from loralens.search import sampler_seed; print(sampler_seed('rte', 'lora'))"
+    code = "from loralens.training.search import sampler_seed; print(sampler_seed('rte', 'lora'))"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout.strip()
             for h in (0, 1, 2)}
@@ -57,7 +57,7 @@ def test_spaces_are_the_studys(tmp_path):
         for kind, *args in space(method, StudyConfig()).values():
             assert kind == "categorical" or all(type(a) is float for a in args)
     # search.prune decides the pruner of the opened (persistent) study
-    from loralens.search import open_study
+    from loralens.training.search import open_study
 
     run = RunDir(tmp_path / "run")
     study = open_study(load_config(), run, "rte", "lora")  # defaults: prune on, 5 start-ups
@@ -163,7 +163,7 @@ def test_a_trial_has_a_heartbeat_before_training_starts(tmp_path, glue_dir, tiny
     import sqlite3
     import threading
 
-    import loralens.search as S
+    import loralens.training.search as S
 
     class Killed(Exception):
         pass
@@ -194,7 +194,7 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_pat
     no heartbeat (Optuna never fails those); the next worker must not wait for it forever
     but fail it after the grace period and retry its configuration (the CI hang of stop 20).
     drawn=1: killed between its first and second suggestion (stop 24's CI failure)."""
-    from loralens.search import make_sampler, open_study
+    from loralens.training.search import make_sampler, open_study
 
     cfg = search_cfg(glue_dir, trials=2, extra=["search.heartbeat_interval=1",
                                                 "search.grace_period=1"])
@@ -258,7 +258,7 @@ def test_a_dead_local_workers_trial_is_retried_at_once_and_the_study_is_unchange
     is failed and retried at once; other hosts' trials and live workers' are left alone."""
     import socket
 
-    from loralens.search import WORKER_ATTR, fail_dead_local, make_sampler, open_study
+    from loralens.training.search import WORKER_ATTR, fail_dead_local, make_sampler, open_study
 
     cfg = search_cfg(glue_dir, trials=2, extra=["search.heartbeat_interval=1",
                                                 "search.grace_period=600"])
@@ -336,7 +336,7 @@ def test_workers_resumes_and_reruns_never_repeat_a_configuration(tmp_path, glue_
 
 def test_trials_train_with_the_search_seed_and_score_the_selection_rows(tmp_path, glue_dir,
                                                                         tiny_base, monkeypatch):
-    import loralens.search as S
+    import loralens.training.search as S
 
     seen = []
     real = S.train_model
@@ -348,7 +348,7 @@ def test_trials_train_with_the_search_seed_and_score_the_selection_rows(tmp_path
     monkeypatch.setattr(S, "train_model", spy)
     cfg = search_cfg(glue_dir, 1, ["seeds=[42]", "search.seed=5"])
     res = run_search(cfg, RunDir(tmp_path), "rte", "lora", tiny_base, progress=False)
-    from loralens.train import prepare_task
+    from loralens.training.job import prepare_task
 
     p = prepare_task(cfg, "rte", tiny_base.tokenizer)
     (seed, ids), = seen
@@ -398,7 +398,7 @@ def test_sampler_position_of_new_trials_and_of_a_killed_trials_retry():
     trial's recorded position, or, unrecorded, the one it was asked at."""
     from optuna.trial import TrialState, create_trial
 
-    from loralens.search import POSITION_ATTR, sampler_position
+    from loralens.training.search import POSITION_ATTR, sampler_position
 
     def trial(n, state, **sys):
         t = create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None,

@@ -16,14 +16,15 @@ import pytest
 import torch
 
 from loralens import cli
-from loralens.config import ConfigError, StudyConfig
-from loralens.config_load import load_config
-from loralens.data import Example, Split, load_split
-from loralens.models import apply_method, build_classifier
-from loralens.store import RunDir
-from loralens.tasks import get_task
-from loralens.loop import fit
-from loralens.train import prepare_task
+from loralens.core.config import ConfigError, StudyConfig
+from loralens.core.config_load import load_config
+from loralens.tasks.rows import Example, Split
+from loralens.tasks.sources import load_split
+from loralens.models.classifier import apply_method, build_classifier
+from loralens.core.run_dir import RunDir
+from loralens.tasks.spec import get_task
+from loralens.training.loop import fit
+from loralens.training.job import prepare_task
 
 
 def synthetic(n0: int, n1: int) -> Split:
@@ -100,7 +101,7 @@ def test_early_stopping_evaluates_several_times_per_epoch_and_records_its_stop(t
     as training fits: patience 3 stops training after the 4th evaluation (step 16) and the
     first evaluation's state (step 4) is restored."""
     g = torch.Generator().manual_seed(0)
-    from loralens.data import Encoded
+    from loralens.training.batches import Encoded
 
     ids = [torch.randint(3, 200, (int(n),), generator=g).tolist() for n in
            torch.randint(4, 12, (64,), generator=g)]

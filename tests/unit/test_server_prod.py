@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from loralens.config import ConfigError
+from loralens.core.config import ConfigError
 from loralens.serving.auth import API_KEY_ENV, ApiKey, load_api_key
 from loralens.serving.server import AdapterSpec, build_service, create_app
 from tests.unit.test_backends import _random_adapter

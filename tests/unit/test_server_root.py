@@ -69,10 +69,10 @@ def test_a_server_without_a_root_takes_no_paths(tiny_backbone, layout):
 
 
 def test_the_root_defaults_to_the_served_run_directory(tmp_path, monkeypatch):
-    from loralens.config_load import load_config
+    from loralens.core.config_load import load_config
     from loralens.serving import server
-    from loralens.store import RunDir
-    from loralens.files import atomic_write_json
+    from loralens.core.run_dir import RunDir
+    from loralens.core.files import atomic_write_json
 
     run = RunDir(tmp_path / "run")
     run.bind_config(load_config())

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from loralens import data as D
-from loralens.models import CausalLMClassifier
+from loralens.training import batches as B
+from loralens.models.classifier import CausalLMClassifier
 from loralens.serving import LoraAdapter, MultiLoraClassifier
 
 EOS = 2
@@ -37,7 +37,7 @@ def lora_classifier(base, num_labels, seed, r=8, alpha=16.0, targets=("q_proj", 
 def batch(n=5, seed=0, lo=3, hi=14):
     rng = np.random.default_rng(seed)
     rows = [[int(t) for t in rng.integers(10, 4000, size=rng.integers(lo, hi))] for _ in range(n)]
-    return D.collate(rows, EOS)
+    return B.collate(rows, EOS)
 
 
 def logits(model, ids, mask, **kw):
@@ -208,7 +208,7 @@ def test_rslora_scaling(tiny_backbone, tmp_path):
 # --------------------------------------------------------------------------- bench statistics
 
 def test_summarize():
-    from loralens.timing import summarize
+    from loralens.core.timing import summarize
 
     s = summarize([0.010, 0.020, 0.030, 0.040], rows=8)
     assert s["n"] == 4 and s["mean_ms"] == pytest.approx(25.0) and s["p50_ms"] == pytest.approx(25.0)
@@ -219,7 +219,7 @@ def test_summarize():
 def test_paired_compare_against_independent_values():
     """Wilcoxon signed-rank, exact: n positive differences of distinct sizes give the
     two-sided p = 2 / 2**n (only the all-positive sign pattern is as extreme on each side)."""
-    from loralens.serving.bench_results import paired_compare
+    from loralens.serving.bench.results import paired_compare
 
     # requests of very different lengths (20 to 400 ms); the kind costs 1-8 ms more on each
     base = np.array([0.02, 0.4, 0.05, 0.3, 0.1, 0.25, 0.03, 0.35])
@@ -259,7 +259,7 @@ def _seed_result(latency_s: dict) -> dict:
 
 
 def test_table5_sd_is_across_seeds_and_the_test_pairs_by_request():
-    from loralens.serving.bench_results import PAIRED_TEST, comparison
+    from loralens.serving.bench.results import PAIRED_TEST, comparison
 
     base = np.array([0.02, 0.4, 0.05, 0.3, 0.1, 0.25, 0.03, 0.35])
     up = np.arange(1, 9) * 1e-3
@@ -284,7 +284,7 @@ def test_table5_sd_is_across_seeds_and_the_test_pairs_by_request():
 
 
 def test_memory_probe_sees_an_allocation():
-    from loralens.serving.measure import MemoryProbe
+    from loralens.serving.bench.measure import MemoryProbe
 
     with MemoryProbe(torch.device("cpu")) as probe:
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
@@ -306,10 +306,10 @@ def test_adapter_for_another_model_is_rejected_without_changes(runtime, adapters
 
 
 def test_bench_seeds_select_the_models(tmp_path):
-    from loralens.config_load import load_config
-    from loralens.serving.bench import run_bench
-    from loralens.store import RunDir, RunDirError
-    from loralens.files import atomic_write_json
+    from loralens.core.config_load import load_config
+    from loralens.serving.bench.stage import run_bench
+    from loralens.core.run_dir import RunDir, RunDirError
+    from loralens.core.files import atomic_write_json
 
     run = RunDir(tmp_path / "run")
     atomic_write_json(run.job_dir("sst2", "lora", 42) / "metrics.json", {"score": 0.5})

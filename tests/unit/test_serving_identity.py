@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from loralens.models import CausalLMClassifier
-from loralens.serving import identity as I
+from loralens.models.classifier import CausalLMClassifier
+from loralens.serving.bench import identity as I
 from loralens.serving.runtime import LoraAdapter, MultiLoraClassifier
 
 EOS = 2
@@ -160,11 +160,12 @@ def test_fault_head_of_another_adapter(tiny_backbone, three):
 def test_bench_stage_records_float64_identity(tmp_path, glue_dir, tiny_base):
     """``run_bench`` on the tiny random model: checks come from the float64 identity run,
     the serving dtype's differences are recorded beside them, Table 5 pairs by request."""
-    from loralens.config_load import load_config
-    from loralens.models import apply_method, build_classifier, save_trained
-    from loralens.serving.bench import run_bench, summary_lines
-    from loralens.store import RunDir
-    from loralens.files import atomic_write_json, read_json
+    from loralens.core.config_load import load_config
+    from loralens.models.classifier import apply_method, build_classifier
+    from loralens.models.saving import save_trained
+    from loralens.serving.bench.stage import run_bench, summary_lines
+    from loralens.core.run_dir import RunDir
+    from loralens.core.files import atomic_write_json, read_json
 
     cfg = load_config(overrides=["model.name=tiny-random", "tasks=[sst2, rte]", "seeds=[1]",
                                  f"data.glue_dir={glue_dir}", "data.max_length=48"])

@@ -13,12 +13,14 @@ import shutil
 import pytest
 import torch
 
-from loralens.config_load import load_config
-from loralens.methods import BUILTIN, get_method, make_trainable, method_from_def
-from loralens.models import CausalLMClassifier, load_trained, save_trained
-from loralens.serving.identity import head_logits
-from loralens.serving.paths import (LEAN, MERGED, PEFT, WHOLE, adapter_name, lean_inexact,
-                                    serving_kinds, split_kind)
+from loralens.core.config_load import load_config
+from loralens.models.methods import BUILTIN, get_method, make_trainable, method_from_def
+from loralens.models.classifier import CausalLMClassifier
+from loralens.models.saving import load_trained, save_trained
+from loralens.serving.bench.identity import head_logits
+from loralens.models.serving_paths import (
+    LEAN, MERGED, PEFT, WHOLE, adapter_name, lean_inexact, serving_kinds, split_kind,
+)
 from loralens.serving.runtime import LoraAdapter, MultiLoraClassifier
 
 CFG = load_config(overrides=["model.name=tiny-random"])

@@ -7,7 +7,7 @@ import numpy as np
 
 from loralens.report import serving_tables as ST
 from loralens.report.run_data import RunData
-from loralens.store import RunDir
+from loralens.core.run_dir import RunDir
 
 
 def _data(tmp_path, serving=None, loadtest=None) -> RunData:
@@ -33,7 +33,7 @@ def _cells(table) -> list[list[str]]:
 
 
 def test_table5_shows_sd_across_seeds_and_the_paired_test(tmp_path):
-    from loralens.serving.bench_results import comparison
+    from loralens.serving.bench.results import comparison
 
     base = np.array([0.02, 0.4, 0.05, 0.3, 0.1, 0.25, 0.03, 0.35])
 

@@ -5,16 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loralens.similarity import (
-    center_gram,
-    cka_against_base,
-    cka_from_grams,
-    cosine_similarity,
-    drift,
-    gram_linear,
-    linear_cka,
-    procrustes_distance,
-    rbf_cka,
+from loralens.analysis.similarity import (
+    center_gram, cka_against_base, cka_from_grams, cosine_similarity, drift, gram_linear,
+    linear_cka, procrustes_distance, rbf_cka,
 )
 
 BOTH = pytest.mark.parametrize("debiased", [False, True], ids=["biased", "debiased"])
@@ -356,7 +349,7 @@ def test_standardised_cka_is_not_decided_by_one_massive_dimension():
 
 
 def test_standardize_guards_constant_columns():
-    from loralens.similarity import standardize_features
+    from loralens.analysis.similarity import standardize_features
 
     Z = standardize_features(X32, "X")
     np.testing.assert_allclose(Z[:, 1], 0.0)                      # constant column: 0
@@ -378,7 +371,7 @@ def test_standardize_guards_constant_columns():
 
 
 def test_variance_shares_by_hand():
-    from loralens.similarity import variance_shares
+    from loralens.analysis.similarity import variance_shares
 
     # column variances (ddof 0): [8/3, 2/3, 2], total 16/3
     X = np.array([[0.0, 0.0, 0.0], [2.0, 1.0, 0.0], [4.0, 2.0, 3.0]])

@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 
 from loralens import cli
-from loralens.config import StudyConfig
-from loralens.stages import STAGE_NAMES, STAGES, Context, get_stage
-from loralens.store import RunDir
-from loralens.work import JobQueue
+from loralens.core.config import StudyConfig
+from loralens.study.stages import STAGE_NAMES, STAGES, Context, get_stage
+from loralens.core.run_dir import RunDir
+from loralens.core.job_queue import JobQueue
 
 
 # --------------------------------------------------------------------------- the stage table

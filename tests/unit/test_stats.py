@@ -9,19 +9,10 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from loralens.stats import (
-    bonferroni,
-    bonferroni_alpha,
-    bootstrap_ci,
-    bootstrap_reduction_ci,
-    cohens_d_paired,
-    compare_methods,
-    delta_percent,
-    distinct_resamples,
-    exact_mcnemar,
-    paired_ttest,
-    wilson_interval,
-    zero_spread,
+from loralens.analysis.stats import (
+    bonferroni, bonferroni_alpha, bootstrap_ci, bootstrap_reduction_ci, cohens_d_paired,
+    compare_methods, delta_percent, distinct_resamples, exact_mcnemar, paired_ttest,
+    wilson_interval, zero_spread,
 )
 
 # a - b = [1, 2, 3]: mean 2, sd (ddof=1) = sqrt(((-1)^2 + 0 + 1^2) / 2) = 1,

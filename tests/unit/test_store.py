@@ -9,10 +9,10 @@ import yaml
 from loralens import cli
 from dataclasses import replace
 
-from loralens.config import StudyConfig
-from loralens.config_load import load_config
-from loralens.store import FORMAT_VERSION, RunDir, RunDirError
-from loralens.files import atomic_dir, atomic_path, atomic_write_text, csv_text
+from loralens.core.config import StudyConfig
+from loralens.core.config_load import load_config
+from loralens.core.run_dir import FORMAT_VERSION, RunDir, RunDirError
+from loralens.core.files import atomic_dir, atomic_path, atomic_write_text, csv_text
 
 
 # --------------------------------------------------------------------------- run directory

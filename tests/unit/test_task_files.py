@@ -13,13 +13,14 @@ import json
 import numpy as np
 import pytest
 
-from loralens import data as D
-from loralens.config import ConfigError
-from loralens.config_load import config_from_dict, load_config
-from loralens.metrics import f1_binary, f1_macro, matthews
-from loralens.task_files import TaskFileError, load_task_file
-from loralens.task_sources import carve_validation, read_source
-from loralens.tasks import TASKS, get_task
+from loralens.tasks import rows as D
+from loralens.tasks import sources as TS
+from loralens.core.config import ConfigError
+from loralens.core.config_load import config_from_dict, load_config
+from loralens.training.metrics import f1_binary, f1_macro, matthews
+from loralens.tasks.task_file import TaskFileError, load_task_file
+from loralens.tasks.sources import carve_validation, read_source
+from loralens.tasks.spec import TASKS, get_task
 
 GLUE_TASKS = ("cola", "mnli", "mnli_mismatched", "mrpc", "qnli", "qqp", "rte", "sst2", "wnli")
 
@@ -61,7 +62,7 @@ def _independent_read(path, text_cols, label_col, label_map):
                                                 ("rte", "train", "train")])
 def test_real_glue_rows_unchanged(glue_dir, task, split, stem):
     spec = get_task(task)
-    s = D.load_split(spec, split, glue_dir)
+    s = TS.load_split(spec, split, glue_dir)
     path = glue_dir / spec.glue_dir / f"{stem}.tsv"
     texts, labels = _independent_read(path, spec.text_columns, spec.label_column, spec.label_map)
     assert s.source == str(path)
@@ -136,7 +137,7 @@ def glue_fixture(tmp_path):
     ("wnli", "train", [("S1.", "S2."), ("S3.", "S4.")], [1, 0]),
 ])
 def test_other_glue_tasks_from_the_canonical_layout(glue_fixture, task, split, texts, labels):
-    s = D.load_split(get_task(task), split, glue_fixture)
+    s = TS.load_split(get_task(task), split, glue_fixture)
     assert [e.texts for e in s.examples] == texts and s.labels.tolist() == labels
     assert s.ids() == list(range(len(texts)))
     counts = {c: labels.count(c) for c in set(labels)}
@@ -145,7 +146,7 @@ def test_other_glue_tasks_from_the_canonical_layout(glue_fixture, task, split, t
 
 def test_cola_headerless_rows_are_all_data(glue_fixture):
     """CoLA's first line is a row, not a header: a header-reading loader would lose it."""
-    s = D.load_split(get_task("cola"), "train", glue_fixture)
+    s = TS.load_split(get_task("cola"), "train", glue_fixture)
     assert len(s) == 3 and s.source.endswith("CoLA/train.tsv")
 
 
@@ -180,10 +181,10 @@ def test_csv_four_class_task(tmp_path):
     _csv(tmp_path / "dev.csv", ["text", "label"], [("x", "delta"), ("y", "alpha")])
     spec = load_task_file(_write_task(tmp_path, FOUR))
     assert spec.num_labels == 4 and spec.metric == "f1" and spec.metrics == ("f1", "accuracy")
-    tr = D.load_split(spec, "train", None)
+    tr = TS.load_split(spec, "train", None)
     assert [e.texts for e in tr.examples] == [('quoted, "comma" text',), ("a",), ("d",), ("b",)]
     assert tr.labels.tolist() == [2, 0, 3, 1] and tr.source == str(tmp_path / "train.csv")
-    assert D.load_split(spec, "validation", None).labels.tolist() == [3, 0]
+    assert TS.load_split(spec, "validation", None).labels.tolist() == [3, 0]
 
 
 def test_jsonl_one_file_with_split_column_pair_and_integer_labels(tmp_path):
@@ -201,7 +202,7 @@ source:
   files: {file: all.jsonl, split_column: part}
 """))
     assert spec.is_pair
-    tr, va = (D.load_split(spec, s, None) for s in ("train", "validation"))
+    tr, va = (TS.load_split(spec, s, None) for s in ("train", "validation"))
     assert [e.texts for e in tr.examples] == [("Q0", "A0"), ("Q2", "A2")]
     assert tr.labels.tolist() == [1, 0] and tr.ids() == [0, 1]
     assert [e.texts for e in va.examples] == [("Q1", "A1"), ("Q3", "A3")]
@@ -221,8 +222,8 @@ labels: {0: low, 1: mid, 2: high}
 source:
   files: {train: tr.parquet, validation: va.tsv}
 """))
-    assert D.load_split(spec, "train", None).labels.tolist() == [2, 0, 1]
-    va = D.load_split(spec, "validation", None)
+    assert TS.load_split(spec, "train", None).labels.tolist() == [2, 0, 1]
+    va = TS.load_split(spec, "validation", None)
     assert va.examples[0].texts == ('a "b"',) and va.labels.tolist() == [1]
     # a CSV without a header row: the task names its columns; every line is a row
     (tmp_path / "nohead.csv").write_text("x,high\n\"y, z\",low\n", encoding="utf-8")
@@ -234,14 +235,14 @@ splits: {train: train}
 source:
   files: {train: nohead.csv, header: [s, lab]}
 """))
-    both = D.load_split(spec, "train", None).examples + D.load_split(spec, "validation",
+    both = TS.load_split(spec, "train", None).examples + TS.load_split(spec, "validation",
                                                                       None).examples
     assert sorted((e.id, e.texts, e.label) for e in both) == [(0, ("x",), 1),
                                                               (1, ("y, z",), 0)]
     (tmp_path / "nohead.csv").write_text("x,high\n", encoding="utf-8")
     with pytest.raises(D.DataError, match=r"nohead.csv: 1 training row\(s\) of nohead are too "
                                           r"few to carve a validation split from"):
-        D.load_split(spec, "validation", None)
+        TS.load_split(spec, "validation", None)
 
 
 def test_validation_carved_from_train_with_a_recorded_seed_disjoint_from_selection(tmp_path):
@@ -260,16 +261,16 @@ source:
   files: {train: train.csv}
 """))
     assert spec.carve_validation == {"fraction": 0.25, "minimum": 1, "seed": 7}
-    val = D.load_split(spec, "validation", None)
-    train = D.load_split(spec, "train", None)
+    val = TS.load_split(spec, "validation", None)
+    train = TS.load_split(spec, "train", None)
     assert len(val) == 15 and val.label_counts == {0: 5, 1: 5, 2: 5}    # stratified
     assert "fraction 0.25, seed 7" in val.source
     assert sorted(val.ids() + train.ids()) == list(range(n))             # a partition
     # the same rows every time (seeded), other rows with another seed
-    assert D.load_split(spec, "validation", None).ids() == val.ids()
+    assert TS.load_split(spec, "validation", None).ids() == val.ids()
     reseeded = spec.__class__(**{**spec.__dict__, "carve_validation":
                                  {**spec.carve_validation, "seed": 8}})
-    assert D.load_split(reseeded, "validation", None).ids() != val.ids()
+    assert TS.load_split(reseeded, "validation", None).ids() != val.ids()
     # the selection slice of train_slice, carved from what is left, then the training rows
     cfg = load_config(overrides={"tasks": [str(tmp_path / "task.yaml")],
                                  "data": {"selection_min": 1, "train_size": 20}})
@@ -310,7 +311,7 @@ splits: {train: train, validation: validation}
 source:
   hub: {path: someone/data, name: cfg1, revision: abc123, splits: {train: tr, validation: va}}
 """))
-    s = D.load_split(spec, "validation", None)
+    s = TS.load_split(spec, "validation", None)
     assert calls == [("someone/data", "cfg1", "va", "abc123")]
     assert s.labels.tolist() == [0, 1]           # "maybe" -> 0, "yes" -> 1 by name
     assert s.source == "hf://someone/data/cfg1/va@abc123"
@@ -321,7 +322,7 @@ source:
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(D.DataError, match=r"hf://someone/data/cfg1/tr@abc123 could not be "
                                           r"loaded .*ConnectionError: no network"):
-        D.load_split(spec, "train", None)
+        TS.load_split(spec, "train", None)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -346,7 +347,7 @@ def test_macro_f1_and_matthews_by_hand():
 
 
 def test_evaluation_metrics_follow_the_number_of_classes():
-    from loralens.loop import classification_metrics
+    from loralens.training.loop import classification_metrics
 
     labels = np.array([0, 1, 2, 2])
     logits = np.eye(3, dtype=np.float32)[[0, 2, 2, 1]]
@@ -418,7 +419,7 @@ def test_builtin_name_is_refused_for_a_task_file(tmp_path):
     with pytest.raises(ConfigError, match=r"task.yaml: name: 'sst2' is a built-in task"):
         get_task(str(path), allow_file=True)
     assert get_task("sst2").file.endswith("task_files/sst2.yaml")
-    from loralens.tasks import builtin_paths
+    from loralens.tasks.spec import builtin_paths
 
     assert load_config(overrides={"tasks": [str(builtin_paths()["rte"])]}).tasks == ["rte"]
     with pytest.raises(ConfigError, match=r"missing.yaml: task file not found"):
@@ -440,7 +441,7 @@ def test_missing_column_names_the_columns_that_exist(tmp_path):
     with pytest.raises(D.DataError, match=r"train.csv: missing column\(s\) \['text'\] of task "
                                           r"simple .*the columns are \['sentence', 'label', "
                                           r"'extra'\]"):
-        D.load_split(_simple(tmp_path), "train", None)
+        TS.load_split(_simple(tmp_path), "train", None)
 
 
 def test_labels_outside_the_declared_set_name_file_and_row(tmp_path):
@@ -448,11 +449,11 @@ def test_labels_outside_the_declared_set_name_file_and_row(tmp_path):
     with pytest.raises(D.DataError, match=r"train.csv:4: label 'meh' is not one of \['neg', "
                                           r"'pos'\], the labels task simple declares "
                                           r"\(.*task.yaml\)"):
-        D.load_split(_simple(tmp_path), "train", None)
+        TS.load_split(_simple(tmp_path), "train", None)
     (tmp_path / "t.jsonl").write_text('{"text": "a", "label": "pos"}\n{"text": "b", '
                                       '"label": "POS"}\n')
     with pytest.raises(D.DataError, match=r"t.jsonl:2: label 'POS' is not one of"):
-        D.load_split(_simple(tmp_path, "t.jsonl"), "train", None)
+        TS.load_split(_simple(tmp_path, "t.jsonl"), "train", None)
 
 
 def test_parquet_row_and_regression_labels_are_refused(tmp_path):
@@ -462,26 +463,26 @@ def test_parquet_row_and_regression_labels_are_refused(tmp_path):
     pq.write_table(pa.table({"text": ["a", "b", "c"], "label": ["neg", "pos", "bad"]}),
                    tmp_path / "t.parquet")
     with pytest.raises(D.DataError, match=r"t.parquet row 2: label 'bad' is not one of"):
-        D.load_split(_simple(tmp_path, "t.parquet"), "train", None)
+        TS.load_split(_simple(tmp_path, "t.parquet"), "train", None)
     pq.write_table(pa.table({"text": ["a", "b"], "label": [0.0, 3.8]}), tmp_path / "s.parquet")
     with pytest.raises(D.DataError, match=r"s.parquet row 0: label 0.0 in column 'label' is a "
                                           r"real number: regression tasks \(such as STS-B\) "
                                           r"are not supported"):
-        D.load_split(_simple(tmp_path, "s.parquet"), "train", None)
+        TS.load_split(_simple(tmp_path, "s.parquet"), "train", None)
 
 
 def test_empty_text_and_bad_json_name_the_line(tmp_path):
     _csv(tmp_path / "train.csv", ["text", "label"], [("a", "neg"), ("  ", "pos")])
     with pytest.raises(D.DataError, match=r"train.csv:3: empty text in column\(s\) \['text'\]"):
-        D.load_split(_simple(tmp_path), "train", None)
+        TS.load_split(_simple(tmp_path), "train", None)
     (tmp_path / "t.jsonl").write_text('{"text": "a", "label": "pos"}\n{oops\n')
     with pytest.raises(D.DataError, match=r"t.jsonl:2: not valid JSON"):
-        D.load_split(_simple(tmp_path, "t.jsonl"), "train", None)
+        TS.load_split(_simple(tmp_path, "t.jsonl"), "train", None)
 
 
 def test_task_option_takes_a_file_or_a_name(tmp_path):
     from loralens import cli
-    from loralens.store import RunDir
+    from loralens.core.run_dir import RunDir
 
     _csv(tmp_path / "train.csv", ["text", "label"], [("a", "alpha"), ("b", "beta")])
     _csv(tmp_path / "dev.csv", ["text", "label"], [("c", "gamma")])

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from loralens import cli, tasks
-from loralens.metrics import f1_macro, matthews
-from loralens.store import RunDir
+from loralens import cli
+from loralens.tasks import spec as tasks
+from loralens.training.metrics import f1_macro, matthews
+from loralens.core.run_dir import RunDir
 
 WORDS = ("alpha", "beta", "gamma", "delta")
 

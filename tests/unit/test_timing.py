@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from loralens import timing
-from loralens.timing import CpuContention, stopwatch, summarize, time_interleaved
+from loralens.core import timing
+from loralens.core.timing import CpuContention, stopwatch, summarize, time_interleaved
 
 
 def recorder(log, name):

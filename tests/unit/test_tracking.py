@@ -10,11 +10,11 @@ import math
 import pytest
 
 from loralens.cli import build_parser, _flag_overrides
-from loralens.config import ConfigError
-from loralens.config_load import load_config
-from loralens.store import RunDir
-from loralens.files import read_json
-from loralens.tracking import REPORT_TO, URI_ENV, open_job, reporters
+from loralens.core.config import ConfigError
+from loralens.core.config_load import load_config
+from loralens.core.run_dir import RunDir
+from loralens.core.files import read_json
+from loralens.training.tracking import REPORT_TO, URI_ENV, open_job, reporters
 
 STEPS = 8  # 16 rows, batch 4, 2 epochs
 
@@ -22,7 +22,7 @@ STEPS = 8  # 16 rows, batch 4, 2 epochs
 @pytest.fixture(scope="module")
 def tracked(tiny_base, glue_dir, tmp_path_factory):
     """One LoRA job on sst2 logged to both trackers; (run dir, metrics.json)."""
-    from loralens.train import train_job
+    from loralens.training.job import train_job
 
     mp = pytest.MonkeyPatch()
     mp.delenv(URI_ENV, raising=False)
@@ -34,7 +34,7 @@ def tracked(tiny_base, glue_dir, tmp_path_factory):
     run = RunDir(tmp_path_factory.mktemp("tracked") / "run")
     run.bind_config(cfg)
     metrics = train_job(cfg, run, "sst2", "lora", 42, base=tiny_base, progress=False)
-    from loralens.search import run_search
+    from loralens.training.search import run_search
 
     run_search(cfg, run, "sst2", "lora", tiny_base, progress=False)  # micro: 2 trials
     mp.undo()
@@ -144,7 +144,7 @@ def test_search_trials_are_tracked(tracked):
     from mlflow import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from loralens.search import study_name
+    from loralens.training.search import study_name
 
     root, _ = tracked
     study = optuna.load_study(study_name=study_name("sst2", "lora"),

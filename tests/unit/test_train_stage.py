@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from loralens import cli
-from loralens.store import RunDir
-from loralens.files import atomic_write_json
+from loralens.core.run_dir import RunDir
+from loralens.core.files import atomic_write_json
 
 TINY = ["model.name=tiny-random", "tasks=[rte]", "methods=[lora]", "seeds=[42]",
         "data.train_size=8", "data.early_stop_size=8", "data.max_length=32",
@@ -59,7 +59,7 @@ def test_train_without_a_search_result_says_it_uses_the_config(tmp_path, glue_di
 @pytest.mark.parametrize("where", ["weights", "logits"])
 def test_a_kill_during_overwrite_leaves_the_job_unfinished(tmp_path, glue_dir, tiny_base,
                                                            monkeypatch, where):
-    import loralens.train as train_module
+    import loralens.training.job as train_module
 
     run = RunDir(tmp_path / "run")
     assert train(run.root, glue_dir) == 0
@@ -71,7 +71,7 @@ def test_a_kill_during_overwrite_leaves_the_job_unfinished(tmp_path, glue_dir, t
 
     if where == "weights":  # the kill lands while the new adapter is being written
         def save_then_die(model, method, out, *_, **__):
-            from loralens.files import atomic_dir
+            from loralens.core.files import atomic_dir
 
             with atomic_dir(out) as tmp:
                 (tmp / "adapter_model.safetensors").write_bytes(b"half")

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from loralens import cli
-from loralens.config_load import load_config
-from loralens.forgetting import lm_cross_entropy, read_text_file
-from loralens.models import apply_method, build_classifier
-from loralens.store import RunDir
-from loralens.weight_measures import (EPSILONS, effective_rank, energy_rank, intruder_counts,
-                                      matrix_measures, max_cosines)
-from loralens.weights import Analyzer, backbone_of, spaced_layers
+from loralens.core.config_load import load_config
+from loralens.analysis.weights.forgetting import lm_cross_entropy, read_text_file
+from loralens.models.classifier import apply_method, build_classifier
+from loralens.core.run_dir import RunDir
+from loralens.analysis.weights.measures import (
+    EPSILONS, effective_rank, energy_rank, intruder_counts, matrix_measures, max_cosines,
+)
+from loralens.analysis.weights.stage import Analyzer, backbone_of, spaced_layers
 
 
 def orthonormal(rng, n, k):
@@ -211,7 +212,7 @@ def test_weights_stage_writes_per_layer_results_and_resumes(tmp_path, glue_dir, 
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40), (30, 30)])
 def test_gram_eigenproblem_gives_the_svd(shape):
     """The fast path (top-k vectors and all values from the Gram matrix) equals the SVD."""
-    from loralens.weight_measures import singular_values, top_left_vectors
+    from loralens.analysis.weights.measures import singular_values, top_left_vectors
 
     rng = np.random.default_rng(5)
     w = torch.tensor(rng.standard_normal(shape))
@@ -224,7 +225,7 @@ def test_gram_eigenproblem_gives_the_svd(shape):
 
 
 def test_summary_tests_only_what_varies_and_pairs_by_seed():
-    from loralens.weights import summarize
+    from loralens.analysis.weights.stage import summarize
 
     def result(method, seed, rel, forget):
         mats = [{"group": "common", "intruders": {"0.5": 0}, "rel_change": rel,

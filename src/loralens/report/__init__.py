@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..store import RunDir
-from ..files import atomic_write_text
-from .compose import compose
-from .figures import draw_all
-from .render import to_html, to_markdown
-from .run_data import load_run
+from loralens.core.run_dir import RunDir
+from loralens.core.files import atomic_write_text
+from loralens.report.compose import compose
+from loralens.report.figures import draw_all
+from loralens.report.render import to_html, to_markdown
+from loralens.report.run_data import load_run
 
 __all__ = ["build_report"]
 

@@ -7,10 +7,11 @@ selection protocol (:attr:`RunData.protocol`).
 
 from __future__ import annotations
 
-from .formatting import (DASH, METHODS, Table, ci, f, finite, per_seed, pm, pval, seconds,
-                         short_list, yesno)
-from .run_data import RunData
-from .significance import bonferroni_family, family_note, p_cells
+from loralens.report.formatting import (
+    DASH, METHODS, Table, ci, f, finite, per_seed, pm, pval, seconds, short_list, yesno,
+)
+from loralens.report.run_data import RunData
+from loralens.report.significance import bonferroni_family, family_note, p_cells
 
 
 def accuracy_entries(d: RunData) -> tuple[list[dict], str | None]:
@@ -33,7 +34,7 @@ def _accuracy_entries(d: RunData) -> tuple[list[dict], str | None]:
                     "; Table 3 needs every finished job's validation scores — retrain them "
                     "with `loralens train --overwrite`")
     try:  # same code as the drift stage, so the numbers match what it will write
-        from ..drift import accuracy_table
+        from loralens.analysis.drift.stage import accuracy_table
 
         tasks = [t for t in d.tasks if any(k[0] == t for k in d.jobs)]
         return accuracy_table(d.run, tasks, family_tasks=d.tasks or tasks,

@@ -14,7 +14,7 @@ from typing import Sequence
 from matplotlib import colormaps
 from matplotlib.colors import to_hex
 
-from .formatting import METHODS
+from loralens.report.formatting import METHODS
 
 
 def method_colors(methods: Sequence[str]) -> dict[str, str]:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import datetime
 
-from . import (accuracy_tables, data_tables, drift_tables, methods_report, provenance_tables,
-               serving_tables, timing_tables)
-from .figures import FigureFile
-from .formatting import KINDS, Table, ci, finite, g, pm, pval, signed_pct
-from .render import Block
-from .run_data import RunData
-from .status import Stage, rerun_hint, stage_status, table_status
+from loralens.report import (
+    accuracy_tables, data_tables, drift_tables, methods_report, provenance_tables, serving_tables,
+    timing_tables,
+)
+from loralens.report.figures import FigureFile
+from loralens.report.formatting import KINDS, Table, ci, finite, g, pm, pval, signed_pct
+from loralens.report.render import Block
+from loralens.report.run_data import RunData
+from loralens.report.status import Stage, rerun_hint, stage_status, table_status
 
 
 def h2(text: str, id: str) -> Block:
@@ -319,7 +321,7 @@ def _drift(doc: _Document) -> None:
     else:
         for fid in DRIFT_FIGURES:
             doc.figure(fid)
-    from .rank_figures import RANK_FIGURES, has_rank_sweep
+    from loralens.report.rank_figures import RANK_FIGURES, has_rank_sweep
 
     if has_rank_sweep(d):  # the rank sweep (--preset ranks): Figures R1 and R2
         for fid, *_ in RANK_FIGURES:
@@ -330,8 +332,8 @@ def _drift(doc: _Document) -> None:
 
 
 def _weights(doc: _Document) -> None:
-    from . import weight_tables as W
-    from .weight_tables import table7b
+    from loralens.report import weight_tables as W
+    from loralens.report.weight_tables import table7b
 
     doc.add(h2("Weight space and forgetting (Tables 7-8)", "weights"))
     multi = methods_report.is_multi(doc.d)
@@ -345,7 +347,7 @@ def _weights(doc: _Document) -> None:
     doc.figure("fig8-layerwise-intruders")
     if doc.table(table8) is None:
         doc.add(missing("Forgetting", "not measured (weights.forgetting is off)"))
-    from .sweep_report import table7c
+    from loralens.report.sweep_report import table7c
 
     if doc.table(table7c) is not None:
         doc.figure("fig9-intruder-sweep")

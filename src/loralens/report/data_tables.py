@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .formatting import DASH, METHODS, Table, f, finite, g, label_counts
-from .run_data import RunData
+from loralens.report.formatting import DASH, METHODS, Table, f, finite, g, label_counts
+from loralens.report.run_data import RunData
 
 
 def _data_for(d: RunData, task: str) -> dict | None:

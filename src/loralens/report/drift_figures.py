@@ -15,9 +15,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .colors import method_color
-from .formatting import MEASURES, METHODS, finite
-from .run_data import RunData
+from loralens.report.colors import method_color
+from loralens.report.formatting import MEASURES, METHODS, finite
+from loralens.report.run_data import RunData
 
 MEASURE_STYLE = {"cka": ("#404040", ""), "cka_debiased": ("#8c8c8c", "//"),
                  "cosine": ("#c8c8c8", "..")}

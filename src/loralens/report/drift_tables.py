@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .formatting import DASH, MEASURES, Table, ci, f, finite, g, pm, signed_pct
-from .run_data import RunData
-from .significance import bonferroni_family, family_note, p_cells, resamples_note
+from loralens.report.formatting import DASH, MEASURES, Table, ci, f, finite, g, pm, signed_pct
+from loralens.report.run_data import RunData
+from loralens.report.significance import bonferroni_family, family_note, p_cells, resamples_note
 
 STD_MEASURES = {"cka_std": "1 − linear CKA, standardised (biased)",
                 "cka_std_debiased": "1 − linear CKA, standardised (debiased)"}

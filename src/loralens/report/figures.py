@@ -15,16 +15,18 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
-from ..files import atomic_path, atomic_write_json
-from .drift_figures import fig_accuracy_vs_drift, fig_drift_reduction, fig_layerwise, fig_outliers
-from .formatting import finite
-from .methods_figures import fig_method_drift, legend_labels
-from .methods_report import is_multi
-from .rank_figures import RANK_FIGURES
-from .run_data import RunData
-from .serving_figures import fig_latency, fig_loadtest
-from .sweep_report import fig_intruder_sweep
-from .weight_figures import fig_layerwise_intruders
+from loralens.core.files import atomic_path, atomic_write_json
+from loralens.report.drift_figures import (
+    fig_accuracy_vs_drift, fig_drift_reduction, fig_layerwise, fig_outliers,
+)
+from loralens.report.formatting import finite
+from loralens.report.methods_figures import fig_method_drift, legend_labels
+from loralens.report.methods_report import is_multi
+from loralens.report.rank_figures import RANK_FIGURES
+from loralens.report.run_data import RunData
+from loralens.report.serving_figures import fig_latency, fig_loadtest
+from loralens.report.sweep_report import fig_intruder_sweep
+from loralens.report.weight_figures import fig_layerwise_intruders
 
 RC = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
       "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.spines.top": False,

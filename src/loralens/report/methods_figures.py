@@ -1,5 +1,5 @@
 """Figure 2 of a study with more than two methods: each method's drift beside the
-reference method's, from ``drift/methods.json`` (:mod:`loralens.drift_methods`).
+reference method's, from ``drift/methods.json`` (:mod:`loralens.analysis.drift.methods`).
 
 Also :func:`legend_labels`, the text of every legend of a drawn figure, which
 :func:`figures.draw_all` stores beside the figures (``figures/legends.json``) so that a
@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from .colors import method_color, method_label
-from .formatting import MEASURES, finite
-from .run_data import RunData
+from loralens.report.colors import method_color, method_label
+from loralens.report.formatting import MEASURES, finite
+from loralens.report.run_data import RunData
 
 MEASURE = "cka_debiased"  # tasks share the axis: the form whose bias does not depend on n
 
@@ -22,7 +22,7 @@ def fig_method_drift(d: RunData) -> Figure | str:
     """Per task, one bar per method: mean drift (1 − debiased linear CKA, averaged over
     drift.layers) with the seeds' min–max as error bars; * significant against the
     reference after Bonferroni; a head-only method's bar is 0 by construction."""
-    from .methods_report import method_results
+    from loralens.report.methods_report import method_results
 
     res = method_results(d)["drift"] or {}
     rows = [r for r in res.get("rows") or [] if r.get("measure") == MEASURE

@@ -4,11 +4,11 @@ one row each, against the reference method (``reference_method``, default ``full
 A study whose methods go beyond ``lora`` and ``full`` (:func:`is_multi`, the same test
 the drift and weights stages make) gets these in place of the two-method Tables 3, 4,
 4b, 7 and 8, with the same ids: Table 3 from the jobs' metrics.json
-(:func:`loralens.drift_methods.method_accuracy`, stored by the drift stage in
+(:func:`loralens.analysis.drift.methods.method_accuracy`, stored by the drift stage in
 ``drift/methods.json``), Table 4 from ``drift/methods.json``
-(:func:`loralens.drift_methods.method_drift`), Table 4b from ``drift/layers.json``,
+(:func:`loralens.analysis.drift.methods.method_drift`), Table 4b from ``drift/layers.json``,
 Tables 7 and 8 from ``weightspace/methods.json``
-(:func:`loralens.weights_methods.method_summary`).
+(:func:`loralens.analysis.weights.methods.method_summary`).
 
 Sign conventions: scores and weight measures are method − reference; drift's Cohen's d
 is reference − method (positive when the reference drifts more, the paper's sign with
@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .colors import method_label
-from .formatting import DASH, MEASURES, Table, f, finite, g, per_seed, pm, signed_pct
-from .run_data import RunData, _read
-from .significance import p_cells
+from loralens.report.colors import method_label
+from loralens.report.formatting import DASH, MEASURES, Table, f, finite, g, per_seed, pm, signed_pct
+from loralens.report.run_data import RunData, _read
+from loralens.report.significance import p_cells
 
 UNDEFINED = "undefined (head only: 0 by construction)"
 REFERENCE = "reference"
@@ -63,7 +63,7 @@ def accuracy_results(d: RunData) -> dict | None:
               if finite(v := (j.get("validation") or {}).get(d.metric(k[0])))}
     if not scores:
         return None
-    from ..drift_methods import method_accuracy
+    from loralens.analysis.drift.methods import method_accuracy
 
     return method_accuracy(scores, d.tasks, d.methods, reference(d))
 
@@ -109,7 +109,7 @@ def table3_methods(d: RunData) -> Table | None:
                      pm(r.get("mean"), r.get("sd")), per_seed(r.get("per_seed")),
                      f"{r['difference']:+.4f}" if finite(r.get("difference")) else DASH,
                      *test_cells(r)])
-    from .accuracy_tables import reported_split_notes
+    from loralens.report.accuracy_tables import reported_split_notes
 
     entries = [{"task": t, "n_validation": sorted({int((j.get("validation") or {})["n"])
                                                    for k, j in d.jobs.items() if k[0] == t
@@ -251,7 +251,7 @@ def table7_methods(d: RunData) -> Table | None:
     res, rows = _weight_rows(d, forgetting=False)
     if not rows:
         return None
-    from .weight_tables import matrices_note
+    from loralens.report.weight_tables import matrices_note
 
     return Table("table-7-weights", "Table 7: intruder dimensions and the weight change's "
                  "spectrum per method", ["Task", "Measure", "Method", "Seeds", "Mean ± sd",

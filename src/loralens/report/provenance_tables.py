@@ -8,8 +8,8 @@ run holds nothing for it yet.
 
 from __future__ import annotations
 
-from .formatting import DASH, METHODS, Table, f
-from .run_data import RunData
+from loralens.report.formatting import DASH, METHODS, Table, f
+from loralens.report.run_data import RunData
 
 
 def model_info(d: RunData) -> tuple[str | None, str | None]:

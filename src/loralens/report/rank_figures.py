@@ -6,7 +6,7 @@ Both are drawn only for a run with at least two LoRA ranks on the same target mo
 function of :mod:`.figures` does, and the report leaves them out. What a method is (its
 family, LoRA rank and target modules) and how many parameters it trained come from each
 job's ``metrics.json`` (``hyperparameters.method`` or ``hyperparameters.lora``, and
-``parameters.trainable``, counted by :func:`loralens.train.count_parameters`); drift from
+``parameters.trainable``, counted by :func:`loralens.training.job.count_parameters`); drift from
 ``drift/layers.json`` through :func:`.drift_figures.model_drift`.
 
 "Plain" LoRA (no DoRA, rsLoRA, PiSSA/OLoRA initialisation or LoRA+) is what a rank series
@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from matplotlib.figure import Figure
 
-from .colors import method_color, method_label
-from .drift_figures import model_drift
-from .formatting import finite
-from .run_data import RunData
+from loralens.report.colors import method_color, method_label
+from loralens.report.drift_figures import model_drift
+from loralens.report.formatting import finite
+from loralens.report.run_data import RunData
 
 REFERENCES = ("head", "full")  # drawn as references, not as a series
 MARKERS = {"head": "v", "full": "D", "lora": "o", "all-linear": "s", "other": "P"}

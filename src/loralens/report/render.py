@@ -15,8 +15,8 @@ import html
 import re
 from dataclasses import dataclass
 
-from .figures import FigureFile
-from .formatting import Table
+from loralens.report.figures import FigureFile
+from loralens.report.formatting import Table
 
 
 @dataclass

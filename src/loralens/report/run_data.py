@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ..store import RunDir
+from loralens.core.run_dir import RunDir
 
 if TYPE_CHECKING:
-    from ..config import StudyConfig
+    from loralens.core.config import StudyConfig
 
 STAGES = ("sanity", "search", "train", "extract", "drift", "bench", "report")
 
@@ -89,7 +89,7 @@ class RunData:
 
     def metric(self, task: str) -> str:
         try:
-            from ..tasks import get_task
+            from loralens.tasks.spec import get_task
 
             return get_task(task).metric
         except (KeyError, ValueError):  # a task file this process has not read
@@ -142,14 +142,14 @@ class Protocol:
 
 
 def resolve_protocol(config: dict, data: dict | None) -> Protocol:
-    """Rebuild the run's StudyConfig from the stored dict and ask :mod:`loralens.protocol`.
+    """Rebuild the run's StudyConfig from the stored dict and ask :mod:`loralens.core.protocol`.
 
     A config.yaml without ``data.selection`` was written before the key existed, by code
     that selected on the validation split: it is read as the published protocol, never
     as today's default. Keys the current schema rejects (renamed, out of range) are
     dropped one by one, so an old run still gets a protocol; the report lists them.
     """
-    from .. import protocol as P
+    from loralens.core import protocol as P
 
     stored = copy.deepcopy(config)
     missing = [k for k in PROTOCOL_KEYS if _get(stored, k) is _ABSENT]
@@ -171,8 +171,8 @@ def resolve_protocol(config: dict, data: dict | None) -> Protocol:
 
 def _rebuild(stored: dict) -> tuple[StudyConfig, list[str]]:
     """``config_from_dict``, dropping each key it rejects (at most 50); defaults else."""
-    from ..config import ConfigError, DataConfig, StudyConfig
-    from ..config_load import config_from_dict
+    from loralens.core.config import ConfigError, DataConfig, StudyConfig
+    from loralens.core.config_load import config_from_dict
 
     dropped: list[str] = []
     for _ in range(50):
@@ -238,7 +238,7 @@ def load_run(run: RunDir | str | Path) -> RunData:
     cfg = _read(run.config_path, p, "yaml")
     d.config = cfg if isinstance(cfg, dict) else None
     if d.config:  # tasks read from task files: their label names and metrics
-        from ..task_files import register_definitions
+        from loralens.tasks.task_file import register_definitions
 
         p.extend(register_definitions(d.config.get("task_defs")))
     d.env = _read(run.env_path, p)

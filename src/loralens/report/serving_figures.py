@@ -16,10 +16,10 @@ from matplotlib.figure import Figure
 
 from matplotlib.patches import Patch
 
-from ..serving.paths import SUFFIX, split_kind
-from .colors import method_color, method_label
-from .formatting import KINDS, finite
-from .run_data import RunData
+from loralens.models.serving_paths import SUFFIX, split_kind
+from loralens.report.colors import method_color, method_label
+from loralens.report.formatting import KINDS, finite
+from loralens.report.run_data import RunData
 
 # the path a kind was served by (its name's suffix; whole models have none) -> bar hatch
 PATH_HATCHES = {"whole": "", "merged": "", "separate": "//", "runtime": "xx"}

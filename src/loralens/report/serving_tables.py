@@ -6,11 +6,12 @@ still read: what they did not record is said so.
 
 from __future__ import annotations
 
-from ..serving.paths import split_kind
-from .colors import method_label
-from .formatting import (DASH, KINDS, Table, ci, f, finite, g, pm, pval, seconds, signed_pct,
-                         yesno)
-from .run_data import RunData
+from loralens.models.serving_paths import split_kind
+from loralens.report.colors import method_label
+from loralens.report.formatting import (
+    DASH, KINDS, Table, ci, f, finite, g, pm, pval, seconds, signed_pct, yesno,
+)
+from loralens.report.run_data import RunData
 
 
 def serving_extras(s: dict, task: str, batch: int, kind: str) -> tuple[list, list, list]:
@@ -218,7 +219,7 @@ LOADTEST_BACKENDS = {"merged": "merged (one model per adapter)",
 def _best(cells: list[dict], repeated: bool) -> set[int]:
     """ids of the cells whose server is the best of its (adapters, clients): the one whose
     throughput interval lies above every other server's (none without intervals)."""
-    from ..serving.loadtest_analysis import compare_cells
+    from loralens.analysis.latency import compare_cells
 
     if not repeated:
         return set()
@@ -239,7 +240,7 @@ def table6_loadtest(d: RunData) -> Table | None:
     cells = lt.get("cells") or []
     if not cells:
         return None
-    from ..serving.loadtest_analysis import crossover_text, crossovers
+    from loralens.analysis.latency import crossover_text, crossovers
 
     repeated = any(c.get("throughput_ci") for c in cells)
     best = _best(cells, repeated)

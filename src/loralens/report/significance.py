@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .formatting import DASH, d_, finite, pval, yesno
-from .run_data import RunData
+from loralens.report.formatting import DASH, d_, finite, pval, yesno
+from loralens.report.run_data import RunData
 
 ZERO_SPREAD = "undefined (zero spread)"
 NOT_TESTED = "not tested"
@@ -32,7 +32,7 @@ def bonferroni_family(src: dict | None, name: str, d: RunData) -> dict | None:
     fam = ((src or {}).get("families") or {}).get(name)
     if fam or src is not None or not d.tasks or name not in ("table3", "examples"):
         return fam
-    from ..tasks import get_task
+    from loralens.tasks.spec import get_task
 
     members = ([f"{t} {get_task(t).metric}" for t in d.tasks] if name == "table3"
                else [f"{t} seed {s}" for t in d.tasks for s in d.seeds])

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .formatting import Table, short_list
-from .run_data import RunData
+from loralens.report.formatting import Table, short_list
+from loralens.report.run_data import RunData
 
 
 @dataclass
@@ -107,7 +107,7 @@ def _stale_drift(d: RunData) -> str:
             for m, seeds in (c.get("all_seeds") or {}).items():
                 counted |= {(e.get("task"), m, int(s)) for s in seeds}
             break
-    from .methods_report import is_multi, method_results
+    from loralens.report.methods_report import is_multi, method_results
 
     if is_multi(d):  # the other methods' drift: drift/methods.json
         for r in (method_results(d)["drift"] or {}).get("rows") or []:
@@ -119,7 +119,7 @@ def _stale_drift(d: RunData) -> str:
 
 
 def _weights(d: RunData) -> Stage:
-    from .weight_tables import weight_data
+    from loralens.report.weight_tables import weight_data
 
     rows = weight_data(d)["layers"]
     if rows is None:

@@ -1,13 +1,13 @@
 """The causal test in the report: Table 7c and Figure 9, from ``weightspace/sweep.json``
-(the weights stage with ``weights.sweep``, :mod:`loralens.intruder_sweep`)."""
+(the weights stage with ``weights.sweep``, :mod:`loralens.analysis.weights.intruder_sweep`)."""
 
 from __future__ import annotations
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from .formatting import DASH, Table, finite, g, pm
-from .run_data import RunData, _read
+from loralens.report.formatting import DASH, Table, finite, g, pm
+from loralens.report.run_data import RunData, _read
 
 PANELS = (("score", "validation score (task metric)"), ("drift", "drift (1 − debiased CKA)"),
           ("forgetting", "forgetting (nats/token)"))

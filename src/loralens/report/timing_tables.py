@@ -7,8 +7,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from .formatting import DASH, METHODS, Table, finite, pct, rate, seconds, short_list
-from .run_data import STAGES, RunData
+from loralens.report.formatting import DASH, METHODS, Table, finite, pct, rate, seconds, short_list
+from loralens.report.run_data import STAGES, RunData
 
 
 def table_timings(d: RunData) -> Table | None:

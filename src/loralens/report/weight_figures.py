@@ -11,11 +11,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .colors import method_color
-from .drift_figures import drawn_methods, model_drift
-from .formatting import METHODS
-from .run_data import RunData
-from .weight_tables import weight_data
+from loralens.report.colors import method_color
+from loralens.report.drift_figures import drawn_methods, model_drift
+from loralens.report.formatting import METHODS
+from loralens.report.run_data import RunData
+from loralens.report.weight_tables import weight_data
 
 EPSILON = "0.5"
 

@@ -1,12 +1,12 @@
 """The weight-space tables: intruder dimensions and the change's spectrum (Table 7, 7b) and
-forgetting (Table 8), from ``weightspace/`` (the weights stage, :mod:`loralens.weights`).
+forgetting (Table 8), from ``weightspace/`` (the weights stage, :mod:`loralens.analysis.weights.stage`).
 """
 
 from __future__ import annotations
 
-from .formatting import DASH, METHODS, Table, f, finite, g, pm
-from .run_data import RunData, _read
-from .significance import p_cells
+from loralens.report.formatting import DASH, METHODS, Table, f, finite, g, pm
+from loralens.report.run_data import RunData, _read
+from loralens.report.significance import p_cells
 
 MEASURE_NAMES = {"intruders": "intruder dimensions (sum over matrices)",
                  "rel_change": "‖W − W0‖F / ‖W0‖F (mean over matrices)",

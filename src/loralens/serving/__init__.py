@@ -15,7 +15,7 @@ the CLI can build its parser with :func:`add_serve_arguments` and
 
 from __future__ import annotations
 
-from .cli_args import add_loadtest_arguments, add_serve_arguments
+from loralens.serving.cli_args import add_loadtest_arguments, add_serve_arguments
 
 __all__ = ["LoraAdapter", "LoraLinear", "MultiLoraClassifier", "run_bench",
            "add_serve_arguments", "add_loadtest_arguments"]
@@ -23,11 +23,11 @@ __all__ = ["LoraAdapter", "LoraLinear", "MultiLoraClassifier", "run_bench",
 
 def __getattr__(name: str):
     if name in ("LoraAdapter", "LoraLinear", "MultiLoraClassifier"):
-        from . import runtime
+        from loralens.serving import runtime
 
         return getattr(runtime, name)
     if name == "run_bench":
-        from .bench import run_bench
+        from loralens.serving.bench.stage import run_bench
 
         return run_bench
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

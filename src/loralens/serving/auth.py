@@ -15,8 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from ..config import ConfigError
-from .responses import ErrorOut
+from loralens.core.config import ConfigError
+from loralens.serving.responses import ErrorOut
 
 API_KEY_ENV = "LORALENS_API_KEY"
 OPEN_PATHS = frozenset({"/health"})

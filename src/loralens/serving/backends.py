@@ -37,9 +37,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..models import CausalLMClassifier
-from .cli_args import BACKENDS
-from .runtime import LoraAdapter, MultiLoraClassifier
+from loralens.models.classifier import CausalLMClassifier
+from loralens.serving.cli_args import BACKENDS
+from loralens.serving.runtime import LoraAdapter, MultiLoraClassifier
 
 
 
@@ -137,7 +137,7 @@ class PeftBackend(Backend):
         self.labels: int | None = None
 
     def _add(self, name, path, adapter):
-        from ..artifacts import load_adapter  # standard or old layout
+        from loralens.models.artifacts import load_adapter
 
         if self.labels is not None and adapter.num_labels != self.labels:
             raise AdapterError(f"{path}: {adapter.num_labels} labels; the PEFT backend holds "

@@ -9,7 +9,7 @@ from typing import Annotated, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 
-from .sources import NAME_PATTERN
+from loralens.serving.sources import NAME_PATTERN
 
 
 class RequestError(Exception):

@@ -20,7 +20,7 @@ Per run: p50/p95/p99/mean latency as the client sees it (HTTP included), through
 (answered requests per second of wall time), errors, and the server's own counters
 (batches, mixed batches, rows per batch) from ``/health``. The schedule, the per-cell
 statistics over repeats and the crossover calls are in
-:mod:`loralens.serving.loadtest_analysis`.
+:mod:`loralens.analysis.latency`.
 
 The client runs in this process (asyncio + httpx). Results: RUN_DIR/loadtest/
 (``RunDir.loadtest_dir``) or ``--out``: loadtest.json, loadtest.csv (one row per cell),
@@ -44,11 +44,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..store import RunDir
-from ..files import atomic_write_json, write_csv
-from ..timing import stopwatch
-from .cli_args import BACKENDS, DEFAULT_ADAPTERS, DEFAULT_CLIENTS, DEFAULT_REPEATS
-from .loadtest_analysis import crossovers, schedule, summarize_cells, table_lines
+from loralens.core.run_dir import RunDir
+from loralens.core.files import atomic_write_json, write_csv
+from loralens.core.timing import stopwatch
+from loralens.serving.cli_args import BACKENDS, DEFAULT_ADAPTERS, DEFAULT_CLIENTS, DEFAULT_REPEATS
+from loralens.analysis.latency import crossovers, schedule, summarize_cells, table_lines
 
 
 # RunDir names the result (RUN_DIR/loadtest/loadtest.json); --out keeps the name elsewhere
@@ -190,8 +190,8 @@ async def _cell(url: str, names: list[str], bodies: list[dict], clients: int,
 
 def _bodies(task: str, glue_dir, n: int, seed: int = 0) -> list[dict]:
     """``n`` validation rows of ``task`` (a fixed random sample) as request bodies."""
-    from ..data import load_split
-    from ..tasks import get_task
+    from loralens.tasks.sources import load_split
+    from loralens.tasks.spec import get_task
 
     spec = get_task(task)
     split = load_split(spec, "validation", glue_dir)
@@ -233,7 +233,7 @@ def run_loadtest(sources: Sequence[str], task: str, out_dir: Path,
                  server_args: Sequence[str] = (), progress: bool = True,
                  repeats: int = DEFAULT_REPEATS) -> dict:
     """Every (adapters, clients) cell ``repeats`` times on every backend, the servers
-    interleaved (:func:`~loralens.serving.loadtest_analysis.schedule`); writes
+    interleaved (:func:`~loralens.analysis.latency.schedule`); writes
     loadtest.json, loadtest.csv, loadtest_runs.csv."""
     _check_settings(backends, clients, adapters, requests, repeats)
     t_start = time.time()
@@ -312,7 +312,7 @@ def _measure_run(srv: ServerProcess, names: list[str], bodies: list[dict], clien
 def _scheduled_runs(backends: Sequence[str], adapters: Sequence[int], clients: Sequence[int],
                     repeats: int, measure: Callable[[str, int, int], dict],
                     progress: bool) -> list[dict]:
-    """:func:`~loralens.serving.loadtest_analysis.schedule`, with a progress bar when
+    """:func:`~loralens.analysis.latency.schedule`, with a progress bar when
     ``progress``."""
     bar = None
     if progress:
@@ -352,7 +352,7 @@ def _outcome(t_start: float, servers: dict[str, dict], cells: list[dict],
 
 
 def cli_command(args) -> int:
-    from .sources import collect_adapters
+    from loralens.serving.sources import collect_adapters
 
     specs, run_dir = collect_adapters(args.sources)  # fail early, before starting servers
     task, chosen = choose_task(specs, args.task)

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models import last_token_index
+from loralens.models.families import last_token_index
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _PREFIX = "base_model.model."
@@ -115,7 +115,7 @@ class LoraAdapter:
             if value not in (default, None, False, {}, []):
                 raise NotImplementedError(f"{source}: adapter_config {key}={value!r} is not "
                                           "supported by the serving runtime")
-        from .paths import rewrites_base
+        from loralens.models.serving_paths import rewrites_base
 
         if rewrites_base(config):  # PiSSA/OLoRA: A, B alone are not the model on the base W
             raise NotImplementedError(

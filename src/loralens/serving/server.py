@@ -15,7 +15,7 @@ Endpoints::
     POST   /v1/classify             {"adapter": "x", "texts": ["..."]}  or  "pairs": [["s1", "s2"]]
         -> {"adapter", "labels": [int], "label_names": [str]|null, "probabilities": [[float]]}
 
-Tokenization is training's (:func:`loralens.data.encode_texts`: ``s1 <eos> s2``,
+Tokenization is training's (:func:`loralens.training.batches.encode_texts`: ``s1 <eos> s2``,
 truncated to ``max_length``). Dynamic batching: requests wait at most
 ``max_wait_ms`` for others, whatever their adapter, and run together as one
 batch of up to ``max_batch`` rows; on the ``ours`` backend a batch mixing
@@ -33,7 +33,7 @@ Modules: :mod:`.sources` (which adapters), :mod:`.bodies` (request bodies, limit
 :mod:`.auth` (the optional bearer token: every endpoint but /health), :mod:`.metrics`.
 On SIGTERM the server stops accepting, answers the requests it has, and exits 0.
 The base model is the run's (name, revision, trust_remote_code from its config)
-when a run directory is served, loaded through :func:`loralens.models.load_base`.
+when a run directory is served, loaded through :func:`loralens.models.classifier.load_base`.
 """
 
 from __future__ import annotations
@@ -51,19 +51,23 @@ from typing import Sequence
 import torch
 from fastapi import Request  # module level: handlers' annotations are resolved from here
 
-from ..data import collate, encode_texts
-from ..models import Base, load_base
-from ..store import RunDir
-from ..tasks import get_task
-from .backends import AdapterError, AdapterInfo, Backend, make_backend
-from .bodies import (AdapterIn, BodyLimit, ClassifyIn, RequestError, json_body_schema,
-                     read_body)
-from .auth import BearerAuth, declare_auth, load_api_key
-from .cli_args import DEFAULT_MAX_BODY
-from .metrics import MetricsMiddleware, install_metrics
-from .responses import (ADDED_LINKS, AdapterOut, AdaptersOut, ClassifyOut, HealthOut, RemovedOut,
-                        responses)
-from .sources import NAME_RULE, AdapterSpec, collect_adapters, replicate, task_of, valid_name
+from loralens.training.batches import collate, encode_texts
+from loralens.models.classifier import Base, load_base
+from loralens.core.run_dir import RunDir
+from loralens.tasks.spec import get_task
+from loralens.serving.backends import AdapterError, AdapterInfo, Backend, make_backend
+from loralens.serving.bodies import (
+    AdapterIn, BodyLimit, ClassifyIn, RequestError, json_body_schema, read_body,
+)
+from loralens.serving.auth import BearerAuth, declare_auth, load_api_key
+from loralens.serving.cli_args import DEFAULT_MAX_BODY
+from loralens.serving.prometheus import MetricsMiddleware, install_metrics
+from loralens.serving.responses import (
+    ADDED_LINKS, AdapterOut, AdaptersOut, ClassifyOut, HealthOut, RemovedOut, responses,
+)
+from loralens.serving.sources import (
+    NAME_RULE, AdapterSpec, collect_adapters, replicate, task_of, valid_name,
+)
 
 __all__ = ["AdapterSpec", "RequestError", "Service", "build_service",
            "collect_adapters", "create_app", "replicate", "serve"]
@@ -372,7 +376,7 @@ def build_service(specs: Sequence[AdapterSpec], base: Base, backend: str = "ours
                   max_texts: int = 64, adapter_root: str | Path | None = None) -> Service:
     """The base model's weights loaded once, every adapter added to a new backend.
     ``adapter_root``: the directory below which clients may add adapters (None: none)."""
-    from ..model_families import require_servable
+    from loralens.models.families import require_servable
 
     require_servable(base.family, base.pooling, "serve")
     b = make_backend(backend, base.backbone())
@@ -388,7 +392,7 @@ def base_model_config(args, run_cfg=None):
     """The base model to serve (a ``ModelConfig``): the run's (name, revision,
     trust_remote_code) unless ``--model`` names another; ``--revision`` and
     ``--trust-remote-code`` override."""
-    from ..config import ModelConfig
+    from loralens.core.config import ModelConfig
 
     mc = run_cfg.model if run_cfg is not None else ModelConfig()
     if args.model and args.model != mc.name:

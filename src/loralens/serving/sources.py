@@ -1,5 +1,5 @@
 """Which adapters to serve: run directories (every finished LoRA job's adapter, found
-through :class:`~loralens.store.RunDir`), adapter directories, or ``NAME=DIR``; their
+through :class:`~loralens.core.run_dir.RunDir`), adapter directories, or ``NAME=DIR``; their
 names and tasks; copies for load tests."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..store import RunDir
-from ..tasks import get_task
-from .backends import AdapterError
+from loralens.core.run_dir import RunDir
+from loralens.tasks.spec import get_task
+from loralens.serving.backends import AdapterError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$"  # also in the OpenAPI schema
 _NAME = re.compile(NAME_PATTERN.replace("$", r"\Z"))  # Python's $ also matches before a "\n"
@@ -43,7 +43,7 @@ def task_of(path: Path) -> tuple[str | None, str]:
     parts = path.resolve().parts
     if len(parts) >= 5 and parts[-1] == "adapter" and parts[-3] == "lora" \
             and parts[-2].startswith("seed") and parts[-5] == "models":
-        from ..task_files import register_run_tasks
+        from loralens.tasks.task_file import register_run_tasks
 
         register_run_tasks(Path(*parts[:-5]))  # tasks from task files: their label names
         return _known_task(parts[-4]), f"{parts[-4]}-{parts[-2]}"

@@ -8,16 +8,17 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from loralens import data as D
-from loralens.config import StudyConfig
-from loralens.models import apply_method, build_classifier, tiny_llama_config
-from loralens.loop import dist_info, evaluate, fit, init_distributed
+from loralens.training import batches as B
+from loralens.core.config import StudyConfig
+from loralens.models.classifier import apply_method, build_classifier
+from loralens.models.tiny import tiny_llama_config
+from loralens.training.loop import dist_info, evaluate, fit, init_distributed
 
 init_distributed()
 torch.set_num_threads(1)
 rng = np.random.default_rng(0)
 ids = [[int(t) for t in rng.integers(10, 4000, size=rng.integers(3, 20))] for _ in range(32)]
-enc = D.Encoded(ids, np.array([sum(x) % 2 for x in ids]), np.arange(32))
+enc = B.Encoded(ids, np.array([sum(x) % 2 for x in ids]), np.arange(32))
 torch.manual_seed(0)
 backbone = AutoModel.from_config(tiny_llama_config(), dtype=torch.float32)
 cfg = StudyConfig()

@@ -1,0 +1,280 @@
+"""Drift statistics: the Bonferroni families, LoRA vs full fine-tuning comparisons
+(:func:`compare`, :func:`describe`), and Table 3 (scores per task, with example-level
+McNemar tests over the validation logits).
+
+Zero spread of the paired differences is undefined, never significant
+(:mod:`loralens.analysis.stats`); where a statistic is undefined the value is null and a note says why.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from loralens.tasks import rows as D
+from loralens.tasks import sources as TS
+from loralens.analysis import stats
+from loralens.analysis.drift.measures import DRIFT_MEASURES, PAIR, SCORE_SIGN
+from loralens.core.run_dir import RunDir
+from loralens.core.files import read_json
+from loralens.tasks.spec import get_task
+
+
+# --------------------------------------------------------------------------- families
+
+def families(tasks: Sequence[str], seeds: Sequence[int], n_drift_states: int | None,
+             alpha: float) -> dict:
+    """The Bonferroni families: the tests the study makes, from the config's tasks and
+    seeds (whether or not each is computed yet, so a correction never changes with the
+    tasks a command selected or the order they finish in).
+
+    - ``table3``: the study metric of each task (accuracy; F1 for MRPC), paired t-test by
+      seed: one test per task.
+    - ``table4``: each drift measure (biased CKA, debiased CKA, cosine) of each task.
+    - ``per_layer``: each selected state of each task, one family per measure.
+    - ``examples``: one exact McNemar test per task and seed.
+    """
+    tasks = list(tasks)
+
+    def fam(members: list[str], what: str) -> dict:
+        n = max(len(members), 1)
+        return {"size": len(members), "members": members, "description": what,
+                "alpha": alpha, "alpha_per_test": alpha / n}
+
+    t3 = [f"{t} {get_task(t).metric}" for t in tasks]
+    t4 = [f"{t} {m}" for t in tasks for m in DRIFT_MEASURES]
+    ex = [f"{t} seed {s}" for t in tasks for s in seeds]
+    out = {"table3": fam(t3, "the study metric of each configured task (accuracy; F1 for "
+                             "MRPC), paired t-test by seed"),
+           "table4": fam(t4, "drift measures (1 - biased CKA, 1 - debiased CKA, 1 - cosine) "
+                             "x configured tasks, paired t-test by seed"),
+           "examples": fam(ex, "configured tasks x seeds, exact McNemar test over "
+                               "validation examples")}
+    if n_drift_states:
+        size = n_drift_states * len(tasks)
+        out["per_layer"] = {"size": size, "members": [f"{n_drift_states} states of "
+                                                      f"drift.layers × {', '.join(tasks)}"],
+                            "description": "states of drift.layers x configured tasks, one "
+                                           "family per measure, paired t-test by seed",
+                            "alpha": alpha, "alpha_per_test": alpha / size}
+    return out
+
+
+# --------------------------------------------------------------------------- statistics
+
+def compare(lora: dict[int, float], full: dict[int, float], n_tests: int, alpha: float = 0.05,
+            n_resamples: int = 10_000, ci_seed: int = 0, sign: str = SCORE_SIGN) -> dict:
+    """LoRA vs full fine-tuning for one quantity, given ``{seed: value}`` per method.
+
+    Seeds present for both methods are paired; with at least two pairs the result is
+    :func:`stats.compare_methods` (``sign``: the difference t and Cohen's d are of).
+    Otherwise the same keys are returned with the paired statistics (t, p, CIs, d, sd)
+    set to None and a ``note`` saying why, so one seed (the smoke preset) gives means and
+    Delta% but no test.
+
+    Adds ``alpha_per_test`` (alpha / n_tests, Bonferroni), ``unpaired_seeds`` and
+    ``bootstrap`` (settings, and how many distinct resamples the seeds allow).
+    """
+    paired = sorted(set(lora) & set(full))
+    unpaired = {m: sorted(set(v) - set(paired)) for m, v in (("lora", lora), ("full", full))}
+    if len(paired) >= 2:
+        out = stats.compare_methods([lora[s] for s in paired], [full[s] for s in paired],
+                                    paired, n_tests=n_tests, alpha=alpha,
+                                    n_resamples=n_resamples, seed=ci_seed, sign=sign)
+    else:
+        out = _untested(lora, full, paired, n_tests, alpha, sign)
+    out["tested"] = True
+    out["alpha_per_test"] = stats.bonferroni_alpha(n_tests, alpha)
+    out["unpaired_seeds"] = unpaired
+    out["bootstrap"] = {"n_resamples": n_resamples, "seed": ci_seed, "confidence": 0.95,
+                        "distinct_resamples": stats.distinct_resamples(len(paired))
+                        if paired else None}
+    return out
+
+
+def describe(c: dict, why: str) -> dict:
+    """``c`` as a descriptive comparison: means and Delta% kept, no test (not in a family)."""
+    for k in ("t", "p", "p_bonferroni", "significant", "cohens_d", "n_tests",
+              "alpha_per_test"):
+        c[k] = None
+    c["tested"] = False
+    c["zero_spread"] = None
+    c["note"] = why
+    return c
+
+
+def _untested(lora: dict[int, float], full: dict[int, float], paired: list[int], n_tests: int,
+              alpha: float, sign: str) -> dict:
+    """:func:`compare`'s keys for fewer than two paired seeds: means and Delta%, no test."""
+    def summary(values: dict[int, float]) -> dict | None:
+        seeds = paired or sorted(values)
+        if not seeds:
+            return None
+        x = np.array([values[s] for s in seeds], dtype=np.float64)
+        return {"mean": float(x.mean()), "sd": float(x.std(ddof=1)) if x.size > 1 else None,
+                "per_seed": [float(v) for v in x], "ci": None}
+
+    lo, fu = summary(lora), summary(full)
+    delta = None
+    if lo and fu and paired and fu["mean"] != 0.0:
+        delta = stats.delta_percent([full[s] for s in paired], [lora[s] for s in paired])
+    if not lora or not full:
+        why = f"only {'LoRA' if lora else 'full fine-tuning' if full else 'no method'} " \
+              "results: no comparison"
+    else:
+        why = (f"{len(paired)} seed(s) with both methods: the paired t-test, Cohen's d and "
+               "the bootstrap CIs need at least 2 paired seeds, so they are null")
+    return {"seeds": paired, "n_seeds": len(paired), "lora": lo, "full": fu,
+            "delta_percent": delta, "delta_percent_ci": None,
+            "bootstrap_distinct_resamples": None, "sign": sign, "t": None, "p": None,
+            "n_tests": int(n_tests), "alpha": float(alpha), "p_bonferroni": None,
+            "significant": None, "cohens_d": None, "zero_spread": None,
+            "test": f"two-sided paired t-test (scipy.stats.ttest_rel) of {sign}, "
+                    "paired by seed", "note": why}
+
+
+# --------------------------------------------------------------------------- Table 3
+
+def accuracy_table(run: RunDir, tasks: Sequence[str], alpha: float = 0.05,
+                   n_resamples: int = 10_000, ci_seed: int = 0,
+                   notes: list[str] | None = None, *, family_tasks: Sequence[str] | None = None,
+                   family_seeds: Sequence[int] | None = None,
+                   glue_dir: str | None = None) -> list[dict]:
+    """Table 3 per task, from the jobs' metrics.json and val_logits.npy.
+
+    Per task the study metric (``TaskSpec.metric``: accuracy; F1 for MRPC) is compared
+    with a paired t-test by seed, Bonferroni over ``family_tasks`` (default ``tasks``);
+    accuracy is shown beside F1 for MRPC, descriptive. ``example_level`` holds, per seed
+    with both methods' logits, the exact McNemar test over validation examples
+    (Bonferroni over ``family_tasks`` x ``family_seeds``) and Wilson intervals.
+    """
+    notes = notes if notes is not None else []
+    family_tasks = list(family_tasks or tasks)
+    jobs = run.finished_jobs()
+    rows = []
+    for task in tasks:
+        spec = get_task(task)
+        metrics = {(m, s): read_json(run.metrics_path(task, m, s))
+                   for t, m, s in jobs if t == task}
+        if not metrics:
+            notes.append(f"{task}: no finished training job; no accuracy row")
+            continue
+        first = next(iter(metrics.values()))
+        entry = {"task": task, "selection_metric": spec.metric,
+                 "n_validation": sorted({int(m["validation"]["n"]) for m in metrics.values()}),
+                 "majority_baseline": first.get("majority_baseline"),
+                 "model": first.get("model"), "model_note": first.get("model_note"),
+                 "metrics": {}}
+        if len(entry["n_validation"]) > 1:
+            notes.append(f"{task}: jobs were evaluated on different numbers of validation rows "
+                         f"{entry['n_validation']}")
+        for metric in spec.metrics:
+            by = {meth: {s: float(m["validation"][metric]) for (mm, s), m in metrics.items()
+                         if mm == meth} for meth in PAIR}
+            c = compare(by["lora"], by["full"], len(family_tasks), alpha, n_resamples, ci_seed,
+                        SCORE_SIGN)
+            if metric != spec.metric:
+                describe(c, f"descriptive: {metric} is not {task}'s study metric "
+                            f"({spec.metric}), so it is not tested")
+            # Delta% is a drift-reduction quantity; for scores the signed difference reads better.
+            c.pop("delta_percent"), c.pop("delta_percent_ci")
+            c["difference"] = (c["lora"]["mean"] - c["full"]["mean"]
+                               if c["lora"] and c["full"] else None)
+            c["all_seeds"] = {meth: by[meth] for meth in PAIR}
+            entry["metrics"][metric] = c
+        seeds = family_seeds or sorted({s for (_, s) in metrics})
+        entry["example_level"] = example_tests(
+            run, task, metrics, len(family_tasks) * len(seeds), alpha, glue_dir, notes)
+        rows.append(entry)
+    return rows
+
+
+def validation_labels(task: str, glue_dir: str | None, n: int) -> tuple[np.ndarray | None, str]:
+    """Labels of the validation split in split order (the order of val_logits.npy), read
+    from the GLUE files (``glue_dir``, else $LORALENS_GLUE_DIR); ``(None, why)`` when there
+    are none (never the hub: the drift stage must not wait on a network)."""
+    spec = get_task(task)
+    try:
+        root = D.resolve_glue_dir(glue_dir)
+        if root is None and spec.source("files") is None:  # local task files: no network
+            return None, "no GLUE directory (data.glue_dir or $LORALENS_GLUE_DIR)"
+        split = TS.load_split(spec, "validation", root)
+    except D.DataError as e:
+        return None, str(e)
+    if len(split) != n:
+        return None, f"{split.source} has {len(split)} rows, the logits {n}"
+    return split.labels, split.source
+
+
+def example_tests(run: RunDir, task: str, metrics: dict, n_tests: int, alpha: float,
+                  glue_dir: str | None, notes: list[str]) -> list[dict]:
+    """LoRA vs full fine-tuning of one seed over the validation examples, per seed.
+
+    From each job's ``val_logits.npy`` (whole validation split, split order): the
+    discordant examples ``b`` (LoRA right, full wrong) and ``c`` (the reverse), the exact
+    McNemar test (:func:`stats.exact_mcnemar`, Bonferroni over ``n_tests``) and a 95%
+    Wilson interval on each accuracy. Labels come from the GLUE files; without them, for a
+    binary task, ``b`` and ``c`` follow from the predictions and the two accuracies in
+    metrics.json (two different predictions of a binary label: exactly one is right, so
+    ``b + c`` = disagreements and ``b - c = n (accuracy_lora - accuracy_full)``).
+    """
+    spec = get_task(task)
+    seeds = sorted({s for (m, s) in metrics if m == "lora"} & {s for (m, s) in metrics
+                                                               if m == "full"})
+    have = [s for s in seeds if all(run.val_logits_path(task, m, s).is_file() for m in PAIR)]
+    if set(seeds) - set(have):
+        notes.append(f"{task}: no val_logits.npy for seed(s) {sorted(set(seeds) - set(have))}; "
+                     "no example-level test there")
+    out, labels, source = [], None, None
+    for s in have:
+        logits = {m: np.load(run.val_logits_path(task, m, s)) for m in PAIR}
+        pred = {m: np.asarray(v).argmax(axis=1) for m, v in logits.items()}
+        n = len(pred["lora"])
+        acc = {m: float(metrics[(m, s)]["validation"]["accuracy"]) for m in PAIR}
+        if len(pred["full"]) != n:
+            notes.append(f"{task} seed {s}: val_logits.npy of LoRA and full fine-tuning have "
+                         f"{n} and {len(pred['full'])} rows; no example-level test")
+            continue
+        if labels is None and source is None:
+            labels, source = validation_labels(task, glue_dir, n)
+        if labels is not None:
+            right = {m: pred[m] == labels for m in PAIR}
+            b = int(np.sum(right["lora"] & ~right["full"]))
+            c = int(np.sum(~right["lora"] & right["full"]))
+            k = {m: int(right[m].sum()) for m in PAIR}
+            how = f"labels from {source}"
+            for m in PAIR:
+                if abs(k[m] / n - acc[m]) > 1e-9:
+                    notes.append(f"{task} seed {s}: {m}'s val_logits.npy give accuracy "
+                                 f"{k[m] / n:.4f}, its metrics.json {acc[m]:.4f}")
+        elif spec.num_labels == 2:
+            kf = {m: n * acc[m] for m in PAIR}
+            dis = int(np.sum(pred["lora"] != pred["full"]))
+            diff = round(kf["lora"] - kf["full"])
+            if any(abs(v - round(v)) > 1e-6 for v in kf.values()) or abs(diff) > dis \
+                    or (dis + diff) % 2:
+                notes.append(f"{task} seed {s}: the accuracies in metrics.json do not fit "
+                             f"val_logits.npy ({n} rows) and there are no labels ({source}); "
+                             "no example-level test")
+                continue
+            b, c = (dis + diff) // 2, (dis - diff) // 2
+            k = {m: round(kf[m]) for m in PAIR}
+            how = ("derived from the predictions and the accuracies in metrics.json (binary "
+                   f"labels; {source})")
+        else:
+            notes.append(f"{task} seed {s}: no labels ({source}); no example-level test")
+            continue
+        p = stats.exact_mcnemar(b, c)
+        p_adj = stats.bonferroni(p, n_tests)
+        out.append({
+            "seed": s, "n": n,
+            **{m: {"correct": k[m], "accuracy": k[m] / n,
+                   "ci": list(stats.wilson_interval(k[m], n))} for m in PAIR},
+            "lora_right_full_wrong": b, "lora_wrong_full_right": c,
+            "p": p, "n_tests": n_tests, "alpha": alpha,
+            "alpha_per_test": stats.bonferroni_alpha(n_tests, alpha), "p_bonferroni": p_adj,
+            "significant": bool(p_adj < alpha), "labels": how,
+            "test": "exact McNemar (two-sided binomial test of b against b + c, p = 1/2)",
+            "interval": "95% Wilson score interval"})
+    return out

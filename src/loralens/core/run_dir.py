@@ -1,0 +1,409 @@
+"""The run directory (:class:`RunDir` owns its layout), its format version and stored
+config, and provenance (versions, commit, hardware). Files are written through
+:mod:`loralens.core.files` (atomic writes, JSON, CSV)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loralens.core.files import atomic_write_json, atomic_write_text, read_json
+from loralens.core.leftovers import remove_stale_temporaries
+
+PACKAGES = ("loralens", "torch", "transformers", "peft", "datasets", "accelerate", "optuna",
+            "numpy", "scipy", "safetensors", "gguf", "tokenizers", "matplotlib")
+
+
+# Keys that may differ between the machines that share one run directory.
+# where this machine finds things or reports to, not what the study is
+MACHINE_LOCAL = {"data.glue_dir", "search.storage", "tracking.report_to", "tracking.experiment",
+                 "run.executor", "run.ray_address"}
+# Config sections of how one invocation executes (config.RunConfig), not of the study:
+# never stored, never a difference (a Ray run and a local run give the same run directory)
+NOT_STORED = ("run",)
+
+
+class RunDirError(RuntimeError):
+    """The run directory conflicts with what was asked (e.g. a different config)."""
+
+
+def git_commit() -> str | None:
+    """Commit of the loralens source tree, when it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    """Versions, commit and hardware, recorded in each run directory."""
+    import torch
+
+    versions = {name: _version(name) for name in PACKAGES}
+    hw = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+          "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        hw["gpu"] = torch.cuda.get_device_name(0)
+    return {"python": platform.python_version(), "packages": versions, "git_commit": git_commit(),
+            "hardware": hw}
+
+
+# A job's weights directory per method: PEFT's adapter layout, or a whole classifier.
+WEIGHTS_DIR = {"lora": "adapter", "full": "model"}
+
+DRIFT_FILES = ("layers.csv", "layers.json", "table3.csv", "table3.json", "table4.csv",
+               "table4.json")
+
+FORMAT_VERSION = 1
+"""Layout version of a run directory, stored in ``loralens.json``. A directory without
+the file was written before versioning (format 0): same layout, opened as it is."""
+
+
+class RunDir:
+    """A run directory and its layout: the one place that knows where each artifact lives.
+
+    Layout (every stage reads what the earlier ones wrote)::
+
+        loralens.json                      format version, loralens version that created it
+        config.yaml                        the resolved config (written once)
+        env.json                           package versions, git commit, hardware per command
+        data.json                          rows used per task and split
+        timings.json                       wall seconds per stage
+        jobs.db                            the job queue (SQLite; or search.storage)
+        search.db                          Optuna studies (SQLite; or search.storage)
+        sanity/<task>-<method>.json        one sanity check;  sanity.json: all of them
+        search/<task>-<method>.json        space, trials, best hyperparameters
+        models/<task>/<method>/seed<seed>/ adapter/ (LoRA, PEFT layout) or model/ (full),
+                                           val_logits.npy, metrics.json (written last:
+                                           its presence marks the job finished)
+        extract/<task>/                    manifest.json + one .npz per model
+        drift/                             layers.*, table3.*, table4.*
+        weightspace/                       intruders, change spectra, forgetting (weights stage)
+        bench/                             serving.json + CSVs
+        loadtest/                          loadtest.json, loadtest.csv
+        report/                            report.md, report.html, figures
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ---- top-level files
+    @property
+    def format_path(self) -> Path:
+        return self.root / "loralens.json"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def env_path(self) -> Path:
+        return self.root / "env.json"
+
+    @property
+    def data_path(self) -> Path:
+        return self.root / "data.json"
+
+    @property
+    def timings_path(self) -> Path:
+        return self.root / "timings.json"
+
+    def sqlite_url(self, name: str) -> str:
+        """SQLite URL of a database file in the run directory (``jobs``, ``search``)."""
+        from loralens.core.job_queue import sqlite_url
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        return sqlite_url(self.root / f"{name}.db")
+
+    # ---- sanity and search
+    def sanity_path(self, task: str, method: str) -> Path:
+        return self.root / "sanity" / f"{task}-{method}.json"
+
+    @property
+    def sanity_summary_path(self) -> Path:
+        return self.root / "sanity.json"
+
+    def sanity_results(self) -> list[Path]:
+        return sorted((self.root / "sanity").glob("*.json"))
+
+    def search_path(self, task: str, method: str) -> Path:
+        return self.root / "search" / f"{task}-{method}.json"
+
+    def search_results(self) -> list[Path]:
+        return sorted((self.root / "search").glob("*.json"))
+
+    # ---- models
+    def job_dir(self, task: str, method: str, seed: int) -> Path:
+        return self.root / "models" / task / method / f"seed{seed}"
+
+    def metrics_path(self, task: str, method: str, seed: int) -> Path:
+        return self.job_dir(task, method, seed) / "metrics.json"
+
+    def val_logits_path(self, task: str, method: str, seed: int) -> Path:
+        return self.job_dir(task, method, seed) / "val_logits.npy"
+
+    def weights_dir(self, task: str, method: str, seed: int) -> Path:
+        """``adapter/`` (PEFT layout) for LoRA, ``model/`` for full fine-tuning; for other
+        methods (:mod:`loralens.models.methods`) the one the job wrote (``model/`` for head-only
+        training, ``adapter/`` for PEFT methods), ``adapter/`` before it ran."""
+        job = self.job_dir(task, method, seed)
+        if method in WEIGHTS_DIR:
+            return job / WEIGHTS_DIR[method]
+        return job / ("model" if (job / "model").is_dir() else "adapter")
+
+    def job_done(self, task: str, method: str, seed: int) -> bool:
+        return self.metrics_path(task, method, seed).is_file()
+
+    def finished_jobs(self) -> list[tuple[str, str, int]]:
+        """Every finished (task, method, seed), sorted."""
+        out = []
+        for m in sorted((self.root / "models").glob("*/*/seed*/metrics.json")):
+            seed_dir = m.parent
+            if seed_dir.name[4:].isdigit():  # not e.g. a hand-made "seed42.old" copy
+                out.append((seed_dir.parent.parent.name, seed_dir.parent.name,
+                            int(seed_dir.name[4:])))
+        return sorted(out)
+
+    def lora_adapters(self) -> list[tuple[str, int, Path]]:
+        """(task, seed, adapter directory) of every saved LoRA adapter, sorted."""
+        return [(t, s, self.weights_dir(t, m, s)) for t, m, s in self.finished_jobs()
+                if m == "lora" and self.weights_dir(t, m, s).is_dir()]
+
+    # ---- analysis outputs
+    def extract_dir(self, task: str) -> Path:
+        return self.root / "extract" / task
+
+    def extract_manifest(self, task: str) -> Path:
+        return self.extract_dir(task) / "manifest.json"
+
+    def extract_manifests(self) -> list[Path]:
+        return sorted((self.root / "extract").glob("*/manifest.json"))
+
+    @property
+    def drift_dir(self) -> Path:
+        return self.root / "drift"
+
+    def drift_path(self, name: str) -> Path:
+        """A drift output: ``layers``, ``table3`` or ``table4``, with ``.csv`` or ``.json``."""
+        if name not in DRIFT_FILES:
+            raise ValueError(f"unknown drift file {name!r}; one of {DRIFT_FILES}")
+        return self.drift_dir / name
+
+    @property
+    def weightspace_dir(self) -> Path:
+        """``weightspace/``: the weights stage (``models/`` one JSON per trained model,
+        ``layers.*``, ``forgetting.*``, ``summary.json``)."""
+        return self.root / "weightspace"
+
+    def weightspace_path(self, name: str) -> Path:
+        return self.weightspace_dir / name
+
+    def weightspace_model_path(self, task: str, method: str, seed: int) -> Path:
+        return self.weightspace_dir / "models" / f"{task}-{method}-seed{seed}.json"
+
+    def weightspace_sweep_path(self, task: str, seed: int) -> Path:
+        """One LoRA model's intruder-removal sweep (the weights stage, weights.sweep)."""
+        return self.weightspace_dir / "sweep" / f"{task}-lora-seed{seed}.json"
+
+    @property
+    def bench_dir(self) -> Path:
+        return self.root / "bench"
+
+    @property
+    def serving_path(self) -> Path:
+        return self.bench_dir / "serving.json"
+
+    @property
+    def loadtest_dir(self) -> Path:
+        return self.root / "loadtest"
+
+    @property
+    def loadtest_path(self) -> Path:
+        return self.loadtest_dir / "loadtest.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    # ---- format version and config
+    def is_run_dir(self) -> bool:
+        return self.config_path.is_file()
+
+    def format_version(self) -> int:
+        return int(read_json(self.format_path)["format"]) if self.format_path.is_file() else 0
+
+    def check_format(self) -> None:
+        """Older formats open as they are; a newer one needs a newer loralens."""
+        v = self.format_version()
+        if v > FORMAT_VERSION:
+            raise RunDirError(f"{self.root} was written by a newer loralens (run directory "
+                              f"format {v}, this version reads up to {FORMAT_VERSION}); "
+                              "upgrade loralens")
+
+    def bind_config(self, cfg) -> None:
+        """Store the resolved config, or check it equals the stored one.
+
+        A run directory holds one study; running it again with different settings
+        would mix results, so a difference is an error naming the keys. A config
+        stored by an older version is read through the current schema first, so keys
+        added since then take their defaults and are no difference.
+        """
+        from loralens.core.redaction import redact_config_file, without_secrets
+
+        self.check_format()
+        remove_stale_temporaries(self.root)  # what writers killed earlier left
+        new = cfg.to_dict()
+        if self.config_path.is_file():
+            old = self.load_config().to_dict()
+            diffs = [d for d in _diff(old, new) if d[0] not in MACHINE_LOCAL
+                     and d[0].split(".", 1)[0] not in NOT_STORED]
+            if diffs:
+                shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:8])
+                raise RunDirError(f"{self.config_path} was written with other settings ({shown}); "
+                                  "use another --run-dir, or the stored settings")
+            redact_config_file(self.config_path)  # one an older version wrote
+        else:
+            stored = {k: v for k, v in new.items() if k not in NOT_STORED}
+            atomic_write_text(self.config_path, yaml.safe_dump(without_secrets(stored),
+                                                               sort_keys=False))
+        if not self.format_path.is_file():
+            atomic_write_json(self.format_path, {"format": FORMAT_VERSION,
+                                                 "loralens": _version("loralens")})
+
+    def load_config(self):
+        from loralens.core.config import ConfigError
+        from loralens.core.config_load import config_from_dict
+
+        if not self.config_path.is_file():
+            raise RunDirError(f"{self.root} is not a run directory (no config.yaml)")
+        self.check_format()
+        with open(self.config_path) as f:
+            data = _before_held_out_selection(yaml.safe_load(f) or {}, self.config_path)
+        try:
+            return config_from_dict(data)
+        except ConfigError as e:
+            raise RunDirError(
+                f"{self.config_path} does not fit this version's settings ({e}); "
+                f"`loralens upgrade {self.root}` rewrites it (unknown keys dropped, the "
+                "old file kept as config.yaml.bak)") from None
+
+    def upgrade(self) -> list[str]:
+        """Rewrite an older run directory's config for this version: keys this version
+        does not know are dropped (listed in the return), new keys get their defaults,
+        the old file is kept as ``config.yaml.bak``."""
+        from loralens.core.config import ConfigError
+        from loralens.core.config_load import config_from_dict
+        from loralens.core.redaction import without_secrets
+
+        with open(self.config_path) as f:
+            data = _before_held_out_selection(yaml.safe_load(f) or {}, self.config_path)
+        dropped: list[str] = []
+        while True:
+            try:
+                cfg = config_from_dict(data)
+                break
+            except ConfigError as e:
+                key = getattr(e, "key", None)
+                # only keys this version does not know; a known key with a bad value stays
+                # an error (the user must decide what it should be)
+                if not key or not str(e).startswith(f"unknown key {key!r}") \
+                        or not _drop(data, key):
+                    raise RunDirError(f"{self.config_path}: cannot upgrade: {e}") from None
+                dropped.append(key)
+        atomic_write_text(self.config_path.with_name("config.yaml.bak"),
+                          self.config_path.read_text())
+        atomic_write_text(self.config_path, yaml.safe_dump(without_secrets(cfg.to_dict()),
+                                                           sort_keys=False))
+        atomic_write_json(self.format_path, {"format": FORMAT_VERSION,
+                                             "loralens": _version("loralens")})
+        return dropped
+
+    # ---- records
+    def record_environment(self, command: str) -> None:
+        self._update_json(self.env_path, command, environment())
+
+    def record_data(self, task: str, stats: dict) -> None:
+        self._update_json(self.data_path, task, stats)
+
+    def add_timing(self, stage: str, seconds: float) -> None:
+        self._update_json(self.timings_path, stage, lambda old: (old or 0.0) + seconds)
+
+    def _update_json(self, path: Path, key: str, value: Any) -> None:
+        """Set ``key`` of a JSON object file; ``value`` may be a function of the old value.
+        Under a file lock: workers (Ray tasks) recording different tasks at once would
+        otherwise each write back what they read, and one entry would be lost."""
+        from filelock import FileLock
+
+        with FileLock(str(path.with_name(f".{path.name}.lock"))):
+            data = read_json(path) if path.is_file() else {}
+            data[key] = value(data.get(key)) if callable(value) else value
+            atomic_write_json(path, data)
+
+
+def _before_held_out_selection(data: dict, path: Path) -> dict:
+    """A config stored before ``data.selection`` existed, read as what that run did: its
+    search and early stopping read the validation split, evaluated once per epoch.
+
+    Read otherwise, it would take today's defaults (a held-out slice) and a continued
+    run would mix two protocols in one directory. A run whose search trials trained
+    with a training seed cannot be expressed in today's schema: it can be reported, not
+    continued or served from its config.
+    """
+    section = data.get("data")
+    if not isinstance(section, dict) or "selection" in section:
+        return data
+    data = {**data, "data": {**section, "selection": "validation"}}
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    if not train.get("eval_every"):
+        data["train"] = {**train, "evals_per_epoch": 1}
+    search = data.get("search") if isinstance(data.get("search"), dict) else {}
+    seed = search.get("seed", 42)
+    if search.get("enabled", True) and seed in (data.get("seeds") or [42, 1337, 2024]):
+        raise RunDirError(
+            f"{path} was written before held-out selection: its search trials trained with "
+            f"seed {seed}, also a training seed, and selected on the validation split. "
+            "Report it as it is (`loralens report --run-dir "
+            f"{path.parent}`); to continue the study, start a new --run-dir")
+    return data
+
+
+def _drop(data: dict, dotted: str) -> bool:
+    node = data
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict) and parts[-1] in node:
+        del node[parts[-1]]
+        return True
+    return False
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+

@@ -1,0 +1,366 @@
+"""Methods as data: a method is a named entry with a family and, for PEFT methods, its
+PEFT config.
+
+Families:
+
+* ``full``: every parameter trains (no adapter);
+* ``head``: only the classification head (``score``) trains: the backbone is the base
+  model's, so its drift is 0 by construction (the reference every drift figure needs);
+* ``peft``: a PEFT adapter around the backbone, the head trained and saved with it
+  (``modules_to_save``). ``peft.type`` is ``lora`` (with any rank, alpha, dropout and
+  target modules, ``all-linear`` included; rsLoRA ``use_rslora``; DoRA ``use_dora``;
+  PiSSA/OLoRA initialisation ``init_lora_weights``; LoRA+ ``lr_ratio``, the B matrices'
+  learning rate over the rest's, applied by the training loop) or ``ia3``.
+
+Built-in entries are :data:`BUILTIN`; a study adds its own in ``method_defs`` (name ->
+``{family, peft: {...}}``), validated here with errors naming the key. Keys a LoRA
+method leaves out come from the study's ``lora`` section, so the study's ``lora``
+method is exactly ``lora.*`` (rank 8 on q/v by default) and ``lora.r=16`` changes every
+LoRA-type method that does not set its own rank.
+
+Which stages serve which families: :data:`STAGE_FAMILIES` (a stage refuses the others
+with an error naming the method and the stage, :func:`require_supported`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from loralens.core.config import ConfigError
+
+FAMILIES = ("full", "head", "peft")
+PEFT_TYPES = ("lora", "ia3")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_rslora", "use_dora",
+             "init_lora_weights", "lr_ratio")
+IA3_KEYS = ("target_modules", "feedforward_modules")
+# PEFT's own defaults for Llama (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING["llama"])
+IA3_DEFAULTS = {"target_modules": ["k_proj", "v_proj", "down_proj"],
+                "feedforward_modules": ["down_proj"]}
+DEF_KEYS = ("family", "peft", "description", "search")
+SEARCH_KINDS = {"loguniform": 2, "uniform": 2, "categorical": 1}  # kind -> argument count
+SEARCH_TRAIN_KEYS = ("lr", "batch_size", "warmup_ratio", "weight_decay", "epochs")
+SEARCH_LORA_KEYS = ("alpha", "dropout")  # set through the lora section
+
+BUILTIN: dict[str, dict] = {
+    "full": {"family": "full", "description": "full fine-tuning (every parameter)"},
+    "head": {"family": "head", "description": "classification head only (zero drift)"},
+    "lora": {"family": "peft", "peft": {"type": "lora"},
+             "description": "LoRA from the lora section (r=8 on q/v by default)"},
+    "rslora": {"family": "peft", "peft": {"type": "lora", "use_rslora": True},
+               "description": "rank-stabilised LoRA (alpha / sqrt(r))"},
+    "dora": {"family": "peft", "peft": {"type": "lora", "use_dora": True},
+             "description": "DoRA (weight-decomposed LoRA)"},
+    "lora-all-linear": {"family": "peft",
+                        "peft": {"type": "lora", "target_modules": "all-linear"},
+                        "description": "LoRA on every linear layer of the blocks"},
+    "pissa": {"family": "peft", "peft": {"type": "lora", "init_lora_weights": "pissa"},
+              "description": "LoRA with PiSSA initialisation (principal singular vectors)"},
+    "olora": {"family": "peft", "peft": {"type": "lora", "init_lora_weights": "olora"},
+              "description": "LoRA with OLoRA initialisation (orthonormal)"},
+    "loraplus": {"family": "peft", "peft": {"type": "lora", "lr_ratio": 16.0},
+                 "description": "LoRA+ (B matrices at 16x the learning rate of A)"},
+    "ia3": {"family": "peft", "peft": {"type": "ia3"},
+            "description": "IA3 (learned rescaling of k, v and down projections)"},
+}
+
+# The stages that handle each family (the others refuse, naming method and stage).
+ALL = frozenset(FAMILIES)
+STAGE_FAMILIES: dict[str, frozenset] = {"sanity": ALL, "search": ALL, "train": ALL,
+                                         "extract": ALL, "drift": ALL, "weights": ALL,
+                                         "bench": ALL, "report": ALL}
+TWO_METHOD_STAGES = ()
+
+
+@dataclass(frozen=True)
+class Method:
+    """One resolved method: ``peft`` is the full PEFT settings (``{}`` for full/head)."""
+
+    name: str
+    family: str
+    peft: dict = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def is_adapter(self) -> bool:
+        """Saved as a PEFT adapter (``adapter/``) rather than a full checkpoint."""
+        return self.family == "peft"
+
+    @property
+    def lr_ratio(self) -> float | None:
+        """LoRA+'s learning-rate ratio of the B matrices (None: one rate)."""
+        return self.peft.get("lr_ratio")
+
+    @property
+    def optimizer_kind(self) -> str:
+        """The optimizer/FLOP family of the training loop: ``full`` or ``lora`` (adapter
+        and head methods train few parameters: torch's AdamW)."""
+        return "full" if self.family == "full" else "lora"
+
+
+def _lora_section(cfg) -> dict:
+    lc = getattr(cfg, "lora", None)
+    if lc is None:
+        return {"r": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+    return {"r": lc.r, "alpha": lc.alpha, "dropout": lc.dropout,
+            "target_modules": list(lc.target_modules)}
+
+
+def _check_peft(name: str, peft: Any, key: str, cfg) -> dict:
+    if not isinstance(peft, dict):
+        raise ConfigError(f"{key}: expected a mapping (type: lora|ia3, ...), got {peft!r}", key)
+    kind = peft.get("type", "lora")
+    if kind not in PEFT_TYPES:
+        raise ConfigError(f"{key}.type: {kind!r} is not one of {list(PEFT_TYPES)}",
+                          f"{key}.type")
+    allowed = ("type", *(LORA_KEYS if kind == "lora" else IA3_KEYS))
+    for k in peft:
+        if k not in allowed:
+            raise ConfigError(f"{key}.{k}: unknown key for a {kind} method; known: "
+                              f"{', '.join(allowed)}", f"{key}.{k}")
+    if kind == "ia3":
+        out = {"type": "ia3", **IA3_DEFAULTS, **{k: v for k, v in peft.items() if k != "type"}}
+        out["target_modules"] = _modules(out["target_modules"], f"{key}.target_modules")
+        out["feedforward_modules"] = _modules(out["feedforward_modules"],
+                                              f"{key}.feedforward_modules")
+        targets = out["target_modules"]
+        extra = [] if targets == "all-linear" or out["feedforward_modules"] == "all-linear" \
+            else sorted(set(out["feedforward_modules"]) - set(targets))
+        if extra:
+            raise ConfigError(f"{key}.feedforward_modules: {extra} are not target modules "
+                              f"({out['target_modules']})", f"{key}.feedforward_modules")
+        return out
+    out = {"type": "lora", **_lora_section(cfg), "use_rslora": False, "use_dora": False,
+           "init_lora_weights": True, **{k: v for k, v in peft.items() if k != "type"}}
+    if not isinstance(out["r"], int) or isinstance(out["r"], bool) or not 1 <= out["r"] <= 1024:
+        raise ConfigError(f"{key}.r: {out['r']!r} is not an integer rank in [1, 1024]",
+                          f"{key}.r")
+    for k, hi in (("alpha", None), ("dropout", 1.0)):
+        v = out[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (hi and v > hi):
+            raise ConfigError(f"{key}.{k}: {v!r} is not a number in [0, {hi or 'inf'}]",
+                              f"{key}.{k}")
+        out[k] = float(v)
+    for k in ("use_rslora", "use_dora"):
+        if not isinstance(out[k], bool):
+            raise ConfigError(f"{key}.{k}: expected true or false, got {out[k]!r}", f"{key}.{k}")
+    if out["init_lora_weights"] not in INIT_CHOICES or (
+            not isinstance(out["init_lora_weights"], (bool, str))):
+        raise ConfigError(f"{key}.init_lora_weights: {out['init_lora_weights']!r} is not one "
+                          f"of {list(INIT_CHOICES)}", f"{key}.init_lora_weights")
+    out["target_modules"] = _modules(out["target_modules"], f"{key}.target_modules")
+    if "lr_ratio" in out:
+        v = out["lr_ratio"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ConfigError(f"{key}.lr_ratio: {v!r} is not a positive number (LoRA+: the "
+                              "B matrices' learning rate over A's, e.g. 16)", f"{key}.lr_ratio")
+        out["lr_ratio"] = float(v)
+    return out
+
+
+def _modules(value: Any, key: str) -> list[str] | str:
+    if value == "all-linear":
+        return value
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v
+                                                          for v in value):
+        raise ConfigError(f"{key}: expected 'all-linear' or a non-empty list of module "
+                          f"names, got {value!r}", key)
+    return list(value)
+
+
+def method_from_def(name: str, spec: Any, cfg=None, key: str | None = None) -> Method:
+    """Validate one definition (``{family, peft, description}``) into a :class:`Method`;
+    errors name ``key`` (``method_defs.<name>`` by default)."""
+    key = key or f"method_defs.{name}"
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{key}: expected a mapping with family (one of "
+                          f"{', '.join(FAMILIES)}) and, for peft, peft: {{...}}; got {spec!r}",
+                          key)
+    for k in spec:
+        if k not in DEF_KEYS:
+            raise ConfigError(f"{key}.{k}: unknown key; known: {', '.join(DEF_KEYS)}",
+                              f"{key}.{k}")
+    family = spec.get("family")
+    if family not in FAMILIES:
+        raise ConfigError(f"{key}.family: {family!r} is not one of {list(FAMILIES)}",
+                          f"{key}.family")
+    if family == "peft":
+        if "peft" not in spec:
+            raise ConfigError(f"{key}.peft: a peft method needs its PEFT config "
+                              "(e.g. {type: lora, r: 16})", f"{key}.peft")
+        peft = _check_peft(name, spec["peft"], f"{key}.peft", cfg)
+    elif "peft" in spec:
+        raise ConfigError(f"{key}.peft: a {family} method takes no PEFT config", f"{key}.peft")
+    else:
+        peft = {}
+    if "search" in spec:
+        _check_search(spec, f"{key}.search")
+    return Method(name, family, peft, str(spec.get("description", "")))
+
+
+def _inherits(spec: dict) -> list[str]:
+    peft = spec.get("peft") or {}
+    if spec.get("family") != "peft" or peft.get("type", "lora") != "lora":
+        return []
+    return [k for k in SEARCH_LORA_KEYS if k not in peft]
+
+
+def _check_search(spec: dict, key: str) -> None:
+    space = spec["search"]
+    if not isinstance(space, dict):
+        raise ConfigError(f"{key}: expected a mapping name -> [kind, args...], got {space!r}",
+                          key)
+    allowed = (*SEARCH_TRAIN_KEYS, *_inherits(spec))
+    for name, dim in space.items():
+        k = f"{key}.{name}"
+        if name not in allowed:
+            raise ConfigError(f"{k}: not a searchable key of this method; known: "
+                              f"{', '.join(allowed)}", k)
+        if not isinstance(dim, list) or not dim or dim[0] not in SEARCH_KINDS \
+                or len(dim) != 1 + SEARCH_KINDS[dim[0]]:
+            raise ConfigError(f"{k}: expected [loguniform|uniform, low, high] or "
+                              f"[categorical, [choices]], got {dim!r}", k)
+        if dim[0] == "categorical" and not (isinstance(dim[1], list) and dim[1]):
+            raise ConfigError(f"{k}: categorical needs a non-empty list of choices", k)
+        if dim[0] != "categorical" and not (
+                all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in dim[1:])
+                and dim[1] <= dim[2] and (dim[0] == "uniform" or dim[1] > 0)):
+            raise ConfigError(f"{k}: {dim[0]} needs numbers low <= high"
+                              f"{' (low > 0)' if dim[0] == 'loguniform' else ''}", k)
+
+
+def inherited_lora_keys(name: str, cfg) -> list[str]:
+    """LoRA's alpha/dropout where method ``name`` takes them from the ``lora`` section (the
+    search varies them there); [] for other methods."""
+    return _inherits(registry(getattr(cfg, "method_defs", None))[name])
+
+
+def space_overrides(name: str, cfg) -> dict[str, tuple]:
+    """``method_defs.<name>.search`` as search dimensions ``{name: (kind, *args)}``."""
+    space = registry(getattr(cfg, "method_defs", None))[name].get("search") or {}
+    return {k: (v[0], v[1]) if v[0] == "categorical" else (v[0], *map(float, v[1:]))
+            for k, v in space.items()}
+
+
+def registry(defs: dict | None = None) -> dict[str, dict]:
+    """Every known definition: the built-ins, then ``defs`` (which may not redefine a
+    built-in name)."""
+    defs = defs or {}
+    for name in defs:
+        if name in BUILTIN:
+            raise ConfigError(f"method_defs.{name}: {name!r} is a built-in method; pick "
+                              "another name", f"method_defs.{name}")
+    return {**BUILTIN, **defs}
+
+
+def get_method(name: str, cfg=None) -> Method:
+    """The resolved method ``name`` of a study ``cfg`` (its ``method_defs`` and ``lora``
+    section); ``ConfigError`` naming the known methods for an unknown name."""
+    known = registry(getattr(cfg, "method_defs", None))
+    if name not in known:
+        raise ConfigError(f"methods: unknown method {name!r}; known: {', '.join(known)} "
+                          "(or define it in method_defs)", "methods")
+    return method_from_def(name, known[name], cfg,
+                           None if name in BUILTIN else f"method_defs.{name}")
+
+
+def validate_methods(cfg) -> None:
+    """Check ``cfg.methods``, every ``method_defs`` entry and ``reference_method``."""
+    for name in registry(getattr(cfg, "method_defs", None)):
+        get_method(name, cfg)
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise ConfigError(f"methods: {cfg.methods} names a method twice", "methods")
+    for name in cfg.methods:
+        get_method(name, cfg)
+    ref = getattr(cfg, "reference_method", "full")
+    if ref not in registry(getattr(cfg, "method_defs", None)):
+        raise ConfigError(f"reference_method: unknown method {ref!r}", "reference_method")
+
+
+def require_supported(stage: str, methods: list[str], cfg=None) -> None:
+    """Refuse, naming the method and the stage, a method ``stage`` cannot handle yet.
+
+    Stages in :data:`STAGE_FAMILIES` handle the families listed there; the others
+    (:data:`TWO_METHOD_STAGES`) still compare exactly the study's two methods, ``lora``
+    (as defined by the ``lora`` section) and ``full``. An unknown method is a
+    ``ConfigError`` too.
+    """
+    for name in methods:
+        m = get_method(name, cfg)
+        if stage in STAGE_FAMILIES:
+            if m.family not in STAGE_FAMILIES[stage]:
+                raise ConfigError(f"method {name!r} (family {m.family}) is not supported by "
+                                  f"the {stage} stage yet; it supports families "
+                                  f"{sorted(STAGE_FAMILIES[stage])}", "methods")
+        elif name not in ("lora", "full"):
+            raise ConfigError(f"method {name!r} is not supported by the {stage} stage yet: "
+                              "it compares the methods lora and full only (select them "
+                              "with methods=[lora,full])", "methods")
+
+
+# --------------------------------------------------------------------------- making a model
+
+def peft_config(method: Method):
+    """The PEFT config object of a ``peft`` method (head in ``modules_to_save``)."""
+    p = method.peft
+    if p["type"] == "ia3":
+        from peft import IA3Config
+
+        return IA3Config(target_modules=p["target_modules"],
+                         feedforward_modules=p["feedforward_modules"],
+                         modules_to_save=["score"])
+    from peft import LoraConfig
+
+    extra = {k: p[k] for k in ("use_rslora", "use_dora", "init_lora_weights")
+             if p[k] is not LORA_DEFAULTS[k]}
+    return LoraConfig(r=p["r"], lora_alpha=p["alpha"], lora_dropout=p["dropout"],
+                      target_modules=p["target_modules"], modules_to_save=["score"],
+                      bias="none", **extra)
+
+
+LORA_DEFAULTS = {"use_rslora": False, "use_dora": False, "init_lora_weights": True}
+
+
+def make_trainable(model, method: Method):
+    """``model`` (a ``CausalLMClassifier``) made trainable for ``method``."""
+    if method.family == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if method.family == "head":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in model.score.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(method))
+
+
+def weights_subdir(method: Method) -> str:
+    """The job directory's weights folder: ``adapter/`` (PEFT layout) or ``model/``."""
+    return "adapter" if method.is_adapter else "model"
+
+
+def method_record(method: Method) -> dict:
+    """What a job's metrics record of its method (family and PEFT settings)."""
+    return {"name": method.name, "family": method.family, "peft": dict(method.peft)}
+
+
+def loraplus_groups(groups: list[dict], names: dict[int, str], lr: float,
+                    ratio: float) -> list[dict]:
+    """LoRA+ (Hayou et al., 2024): each optimizer group split in two, LoRA's B matrices
+    (``lora_B``/``lora_embedding_B`` in the name; ``names``: id(param) -> name) at
+    ``ratio * lr``, the rest at ``lr``; empty groups dropped."""
+    out = []
+    for g in groups:
+        b = [p for p in g["params"] if "lora_B" in names.get(id(p), "")
+             or "lora_embedding_B" in names.get(id(p), "")]
+        ids = {id(p) for p in b}
+        rest = [p for p in g["params"] if id(p) not in ids]
+        out += [{**g, "params": ps, "lr": v} for ps, v in ((rest, lr), (b, lr * ratio)) if ps]
+    return out

@@ -1,0 +1,248 @@
+"""Dry run: every stage's work and an estimated wall time, before a long run.
+
+``loralens run --dry-run`` resolves the config as a run would, then:
+
+1. counts each stage's work from the real config and the real data, the way the stage's
+   own code does it (:func:`loralens.study.plan.work.count_work`): jobs, rows and real tokens
+   through training (per method, with optimizer steps) and through forward-only passes
+   (evaluations, extraction, serving), and the fresh copies of the base model each job
+   loads;
+2. measures this machine's throughput on the study's own model
+   (:func:`loralens.study.plan.measure.measure`): a few forward + backward steps per method
+   family (:func:`cost_basis`: full fine-tuning, and LoRA for every PEFT method) on real
+   training rows of the first task, a no-grad forward at ``train.eval_batch_size``,
+   and, for the serving benchmark, batch-1 forwards (in the serving dtype, and in float64
+   for its identity checks);
+3. turns work into FLOPs (``flops.train_flops_per_token``, ``forward_flops_per_token``:
+   ``6 N`` / ``4 N + 2 n`` / ``2 N`` per real token) and FLOPs into seconds at the FLOP/s
+   achieved in step 2, plus optimizer steps and model loads at their measured seconds
+   (:func:`estimate`).
+
+Nothing is written into the run directory (the base model's conversion cache is not in
+it). Early stopping, pruning and the sanity check's early exit only shorten runs, and the
+search's epochs are the largest of its choices: the work shown is an upper bound where a
+stage may stop early, and the notes say where.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from loralens.core.config import StudyConfig
+from loralens.models.methods import Method, get_method
+from loralens.study.plan.measure import Throughput, measure
+from loralens.study.plan.work import CHEAP, FORWARD_KINDS, StageWork, _n, count_work
+
+
+# --------------------------------------------------------------------------- estimate
+
+def estimate(works: list[StageWork], tp: Throughput) -> list[StageWork]:
+    """Fill each stage's FLOPs and seconds: its FLOPs at the FLOP/s measured for each kind
+    of work, plus optimizer steps and model loads at their measured seconds."""
+    for w in works:
+        if w.off or w.cheap:
+            continue
+        w.flops = float(sum(v * tp.train_fpt[m] for m, v in w.train_tokens.items())
+                        + sum(v * tp.forward_fpt for v in w.forward_tokens.values()))
+        w.seconds = (sum(v * tp.train_fpt[m] / tp.train_flops_s[m]
+                         for m, v in w.train_tokens.items())
+                     + sum(v * tp.forward_fpt / tp.forward_flops_s[k]
+                           for k, v in w.forward_tokens.items())
+                     + sum(n * tp.step_s[m] for m, n in w.steps.items())
+                     + w.loads * tp.load_s)
+    return works
+
+
+# Training cost per method family. The dry run times one representative per family and
+# estimates the other methods from it (assumptions, not measurements):
+# * full: timed (6N FLOPs per real token);
+# * every PEFT method: timed as the study's ``lora`` (4N + 2n per token). Other ranks and
+#   target modules, rsLoRA, PiSSA/OLoRA initialisation (an SVD/QR once per job, not per
+#   token), LoRA+ and IA3 cost about as much per token: the frozen backbone's forward and
+#   the backward through its activations dominate, the adapters are a few % of N;
+# * DoRA: LoRA's FLOPs, DORA_SLOWDOWN x its seconds: PEFT's DoRA also forms W + s B A and
+#   its column norms for every adapted weight at each forward (and backward), work that
+#   4N + 2n does not count (assumed, not measured here);
+# * head: only the head trains and nothing backpropagates into the frozen backbone: a
+#   forward pass (2N per token) at the measured forward throughput; its optimizer step
+#   (hidden x labels weights) is negligible.
+DORA_SLOWDOWN = 1.3
+
+
+def cost_basis(method: Method) -> tuple[str | None, float, str]:
+    """How the dry run prices ``method``'s training: (the timed representative, ``full`` or
+    ``lora``, None for forward-only; slowdown factor; the basis in words)."""
+    if method.family == "full":
+        return "full", 1.0, "timed"
+    if method.family == "head":
+        return None, 1.0, "forward-only backbone (head-only training)"
+    if method.peft.get("use_dora"):
+        return "lora", DORA_SLOWDOWN, f"LoRA's measured cost x {DORA_SLOWDOWN} (DoRA)"
+    return "lora", 1.0, "timed" if method.name == "lora" else "LoRA's measured cost"
+
+
+def per_method(tp: Throughput, basis: dict[str, tuple]) -> Throughput:
+    """Replace the timed representatives' training figures by one entry per method
+    (:func:`cost_basis`); ``tp.basis`` says how each was priced."""
+    timed = {k: (tp.train_flops_s[k], tp.train_fpt[k], tp.step_s[k]) for k in tp.train_flops_s}
+    tp.train_flops_s, tp.train_fpt, tp.step_s, tp.basis = {}, {}, {}, {}
+    for m, (rep, slowdown, words) in basis.items():
+        flops_s, fpt, step = (timed[rep] if rep else
+                              (tp.forward_flops_s["batched"], tp.forward_fpt, 0.0))
+        tp.train_flops_s[m], tp.train_fpt[m], tp.step_s[m] = flops_s / slowdown, fpt, step
+        tp.basis[m] = words
+    return tp
+
+
+def needs(works: list[StageWork]) -> tuple[list[str], list[str]]:
+    """(methods to time training for, forward kinds to time) for these stages' work."""
+    methods = sorted({m for w in works if not w.off for m, v in w.train_tokens.items() if v})
+    kinds = [k for k in FORWARD_KINDS
+             if any(w.forward_tokens.get(k) for w in works if not w.off)]
+    return methods, kinds
+
+
+def plan_study(cfg: StudyConfig, stages: Sequence[str], base=None,
+               log: Callable[[str], None] = lambda s: None
+               ) -> tuple[list[StageWork], Throughput | None]:
+    """Count every stage's work on the real data, measure this machine, estimate.
+
+    Returns the stages' work (``flops`` and ``seconds`` filled where estimated) and the
+    measurement (None when no selected stage computes with the model)."""
+    from loralens.models.classifier import load_base
+    from loralens.training.job import prepare_task
+
+    if set(stages) <= CHEAP:  # nothing to count on the data, nothing to measure
+        return count_work(cfg, stages, None, {}), None
+    base = base or load_base(cfg)
+    log(f"dry run: tokenizing the data of {', '.join(cfg.tasks)} ...")
+    prepared = {t: prepare_task(cfg, t, base.tokenizer) for t in cfg.tasks}
+    works = count_work(cfg, stages, base.tokenizer, prepared)
+    methods, kinds = needs(works)
+    if not (methods or kinds):
+        return works, None
+    basis = {m: cost_basis(get_method(m, cfg)) for m in methods}
+    if any(rep is None for rep, _, _ in basis.values()) and "batched" not in kinds:
+        kinds = [k for k in FORWARD_KINDS if k in kinds or k == "batched"]
+    timed = sorted({rep for rep, _, _ in basis.values() if rep})
+    tp = measure(cfg, base, prepared[cfg.tasks[0]], timed, kinds, log)
+    return estimate(works, per_method(tp, basis)), tp
+
+
+# --------------------------------------------------------------------------- text
+
+def human(n: float) -> str:
+    """1234 -> "1.2k", 5.6e6 -> "5.6M"."""
+    for unit, k in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= k:
+            return f"{n / k:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def format_plan(cfg: StudyConfig, works: list[StageWork], tp: Throughput | None,
+                run_dir: str | Path | None = None) -> str:
+    """The plan as plain text: one row per stage, a total, how throughput was measured,
+    and what the numbers leave out."""
+    head = f"dry run{f' of {run_dir}' if run_dir else ''}: nothing was run or written"
+    lines = [head,
+             f"model {cfg.model.name}; tasks {', '.join(cfg.tasks)}; methods "
+             f"{', '.join(cfg.methods)}; seeds {', '.join(map(str, cfg.seeds))}", ""]
+    rows = [("stage", "jobs", "rows", "tokens", "FLOPs", "est. time", "what")]
+    for w in works:
+        if w.off:
+            rows.append((w.stage, "off", "-", "-", "-", "-", w.what))
+        elif w.cheap:
+            rows.append((w.stage, str(w.jobs), "-", "-", "-", "seconds", w.what))
+        else:
+            rows.append((w.stage, str(w.jobs), human(w.rows), human(w.tokens),
+                         f"{w.flops:.1e}" if w.flops is not None else "-",
+                         duration(w.seconds), w.what))
+    on = [w for w in works if not (w.off or w.cheap)]
+    total = sum(w.seconds for w in on if w.seconds is not None) if on else None
+    cheap = [w.stage for w in works if w.cheap]
+    rows.append(("total", str(sum(w.jobs for w in works if not w.off)),
+                 human(sum(w.rows for w in on)) if on else "-",
+                 human(sum(w.tokens for w in on)) if on else "-",
+                 f"{sum(w.flops or 0 for w in on):.1e}" if on else "-", duration(total),
+                 f"+ seconds for {', '.join(cheap)}" if cheap else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    for r in rows:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(wd) for c, wd in zip(r[1:6], widths[1:])]
+        lines.append("  ".join(cells + [r[6]]).rstrip())
+    lines.append("")
+    if tp is not None:
+        lines += _measured(tp)
+    lines += _notes(cfg, works, run_dir)
+    return "\n".join(lines)
+
+
+def _measured(tp: Throughput) -> list[str]:
+    out = [f"throughput measured in this process ({tp.device}, {_n(tp.threads, 'thread')}, "
+           f"{tp.seconds:.0f} s) on {tp.model}, real {tp.task} training rows; "
+           f"FLOPs = 6N (full) / 4N+2n (LoRA) / 2N (forward) per real token:"]
+    for m, fs in tp.train_flops_s.items():
+        out.append(f"  training {m}: {tp.tokens_s(m):.0f} tokens/s = {fs / 1e9:.1f} GFLOP/s "
+                   f"on {tp.tokens['train']} tokens per step; optimizer step "
+                   f"{tp.step_s[m]:.2f} s" + (f" ({tp.basis[m]})" if m in tp.basis else ""))
+    for k, fs in tp.forward_flops_s.items():
+        n = tp.tokens["batch1" if k == "float64" else k]
+        out.append(f"  scoring, {FORWARD_KINDS[k]}: {tp.tokens_s(k):.0f} tokens/s = "
+                   f"{fs / 1e9:.1f} GFLOP/s on {n} tokens")
+    out.append(f"  loading a fresh copy of the base model: {tp.load_s:.1f} s (once per model "
+               "built)")
+    if tp.contention is not None and tp.contention > 0.1:
+        out.append(f"  other processes used {tp.contention:.0%} of this machine's CPU meanwhile: "
+                   "the estimate holds under that load (shared cores slow torch down a lot)")
+    return out
+
+
+def _notes(cfg: StudyConfig, works: list[StageWork], run_dir) -> list[str]:
+    from loralens.core.run_dir import RunDir
+
+    names = {w.stage for w in works if not w.off}
+    notes = ["rows and tokens count every pass (each epoch, each evaluation); tokens are real "
+             "tokens (padding is work too: the estimate's throughput includes it)"]
+    if "sanity" in names:
+        notes.append(f"sanity: at most; it stops once the training loss < "
+                     f"{cfg.sanity.loss_threshold}")
+    if {"search", "train"} & names:
+        bound = ("the search's largest epoch choice and smallest batch size "
+                 f"(epochs {cfg.search.epochs}), since training uses the best trial's"
+                 if cfg.search.enabled else f"train.epochs={cfg.train.epochs}")
+        prune = "search" in names and cfg.search.enabled and cfg.search.prune
+        notes.append(f"search/train: upper bounds: {bound}; early stopping (patience "
+                     f"{cfg.train.patience})" + (" and pruning" if prune else "")
+                     + " cut runs short")
+    if "bench" in names:
+        notes.append("bench: float64 identity checks timed at batch 1; latency timing "
+                     "overheads not counted")
+    notes.append("not counted: tokenization, saving models, Optuna, drift and report "
+                 "(seconds each)")
+    if run_dir is not None and RunDir(run_dir).is_run_dir():
+        notes.append(f"{run_dir} exists: a run skips the work it finished; counted here "
+                     "in full")
+    return ["notes:"] + [f"  - {n}" for n in notes]
+
+
+def dry_run(cfg: StudyConfig, stages: Sequence[str], run_dir: str | Path | None = None) -> str:
+    """``loralens run --dry-run``: the plan of ``stages`` as text (progress on stderr), for
+    every method of the study (:func:`cost_basis` prices each family)."""
+
+    def log(s: str) -> None:
+        print(s, file=sys.stderr, flush=True)
+
+    works, tp = plan_study(cfg, stages, log=log)
+    return format_plan(cfg, works, tp, run_dir)

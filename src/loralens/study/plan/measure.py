@@ -1,0 +1,226 @@
+"""Dry run, step 2: this machine's throughput on the study's own model (:func:`measure`):
+a few forward + backward steps per method on real training rows of the first task, a
+no-grad forward at ``train.eval_batch_size``, and, for the serving benchmark, batch-1
+forwards (in the serving dtype, and in float64 for its identity checks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from loralens.training import batches as B
+from loralens.core.config import StudyConfig
+from loralens.study.plan.work import FORWARD_KINDS
+
+# Real tokens per timed calibration step: a train.batch_size batch is trimmed to this many,
+# so the calibration stays near 30 s on a 2-core CPU with SmolLM2-135M (full fine-tuning
+# runs ~100 tokens/s there); the FLOP/s of a CPU hardly change above a few hundred tokens.
+TRAIN_TOKENS = 320
+FORWARD_TOKENS = 640
+TIMED_STEPS = 2          # after one warm-up step; the median is kept
+STEP_BUDGET_S = 8.0      # ... or fewer (at least one) once the timed ones took this long
+
+
+@dataclass
+class Throughput:
+    """This machine's measured speed on the study's model."""
+
+    model: str
+    device: str
+    threads: int
+    task: str                       # whose training rows were measured
+    tokens: dict[str, int]          # what -> real tokens per timed step
+    train_flops_s: dict[str, float] = field(default_factory=dict)    # method -> FLOP/s
+    train_fpt: dict[str, int] = field(default_factory=dict)          # method -> FLOPs/token
+    step_s: dict[str, float] = field(default_factory=dict)           # method -> optimizer step
+    basis: dict[str, str] = field(default_factory=dict)  # method -> how priced (plan.cost_basis)
+    forward_flops_s: dict[str, float] = field(default_factory=dict)  # kind -> FLOP/s
+    forward_fpt: int = 0
+    load_s: float = 0.0             # a fresh copy of the base model
+    seconds: float = 0.0            # the measurement's wall time
+    contention: float | None = None  # CPU share other processes used meanwhile
+
+    def tokens_s(self, what: str) -> float:
+        if what in self.train_flops_s:
+            return self.train_flops_s[what] / self.train_fpt[what]
+        return self.forward_flops_s[what] / self.forward_fpt
+
+
+def _trim(lengths: np.ndarray, batch: np.ndarray, budget: int) -> np.ndarray:
+    """The first rows of ``batch`` holding at most ``budget`` real tokens (at least one)."""
+    keep = int(np.searchsorted(np.cumsum(lengths[batch]), budget, side="right"))
+    return batch[:max(1, keep)]
+
+
+def calibration_rows(lengths: np.ndarray, batch_size: int, budget: int,
+                     group_by_length: bool = True) -> np.ndarray:
+    """A representative training batch: of one epoch's batches (drawn as training draws
+    them), the one with the median real-token count, trimmed to ``budget`` real tokens."""
+    batches = sorted(B.train_batches(lengths, batch_size, 0, group_by_length),
+                     key=lambda b: (int(lengths[b].sum()), int(b[0])))
+    return _trim(lengths, batches[len(batches) // 2], budget)
+
+
+def measure(cfg: StudyConfig, base, prepared, methods: Sequence[str],
+            kinds: Sequence[str] = ("batched",),
+            log: Callable[[str], None] = lambda s: None) -> Throughput:
+    """Time real steps of the study's model on ``prepared``'s training rows.
+
+    Per method in ``methods``: one warm-up, then up to ``TIMED_STEPS`` forward + backward
+    steps on a ``train.batch_size`` batch (trimmed to ``TRAIN_TOKENS`` real tokens) and
+    optimizer steps (clipping, AdamW, zero_grad, as ``loop.fit``), medians. No-grad
+    forwards for ``kinds``: ``batched`` (``train.eval_batch_size`` rows, trimmed to
+    ``FORWARD_TOKENS``), ``batch1`` (one row in the serving dtype), ``float64`` (one row in
+    float64). The backbone is loaded once for all of it, after a first load that warms the
+    imports; that second load is timed as the cost of building a model.
+    """
+    import torch
+
+    from loralens.training.devices import serving_dtype, training_device
+    from loralens.training.flops import forward_flops_per_token
+    from loralens.models.classifier import build_classifier
+    from loralens.core.timing import CpuContention
+
+    tc, t_start = cfg.train, time.perf_counter()
+    threads = torch.get_num_threads()
+    if tc.threads:  # as every stage computes (stages.run_stage)
+        torch.set_num_threads(tc.threads)
+    device = training_device()
+    lengths = prepared.train.lengths
+    train_rows = calibration_rows(lengths, tc.batch_size, TRAIN_TOKENS, cfg.data.group_by_length)
+    fwd_rows = calibration_rows(lengths, tc.eval_batch_size, FORWARD_TOKENS,
+                                cfg.data.group_by_length)
+    one = np.argsort(lengths, kind="stable")[len(lengths) // 2: len(lengths) // 2 + 1]
+    try:
+        with CpuContention() as contention:
+            log(f"dry run: measuring {base.name} on {device.type} ({torch.get_num_threads()} "
+                f"threads) with real {prepared.task.name} training rows ...")
+            base.backbone()
+            t0 = time.perf_counter()
+            model = build_classifier(base.backbone(), prepared.task.num_labels, 0).to(device)
+            tp = Throughput(base.name, str(device), torch.get_num_threads(), prepared.task.name,
+                            {"train": int(lengths[train_rows].sum()),
+                             "batched": int(lengths[fwd_rows].sum()),
+                             "batch1": int(lengths[one].sum())},
+                            forward_fpt=forward_flops_per_token(model),
+                            load_s=time.perf_counter() - t0)
+            dtypes = {"batched": None, "float64": torch.float64,
+                      "batch1": serving_dtype(device, tc.precision)[0]}
+            for kind in [k for k in FORWARD_KINDS if k in kinds]:
+                rows = fwd_rows if kind == "batched" else one
+                seconds = _time_forward(model, _batch(prepared, rows), dtypes[kind], tc, device)
+                tp.forward_flops_s[kind] = int(lengths[rows].sum()) * tp.forward_fpt / seconds
+                log(f"  {FORWARD_KINDS[kind]}: {tp.tokens_s(kind):.0f} tokens/s "
+                    f"({len(rows)} rows, {int(lengths[rows].sum())} tokens)")
+            # full first: LoRA wraps the backbone in place (PEFT), full fine-tuning does not
+            for method in sorted(methods, key=lambda m: m != "full"):
+                model, fpt, fb, step = _time_training(model, method, _batch(prepared, train_rows),
+                                                      cfg, device)
+                tp.train_fpt[method], tp.step_s[method] = fpt, step
+                tp.train_flops_s[method] = tp.tokens["train"] * fpt / fb
+                log(f"  training {method}: {tp.tokens_s(method):.0f} tokens/s "
+                    f"({len(train_rows)} rows, {tp.tokens['train']} tokens), optimizer step "
+                    f"{step:.2f} s")
+            del model
+    finally:
+        torch.set_num_threads(threads)
+    tp.seconds, tp.contention = time.perf_counter() - t_start, contention.share
+    return tp
+
+
+def _batch(prepared, rows: np.ndarray) -> B.Batch:
+    return next(B.iter_batches(prepared.train, [rows], prepared.pad_id))
+
+
+def _timed(*fns: Callable[[bool], None], device, repeats: int = TIMED_STEPS) -> list[float]:
+    """Median seconds of each of ``fns``, run in turn: one untimed warm-up round
+    (``fn(True)``: lazy initialisation, the optimizer's state; on one row, which is enough
+    for that and cheap), then ``repeats`` timed rounds (``fn(False)``), or fewer (at least
+    one) once the timed ones took ``STEP_BUDGET_S``."""
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for fn in fns:
+        fn(True)
+    times: list[list[float]] = [[] for _ in fns]
+    while len(times[0]) < repeats and sum(map(sum, times)) < STEP_BUDGET_S:
+        for fn, t in zip(fns, times):
+            sync()
+            t0 = time.perf_counter()
+            fn(False)
+            sync()
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def _time_forward(model, b: B.Batch, dtype, tc, device) -> float:
+    """Seconds of one no-grad forward of ``b``: as evaluation runs it (``dtype`` None:
+    autocast as ``train.precision`` says) or as serving does (the model in ``dtype``)."""
+    import torch
+
+    from loralens.training.loop import autocast_ctx
+
+    ids, mask = b.input_ids.to(device), b.attention_mask.to(device)
+    model.to(dtype or torch.float32).eval()
+
+    @torch.no_grad()
+    def forward(warm_up: bool):
+        rows = slice(0, 1 if warm_up else None)
+        with autocast_ctx(device, tc.precision) if dtype is None else contextlib.nullcontext():
+            model(input_ids=ids[rows], attention_mask=mask[rows])
+
+    try:
+        (seconds,) = _timed(forward, device=device, repeats=3 if len(ids) == 1 else TIMED_STEPS)
+    finally:
+        model.to(torch.float32)
+    return seconds
+
+
+def _time_training(model, method: str, b: B.Batch, cfg: StudyConfig, device):
+    """``(model made trainable for method, FLOPs per token, seconds of forward + backward,
+    seconds of an optimizer step)`` on ``b``, as ``loop.fit`` steps."""
+    from torch import nn
+
+    from loralens.training.devices import make_optimizer, param_groups
+    from loralens.training.flops import train_flops_per_token
+    from loralens.models.classifier import apply_method
+    from loralens.training.loop import autocast_ctx
+    from loralens.training.job import learning_rate
+
+    tc = cfg.train
+    model = apply_method(model, method, cfg).to(device)
+    model.train()
+    if tc.gradient_checkpointing == "on" or (tc.gradient_checkpointing == "auto"
+                                             and device.type == "cuda"):
+        from loralens.training.loop import _enable_checkpointing
+
+        _enable_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, _ = make_optimizer(param_groups(params, tc.weight_decay), learning_rate(tc, method),
+                            method, tc.optimizer_full, device)
+    ids, mask, labels = (b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device))
+
+    def backward(warm_up: bool):
+        rows = slice(0, 1 if warm_up else None)
+        with autocast_ctx(device, tc.precision):
+            out = model(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows])
+        out.loss.backward()
+
+    def step(warm_up: bool):
+        if tc.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    fb, st = _timed(backward, step, device=device)
+    return model, train_flops_per_token(model, method), fb, st
+

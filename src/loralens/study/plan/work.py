@@ -1,0 +1,347 @@
+"""Dry run, step 1: each stage's work, counted from the real config and the real data the
+way the stage's own code does it (:func:`count_work`): jobs, rows and real tokens through
+training (per method, with optimizer steps) and through forward-only passes (evaluations,
+extraction, serving), and the fresh copies of the base model each job loads.
+
+Rows and tokens count every pass. Early stopping, pruning and the sanity check's early
+exit only shorten runs, and the search's epochs are the largest of its choices: the work
+counted is an upper bound where a stage may stop early (:mod:`loralens.study.plan.dry_run`'s notes say
+where).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+
+from loralens.training import batches as B
+from loralens.core.config import StudyConfig
+
+CHEAP = {"drift", "report"}  # stages that compute on arrays and files only: seconds
+FORWARD_KINDS = {"batched": "forward", "batch1": "forward, batch 1",
+                 "float64": "forward, batch 1, float64"}
+
+
+@dataclass
+class StageWork:
+    """One stage's work. Rows and tokens count every pass: a row trained for 3 epochs
+    counts 3 times, an evaluation's rows count once per evaluation."""
+
+    stage: str
+    what: str = ""
+    jobs: int = 0
+    rows: int = 0
+    train_tokens: dict[str, int] = field(default_factory=dict)    # method -> real tokens
+    steps: dict[str, int] = field(default_factory=dict)           # method -> optimizer steps
+    forward_tokens: dict[str, int] = field(default_factory=dict)  # FORWARD_KINDS key -> tokens
+    loads: int = 0            # fresh copies of the base model built
+    off: str = ""             # why the stage does no work ("" = it runs)
+    cheap: str = ""           # why there is no estimate (drift, report: seconds)
+    flops: float | None = None
+    seconds: float | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.train_tokens.values()) + sum(self.forward_tokens.values())
+
+    def train(self, method: str, tokens: float, rows: int, steps: int) -> None:
+        self.train_tokens[method] = self.train_tokens.get(method, 0) + int(round(tokens))
+        self.steps[method] = self.steps.get(method, 0) + steps
+        self.rows += rows
+
+    def forward(self, kind: str, tokens: float, rows: int) -> None:
+        self.forward_tokens[kind] = self.forward_tokens.get(kind, 0) + int(round(tokens))
+        self.rows += rows
+
+    def scaled(self, k: int) -> "StageWork":
+        """This work done ``k`` times (jobs, rows, tokens, steps, loads)."""
+        return replace(self, jobs=self.jobs * k, rows=self.rows * k, loads=self.loads * k,
+                       train_tokens={m: v * k for m, v in self.train_tokens.items()},
+                       steps={m: v * k for m, v in self.steps.items()},
+                       forward_tokens={m: v * k for m, v in self.forward_tokens.items()})
+
+    def add(self, other: "StageWork") -> None:
+        self.jobs += other.jobs
+        self.loads += other.loads
+        self.rows += other.rows
+        for m, v in other.train_tokens.items():
+            self.train_tokens[m] = self.train_tokens.get(m, 0) + v
+        for m, v in other.steps.items():
+            self.steps[m] = self.steps.get(m, 0) + v
+        for k, v in other.forward_tokens.items():
+            self.forward_tokens[k] = self.forward_tokens.get(k, 0) + v
+
+
+def fit_work(w: StageWork, method: str, lengths: np.ndarray, tc,
+             early_stop: np.ndarray | None = None) -> int:
+    """Add one ``loop.fit`` run to ``w`` (every epoch, no early stop), as fit steps it:
+    ``steps_per_epoch`` optimizer steps per epoch, ``train.max_steps`` respected, an
+    early-stopping evaluation of ``early_stop`` rows every ``eval_interval`` steps and at
+    the last step of each epoch. Returns the number of evaluations."""
+    from loralens.training.loop import eval_interval, steps_per_epoch
+
+    n = len(lengths)
+    per_epoch, interval = steps_per_epoch(n, tc), eval_interval(n, tc)
+    steps = evals = rows = 0
+    tokens = 0.0
+    for _ in range(tc.epochs):
+        k = 0
+        for k in range(1, per_epoch + 1):
+            steps += 1
+            capped = bool(tc.max_steps and steps >= tc.max_steps)
+            if early_stop is not None and (k % interval == 0 or k == per_epoch or capped):
+                evals += 1
+            if capped:
+                break
+        done = n if k == per_epoch else min(n, k * tc.batch_size * tc.grad_accum)
+        rows += done
+        tokens += float(lengths.sum()) * done / max(n, 1)
+        if tc.max_steps and steps >= tc.max_steps:
+            break
+    w.train(method, tokens, rows, steps)
+    if early_stop is not None and evals:
+        w.forward("batched", evals * float(early_stop.sum()), evals * len(early_stop))
+    return evals
+
+
+def count_work(cfg: StudyConfig, stages: Sequence[str], tokenizer,
+               prepared: dict) -> list[StageWork]:
+    """Each stage's work, from the config and the tasks' data (``prepared``: task ->
+    :class:`loralens.training.job.Prepared`), as the stage's code does it."""
+    count = {"sanity": _sanity, "search": _search, "train": _train, "extract": _extract,
+             "drift": _drift, "weights": _weights, "bench": _bench, "report": _report}
+    return [count[s](cfg, tokenizer, prepared) for s in stages]
+
+
+def _pairs(cfg: StudyConfig) -> list[tuple[str, str]]:
+    return [(t, m) for t in cfg.tasks for m in cfg.methods]
+
+
+def _is_full(cfg: StudyConfig, method: str) -> bool:
+    """Full fine-tuning's search space (batch choices) applies (search.method_space)."""
+    from loralens.models.methods import get_method
+
+    return get_method(method, cfg).family == "full"
+
+
+def _n(k: int, noun: str) -> str:
+    return f"{k} {noun}{'' if k == 1 else 's'}"
+
+
+def _per_task(values: dict[str, object]) -> str:
+    """``{"mrpc": 128, "sst2": 384}`` -> "mrpc 128, sst2 384" ("128" when all are equal)."""
+    shown = {str(v) for v in values.values()}
+    if len(shown) == 1:
+        return shown.pop()
+    return ", ".join(f"{t} {v}" for t, v in values.items())
+
+
+def _sanity(cfg, tokenizer, prepared) -> StageWork:
+    from loralens.training.sanity import sanity_rows
+
+    sc = cfg.sanity
+    tc = replace(cfg.train, epochs=sc.epochs, batch_size=sc.batch_size, grad_accum=1,
+                 max_steps=0, patience=0, eval_every=0)
+    w, rows = StageWork("sanity"), {}
+    for t, m in _pairs(cfg):
+        tiny = sanity_rows(prepared[t].train, sc.examples)
+        rows[t] = len(tiny)
+        fit_work(w, m, tiny.lengths, tc)
+        w.jobs += 1
+        w.loads += 1
+    w.what = (f"{w.jobs} (task, method) overfit {_per_task(rows)} training rows, "
+              f"<= {_n(sc.epochs, 'epoch')}")
+    return w
+
+
+def _search(cfg, tokenizer, prepared) -> StageWork:
+    from loralens.training.job import prepare_task, with_overrides
+
+    sc = cfg.search
+    w = StageWork("search")
+    if not sc.enabled:
+        w.off = "search.enabled=false"
+        w.what = "off: training uses the config's hyperparameters"
+        return w
+    # A trial trains on search.train_size rows (the data's otherwise, no per-task sizes)
+    # and is scored on search.eval_size selection rows (search.run_search).
+    tcfg = with_overrides(cfg, {"data": {"train_size": sc.train_size or cfg.data.train_size,
+                                         "train_size_per_task": {}}})
+    rows, evals = {}, {}
+    for t in cfg.tasks:
+        same = (tcfg.data.train_size == cfg.data.train_size
+                and not cfg.data.train_size_per_task.get(t))
+        p = prepared[t] if same else prepare_task(tcfg, t, tokenizer)
+        eval_enc = B.encode_split(tokenizer, p.selection_rows(sc.eval_size, cfg.data.subset_seed),
+                                  cfg.data.max_length)
+        rows[t], evals[t] = len(p.train), len(eval_enc)
+        for m in cfg.methods:
+            # upper bounds: the largest epoch choice, the smallest batch (most steps, evals)
+            batch = min(sc.batch_full if _is_full(cfg, m) else sc.batch_lora)
+            trial_tc = replace(cfg.train, epochs=max(sc.epochs), batch_size=batch)
+            trial = StageWork("search", jobs=1, loads=1)
+            fit_work(trial, m, p.train.lengths, trial_tc, eval_enc.lengths)
+            trial.forward("batched", float(eval_enc.lengths.sum()), len(eval_enc))
+            w.add(trial.scaled(sc.trials))
+    w.what = (f"{len(_pairs(cfg))} (task, method) x {sc.trials} trials: {_per_task(rows)} rows "
+              f"x <= {_n(max(sc.epochs), 'epoch')}, scored on {_per_task(evals)} selection rows")
+    return w
+
+
+def train_settings(cfg: StudyConfig, method: str):
+    """The ``TrainConfig`` a training job runs with, as far as it is known before the
+    search: with the search on, its largest epoch choice and smallest batch (bounds)."""
+    sc = cfg.search
+    if not sc.enabled:
+        return cfg.train
+    return replace(cfg.train, epochs=max(sc.epochs),
+                   batch_size=min(sc.batch_full if _is_full(cfg, method) else sc.batch_lora))
+
+
+def _train(cfg, tokenizer, prepared) -> StageWork:
+    w = StageWork("train")
+    rows, epochs = {}, set()
+    for t, m in _pairs(cfg):
+        p, tc = prepared[t], train_settings(cfg, m)
+        job = StageWork("train", jobs=1, loads=1)
+        fit_work(job, m, p.train.lengths, tc, p.early_stop.lengths)
+        # then the whole validation split, scored once (train.train_job)
+        job.forward("batched", float(p.val.lengths.sum()), len(p.val))
+        w.add(job.scaled(len(cfg.seeds)))
+        rows[t], epochs = len(p.train), epochs | {tc.epochs}
+    first = prepared[cfg.tasks[0]]
+    w.what = (f"{_n(len(cfg.tasks), 'task')} x {_n(len(cfg.methods), 'method')} x "
+              f"{_n(len(cfg.seeds), 'seed')}: "
+              f"{_per_task(rows)} rows x {'/'.join(map(str, sorted(epochs)))} epoch(s), "
+              f"early-stop evals of {len(first.early_stop)} rows, validation once")
+    return w
+
+
+def _extract(cfg, tokenizer, prepared) -> StageWork:
+    from loralens.analysis.extract import sample_split
+
+    ec, w, rows = cfg.extract, StageWork("extract"), {}
+    models = 1 + len(cfg.methods) * len(cfg.seeds)   # the base and every trained model
+    for t in cfg.tasks:
+        enc = B.encode_split(tokenizer, sample_split(prepared[t].val_split, ec.examples, ec.seed),
+                             cfg.data.max_length)
+        w.forward("batched", models * float(enc.lengths.sum()), models * len(enc))
+        w.jobs += 1
+        w.loads += models
+        rows[t] = len(enc)
+    w.what = f"{models} models per task x {_per_task(rows)} validation rows, forward"
+    return w
+
+
+def _drift(cfg, tokenizer, prepared) -> StageWork:
+    models = len(cfg.methods) * len(cfg.seeds)
+    return StageWork("drift", jobs=len(cfg.tasks), cheap="arithmetic on pooled arrays",
+                     what=f"{models} models per task vs the base: CKA, cosine, tests")
+
+
+def _weights(cfg, tokenizer, prepared) -> StageWork:
+    """The weights stage (weights.py): every trained model loaded once, its matrices'
+    eigenproblems (not counted: about 0.1 s per matrix on one core) and, with forgetting,
+    a forward pass over the task's general-text sample (and one for the base per task)."""
+    from loralens.analysis.weights.forgetting import encode_texts, text_sample
+
+    wc, models = cfg.weights, len(cfg.methods) * len(cfg.seeds)
+    w = StageWork("weights", what=f"{models} models per task: intruders and spectra of the "
+                                  "analysed matrices" + (", forgetting" if wc.forgetting else ""))
+    for t in cfg.tasks:
+        w.jobs += models
+        w.loads += models + 1
+        if wc.forgetting:
+            ids = encode_texts(tokenizer, text_sample(t, wc, cfg.data.glue_dir).texts,
+                               wc.forgetting_max_length)
+            n_tok = float(sum(len(x) for x in ids))
+            w.forward("batched", (models + 1) * n_tok, (models + 1) * len(ids))
+    return w
+
+
+def _report(cfg, tokenizer, prepared) -> StageWork:
+    return StageWork("report", jobs=1, cheap="reads the run directory",
+                     what="Markdown + HTML from the run directory's files")
+
+
+def _bench(cfg, tokenizer, prepared) -> StageWork:
+    """The serving benchmark (serving/bench*.py, identity.py): per task and benchmarked
+    seed every served kind of every method at each batch size (warm-up requests included;
+    the kinds of :func:`loralens.models.serving_paths.serving_kinds`), several adapters our runtime
+    serves exactly on one base, and the identity checks of every adapter (float64 and the
+    serving dtype)."""
+    from loralens.models.methods import get_method
+    from loralens.serving.bench.multi import choose_adapters
+    from loralens.models.serving_paths import lean_inexact, serving_kinds
+    from loralens.tasks.spec import get_task
+
+    bc, w = cfg.bench, StageWork("bench", jobs=1)
+    seeds = [s for s in cfg.seeds if not bc.seeds or s in bc.seeds]
+    if not seeds:
+        w.off = f"bench.seeds {bc.seeds} holds no training seed"
+        w.what = "off: no model to benchmark"
+        return w
+    sizes = sorted(set(bc.batch_sizes))
+    methods = {m: get_method(m, cfg) for m in cfg.methods}
+    kinds = sum(len(serving_kinds(x)) for x in methods.values())
+    adapters = [m for m, x in methods.items() if x.is_adapter]
+    lean = [m for m in adapters if lean_inexact(methods[m]) is None]
+    enc = {t: B.encode_split(tokenizer, prepared[t].val_split.subset(
+        bc.requests, cfg.data.subset_seed), cfg.data.max_length).lengths.tolist()
+        for t in cfg.tasks}
+
+    def requests(lengths: list[int], batch: int) -> list[list[int]]:
+        return [lengths[i:i + batch] for i in range(0, len(lengths), batch)]
+
+    def warm(reqs: list, n: int) -> list:  # time_interleaved's warm-up: n calls, cycling
+        return [reqs[i % len(reqs)] for i in range(n)]
+
+    def serve(reqs: list[list[int]], passes: int, kind: str | None = None) -> None:
+        """``passes`` models serve ``reqs`` (each a list of row lengths)."""
+        if reqs:
+            kind = kind or ("batch1" if max(map(len, reqs)) == 1 else "batched")
+            w.forward(kind, passes * sum(map(sum, reqs)), passes * sum(map(len, reqs)))
+
+    for t in cfg.tasks:  # bench_task: every served kind of every (task, seed)
+        for _ in seeds:
+            w.loads += kinds
+            serve(requests(enc[t], sizes[0])[:bc.warmup], kinds)   # warm-up while loaded
+            for b in sizes:
+                reqs = requests(enc[t], b)
+                serve(reqs + warm(reqs, bc.warmup), kinds)
+    checked = [(t, m) for t in cfg.tasks for m in adapters for _ in seeds]
+    chosen = choose_adapters(list(cfg.tasks), [(t, m, s) for t in cfg.tasks for m in lean
+                                                for s in seeds], lean)
+    peft = len({get_task(t).num_labels for t, _, _ in chosen}) == 1  # heads of one shape
+
+    def round_robin(n: int) -> list[int]:  # row j: adapter j mod k, example j div k
+        return [enc[chosen[j % len(chosen)][0]][j // len(chosen)]
+                for j in range(n * len(chosen))]
+
+    if len(chosen) >= 2:  # bench_multi: our runtime, PEFT, a merged model for reference
+        rows = round_robin(min(len(enc[t]) for t, _, _ in chosen))
+        for reqs, passes in ((requests(rows, 1), 1 + peft),
+                             (requests(rows, bc.mixed_batch_size), 2 + peft)):
+            serve(reqs + warm(reqs, min(bc.warmup, len(reqs))), passes)
+        w.loads += 1 + peft
+    # identity: float64 (the verdict), then the serving dtype; per adapter its first
+    # examples at batch 1 (the reference), then the merged model and, for the methods it
+    # serves, our runtime
+    ident = bc.identity_examples
+    for dtype in ("float64", None):
+        for t, m in checked:
+            serve(requests(enc[t][:ident], 1), 1, dtype)
+            for b in sizes:
+                serve(requests(enc[t][:ident], b), 1 + (m in lean), dtype)
+            w.loads += 1
+        if len(chosen) >= 2:
+            rows = round_robin(min(len(enc[t][:ident]) for t, _, _ in chosen))
+            for b in (1, bc.mixed_batch_size):  # stream, mixed: our runtime and PEFT
+                serve(requests(rows, b), 1 + peft, dtype)
+            w.loads += 1 + peft
+    w.what = (f"{_n(len(cfg.tasks), 'task')} x {_n(len(seeds), 'seed')} x {kinds} served "
+              f"models x {_per_task({t: len(e) for t, e in enc.items()})} requests at batch "
+              f"{'/'.join(map(str, sizes))}, several adapters, identity checks")
+    return w

@@ -1,0 +1,421 @@
+"""The training loop: ``fit`` (one loop for every method), ``evaluate`` and the
+distributed helpers they share.
+
+``fit`` trains a classifier in place: AdamW (fused where available), a cosine schedule
+with linear warm-up, gradient clipping and accumulation, early stopping on the selection
+rows' loss a few times per epoch with the best parameters restored, the precision of
+``train.precision`` (``precision.py``: bfloat16 cast once on the CPU where it pays,
+autocast on a GPU) and FLOPs utilisation against peaks measured in this process
+(``flops.py``). Data parallel when ``torch.distributed`` is initialised (accelerate
+launch, torchrun): every rank takes its share of each global batch.
+
+``evaluate`` scores an encoded split in float32 unless told otherwise; reported scores
+always come from it in float32, after everything that selects.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from loralens.training import batches as B
+from loralens.core.config import TrainConfig
+from loralens.training.metrics import scores
+
+
+# --------------------------------------------------------------------------- scoring
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+
+def model_num_labels(model: nn.Module) -> int:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.num_labels
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
+    lt = torch.as_tensor(logits, dtype=torch.float64)
+    loss = float(nn.functional.cross_entropy(lt, torch.as_tensor(labels)).item())
+    pred = logits.argmax(axis=1)
+    s = scores(pred, labels, logits.shape[1])  # f1: binary for 2 classes, macro for more
+    return {"loss": loss, "accuracy": s["accuracy"], "f1": s["f1"], "n": int(len(labels)),
+            "mcc": s["mcc"]}
+
+
+def autocast_ctx(device: torch.device, precision: str):
+    """bf16 autocast on a CUDA device (``bf16``, or ``auto``); nothing on the CPU, where a
+    model that trains in bfloat16 is cast once (``precision.CastOnce``)."""
+    from loralens.training.precision import autocast
+
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return autocast(device, torch.bfloat16 if use_bf16 else torch.float32)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, enc: B.Encoded, pad_id: int, batch_size: int = 32,
+             group_by_length: bool = True, precision: str = "fp32") -> dict:
+    """Loss, accuracy, F1 (positive class 1) and per-example logits, in split order."""
+    was_training = model.training
+    model.eval()
+    device = device_of(model)
+    logits = np.zeros((len(enc), model_num_labels(model)), dtype=np.float32)
+    batches = B.eval_batches(enc.lengths, batch_size, group_by_length)
+    for b in B.iter_batches(enc, batches, pad_id):
+        with autocast_ctx(device, precision):
+            out = model(input_ids=b.input_ids.to(device),
+                        attention_mask=b.attention_mask.to(device))
+        logits[b.index] = out.logits.float().cpu().numpy()
+    model.train(was_training)
+    return {**classification_metrics(logits, enc.labels), "logits": logits}
+
+
+
+# --------------------------------------------------------------------------- fit
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)   # one entry per evaluation
+    steps: int = 0
+    best_step: int = 0
+    best_val_loss: float = math.inf
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    final_train_loss: float = math.nan
+    epochs: int = 0
+    eval_every: int = 0               # optimizer steps between early-stopping evaluations
+    stopped_step: int | None = None   # the step at which patience ran out (None: it did not)
+    # throughput (flops.py): FLOPs of the training steps over their seconds, against
+    # peaks measured in this process in the dtype training computed in
+    precision: str = "fp32"
+    precision_note: str = ""
+    compiled: bool = False
+    flops_per_token: int = 0
+    train_flops: float = 0.0
+    step_seconds: float = 0.0         # forward, backward and optimizer steps
+    eval_seconds: float = 0.0         # early-stopping evaluations inside the fit
+    achieved_flops_per_s: float = math.nan
+    peak_flops_per_s: float = math.nan
+    peak_model_flops_per_s: float = math.nan
+    mfu: float = math.nan
+    mfu_model_shapes: float = math.nan
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+
+class _Loop:
+    """One ``fit`` call's state: the model, its optimizer and schedule, the precision
+    wrapper, early stopping's best state, the progress bar and the result."""
+
+    def __init__(self, model: nn.Module, train_enc: B.Encoded, early_stop_enc, pad_id: int,
+                 tc: TrainConfig, lr: float, seed: int, opts: dict):
+        from loralens.training import flops
+        from loralens.training import precision as P
+        from loralens.training.devices import make_optimizer, param_groups
+
+        self.model, self.train_enc, self.early_stop_enc = model, train_enc, early_stop_enc
+        self.pad_id, self.tc, self.seed, self.opts = pad_id, tc, seed, opts
+        device = device_of(model)
+        self.res = res = FitResult()
+        self.dtype, res.precision_note = P.choose(tc.precision, device, model_config(model),
+                                                  _tokens_per_batch(train_enc, tc.batch_size))
+        res.precision = P.dtype_label(self.dtype)
+        res.flops_per_token = flops.train_flops_per_token(model, opts["method"])
+        self.peak = _measure_peaks(model, self.dtype, device, train_enc, tc, res)
+        # bfloat16 on the CPU: cast once (P.CastOnce); on a GPU: autocast (P.autocast)
+        self.mp = P.CastOnce(model, self.dtype if device.type == "cpu" else torch.float32)
+        self.step_model = model
+        if tc.compile:
+            self.step_model, res.compiled = torch.compile(model, dynamic=True), True
+        groups = param_groups(self.mp.params, tc.weight_decay)
+        if opts.get("lr_ratio"):  # LoRA+: lora_B at lr_ratio times the rate of the rest
+            from loralens.models.methods import loraplus_groups
+
+            groups = loraplus_groups(groups, self.mp.names, lr, opts["lr_ratio"])
+        self.opt, note = make_optimizer(groups, lr, opts["method"], tc.optimizer_full, device)
+        if note and rank_zero():
+            print(f"{opts['desc']}: {note}", flush=True)
+        self.sched, total = _cosine_schedule(self.opt, len(train_enc), tc)
+        if tc.gradient_checkpointing == "on" or (
+                tc.gradient_checkpointing == "auto" and device.type == "cuda"):
+            _enable_checkpointing(model)
+        self.rank, self.world = dist_info()
+        self.best_state, self.bad = None, 0
+        res.eval_every = eval_interval(len(train_enc), tc)
+        self.bar = tqdm(total=total, desc=opts["desc"], unit="step", dynamic_ncols=True,
+                        disable=not opts["progress"] or self.rank > 0)
+
+    def run(self) -> FitResult:
+        res, tc = self.res, self.tc
+        t0 = time.perf_counter()
+        self.model.train()
+        for epoch in range(tc.epochs):
+            stop = self.epoch(epoch)
+            if (self.opts["stop_below_train_loss"] is not None
+                    and res.final_train_loss < self.opts["stop_below_train_loss"]):
+                break
+            if res.history:
+                res.history[-1].setdefault("train_loss", res.final_train_loss)
+            if stop:
+                break
+        self.bar.close()
+        res.train_seconds = time.perf_counter() - t0
+        if self.best_state is not None:
+            self.mp.restore(self.best_state)
+        self.mp.finish()  # float32 again: reported scores, extraction and saving read float32
+        self.finish_throughput()
+        self.model.eval()
+        return res
+
+    def epoch(self, epoch: int) -> bool:
+        """One epoch; True when training stops (patience ran out or ``max_steps``)."""
+        res, tc = self.res, self.tc
+        batches = B.train_batches(self.train_enc.lengths, tc.batch_size,
+                                  self.seed * 1000 + epoch, self.opts["group_by_length"])
+        # Data parallel: every rank takes its share of each global batch.
+        local = [b[self.rank::self.world] for b in batches] if self.world > 1 else batches
+        loss_sum, rows, step_in_epoch, stop = 0.0, 0, 0, False
+        window = (0.0, 0)  # (loss_sum, rows) at the previous optimizer step
+        for i, idx in enumerate(local):
+            if len(idx):
+                # weight = rows / rows of the accumulation window (all ranks): exact mean
+                weight = len(idx) / _accum_rows(batches, i, tc.grad_accum)
+                t_step = time.perf_counter()
+                loss_sum += _backward(self.step_model, self.train_enc, idx, self.pad_id,
+                                      self.opts["pad_to"], self.dtype, weight, res) * len(idx)
+                res.step_seconds += time.perf_counter() - t_step
+                rows += len(idx)
+            if (i + 1) % tc.grad_accum and i + 1 != len(batches):
+                continue
+            self.optimizer_step(loss_sum / max(rows, 1),
+                                (loss_sum - window[0]) / max(rows - window[1], 1))
+            window = (loss_sum, rows)
+            step_in_epoch += 1
+            last = i + 1 == len(batches) or bool(tc.max_steps and res.steps >= tc.max_steps)
+            if self.early_stop_enc is not None and (step_in_epoch % res.eval_every == 0 or last):
+                stop = self.evaluate_selection(epoch)
+            if stop or (tc.max_steps and res.steps >= tc.max_steps):
+                stop = True
+                break
+        if self.world > 1:
+            loss_sum, rows = _all_reduce_sum([loss_sum, float(rows)])
+        res.final_train_loss = loss_sum / max(rows, 1)
+        res.epochs = epoch + 1
+        return stop
+
+    def optimizer_step(self, running_loss: float, step_loss: float = math.nan) -> None:
+        res, tc = self.res, self.tc
+        t_step = time.perf_counter()
+        self.mp.grads_to_masters()
+        if self.world > 1:
+            _all_reduce_grads(self.mp.params)
+        if tc.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(self.mp.params, tc.max_grad_norm)
+        self.opt.step()
+        self.mp.masters_to_model()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        res.step_seconds += time.perf_counter() - t_step
+        res.steps += 1
+        on_step = self.opts.get("on_step")  # (step, this step's mean loss, learning rate)
+        on_step and on_step(res.steps, step_loss, self.sched.get_last_lr()[0])
+        seconds = max(res.step_seconds, 1e-9)
+        achieved = res.flops_per_token * res.real_tokens / seconds
+        self.bar.set_postfix(loss=f"{running_loss:.4f}",
+                             tok_s=f"{res.real_tokens * self.world / seconds:.0f}",
+                             mfu=f"{100 * achieved / self.peak:.0f}%")
+        self.bar.update(1)
+
+    def evaluate_selection(self, epoch: int) -> bool:
+        t_eval = time.perf_counter()
+        self.best_state, self.bad, stop = _early_stop_check(
+            self.model, self.early_stop_enc, self.pad_id, self.tc, self.res, self.best_state,
+            self.bad, epoch, self.mp)
+        self.res.eval_seconds += time.perf_counter() - t_eval
+        on_eval = self.opts["on_eval"]
+        on_eval and on_eval(self.res.history[-1])
+        return stop
+
+    def finish_throughput(self) -> None:
+        from loralens.training import flops
+
+        res = self.res
+        res.train_flops = float(res.flops_per_token * res.real_tokens)
+        if res.step_seconds > 0:
+            res.achieved_flops_per_s = res.train_flops / res.step_seconds
+            res.mfu = flops.mfu(res.achieved_flops_per_s, res.peak_flops_per_s)
+            res.mfu_model_shapes = flops.mfu(res.achieved_flops_per_s,
+                                             res.peak_model_flops_per_s)
+
+
+def fit(model: nn.Module, train_enc: B.Encoded, early_stop_enc: B.Encoded | None, pad_id: int,
+        tc: TrainConfig, lr: float, seed: int, *, group_by_length: bool = True,
+        stop_below_train_loss: float | None = None, pad_to: int | None = None,
+        progress: bool = True, desc: str = "train", on_eval=None,
+        method: str = "lora", on_step=None, lr_ratio: float | None = None) -> FitResult:
+    """Train ``model`` in place; restore the parameters with the best selection loss.
+
+    ``on_eval(entry)`` is called after each early-stopping evaluation (search pruning),
+    ``on_step(step, loss, lr)`` after each optimizer step (experiment tracking).
+    ``method`` picks the optimizer (``train.optimizer_full`` applies to ``full``);
+    ``lr_ratio`` (LoRA+) trains LoRA's B matrices at ``lr_ratio * lr``.
+    """
+    opts = {"group_by_length": group_by_length, "stop_below_train_loss": stop_below_train_loss,
+            "pad_to": pad_to, "progress": progress, "desc": desc, "on_eval": on_eval,
+            "method": method, "on_step": on_step, "lr_ratio": lr_ratio}
+    return _Loop(model, train_enc, early_stop_enc, pad_id, tc, lr, seed, opts).run()
+
+
+def model_config(model: nn.Module):
+    """The backbone's transformers config (of a classifier, PEFT-wrapped or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "config", None)
+
+
+def _tokens_per_batch(enc: B.Encoded, batch_size: int) -> int:
+    return int(max(1, round(float(np.mean(enc.lengths)) * batch_size))) if len(enc) else 64
+
+
+def _measure_peaks(model, dtype, device, train_enc, tc, res: FitResult) -> float:
+    """Measure (once per process) the square-GEMM and model-shape peaks in ``dtype``."""
+    from loralens.training import flops
+
+    dev = "cuda" if device.type == "cuda" else "cpu"
+    res.peak_flops_per_s = flops.gemm_peak(dtype, dev)
+    cfg = model_config(model)
+    if cfg is not None and hasattr(cfg, "intermediate_size"):
+        res.peak_model_flops_per_s = flops.model_gemm_peak(
+            cfg, _tokens_per_batch(train_enc, tc.batch_size), dtype, dev)
+    return res.peak_flops_per_s
+
+
+def _backward(model: nn.Module, enc: B.Encoded, idx: np.ndarray, pad_id: int,
+              pad_to: int | None, dtype: torch.dtype, weight: float, res: FitResult) -> float:
+    """Forward and backward of one micro-batch (loss scaled by ``weight``); counts its
+    tokens into ``res``; returns the batch's mean loss."""
+    from loralens.training.precision import autocast
+
+    device = device_of(model)
+    b = next(B.iter_batches(enc, [idx], pad_id, pad_to))
+    with autocast(device, dtype):
+        out = model(input_ids=b.input_ids.to(device),
+                    attention_mask=b.attention_mask.to(device), labels=b.labels.to(device))
+    (out.loss * weight).backward()
+    res.real_tokens += b.real_tokens
+    res.padded_tokens += b.attention_mask.numel()
+    return float(out.loss.detach())
+
+
+def steps_per_epoch(n_rows: int, tc: TrainConfig) -> int:
+    return math.ceil(math.ceil(n_rows / tc.batch_size) / tc.grad_accum)
+
+
+def eval_interval(n_rows: int, tc: TrainConfig) -> int:
+    """Optimizer steps between early-stopping evaluations: ``train.eval_every``, else
+    ``evals_per_epoch`` evenly spread evaluations per epoch (so that patience can act
+    within the study's 2-4 epochs; the last step of each epoch is evaluated too)."""
+    return tc.eval_every or max(1, math.ceil(steps_per_epoch(n_rows, tc) / tc.evals_per_epoch))
+
+
+def _cosine_schedule(opt, n_rows: int, tc: TrainConfig):
+    """(cosine schedule with linear warm-up, total optimizer steps) for ``n_rows`` rows."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    total = steps_per_epoch(n_rows, tc) * tc.epochs
+    if tc.max_steps:
+        total = min(total, tc.max_steps)
+    return get_cosine_schedule_with_warmup(opt, round(tc.warmup_ratio * total), total), total
+
+
+def rank_zero() -> bool:
+    return dist_info()[0] == 0
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of a torch.distributed run (accelerate launch, torchrun), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> None:
+    """Join the process group that ``accelerate launch`` / torchrun describe in the environment
+    (gloo on the CPU, NCCL on GPUs). A no-op in a single process."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+
+
+def _all_reduce_grads(params: list[torch.Tensor]) -> None:
+    import torch.distributed as dist
+
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                      for p in params])
+    dist.all_reduce(flat)  # SUM: each rank's loss already carries its share of the mean
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _accum_rows(batches: list[np.ndarray], i: int, accum: int) -> int:
+    """Rows in the accumulation window of micro-batch i (for an exact mean loss)."""
+    start = (i // accum) * accum
+    return sum(len(b) for b in batches[start:start + accum])
+
+
+def _early_stop_check(model, enc, pad_id, tc, res: FitResult, best_state, bad, epoch, mp):
+    # in the dtype training computes in (selection only; reported scores are float32)
+    m = evaluate(model, enc, pad_id, tc.eval_batch_size,
+                 precision="bf16" if res.precision == "bf16" else "fp32")
+    improved = m["loss"] < res.best_val_loss - 1e-12
+    # "val_*": the selection rows (a slice of the training split unless data.selection is
+    # validation), never the reported split under the default protocol.
+    res.history.append({"eval": len(res.history) + 1, "step": res.steps, "epoch": epoch + 1,
+                        "val_loss": m["loss"], "val_accuracy": m["accuracy"],
+                        "val_f1": m["f1"], "val_mcc": m["mcc"]})
+    if improved:
+        res.best_val_loss, res.best_step, bad = m["loss"], res.steps, 0
+        best_state = mp.state()
+    else:
+        bad += 1
+    stop = tc.patience > 0 and bad >= tc.patience
+    if stop and not res.stopped_early:
+        res.stopped_step = res.steps
+    res.stopped_early = res.stopped_early or stop
+    model.train()
+    return best_state, bad, stop
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+

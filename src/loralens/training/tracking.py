@@ -1,0 +1,211 @@
+"""Experiment tracking: each training job logged to TensorBoard and/or MLflow.
+
+``tracking.report_to`` (``--report-to``, several allowed: HF Trainer's convention) names
+the trackers; ``none`` (the default) logs nothing and imports neither library. Per
+training job, one tracked run named ``TASK/METHOD/seedN`` holding:
+
+- parameters: the job's hyperparameters (``metrics.json``'s ``hyperparameters``, flattened);
+- ``train/loss`` (the mean loss of each optimizer step's rows) and ``train/lr``, per step;
+- ``selection/val_loss``, ``selection/val_accuracy``, ``selection/val_f1``,
+  ``selection/val_mcc`` at each early-stopping evaluation (the selection rows);
+- at the last step: ``validation/*`` (the reported split, once), ``fit/tokens_per_s``
+  (real tokens per second of the training steps), ``fit/mfu``, ``fit/train_seconds``,
+  ``fit/final_train_loss``, ``fit/best_step``.
+
+Per search trial, a run ``search/TASK/METHOD/trialN``: its sampled parameters, the
+``selection/*`` evaluations it was pruned on, and ``search/objective`` (absent when pruned).
+
+Per study, after the report stage, a run ``study``: the report's headline numbers and, in
+MLflow, the report files as artifacts (:mod:`loralens.study.tracking`).
+
+The runs of one study are grouped: TensorBoard writes ``RUN_DIR/tensorboard/TASK-METHOD-seedN``
+(``tensorboard --logdir RUN_DIR/tensorboard``); MLflow puts them in one experiment named
+``tracking.experiment`` (default: the run directory's name), in the store at
+``--tracking-uri`` / ``$MLFLOW_TRACKING_URI``, else ``sqlite:///RUN_DIR/mlflow.db``. The
+tracking URI is never stored in the run directory (it may carry credentials) and is shown
+redacted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from loralens.core.config import ConfigError
+from loralens.core.redaction import redact_url
+
+REPORT_TO = ("none", "tensorboard", "mlflow")
+URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own variable
+
+
+def reporters(report_to: list[str]) -> list[str]:
+    """The trackers asked for, ``none`` dropped; ``none`` with another is an error."""
+    asked = list(dict.fromkeys(report_to))
+    if "none" in asked and len(asked) > 1:
+        raise ConfigError(f"tracking.report_to: 'none' together with {asked}: give 'none' "
+                          "alone, or the trackers", "tracking.report_to")
+    return [r for r in asked if r != "none"]
+
+
+def tracking_uri(run_root: Path, environ=os.environ) -> str:
+    return environ.get(URI_ENV) or f"sqlite:///{Path(run_root).resolve() / 'mlflow.db'}"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and None as their text."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+class _TensorBoard:
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w = SummaryWriter(log_dir=str(log_dir))
+
+    def params(self, params: dict) -> None:
+        lines = "\n".join(f"| {k} | {v} |" for k, v in params.items())
+        self.w.add_text("hyperparameters", "| key | value |\n|---|---|\n" + lines, 0)
+
+    def scalars(self, step: int, values: dict) -> None:
+        for k, v in values.items():
+            self.w.add_scalar(k, v, step)
+
+    def text(self, tag: str, text: str) -> None:
+        self.w.add_text(tag, text, 0)
+
+    def artifacts(self, local_dir: Path, path: str) -> None:
+        pass  # TensorBoard holds no files: the report is its text summary
+
+    def close(self, ok: bool) -> None:
+        self.w.close()
+
+
+class _MLflow:
+    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict,
+                 artifact_root: Path):
+        from mlflow import MlflowClient
+
+        self.c = MlflowClient(uri)
+        exp = self.c.get_experiment_by_name(experiment)
+        # artifacts next to the run directory's store, never in the current directory
+        exp_id = exp.experiment_id if exp else self.c.create_experiment(
+            experiment, artifact_location=Path(artifact_root).resolve().as_uri())
+        self.run_id = self.c.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+
+    def params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            self.c.log_batch(self.run_id, params=items[i:i + 100])
+
+    def scalars(self, step: int, values: dict) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.c.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step)
+                                               for k, v in values.items()])
+
+    def text(self, tag: str, text: str) -> None:
+        pass  # the same text travels as a file among the artifacts
+
+    def artifacts(self, local_dir: Path, path: str) -> None:
+        self.c.log_artifacts(self.run_id, str(local_dir), path)
+
+    def close(self, ok: bool) -> None:
+        self.c.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+
+class JobTracker:
+    """One training job's tracked runs (one per tracker); hooks for ``loop.fit``."""
+
+    def __init__(self, sinks: list):
+        self.sinks = sinks
+
+    def params(self, params: dict) -> None:
+        flat = flatten(params)
+        for s in self.sinks:
+            s.params(flat)
+
+    def scalars(self, step: int, values: dict) -> None:
+        finite = {k: float(v) for k, v in values.items()
+                  if isinstance(v, (int, float)) and math.isfinite(v)}
+        for s in self.sinks:
+            s.scalars(step, finite)
+
+    def on_step(self, step: int, loss: float, lr: float) -> None:
+        self.scalars(step, {"train/loss": loss, "train/lr": lr})
+
+    def on_eval(self, entry: dict) -> None:
+        self.scalars(entry["step"], {f"selection/{k}": v for k, v in entry.items()
+                                     if k.startswith("val_")})
+
+    def finish(self, metrics: dict) -> None:
+        """The job's final numbers, from what ``metrics.json`` holds, at its last step."""
+        fit = metrics["fit"]
+        seconds = fit.get("step_seconds") or 0.0
+        values = {f"validation/{k}": v for k, v in metrics["validation"].items()}
+        values.update({"fit/tokens_per_s": fit["real_tokens"] / seconds if seconds else math.nan,
+                       "fit/mfu": fit.get("mfu", math.nan),
+                       "fit/train_seconds": fit["train_seconds"],
+                       "fit/final_train_loss": fit["final_train_loss"],
+                       "fit/best_step": fit["best_step"]})
+        self.scalars(fit["steps"], values)
+
+    def text(self, tag: str, text: str) -> None:
+        for s in self.sinks:
+            s.text(tag, text)
+
+    def artifacts(self, local_dir: Path, path: str) -> None:
+        """The files under ``local_dir`` as artifacts under ``path`` (MLflow only)."""
+        for s in self.sinks:
+            s.artifacts(local_dir, path)
+
+    def close(self, ok: bool = True) -> None:
+        for s in self.sinks:
+            s.close(ok)
+
+
+def open_job(cfg, run_root: Path, task: str, method: str, seed: int) -> JobTracker | None:
+    """The training job's tracker, or None when ``tracking.report_to`` is ``none``."""
+    return open_tracked(cfg, run_root, f"{task}/{method}/seed{seed}",
+                        f"{task}-{method}-seed{seed}",
+                        {"task": task, "method": method, "seed": str(seed), "kind": "train"})
+
+
+def open_trial(cfg, run_root: Path, task: str, method: str, number: int) -> JobTracker | None:
+    """A search trial's tracker (``search/TASK/METHOD/trialN``; TensorBoard:
+    ``tensorboard/search-TASK-METHOD-trialN``), or None."""
+    return open_tracked(cfg, run_root, f"search/{task}/{method}/trial{number}",
+                        f"search-{task}-{method}-trial{number}",
+                        {"task": task, "method": method, "trial": str(number),
+                         "kind": "search"})
+
+
+def open_tracked(cfg, run_root: Path, name: str, tb_dir: str, tags: dict
+                 ) -> JobTracker | None:
+    asked = reporters(cfg.tracking.report_to)
+    if not asked:
+        return None
+    run_root, sinks = Path(run_root), []
+    if "tensorboard" in asked:
+        sinks.append(_TensorBoard(run_root / "tensorboard" / tb_dir))
+    if "mlflow" in asked:
+        uri = tracking_uri(run_root)
+        try:
+            sinks.append(_MLflow(uri, cfg.tracking.experiment or run_root.resolve().name, name,
+                                 tags, run_root / "mlartifacts"))
+        except Exception as e:  # the URI may carry a password: never show it whole
+            raise RuntimeError(f"MLflow tracking at {redact_url(uri)}: "
+                               f"{type(e).__name__}") from None
+    return JobTracker(sinks)
