@@ -5,12 +5,18 @@ overrides (dotted keys of the config, e.g. ``train.lr=1e-4 data.train_size=512``
 layered in that order on the defaults and validated. The subcommands, their
 selectors (``--task``, ``--method``, ``--seed``) and their flags come from
 :data:`loralens.study.stages.STAGES`: a stage is wired once.
+
+Library code logs (``logging.getLogger(__name__)``); only the command line prints and
+decides where log records go (:func:`setup_logging`): plain messages, INFO and below on
+stdout, warnings and errors on stderr; ``-v`` adds DEBUG, ``-q`` keeps warnings only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -30,6 +36,61 @@ SELECTORS = {
                         "(repeatable; default: the config's)"),
     "seed": dict(action="append", type=int, help="seed (repeatable; default: the config's)"),
 }
+
+
+class TerminalHandler(logging.Handler):
+    """Plain messages: INFO and below to stdout, warnings and errors to stderr.
+
+    The streams are looked up at each record, not kept: a redirected ``sys.stdout``
+    (pytest's capture, ``contextlib.redirect_stdout``) gets what a print would have."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> logging.Logger:
+    """The command line's logging: the ``loralens`` logger (every library module's logger
+    is its child) at INFO, DEBUG with ``verbose`` (-v), WARNING with ``quiet`` (-q), through
+    one :class:`TerminalHandler` (format ``%(message)s``: what a print showed). Other
+    libraries' loggers are left as they are. Returns the ``loralens`` logger."""
+    logger = logging.getLogger("loralens")
+    for h in [h for h in logger.handlers if isinstance(h, TerminalHandler)]:
+        logger.removeHandler(h)
+    handler = TerminalHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False  # a handler on the root logger would show each line twice
+    return logger
+
+
+@contextlib.contextmanager
+def terminal_logging(verbose: bool = False, quiet: bool = False):
+    """:func:`setup_logging` for the duration of one :func:`main` call; the ``loralens``
+    logger is then put back as it was (main called from Python, as the tests do)."""
+    logger = logging.getLogger("loralens")
+    saved = list(logger.handlers), logger.level, logger.propagate
+    setup_logging(verbose, quiet)
+    try:
+        yield logger
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def _verbosity(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """``-v``/``-q`` on the ``loralens`` parser, and again on every subcommand's (where
+    ``suppress``: no default there, so ``loralens -q run`` keeps the top-level value)."""
+    extra = {"default": argparse.SUPPRESS} if suppress else {}
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", help="show debug messages too",
+                   **extra)
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="show only warnings and errors (progress bars: --no-progress)", **extra)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -69,6 +130,7 @@ def _stage_parser(sub, stage: Stage) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loralens", description=__doc__.splitlines()[0])
+    _verbosity(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the whole study, resumably: " + " -> ".join(STAGE_NAMES))
     p.add_argument("--stages", default=",".join(STAGE_NAMES),
@@ -103,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_artifact_commands(sub)  # export, predict
     sub.add_parser("models", help="list the model registry")
     sub.add_parser("presets", help="list the presets")
+    for p in {id(p): p for p in sub.choices.values()}.values():  # aliases: one parser
+        _verbosity(p, suppress=True)
     return parser
 
 
@@ -227,7 +291,7 @@ def study_command(args: argparse.Namespace) -> int:
     if getattr(args, "dry_run", False):  # before anything writes into the run directory
         from loralens.study.plan.dry_run import dry_run
 
-        print(dry_run(cfg, names, run_dir), flush=True)
+        print(dry_run(cfg, names, run_dir), flush=True)  # the command's result: never -q'd
         return 0
     run = RunDir(run_dir)
     if stage is None or not stage.read_only:  # the report only reads
@@ -270,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args([a for a in argv if not (takes and OVERRIDE.match(a))])
     if hasattr(args, "overrides"):
         args.overrides = overrides + list(args.overrides or [])
+    with terminal_logging(args.verbose, args.quiet):
+        return _command(args)
+
+
+def _command(args: argparse.Namespace) -> int:
+    """The parsed command, run; its exit status."""
     if args.command == "models":
         from loralens.models.registry import REGISTRY
 
@@ -352,9 +422,12 @@ def _serving_command(args) -> int:
     try:
         if args.command == "serve":
             from loralens.serving.server import cli_command
-        else:
-            from loralens.serving.loadtest import cli_command
-        return cli_command(args)
+
+            return cli_command(args)
+        from loralens.serving.loadtest import cli_command
+
+        print(cli_command(args))  # the summary table: the command's result
+        return 0
     except KeyboardInterrupt:
         return 130
     except Exception as e:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import platform
 import subprocess
@@ -50,6 +51,8 @@ from loralens.core.timing import stopwatch
 from loralens.serving.cli_args import BACKENDS, DEFAULT_ADAPTERS, DEFAULT_CLIENTS, DEFAULT_REPEATS
 from loralens.analysis.latency import crossovers, schedule, summarize_cells, table_lines
 
+
+log = logging.getLogger(__name__)
 
 # RunDir names the result (RUN_DIR/loadtest/loadtest.json); --out keeps the name elsewhere
 LOADTEST_JSON = RunDir("").loadtest_path.name
@@ -351,7 +354,9 @@ def _outcome(t_start: float, servers: dict[str, dict], cells: list[dict],
     }
 
 
-def cli_command(args) -> int:
+def cli_command(args) -> str:
+    """``loralens loadtest``: runs it; returns the summary table and where the results
+    are, for the command line to print."""
     from loralens.serving.sources import collect_adapters
 
     specs, run_dir = collect_adapters(args.sources)  # fail early, before starting servers
@@ -379,6 +384,4 @@ def cli_command(args) -> int:
     result = run_loadtest(sources, task, out, backends, args.clients, args.adapters,
                           args.requests, args.seconds, args.warmup, glue_dir, server_args,
                           progress=not args.no_progress, repeats=args.repeats)
-    print("\n".join(table_lines(result)))
-    print(f"results in {out}")
-    return 0
+    return "\n".join([*table_lines(result), f"results in {out}"])

@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import socket
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,6 +71,8 @@ from loralens.serving.sources import (
 
 __all__ = ["AdapterSpec", "RequestError", "Service", "build_service",
            "collect_adapters", "create_app", "replicate", "serve"]
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- the service
@@ -415,7 +417,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve(service: Service, host: str = "127.0.0.1", port: int = 8000,
           max_body_bytes: int = DEFAULT_MAX_BODY, log_level: str = "warning", api_key=None,
           public_metrics: bool = False) -> None:
-    """Run until interrupted. Prints ``listening on http://HOST:PORT`` once ready."""
+    """Run until interrupted. Logs ``listening on http://HOST:PORT`` (INFO) once ready."""
     import uvicorn
 
     sock = bind_socket(host, port)
@@ -425,12 +427,11 @@ def serve(service: Service, host: str = "127.0.0.1", port: int = 8000,
                             access_log=False, timeout_graceful_shutdown=GRACE_S)
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host
-    print(f"listening on http://{shown}:{actual} (backend {service.backend.kind}, "
-          f"{len(service.backend.infos)} adapters)", flush=True)
+    log.info(f"listening on http://{shown}:{actual} (backend {service.backend.kind}, "
+             f"{len(service.backend.infos)} adapters)")
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        print(f"warning: bound to {host}: reachable from other machines; the server has no "
-              "authentication (set $LORALENS_API_KEY or --api-key-file)", file=sys.stderr,
-              flush=True)
+        log.warning(f"warning: bound to {host}: reachable from other machines; the server has "
+                    "no authentication (set $LORALENS_API_KEY or --api-key-file)")
     run_until_stopped(server, sock)
 
 

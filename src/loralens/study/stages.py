@@ -21,12 +21,15 @@ run in every worker.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from loralens.core.config import StudyConfig
 from loralens.core.run_dir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- the context
@@ -147,9 +150,9 @@ def run_sanity(ctx: Context) -> bool:
              finished=lambda p: ctx.run.sanity_path(p["task"], p["method"]).is_file())
     res = collect_sanity(ctx.run, ctx.tasks, ctx.methods)
     failed = [f"{r['task']}/{r['method']}" for r in res if not r["passed"]]
-    print(f"sanity: {len(res) - len(failed)}/{len(res)} passed"
-          + (f" (failed: {', '.join(failed)}; a study continues, the report flags it)"
-             if failed else ""), flush=True)
+    log.info(f"sanity: {len(res) - len(failed)}/{len(res)} passed"
+             + (f" (failed: {', '.join(failed)}; a study continues, the report flags it)"
+                if failed else ""))
     return not failed
 
 
@@ -158,16 +161,16 @@ def run_search(ctx: Context) -> bool:
     from loralens.training.search import run_search as search_pair
 
     if not ctx.cfg.search.enabled:
-        print("search disabled (search.enabled=false): training uses the config's values")
+        log.info("search disabled (search.enabled=false): training uses the config's values")
         return True
     if ctx.executor is not None:  # Ray: every trial a task; each study's budget is then
         ctx.executor.search(ctx)  # spent, and the loop below writes its best trial
     for t, m in ctx.pairs():
         res = search_pair(ctx.cfg, ctx.run, t, m, ctx.base, progress=ctx.progress,
                           on_trial=ctx.tick)
-        print(f"search {t}/{m}: best {res['metric']} {res['best']['value']:.4f} "
-              f"(trial {res['best']['number']}) with {res['best']['params']}; "
-              f"trials {res['counts']}", flush=True)
+        log.info(f"search {t}/{m}: best {res['metric']} {res['best']['value']:.4f} "
+                 f"(trial {res['best']['number']}) with {res['best']['params']}; "
+                 f"trials {res['counts']}")
     return True
 
 
@@ -179,9 +182,9 @@ def search_overrides(ctx: Context, task: str, method: str) -> dict | None:
         return None
     overrides = best_overrides(ctx.run, task, method)
     where = ctx.run.search_path(task, method)
-    print(f"train {task}/{method}: " + (
+    log.info(f"train {task}/{method}: " + (
         f"hyperparameters of the search's best trial ({where}): {overrides}" if overrides
-        else f"no search result ({where} missing): the config's hyperparameters"), flush=True)
+        else f"no search result ({where} missing): the config's hyperparameters"))
     return overrides
 
 
@@ -199,7 +202,7 @@ def run_train(ctx: Context) -> bool:
                             overrides=search_overrides(ctx, t, m), overwrite=ctx.overwrite,
                             progress=ctx.progress)
         if "rank" not in metrics:  # data parallel: rank 0 reports
-            print(summary_line(metrics), flush=True)
+            log.info(summary_line(metrics))
         ctx.tick()
 
     skipped = ctx.work("train", {f"{t}/{m}/seed{s}": {"task": t, "method": m, "seed": s}
@@ -207,7 +210,7 @@ def run_train(ctx: Context) -> bool:
                        finished=lambda p: ctx.run.job_done(p["task"], p["method"], p["seed"]))
     for p in skipped:
         done = train_job(ctx.cfg, ctx.run, p["task"], p["method"], p["seed"])  # reads metrics
-        print("skipped: " + summary_line(done), flush=True)
+        log.info("skipped: " + summary_line(done))
     missing = [k for k in keys if not ctx.run.job_done(*k)]
     if missing:
         raise RuntimeError(f"training jobs not finished: {missing}")
@@ -224,12 +227,11 @@ def run_extract(ctx: Context) -> bool:
         for r in extract(ctx.cfg, ctx.run, [p["task"]], n_examples=ec.examples, seed=ec.seed,
                          batch_size=ec.batch_size, overwrite=ctx.overwrite, base=ctx.base,
                          progress=ctx.progress):
-            print(summary_line(r), flush=True)
+            log.info(summary_line(r))
 
     for p in ctx.work("extract", {t: {"task": t} for t in ctx.tasks}, one,
                       finished=lambda p: is_extracted(ctx.run, p["task"])):
-        print(f"extract {p['task']}: up to date ({ctx.run.extract_manifest(p['task'])})",
-              flush=True)
+        log.info(f"extract {p['task']}: up to date ({ctx.run.extract_manifest(p['task'])})")
     return True
 
 
@@ -237,14 +239,14 @@ def run_drift(ctx: Context) -> bool:
     """Layer-wise similarity to the base model, Tables 3-4 (seconds; every worker)."""
     from loralens.analysis.drift.stage import run_drift as drift, summary_lines
 
-    print("\n".join(summary_lines(drift(ctx.cfg, ctx.run, ctx.tasks, progress=ctx.progress))),
-          flush=True)
+    log.info("\n".join(summary_lines(drift(ctx.cfg, ctx.run, ctx.tasks,
+                                             progress=ctx.progress))))
     if set(ctx.cfg.methods) - {"lora", "full"}:  # more methods: each vs the reference
         from loralens.analysis.drift.methods import method_drift
 
         res = method_drift(ctx.cfg, ctx.run, ctx.tasks)
-        print(f"drift of {len(ctx.cfg.methods)} methods vs {res['reference_method']}: "
-              f"{res['files'][1]}", flush=True)
+        log.info(f"drift of {len(ctx.cfg.methods)} methods vs {res['reference_method']}: "
+                 f"{res['files'][1]}")
     return True
 
 
@@ -272,15 +274,16 @@ def run_bench(ctx: Context) -> bool:
                             warmup=bc.warmup, n_requests=bc.requests,
                             mixed_batch_size=bc.mixed_batch_size, progress=ctx.progress,
                             base=ctx.base, identity_examples=bc.identity_examples))
-        print("\n".join(summary_lines(result)), flush=True)
-        print(f"results in {ctx.run.bench_dir}", flush=True)
+        log.info("\n".join(summary_lines(result)))
+        log.info(f"results in {ctx.run.bench_dir}")
 
     skipped = ctx.work("bench", {"all": {}}, one,
                        finished=lambda p: ctx.run.serving_path.is_file())
     if not result and ctx.run.serving_path.is_file():
         result = read_json(ctx.run.serving_path)
         if skipped:  # else another worker (a Ray task) measured them just now
-            print(f"bench: results exist in {ctx.run.bench_dir} (--overwrite to measure again)")
+            log.info(f"bench: results exist in {ctx.run.bench_dir} "
+                     "(--overwrite to measure again)")
     return all(result.get("checks", {}).values())
 
 
@@ -288,12 +291,12 @@ def run_report(ctx: Context) -> bool:
     """Markdown and one self-contained HTML page from the run directory's files."""
     from loralens.report import build_report
 
-    print(f"report: {build_report(ctx.run)}", flush=True)
+    log.info(f"report: {build_report(ctx.run)}")
     from loralens.study.tracking import log_study, logged_where
 
     if log_study(ctx.cfg, ctx.run) is not None:  # --report-to: the study's run
-        print(f"report: headline numbers and report files tracked "
-              f"({logged_where(ctx.cfg, ctx.run)})", flush=True)
+        log.info(f"report: headline numbers and report files tracked "
+                 f"({logged_where(ctx.cfg, ctx.run)})")
     return True
 
 
@@ -413,9 +416,9 @@ def run_study(ctx: Context, names: tuple[str, ...] = STAGE_NAMES) -> bool:
     with tqdm(total=sum(s.units(ctx) for s in stages), desc="study", unit="job",
               disable=not ctx.progress, position=1, leave=True) as ctx.bar:
         for i, stage in enumerate(stages):
-            print(f"== stage {i + 1}/{len(stages)}: {stage.name}", flush=True)
+            log.info(f"== stage {i + 1}/{len(stages)}: {stage.name}")
             ok = run_stage(stage, ctx) and ok
     ctx.bar = None
-    print(f"study finished in {time.perf_counter() - t0:.0f} s; run directory {ctx.run.root}",
-          flush=True)
+    log.info(f"study finished in {time.perf_counter() - t0:.0f} s; "
+             f"run directory {ctx.run.root}")
     return ok

@@ -15,6 +15,7 @@ always come from it in float32, after everything that selects.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from tqdm.auto import tqdm
 from loralens.training import batches as B
 from loralens.core.config import TrainConfig
 from loralens.training.metrics import scores
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -145,7 +148,7 @@ class _Loop:
             groups = loraplus_groups(groups, self.mp.names, lr, opts["lr_ratio"])
         self.opt, note = make_optimizer(groups, lr, opts["method"], tc.optimizer_full, device)
         if note and rank_zero():
-            print(f"{opts['desc']}: {note}", flush=True)
+            log.info(f"{opts['desc']}: {note}")
         self.sched, total = _cosine_schedule(self.opt, len(train_enc), tc)
         if tc.gradient_checkpointing == "on" or (
                 tc.gradient_checkpointing == "auto" and device.type == "cuda"):

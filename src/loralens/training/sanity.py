@@ -7,6 +7,7 @@ parameters); the check runs the same training loop as production.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -20,6 +21,8 @@ from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_write_json, read_json
 from loralens.training.loop import fit
 from loralens.training.job import seed_everything
+
+log = logging.getLogger(__name__)
 
 
 def sanity_rows(train: B.Encoded, examples: int, seed: int = 42) -> B.Encoded:
@@ -68,9 +71,9 @@ def sanity_job(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base
     r = sanity_pair(cfg, task, method, prepared, base, progress=progress)
     r["model"] = base.name
     atomic_write_json(path, r)
-    print(f"sanity {task}/{method}: {'PASS' if r['passed'] else 'FAIL'} "
-          f"(training loss {r['final_train_loss']:.4f} after {r['epochs_run']} epochs, "
-          f"threshold {r['threshold']})", flush=True)
+    log.info(f"sanity {task}/{method}: {'PASS' if r['passed'] else 'FAIL'} "
+             f"(training loss {r['final_train_loss']:.4f} after {r['epochs_run']} epochs, "
+             f"threshold {r['threshold']})")
     return r
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import time
 
 import warnings
@@ -37,6 +38,8 @@ from loralens.tasks.spec import get_task
 from loralens.training.loop import evaluate
 from loralens.training.job import prepare_task, train_model, with_overrides
 from loralens.core.job_queue import dead_local, engine_kwargs, study_lock, worker_id
+
+log = logging.getLogger(__name__)
 
 # The study's method-specific spaces, for the dimensions the config does not set: the
 # learning-rate range, epoch and batch-size choices come from ``search.*`` (see
@@ -330,15 +333,15 @@ def _run_trial(cfg: StudyConfig, train_cfg: StudyConfig, study: optuna.Study,
         trial.set_user_attr("f1", val["f1"])
         trial.set_user_attr("steps", fitres.steps)
         study.tell(trial, value)
-        print(f"search {task}/{method} trial {trial.number}: {metric} {value:.4f} "
-              f"{trial.params}", flush=True)
+        log.info(f"search {task}/{method} trial {trial.number}: {metric} {value:.4f} "
+                 f"{trial.params}")
         if tracker:
             tracker.params({"params": trial.params, "metric": metric, "seed": sc.seed})
             tracker.scalars(fitres.steps, {"search/objective": value,
                                            **{f"search/{k}": val[k] for k in ("accuracy", "f1")}})
     except optuna.TrialPruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        print(f"search {task}/{method} trial {trial.number}: pruned", flush=True)
+        log.info(f"search {task}/{method} trial {trial.number}: pruned")
         tracker and tracker.params({"params": trial.params, "metric": metric, "pruned": True})
     except BaseException:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)

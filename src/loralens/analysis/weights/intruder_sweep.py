@@ -29,6 +29,7 @@ lambda, written after each: resumable), ``weightspace/sweep.csv`` and ``sweep.js
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from typing import Sequence
@@ -49,6 +50,8 @@ from loralens.analysis.similarity import cka_against_base
 from loralens.core.run_dir import RunDir, RunDirError
 from loralens.core.files import atomic_write_json, read_json, write_csv
 from loralens.tasks.spec import get_task
+
+log = logging.getLogger(__name__)
 
 FORMAT = "loralens-sweep-1"
 REDUCED = "intruder_reduced"
@@ -236,11 +239,10 @@ def run_sweep(ctx, an_factory) -> list[dict]:
         res = sweep_model(an, run, tasks[p["task"]], p["task"], p["seed"], ctx.progress)
         for lam in cfg.weights.sweep_lambdas:
             e = res["lambdas"][f"{lam:g}"]
-            print(f"sweep {p['task']}/lora-seed{p['seed']} lambda {lam:g}: PEFT intruders "
-                  f"{e['peft_intruders']}, left (eps 0.5) {e['intruders_after']}, "
-                  f"{e['metric']} {e['score']:.4f}, drift {e['drift']['mean']:.4g}"
-                  + (f", forgetting {e['forgetting']:+.4f}" if "forgetting" in e else ""),
-                  flush=True)
+            log.info(f"sweep {p['task']}/lora-seed{p['seed']} lambda {lam:g}: PEFT intruders "
+                     f"{e['peft_intruders']}, left (eps 0.5) {e['intruders_after']}, "
+                     f"{e['metric']} {e['score']:.4f}, drift {e['drift']['mean']:.4g}"
+                     + (f", forgetting {e['forgetting']:+.4f}" if "forgetting" in e else ""))
 
     ctx.work("weights-sweep", {f"sweep/{t}/seed{s}": {"task": t, "seed": s} for t, s in keys},
              one, finished=lambda p: is_done(run, cfg, p["task"], p["seed"]))

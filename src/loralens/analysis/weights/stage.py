@@ -28,6 +28,7 @@ computed with: a rerun skips it when both still match (resumable), else redoes i
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from typing import Sequence
@@ -49,6 +50,8 @@ from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_write_json, read_json, write_csv
 from loralens.tasks.spec import get_task
 from loralens.analysis.weights.measures import EPSILONS, base_svd, matrix_measures, one_thread
+
+log = logging.getLogger(__name__)
 
 FORMAT = "loralens-weights-1"
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.+\.)?([A-Za-z0-9_]+)$")
@@ -309,11 +312,12 @@ def run_weights(ctx) -> bool:
             state["an"] = Analyzer(ctx.cfg, ctx.base)
         r = analyze_job(state["an"], ctx.run, p["task"], p["method"], p["seed"], ctx.progress)
         s = model_summary(r)
-        print(f"weights {p['task']}/{p['method']}-seed{p['seed']}: {len(r['matrices'])} "
-              f"matrices, intruders (eps {SUMMARY_EPSILON:g}, common) {s['intruders']:g}, "
-              f"|dW|/|W0| {s['rel_change']:.3g}"
-              + (f", forgetting {s['forgetting']:+.4f} nats/token" if "forgetting" in s else "")
-              + f" ({r['seconds']:.1f} s)", flush=True)
+        log.info(f"weights {p['task']}/{p['method']}-seed{p['seed']}: {len(r['matrices'])} "
+                 f"matrices, intruders (eps {SUMMARY_EPSILON:g}, common) {s['intruders']:g}, "
+                 f"|dW|/|W0| {s['rel_change']:.3g}"
+                 + (f", forgetting {s['forgetting']:+.4f} nats/token" if "forgetting" in s
+                    else "")
+                 + f" ({r['seconds']:.1f} s)")
         ctx.tick()
 
     jobs = {f"weights/{t}/{m}/seed{s}": {"task": t, "method": m, "seed": s}  # keys: per queue
@@ -321,17 +325,16 @@ def run_weights(ctx) -> bool:
     skipped = ctx.work("weights", jobs, one, finished=lambda p: is_done(
         ctx.run, ctx.cfg, p["task"], p["method"], p["seed"]))
     if skipped:
-        print(f"weights: {len(skipped)} model(s) up to date in {ctx.run.weightspace_dir}",
-              flush=True)
+        log.info(f"weights: {len(skipped)} model(s) up to date in {ctx.run.weightspace_dir}")
     finished = ctx.run.finished_jobs()
     summary = write_outputs(ctx.run, load_results(ctx.run, finished), ctx.cfg.tasks)
-    print("\n".join(summary_lines(summary)), flush=True)
+    log.info("\n".join(summary_lines(summary)))
     if set(ctx.cfg.methods) - {"lora", "full"}:  # more methods: each vs the reference
         from loralens.analysis.weights.methods import method_summary
 
         method_summary(ctx.cfg, ctx.run, load_results(ctx.run, finished))
-        print(f"weights of {len(ctx.cfg.methods)} methods vs {ctx.cfg.reference_method}: "
-              f"{ctx.run.weightspace_path('methods.json')}", flush=True)
+        log.info(f"weights of {len(ctx.cfg.methods)} methods vs {ctx.cfg.reference_method}: "
+                 f"{ctx.run.weightspace_path('methods.json')}")
     if ctx.cfg.weights.sweep:  # the causal test (intruder_sweep.py): opt-in
         from loralens.analysis.weights.intruder_sweep import run_sweep
 

@@ -72,6 +72,7 @@ timing itself is :func:`loralens.core.timing.time_interleaved`.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Sequence
 
@@ -93,6 +94,8 @@ from loralens.models.serving_paths import adapter_name, lean_inexact, rewrites_b
 from loralens.serving.runtime import MultiLoraClassifier
 
 __all__ = ["run_bench", "summary_lines"]
+
+log = logging.getLogger(__name__)
 
 
 @frozen_heap
@@ -124,7 +127,7 @@ def run_bench(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
     device = training_device()
     dtype, note = serving_dtype(device, precision or cfg.train.precision)
     if note:
-        print(note, flush=True)
+        log.info(note)
     threads = threads or cfg.train.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     batch_sizes = sorted(set(int(b) for b in batch_sizes))

@@ -26,8 +26,8 @@ stage may stop early, and the notes say where.
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,6 +35,8 @@ from loralens.core.config import StudyConfig
 from loralens.models.methods import Method, get_method
 from loralens.study.plan.measure import Throughput, measure
 from loralens.study.plan.work import CHEAP, FORWARD_KINDS, StageWork, _n, count_work
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- estimate
@@ -238,11 +240,7 @@ def _notes(cfg: StudyConfig, works: list[StageWork], run_dir) -> list[str]:
 
 
 def dry_run(cfg: StudyConfig, stages: Sequence[str], run_dir: str | Path | None = None) -> str:
-    """``loralens run --dry-run``: the plan of ``stages`` as text (progress on stderr), for
-    every method of the study (:func:`cost_basis` prices each family)."""
-
-    def log(s: str) -> None:
-        print(s, file=sys.stderr, flush=True)
-
-    works, tp = plan_study(cfg, stages, log=log)
+    """``loralens run --dry-run``: the plan of ``stages`` as text (progress logged at INFO),
+    for every method of the study (:func:`cost_basis` prices each family)."""
+    works, tp = plan_study(cfg, stages, log=log.info)
     return format_plan(cfg, works, tp, run_dir)
