@@ -22,6 +22,21 @@ SMOLLM2_FIXTURES = {"smollm2", "tokenizer"}
 SMOLLM2_TIERS = ("integration", "e2e")
 
 
+# The tier of a test is its folder: everything under tests/integration/ is marked
+# integration and everything under tests/e2e/ e2e (``-m`` then selects by folder); other marks
+# (slow, gpu) stay on the tests themselves.
+TIER_FOLDERS = {"integration": ROOT / "tests" / "integration", "e2e": ROOT / "tests" / "e2e"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = Path(str(item.path))
+        for mark, folder in TIER_FOLDERS.items():
+            if path.is_relative_to(folder):
+                item.add_marker(getattr(pytest.mark, mark))
+
+
 def pytest_runtest_setup(item):
     uses = SMOLLM2_FIXTURES & set(getattr(item, "fixturenames", ()))
     if uses and not any(item.get_closest_marker(m) for m in SMOLLM2_TIERS):

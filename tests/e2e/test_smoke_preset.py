@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def test_smoke_preset_runs_every_stage(tmp_path, glue_dir):

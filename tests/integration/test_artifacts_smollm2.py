@@ -18,9 +18,8 @@ from loralens.training.loop import evaluate
 from loralens.models.classifier import apply_method, build_classifier
 from loralens.models.saving import save_trained
 from loralens.tasks.preprocess import format_fields
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 
-pytestmark = pytest.mark.integration
 TOL = 1e-5
 
 

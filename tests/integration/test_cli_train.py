@@ -11,8 +11,6 @@ import yaml
 
 from loralens.cli import main
 
-pytestmark = pytest.mark.integration
-
 TINY = ["data.train_size=16", "data.early_stop_size=16", "train.max_steps=2",
         "train.batch_size=8", "data.max_length=64"]
 
@@ -73,7 +71,7 @@ def test_train_writes_run_directory_and_skips_when_done(tmp_path, glue_dir, caps
 def test_changed_settings_in_same_run_dir_is_an_error(tmp_path, glue_dir, capsys):
     run = tmp_path / "run"
     (run).mkdir()
-    from loralens.core.config_load import load_config
+    from loralens.study.config import load_config
 
     first = load_config(overrides=[f"data.glue_dir={os.path.abspath(glue_dir)}", "train.epochs=99"])
     (run / "config.yaml").write_text(yaml.safe_dump(first.to_dict()))

@@ -20,18 +20,16 @@ import torch
 
 from loralens.tasks import sources as TS
 from loralens.training import batches as B
-from loralens.core.config_load import load_config
+from loralens.study.config import load_config
 from loralens.analysis.drift.stage import LAYER_COLUMNS, run_drift
 from loralens.analysis.drift.measures import MEASURES
 from loralens.analysis.extract import load_pooled, pooled_hidden_states, run_extract, sample_split
 from loralens.models.classifier import build_classifier
 from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_write_json, read_json
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 from loralens.models.saving import load_trained
 from loralens.training.job import train_job
-
-pytestmark = pytest.mark.integration
 
 N = 16
 

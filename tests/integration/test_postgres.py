@@ -12,9 +12,7 @@ import optuna
 import pytest
 import sqlalchemy as sa
 
-from tests.integration.test_resume import loralens
-
-pytestmark = pytest.mark.integration
+from tests.helpers.drills import loralens
 
 
 @pytest.fixture

@@ -21,11 +21,10 @@ from loralens.tasks import sources as TS
 from loralens.training import batches as B
 from loralens.core.config import StudyConfig
 from loralens.models.classifier import apply_method, build_classifier
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 from loralens.training.loop import evaluate, fit
 from loralens.training.job import seed_everything
 
-pytestmark = pytest.mark.integration
 LR = {"lora": 1e-3, "full": 2e-5}
 
 

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_fault_drills import assert_same_study, finish, start
-
-pytestmark = pytest.mark.integration
+from tests.helpers.drills import assert_same_study, finish, start
 
 # search.startup_trials = trials: every trial's configuration is a seeded function of its
 # position, so trials running at once draw what one process draws in turn (a TPE trial

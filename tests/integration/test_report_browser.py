@@ -11,26 +11,15 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
 
 from loralens.core.run_dir import RunDir
-from tests.unit.test_report import TASKS, SEEDS, synthetic_run, write_metrics
+from tests.helpers.report_run import TASKS, SEEDS, synthetic_run, write_metrics
 
-pytestmark = pytest.mark.integration
+from tests.helpers.browser import CSP, chromium
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or (
-    "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars")
-CSP = ("<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
-       "img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'\">")
 PROBE = """<pre id="loralens-probe"></pre><script>
 window.addEventListener("load", function () {
   var images = Array.prototype.map.call(document.images, function (im) {
@@ -52,16 +41,6 @@ FULL_TABLES = {"table-status", "table-provenance", "table-timings", "table-throu
                "table-sanity", "table-1-data", "table-2-spaces", "table-2-search",
                "table-3-accuracy", "table-4-drift", "table-5-serving", "table-5-multi",
                "table-6-loadtest"}
-
-
-def chromium(args: list[str], tmp: Path) -> str:
-    if CHROMIUM is None:
-        pytest.skip("chromium not installed (apt-get install chromium; .ci/run installs it)")
-    profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
-    out = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args],
-                         capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
 
 
 def probe(report: Path, tmp: Path) -> dict:
@@ -107,7 +86,7 @@ def test_full_report_in_chromium(tmp_path):
 
 def test_partial_report_in_chromium(tmp_path):
     """One finished job: no figure, the tables that exist, and what is missing."""
-    from loralens.core.config_load import load_config
+    from loralens.study.config import load_config
     from loralens.report import build_report
 
     run = RunDir(tmp_path / "run")

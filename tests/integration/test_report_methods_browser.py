@@ -17,11 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from tests.integration.test_report_browser import CSP, chromium
-
-pytestmark = pytest.mark.integration
+from tests.helpers.browser import CSP, chromium
 
 METHODS = ("full", "head", "lora", "dora")
 LABELS = ("full FT", "head only", "LoRA", "DoRA")

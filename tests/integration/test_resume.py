@@ -6,27 +6,11 @@ slower (and the kill's timing more variable on a loaded machine)."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import optuna
-import pytest
 
-pytestmark = pytest.mark.integration
-
-TINY = ["data.max_length=32", "data.train_size=16", "data.early_stop_size=8",
-        "search.train_size=8", "search.eval_size=8", "search.epochs=[1]", "search.prune=false",
-        "search.startup_trials=2", "search.heartbeat_interval=1", "search.grace_period=4",
-        "train.max_steps=1", "train.batch_size=8", "train.eval_batch_size=64"]
-
-
-def loralens(args, run_dir, glue_dir):
-    exe = os.path.join(os.path.dirname(sys.executable), "loralens")
-    return subprocess.Popen([exe, *args, "--run-dir", str(run_dir), "--glue-dir", str(glue_dir),
-                             "--no-progress", *TINY], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
+from tests.helpers.drills import loralens
 
 def wait_for(cond, proc, timeout=600):
     t0 = time.time()

@@ -8,9 +8,6 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
-import pytest
-
-pytestmark = pytest.mark.integration
 
 PW = "Zq7s3cr3tPW"
 SMALL = ["tasks=[rte]"]  # every stage, one task: the micro preset's fastest full study

@@ -6,9 +6,6 @@ import asyncio
 import copy
 import http.client
 import json
-import threading
-import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -17,17 +14,17 @@ import torch
 from loralens.tasks import sources as TS
 from loralens.training import batches as B
 from loralens.cli import main
-from loralens.core.config_load import load_config
+from loralens.study.config import load_config
 from loralens.models.classifier import apply_method, build_classifier
 from loralens.serving.backends import AdapterInfo, make_backend
-from loralens.serving.server import Service, bind_socket, create_app
+from loralens.serving.server import Service
 from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_write_json, read_json
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 
-from .test_serving import randomize_lora
+from tests.helpers.adapters import randomize_lora
+from tests.helpers.serving import serving
 
-pytestmark = pytest.mark.integration
 TOL = 1e-5
 MAX_LENGTH = 64
 MAX_BODY = 4096
@@ -53,26 +50,6 @@ def study(smollm2, tmp_path_factory, glue_dir):
             atomic_write_json(run.metrics_path(task, "lora", 1), {"task": task})
         peft[path] = m
     return root, pristine, peft
-
-
-@contextmanager
-def serving(service: Service, max_body: int = MAX_BODY):
-    import uvicorn
-
-    sock = bind_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(service, max_body), log_level="warning"))
-    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    th.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert th.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        th.join(30)
 
 
 @pytest.fixture(scope="module")

@@ -12,29 +12,17 @@ import torch
 from loralens.tasks import sources as TS
 from loralens.training import batches as B
 from loralens.core.config import StudyConfig
-from loralens.core.config_load import load_config
+from loralens.study.config import load_config
 from loralens.models.classifier import CausalLMClassifier, apply_method, build_classifier
 from loralens.models.saving import save_trained
 from loralens.serving import MultiLoraClassifier
 from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_write_json
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 
-pytestmark = pytest.mark.integration
+from tests.helpers.adapters import randomize_lora
+
 TOL = 1e-5
-
-
-def randomize_lora(peft, seed):
-    """Realistic magnitudes: A as PEFT initialises it (kaiming-uniform), B and head small."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in peft.named_parameters():
-            if "lora_A" in n:
-                bound = 1 / p.shape[1] ** 0.5
-                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
-            elif "lora_B" in n or "modules_to_save" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return peft.eval()
 
 
 def rows(tokenizer, glue_dir, task, n):

@@ -11,9 +11,7 @@ from loralens.training import batches as B
 from loralens.models.registry import ModelNotFound, resolve_model
 from loralens.models.classifier import build_classifier
 from loralens.models.families import masked_mean
-from loralens.tasks.spec import get_task
-
-pytestmark = pytest.mark.integration
+from loralens.tasks.registry import get_task
 
 
 @pytest.mark.parametrize("task, split, rows, counts", [

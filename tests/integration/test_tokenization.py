@@ -1,10 +1,7 @@
 """SmolLM2's own tokenizer: what the unit tests check on tiny-random's byte tokenizer."""
 
-import pytest
 
 from loralens.training import batches as B
-
-pytestmark = pytest.mark.integration
 
 
 def test_smollm2_pair_encoding_uses_eos_separator_and_truncates(tokenizer):

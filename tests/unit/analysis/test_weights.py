@@ -1,0 +1,244 @@
+"""Weight-space measures against independent constructions, PEFT's own intruder detection,
+forgetting against transformers' own LM loss, and the weights stage on the tiny model."""
+
+import copy
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from loralens import cli
+from loralens.study.config import load_config
+from loralens.analysis.weights.forgetting import lm_cross_entropy, read_text_file
+from loralens.models.classifier import apply_method, build_classifier
+from loralens.core.run_dir import RunDir
+from loralens.analysis.weights.measures import (
+    EPSILONS, effective_rank, energy_rank, intruder_counts, matrix_measures, max_cosines,
+)
+from loralens.analysis.weights.stage import Analyzer, backbone_of, spaced_layers
+from tests.helpers.overrides import WEIGHTS
+
+
+def orthonormal(rng, n, k):
+    q, _ = np.linalg.qr(rng.standard_normal((n, k)))
+    return q
+
+
+def built_with_intruders(r, seed=0, out=64, inp=48):
+    """W0 = U0 S0 V0^T (full column rank, top 10 singular values 10..5, the rest 0.1..0.05);
+    the update puts r new left directions, orthogonal to W0's range, on r of W0's *bottom*
+    right singular vectors, with singular values 20..30 (above every base one)."""
+    rng = np.random.default_rng(seed)
+    basis = orthonormal(rng, out, inp + r)
+    u0, u_new = basis[:, :inp], basis[:, inp:]
+    v0 = orthonormal(rng, inp, inp)
+    s0 = np.concatenate([np.linspace(10, 5, 10), np.linspace(0.1, 0.05, inp - 10)])
+    w0 = u0 @ np.diag(s0) @ v0.T
+    s_new = np.linspace(30, 20, r)
+    dw = u_new @ np.diag(s_new) @ v0[:, inp - r:].T
+    return torch.tensor(w0), torch.tensor(w0 + dw), s0, s_new
+
+
+@pytest.mark.parametrize("r", [1, 3, 8])
+def test_an_update_orthogonal_to_the_top_directions_has_exactly_its_intruders(r):
+    w0, w, s0, s_new = built_with_intruders(r)
+    m = matrix_measures(w, w0)
+    assert m["intruders"] == {str(e): r for e in EPSILONS}
+    # the top r tuned vectors are the new directions; the next are W0's own (cos 1)
+    assert max(m["max_cos"][:r]) < 0.01 and min(m["max_cos"][r:]) > 1 - 1e-9
+    # the change's spectrum, by hand from the singular values it was built with
+    assert m["rel_change"] == pytest.approx(math.sqrt((s_new ** 2).sum() / (s0 ** 2).sum()),
+                                            rel=1e-12)
+    p = s_new / s_new.sum()
+    # (the zero singular values come out at ~1e-8 of the largest from the Gram matrix)
+    assert m["effective_rank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-4)
+    energy = np.cumsum(s_new ** 2) / (s_new ** 2).sum()
+    assert m["rank90"] == int(np.argmax(energy >= 0.9)) + 1
+    assert m["shape"] == [64, 48]
+
+
+def test_a_small_full_rank_perturbation_has_no_intruders_at_half():
+    rng = np.random.default_rng(1)
+    w0 = torch.tensor(rng.standard_normal((96, 64)))
+    w = w0 + 1e-3 * torch.tensor(rng.standard_normal((96, 64)))
+    m = matrix_measures(w, w0)
+    assert m["intruders"]["0.5"] == 0 and min(m["max_cos"]) > 0.9
+    assert m["rank90"] > 32  # a full-rank change needs many of its 64 directions
+
+
+def test_spectrum_helpers_by_hand():
+    assert effective_rank(np.ones(4)) == pytest.approx(4.0)
+    assert effective_rank(np.array([2.0, 0, 0])) == pytest.approx(1.0)
+    assert effective_rank(np.zeros(3)) == 0.0
+    assert energy_rank(np.ones(10)) == 9          # 9 of 10 equal values hold exactly 90%
+    assert energy_rank(np.array([3.0, 1.0])) == 1  # 9 / 10
+    assert energy_rank(np.array([2.0, 1.0])) == 2  # 4 / 5 < 0.9
+    assert intruder_counts(np.array([0.05, 0.45, 0.95]), (0.1, 0.5, 0.9)) == \
+        {0.1: 1, 0.5: 2, 0.9: 2}
+    u = torch.eye(3, dtype=torch.float64)
+    assert list(max_cosines(u, u, k=2)) == [1.0, 1.0]
+
+
+def test_shapes_must_match():
+    with pytest.raises(ValueError, match=r"tuned matrix \(3, 2\) and base \(2, 3\)"):
+        matrix_measures(torch.zeros(3, 2), torch.zeros(2, 3))
+
+
+def peft_counts(peft_model, top_k=10, eps=0.5):
+    """Per-layer intruder counts as PEFT's reduce_intruder_dimension detects and logs them."""
+    from peft.tuners.lora.intruders import reduce_intruder_dimension
+
+    lines = []
+    reduce_intruder_dimension(copy.deepcopy(peft_model), top_k=top_k, threshold_epsilon=eps,
+                              mitigation_lambda=0.5, logging_sink=lines.append)
+    out = {}
+    for ln in lines:
+        m = re.match(r"(.+)\.(layers\.\d+\.self_attn\.\w+): (?:Intruders: (\d+)|No intruders)",
+                     ln)
+        if m:
+            out[m.group(2)] = int(m.group(3) or 0)
+    return out
+
+
+def test_per_layer_counts_equal_peft_detection(tiny_base):
+    cfg = load_config(overrides=["model.name=tiny-random"])
+    model = apply_method(build_classifier(tiny_base.backbone(), 2, seed=0), "lora", cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # adapters of very different sizes: some layers get intruders
+        for i, (name, mod) in enumerate(sorted(model.named_modules())):
+            if hasattr(mod, "lora_B") and "default" in mod.lora_B:
+                scale = [0.001, 0.3, 3.0, 30.0][i % 4]
+                mod.lora_A["default"].weight.copy_(torch.randn(
+                    mod.lora_A["default"].weight.shape, generator=g))
+                mod.lora_B["default"].weight.copy_(scale * torch.randn(
+                    mod.lora_B["default"].weight.shape, generator=g))
+    want = peft_counts(model)
+    assert len(want) == 4 and len(set(want.values())) > 1  # not all equal: a real check
+    an = Analyzer(cfg, tiny_base)
+    rows = an.analyze(backbone_of(model), "lora")
+    got = {r["module"]: r["intruders"]["0.5"] for r in rows}
+    assert got == want
+
+
+def test_spaced_layers():
+    assert spaced_layers(30, 3) == [0, 14, 29] or spaced_layers(30, 3) == [0, 15, 29]
+    assert spaced_layers(2, 3) == [0, 1] and spaced_layers(5, 0) == []
+
+
+# --------------------------------------------------------------------------- forgetting
+
+def test_cross_entropy_equals_transformers_lm_loss(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_base.resolved.path).eval()
+    tok = tiny_base.tokenizer
+    texts = ["The cat sat on the mat.", "A longer sentence, with some more bytes in it!", "ok"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    with torch.no_grad():
+        losses = [float(lm(input_ids=torch.tensor([x]), labels=torch.tensor([x])).loss)
+                  for x in ids]
+    n = [len(x) - 1 for x in ids]
+    want = sum(loss * k for loss, k in zip(losses, n)) / sum(n)
+    got, count = lm_cross_entropy(lm.model, lm.get_output_embeddings().weight, ids,
+                                  tok.pad_token_id, batch_size=2)
+    assert count == sum(n)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_forgetting_of_the_untouched_base_is_exactly_zero(tiny_base, glue_dir):
+    cfg = load_config(overrides=["model.name=tiny-random", f"data.glue_dir={glue_dir}",
+                                 "weights.forgetting_examples=4"])
+    an = Analyzer(cfg, tiny_base)
+    f = an.forgetting(tiny_base.backbone(), "rte")  # a fresh copy of the base's weights
+    assert f["forgetting"] == 0.0 and f["ce_tuned"] == f["ce_base"] > 0
+    assert f["source"] == ("GLUE validation sentences of the tasks not trained on: "
+                           "mrpc (4), sst2 (4)")
+    assert f["n_texts"] == 8
+
+
+def test_text_files(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n\n two \n")
+    assert read_text_file(tmp_path / "a.txt") == ["one", "two"]
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n{"txt": "y"}\n')
+    with pytest.raises(ValueError, match=r"b\.jsonl:2: expected a string \"text\""):
+        read_text_file(tmp_path / "b.jsonl")
+    with pytest.raises(FileNotFoundError, match="weights.forgetting_text: .*nope.txt not found"):
+        read_text_file(tmp_path / "nope.txt")
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def test_weights_stage_writes_per_layer_results_and_resumes(tmp_path, glue_dir, tiny_base,
+                                                            capsys):
+    run = RunDir(tmp_path / "run")
+    argv = ["--run-dir", str(run.root), "--glue-dir", str(glue_dir), "--no-progress", *WEIGHTS]
+    assert cli.main(["run", "--stages", "train,weights", *argv]) == 0
+    rows = json.loads(run.weightspace_path("layers.json").read_text())["rows"]
+    lora = [r for r in rows if r["method"] == "lora"]
+    full = [r for r in rows if r["method"] == "full"]
+    assert {(r["layer"], r["matrix"]) for r in lora} == {(i, m) for i in (0, 1)
+                                                         for m in ("q_proj", "v_proj")}
+    assert all(r["group"] == "common" for r in lora) and len(lora) == 2 * 4
+    extra = {(r["layer"], r["matrix"]) for r in full if r["group"] == "extra"}
+    assert extra == {(i, m) for i in (0, 1)
+                     for m in ("k_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    assert all(r["rel_change"] > 0 for r in rows)
+    assert all(r["rank90"] <= 8 for r in lora)  # a rank-8 update
+    forget = json.loads(run.weightspace_path("forgetting.json").read_text())["rows"]
+    assert {(r["task"], r["method"], r["seed"]) for r in forget} == {
+        ("rte", m, s) for m in ("lora", "full") for s in (42, 1337)}
+    assert all(r["forgetting"] == r["ce_tuned"] - r["ce_base"] for r in forget)
+    summary = json.loads(run.weightspace_path("summary.json").read_text())
+    cell = summary["tasks"][0]["measures"]["intruders"]
+    assert cell["lora"]["n"] == 2 and "p" in cell["test"]
+    assert (run.weightspace_path("layers.csv").read_text().splitlines()[0].startswith(
+        "task,method,seed,layer,matrix,group,shape,rel_change,effective_rank,rank90,"
+        "intruders_0.1,"))
+    before = run.weightspace_model_path("rte", "lora", 42).stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli.main(["weights", *argv]) == 0
+    assert "weights: 4 model(s) up to date" in capsys.readouterr().out
+    assert run.weightspace_model_path("rte", "lora", 42).stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (30, 30)])
+def test_gram_eigenproblem_gives_the_svd(shape):
+    """The fast path (top-k vectors and all values from the Gram matrix) equals the SVD."""
+    from loralens.analysis.weights.measures import singular_values, top_left_vectors
+
+    rng = np.random.default_rng(5)
+    w = torch.tensor(rng.standard_normal(shape))
+    u, s, _ = torch.linalg.svd(w, full_matrices=False)
+    got = top_left_vectors(w, 10)
+    assert got.shape == (shape[0], 10)
+    # the same vectors up to sign: |<u_i, got_i>| = 1
+    np.testing.assert_allclose((u[:, :10] * got).sum(0).abs().numpy(), 1.0, atol=1e-9)
+    np.testing.assert_allclose(singular_values(w), s.numpy(), atol=1e-9 * float(s[0]))
+
+
+def test_summary_tests_only_what_varies_and_pairs_by_seed():
+    from loralens.analysis.weights.stage import summarize
+
+    def result(method, seed, rel, forget):
+        mats = [{"group": "common", "intruders": {"0.5": 0}, "rel_change": rel,
+                 "effective_rank": 8.0 if method == "lora" else 100.0 + seed, "rank90": 4}]
+        return {"task": "rte", "method": method, "seed": seed, "matrices": mats,
+                "forgetting": {"forgetting": forget}}
+
+    results = [result("lora", s, 0.01 * s, 0.1 + 0.01 * s) for s in (1, 2, 3)] + \
+              [result("full", s, 0.002 * s, 0.2 + 0.03 * s) for s in (1, 2, 3)]
+    s = summarize(results, ["rte"])
+    ms = s["tasks"][0]["measures"]
+    # intruders (0 vs 0) and rank90 (4 vs 4) have zero spread: no test, not in the family
+    assert s["n_tests"] == 3
+    assert ms["intruders"]["test"]["zero_spread"] and ms["rank90"]["test"]["zero_spread"]
+    assert ms["rel_change"]["lora"]["mean"] == pytest.approx(0.02)
+    assert ms["rel_change"]["full"]["sd"] == pytest.approx(0.002)
+    assert ms["forgetting"]["test"]["n_tests"] == 3
+    from scipy.stats import ttest_rel
+    want = ttest_rel([0.11, 0.12, 0.13], [0.23, 0.26, 0.29]).pvalue
+    assert ms["forgetting"]["test"]["p"] == pytest.approx(want)

@@ -1,0 +1,419 @@
+"""Search (Optuna TPE on SQLite) and the job queue, on the tiny random Llama (tiny-random)."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import optuna
+import pytest
+
+from loralens.core.config import StudyConfig
+from loralens.study.config import load_config
+from loralens.training.search import run_search, sampler_seed, space, suggest
+from loralens.training.job import with_overrides
+from loralens.core.run_dir import RunDir
+from loralens.core.job_queue import JobQueue
+from tests.helpers.overrides import tiny
+
+
+def test_sampler_seed_is_stable_across_processes():
+    code = "from loralens.training.search import sampler_seed; print(sampler_seed('rte', 'lora'))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout.strip()
+            for h in (0, 1, 2)}
+    assert outs == {str(sampler_seed("rte", "lora"))}
+    assert sampler_seed("rte", "lora") != sampler_seed("rte", "full")
+
+
+# The whole resolved space (what the sampler sees) of each method, as literals: the study's
+# at the defaults, and the quick preset's (its search.* keys feed the space).
+STUDY_SPACE = {
+    "full": {"lr": ("loguniform", 1e-6, 5e-5),
+             "batch_size": ("categorical", [1, 2, 4]),
+             "warmup_ratio": ("uniform", 0.0, 0.2),
+             "weight_decay": ("uniform", 0.0, 0.01),
+             "epochs": ("categorical", [2, 3, 4])},
+    "lora": {"lr": ("loguniform", 5e-5, 5e-3),
+             "batch_size": ("categorical", [4, 8, 16]),
+             "warmup_ratio": ("uniform", 0.0, 0.3),
+             "weight_decay": ("uniform", 0.0, 0.1),
+             "epochs": ("categorical", [2, 3, 4]),
+             "alpha": ("categorical", [8, 16, 32, 64]),
+             "dropout": ("uniform", 0.0, 0.3)},
+}
+QUICK_SPACE = {
+    "full": {**STUDY_SPACE["full"], "lr": ("loguniform", 1e-5, 5e-5),
+             "batch_size": ("categorical", [4]), "epochs": ("categorical", [1])},
+    "lora": {**STUDY_SPACE["lora"], "lr": ("loguniform", 5e-4, 3e-3),
+             "batch_size": ("categorical", [4, 8]), "epochs": ("categorical", [1])},
+}
+
+
+def test_spaces_are_the_studys(tmp_path):
+    for method in ("full", "lora"):
+        assert space(method, StudyConfig()) == STUDY_SPACE[method]
+        assert space(method, load_config("quick")) == QUICK_SPACE[method]
+        # the numbers are floats, as Optuna's suggest_float gets them
+        for kind, *args in space(method, StudyConfig()).values():
+            assert kind == "categorical" or all(type(a) is float for a in args)
+    # search.prune decides the pruner of the opened (persistent) study
+    from loralens.training.search import open_study
+
+    run = RunDir(tmp_path / "run")
+    study = open_study(load_config(), run, "rte", "lora")  # defaults: prune on, 5 start-ups
+    assert type(study.pruner) is optuna.pruners.MedianPruner
+    assert study.pruner._percentile == 50.0
+    assert study.pruner._n_startup_trials == 5 and study.pruner._n_warmup_steps == 0
+    study = open_study(load_config(overrides=["search.prune=false"]), run, "rte", "full")
+    assert type(study.pruner) is optuna.pruners.NopPruner
+    quick = open_study(load_config("quick"), run, "mrpc", "full").pruner  # 2 start-ups
+    assert type(quick) is optuna.pruners.MedianPruner and quick._n_startup_trials == 2
+    assert type(open_study(load_config("paper"), run, "sst2", "full").pruner) is \
+        optuna.pruners.NopPruner
+    cfg = load_config()
+    study = optuna.create_study(direction="maximize")
+    ov = suggest(study.ask(), "lora", cfg)
+    assert set(ov["lora"]) == {"alpha", "dropout"}  # the rank is never searched nor forced
+    assert set(ov["train"]) == {"lr", "batch_size", "warmup_ratio", "weight_decay", "epochs"}
+    assert "lora" not in suggest(optuna.create_study().ask(), "full", cfg)
+    # a rank study keeps its rank through the search's overrides
+    rank16 = load_config(overrides=["lora.r=16"])
+    assert with_overrides(rank16, suggest(study.ask(), "lora", rank16)).lora.r == 16
+
+
+# tiny_base (conftest): the registry's tiny-random model, a stand-in for SmolLM2.
+def search_cfg(glue_dir, trials=4, extra=()):
+    return load_config(overrides=[
+        "model.name=tiny-random", f"data.glue_dir={glue_dir}", f"search.trials={trials}",
+        "search.startup_trials=2",
+        "search.train_size=16", "search.eval_size=16", "search.epochs=[1]",
+        "data.max_length=32", "search.prune=false", *extra])
+
+
+def test_one_persistent_study_with_exactly_n_trials_and_resume(tmp_path, glue_dir, tiny_base):
+    cfg = search_cfg(glue_dir)
+    run = RunDir(tmp_path)
+    res = run_search(cfg, run, "rte", "lora", tiny_base, progress=False)
+    assert res["counts"]["COMPLETE"] == 4 and len(res["trials"]) == 4
+    assert res["sampler"]["startup_trials"] == 2
+    assert res["best"]["user_attrs"]["train_rows"] == 16
+    assert res["best"]["user_attrs"]["eval_rows"] == 16
+    assert (tmp_path / "search.db").is_file() and (tmp_path / "search" / "rte-lora.json").is_file()
+    # Rerun: the study is loaded from storage; nothing is repeated.
+    again = run_search(cfg, run, "rte", "lora", tiny_base, progress=False)
+    assert [t["params"] for t in again["trials"]] == [t["params"] for t in res["trials"]]
+    # Raising the budget adds exactly the missing trials to the same study.
+    more = run_search(search_cfg(glue_dir, trials=6), run, "rte", "lora", tiny_base,
+                      progress=False)
+    assert more["counts"]["COMPLETE"] == 6
+    assert [t["params"] for t in more["trials"][:4]] == [t["params"] for t in res["trials"]]
+    # The rank is the config's, never the search's (search keeps lora.r).
+    assert "r" not in more["overrides"]["lora"]
+    assert with_overrides(cfg, more["overrides"]).lora.r == cfg.lora.r == 8
+
+
+def test_two_threads_complete_exactly_n_trials(tmp_path, glue_dir, tiny_base):
+    cfg = search_cfg(glue_dir, trials=5)
+    run = RunDir(tmp_path)
+    errors = []
+
+    def worker():
+        try:
+            run_search(cfg, run, "sst2", "full", tiny_base, progress=False)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    study = optuna.load_study(study_name="loralens-sst2-full",
+                              storage=f"sqlite:///{tmp_path / 'search.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 5 and len(states) == 5
+
+
+def test_job_queue_claims_each_job_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    q = JobQueue(url, "study:x")
+    q.add("train", {f"job{i}": {"i": i} for i in range(6)})
+    q.add("train", {"job0": {"i": 99}})  # duplicates are ignored
+    claimed = []
+    while (job := q.claim("train", worker="w")) is not None:
+        claimed.append(job)
+        q.done(job[0])
+    assert [k for k, _ in claimed] == [f"job{i}" for i in range(6)]
+    assert claimed[0][1] == {"i": 0}
+    assert q.counts("train") == {"done": 6}
+
+
+def test_stale_job_is_reclaimed(tmp_path):
+    q = JobQueue(f"sqlite:///{tmp_path / 'jobs.db'}", "s", stale_after=0.0)
+    q.add("train", {"a": {}})
+    assert q.claim("train", worker="dead")[0] == "a"
+    again = q.claim("train", worker="alive")
+    assert again is not None and again[0] == "a"
+    assert q.rows("train")[0]["attempts"] == 2
+
+
+def test_a_trial_has_a_heartbeat_before_training_starts(tmp_path, glue_dir, tiny_base,
+                                                        monkeypatch):
+    """A worker killed before its heartbeat thread first beats must not leave a RUNNING
+    trial that is never failed (Optuna only fails trials that have a heartbeat)."""
+    import sqlite3
+    import threading
+
+    import loralens.training.search as S
+
+    class Killed(Exception):
+        pass
+
+    seen = []
+
+    def no_beats(trial_id, storage):  # a heartbeat thread that never gets to beat
+        return threading.Thread(target=lambda: None)
+
+    def dies(*args, **kwargs):
+        with sqlite3.connect(tmp_path / "search.db") as c:
+            seen.append(c.execute("SELECT t.state, COUNT(h.trial_id) FROM trials t LEFT JOIN "
+                                  "trial_heartbeats h ON h.trial_id = t.trial_id").fetchone())
+        raise Killed
+
+    monkeypatch.setattr(S, "get_heartbeat_thread", no_beats)
+    monkeypatch.setattr(S, "train_model", dies)
+    with pytest.raises(Killed):
+        run_search(search_cfg(glue_dir, trials=1), RunDir(tmp_path), "rte", "lora", tiny_base,
+                   progress=False)
+    assert seen == [("RUNNING", 1)]
+
+
+@pytest.mark.parametrize("drawn", [0, 1])
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_path, glue_dir,
+                                                                           tiny_base, drawn):
+    """A worker killed between ask() and its first heartbeat leaves a RUNNING trial with
+    no heartbeat (Optuna never fails those); the next worker must not wait for it forever
+    but fail it after the grace period and retry its configuration (the CI hang of stop 20).
+    drawn=1: killed between its first and second suggestion (stop 24's CI failure)."""
+    from loralens.training.search import make_sampler, open_study
+
+    cfg = search_cfg(glue_dir, trials=2, extra=["search.heartbeat_interval=1",
+                                                "search.grace_period=1"])
+    run = RunDir(tmp_path)
+    orphan = open_study(cfg, run, "rte", "lora").ask()  # dies here: no heartbeat recorded
+
+    class Killed(Exception):
+        pass
+
+    def sampler_for(name):  # the worker dies once it has drawn `drawn` parameters
+        if len(orphan.params) >= drawn:
+            raise Killed
+        return make_sampler(cfg, "rte", "lora", 0, name)
+
+    with pytest.raises(Killed):
+        suggest(orphan, "lora", cfg, sampler_for)
+    orphan_params = dict(orphan.params)
+    assert len(orphan_params) == drawn
+    done, trials = search_within(cfg, run, tiny_base,
+                                 "run_search waited forever on a trial that never had a heartbeat")
+    assert trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 2 and done[0]["counts"]["COMPLETE"] == 2
+    retry = [t for t in complete if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retry) == 1 and orphan_params.items() <= retry[0].params.items()
+    # The retry keeps what the orphan drew and draws the rest as the uninterrupted trial
+    # did: it takes the orphan's sampler position and each parameter has its own seed, so
+    # the study holds the uninterrupted study's configurations (the fault drill of stop
+    # 23's CI: a kill during the first trial's data preparation)
+    scratch = run_search(cfg, RunDir(tmp_path / "scratch"), "rte", "lora", tiny_base,
+                         progress=False)
+    assert sorted(tuple(sorted(t.params.items())) for t in complete) == sorted(configs(scratch))
+    assert len(set(configs(scratch))) == 2
+
+
+def search_within(cfg, run, base, why: str, timeout: float = 120) -> tuple[list, list]:
+    """run_search of rte/lora in a thread that must end within ``timeout`` seconds:
+    ([its result], the study's trials)."""
+    done: list = []
+    t = threading.Thread(target=lambda: done.append(
+        run_search(cfg, run, "rte", "lora", base, progress=False)), daemon=True)
+    t.start()
+    t.join(timeout=timeout)
+    assert not t.is_alive(), why
+    return done, optuna.load_study(study_name="loralens-rte-lora",
+                                   storage=run.sqlite_url("search")).get_trials()
+
+
+def configs(res_or_study) -> list[tuple]:
+    trials = (res_or_study["trials"] if isinstance(res_or_study, dict)
+              else [{"params": t.params} for t in res_or_study.trials])
+    return [tuple(sorted(t["params"].items())) for t in trials]
+
+
+def test_a_dead_local_workers_trial_is_retried_at_once_and_the_study_is_unchanged(
+        tmp_path, glue_dir, tiny_base):
+    """A command resumed right after a SIGKILL finds the killed trial RUNNING with a fresh
+    heartbeat. Waiting out the grace period, it asked a new trial first: TPE drew both from
+    other histories than the uninterrupted study's (stop 24's CI: the fault drill's round
+    19). A trial whose worker (host:pid, recorded at ask) is a dead process of this host
+    is failed and retried at once; other hosts' trials and live workers' are left alone."""
+    import socket
+
+    from loralens.training.search import WORKER_ATTR, fail_dead_local, make_sampler, open_study
+
+    cfg = search_cfg(glue_dir, trials=2, extra=["search.heartbeat_interval=1",
+                                                "search.grace_period=600"])
+    run = RunDir(tmp_path)
+    study = open_study(cfg, run, "rte", "lora")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    killed = study.ask()  # killed after its first suggestion, its heartbeat still fresh
+    storage = study._storage
+    storage.set_trial_system_attr(killed._trial_id, WORKER_ATTR, f"{socket.gethostname()}:{dead}")
+    storage.set_trial_system_attr(killed._trial_id, "loralens:sampler_position", 0)
+    storage.record_heartbeat(killed._trial_id)
+    study.sampler = make_sampler(cfg, "rte", "lora", 0, "lr")
+    killed.suggest_float("lr", *space("lora", cfg)["lr"][1:], log=True)
+    # other hosts' trials and live processes' trials stay RUNNING
+    others = [study.ask() for _ in range(2)]
+    storage.set_trial_system_attr(others[0]._trial_id, WORKER_ATTR, f"other-host:{dead}")
+    storage.set_trial_system_attr(others[1]._trial_id, WORKER_ATTR,
+                                  f"{socket.gethostname()}:{os.getppid()}")
+    assert fail_dead_local(study) == [killed._trial_id]
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states == {0: "FAIL", 1: "RUNNING", 2: "RUNNING", 3: "WAITING"}
+    assert study.get_trials()[3].system_attrs["failed_trial"] == 0
+    for t in others:  # (not part of the study below)
+        storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+
+    # the run itself: the retry comes first and the study ends as the uninterrupted one
+    run2 = RunDir(tmp_path / "resumed")
+    study = open_study(cfg, run2, "rte", "lora")
+    killed = study.ask()
+    study._storage.set_trial_system_attr(killed._trial_id, WORKER_ATTR,
+                                         f"{socket.gethostname()}:{dead}")
+    study._storage.set_trial_system_attr(killed._trial_id, "loralens:sampler_position", 0)
+    study._storage.record_heartbeat(killed._trial_id)  # fresh: 600 s before it turns stale
+    done, trials = search_within(cfg, run2, tiny_base,
+                                 "run_search waited for the dead worker's heartbeat to go stale")
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].system_attrs["failed_trial"] == 0  # the retry ran first
+    scratch = run_search(cfg, RunDir(tmp_path / "scratch"), "rte", "lora", tiny_base,
+                         progress=False)
+    assert [tuple(sorted(t.params.items())) for t in trials[1:]] == configs(scratch)
+    assert done[0]["counts"]["COMPLETE"] == 2
+
+
+def test_workers_resumes_and_reruns_never_repeat_a_configuration(tmp_path, glue_dir, tiny_base):
+    """Every trial random (startup 4 of 4) makes a repeat visible: with one fixed sampler
+    seed per study, a resumed process and a second worker both drew trial 0's
+    configuration again (issue 12)."""
+    extra = ["search.startup_trials=4"]
+    scratch = run_search(search_cfg(glue_dir, 4, extra), RunDir(tmp_path / "a"), "rte", "lora",
+                         tiny_base, progress=False)
+    assert len(set(configs(scratch))) == 4
+    rerun = run_search(search_cfg(glue_dir, 4, extra), RunDir(tmp_path / "b"), "rte", "lora",
+                       tiny_base, progress=False)
+    assert configs(rerun) == configs(scratch)          # reproducible from scratch
+
+    # kill-and-resume: two trials, then a new process (a fresh study object) asks for more
+    resumed_dir = RunDir(tmp_path / "c")
+    run_search(search_cfg(glue_dir, 2, extra), resumed_dir, "rte", "lora", tiny_base,
+               progress=False)
+    resumed = run_search(search_cfg(glue_dir, 4, extra), resumed_dir, "rte", "lora", tiny_base,
+                         progress=False)
+    assert len(set(configs(resumed))) == 4
+    assert configs(resumed) == configs(scratch)        # as if never interrupted
+
+    # two workers on one study
+    cfg, run = search_cfg(glue_dir, 4, extra), RunDir(tmp_path / "d")
+    threads = [threading.Thread(target=run_search, args=(cfg, run, "rte", "lora", tiny_base),
+                                kwargs={"progress": False}) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    study = optuna.load_study(study_name="loralens-rte-lora", storage=run.sqlite_url("search"))
+    assert len(study.trials) == 4 and len(set(configs(study))) == 4
+
+
+def test_trials_train_with_the_search_seed_and_score_the_selection_rows(tmp_path, glue_dir,
+                                                                        tiny_base, monkeypatch):
+    import loralens.training.search as S
+
+    seen = []
+    real = S.train_model
+
+    def spy(cfg, prepared, method, seed, *a, **k):
+        seen.append((seed, prepared.early_stop.ids.tolist()))
+        return real(cfg, prepared, method, seed, *a, **k)
+
+    monkeypatch.setattr(S, "train_model", spy)
+    cfg = search_cfg(glue_dir, 1, ["seeds=[42]", "search.seed=5"])
+    res = run_search(cfg, RunDir(tmp_path), "rte", "lora", tiny_base, progress=False)
+    from loralens.training.job import prepare_task
+
+    p = prepare_task(cfg, "rte", tiny_base.tokenizer)
+    (seed, ids), = seen
+    assert seed == 5 and res["trial_seed"] == 5
+    assert len(ids) == 16 and set(ids) <= set(p.selection_split.ids())
+    assert set(ids).isdisjoint(p.train_split.ids())
+    assert res["trials"][0]["user_attrs"]["eval_split"] == "train"
+
+
+def test_a_command_for_some_tasks_claims_only_their_jobs(tmp_path):
+    """A killed `loralens run` leaves every task's jobs pending; `loralens train --task rte`
+    afterwards must train rte only (it trained whatever was pending)."""
+    q = JobQueue(f"sqlite:///{tmp_path / 'jobs.db'}", queue="study:x")
+    q.add("train", {f"{t}/lora/seed1": {"task": t} for t in ("mrpc", "rte", "sst2")})
+    ran = []
+    assert q.work("train", lambda k, p: ran.append(k), keys=["rte/lora/seed1"]) == 1
+    assert ran == ["rte/lora/seed1"]
+    assert {r["key"]: r["status"] for r in q.rows("train")} == {
+        "mrpc/lora/seed1": "pending", "rte/lora/seed1": "done", "sst2/lora/seed1": "pending"}
+    assert q.claim("train", keys=[]) is None
+    assert q.work("train", lambda k, p: ran.append(k)) == 2  # no selection: the rest
+    assert ran == ["rte/lora/seed1", "mrpc/lora/seed1", "sst2/lora/seed1"]
+
+
+def test_train_with_a_task_selection_leaves_other_pending_jobs_alone(tmp_path, glue_dir,
+                                                                      tiny_base):
+    from loralens import cli
+
+    run = RunDir(tmp_path / "run")
+    args = ["--run-dir", str(run.root), "--glue-dir", str(glue_dir), "--no-progress",
+            *tiny("tasks=[rte,sst2]", "methods=[lora]", "seeds=[1]", "search.enabled=false")]
+    run.bind_config(load_config(overrides=args[5:]))
+    # what a killed `loralens run` leaves behind: both tasks' jobs pending
+    q = JobQueue(run.sqlite_url("jobs"), queue=f"study:{run.root.name}")
+    q.add("train", {f"{t}/lora/seed1": {"task": t, "method": "lora", "seed": 1}
+                    for t in ("rte", "sst2")})
+    assert cli.main(["train", "--task", "rte", *args]) == 0
+    assert run.metrics_path("rte", "lora", 1).is_file()
+    assert not run.metrics_path("sst2", "lora", 1).exists()
+
+
+def test_sampler_position_of_new_trials_and_of_a_killed_trials_retry():
+    """New trials take the next position held (FAILed and WAITING trials hold none); the
+    retry of a killed trial (the oldest WAITING one, which ask() takes) takes the killed
+    trial's recorded position, or, unrecorded, the one it was asked at."""
+    from optuna.trial import TrialState, create_trial
+
+    from loralens.training.search import POSITION_ATTR, sampler_position
+
+    def trial(n, state, **sys):
+        t = create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None,
+                         system_attrs=sys)
+        t.number = n
+        return t
+
+    C, R, F, W = TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING
+    assert sampler_position([]) == 0
+    assert sampler_position([trial(0, C), trial(1, R)]) == 2   # a running worker holds one
+    # killed trial 1 (position 1): its retry replays position 1, the next new trial takes 2
+    killed = [trial(0, C, **{POSITION_ATTR: 0}), trial(1, F, **{POSITION_ATTR: 1})]
+    assert sampler_position([*killed, trial(2, W, failed_trial=1)]) == 1
+    assert sampler_position([*killed, trial(2, C, failed_trial=1)]) == 2
+    # a worker killed while another went on: trial 0 failed after trial 1 took position 1
+    assert sampler_position([trial(0, F, **{POSITION_ATTR: 0}), trial(1, C),
+                             trial(2, W, failed_trial=0)]) == 0
+    # no recorded position (a trial asked outside loralens): as if asked in order
+    assert sampler_position([trial(0, C), trial(1, F), trial(2, W, failed_trial=1)]) == 1
