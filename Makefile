@@ -25,6 +25,7 @@ run: install
 	$(VENV)/bin/loralens run --preset $(PRESET) --glue-dir $(GLUE_DIR)
 
 test: install
+	$(VENV)/bin/lint-imports  # imports go down only (pyproject.toml's layers contract)
 	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not gpu" --durations=25
 
 test-fast: install

@@ -37,7 +37,7 @@ from loralens.training import batches as B
 from loralens.core.config import StudyConfig
 from loralens.analysis.extract import pooled_hidden_states, sample_split
 from loralens.models.classifier import build_classifier, load_base
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 from loralens.core.timing import time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]

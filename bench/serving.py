@@ -70,7 +70,7 @@ from loralens.training import batches as B
 from loralens.core.config import StudyConfig
 from loralens.models.classifier import CausalLMClassifier, apply_method, build_classifier, load_base
 from loralens.serving import MultiLoraClassifier
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 from loralens.core.timing import CpuContention, time_interleaved
 
 N_ADAPTERS = 8

@@ -22,8 +22,11 @@ import re
 import sys
 from pathlib import Path
 
-from loralens.core.config import ConfigError, StudyConfig
-from loralens.core.config_load import load_config, preset_names
+from loralens.core.errors import ConfigError
+
+from loralens.core.config import StudyConfig
+from loralens.study.config import check_config, load_config
+from loralens.core.config_load import preset_names
 from loralens.study.stages import (
     STAGE_NAMES, STAGES, Context, Stage, get_stage, run_stage, run_study,
 )
@@ -225,24 +228,25 @@ def _with_task_files(args: argparse.Namespace, cfg: StudyConfig, stored: bool) -
     """``--task``: for ``run``, the study's tasks; for a stage, task files it names join the
     config's tasks (a stored config's must already be there)."""
     from loralens.core.config import merge
-    from loralens.tasks.spec import is_task_file, task_key
+    from loralens.tasks.registry import is_task_file, task_key
 
     given = list(getattr(args, "task", None) or [])
     if not given:
         return cfg
     if _stage_of(args) is None:
-        return merge(StudyConfig, cfg, {"tasks": given})
+        return check_config(merge(StudyConfig, cfg, {"tasks": given}))
     extra = [t for t in given if is_task_file(t) and task_key(t) not in cfg.tasks]
     if extra and stored:
         raise ConfigError(f"--task {extra[0]}: task {task_key(extra[0])!r} is not one of this "
                           f"run directory's tasks ({', '.join(cfg.tasks)})", "tasks")
-    return merge(StudyConfig, cfg, {"tasks": [*cfg.tasks, *extra]}) if extra else cfg
+    return check_config(merge(StudyConfig, cfg, {"tasks": [*cfg.tasks, *extra]})) if extra else cfg
 
 
 def _stored(args: argparse.Namespace, run_dir: Path, local: list[str]):
     """The run directory's stored config (with this machine's local settings)."""
-    from loralens.core.config_load import merge_overrides
-    from loralens.core.run_dir import RunDir, RunDirError
+    from loralens.study.config import merge_overrides
+    from loralens.core.errors import RunDirError
+    from loralens.core.run_dir import RunDir
 
     stage = _stage_of(args)
     try:
@@ -271,7 +275,7 @@ def context(args: argparse.Namespace, cfg: StudyConfig, run) -> Context:
 
 def _selected_tasks(args: argparse.Namespace) -> list[str] | None:
     """A stage's ``--task`` values as task names (a task file by its name)."""
-    from loralens.tasks.spec import task_key
+    from loralens.tasks.registry import task_key
 
     given = getattr(args, "task", None)
     if not given or _stage_of(args) is None:
@@ -396,8 +400,8 @@ def _user_error(e: Exception, args: argparse.Namespace | None = None) -> int:
     directory); anything else is a bug and keeps its traceback."""
     from loralens.tasks.rows import DataError
     from loralens.models.registry import ModelNotFound
-    from loralens.core.run_dir import RunDirError
-    from loralens.core.files import DiskFullError
+    from loralens.core.errors import RunDirError
+    from loralens.core.errors import DiskFullError
 
     if isinstance(e, ConfigError):
         print(f"loralens: config error: {e}", file=sys.stderr)

@@ -52,9 +52,10 @@ from loralens.core.config import StudyConfig
 from loralens.models.families import pool
 from loralens.models.classifier import Base, build_classifier, load_base
 from loralens.models.saving import load_trained
-from loralens.core.run_dir import RunDir, RunDirError
+from loralens.core.errors import RunDirError
+from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_path, atomic_write_json, read_json
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 
 BASE_KEY = "base"
 SPLIT = "validation"

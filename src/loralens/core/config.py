@@ -18,14 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-
-class ConfigError(ValueError):
-    """A configuration key, type or value is wrong; the message names it (``key``: the
-    dotted key, where one is to blame)."""
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
+from loralens.core.errors import ConfigError
 
 
 @functools.cache
@@ -323,15 +316,6 @@ class RunConfig(_Validated):
             "(bytes) or a custom resource, e.g. {train: {num_cpus: 4, num_gpus: 1}}")
     ray_max_retries: int = _f(3, lo=0, doc="times Ray reruns a task whose worker died")
 
-    def validate(self) -> None:
-        from loralens.study.stages import STAGE_NAMES
-
-        for stage in self.ray_resources:
-            if stage != "default" and stage not in STAGE_NAMES:
-                raise ConfigError(f"run.ray_resources: unknown stage {stage!r}; known: default, "
-                                  f"{', '.join(STAGE_NAMES)}", f"run.ray_resources.{stage}")
-
-
 @dataclass
 class StudyConfig(_Validated):
     preset: str | None = _f(None, doc="preset the config was layered on")
@@ -365,24 +349,15 @@ class StudyConfig(_Validated):
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        from loralens.tasks.spec import TASKS
-        from loralens.tasks.task_file import resolve_tasks
-
-        self.tasks, self.task_defs = resolve_tasks(self.tasks, self.task_defs)
-        for t in self.data.train_size_per_task:
-            if t not in TASKS and t not in self.tasks:
-                raise ConfigError(f"data.train_size_per_task: unknown task {t!r}; known: "
-                                  f"{', '.join([*TASKS, *self.tasks])}",
-                                  "data.train_size_per_task")
+        """Checks within the config alone. Checks against the task and method registries
+        (names, task files, method definitions) are the study layer's:
+        :func:`loralens.study.config.check_config`."""
         if self.search.enabled and self.search.seed in self.seeds:
             raise ConfigError(
                 f"search.seed: {self.search.seed} is also a training seed (seeds: {self.seeds}); "
                 "the model trained with it would replay a search trial instead of being an "
                 "independent seed. Pick a search seed outside the training seeds "
                 "(default 0).", "search.seed")
-        from loralens.models.methods import validate_methods
-
-        validate_methods(self)
 
 
 

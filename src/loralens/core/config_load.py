@@ -11,7 +11,9 @@ from typing import Any
 
 import yaml
 
-from loralens.core.config import ConfigError, StudyConfig, merge
+from loralens.core.errors import ConfigError
+
+from loralens.core.config import StudyConfig, merge
 
 def parse_override(item: str) -> dict:
     """``a.b=value`` -> {"a": {"b": value}}; the value is parsed as YAML (1e-4, [1, 2], null)."""

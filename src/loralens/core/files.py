@@ -20,16 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from loralens.core.errors import DiskFullError
 from loralens.core.leftovers import temp_prefix
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-class DiskFullError(OSError):
-    """A write ran out of space (ENOSPC/EDQUOT); names the file and the space left. The
-    temporary file is removed and the target keeps its old content, so freeing space and
-    rerunning resumes."""
 
 
 def _disk_full(e: BaseException, path: Path) -> BaseException:

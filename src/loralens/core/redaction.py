@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 
-from loralens.core.config import ConfigError
+from loralens.core.errors import ConfigError
 
 STORAGE_ENV = "LORALENS_STORAGE"
 MASK = "***"  # what SQLAlchemy's render_as_string(hide_password=True) writes

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from loralens.core.errors import ConfigError, RunDirError
 from loralens.core.files import atomic_write_json, atomic_write_text, read_json
 from loralens.core.leftovers import remove_stale_temporaries
 
@@ -27,10 +28,6 @@ MACHINE_LOCAL = {"data.glue_dir", "search.storage", "tracking.report_to", "track
 # Config sections of how one invocation executes (config.RunConfig), not of the study:
 # never stored, never a difference (a Ray run and a local run give the same run directory)
 NOT_STORED = ("run",)
-
-
-class RunDirError(RuntimeError):
-    """The run directory conflicts with what was asked (e.g. a different config)."""
 
 
 def git_commit() -> str | None:
@@ -285,7 +282,6 @@ class RunDir:
                                                  "loralens": _version("loralens")})
 
     def load_config(self):
-        from loralens.core.config import ConfigError
         from loralens.core.config_load import config_from_dict
 
         if not self.config_path.is_file():
@@ -305,7 +301,6 @@ class RunDir:
         """Rewrite an older run directory's config for this version: keys this version
         does not know are dropped (listed in the return), new keys get their defaults,
         the old file is kept as ``config.yaml.bak``."""
-        from loralens.core.config import ConfigError
         from loralens.core.config_load import config_from_dict
         from loralens.core.redaction import without_secrets
 

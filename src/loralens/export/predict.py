@@ -24,7 +24,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from loralens.tasks.spec import TaskSpec, get_task
+from loralens.tasks.spec import TaskSpec
+from loralens.tasks.registry import get_task
+from loralens.tasks.registry import resolve_config_tasks
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 
@@ -133,6 +135,7 @@ def _from_run(root: Path, spec: TaskSpec, method, seed, max_length) -> Loaded:
     methods = list(dict.fromkeys(j[1] for j in run.finished_jobs()))
     jobs.sort(key=lambda j: (j[1] != "lora", methods.index(j[1]), j[2]))
     cfg = run.load_config()
+    resolve_config_tasks(cfg)
     base = load_base(cfg)
     model = load_trained(run.job_dir(*jobs[0]), base.backbone(), spec.num_labels)
     return Loaded(model, base.tokenizer, spec.label_names, max_length or cfg.data.max_length,

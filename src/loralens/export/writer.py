@@ -17,8 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from loralens.core.run_dir import RunDir, RunDirError
+from loralens.core.errors import RunDirError
+
+from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_write_json, read_json
+from loralens.tasks.registry import resolve_config_tasks
 
 
 def _provenance(run: RunDir) -> tuple[str | None, str | None]:
@@ -74,10 +77,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False,
     from loralens.models.methods import get_method
     from loralens.models.classifier import load_base
     from loralens.models.saving import load_trained, save_trained
-    from loralens.tasks.spec import get_task
+    from loralens.tasks.registry import get_task
 
     run, out = RunDir(run_dir), Path(out_dir)
     cfg = run.load_config()
+    resolve_config_tasks(cfg)
     jobs = run.finished_jobs()
     if not jobs:
         raise RunDirError(f"{run.root}: no finished model to export (no models/*/*/seed*/"

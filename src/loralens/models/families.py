@@ -252,7 +252,7 @@ def family_of_path(path: str, **kw) -> str:
 def require_servable(family: str, pooling: str, where: str) -> None:
     """Refuse, naming ``where``, a model the serving paths would compute wrongly: the lean
     runtime, the merged and the PEFT backends read the last real token of a causal LM."""
-    from loralens.core.config import ConfigError
+    from loralens.core.errors import ConfigError
 
     if family != CAUSAL or pooling != "last":
         raise ConfigError(f"{where}: serving supports causal LMs with last-token pooling only; "

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from loralens.core.config import ConfigError
+from loralens.core.errors import ConfigError
 
 FAMILIES = ("full", "head", "peft")
 PEFT_TYPES = ("lora", "ia3")

@@ -133,7 +133,7 @@ def label_counts(task: str, counts: dict | None) -> str:
     if not counts:
         return DASH
     try:
-        from loralens.tasks.spec import get_task
+        from loralens.tasks.registry import get_task
 
         names = get_task(task).label_names
     except (KeyError, ValueError):  # a task file this process has not read: ids

@@ -89,7 +89,7 @@ class RunData:
 
     def metric(self, task: str) -> str:
         try:
-            from loralens.tasks.spec import get_task
+            from loralens.tasks.registry import get_task
 
             return get_task(task).metric
         except (KeyError, ValueError):  # a task file this process has not read
@@ -171,7 +171,8 @@ def resolve_protocol(config: dict, data: dict | None) -> Protocol:
 
 def _rebuild(stored: dict) -> tuple[StudyConfig, list[str]]:
     """``config_from_dict``, dropping each key it rejects (at most 50); defaults else."""
-    from loralens.core.config import ConfigError, DataConfig, StudyConfig
+    from loralens.core.errors import ConfigError
+    from loralens.core.config import DataConfig, StudyConfig
     from loralens.core.config_load import config_from_dict
 
     dropped: list[str] = []
@@ -238,7 +239,7 @@ def load_run(run: RunDir | str | Path) -> RunData:
     cfg = _read(run.config_path, p, "yaml")
     d.config = cfg if isinstance(cfg, dict) else None
     if d.config:  # tasks read from task files: their label names and metrics
-        from loralens.tasks.task_file import register_definitions
+        from loralens.tasks.registry import register_definitions
 
         p.extend(register_definitions(d.config.get("task_defs")))
     d.env = _read(run.env_path, p)

@@ -32,7 +32,7 @@ def bonferroni_family(src: dict | None, name: str, d: RunData) -> dict | None:
     fam = ((src or {}).get("families") or {}).get(name)
     if fam or src is not None or not d.tasks or name not in ("table3", "examples"):
         return fam
-    from loralens.tasks.spec import get_task
+    from loralens.tasks.registry import get_task
 
     members = ([f"{t} {get_task(t).metric}" for t in d.tasks] if name == "table3"
                else [f"{t} seed {s}" for t in d.tasks for s in d.seeds])

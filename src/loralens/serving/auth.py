@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from loralens.core.config import ConfigError
+from loralens.core.errors import ConfigError
 from loralens.serving.responses import ErrorOut
 
 API_KEY_ENV = "LORALENS_API_KEY"

@@ -50,7 +50,10 @@ from loralens.core.files import atomic_write_json, write_csv
 from loralens.core.timing import stopwatch
 from loralens.serving.cli_args import BACKENDS, DEFAULT_ADAPTERS, DEFAULT_CLIENTS, DEFAULT_REPEATS
 from loralens.analysis.latency import crossovers, schedule, summarize_cells, table_lines
+from loralens.tasks.registry import resolve_config_tasks
 
+
+log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +197,7 @@ async def _cell(url: str, names: list[str], bodies: list[dict], clients: int,
 def _bodies(task: str, glue_dir, n: int, seed: int = 0) -> list[dict]:
     """``n`` validation rows of ``task`` (a fixed random sample) as request bodies."""
     from loralens.tasks.sources import load_split
-    from loralens.tasks.spec import get_task
+    from loralens.tasks.registry import get_task
 
     spec = get_task(task)
     split = load_split(spec, "validation", glue_dir)
@@ -369,6 +372,7 @@ def cli_command(args) -> str:
     glue_dir, server_args = args.glue_dir, []
     if run is not None:
         cfg = run.load_config()
+        resolve_config_tasks(cfg)
         glue_dir = glue_dir or cfg.data.glue_dir
         # the servers get the adapters as NAME=DIR: pass the run's base model along
         server_args += ["--model", cfg.model.name, "--max-length", str(cfg.data.max_length)]

@@ -54,7 +54,7 @@ from fastapi import Request  # module level: handlers' annotations are resolved 
 from loralens.training.batches import collate, encode_texts
 from loralens.models.classifier import Base, load_base
 from loralens.core.run_dir import RunDir
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 from loralens.serving.backends import AdapterError, AdapterInfo, Backend, make_backend
 from loralens.serving.bodies import (
     AdapterIn, BodyLimit, ClassifyIn, RequestError, json_body_schema, read_body,
@@ -68,6 +68,7 @@ from loralens.serving.responses import (
 from loralens.serving.sources import (
     NAME_RULE, AdapterSpec, collect_adapters, replicate, task_of, valid_name,
 )
+from loralens.tasks.registry import resolve_config_tasks
 
 __all__ = ["AdapterSpec", "RequestError", "Service", "build_service",
            "collect_adapters", "create_app", "replicate", "serve"]
@@ -458,6 +459,8 @@ def cli_command(args) -> int:
     api_key = load_api_key(args.api_key_file)  # before the model loads: a bad file fails fast
     specs, run_dir = collect_adapters(args.sources)
     run_cfg = RunDir(run_dir).load_config() if run_dir is not None else None
+    if run_cfg is not None:
+        resolve_config_tasks(run_cfg)
     max_length = args.max_length or (run_cfg.data.max_length if run_cfg is not None else 384)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from loralens.core.run_dir import RunDir
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 from loralens.serving.backends import AdapterError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$"  # also in the OpenAPI schema
@@ -43,7 +43,7 @@ def task_of(path: Path) -> tuple[str | None, str]:
     parts = path.resolve().parts
     if len(parts) >= 5 and parts[-1] == "adapter" and parts[-3] == "lora" \
             and parts[-2].startswith("seed") and parts[-5] == "models":
-        from loralens.tasks.task_file import register_run_tasks
+        from loralens.tasks.registry import register_run_tasks
 
         register_run_tasks(Path(*parts[:-5]))  # tasks from task files: their label names
         return _known_task(parts[-4]), f"{parts[-4]}-{parts[-2]}"

@@ -32,7 +32,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from loralens.core.config import RAY_RESOURCE_KEYS, ConfigError, RunConfig, StudyConfig
+from loralens.core.errors import ConfigError
+
+from loralens.core.config import RAY_RESOURCE_KEYS, RunConfig, StudyConfig
 
 # Passed on to the Ray workers when this driver starts or joins the cluster: where data,
 # caches and services are (a worker of an existing cluster has its own environment).

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from loralens.core.config import StudyConfig
 from loralens.core.run_dir import RunDir
+from loralens.tasks.registry import resolve_config_tasks
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ class Context:
     _base: Any = field(default=None, repr=False)
     _prepared: dict = field(default_factory=dict, repr=False)
     _queue: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # The tasks the config defines (task files, task_defs), known by name in this
+        # process: a worker process builds its Context from a config it did not load.
+        resolve_config_tasks(self.cfg)
 
     @property
     def tasks(self) -> list[str]:

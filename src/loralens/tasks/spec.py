@@ -12,7 +12,6 @@ path wherever a task is accepted. GLUE label conventions are those of
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -93,80 +92,3 @@ def builtin_paths() -> dict[str, Path]:
     root = resources.files("loralens.tasks").joinpath(BUILTIN_DIR)
     return {p.name[:-5]: Path(str(p)) for p in sorted(root.iterdir(), key=lambda p: p.name)
             if p.name.endswith(".yaml")}
-
-
-@functools.cache
-def _builtin(name: str) -> TaskSpec:
-    from loralens.tasks.task_file import load_task_file
-
-    return load_task_file(builtin_paths()[name])
-
-
-class _Builtins(dict):
-    """``TASKS``: the built-in tasks by name, read from their files on first access."""
-
-    def __init__(self):
-        super().__init__({n: None for n in builtin_paths()})
-
-    def __getitem__(self, name: str) -> TaskSpec:
-        super().__getitem__(name)  # KeyError for an unknown name
-        return _builtin(name)
-
-    def get(self, name, default=None):
-        return self[name] if name in self else default
-
-    def values(self):
-        return [self[n] for n in self]
-
-    def items(self):
-        return [(n, self[n]) for n in self]
-
-
-TASKS: dict[str, TaskSpec] = _Builtins()
-
-# Tasks read from task files in this process (name -> spec); config validation and
-# ``get_task(path)`` register them, so later lookups by name find them.
-REGISTERED: dict[str, TaskSpec] = {}
-
-
-def register(spec: TaskSpec) -> TaskSpec:
-    """Make a task read from a file known by its name (a built-in name is refused: a task
-    file must not change what ``sst2`` means)."""
-    if spec.name in TASKS:
-        from loralens.tasks.task_file import TaskFileError
-
-        raise TaskFileError(f"{spec.file}: name: {spec.name!r} is a built-in task; give your "
-                            "task another name", "tasks")
-    REGISTERED[spec.name] = spec
-    return spec
-
-
-def is_task_file(value: str) -> bool:
-    """Whether a task argument names a file (a YAML path) rather than a task name."""
-    return value.endswith((".yaml", ".yml")) or "/" in value or "\\" in value
-
-
-def get_task(name: str, allow_file: bool = False) -> TaskSpec:
-    """A task by built-in name (``sst2``, ``SST-2``), by the name of a task file read in
-    this process, or, with ``allow_file`` (the command line, configs), by the path of a
-    task file (read and registered). Off by default: a name from a request must never
-    make a server read files."""
-    if name in REGISTERED:
-        return REGISTERED[name]
-    key = name.lower().replace("-", "")
-    if key in TASKS:
-        return TASKS[key]
-    if allow_file and is_task_file(name):
-        from loralens.tasks.task_file import load_task_file
-
-        return register(load_task_file(Path(name)))
-    from loralens.core.config import ConfigError
-
-    known = ", ".join([*TASKS, *REGISTERED])
-    raise ConfigError(f"unknown task {name!r}; known tasks: {known}, or the path of a task "
-                      "file (.yaml)", "tasks")
-
-
-def task_key(value: str) -> str:
-    """The name a task argument (a name or a task file's path) is known by in a run."""
-    return get_task(value, allow_file=True).name

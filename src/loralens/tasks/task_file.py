@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from loralens.core.config import ConfigError
+from loralens.core.errors import ConfigError
 from loralens.tasks.spec import METRICS, BUILTIN_DIR, Source, TaskSpec
 
 TOP_KEYS = ("name", "version", "description", "task_type", "text_columns", "label_column",
@@ -290,37 +290,7 @@ class _Parser:
 
 
 def is_builtin_file(spec: TaskSpec) -> bool:
-    return Path(spec.file).parent.name == BUILTIN_DIR
-
-
-def resolve_tasks(entries: list[str], defs: dict) -> tuple[list[str], dict]:
-    """The config's ``tasks`` as names, and the definitions of those read from task files.
-
-    An entry is a built-in name, a task file's path (read, checked and registered under its
-    name; its definition is kept, so a run directory's config describes the task without
-    the file), or the name of a definition kept that way.
-    """
-    from loralens.tasks.spec import TASKS, get_task, is_task_file, register
-
-    names, out = [], {}
-    for entry in entries:
-        if is_task_file(entry):
-            spec = load_task_file(entry)
-            if not (spec.name in TASKS and is_builtin_file(spec)):  # a built-in's own file
-                out[spec.name] = {"file": spec.file, "task": spec.definition}
-                register(spec)
-        elif entry in defs:
-            spec = register(from_definition(entry, defs[entry]))
-            out[entry] = defs[entry]
-        elif entry in TASKS:
-            spec = get_task(entry)
-        else:
-            raise ConfigError(f"tasks: unknown task {entry!r}; known: {', '.join(TASKS)}, or "
-                              "the path of a task file (.yaml)", "tasks")
-        if spec.name in names:
-            raise ConfigError(f"tasks: task {spec.name!r} is listed twice", "tasks")
-        names.append(spec.name)
-    return names, out
+    return Path(spec.file).parent.name in (BUILTIN_DIR, "task_files")  # task_files: before 0.1 moved it
 
 
 def from_definition(name: str, d: Any) -> TaskSpec:
@@ -329,28 +299,3 @@ def from_definition(name: str, d: Any) -> TaskSpec:
         raise ConfigError(f"task_defs.{name}: expected {{file: ..., task: {{...}}}}",
                           f"task_defs.{name}")
     return parse_task(d["task"], f"{d.get('file')} (kept in task_defs)")
-
-
-def register_definitions(defs: Any) -> list[str]:
-    """Register the task definitions a run directory's config keeps (``task_defs``);
-    returns a problem line for each that cannot be read (the report goes on without)."""
-    from loralens.tasks.spec import register
-
-    problems = []
-    for name, d in (defs or {}).items() if isinstance(defs, dict) else ():
-        try:
-            register(from_definition(name, d))
-        except ConfigError as e:
-            problems.append(f"config.yaml task_defs.{name}: {e}")
-    return problems
-
-
-def register_run_tasks(run_dir: str | Path) -> list[str]:
-    """Register the task definitions kept in a run directory's ``config.yaml`` (for the
-    commands that read a run directory without loading its config, e.g. ``serve``)."""
-    path = Path(run_dir) / "config.yaml"
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, yaml.YAMLError) as e:
-        return [f"{path}: {e}"]
-    return register_definitions(cfg.get("task_defs")) if isinstance(cfg, dict) else []

@@ -21,7 +21,7 @@ import importlib
 
 import torch
 
-from loralens.core.config import ConfigError
+from loralens.core.errors import ConfigError
 
 OPTIMIZER_KEY = "train.optimizer_full"
 OPTIMIZER_FULL_CHOICES = ("adamw", "adamw_8bit_paged", "auto")

@@ -32,7 +32,8 @@ from loralens.models.classifier import Base, apply_method, build_classifier, loa
 from loralens.models.saving import save_trained
 from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_path, atomic_write_json, read_json
-from loralens.tasks.spec import TaskSpec, get_task
+from loralens.tasks.spec import TaskSpec
+from loralens.tasks.registry import get_task
 from loralens.training.tracking import open_job
 
 

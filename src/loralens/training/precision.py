@@ -46,7 +46,7 @@ def choose(requested: str, device: torch.device, model_config=None,
     if requested == "bf16":
         return torch.bfloat16, "bf16: bfloat16 compute as configured"
     if requested != "auto":
-        from loralens.core.config import ConfigError
+        from loralens.core.errors import ConfigError
 
         raise ConfigError(f"train.precision: {requested!r} is not one of "
                           "['auto', 'fp32', 'bf16']", "train.precision")

@@ -34,7 +34,7 @@ from loralens.models.classifier import Base
 from loralens.core.redaction import resolve_storage
 from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_write_json, read_json
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 from loralens.training.loop import evaluate
 from loralens.training.job import prepare_task, train_model, with_overrides
 from loralens.core.job_queue import dead_local, engine_kwargs, study_lock, worker_id

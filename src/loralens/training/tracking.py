@@ -32,7 +32,7 @@ import math
 import os
 from pathlib import Path
 
-from loralens.core.config import ConfigError
+from loralens.core.errors import ConfigError
 from loralens.core.redaction import redact_url
 
 REPORT_TO = ("none", "tensorboard", "mlflow")

@@ -13,7 +13,8 @@ from typing import Sequence
 import numpy as np
 
 from loralens.analysis import similarity
-from loralens.core.config import ConfigError, parse_layers
+from loralens.core.errors import ConfigError
+from loralens.core.config import parse_layers
 
 # Per-layer measures (similarity to the base model).
 MEASURES = ("cka", "cka_debiased", "cka_std", "cka_std_debiased", "cosine", "procrustes",

@@ -112,7 +112,7 @@ def _row(task, measure, m, ref, means, n_tests, alpha, n_resamples, ci_seed, cfg
 def job_scores(run: RunDir, tasks: Sequence[str]) -> dict:
     """``{(task, method, seed): study metric on the validation split}`` of finished jobs."""
     from loralens.core.files import read_json
-    from loralens.tasks.spec import get_task
+    from loralens.tasks.registry import get_task
 
     out = {}
     for t, m, s in run.finished_jobs():

@@ -51,7 +51,8 @@ from loralens.analysis.drift.measures import (
 )
 from loralens.analysis.drift.stats import accuracy_table, compare, describe, families
 from loralens.analysis.extract import BASE_KEY, job_fingerprint, load_task
-from loralens.core.run_dir import DRIFT_FILES, RunDir, RunDirError
+from loralens.core.errors import RunDirError
+from loralens.core.run_dir import DRIFT_FILES, RunDir
 from loralens.core.files import atomic_write_json, write_csv
 
 

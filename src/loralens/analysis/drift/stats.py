@@ -18,7 +18,7 @@ from loralens.analysis import stats
 from loralens.analysis.drift.measures import DRIFT_MEASURES, PAIR, SCORE_SIGN
 from loralens.core.run_dir import RunDir
 from loralens.core.files import read_json
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 
 
 # --------------------------------------------------------------------------- families

@@ -27,7 +27,7 @@ from torch import nn
 from loralens.tasks import rows as D
 from loralens.tasks import sources as TS
 from loralens.training import batches as B
-from loralens.tasks.spec import TASKS, get_task
+from loralens.tasks.registry import TASKS, get_task
 
 CHUNK = 256  # positions per LM-head product: [CHUNK, vocab] logits at a time
 

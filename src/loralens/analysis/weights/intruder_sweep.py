@@ -47,9 +47,10 @@ from loralens.analysis.extract import (
 from loralens.training.loop import evaluate
 from loralens.models.saving import load_trained
 from loralens.analysis.similarity import cka_against_base
-from loralens.core.run_dir import RunDir, RunDirError
+from loralens.core.errors import RunDirError
+from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_write_json, read_json, write_csv
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 
 log = logging.getLogger(__name__)
 

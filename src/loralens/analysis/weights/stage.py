@@ -48,7 +48,7 @@ from loralens.models.classifier import Base
 from loralens.models.saving import load_trained
 from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_write_json, read_json, write_csv
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 from loralens.analysis.weights.measures import EPSILONS, base_svd, matrix_measures, one_thread
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from torch import nn
 
 from loralens.training import batches as B
 from loralens.models.classifier import CausalLMClassifier
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 from loralens.core.timing import median, stopwatch, summarize, time_interleaved
 from loralens.serving.bench.task import BenchContext
 from loralens.models.serving_paths import adapter_name

@@ -83,8 +83,9 @@ from loralens.training.devices import dtype_name, serving_dtype, training_device
 from loralens.models.methods import get_method
 from loralens.models.families import require_servable
 from loralens.models.classifier import Base, load_base
-from loralens.core.run_dir import RunDir, RunDirError, environment
-from loralens.tasks.spec import get_task
+from loralens.core.errors import RunDirError
+from loralens.core.run_dir import RunDir, environment
+from loralens.tasks.registry import get_task
 from loralens.serving.bench import identity as I
 from loralens.serving.bench.multi import bench_multi, choose_adapters
 from loralens.serving.bench.results import checks, comparison, summary_lines, write_results

@@ -20,7 +20,7 @@ from loralens.core.config import StudyConfig
 from loralens.models.methods import get_method
 from loralens.models.saving import load_trained
 from loralens.core.run_dir import RunDir
-from loralens.tasks.spec import get_task
+from loralens.tasks.registry import get_task
 from loralens.core.timing import CpuContention, Timings, stopwatch, summarize, time_interleaved
 from loralens.serving.bench.measure import MemoryProbe, tensor_bytes
 from loralens.models.serving_paths import LEAN, MERGED, PEFT, WHOLE, adapter_name, serving_kinds

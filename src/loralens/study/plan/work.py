@@ -275,7 +275,7 @@ def _bench(cfg, tokenizer, prepared) -> StageWork:
     from loralens.models.methods import get_method
     from loralens.serving.bench.multi import choose_adapters
     from loralens.models.serving_paths import lean_inexact, serving_kinds
-    from loralens.tasks.spec import get_task
+    from loralens.tasks.registry import get_task
 
     bc, w = cfg.bench, StageWork("bench", jobs=1)
     seeds = [s for s in cfg.seeds if not bc.seeds or s in bc.seeds]
