@@ -287,7 +287,7 @@ def write_weights(run, rng, seeds=SEEDS, blocks=4, methods=("lora", "full")):
     import torch
 
     from loralens.analysis.weights.measures import matrix_measures
-    from loralens.analysis.weights.stage import write_outputs
+    from loralens.analysis.weights.analyzer import write_outputs
 
     results = []
     for t in TASKS:

@@ -28,7 +28,9 @@ best trial), so a Ray run and a local run of one config give the same run direct
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,8 +206,21 @@ class Ticks:
 _CONTEXTS: dict[str, Any] = {}  # per worker process: the base model and data, loaded once
 
 
+def worker_logging() -> None:
+    """A Ray worker process runs the stages' functions without the CLI, which sets up the
+    ``loralens`` logger's handler: give it the CLI's plain format on stdout (Ray forwards a
+    worker's stdout to the driver), once, so the stages' INFO lines are not lost."""
+    ours = logging.getLogger("loralens")
+    if not ours.handlers and not logging.getLogger().handlers:  # nobody configured logging
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+
+
 def worker_context(spec: Spec):
     """The Context of ``spec`` in this worker process (cached like the local process's)."""
+    worker_logging()
     from loralens.study.stages import Context
     from loralens.core.run_dir import RunDir
 

@@ -15,7 +15,7 @@ from loralens.study.config import load_config
 from loralens.analysis.weights.intruder_sweep import REDUCED, drift_of, reduce_intruders
 from loralens.models.classifier import apply_method, build_classifier
 from loralens.core.run_dir import RunDir
-from loralens.analysis.weights.stage import Analyzer, backbone_of
+from loralens.analysis.weights.analyzer import Analyzer, backbone_of
 from tests.helpers.overrides import WEIGHTS
 
 IDS = torch.tensor([[1, 50, 60, 70, 80, 90], [1, 40, 41, 42, 2, 2]])

@@ -18,7 +18,7 @@ from loralens.core.run_dir import RunDir
 from loralens.analysis.weights.measures import (
     EPSILONS, effective_rank, energy_rank, intruder_counts, matrix_measures, max_cosines,
 )
-from loralens.analysis.weights.stage import Analyzer, backbone_of, spaced_layers
+from loralens.analysis.weights.analyzer import Analyzer, backbone_of, spaced_layers
 from tests.helpers.overrides import WEIGHTS
 
 
@@ -221,7 +221,7 @@ def test_gram_eigenproblem_gives_the_svd(shape):
 
 
 def test_summary_tests_only_what_varies_and_pairs_by_seed():
-    from loralens.analysis.weights.stage import summarize
+    from loralens.analysis.weights.analyzer import summarize
 
     def result(method, seed, rel, forget):
         mats = [{"group": "common", "intruders": {"0.5": 0}, "rel_change": rel,

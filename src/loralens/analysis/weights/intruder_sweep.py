@@ -131,7 +131,7 @@ def drift_of(base_states: np.ndarray, states: np.ndarray, selected: Sequence[int
 
 def measure(an, cfg, td: TaskData, model: nn.Module, task: str) -> dict:
     """Score, drift, forgetting and the remaining intruder count of a (reduced) model."""
-    from loralens.analysis.weights.stage import SUMMARY_EPSILON, backbone_of
+    from loralens.analysis.weights.analyzer import SUMMARY_EPSILON, backbone_of
 
     pad = an.base.tokenizer.pad_token_id
     ev = evaluate(model, td.eval_enc, pad, cfg.train.eval_batch_size)

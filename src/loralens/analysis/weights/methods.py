@@ -2,7 +2,7 @@
 method against the reference method (``reference_method``, default ``full``).
 
 Writes ``RUN_DIR/weightspace/methods.json``: per task, measure
-(:data:`loralens.analysis.weights.stage.MEASURES`, over the common matrices) and method, the mean and
+(:data:`loralens.analysis.weights.analyzer.MEASURES`, over the common matrices) and method, the mean and
 sd over seeds and each seed's value, and the method vs the reference over paired seeds
 (:func:`loralens.analysis.stats.compare_methods` with sign ``method - reference``; Bonferroni over
 the tests actually made: two paired seeds at least, not zero spread). A ``head``-family
@@ -18,7 +18,7 @@ from loralens.analysis import stats
 from loralens.models.methods import get_method
 from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_write_json
-from loralens.analysis.weights.stage import MEASURES, _describe, model_summary
+from loralens.analysis.weights.analyzer import MEASURES, _describe, model_summary
 
 HEAD_NOTE = ("undefined: a head-only method's backbone is the base model's (no weight "
              "change, no forgetting by construction); not tested")
