@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from loralens import cli
-from loralens.tasks import spec as tasks
+from loralens.tasks import registry as tasks
 from loralens.training.metrics import f1_macro, matthews
 from loralens.core.run_dir import RunDir
 
