@@ -1,6 +1,8 @@
-"""The README's commands work as written (in the manner of litgpt's tests/test_readme.py).
+"""The commands of the README and the docs work as written (in the manner of litgpt's
+tests/test_readme.py).
 
-Every command in a ```bash block of README.md runs, and what it prints is checked:
+Every command in a ```bash block of README.md and of every docs/*.md runs, and what it
+prints is checked:
 
 - ``loralens ...`` and ``curl ...`` run in a temporary working directory (so ``runs/...``
   resolves there), with the environment a user sets up: the virtual environment's
@@ -10,13 +12,16 @@ Every command in a ```bash block of README.md runs, and what it prints is checke
   changed: ``--port``); the ``curl`` lines of its block go to it (``localhost:8000``
   becomes that port) and must answer HTTP 2xx with the documented keys. ``curl`` gets
   ``--write-out`` appended, to read the status code.
-- Markers in the README say where a command cannot run as written: an HTML comment
+- Markers in the files say where a command cannot run as written: an HTML comment
   ``<!-- readme-test: ... -->`` on the line before a block applies to each of its
   commands, ``readme-test: ...`` in a command's trailing ``#`` comment to that command.
   ``micro``: run it on the micro preset (``--preset micro`` for any preset, ``runs/micro``
   for ``runs/<preset>``); ``skip (reason)``: skip it with that reason; ``run``: as written.
 
-All commands share one micro run directory (a module fixture), in README order.
+All commands share one micro run directory (a module fixture), in file order (README.md,
+then docs/*.md by name) and within a file in order. The README's ```python blocks run too
+(its library examples), and every docs/*.md is linked from the README, every relative link
+resolving.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# The files whose commands are tested: the README first, then the docs by name.
+FILES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 VENV_BIN = Path(sys.executable).parent
 
 MARKER = re.compile(r"readme-test:\s*(?P<kind>[\w-]+)\s*(?:\((?P<reason>[^)]*)\))?")
@@ -87,8 +94,9 @@ class Command:
     comment: str     # the trailing comment, "" if none
     kind: str        # run | micro | skip
     reason: str      # why it is skipped
-    block: int       # which ```bash block (0-based)
-    line: int        # line number in README.md
+    block: int       # which ```bash block of its file (0-based)
+    line: int        # line number in its file
+    file: str = "README.md"  # the file, relative to the checkout
 
     @property
     def program(self) -> str:
@@ -101,7 +109,11 @@ class Command:
 
     @property
     def id(self) -> str:
-        return f"L{self.line}:{re.sub(r'[^A-Za-z0-9_.,:/=-]+', '_', self.text)[:70]}"
+        return f"{self.file}:L{self.line}:{re.sub(r'[^A-Za-z0-9_.,:/=-]+', '_', self.text)[:70]}"
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
 
 
 def split_comment(line: str) -> tuple[str, str]:
@@ -131,8 +143,9 @@ def _directive(text: str, where: str) -> tuple[str, str] | None:
     return kind, reason
 
 
-def parse_readme(text: str) -> list[Command]:
-    """Every command of every ```bash block, with its marker."""
+def parse_readme(text: str, name: str = "README.md") -> list[Command]:
+    """Every command of every ```bash block of one file (``name``, for messages), with its
+    marker."""
     commands: list[Command] = []
     lines = text.splitlines()
     block = -1
@@ -142,10 +155,10 @@ def parse_readme(text: str) -> list[Command]:
         line = lines[i]
         m = BLOCK_MARKER.match(line.strip())
         if m:
-            pending = _directive(m.group(1), f"README.md:{i + 1}")
+            pending = _directive(m.group(1), f"{name}:{i + 1}")
             nxt = next((ln for ln in lines[i + 1:] if ln.strip()), "")
             if nxt.strip() != "```bash":
-                raise ValueError(f"README.md:{i + 1}: a block marker must come right before "
+                raise ValueError(f"{name}:{i + 1}: a block marker must come right before "
                                  "a ```bash block")
             i += 1
             continue
@@ -162,7 +175,7 @@ def parse_readme(text: str) -> list[Command]:
             i += 1
             if start is None:
                 if "readme-test:" in raw and raw.lstrip().startswith("#"):
-                    raise ValueError(f"README.md:{i}: a readme-test marker belongs in a "
+                    raise ValueError(f"{name}:{i}: a readme-test marker belongs in a "
                                      "command's trailing comment or before the block")
                 if not raw.strip() or raw.lstrip().startswith("#"):
                     continue
@@ -172,17 +185,22 @@ def parse_readme(text: str) -> list[Command]:
                 logical += code[:-1].rstrip() + " "
                 continue
             text_ = " ".join((logical + code).split())
-            where = f"README.md:{start}"
+            where = f"{name}:{start}"
             kind, reason = _directive(comment, where) or block_kind
-            commands.append(Command(text_, comment, kind, reason, block, start))
+            commands.append(Command(text_, comment, kind, reason, block, start, name))
             start, logical = None, ""
         if logical:
-            raise ValueError(f"README.md:{start}: a command ends with a line continuation")
+            raise ValueError(f"{name}:{start}: a command ends with a line continuation")
         i += 1
     return commands
 
 
-COMMANDS = parse_readme(README.read_text())
+def relative(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+COMMANDS_BY_FILE = {relative(f): parse_readme(f.read_text(), relative(f)) for f in FILES}
+COMMANDS = [c for commands in COMMANDS_BY_FILE.values() for c in commands]
 
 
 def presets() -> list[str]:
@@ -274,13 +292,14 @@ class Server:
 
 @pytest.fixture(scope="module")
 def servers(workdir, env):
-    """``servers(cmd)``: the running server of a README ``serve`` command (started once)."""
-    started: dict[str, Server] = {}
+    """``servers(cmd)``: the running server of a ``serve`` command (started once per file)."""
+    started: dict[tuple[str, str], Server] = {}
 
     def get(cmd: Command) -> Server:
-        if cmd.text not in started:
-            started[cmd.text] = Server(substitute(cmd), workdir, env)
-        return started[cmd.text]
+        key = (cmd.file, cmd.text)
+        if key not in started:
+            started[key] = Server(substitute(cmd), workdir, env)
+        return started[key]
 
     yield get
     for s in started.values():
@@ -289,24 +308,76 @@ def servers(workdir, env):
 
 # --------------------------------------------------------------------------- the tests
 
-def test_readme_markers():
-    """The README parses, every marker is known, and the commands the tests need are there."""
-    assert COMMANDS, "no ```bash commands found in README.md"
+def test_readme_and_docs_have_commands():
+    """The README has commands, and together the files show every kind the tests run."""
+    assert COMMANDS_BY_FILE["README.md"], "no ```bash commands found in README.md"
+    assert len(FILES) > 1, "no docs/*.md found"
     programs = {c.program for c in COMMANDS}
     assert {"loralens", "curl", "make", "pip"} <= programs, programs
-    for c in COMMANDS:
+
+
+@pytest.mark.parametrize("name", list(COMMANDS_BY_FILE))
+def test_readme_markers(name: str):
+    """A file parses (at import), every marker is known, every command is checkable."""
+    commands = COMMANDS_BY_FILE[name]
+    for c in commands:
         assert c.kind in KINDS
         assert c.kind != "skip" or c.reason, c
         if c.kind != "skip" and c.program in ("loralens", "pip"):
-            assert c.subcommand in EXPECT, f"README.md:{c.line}: add an EXPECT entry for {c.text}"
+            assert c.subcommand in EXPECT, f"{c.where}: add an EXPECT entry for {c.text}"
     targets = set(re.findall(r"^([\w.-]+):", (ROOT / "Makefile").read_text(), re.M))
-    for c in COMMANDS:
+    for c in commands:
         if c.program == "make":  # skipped or not, a make line names a real target
             named = [w for w in c.text.split()[1:] if not w.startswith("-") and "=" not in w]
-            assert set(named) <= targets, f"README.md:{c.line}: no Makefile target {named}"
+            assert set(named) <= targets, f"{c.where}: no Makefile target {named}"
         if c.program == "curl":
             assert any(s.subcommand == "serve" and s.block == c.block and s.line < c.line
-                       for s in COMMANDS), f"README.md:{c.line}: curl without a serve before it"
+                       for s in commands), f"{c.where}: curl without a serve before it"
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings (outside code blocks)."""
+    anchors, fenced = set(), False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+@pytest.mark.parametrize("path", FILES, ids=[relative(f) for f in FILES])
+def test_docs_links(path: Path):
+    """Every relative link of the README and the docs resolves (file and heading), and the
+    README links every docs/*.md."""
+    text = path.read_text()
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file).resolve() if file else path
+        assert dest.is_file(), f"{relative(path)}: link to a missing file {target}"
+        if anchor and dest.suffix == ".md":
+            assert anchor in _anchors(dest.read_text()), \
+                f"{relative(path)}: link to a missing heading {target}"
+    if path == README:
+        linked = {(README.parent / t.partition("#")[0]).resolve() for t in LINK.findall(text)}
+        missing = [relative(f) for f in FILES[1:] if f.resolve() not in linked]
+        assert not missing, f"README.md links none of {missing}"
+
+
+def test_readme_python_blocks():
+    """The README's ```python blocks (its library examples) run as written."""
+    blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(), re.M | re.S)
+    assert blocks, "no ```python block in README.md"
+    for code in blocks:
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, f"{code}\nexited {out.returncode}:\n{out.stderr[-4000:]}"
 
 
 def test_substitute():
@@ -348,7 +419,7 @@ def test_readme_command(cmd: Command, request):
         return
 
     if cmd.program == "curl":
-        serve = next(s for s in reversed(COMMANDS) if s.subcommand == "serve"
+        serve = next(s for s in reversed(COMMANDS_BY_FILE[cmd.file]) if s.subcommand == "serve"
                      and s.block == cmd.block and s.line < cmd.line)
         server = request.getfixturevalue("servers")(serve)
         text = text.replace(f"localhost:{README_PORT}", f"localhost:{server.port}")
