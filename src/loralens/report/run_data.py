@@ -29,7 +29,9 @@ from loralens.core.run_dir import RunDir
 if TYPE_CHECKING:
     from loralens.core.config import StudyConfig
 
-STAGES = ("sanity", "search", "train", "extract", "drift", "bench", "report")
+# The stage order of loralens.study.stages.STAGES (the report is below the study layer and
+# cannot import it; tests/unit/study/test_stage_order.py keeps the two equal).
+STAGES = ("sanity", "search", "train", "extract", "drift", "weights", "bench", "report")
 
 
 @dataclass
