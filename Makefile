@@ -5,7 +5,7 @@ VENV     ?= .venv
 PYTHON   ?= python3
 GLUE_DIR ?= ../shared/glue
 PRESET   ?= quick
-# torch is pinned: 2.13.0 is the CPU build on this machine's disk. GPU users: see README.
+# torch is pinned: 2.13.0 is the CPU build on this machine's disk. GPU users: see docs/install.md.
 TORCH    ?= torch==2.13.0
 
 .PHONY: install run test test-fast clean

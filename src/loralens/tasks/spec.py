@@ -5,7 +5,7 @@ A task is a small YAML file (lm-evaluation-harness style; the schema is in
 that GLUE's own download script writes, local CSV / TSV / JSON Lines / Parquet files,
 or a Hugging Face dataset), which columns hold the text and the label, the label
 names, the splits and the metrics. The GLUE classification tasks ship as such files
-inside the package (``loralens/task_files``); a task file of your own is named by its
+inside the package (``loralens/tasks/builtin``); a task file of your own is named by its
 path wherever a task is accepted. GLUE label conventions are those of
 ``nyu-mll/glue`` (RTE: entailment = 0), so both sources give identical ids.
 """

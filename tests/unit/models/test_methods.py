@@ -344,10 +344,12 @@ def test_the_readme_method_example_is_a_valid_config():
     import yaml
 
     from loralens.core.config import merge
+    from loralens.study.config import check_config
 
-    text = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[3] / "docs" / "tasks-and-methods.md").read_text()
     start = text.index("methods: [full, head, lora, r16-all]")
-    cfg = merge(StudyConfig, StudyConfig(), yaml.safe_load(text[start:text.index("```", start)]))
+    cfg = check_config(merge(StudyConfig, StudyConfig(),
+                             yaml.safe_load(text[start:text.index("```", start)])))
     m = get_method("r16-all", cfg)
     assert (m.peft["r"], m.peft["alpha"], m.peft["target_modules"], m.peft["use_rslora"]) == \
         (16, 32.0, "all-linear", True)
