@@ -99,12 +99,12 @@ class Spec:
                            self.overwrite, self.use_search], sort_keys=True, default=str)
 
 
-def stage_of_queue(queue_stage: str):
-    """The stage whose function enqueues jobs under ``queue_stage`` ("train", "weights",
-    "weights-sweep": the weights stage's intruder sweep)."""
-    from loralens.study.stages import get_stage
+def stage_of_queue(queue: str):
+    """The stage whose function enqueues jobs under ``queue`` (the stage table's
+    :data:`~loralens.study.stages.QUEUES`: "train", "weights", "weights-sweep", ...)."""
+    from loralens.study.stages import QUEUES
 
-    return get_stage(queue_stage.split("-", 1)[0])
+    return QUEUES[queue][0]
 
 
 class RayExecutor:

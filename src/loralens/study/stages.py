@@ -28,9 +28,12 @@ from typing import Any, Callable
 
 from loralens.core.config import StudyConfig
 from loralens.core.run_dir import RunDir
+from loralens.models.methods import FAMILIES
 from loralens.tasks.registry import resolve_config_tasks
 
 log = logging.getLogger(__name__)
+
+ALL_FAMILIES = frozenset(FAMILIES)
 
 
 # --------------------------------------------------------------------------- the context
@@ -109,6 +112,13 @@ class Context:
         if self.bar is not None and n:
             self.bar.update(n)
 
+    def run_queue(self, queue: str, run_one: Callable[[dict], None]) -> list[dict]:
+        """Run ``run_one(payload)`` for the units of work of ``queue`` (a name in
+        :data:`QUEUES`: a stage's, e.g. ``train``, or ``weights-sweep``) that are not done,
+        as the stage table defines them; returns the payloads skipped as done."""
+        _, q = QUEUES[queue]
+        return self.work(queue, q.jobs(self), run_one, finished=lambda p: q.done(self, p))
+
     def work(self, stage: str, jobs: dict[str, dict], run_one: Callable[[dict], None],
              finished: Callable[[dict], bool] = lambda p: False) -> list[dict]:
         """Run ``run_one(payload)`` for every job not ``finished``, through the queue;
@@ -152,8 +162,7 @@ def run_sanity(ctx: Context) -> bool:
                    progress=ctx.progress)
         ctx.tick()
 
-    ctx.work("sanity", {f"{t}/{m}": {"task": t, "method": m} for t, m in ctx.pairs()}, one,
-             finished=lambda p: ctx.run.sanity_path(p["task"], p["method"]).is_file())
+    ctx.run_queue("sanity", one)
     res = collect_sanity(ctx.run, ctx.tasks, ctx.methods)
     failed = [f"{r['task']}/{r['method']}" for r in res if not r["passed"]]
     log.info(f"sanity: {len(res) - len(failed)}/{len(res)} passed"
@@ -211,9 +220,7 @@ def run_train(ctx: Context) -> bool:
             log.info(summary_line(metrics))
         ctx.tick()
 
-    skipped = ctx.work("train", {f"{t}/{m}/seed{s}": {"task": t, "method": m, "seed": s}
-                                 for t, m, s in keys}, one,
-                       finished=lambda p: ctx.run.job_done(p["task"], p["method"], p["seed"]))
+    skipped = ctx.run_queue("train", one)
     for p in skipped:
         done = train_job(ctx.cfg, ctx.run, p["task"], p["method"], p["seed"])  # reads metrics
         log.info("skipped: " + summary_line(done))
@@ -225,7 +232,7 @@ def run_train(ctx: Context) -> bool:
 
 def run_extract(ctx: Context) -> bool:
     """Pooled hidden states of the base model and every trained model, per task."""
-    from loralens.analysis.extract import is_extracted, run_extract as extract, summary_line
+    from loralens.analysis.extract import run_extract as extract, summary_line
 
     ec = ctx.cfg.extract
 
@@ -235,8 +242,7 @@ def run_extract(ctx: Context) -> bool:
                          progress=ctx.progress):
             log.info(summary_line(r))
 
-    for p in ctx.work("extract", {t: {"task": t} for t in ctx.tasks}, one,
-                      finished=lambda p: is_extracted(ctx.run, p["task"])):
+    for p in ctx.run_queue("extract", one):
         log.info(f"extract {p['task']}: up to date ({ctx.run.extract_manifest(p['task'])})")
     return True
 
@@ -283,8 +289,7 @@ def run_bench(ctx: Context) -> bool:
         log.info("\n".join(summary_lines(result)))
         log.info(f"results in {ctx.run.bench_dir}")
 
-    skipped = ctx.work("bench", {"all": {}}, one,
-                       finished=lambda p: ctx.run.serving_path.is_file())
+    skipped = ctx.run_queue("bench", one)
     if not result and ctx.run.serving_path.is_file():
         result = read_json(ctx.run.serving_path)
         if skipped:  # else another worker (a Ray task) measured them just now
@@ -319,6 +324,17 @@ class Flag:
 
 
 @dataclass(frozen=True)
+class Queue:
+    """One queue of a stage's units of work: its jobs (key -> payload) for a context and
+    whether a payload's output is already in the run directory. Its name is derived from
+    the stage (:meth:`Stage.queue_name`) and looked up, never parsed (:data:`QUEUES`)."""
+
+    jobs: Callable[[Context], dict[str, dict]]
+    done: Callable[[Context, dict], bool]
+    suffix: str | None = None   # None: the stage's own queue; "sweep": "<stage>-sweep"
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     help: str
@@ -331,21 +347,82 @@ class Stage:
     units: Callable[[Context], int] = lambda ctx: 0  # jobs shown on the study's bar
     aliases: tuple[str, ...] = ()
     read_only: bool = False        # never writes config/env (may read any run directory)
+    queues: tuple[Queue, ...] = ()  # its units of work, through the job queue
+    work: Callable | None = None   # the dry run's count: (cfg, tokenizer, prepared) -> StageWork
+    cheap: bool = False            # computes on arrays and files only (seconds): not measured
+    families: frozenset = ALL_FAMILIES  # method families it handles (others: a ConfigError)
+
+    def queue_name(self, queue: Queue) -> str:
+        return self.name if queue.suffix is None else f"{self.name}-{queue.suffix}"
 
 
 OVERWRITE = Flag("--overwrite", "redo work that already finished (its results are replaced)",
                  context_field="overwrite")
 
+
+def _weights_jobs(ctx: Context) -> dict[str, dict]:
+    return {f"weights/{t}/{m}/seed{s}": {"task": t, "method": m, "seed": s}
+            for t, m, s in ctx.run.finished_jobs() if t in ctx.tasks}
+
+
+def _weights_done(ctx: Context, p: dict) -> bool:
+    from loralens.analysis.weights.analyzer import is_done
+
+    return is_done(ctx.run, ctx.cfg, p["task"], p["method"], p["seed"])
+
+
+def _sweep_jobs(ctx: Context) -> dict[str, dict]:
+    from loralens.analysis.weights.intruder_sweep import sweep_keys
+
+    return {f"sweep/{t}/seed{s}": {"task": t, "seed": s} for t, s in sweep_keys(ctx)}
+
+
+def _sweep_done(ctx: Context, p: dict) -> bool:
+    from loralens.analysis.weights.intruder_sweep import is_done
+
+    return is_done(ctx.run, ctx.cfg, p["task"], p["seed"])
+
+
+def _extract_done(ctx: Context, p: dict) -> bool:
+    from loralens.analysis.extract import is_extracted
+
+    return is_extracted(ctx.run, p["task"])
+
+
+def _count(name: str) -> Callable:
+    """The dry run's count of a stage (:mod:`loralens.study.plan.work`), loaded on use (it
+    needs the data layer; the stage table is read by every command, --help included)."""
+
+    def count(cfg, tokenizer, prepared):
+        from loralens.study.plan import work
+
+        return getattr(work, name)(cfg, tokenizer, prepared)
+
+    return count
+
+
+SANITY_JOBS = Queue(lambda c: {f"{t}/{m}": {"task": t, "method": m} for t, m in c.pairs()},
+                    lambda c, p: c.run.sanity_path(p["task"], p["method"]).is_file())
+TRAIN_JOBS = Queue(lambda c: {f"{t}/{m}/seed{s}": {"task": t, "method": m, "seed": s}
+                              for t, m, s in c.train_keys()},
+                   lambda c, p: c.run.job_done(p["task"], p["method"], p["seed"]))
+EXTRACT_JOBS = Queue(lambda c: {t: {"task": t} for t in c.tasks}, _extract_done)
+WEIGHTS_JOBS = Queue(_weights_jobs, _weights_done)
+SWEEP_JOBS = Queue(_sweep_jobs, _sweep_done, suffix="sweep")
+BENCH_JOBS = Queue(lambda c: {"all": {}}, lambda c, p: c.run.serving_path.is_file())
+
 STAGES: tuple[Stage, ...] = (
     Stage("sanity", "check each task and method overfits a few training rows", "sanity",
           reads=("config_path",), writes=("sanity_path", "sanity_summary_path", "data_path"),
-          run=run_sanity, selects=("task", "method"), units=lambda c: len(c.pairs())),
+          run=run_sanity, selects=("task", "method"), units=lambda c: len(c.pairs()),
+          queues=(SANITY_JOBS,), work=_count("sanity")),
     Stage("search", "Optuna TPE search, one persistent study per task and method", "search",
           reads=("config_path",), writes=("search_path", "data_path"),
           run=run_search, selects=("task", "method"), aliases=("hpo",),
           flags=(Flag("--trials", "trials per task and method (search.trials)",
                       config_key="search.trials", type=int),),
-          units=lambda c: len(c.pairs()) * c.cfg.search.trials if c.cfg.search.enabled else 0),
+          units=lambda c: len(c.pairs()) * c.cfg.search.trials if c.cfg.search.enabled else 0,
+          work=_count("search")),
     Stage("train", "train and evaluate (task, method, seed) jobs", "train",
           reads=("config_path", "search_path"),
           writes=("weights_dir", "val_logits_path", "metrics_path", "data_path"),
@@ -353,28 +430,34 @@ STAGES: tuple[Stage, ...] = (
           flags=(OVERWRITE, Flag("--no-search", "train with the config's hyperparameters even "
                                  "where the search ran", context_field="use_search",
                                  value=False)),
-          units=lambda c: len(c.train_keys())),
+          units=lambda c: len(c.train_keys()), queues=(TRAIN_JOBS,), work=_count("train")),
     Stage("extract", "pooled hidden states of the base and every trained model", "extract",
           reads=("metrics_path", "weights_dir"), writes=("extract_dir", "extract_manifest"),
-          run=run_extract, selects=("task",), flags=(OVERWRITE,)),
+          run=run_extract, selects=("task",), flags=(OVERWRITE,), queues=(EXTRACT_JOBS,),
+          work=_count("extract")),
     Stage("drift", "layer-wise similarity to the base model and Tables 3-4", "drift",
           reads=("extract_manifest", "metrics_path"), writes=("drift_dir", "drift_path"),
-          run=run_drift, selects=("task",)),
+          run=run_drift, selects=("task",), work=_count("drift"), cheap=True),
     Stage("weights", "intruder dimensions, weight-change spectra and forgetting per model",
           "weights", reads=("weights_dir", "metrics_path"),
           writes=("weightspace_dir", "weightspace_model_path", "weightspace_path",
                   "weightspace_sweep_path"),
-          run=run_weights, selects=("task",), units=lambda c: len(c.train_keys())),
+          run=run_weights, selects=("task",), units=lambda c: len(c.train_keys()),
+          queues=(WEIGHTS_JOBS, SWEEP_JOBS), work=_count("weights")),
     Stage("bench", "serving cost: separate vs merged adapters vs full models", "bench",
           reads=("weights_dir", "metrics_path"), writes=("bench_dir", "serving_path"),
-          run=run_bench, selects=("task",), flags=(OVERWRITE,)),
+          run=run_bench, selects=("task",), flags=(OVERWRITE,), queues=(BENCH_JOBS,),
+          work=_count("bench")),
     Stage("report", "Markdown + self-contained HTML report of a run directory", None,
           reads=("config_path", "env_path", "data_path", "timings_path", "sanity_summary_path",
                  "search_path", "metrics_path", "extract_manifest", "drift_dir",
                  "serving_path", "loadtest_path"),
-          writes=("report_dir",), run=run_report, read_only=True),
+          writes=("report_dir",), run=run_report, read_only=True, work=_count("report"), cheap=True),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+# queue name -> (stage, queue): how an executor finds the stage of a queued job
+QUEUES: dict[str, tuple[Stage, Queue]] = {
+    st.queue_name(q): (st, q) for st in STAGES for q in st.queues}
 
 
 def get_stage(name: str) -> Stage:
@@ -385,11 +468,19 @@ def get_stage(name: str) -> Stage:
 
 
 def check_methods(stage: Stage, ctx: Context) -> None:
-    """Refuse (``ConfigError`` naming method and stage) a method the stage cannot handle."""
-    from loralens.models.methods import require_supported
+    """Refuse (``ConfigError`` naming method and stage) a method the stage cannot handle:
+    one whose family is not in the stage's ``families``."""
+    from loralens.core.errors import ConfigError
+    from loralens.models.methods import get_method
 
-    if stage.name != "search" or ctx.cfg.search.enabled:
-        require_supported(stage.name, ctx.methods, ctx.cfg)
+    if stage.name == "search" and not ctx.cfg.search.enabled:
+        return
+    for name in ctx.methods:
+        m = get_method(name, ctx.cfg)
+        if m.family not in stage.families:
+            raise ConfigError(f"method {name!r} (family {m.family}) is not supported by the "
+                              f"{stage.name} stage yet; it supports families "
+                              f"{sorted(stage.families)}", "methods")
 
 
 def run_stage(stage: Stage, ctx: Context, record: bool = True) -> bool:

@@ -13,6 +13,7 @@ from loralens.study.plan import dry_run as plan, work as plan_work
 from loralens.study.config import load_config
 from loralens.core.run_dir import RunDir
 from loralens.training.job import prepare_task
+from loralens.study.stages import get_stage
 
 from tests.helpers.plan import PLAN, hand_tokens
 
@@ -23,7 +24,8 @@ def setup(glue_dir, tiny_tokenizer):
     cfg = load_config(overrides=PLAN + [f"data.glue_dir={glue_dir}"])
     prepared = {t: prepare_task(cfg, t, tiny_tokenizer) for t in cfg.tasks}
     stages = ["sanity", "search", "train", "extract", "drift", "bench", "report"]
-    works = {w.stage: w for w in plan_work.count_work(cfg, stages, tiny_tokenizer, prepared)}
+    works = {w.stage: w for w in
+             plan_work.count_work(cfg, [get_stage(s) for s in stages], tiny_tokenizer, prepared)}
     return cfg, prepared, works
 
 
@@ -93,7 +95,7 @@ def test_bench_counts_served_requests_and_identity_checks(glue_dir, tiny_tokeniz
     rows = [hand_tokens(e, cfg.data.max_length)
             for e in p.val_split.subset(4, cfg.data.subset_seed).examples]
     total, first, second = sum(rows), rows[0], rows[1]
-    (w,) = plan_work.count_work(cfg, ["bench"], tiny_tokenizer, {"rte": p})
+    (w,) = plan_work.count_work(cfg, [get_stage("bench")], tiny_tokenizer, {"rte": p})
     # one full model: a warm-up request while loaded, then 4 requests + 1 warm-up at
     # batch 1 and 2 requests + 1 warm-up (rows 0-1) at batch 2; no adapter, no identity
     assert w.forward_tokens == {"batch1": total + 2 * first,
@@ -102,7 +104,7 @@ def test_bench_counts_served_requests_and_identity_checks(glue_dir, tiny_tokeniz
 
     cfg = load_config(overrides=base + ["methods=[lora]", "seeds=[42, 1337]",
                                         "bench.batch_sizes=[1]"])
-    (w,) = plan_work.count_work(cfg, ["bench"], tiny_tokenizer, {"rte": p})
+    (w,) = plan_work.count_work(cfg, [get_stage("bench")], tiny_tokenizer, {"rte": p})
     # per seed 3 LoRA kinds (separate, merged, runtime): 1 warm-up request while loaded,
     # then 4 requests + 1 warm-up; several adapters (the 2 seeds, 8 rows round robin):
     # stream (runtime, PEFT) 8 + 1 warm-up, mixed in pairs (+ merged) 4 + 1 warm-up;
@@ -132,7 +134,7 @@ def test_search_counts_trials(glue_dir, tiny_tokenizer):
         "search.eval_size=5", "search.epochs=[1, 2]", "search.batch_lora=[2, 4]",
         "search.batch_full=[3]"])
     prepared = {t: prepare_task(cfg, t, tiny_tokenizer) for t in cfg.tasks}
-    (w,) = plan_work.count_work(cfg, ["search"], tiny_tokenizer, prepared)
+    (w,) = plan_work.count_work(cfg, [get_stage("search")], tiny_tokenizer, prepared)
     assert w.jobs == len(cfg.tasks) * len(cfg.methods) * 3 == w.loads
     # a trial trains on search.train_size rows (search.run_search's own prepare_task)
     from loralens.training.job import with_overrides

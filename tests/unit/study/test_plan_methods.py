@@ -14,6 +14,7 @@ from loralens.study.plan import dry_run as plan, work as plan_work
 from loralens.study.config import load_config
 from loralens.models.methods import get_method
 from loralens.training.job import prepare_task
+from loralens.study.stages import get_stage
 
 from tests.helpers.plan import PLAN, hand_tokens
 
@@ -65,7 +66,7 @@ def test_bench_counts_kinds_per_serving_path(glue_dir, tiny_tokenizer):
     rows = [hand_tokens(e, cfg.data.max_length)
             for e in p.val_split.subset(4, cfg.data.subset_seed).examples]
     total, first = sum(rows), rows[0]
-    (w,) = plan_work.count_work(cfg, ["bench"], tiny_tokenizer, {"rte": p})
+    (w,) = plan_work.count_work(cfg, [get_stage("bench")], tiny_tokenizer, {"rte": p})
     # 3 kinds (head whole; dora merged and separate; no runtime): a warm-up request while
     # loaded, then 4 requests + 1 warm-up; no several-adapter part (nothing lean);
     # identity per dtype: dora's reference and its merged model over its 4 rows
@@ -76,10 +77,10 @@ def test_bench_counts_kinds_per_serving_path(glue_dir, tiny_tokenizer):
     # lora and rslora (two lean methods, one seed) count as lora over two seeds does:
     # 3 kinds each, several adapters on one base, identity with runtime and merged
     two = plan_work.count_work(load_config(overrides=base + ["methods=[lora, rslora]"]),
-                               ["bench"], tiny_tokenizer, {"rte": p})[0]
+                               [get_stage("bench")], tiny_tokenizer, {"rte": p})[0]
     seeds = plan_work.count_work(load_config(overrides=base + ["methods=[lora]",
                                                                "seeds=[42, 1337]"]),
-                                 ["bench"], tiny_tokenizer, {"rte": p})[0]
+                                 [get_stage("bench")], tiny_tokenizer, {"rte": p})[0]
     assert two.forward_tokens == seeds.forward_tokens and two.loads == seeds.loads
 
 

@@ -34,7 +34,8 @@ from typing import Callable, Sequence
 from loralens.core.config import StudyConfig
 from loralens.models.methods import Method, get_method
 from loralens.study.plan.measure import Throughput, measure
-from loralens.study.plan.work import CHEAP, FORWARD_KINDS, StageWork, _n, count_work
+from loralens.study.plan.work import FORWARD_KINDS, StageWork, _n, count_work
+from loralens.study.stages import get_stage
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +118,13 @@ def plan_study(cfg: StudyConfig, stages: Sequence[str], base=None,
     from loralens.models.classifier import load_base
     from loralens.training.job import prepare_task
 
-    if set(stages) <= CHEAP:  # nothing to count on the data, nothing to measure
-        return count_work(cfg, stages, None, {}), None
+    entries = [get_stage(s) for s in stages]
+    if all(e.cheap for e in entries):  # nothing to count on the data, nothing to measure
+        return count_work(cfg, entries, None, {}), None
     base = base or load_base(cfg)
     log(f"dry run: tokenizing the data of {', '.join(cfg.tasks)} ...")
     prepared = {t: prepare_task(cfg, t, base.tokenizer) for t in cfg.tasks}
-    works = count_work(cfg, stages, base.tokenizer, prepared)
+    works = count_work(cfg, entries, base.tokenizer, prepared)
     methods, kinds = needs(works)
     if not (methods or kinds):
         return works, None

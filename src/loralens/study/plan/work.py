@@ -19,7 +19,6 @@ import numpy as np
 from loralens.training import batches as B
 from loralens.core.config import StudyConfig
 
-CHEAP = {"drift", "report"}  # stages that compute on arrays and files only: seconds
 FORWARD_KINDS = {"batched": "forward", "batch1": "forward, batch 1",
                  "float64": "forward, batch 1, float64"}
 
@@ -106,13 +105,11 @@ def fit_work(w: StageWork, method: str, lengths: np.ndarray, tc,
     return evals
 
 
-def count_work(cfg: StudyConfig, stages: Sequence[str], tokenizer,
-               prepared: dict) -> list[StageWork]:
-    """Each stage's work, from the config and the tasks' data (``prepared``: task ->
+def count_work(cfg: StudyConfig, stages: Sequence, tokenizer, prepared: dict) -> list[StageWork]:
+    """Each stage's work (``stages``: entries of the stage table, whose ``work`` is one of the
+    counts below), from the config and the tasks' data (``prepared``: task ->
     :class:`loralens.training.job.Prepared`), as the stage's code does it."""
-    count = {"sanity": _sanity, "search": _search, "train": _train, "extract": _extract,
-             "drift": _drift, "weights": _weights, "bench": _bench, "report": _report}
-    return [count[s](cfg, tokenizer, prepared) for s in stages]
+    return [s.work(cfg, tokenizer, prepared) for s in stages]
 
 
 def _pairs(cfg: StudyConfig) -> list[tuple[str, str]]:
@@ -138,7 +135,7 @@ def _per_task(values: dict[str, object]) -> str:
     return ", ".join(f"{t} {v}" for t, v in values.items())
 
 
-def _sanity(cfg, tokenizer, prepared) -> StageWork:
+def sanity(cfg, tokenizer, prepared) -> StageWork:
     from loralens.training.sanity import sanity_rows
 
     sc = cfg.sanity
@@ -156,7 +153,7 @@ def _sanity(cfg, tokenizer, prepared) -> StageWork:
     return w
 
 
-def _search(cfg, tokenizer, prepared) -> StageWork:
+def search(cfg, tokenizer, prepared) -> StageWork:
     from loralens.training.job import prepare_task, with_overrides
 
     sc = cfg.search
@@ -200,7 +197,7 @@ def train_settings(cfg: StudyConfig, method: str):
                    batch_size=min(sc.batch_full if _is_full(cfg, method) else sc.batch_lora))
 
 
-def _train(cfg, tokenizer, prepared) -> StageWork:
+def train(cfg, tokenizer, prepared) -> StageWork:
     w = StageWork("train")
     rows, epochs = {}, set()
     for t, m in _pairs(cfg):
@@ -219,7 +216,7 @@ def _train(cfg, tokenizer, prepared) -> StageWork:
     return w
 
 
-def _extract(cfg, tokenizer, prepared) -> StageWork:
+def extract(cfg, tokenizer, prepared) -> StageWork:
     from loralens.analysis.extract import sample_split
 
     ec, w, rows = cfg.extract, StageWork("extract"), {}
@@ -235,13 +232,13 @@ def _extract(cfg, tokenizer, prepared) -> StageWork:
     return w
 
 
-def _drift(cfg, tokenizer, prepared) -> StageWork:
+def drift(cfg, tokenizer, prepared) -> StageWork:
     models = len(cfg.methods) * len(cfg.seeds)
     return StageWork("drift", jobs=len(cfg.tasks), cheap="arithmetic on pooled arrays",
                      what=f"{models} models per task vs the base: CKA, cosine, tests")
 
 
-def _weights(cfg, tokenizer, prepared) -> StageWork:
+def weights(cfg, tokenizer, prepared) -> StageWork:
     """The weights stage (weights.py): every trained model loaded once, its matrices'
     eigenproblems (not counted: about 0.1 s per matrix on one core) and, with forgetting,
     a forward pass over the task's general-text sample (and one for the base per task)."""
@@ -261,12 +258,12 @@ def _weights(cfg, tokenizer, prepared) -> StageWork:
     return w
 
 
-def _report(cfg, tokenizer, prepared) -> StageWork:
+def report(cfg, tokenizer, prepared) -> StageWork:
     return StageWork("report", jobs=1, cheap="reads the run directory",
                      what="Markdown + HTML from the run directory's files")
 
 
-def _bench(cfg, tokenizer, prepared) -> StageWork:
+def bench(cfg, tokenizer, prepared) -> StageWork:
     """The serving benchmark (serving/bench*.py, identity.py): per task and benchmarked
     seed every served kind of every method at each batch size (warm-up requests included;
     the kinds of :func:`loralens.models.serving_paths.serving_kinds`), several adapters our runtime
