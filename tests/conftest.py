@@ -93,3 +93,20 @@ def tiny_backbone():
 
     torch.manual_seed(0)
     return AutoModel.from_config(tiny_llama_config(), dtype=torch.float32).eval()
+
+
+@pytest.fixture()
+def offline(monkeypatch):
+    """The hub unreachable for this test even where the environment allows it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture
+def adapter_dir(tiny_base, tmp_path):
+    """A served adapter root: one random LoRA adapter of the tiny model in ``ROOT/a``."""
+    from tests.helpers.adapters import random_adapter
+
+    root = tmp_path / "adapters"
+    random_adapter(tiny_base.backbone(), 0, root / "a")
+    return root

@@ -286,8 +286,8 @@ def write_weights(run, rng, seeds=SEEDS, blocks=4, methods=("lora", "full")):
     head: none); returns the per-model results."""
     import torch
 
-    from loralens.analysis.weights.measures import matrix_measures
     from loralens.analysis.weights.analyzer import write_outputs
+    from loralens.analysis.weights.measures import matrix_measures
 
     results = []
     for t in TASKS:

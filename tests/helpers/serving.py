@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from loralens.serving.server import Service, bind_socket, create_app
 
 MAX_BODY = 4096
+# the API key of the keyed-server tests (never to be shown or logged)
+KEY = "sk-loralens-7f3a9c1e-test-key"
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """Integration: the bfloat16 training path keeps the float32 path's numbers on SmolLM2 and
 real GLUE rows (issue 14's guard). The float32 path (``train.precision=fp32``) is the
 reference; ``bf16`` is what ``auto`` picks on a CPU whose bfloat16 GEMMs pay, and it is
-exercised here whatever this machine's ``auto`` picks.
+exercised here whatever this machine's ``auto`` picks, on a CPU with bfloat16 instructions
+(``tests.helpers.cpu``): elsewhere torch emulates bfloat16 and these tests skip.
 
 * the training loss after 20 optimizer steps on real SST-2 and RTE batches, LoRA and full
   fine-tuning, from the same initial weights and batches: the trained model's float32
@@ -24,7 +25,10 @@ from loralens.models.classifier import apply_method, build_classifier
 from loralens.tasks.registry import get_task
 from loralens.training.loop import evaluate, fit
 from loralens.training.job import seed_everything
+from tests.helpers.cpu import needs_native_bf16
 
+# every test here forces bf16 on the CPU
+pytestmark = needs_native_bf16
 LR = {"lora": 1e-3, "full": 2e-5}
 
 

@@ -76,7 +76,7 @@ def test_full_report_in_chromium(tmp_path):
     assert tables["table-5-serving"]["rows"] == 4 * len(TASKS)       # four strategies
     assert tables["table-6-loadtest"]["rows"] == 27                  # 3 servers x 3 x 3 cells
     # one: Table 3c, because the synthetic accuracies (e.g. 0.81 of 40 rows) are off the
-    # 1/n grid, so no val_logits.npy can match them (tests/unit/test_report.py builds one)
+    # 1/n grid, so no val_logits.npy can match them (tests/helpers/report_run.py builds one)
     assert seen["missing"] == 1
 
     shot = tmp_path / "report.png"

@@ -69,7 +69,7 @@ def test_sigkill_during_search_loses_and_repeats_nothing(tmp_path, glue_dir):
     # the killed trial was failed by its missing heartbeat and its configuration retried
     # (a kill before or while the trial drew its configuration leaves it none or part of
     # it: the retry keeps what was drawn and draws the rest at the killed trial's sampler
-    # position, as the uninterrupted trial did: tests/unit/test_search_work.py)
+    # position, as the uninterrupted trial did: tests/unit/training/test_search_job_queue.py)
     for k in killed:
         assert final[k.number].state.name == "FAIL"
         assert any(t.system_attrs.get("failed_trial") == k.number

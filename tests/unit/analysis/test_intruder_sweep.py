@@ -3,20 +3,16 @@ checked against the unreduced model's own logits and the weights stage's own int
 the sweep inside the weights stage on the tiny model, resumable."""
 
 import copy
-import json
 
 import numpy as np
 import pytest
 import torch
 
-from loralens import cli
 from loralens.models.artifacts import merged
 from loralens.study.config import load_config
 from loralens.analysis.weights.intruder_sweep import REDUCED, drift_of, reduce_intruders
 from loralens.models.classifier import apply_method, build_classifier
-from loralens.core.run_dir import RunDir
 from loralens.analysis.weights.analyzer import Analyzer, backbone_of
-from tests.helpers.overrides import WEIGHTS
 
 IDS = torch.tensor([[1, 50, 60, 70, 80, 90], [1, 40, 41, 42, 2, 2]])
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
@@ -99,33 +95,3 @@ def test_drift_is_one_minus_debiased_cka_by_hand():
     assert d["mean"] == pytest.approx((want[1] + want[2]) / 2, rel=1e-6)
 
 
-TINY = [*WEIGHTS, "extract.examples=16", "weights.sweep=true",
-        "weights.sweep_lambdas=[1, 0]", "weights.sweep_eval_examples=24"]
-
-
-def test_the_sweep_runs_in_the_weights_stage_and_resumes(tmp_path, glue_dir, tiny_base,
-                                                         capsys):
-    run = RunDir(tmp_path / "run")
-    argv = ["--run-dir", str(run.root), "--glue-dir", str(glue_dir), "--no-progress", *TINY]
-    assert cli.main(["run", "--stages", "train,extract,drift,weights", *argv]) == 0
-    rows = json.loads(run.weightspace_path("sweep.json").read_text())["rows"]
-    # one seed by default (weights.sweep_seeds = 1), every lambda
-    assert [(r["task"], r["seed"], r["lambda"]) for r in rows] == [("rte", 42, 1), ("rte", 42, 0)]
-    assert all(r["n_eval"] == 24 and r["n_drift"] == 16 for r in rows)
-    one = json.loads(run.weightspace_sweep_path("rte", 42).read_text())["lambdas"]
-    if rows[1]["peft_intruders"] == 0:  # nothing to remove: measured once, reused
-        assert one["0"]["same_as"] == "1" and rows[1]["drift"] == rows[0]["drift"]
-    else:
-        assert "same_as" not in one["0"]
-    # lambda = 1 reproduces the drift stage's own debiased drift of the same model
-    layers = json.loads(run.drift_path("layers.json").read_text())["rows"]
-    want = np.mean([r["drift_debiased"] for r in layers
-                    if r["method"] == "lora" and r["seed"] == 42 and r["in_drift"]])
-    assert rows[0]["drift"] == pytest.approx(want, abs=1e-4)
-    assert run.weightspace_path("sweep.csv").read_text().startswith(
-        "task,seed,lambda,metric,score,accuracy,n_eval,drift,forgetting,")
-    before = run.weightspace_sweep_path("rte", 42).stat().st_mtime_ns
-    capsys.readouterr()
-    assert cli.main(["weights", *argv]) == 0
-    assert run.weightspace_sweep_path("rte", 42).stat().st_mtime_ns == before
-    assert "sweep rte" not in capsys.readouterr().out  # nothing measured again

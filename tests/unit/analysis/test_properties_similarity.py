@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from loralens.analysis import similarity as sim
+from tests.helpers.properties import examples
 
-FAST = settings(max_examples=250, deadline=2000, derandomize=True,
+FAST = settings(max_examples=examples(250), deadline=2000, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
 
 special = st.sampled_from([0.0, -0.0, 1.0, 1e-300, 1e300, -1e300, 5e-324, np.nan, np.inf,
@@ -90,7 +91,7 @@ def random_pair(seed: int, n: int, d1: int, d2: int) -> tuple[np.ndarray, np.nda
         + 0.5 * rng.standard_normal((n, d2))
 
 
-@settings(max_examples=60, deadline=2000, derandomize=True)
+@settings(max_examples=examples(60), deadline=2000, derandomize=True)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(4, 24), d1=st.integers(1, 12),
        d2=st.integers(1, 12), scale=st.floats(1e-3, 1e3), debiased=st.booleans(),
        method=st.sampled_from(["gram", "feature"]))

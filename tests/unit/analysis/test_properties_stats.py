@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from loralens.analysis import stats
+from tests.helpers.properties import examples
 
-FAST = settings(max_examples=200, deadline=3000, derandomize=True,
+FAST = settings(max_examples=examples(200), deadline=3000, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
 
 value = st.one_of(st.floats(-1e3, 1e3), st.sampled_from([0.0, 1.0, 0.5, 1e-12, -1e-12, 0.1,

@@ -17,8 +17,9 @@ from loralens.core.errors import ConfigError
 
 from loralens.core.config import StudyConfig
 from loralens.study.config import config_from_dict, load_config
+from tests.helpers.properties import examples
 
-FAST = settings(max_examples=150, deadline=2000, derandomize=True,
+FAST = settings(max_examples=examples(150), deadline=2000, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 

@@ -5,13 +5,10 @@ micro run of three LoRA ranks on the tiny random model that produces both figure
 
 from __future__ import annotations
 
-import json
-import math
 
 import numpy as np
 import pytest
 
-from loralens import cli
 from loralens.core.config import StudyConfig
 from loralens.study.config import load_config
 from loralens.core.config_load import preset_names
@@ -22,6 +19,8 @@ from loralens.report.rank_figures import (
 )
 from loralens.report.run_data import RunData
 from loralens.core.run_dir import RunDir
+
+from tests.helpers.figures import plotted
 
 SWEEP = ["head", "lora-r1", "lora-r2", "lora-r4", "lora-r8", "lora-r16", "lora-r64",
          "lora-all-linear", "full"]
@@ -173,18 +172,10 @@ def synthetic(tmp_path, methods=tuple(SPEC)) -> RunData:
     return d
 
 
-def _artists(fig) -> dict:
-    (ax,) = fig.axes  # one task: one panel
-    out = {c.get_gid(): np.asarray(c.get_offsets()) for c in ax.collections if c.get_gid()}
-    out.update({ln.get_gid(): np.column_stack([ln.get_xdata(), ln.get_ydata()])
-                for ln in ax.lines if ln.get_gid()})
-    return out | {"_ax": ax}
-
-
 def test_accuracy_vs_parameters_plots_the_inputs(tmp_path):
     d = synthetic(tmp_path)
     assert has_rank_sweep(d)
-    a = _artists(fig_accuracy_vs_params(d))
+    a = plotted(fig_accuracy_vs_params(d))
     for m, (params, scores) in SPEC.items():
         np.testing.assert_allclose(a[f"seeds:acc:sst2:{m}"],
                                    [[params, scores[s]] for s in sorted(SEEDS)])
@@ -201,7 +192,7 @@ def test_accuracy_vs_parameters_plots_the_inputs(tmp_path):
 
 def test_drift_vs_rank_plots_the_inputs(tmp_path):
     d = synthetic(tmp_path)
-    a = _artists(fig_drift_vs_rank(d))
+    a = plotted(fig_drift_vs_rank(d))
     mean = {m: {s: np.mean(v) for s, v in by.items()} for m, by in DRIFT.items()}
     for m, r in RANK.items():
         np.testing.assert_allclose(a[f"seeds:drift:sst2:{m}"],
@@ -241,41 +232,3 @@ def test_captions_name_split_seeds_and_question(tmp_path):
 
 # --------------------------------------------------------------------------- a micro run
 
-DEFS = ("method_defs={lora-r1: {family: peft, peft: {r: 1, alpha: 2}}, "
-        "lora-r2: {family: peft, peft: {r: 2, alpha: 4}}, "
-        "lora-r4: {family: peft, peft: {r: 4, alpha: 8}}}")
-
-
-def test_micro_rank_sweep_draws_both_figures(tmp_path, glue_dir, tiny_base):
-    from loralens.report import build_report
-
-    run = RunDir(tmp_path / "run")
-    methods = ["head", "lora-r1", "lora-r2", "lora-r4", "full"]
-    assert cli.main(["run", "--preset", "micro", "--stages", "train,extract,drift",
-                     "--run-dir", str(run.root), "--glue-dir", str(glue_dir), "--no-progress",
-                     "tasks=[sst2]", "seeds=[42]", "search.enabled=false", "data.max_length=64",
-                     f"methods=[{','.join(methods)}]", DEFS]) == 0
-    # metrics.json records what each method trained: r * (32 + 32 + 32 + 16) * 2 + head
-    for m, n in (("head", 64), ("lora-r1", 288), ("lora-r2", 512), ("lora-r4", 960),
-                 ("full", 26944)):
-        rec = json.loads(run.metrics_path("sst2", m, 42).read_text())
-        assert rec["parameters"]["trainable"] == n, m
-    # the report module draws both (the report stage's own method check is not needed)
-    build_report(run)
-    figs = run.report_dir / "figures"
-    for fid, *_ in RANK_FIGURES:
-        assert (figs / f"{fid}.png").stat().st_size > 0 and (figs / f"{fid}.svg").is_file()
-    md = (run.report_dir / "report.md").read_text()
-    assert "Figure R1: accuracy vs trainable parameters" in md
-    assert "Figure R2: drift vs LoRA rank" in md
-    # the plotted drift is layers.json's, per seed
-    from loralens.report.run_data import load_run
-
-    d = load_run(run)
-    a = _artists(fig_drift_vs_rank(d))
-    rows = json.loads(run.drift_path("layers.json").read_text())["rows"]
-    for m, r in (("lora-r1", 1), ("lora-r2", 2), ("lora-r4", 4)):
-        want = [np.mean([1 - x["cka_debiased"] for x in rows if x["method"] == m
-                         and x["seed"] == 42 and x["in_drift"]])]
-        assert all(math.isfinite(w) for w in want)
-        np.testing.assert_allclose(a[f"seeds:drift:sst2:{m}"], [[r, w] for w in want])

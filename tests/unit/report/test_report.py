@@ -1,6 +1,7 @@
 """The report: a synthetic run directory written with the stages' own writers, no model.
 
-``synthetic_run`` is shared with tests/integration/test_report_browser.py.
+The run directory comes from ``synthetic_run`` (tests/helpers/report_run.py), which
+tests/integration/test_report_browser.py uses too.
 """
 
 from __future__ import annotations

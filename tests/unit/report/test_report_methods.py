@@ -1,7 +1,7 @@
 """The report of a four-method study (full, head, LoRA, DoRA): every table has a row per
 method, every figure's legend names every method in the method's one colour, and the
 head-only method's drift and weight tests are undefined. Model-free: the stages' own
-writers on synthetic numbers (tests/unit/test_report.py)."""
+writers on synthetic numbers (tests/helpers/report_run.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The report states the selection protocol: header, Tables 1-3, provenance (no model).
 
-Run directories come from ``test_report.synthetic_run`` with ``data.selection`` set to
+Run directories come from ``tests.helpers.report_run.synthetic_run`` with ``data.selection`` set to
 train_slice (held-out selection), validation (the published protocol) or absent (a run
 written before the key existed, reported as the published protocol).
 """

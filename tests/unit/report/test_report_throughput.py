@@ -1,7 +1,8 @@
 """The report's training throughput table: numbers checked against hand computation.
 
 Jobs are metrics.json dicts built here (only their "fit" matters); the report-level tests
-use ``test_report.synthetic_run``, whose jobs record throughput unless told otherwise.
+use ``tests.helpers.report_run.synthetic_run``, whose jobs record throughput unless told
+otherwise.
 """
 
 from __future__ import annotations

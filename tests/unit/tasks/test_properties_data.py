@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from loralens.tasks.rows import DataError
 from loralens.tasks.sources import load_split
 from loralens.tasks.registry import get_task
+from tests.helpers.properties import examples
 
-FAST = settings(max_examples=200, deadline=3000, derandomize=True,
+FAST = settings(max_examples=examples(200), deadline=3000, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 

@@ -2,7 +2,7 @@
 (GLUE layout, CSV / TSV / JSON Lines / Parquet, the hub through ``datasets``), the carved
 validation split, the metrics of multi-class tasks and the errors bad files get.
 
-The end-to-end run of every stage on task files is in ``test_task_files_run.py``.
+The end-to-end run of every stage on task files is in ``tests/integration/test_task_files_run.py``.
 """
 
 from __future__ import annotations
@@ -509,3 +509,16 @@ def test_get_task_reads_files_only_when_asked(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown task '.*task.yaml'"):
         get_task(path)
     assert get_task(path, allow_file=True).name == "four_b" and get_task("four_b").is_pair is False
+
+
+def test_regression_task_refused_on_the_command_line(tmp_path, offline, capsys):
+    from loralens import cli
+
+    (tmp_path / "s.csv").write_text("a,b,score\nx,y,3.8\n")
+    (tmp_path / "stsb.yaml").write_text("name: stsb_local\ntext_columns: [a, b]\n"
+                                        "label_column: score\nsource: {files: {train: s.csv}}\n")
+    code = cli.main(["run", "--preset", "micro", "--run-dir", str(tmp_path / "r"),
+                     "--task", str(tmp_path / "stsb.yaml"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "stsb.yaml: labels: loralens trains classifiers" in err
+    assert "regression tasks such as STS-B" in err

@@ -1,8 +1,5 @@
 """Search (Optuna TPE on SQLite) and the job queue, on the tiny random Llama (tiny-random)."""
 
-import os
-import subprocess
-import sys
 import threading
 
 import optuna
@@ -10,20 +7,12 @@ import pytest
 
 from loralens.core.config import StudyConfig
 from loralens.study.config import load_config
-from loralens.training.search import run_search, sampler_seed, space, suggest
+from loralens.training.search import run_search, space, suggest
 from loralens.training.job import with_overrides
 from loralens.core.run_dir import RunDir
 from loralens.core.job_queue import JobQueue
 from tests.helpers.overrides import tiny
-
-
-def test_sampler_seed_is_stable_across_processes():
-    code = "from loralens.training.search import sampler_seed; print(sampler_seed('rte', 'lora'))"
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout.strip()
-            for h in (0, 1, 2)}
-    assert outs == {str(sampler_seed("rte", "lora"))}
-    assert sampler_seed("rte", "lora") != sampler_seed("rte", "full")
+from tests.helpers.search import configs, search_cfg, search_within
 
 
 # The whole resolved space (what the sampler sees) of each method, as literals: the study's
@@ -80,15 +69,6 @@ def test_spaces_are_the_studys(tmp_path):
     # a rank study keeps its rank through the search's overrides
     rank16 = load_config(overrides=["lora.r=16"])
     assert with_overrides(rank16, suggest(study.ask(), "lora", rank16)).lora.r == 16
-
-
-# tiny_base (conftest): the registry's tiny-random model, a stand-in for SmolLM2.
-def search_cfg(glue_dir, trials=4, extra=()):
-    return load_config(overrides=[
-        "model.name=tiny-random", f"data.glue_dir={glue_dir}", f"search.trials={trials}",
-        "search.startup_trials=2",
-        "search.train_size=16", "search.eval_size=16", "search.epochs=[1]",
-        "data.max_length=32", "search.prune=false", *extra])
 
 
 def test_one_persistent_study_with_exactly_n_trials_and_resume(tmp_path, glue_dir, tiny_base):
@@ -229,110 +209,6 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_pat
                          progress=False)
     assert sorted(tuple(sorted(t.params.items())) for t in complete) == sorted(configs(scratch))
     assert len(set(configs(scratch))) == 2
-
-
-def search_within(cfg, run, base, why: str, timeout: float = 120) -> tuple[list, list]:
-    """run_search of rte/lora in a thread that must end within ``timeout`` seconds:
-    ([its result], the study's trials)."""
-    done: list = []
-    t = threading.Thread(target=lambda: done.append(
-        run_search(cfg, run, "rte", "lora", base, progress=False)), daemon=True)
-    t.start()
-    t.join(timeout=timeout)
-    assert not t.is_alive(), why
-    return done, optuna.load_study(study_name="loralens-rte-lora",
-                                   storage=run.sqlite_url("search")).get_trials()
-
-
-def configs(res_or_study) -> list[tuple]:
-    trials = (res_or_study["trials"] if isinstance(res_or_study, dict)
-              else [{"params": t.params} for t in res_or_study.trials])
-    return [tuple(sorted(t["params"].items())) for t in trials]
-
-
-def test_a_dead_local_workers_trial_is_retried_at_once_and_the_study_is_unchanged(
-        tmp_path, glue_dir, tiny_base):
-    """A command resumed right after a SIGKILL finds the killed trial RUNNING with a fresh
-    heartbeat. Waiting out the grace period, it asked a new trial first: TPE drew both from
-    other histories than the uninterrupted study's (stop 24's CI: the fault drill's round
-    19). A trial whose worker (host:pid, recorded at ask) is a dead process of this host
-    is failed and retried at once; other hosts' trials and live workers' are left alone."""
-    import socket
-
-    from loralens.training.search import WORKER_ATTR, fail_dead_local, make_sampler, open_study
-
-    cfg = search_cfg(glue_dir, trials=2, extra=["search.heartbeat_interval=1",
-                                                "search.grace_period=600"])
-    run = RunDir(tmp_path)
-    study = open_study(cfg, run, "rte", "lora")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    killed = study.ask()  # killed after its first suggestion, its heartbeat still fresh
-    storage = study._storage
-    storage.set_trial_system_attr(killed._trial_id, WORKER_ATTR, f"{socket.gethostname()}:{dead}")
-    storage.set_trial_system_attr(killed._trial_id, "loralens:sampler_position", 0)
-    storage.record_heartbeat(killed._trial_id)
-    study.sampler = make_sampler(cfg, "rte", "lora", 0, "lr")
-    killed.suggest_float("lr", *space("lora", cfg)["lr"][1:], log=True)
-    # other hosts' trials and live processes' trials stay RUNNING
-    others = [study.ask() for _ in range(2)]
-    storage.set_trial_system_attr(others[0]._trial_id, WORKER_ATTR, f"other-host:{dead}")
-    storage.set_trial_system_attr(others[1]._trial_id, WORKER_ATTR,
-                                  f"{socket.gethostname()}:{os.getppid()}")
-    assert fail_dead_local(study) == [killed._trial_id]
-    states = {t.number: t.state.name for t in study.get_trials()}
-    assert states == {0: "FAIL", 1: "RUNNING", 2: "RUNNING", 3: "WAITING"}
-    assert study.get_trials()[3].system_attrs["failed_trial"] == 0
-    for t in others:  # (not part of the study below)
-        storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
-
-    # the run itself: the retry comes first and the study ends as the uninterrupted one
-    run2 = RunDir(tmp_path / "resumed")
-    study = open_study(cfg, run2, "rte", "lora")
-    killed = study.ask()
-    study._storage.set_trial_system_attr(killed._trial_id, WORKER_ATTR,
-                                         f"{socket.gethostname()}:{dead}")
-    study._storage.set_trial_system_attr(killed._trial_id, "loralens:sampler_position", 0)
-    study._storage.record_heartbeat(killed._trial_id)  # fresh: 600 s before it turns stale
-    done, trials = search_within(cfg, run2, tiny_base,
-                                 "run_search waited for the dead worker's heartbeat to go stale")
-    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
-    assert trials[1].system_attrs["failed_trial"] == 0  # the retry ran first
-    scratch = run_search(cfg, RunDir(tmp_path / "scratch"), "rte", "lora", tiny_base,
-                         progress=False)
-    assert [tuple(sorted(t.params.items())) for t in trials[1:]] == configs(scratch)
-    assert done[0]["counts"]["COMPLETE"] == 2
-
-
-def test_workers_resumes_and_reruns_never_repeat_a_configuration(tmp_path, glue_dir, tiny_base):
-    """Every trial random (startup 4 of 4) makes a repeat visible: with one fixed sampler
-    seed per study, a resumed process and a second worker both drew trial 0's
-    configuration again (issue 12)."""
-    extra = ["search.startup_trials=4"]
-    scratch = run_search(search_cfg(glue_dir, 4, extra), RunDir(tmp_path / "a"), "rte", "lora",
-                         tiny_base, progress=False)
-    assert len(set(configs(scratch))) == 4
-    rerun = run_search(search_cfg(glue_dir, 4, extra), RunDir(tmp_path / "b"), "rte", "lora",
-                       tiny_base, progress=False)
-    assert configs(rerun) == configs(scratch)          # reproducible from scratch
-
-    # kill-and-resume: two trials, then a new process (a fresh study object) asks for more
-    resumed_dir = RunDir(tmp_path / "c")
-    run_search(search_cfg(glue_dir, 2, extra), resumed_dir, "rte", "lora", tiny_base,
-               progress=False)
-    resumed = run_search(search_cfg(glue_dir, 4, extra), resumed_dir, "rte", "lora", tiny_base,
-                         progress=False)
-    assert len(set(configs(resumed))) == 4
-    assert configs(resumed) == configs(scratch)        # as if never interrupted
-
-    # two workers on one study
-    cfg, run = search_cfg(glue_dir, 4, extra), RunDir(tmp_path / "d")
-    threads = [threading.Thread(target=run_search, args=(cfg, run, "rte", "lora", tiny_base),
-                                kwargs={"progress": False}) for _ in range(2)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    study = optuna.load_study(study_name="loralens-rte-lora", storage=run.sqlite_url("search"))
-    assert len(study.trials) == 4 and len(set(configs(study))) == 4
 
 
 def test_trials_train_with_the_search_seed_and_score_the_selection_rows(tmp_path, glue_dir,

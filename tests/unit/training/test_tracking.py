@@ -180,7 +180,7 @@ def test_search_trials_are_tracked(tracked):
 
 @pytest.fixture(scope="module")
 def tracked_study(tmp_path_factory):
-    """A complete model-free run directory (tests/unit/test_report.py), its report built
+    """A complete model-free run directory (tests/helpers/report_run.py), its report built
     by ``loralens report --report-to tensorboard,mlflow``; (run dir, report's output)."""
     from loralens.cli import main
     from tests.helpers.report_run import synthetic_run

@@ -56,12 +56,6 @@ def _parquet(tmp_path):
     return tmp_path / "pq.yaml"
 
 
-@pytest.fixture()
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-
-
 def test_every_stage_on_task_files(tmp_path, glue_dir, offline, capsys):
     four, dev_labels = _four(tmp_path)
     files = [four, _parquet(tmp_path)]
@@ -115,14 +109,3 @@ def test_every_stage_on_task_files(tmp_path, glue_dir, offline, capsys):
     (run / "report" / "report.html").unlink()
     assert cli.main(["report", str(run), "--no-progress"]) == 0
     assert "alpha 6 (25%)" in (run / "report" / "report.html").read_text()
-
-
-def test_regression_task_refused_on_the_command_line(tmp_path, offline, capsys):
-    (tmp_path / "s.csv").write_text("a,b,score\nx,y,3.8\n")
-    (tmp_path / "stsb.yaml").write_text("name: stsb_local\ntext_columns: [a, b]\n"
-                                        "label_column: score\nsource: {files: {train: s.csv}}\n")
-    code = cli.main(["run", "--preset", "micro", "--run-dir", str(tmp_path / "r"),
-                     "--task", str(tmp_path / "stsb.yaml"), "--dry-run"])
-    err = capsys.readouterr().err
-    assert code == 2 and "stsb.yaml: labels: loralens trains classifiers" in err
-    assert "regression tasks such as STS-B" in err
