@@ -1,7 +1,7 @@
 """HTTP response bodies of ``loralens serve``, declared in its OpenAPI schema.
 
 Handlers return plain dicts; these models only document them (FastAPI's ``responses=``),
-so a client, or a schema-driven fuzzer (Schemathesis, tests/unit/test_server_fuzz.py),
+so a client, or a schema-driven fuzzer (Schemathesis, tests/unit/serving/test_server_fuzz.py),
 can check every answer against the schema: each success body, and the
 ``{"error": "..."}`` body of every 4xx.
 """
