@@ -100,7 +100,8 @@ def time_interleaved(fns: Mapping[str, Callable[..., Any]],
                      inputs: Sequence | Mapping[str, Sequence] | None = None, *,
                      repeats: int = 1, warmup: int = 0, device: Any = None,
                      sync: Sync | None = None, keep: str = "none", pause_gc: bool = True,
-                     progress: bool = False, desc: str = "timing") -> Timings:
+                     progress: bool = False, desc: str = "timing",
+                     budget_s: float | None = None) -> Timings:
     """Time every side of ``fns`` round-robin; returns :class:`Timings`.
 
     ``inputs``: ``None`` (each side is called without arguments, ``repeats`` times), a
@@ -110,7 +111,9 @@ def time_interleaved(fns: Mapping[str, Callable[..., Any]],
     ``warmup``: untimed calls per side first (cycling through its inputs).
     ``device``: synchronise CUDA around each timed call when it is a CUDA device;
     ``sync`` replaces that hook (tests inject one). ``keep``: ``"all"`` results,
-    ``"last"`` result per side, or ``"none"``.
+    ``"last"`` result per side, or ``"none"``. ``budget_s``: no further round once the
+    timed calls took that many seconds in all (at least one round runs; ``None``: every
+    round).
     """
     if keep not in ("none", "last", "all"):
         raise ValueError(f"keep must be 'none', 'last' or 'all', not {keep!r}")
@@ -132,8 +135,11 @@ def time_interleaved(fns: Mapping[str, Callable[..., Any]],
     if pause_gc:
         gc.collect()
         gc.disable()
+    spent = 0.0
     try:
-        for calls in rounds:
+        for r, calls in enumerate(rounds):
+            if r and budget_s is not None and spent >= budget_s:
+                break
             for name, args in calls:
                 c0 = time.process_time()
                 if sync is not None:
@@ -145,6 +151,7 @@ def time_interleaved(fns: Mapping[str, Callable[..., Any]],
                 t1 = time.perf_counter()
                 out.cpu_seconds[name].append(time.process_time() - c0)
                 out.seconds[name].append(t1 - t0)
+                spent += t1 - t0
                 if keep == "all":
                     out.results[name].append(result)
                 elif keep == "last":

@@ -1,12 +1,12 @@
 """The training loop: ``fit`` (one loop for every method), ``evaluate`` and the
 distributed helpers they share.
 
-``fit`` trains a classifier in place: AdamW (fused where available), a cosine schedule
-with linear warm-up, gradient clipping and accumulation, early stopping on the selection
-rows' loss a few times per epoch with the best parameters restored, the precision of
-``train.precision`` (``precision.py``: bfloat16 cast once on the CPU where it pays,
-autocast on a GPU) and FLOPs utilisation against peaks measured in this process
-(``flops.py``). Data parallel when ``torch.distributed`` is initialised (accelerate
+``fit`` trains a classifier in place, one step at a time as ``step.py`` builds it (AdamW,
+fused where available; gradient clipping; the precision of ``train.precision``,
+``precision.py``: bfloat16 cast once on the CPU where it pays, autocast on a GPU; gradient
+checkpointing), with a cosine schedule with linear warm-up, gradient accumulation, early
+stopping on the selection rows' loss a few times per epoch with the best parameters
+restored, and FLOPs utilisation against peaks measured in this process (``flops.py``). Data parallel when ``torch.distributed`` is initialised (accelerate
 launch, torchrun): every rank takes its share of each global batch.
 
 ``evaluate`` scores an encoded split in float32 unless told otherwise; reported scores
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from loralens.training import batches as B
 from loralens.core.config import TrainConfig
 from loralens.training.metrics import scores
+from loralens.training.step import build_train_step, model_config, tokens_per_batch
 
 log = logging.getLogger(__name__)
 
@@ -118,41 +119,28 @@ class FitResult:
 
 
 class _Loop:
-    """One ``fit`` call's state: the model, its optimizer and schedule, the precision
-    wrapper, early stopping's best state, the progress bar and the result."""
+    """One ``fit`` call's state: the training step (``step.py``: the model ready to train,
+    its precision and optimizer), the schedule, early stopping's best state, the progress
+    bar and the result."""
 
     def __init__(self, model: nn.Module, train_enc: B.Encoded, early_stop_enc, pad_id: int,
                  tc: TrainConfig, lr: float, seed: int, opts: dict):
-        from loralens.training import flops
         from loralens.training import precision as P
-        from loralens.training.devices import make_optimizer, param_groups
 
         self.model, self.train_enc, self.early_stop_enc = model, train_enc, early_stop_enc
         self.pad_id, self.tc, self.seed, self.opts = pad_id, tc, seed, opts
         device = device_of(model)
         self.res = res = FitResult()
-        self.dtype, res.precision_note = P.choose(tc.precision, device, model_config(model),
-                                                  _tokens_per_batch(train_enc, tc.batch_size))
-        res.precision = P.dtype_label(self.dtype)
-        res.flops_per_token = flops.train_flops_per_token(model, opts["method"])
-        self.peak = _measure_peaks(model, self.dtype, device, train_enc, tc, res)
-        # bfloat16 on the CPU: cast once (P.CastOnce); on a GPU: autocast (P.autocast)
-        self.mp = P.CastOnce(model, self.dtype if device.type == "cpu" else torch.float32)
-        self.step_model = model
-        if tc.compile:
-            self.step_model, res.compiled = torch.compile(model, dynamic=True), True
-        groups = param_groups(self.mp.params, tc.weight_decay)
-        if opts.get("lr_ratio"):  # LoRA+: lora_B at lr_ratio times the rate of the rest
-            from loralens.models.methods import loraplus_groups
-
-            groups = loraplus_groups(groups, self.mp.names, lr, opts["lr_ratio"])
-        self.opt, note = make_optimizer(groups, lr, opts["method"], tc.optimizer_full, device)
-        if note and rank_zero():
-            log.info(f"{opts['desc']}: {note}")
-        self.sched, total = _cosine_schedule(self.opt, len(train_enc), tc)
-        if tc.gradient_checkpointing == "on" or (
-                tc.gradient_checkpointing == "auto" and device.type == "cuda"):
-            _enable_checkpointing(model)
+        self.step = step = build_train_step(model, tc, lr, opts["method"],
+                                            lr_ratio=opts.get("lr_ratio"),
+                                            tokens=tokens_per_batch(train_enc, tc.batch_size))
+        self.mp = step.mp
+        res.precision, res.precision_note = P.dtype_label(step.dtype), step.precision_note
+        res.flops_per_token, res.compiled = step.flops_per_token, step.compiled
+        self.peak = _measure_peaks(model, step.dtype, device, train_enc, tc, res)
+        if step.optimizer_note and rank_zero():
+            log.info(f"{opts['desc']}: {step.optimizer_note}")
+        self.sched, total = _cosine_schedule(step.opt, len(train_enc), tc)
         self.rank, self.world = dist_info()
         self.best_state, self.bad = None, 0
         res.eval_every = eval_interval(len(train_enc), tc)
@@ -176,7 +164,7 @@ class _Loop:
         res.train_seconds = time.perf_counter() - t0
         if self.best_state is not None:
             self.mp.restore(self.best_state)
-        self.mp.finish()  # float32 again: reported scores, extraction and saving read float32
+        self.step.finish()  # float32 again: reported scores, extraction and saving read float32
         self.finish_throughput()
         self.model.eval()
         return res
@@ -195,8 +183,10 @@ class _Loop:
                 # weight = rows / rows of the accumulation window (all ranks): exact mean
                 weight = len(idx) / _accum_rows(batches, i, tc.grad_accum)
                 t_step = time.perf_counter()
-                loss_sum += _backward(self.step_model, self.train_enc, idx, self.pad_id,
-                                      self.opts["pad_to"], self.dtype, weight, res) * len(idx)
+                b = next(B.iter_batches(self.train_enc, [idx], self.pad_id, self.opts["pad_to"]))
+                loss_sum += self.step.forward_backward(b, weight) * len(idx)
+                res.real_tokens += b.real_tokens
+                res.padded_tokens += b.attention_mask.numel()
                 res.step_seconds += time.perf_counter() - t_step
                 rows += len(idx)
             if (i + 1) % tc.grad_accum and i + 1 != len(batches):
@@ -218,17 +208,9 @@ class _Loop:
         return stop
 
     def optimizer_step(self, running_loss: float, step_loss: float = math.nan) -> None:
-        res, tc = self.res, self.tc
+        res = self.res
         t_step = time.perf_counter()
-        self.mp.grads_to_masters()
-        if self.world > 1:
-            _all_reduce_grads(self.mp.params)
-        if tc.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(self.mp.params, tc.max_grad_norm)
-        self.opt.step()
-        self.mp.masters_to_model()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.step.optimizer_step(_all_reduce_grads if self.world > 1 else None, self.sched)
         res.step_seconds += time.perf_counter() - t_step
         res.steps += 1
         on_step = self.opts.get("on_step")  # (step, this step's mean loss, learning rate)
@@ -280,16 +262,6 @@ def fit(model: nn.Module, train_enc: B.Encoded, early_stop_enc: B.Encoded | None
     return _Loop(model, train_enc, early_stop_enc, pad_id, tc, lr, seed, opts).run()
 
 
-def model_config(model: nn.Module):
-    """The backbone's transformers config (of a classifier, PEFT-wrapped or not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, "config", None)
-
-
-def _tokens_per_batch(enc: B.Encoded, batch_size: int) -> int:
-    return int(max(1, round(float(np.mean(enc.lengths)) * batch_size))) if len(enc) else 64
-
-
 def _measure_peaks(model, dtype, device, train_enc, tc, res: FitResult) -> float:
     """Measure (once per process) the square-GEMM and model-shape peaks in ``dtype``."""
     from loralens.training import flops
@@ -299,25 +271,8 @@ def _measure_peaks(model, dtype, device, train_enc, tc, res: FitResult) -> float
     cfg = model_config(model)
     if cfg is not None and hasattr(cfg, "intermediate_size"):
         res.peak_model_flops_per_s = flops.model_gemm_peak(
-            cfg, _tokens_per_batch(train_enc, tc.batch_size), dtype, dev)
+            cfg, tokens_per_batch(train_enc, tc.batch_size), dtype, dev)
     return res.peak_flops_per_s
-
-
-def _backward(model: nn.Module, enc: B.Encoded, idx: np.ndarray, pad_id: int,
-              pad_to: int | None, dtype: torch.dtype, weight: float, res: FitResult) -> float:
-    """Forward and backward of one micro-batch (loss scaled by ``weight``); counts its
-    tokens into ``res``; returns the batch's mean loss."""
-    from loralens.training.precision import autocast
-
-    device = device_of(model)
-    b = next(B.iter_batches(enc, [idx], pad_id, pad_to))
-    with autocast(device, dtype):
-        out = model(input_ids=b.input_ids.to(device),
-                    attention_mask=b.attention_mask.to(device), labels=b.labels.to(device))
-    (out.loss * weight).backward()
-    res.real_tokens += b.real_tokens
-    res.padded_tokens += b.attention_mask.numel()
-    return float(out.loss.detach())
 
 
 def steps_per_epoch(n_rows: int, tc: TrainConfig) -> int:
@@ -413,12 +368,5 @@ def _early_stop_check(model, enc, pad_id, tc, res: FitResult, best_state, bad, e
     res.stopped_early = res.stopped_early or stop
     model.train()
     return best_state, bad, stop
-
-
-def _enable_checkpointing(model: nn.Module) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
 
 

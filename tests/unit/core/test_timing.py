@@ -78,6 +78,16 @@ def test_the_time_of_a_call_is_measured_and_gc_is_restored():
     assert gc.isenabled()
 
 
+def test_budget_stops_after_the_round_that_spends_it():
+    log = []
+    t = time_interleaved({"a": lambda: (log.append("a"), time.sleep(0.02)),
+                          "b": lambda: log.append("b")}, repeats=5, budget_s=0.03)
+    # rounds 1 and 2 run whole (0.02 s, then 0.04 s spent); no third round
+    assert log == ["a", "b", "b", "a"] and len(t.seconds["a"]) == 2
+    t = time_interleaved({"a": lambda: time.sleep(0.02)}, repeats=3, budget_s=0.0)
+    assert len(t.seconds["a"]) == 1  # at least one round
+
+
 def test_no_cuda_sync_off_cuda():
     assert timing.cuda_sync(None) is None and timing.cuda_sync("cpu") is None
 

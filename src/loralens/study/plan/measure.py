@@ -1,29 +1,31 @@
 """Dry run, step 2: this machine's throughput on the study's own model (:func:`measure`):
-a few forward + backward steps per method on real training rows of the first task, a
-no-grad forward at ``train.eval_batch_size``, and, for the serving benchmark, batch-1
-forwards (in the serving dtype, and in float64 for its identity checks).
+a few training steps per method on real training rows of the first task (the step
+``loop.fit`` takes, built by ``loralens.training.step.build_train_step``), a no-grad
+forward at ``train.eval_batch_size``, and, for the serving benchmark, batch-1 forwards
+(in the serving dtype, and in float64 for its identity checks). Timed with
+``loralens.core.timing``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
-from loralens.training import batches as B
 from loralens.core.config import StudyConfig
+from loralens.core.timing import Timings, median, stopwatch, time_interleaved
 from loralens.study.plan.work import FORWARD_KINDS
+from loralens.training import batches as B
 
 # Real tokens per timed calibration step: a train.batch_size batch is trimmed to this many,
 # so the calibration stays near 30 s on a 2-core CPU with SmolLM2-135M (full fine-tuning
 # runs ~100 tokens/s there); the FLOP/s of a CPU hardly change above a few hundred tokens.
 TRAIN_TOKENS = 320
 FORWARD_TOKENS = 640
-TIMED_STEPS = 2          # after one warm-up step; the median is kept
+TIMED_STEPS = 2          # after one warm-up step (on one row); the median is kept
 STEP_BUDGET_S = 8.0      # ... or fewer (at least one) once the timed ones took this long
 
 
@@ -72,9 +74,11 @@ def measure(cfg: StudyConfig, base, prepared, methods: Sequence[str],
             log: Callable[[str], None] = lambda s: None) -> Throughput:
     """Time real steps of the study's model on ``prepared``'s training rows.
 
-    Per method in ``methods``: one warm-up, then up to ``TIMED_STEPS`` forward + backward
-    steps on a ``train.batch_size`` batch (trimmed to ``TRAIN_TOKENS`` real tokens) and
-    optimizer steps (clipping, AdamW, zero_grad, as ``loop.fit``), medians. No-grad
+    Per method in ``methods``: one warm-up, then up to ``TIMED_STEPS`` training steps as
+    ``loop.fit`` takes them (``training.step``: its precision, gradient checkpointing and
+    optimizer; uncompiled, since compiling takes minutes) on a ``train.batch_size`` batch
+    (trimmed to ``TRAIN_TOKENS`` real tokens): medians of the forward + backward and of
+    the optimizer step (clipping, AdamW, zero_grad). No-grad
     forwards for ``kinds``: ``batched`` (``train.eval_batch_size`` rows, trimmed to
     ``FORWARD_TOKENS``), ``batch1`` (one row in the serving dtype), ``float64`` (one row in
     float64). The backbone is loaded once for all of it, after a first load that warms the
@@ -120,13 +124,13 @@ def measure(cfg: StudyConfig, base, prepared, methods: Sequence[str],
                     f"({len(rows)} rows, {int(lengths[rows].sum())} tokens)")
             # full first: LoRA wraps the backbone in place (PEFT), full fine-tuning does not
             for method in sorted(methods, key=lambda m: m != "full"):
-                model, fpt, fb, step = _time_training(model, method, _batch(prepared, train_rows),
-                                                      cfg, device)
+                model, fpt, fb, step, dtype = _time_training(
+                    model, method, _batch(prepared, train_rows), cfg, device, prepared)
                 tp.train_fpt[method], tp.step_s[method] = fpt, step
                 tp.train_flops_s[method] = tp.tokens["train"] * fpt / fb
                 log(f"  training {method}: {tp.tokens_s(method):.0f} tokens/s "
                     f"({len(train_rows)} rows, {tp.tokens['train']} tokens), optimizer step "
-                    f"{step:.2f} s")
+                    f"{step:.2f} s, computing in {dtype}")
             del model
     finally:
         torch.set_num_threads(threads)
@@ -138,28 +142,25 @@ def _batch(prepared, rows: np.ndarray) -> B.Batch:
     return next(B.iter_batches(prepared.train, [rows], prepared.pad_id))
 
 
-def _timed(*fns: Callable[[bool], None], device, repeats: int = TIMED_STEPS) -> list[float]:
-    """Median seconds of each of ``fns``, run in turn: one untimed warm-up round
-    (``fn(True)``: lazy initialisation, the optimizer's state; on one row, which is enough
-    for that and cheap), then ``repeats`` timed rounds (``fn(False)``), or fewer (at least
-    one) once the timed ones took ``STEP_BUDGET_S``."""
-    import torch
+def _on(b: B.Batch, device) -> B.Batch:
+    """``b``'s tensors on ``device`` (moved once, outside the timed calls)."""
+    return B.Batch(b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device),
+                   b.index)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    for fn in fns:
-        fn(True)
-    times: list[list[float]] = [[] for _ in fns]
-    while len(times[0]) < repeats and sum(map(sum, times)) < STEP_BUDGET_S:
-        for fn, t in zip(fns, times):
-            sync()
-            t0 = time.perf_counter()
-            fn(False)
-            sync()
-            t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+def _first_row(b: B.Batch) -> B.Batch:
+    """The batch's first row (padded as in the batch): the untimed warm-up's input, enough
+    for lazy initialisation and the optimizer's state, and cheap."""
+    return B.Batch(b.input_ids[:1], b.attention_mask[:1], b.labels[:1], b.index[:1])
+
+
+def _timed(fn: Callable[[], object], device, repeats: int = TIMED_STEPS) -> Timings:
+    """``repeats`` timed calls of ``fn`` (side ``"step"``, results kept), or fewer (at least
+    one) once they took ``STEP_BUDGET_S``; CUDA synchronised around each. The garbage
+    collector runs as it does while training (and a full collection first would cost the
+    dry run ~0.3 s per call)."""
+    return time_interleaved({"step": fn}, repeats=repeats, device=device, keep="all",
+                            budget_s=STEP_BUDGET_S, pause_gc=False)
 
 
 def _time_forward(model, b: B.Batch, dtype, tc, device) -> float:
@@ -169,58 +170,54 @@ def _time_forward(model, b: B.Batch, dtype, tc, device) -> float:
 
     from loralens.training.loop import autocast_ctx
 
-    ids, mask = b.input_ids.to(device), b.attention_mask.to(device)
+    b = _on(b, device)
     model.to(dtype or torch.float32).eval()
 
     @torch.no_grad()
-    def forward(warm_up: bool):
-        rows = slice(0, 1 if warm_up else None)
+    def forward(batch: B.Batch = b):
         with autocast_ctx(device, tc.precision) if dtype is None else contextlib.nullcontext():
-            model(input_ids=ids[rows], attention_mask=mask[rows])
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
 
     try:
-        (seconds,) = _timed(forward, device=device, repeats=3 if len(ids) == 1 else TIMED_STEPS)
+        forward(_first_row(b))  # warm-up
+        t = _timed(forward, device, repeats=3 if len(b.input_ids) == 1 else TIMED_STEPS)
     finally:
         model.to(torch.float32)
-    return seconds
+    return t.median("step")
 
 
-def _time_training(model, method: str, b: B.Batch, cfg: StudyConfig, device):
+def _time_training(model, method: str, b: B.Batch, cfg: StudyConfig, device, prepared):
     """``(model made trainable for method, FLOPs per token, seconds of forward + backward,
-    seconds of an optimizer step)`` on ``b``, as ``loop.fit`` steps."""
-    from torch import nn
-
-    from loralens.training.devices import make_optimizer, param_groups
-    from loralens.training.flops import train_flops_per_token
+    seconds of an optimizer step, the dtype it computed in)`` on ``b``: the step
+    ``loop.fit`` takes (:func:`loralens.training.step.build_train_step`: on the CPU,
+    ``train.precision`` auto times bfloat16 where training would use it), the model left in
+    float32 afterwards."""
     from loralens.models.classifier import apply_method
-    from loralens.training.loop import autocast_ctx
+    from loralens.models.methods import get_method
     from loralens.training.job import learning_rate
+    from loralens.training.precision import dtype_label
+    from loralens.training.step import build_train_step, tokens_per_batch
 
-    tc = cfg.train
+    tc, meth, b = cfg.train, get_method(method, cfg), _on(b, device)
     model = apply_method(model, method, cfg).to(device)
     model.train()
-    if tc.gradient_checkpointing == "on" or (tc.gradient_checkpointing == "auto"
-                                             and device.type == "cuda"):
-        from loralens.training.loop import _enable_checkpointing
+    step = build_train_step(model, tc, learning_rate(tc, method, meth.optimizer_kind),
+                            meth.optimizer_kind, lr_ratio=meth.lr_ratio,
+                            tokens=tokens_per_batch(prepared.train, tc.batch_size),
+                            compile=False)
 
-        _enable_checkpointing(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, _ = make_optimizer(param_groups(params, tc.weight_decay), learning_rate(tc, method),
-                            method, tc.optimizer_full, device)
-    ids, mask, labels = (b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device))
+    def train_step(batch: B.Batch = b) -> float:
+        """One step; returns its optimizer step's seconds."""
+        step.forward_backward(batch)
+        with stopwatch(device) as sw:
+            step.optimizer_step()
+        return sw.seconds
 
-    def backward(warm_up: bool):
-        rows = slice(0, 1 if warm_up else None)
-        with autocast_ctx(device, tc.precision):
-            out = model(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows])
-        out.loss.backward()
-
-    def step(warm_up: bool):
-        if tc.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    fb, st = _timed(backward, step, device=device)
-    return model, train_flops_per_token(model, method), fb, st
-
+    try:
+        train_step(_first_row(b))  # warm-up
+        t = _timed(train_step, device)
+    finally:
+        step.finish()
+    opt_s = t.results["step"]
+    fb = median([s - o for s, o in zip(t.seconds["step"], opt_s)])
+    return model, step.flops_per_token, fb, median(opt_s), dtype_label(step.dtype)
