@@ -23,7 +23,7 @@ import numpy as np
 
 from loralens.report.colors import method_label
 from loralens.report.formatting import DASH, MEASURES, Table, f, finite, g, per_seed, pm, signed_pct
-from loralens.report.run_data import RunData, _read
+from loralens.report.run_data import RunData, read_optional
 from loralens.report.significance import p_cells
 
 UNDEFINED = "undefined (head only: 0 by construction)"
@@ -48,8 +48,8 @@ def method_results(d: RunData) -> dict:
     missing), read once."""
     if "methods" not in d.cache:
         d.cache["methods"] = {
-            "drift": _read(d.run.drift_dir / "methods.json", d.problems),
-            "weights": _read(d.run.weightspace_path("methods.json"), d.problems)}
+            "drift": read_optional(d.run.drift_dir / "methods.json", d.problems),
+            "weights": read_optional(d.run.weightspace_path("methods.json"), d.problems)}
     return d.cache["methods"]
 
 

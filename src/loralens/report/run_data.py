@@ -222,7 +222,9 @@ def _drop(d: dict, dotted: str) -> None:
         node.pop(last, None)
 
 
-def _read(path: Path, problems: list[str], kind: str = "json") -> Any:
+def read_optional(path: Path, problems: list[str], kind: str = "json") -> Any:
+    """A run-directory file parsed (``kind``: ``json`` or ``yaml``); ``None`` when it is
+    missing (that stage has not run), or unreadable, which is noted in ``problems``."""
     if not path.is_file():
         return None
     try:
@@ -238,44 +240,44 @@ def load_run(run: RunDir | str | Path) -> RunData:
     run = run if isinstance(run, RunDir) else RunDir(run)
     d = RunData(run)
     p = d.problems
-    cfg = _read(run.config_path, p, "yaml")
+    cfg = read_optional(run.config_path, p, "yaml")
     d.config = cfg if isinstance(cfg, dict) else None
     if d.config:  # tasks read from task files: their label names and metrics
         from loralens.tasks.registry import register_definitions
 
         p.extend(register_definitions(d.config.get("task_defs")))
-    d.env = _read(run.env_path, p)
-    d.data = _read(run.data_path, p)
-    d.timings = _read(run.timings_path, p)
+    d.env = read_optional(run.env_path, p)
+    d.data = read_optional(run.data_path, p)
+    d.timings = read_optional(run.timings_path, p)
     for task, method, seed in run.finished_jobs():
-        metrics = _read(run.metrics_path(task, method, seed), p)
+        metrics = read_optional(run.metrics_path(task, method, seed), p)
         if isinstance(metrics, dict):
             d.jobs[(task, method, seed)] = metrics
     _load_sanity_and_search(d)
     for man in run.extract_manifests():
-        r = _read(man, p)
+        r = read_optional(man, p)
         if isinstance(r, dict):
             d.extract[man.parent.name] = r
-    d.table3 = _read(run.drift_path("table3.json"), p)
-    d.table4 = _read(run.drift_path("table4.json"), p)
-    layers = _read(run.drift_path("layers.json"), p)
+    d.table3 = read_optional(run.drift_path("table3.json"), p)
+    d.table4 = read_optional(run.drift_path("table4.json"), p)
+    layers = read_optional(run.drift_path("layers.json"), p)
     d.layers = layers.get("rows") if isinstance(layers, dict) else None
-    d.serving = _read(run.serving_path, p)
-    d.loadtest = _read(run.loadtest_path, p)
+    d.serving = read_optional(run.serving_path, p)
+    d.loadtest = read_optional(run.loadtest_path, p)
     return d
 
 
 def _load_sanity_and_search(d: RunData) -> None:
     p = d.problems
     for path in d.run.sanity_results():
-        r = _read(path, p)
+        r = read_optional(path, p)
         if isinstance(r, dict) and "task" in r:
             d.sanity.append(r)
     if not d.sanity:  # an older layout: only the collected file
-        collected = _read(d.run.sanity_summary_path, p)
+        collected = read_optional(d.run.sanity_summary_path, p)
         if isinstance(collected, dict):
             d.sanity = [r for r in collected.get("results", []) if isinstance(r, dict)]
     for path in d.run.search_results():
-        r = _read(path, p)
+        r = read_optional(path, p)
         if isinstance(r, dict) and "task" in r and "method" in r:
             d.search[(r["task"], r["method"])] = r

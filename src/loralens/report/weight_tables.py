@@ -5,7 +5,7 @@ forgetting (Table 8), from ``weightspace/`` (the weights stage, :mod:`loralens.a
 from __future__ import annotations
 
 from loralens.report.formatting import DASH, METHODS, Table, f, finite, g, pm
-from loralens.report.run_data import RunData, _read
+from loralens.report.run_data import RunData, read_optional
 from loralens.report.significance import p_cells
 
 MEASURE_NAMES = {"intruders": "intruder dimensions (sum over matrices)",
@@ -19,10 +19,10 @@ def weight_data(d: RunData) -> dict:
     (each None when missing)."""
     if "weightspace" not in d.cache:
         run, p = d.run, d.problems
-        layers = _read(run.weightspace_path("layers.json"), p)
-        forget = _read(run.weightspace_path("forgetting.json"), p)
+        layers = read_optional(run.weightspace_path("layers.json"), p)
+        forget = read_optional(run.weightspace_path("forgetting.json"), p)
         d.cache["weightspace"] = {
-            "summary": _read(run.weightspace_path("summary.json"), p),
+            "summary": read_optional(run.weightspace_path("summary.json"), p),
             "layers": layers.get("rows") if isinstance(layers, dict) else None,
             "forgetting": forget.get("rows") if isinstance(forget, dict) else None}
     return d.cache["weightspace"]

@@ -53,7 +53,7 @@ class Split:
         rng = np.random.default_rng(seed)
         keep = np.sort(rng.choice(len(self.examples), size=n, replace=False))
         rows = [self.examples[i] for i in keep]
-        return Split(self.task, self.name, rows, self.source, _count(rows))
+        return Split(self.task, self.name, rows, self.source, count_labels(rows))
 
     def stats(self) -> dict:
         return {"rows": len(self), "source": self.source,
@@ -91,11 +91,12 @@ class Split:
         mask[held] = True
         held_rows = [e for e, m in zip(self.examples, mask) if m]
         rest_rows = [e for e, m in zip(self.examples, mask) if not m]
-        return (Split(self.task, "selection", held_rows, self.source, _count(held_rows)),
-                Split(self.task, self.name, rest_rows, self.source, _count(rest_rows)))
+        return (Split(self.task, "selection", held_rows, self.source, count_labels(held_rows)),
+                Split(self.task, self.name, rest_rows, self.source, count_labels(rest_rows)))
 
 
-def _count(rows: Sequence[Example]) -> dict[int, int]:
+def count_labels(rows: Sequence[Example]) -> dict[int, int]:
+    """Rows per label id (``Split.label_counts``), labels in order of first appearance."""
     counts: dict[int, int] = {}
     for r in rows:
         counts[r.label] = counts.get(r.label, 0) + 1
@@ -157,7 +158,7 @@ def read_glue_tsv(path: Path, spec: TaskSpec, split: str, header: Sequence[str] 
             rows.append(Example(len(rows), texts, spec.label_map[raw]))
     if not rows:
         raise DataError(f"{path}: no data rows after the header")
-    return Split(spec.name, split, rows, str(path), _count(rows))
+    return Split(spec.name, split, rows, str(path), count_labels(rows))
 
 
 def _checked_rows(reader, path: Path) -> Iterator[list[str]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from loralens.tasks.rows import (
-    GLUE_ENV, DataError, Example, Split, _count, read_glue_tsv, resolve_glue_dir,
+    GLUE_ENV, DataError, Example, Split, count_labels, read_glue_tsv, resolve_glue_dir,
 )
 from loralens.tasks.spec import Source, TaskSpec
 
@@ -119,7 +119,7 @@ def read_table(path: Path, fmt: str, header: tuple[str, ...] = ()
         rows = table.to_pylist()
         return list(table.column_names), ((f"{path} row {i}", r) for i, r in enumerate(rows))
     if fmt == "jsonl":
-        return _read_jsonl(path)
+        return read_jsonl(path)
     return _read_delimited(path, "," if fmt == "csv" else "\t", header)
 
 
@@ -145,7 +145,10 @@ def _read_delimited(path: Path, delimiter: str, header: tuple[str, ...]):
     return cols, rows()
 
 
-def _read_jsonl(path: Path):
+def read_jsonl(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
+    """(the columns, in order of first appearance; ``(where, row)`` per non-empty line, with
+    ``where`` = ``path:line``) of a JSON Lines file; a ``DataError`` naming the line for one
+    that is not a JSON object."""
     rows, cols = [], {}
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -216,7 +219,7 @@ def to_split(spec: TaskSpec, split: str, source: str, records, texts: Iterable[s
                                                       class_names)))
     if not out:
         raise DataError(f"{source}: no rows for split {split!r} of task {spec.name}")
-    return Split(spec.name, split, out, source, _count(out))
+    return Split(spec.name, split, out, source, count_labels(out))
 
 
 def _text(value: Any) -> str:

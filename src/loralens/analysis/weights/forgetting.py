@@ -47,10 +47,10 @@ def read_text_file(path: str | Path) -> list[str]:
         texts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
                  if ln.strip()]
     else:
-        from loralens.tasks.sources import _read_jsonl
+        from loralens.tasks.sources import read_jsonl
 
         texts = []
-        for where, row in _read_jsonl(path)[1]:
+        for where, row in read_jsonl(path)[1]:
             if not isinstance(row.get("text"), str):
                 raise D.DataError(f"{where}: expected a string \"text\"")
             texts.append(row["text"])

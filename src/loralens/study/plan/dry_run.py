@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 from loralens.core.config import StudyConfig
 from loralens.models.methods import Method, get_method
 from loralens.study.plan.measure import Throughput, measure
-from loralens.study.plan.work import FORWARD_KINDS, StageWork, _n, count_work
+from loralens.study.plan.work import FORWARD_KINDS, StageWork, count_work, plural
 from loralens.study.stages import get_stage
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def format_plan(cfg: StudyConfig, works: list[StageWork], tp: Throughput | None,
 
 
 def _measured(tp: Throughput) -> list[str]:
-    out = [f"throughput measured in this process ({tp.device}, {_n(tp.threads, 'thread')}, "
+    out = [f"throughput measured in this process ({tp.device}, {plural(tp.threads, 'thread')}, "
            f"{tp.seconds:.0f} s) on {tp.model}, real {tp.task} training rows; "
            f"FLOPs = 6N (full) / 4N+2n (LoRA) / 2N (forward) per real token:"]
     for m, fs in tp.train_flops_s.items():

@@ -123,7 +123,8 @@ def _is_full(cfg: StudyConfig, method: str) -> bool:
     return get_method(method, cfg).family == "full"
 
 
-def _n(k: int, noun: str) -> str:
+def plural(k: int, noun: str) -> str:
+    """``plural(2, "task")`` -> "2 tasks", ``plural(1, "epoch")`` -> "1 epoch"."""
     return f"{k} {noun}{'' if k == 1 else 's'}"
 
 
@@ -149,7 +150,7 @@ def sanity(cfg, tokenizer, prepared) -> StageWork:
         w.jobs += 1
         w.loads += 1
     w.what = (f"{w.jobs} (task, method) overfit {_per_task(rows)} training rows, "
-              f"<= {_n(sc.epochs, 'epoch')}")
+              f"<= {plural(sc.epochs, 'epoch')}")
     return w
 
 
@@ -183,7 +184,8 @@ def search(cfg, tokenizer, prepared) -> StageWork:
             trial.forward("batched", float(eval_enc.lengths.sum()), len(eval_enc))
             w.add(trial.scaled(sc.trials))
     w.what = (f"{len(_pairs(cfg))} (task, method) x {sc.trials} trials: {_per_task(rows)} rows "
-              f"x <= {_n(max(sc.epochs), 'epoch')}, scored on {_per_task(evals)} selection rows")
+              f"x <= {plural(max(sc.epochs), 'epoch')}, scored on {_per_task(evals)} "
+              "selection rows")
     return w
 
 
@@ -209,8 +211,8 @@ def train(cfg, tokenizer, prepared) -> StageWork:
         w.add(job.scaled(len(cfg.seeds)))
         rows[t], epochs = len(p.train), epochs | {tc.epochs}
     first = prepared[cfg.tasks[0]]
-    w.what = (f"{_n(len(cfg.tasks), 'task')} x {_n(len(cfg.methods), 'method')} x "
-              f"{_n(len(cfg.seeds), 'seed')}: "
+    w.what = (f"{plural(len(cfg.tasks), 'task')} x {plural(len(cfg.methods), 'method')} x "
+              f"{plural(len(cfg.seeds), 'seed')}: "
               f"{_per_task(rows)} rows x {'/'.join(map(str, sorted(epochs)))} epoch(s), "
               f"early-stop evals of {len(first.early_stop)} rows, validation once")
     return w
@@ -338,7 +340,7 @@ def bench(cfg, tokenizer, prepared) -> StageWork:
             for b in (1, bc.mixed_batch_size):  # stream, mixed: our runtime and PEFT
                 serve(requests(rows, b), 1 + peft, dtype)
             w.loads += 1 + peft
-    w.what = (f"{_n(len(cfg.tasks), 'task')} x {_n(len(seeds), 'seed')} x {kinds} served "
+    w.what = (f"{plural(len(cfg.tasks), 'task')} x {plural(len(seeds), 'seed')} x {kinds} served "
               f"models x {_per_task({t: len(e) for t, e in enc.items()})} requests at batch "
               f"{'/'.join(map(str, sizes))}, several adapters, identity checks")
     return w
