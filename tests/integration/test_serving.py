@@ -14,6 +14,7 @@ from loralens.training import batches as B
 from loralens.core.config import StudyConfig
 from loralens.study.config import load_config
 from loralens.models.classifier import CausalLMClassifier, apply_method, build_classifier
+from loralens.models.methods import get_method
 from loralens.models.saving import save_trained
 from loralens.serving import MultiLoraClassifier
 from loralens.core.run_dir import RunDir
@@ -109,7 +110,8 @@ def tiny_run(tokenizer, glue_dir, tmp_path_factory):
         model = apply_method(build_classifier(backbone, 2, seed), method, cfg)
         if method == "lora":
             randomize_lora(model, seed=seed)
-        save_trained(model, method, run.weights_dir(task, method, seed))
+        save_trained(model, method, run.weights_dir(task, method, seed,
+                                                    adapter=get_method(method).is_adapter))
         atomic_write_json(run.metrics_path(task, method, seed),
                           {"task": task, "method": method, "seed": seed})
     return cfg, run

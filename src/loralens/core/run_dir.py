@@ -59,11 +59,10 @@ def environment() -> dict:
             "hardware": hw}
 
 
-# A job's weights directory per method: PEFT's adapter layout, or a whole classifier.
-WEIGHTS_DIR = {"lora": "adapter", "full": "model"}
-
 DRIFT_FILES = ("layers.csv", "layers.json", "table3.csv", "table3.json", "table4.csv",
                "table4.json")
+WEIGHTSPACE_FILES = ("layers.csv", "layers.json", "forgetting.csv", "forgetting.json",
+                     "summary.json", "methods.json", "sweep.csv", "sweep.json")
 
 FORMAT_VERSION = 1
 """Layout version of a run directory, stored in ``loralens.json``. A directory without
@@ -84,15 +83,27 @@ class RunDir:
         search.db                          Optuna studies (SQLite; or search.storage)
         sanity/<task>-<method>.json        one sanity check;  sanity.json: all of them
         search/<task>-<method>.json        space, trials, best hyperparameters
-        models/<task>/<method>/seed<seed>/ adapter/ (LoRA, PEFT layout) or model/ (full),
-                                           val_logits.npy, metrics.json (written last:
-                                           its presence marks the job finished)
-        extract/<task>/                    manifest.json + one .npz per model
-        drift/                             layers.*, table3.*, table4.*
-        weightspace/                       intruders, change spectra, forgetting (weights stage)
-        bench/                             serving.json + CSVs
-        loadtest/                          loadtest.json, loadtest.csv
-        report/                            report.md, report.html, figures
+        models/<task>/<method>/seed<seed>/ adapter/ (a PEFT method's adapter, PEFT's layout)
+                                           or model/ (a whole classifier), val_logits.npy,
+                                           metrics.json (written last: its presence marks
+                                           the job finished)
+        extract/<task>/                    manifest.json + one <method>-seed<seed>.npz per
+                                           model (base.npz: the base model)
+        drift/                             layers.*, table3.*, table4.*; methods.* (a study
+                                           of more methods than LoRA and full fine-tuning)
+        weightspace/                       models/, layers.*, forgetting.*, summary.json,
+                                           methods.json, sweep/, sweep.* (weights stage)
+        bench/                             serving.json, latency.csv, comparison.csv,
+                                           requests.csv, multi.csv, identity.csv
+        loadtest/                          loadtest.json, loadtest.csv, loadtest_runs.csv
+        report/                            report.md, report.html, figures/ (+ legends.json)
+        tensorboard/, mlflow.db, mlartifacts/  experiment tracking (tracking.report_to)
+
+    A job directory's own files also have static methods (:meth:`job_metrics`,
+    :meth:`job_adapter_dir`, :meth:`job_model_dir`) for code given only a job directory.
+    Which weights folder a method saves is the method registry's to say
+    (``loralens.models.methods.Method.is_adapter``); core knows no methods, so the caller
+    passes it to :meth:`weights_dir`.
     """
 
     def __init__(self, root: str | Path):
@@ -148,19 +159,38 @@ class RunDir:
         return self.root / "models" / task / method / f"seed{seed}"
 
     def metrics_path(self, task: str, method: str, seed: int) -> Path:
-        return self.job_dir(task, method, seed) / "metrics.json"
+        return self.job_metrics(self.job_dir(task, method, seed))
+
+    @staticmethod
+    def job_metrics(job_dir: str | Path) -> Path:
+        """A job directory's ``metrics.json`` (written last: its presence marks the job
+        finished; its hash, the job's fingerprint)."""
+        return Path(job_dir) / "metrics.json"
 
     def val_logits_path(self, task: str, method: str, seed: int) -> Path:
         return self.job_dir(task, method, seed) / "val_logits.npy"
 
-    def weights_dir(self, task: str, method: str, seed: int) -> Path:
-        """``adapter/`` (PEFT layout) for LoRA, ``model/`` for full fine-tuning; for other
-        methods (:mod:`loralens.models.methods`) the one the job wrote (``model/`` for head-only
-        training, ``adapter/`` for PEFT methods), ``adapter/`` before it ran."""
+    def weights_dir(self, task: str, method: str, seed: int, adapter: bool | None = None
+                    ) -> Path:
+        """The job's weights folder: ``adapter/`` when ``adapter`` (a PEFT method: PEFT's
+        adapter layout, the head saved with it), else ``model/`` (a whole classifier).
+        ``adapter`` is the method's ``Method.is_adapter``, asked of the method registry by
+        the caller; left out, the folder the job holds: ``model/`` where it exists, else
+        ``adapter/``."""
         job = self.job_dir(task, method, seed)
-        if method in WEIGHTS_DIR:
-            return job / WEIGHTS_DIR[method]
-        return job / ("model" if (job / "model").is_dir() else "adapter")
+        if adapter is None:
+            adapter = not self.job_model_dir(job).is_dir()
+        return self.job_adapter_dir(job) if adapter else self.job_model_dir(job)
+
+    @staticmethod
+    def job_adapter_dir(job_dir: str | Path) -> Path:
+        """A job directory's ``adapter/``: a PEFT method's adapter (PEFT's layout)."""
+        return Path(job_dir) / "adapter"
+
+    @staticmethod
+    def job_model_dir(job_dir: str | Path) -> Path:
+        """A job directory's ``model/``: a whole classifier (a standard checkpoint)."""
+        return Path(job_dir) / "model"
 
     def job_done(self, task: str, method: str, seed: int) -> bool:
         return self.metrics_path(task, method, seed).is_file()
@@ -175,10 +205,12 @@ class RunDir:
                             int(seed_dir.name[4:])))
         return sorted(out)
 
-    def lora_adapters(self) -> list[tuple[str, int, Path]]:
-        """(task, seed, adapter directory) of every saved LoRA adapter, sorted."""
-        return [(t, s, self.weights_dir(t, m, s)) for t, m, s in self.finished_jobs()
-                if m == "lora" and self.weights_dir(t, m, s).is_dir()]
+    def adapters(self, method: str) -> list[tuple[str, int, Path]]:
+        """(task, seed, adapter directory) of every finished job of ``method`` that saved an
+        adapter, sorted."""
+        return [(t, s, self.weights_dir(t, m, s, adapter=True))
+                for t, m, s in self.finished_jobs()
+                if m == method and self.weights_dir(t, m, s, adapter=True).is_dir()]
 
     # ---- analysis outputs
     def extract_dir(self, task: str) -> Path:
@@ -186,6 +218,11 @@ class RunDir:
 
     def extract_manifest(self, task: str) -> Path:
         return self.extract_dir(task) / "manifest.json"
+
+    def extract_array_path(self, task: str, key: str) -> Path:
+        """One model's pooled states of ``task``: ``<key>.npz`` (``key``: ``base`` or
+        ``<method>-seed<seed>``)."""
+        return self.extract_dir(task) / f"{key}.npz"
 
     def extract_manifests(self) -> list[Path]:
         return sorted((self.root / "extract").glob("*/manifest.json"))
@@ -195,19 +232,77 @@ class RunDir:
         return self.root / "drift"
 
     def drift_path(self, name: str) -> Path:
-        """A drift output: ``layers``, ``table3`` or ``table4``, with ``.csv`` or ``.json``."""
+        """A drift output of the two-method study: ``layers``, ``table3`` or ``table4``,
+        with ``.csv`` or ``.json``."""
         if name not in DRIFT_FILES:
             raise ValueError(f"unknown drift file {name!r}; one of {DRIFT_FILES}")
         return self.drift_dir / name
 
     @property
+    def drift_methods_json(self) -> Path:
+        """``drift/methods.json``: every method's drift and accuracy vs the reference method
+        (a study of more methods than LoRA and full fine-tuning)."""
+        return self.drift_dir / "methods.json"
+
+    @property
+    def drift_methods_csv(self) -> Path:
+        """``drift/methods.csv``: the rows of ``methods.json``, one per task, measure and
+        method."""
+        return self.drift_dir / "methods.csv"
+
+    @property
     def weightspace_dir(self) -> Path:
         """``weightspace/``: the weights stage (``models/`` one JSON per trained model,
-        ``layers.*``, ``forgetting.*``, ``summary.json``)."""
+        ``sweep/`` one JSON per swept model, and the files below)."""
         return self.root / "weightspace"
 
     def weightspace_path(self, name: str) -> Path:
+        """A weights-stage output by file name (one of :data:`WEIGHTSPACE_FILES`; each also
+        has its own attribute below)."""
+        if name not in WEIGHTSPACE_FILES:
+            raise ValueError(f"unknown weightspace file {name!r}; one of {WEIGHTSPACE_FILES}")
         return self.weightspace_dir / name
+
+    @property
+    def weightspace_layers_json(self) -> Path:
+        """``weightspace/layers.json``: intruders and change spectra per model and matrix."""
+        return self.weightspace_path("layers.json")
+
+    @property
+    def weightspace_layers_csv(self) -> Path:
+        """``weightspace/layers.csv``: the rows of ``layers.json``."""
+        return self.weightspace_path("layers.csv")
+
+    @property
+    def weightspace_forgetting_json(self) -> Path:
+        """``weightspace/forgetting.json``: forgetting of general text per model."""
+        return self.weightspace_path("forgetting.json")
+
+    @property
+    def weightspace_forgetting_csv(self) -> Path:
+        """``weightspace/forgetting.csv``: the rows of ``forgetting.json``."""
+        return self.weightspace_path("forgetting.csv")
+
+    @property
+    def weightspace_summary_json(self) -> Path:
+        """``weightspace/summary.json``: the two-method summary and its tests."""
+        return self.weightspace_path("summary.json")
+
+    @property
+    def weightspace_methods_json(self) -> Path:
+        """``weightspace/methods.json``: every method vs the reference method (a study of
+        more methods than LoRA and full fine-tuning)."""
+        return self.weightspace_path("methods.json")
+
+    @property
+    def weightspace_sweep_json(self) -> Path:
+        """``weightspace/sweep.json``: the intruder sweep's rows and summary."""
+        return self.weightspace_path("sweep.json")
+
+    @property
+    def weightspace_sweep_csv(self) -> Path:
+        """``weightspace/sweep.csv``: the intruder sweep's rows."""
+        return self.weightspace_path("sweep.csv")
 
     def weightspace_model_path(self, task: str, method: str, seed: int) -> Path:
         return self.weightspace_dir / "models" / f"{task}-{method}-seed{seed}.json"
@@ -225,6 +320,31 @@ class RunDir:
         return self.bench_dir / "serving.json"
 
     @property
+    def bench_latency_csv(self) -> Path:
+        """``bench/latency.csv``: one row per task, seed, batch size and served kind."""
+        return self.bench_dir / "latency.csv"
+
+    @property
+    def bench_comparison_csv(self) -> Path:
+        """``bench/comparison.csv``: Table 5's rows (each kind vs its baselines)."""
+        return self.bench_dir / "comparison.csv"
+
+    @property
+    def bench_requests_csv(self) -> Path:
+        """``bench/requests.csv``: every timed request."""
+        return self.bench_dir / "requests.csv"
+
+    @property
+    def bench_multi_csv(self) -> Path:
+        """``bench/multi.csv``: several adapters on one base."""
+        return self.bench_dir / "multi.csv"
+
+    @property
+    def bench_identity_csv(self) -> Path:
+        """``bench/identity.csv``: the identity checks of the served paths."""
+        return self.bench_dir / "identity.csv"
+
+    @property
     def loadtest_dir(self) -> Path:
         return self.root / "loadtest"
 
@@ -233,8 +353,60 @@ class RunDir:
         return self.loadtest_dir / "loadtest.json"
 
     @property
+    def loadtest_csv(self) -> Path:
+        """``loadtest/loadtest.csv``: one row per cell of the load test."""
+        return self.loadtest_dir / "loadtest.csv"
+
+    @property
+    def loadtest_runs_csv(self) -> Path:
+        """``loadtest/loadtest_runs.csv``: one row per run of the load test."""
+        return self.loadtest_dir / "loadtest_runs.csv"
+
+    @property
     def report_dir(self) -> Path:
         return self.root / "report"
+
+    @property
+    def report_md(self) -> Path:
+        """``report/report.md``: the report in Markdown."""
+        return self.report_dir / "report.md"
+
+    @property
+    def report_html(self) -> Path:
+        """``report/report.html``: the report as one self-contained page."""
+        return self.report_dir / "report.html"
+
+    @property
+    def report_figures_dir(self) -> Path:
+        """``report/figures/``: each figure as ``<id>.png`` and ``<id>.svg``
+        (:meth:`report_figure_path`) and ``legends.json``."""
+        return self.report_dir / "figures"
+
+    def report_figure_path(self, figure_id: str, fmt: str) -> Path:
+        """One figure's file: ``report/figures/<figure_id>.<fmt>`` (``png`` or ``svg``)."""
+        return self.report_figures_dir / f"{figure_id}.{fmt}"
+
+    @property
+    def report_legends_json(self) -> Path:
+        """``report/figures/legends.json``: the methods each drawn figure's legends name."""
+        return self.report_figures_dir / "legends.json"
+
+    # ---- experiment tracking (tracking.report_to)
+    def tensorboard_dir(self, name: str) -> Path:
+        """``tensorboard/<name>/``: one tracked run's TensorBoard events (``name``: a job's
+        ``<task>-<method>-seed<seed>``, a trial's ``search-<task>-<method>-trial<n>``, or
+        ``study``)."""
+        return self.root / "tensorboard" / name
+
+    @property
+    def mlflow_db(self) -> Path:
+        """``mlflow.db``: MLflow's default tracking store (SQLite) when no URI is given."""
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts_dir(self) -> Path:
+        """``mlartifacts/``: MLflow's artifacts of the run directory's tracked runs."""
+        return self.root / "mlartifacts"
 
     # ---- format version and config
     def is_run_dir(self) -> bool:

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from loralens.core.run_dir import RunDir
+from loralens.models.methods import is_study_lora
 from loralens.tasks.spec import TaskSpec
 from loralens.tasks.registry import get_task
 from loralens.tasks.registry import resolve_config_tasks
@@ -108,20 +110,17 @@ def load_model(target: str | Path, task: str, method: str | None = None,
                seed: int | None = None, max_length: int | None = None) -> Loaded:
     """The trained model ``target`` names, with its tokenizer and label names."""
     target, spec = Path(target), get_task(task)
-    if (target / "config.yaml").is_file():
+    if RunDir(target).is_run_dir():
         return _from_run(target, spec, method, seed, max_length)
-    from loralens.core.run_dir import WEIGHTS_DIR
-
-    for sub in WEIGHTS_DIR.values():  # a job directory
-        if (target / sub).is_dir():
-            target = target / sub
+    for sub in (RunDir.job_adapter_dir(target), RunDir.job_model_dir(target)):  # a job dir
+        if sub.is_dir():
+            target = sub
     return _from_artifact(target, spec, max_length or 384)
 
 
 def _from_run(root: Path, spec: TaskSpec, method, seed, max_length) -> Loaded:
     from loralens.models.classifier import load_base
     from loralens.models.saving import load_trained
-    from loralens.core.run_dir import RunDir
 
     run = RunDir(root)
     jobs = [j for j in run.finished_jobs() if j[0] == spec.name
@@ -133,7 +132,7 @@ def _from_run(root: Path, spec: TaskSpec, method, seed, max_length) -> Loaded:
                            + (f" and seed {seed}" if seed is not None else "")
                            + f"; the run has {', '.join(have) or 'none'}")
     methods = list(dict.fromkeys(j[1] for j in run.finished_jobs()))
-    jobs.sort(key=lambda j: (j[1] != "lora", methods.index(j[1]), j[2]))
+    jobs.sort(key=lambda j: (not is_study_lora(j[1]), methods.index(j[1]), j[2]))
     cfg = run.load_config()
     resolve_config_tasks(cfg)
     base = load_base(cfg)

@@ -65,6 +65,25 @@ BUILTIN: dict[str, dict] = {
             "description": "IA3 (learned rescaling of k, v and down projections)"},
 }
 
+# Display names of the built-in methods (report tables and figure legends; a method
+# without one is shown by its name).
+LABELS = {"lora": "LoRA", "full": "full FT", "head": "head only", "dora": "DoRA",
+          "rslora": "rsLoRA", "pissa": "PiSSA", "olora": "OLoRA", "loraplus": "LoRA+",
+          "ia3": "IA3", "lora-all-linear": "LoRA all-linear"}
+
+# The study's two-method design: LoRA as the ``lora`` section defines it against full
+# fine-tuning (Tables 3, 4, 7 and 8; the keys of table3.json, table4.json and of the
+# paired comparisons are these names). A study of no other method keeps that layout
+# (:func:`is_pair_study`); one of more methods compares each with ``reference_method``.
+PAIR = ("lora", "full")
+STUDY_LORA = PAIR[0]
+
+# The training loop's two optimizer kinds (:attr:`Method.optimizer_kind`): every parameter
+# trains (``lr_full``, ``train.optimizer_full``, 6N FLOPs per token) or a few do (adapter
+# and head methods: ``lr_lora``, torch's AdamW, 4N + 2n FLOPs per token).
+FULL_KIND, ADAPTER_KIND = "full", "lora"
+OPTIMIZER_KINDS = (ADAPTER_KIND, FULL_KIND)
+
 # The stages that handle each family (the others refuse, naming method and stage).
 ALL = frozenset(FAMILIES)
 STAGE_FAMILIES: dict[str, frozenset] = {"sanity": ALL, "search": ALL, "train": ALL,
@@ -93,10 +112,50 @@ class Method:
         return self.peft.get("lr_ratio")
 
     @property
+    def trains_all(self) -> bool:
+        """Every parameter trains (the ``full`` family): the full learning rate, optimizer
+        and search space, the weight matrices only full fine-tuning changes."""
+        return self.family == "full"
+
+    @property
+    def is_lora_type(self) -> bool:
+        """A LoRA-type PEFT method (LoRA, rsLoRA, DoRA, PiSSA, OLoRA, LoRA+; not IA3)."""
+        return lora_type(self.family, self.peft)
+
+    @property
     def optimizer_kind(self) -> str:
-        """The optimizer/FLOP family of the training loop: ``full`` or ``lora`` (adapter
-        and head methods train few parameters: torch's AdamW)."""
-        return "full" if self.family == "full" else "lora"
+        """The optimizer/FLOP kind of the training loop: :data:`FULL_KIND` (``full``) or
+        :data:`ADAPTER_KIND` (``lora``: adapter and head methods train few parameters,
+        torch's AdamW)."""
+        return FULL_KIND if self.trains_all else ADAPTER_KIND
+
+
+def kind_trains_all(kind: str) -> bool:
+    """Whether optimizer kind ``kind`` (:attr:`Method.optimizer_kind`; ``lora`` and
+    ``full``, the names of :data:`PAIR`, read as their kinds) trains every parameter."""
+    return kind == FULL_KIND
+
+
+def lora_type(family: str, peft: dict) -> bool:
+    """Whether a method of ``family`` with PEFT settings ``peft`` (as a job recorded them)
+    is LoRA-type (PEFT type ``lora``, the default)."""
+    return family == "peft" and peft.get("type", "lora") == "lora"
+
+
+def is_study_lora(name: str | None) -> bool:
+    """Whether ``name`` is the study's own LoRA (:data:`STUDY_LORA`, ``lora``: exactly the
+    ``lora`` section). It keeps the names and records of the two-method study: its jobs
+    record the ``lora`` section (:func:`job_record`), its adapters are named without the
+    method (``sst2_seed42``) and only its adapters are the intruder sweep's and ``serve``'s
+    from a run directory; it comes first where a run offers one model of several methods."""
+    return name == STUDY_LORA
+
+
+def is_pair_study(methods) -> bool:
+    """Whether a study of ``methods`` is the two-method design (no method beyond
+    :data:`PAIR`): its drift and weights stages and its report keep the two-method tables;
+    otherwise each method is compared with the reference method."""
+    return set(methods) <= set(PAIR)
 
 
 def _lora_section(cfg) -> dict:
@@ -203,7 +262,7 @@ def method_from_def(name: str, spec: Any, cfg=None, key: str | None = None) -> M
 
 def _inherits(spec: dict) -> list[str]:
     peft = spec.get("peft") or {}
-    if spec.get("family") != "peft" or peft.get("type", "lora") != "lora":
+    if not lora_type(spec.get("family"), peft):
         return []
     return [k for k in SEARCH_LORA_KEYS if k not in peft]
 
@@ -295,7 +354,7 @@ def require_supported(stage: str, methods: list[str], cfg=None) -> None:
                 raise ConfigError(f"method {name!r} (family {m.family}) is not supported by "
                                   f"the {stage} stage yet; it supports families "
                                   f"{sorted(STAGE_FAMILIES[stage])}", "methods")
-        elif name not in ("lora", "full"):
+        elif name not in PAIR:
             raise ConfigError(f"method {name!r} is not supported by the {stage} stage yet: "
                               "it compares the methods lora and full only (select them "
                               "with methods=[lora,full])", "methods")
@@ -341,14 +400,34 @@ def make_trainable(model, method: Method):
     return get_peft_model(model, peft_config(method))
 
 
-def weights_subdir(method: Method) -> str:
-    """The job directory's weights folder: ``adapter/`` (PEFT layout) or ``model/``."""
-    return "adapter" if method.is_adapter else "model"
-
-
 def method_record(method: Method) -> dict:
     """What a job's metrics record of its method (family and PEFT settings)."""
     return {"name": method.name, "family": method.family, "peft": dict(method.peft)}
+
+
+def job_record(method: Method, cfg) -> dict:
+    """What a job's ``metrics.json`` records of its method beside the training settings
+    (``hyperparameters``): the two-method study's records are as they were before methods
+    were data (the study's LoRA: the ``lora`` section as ``lora``; full fine-tuning:
+    nothing); every other method: ``method``, its :func:`method_record`."""
+    if is_study_lora(method.name):
+        return {"lora": cfg.lora.__dict__}
+    if method.name in PAIR:
+        return {}
+    return {"method": method_record(method)}
+
+
+def recorded_method(name: str, hyperparameters: dict) -> tuple[str, dict]:
+    """``(family, PEFT settings)`` of method ``name`` as its job's ``hyperparameters``
+    recorded them (:func:`job_record`; ``("", {})`` when they do not say)."""
+    rec = hyperparameters.get("method")
+    if isinstance(rec, dict):
+        return str(rec.get("family") or ""), dict(rec.get("peft") or {})
+    if name in ("full", "head"):  # built-ins with no PEFT settings: the name is the family
+        return name, {}
+    if is_study_lora(name) and isinstance(hyperparameters.get("lora"), dict):
+        return "peft", {"type": "lora", **hyperparameters["lora"]}
+    return "", {}
 
 
 def loraplus_groups(groups: list[dict], names: dict[int, str], lr: float,

@@ -14,6 +14,7 @@ from loralens.models import families as F
 from loralens.models.artifacts import load_adapter, load_full, write_adapter, write_full
 from loralens.models.cards import write_card
 from loralens.models.classifier import CausalLMClassifier
+from loralens.core.run_dir import RunDir
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -48,10 +49,8 @@ def save_trained(model: nn.Module, method: str, out: Path, tokenizer=None,
 def load_trained(job_dir: Path, backbone: nn.Module, num_labels: int) -> nn.Module:
     """Rebuild a trained classifier from a job directory (safetensors only), in eval mode;
     standard and old layouts alike (:mod:`loralens.models.artifacts`)."""
-    from loralens.core.run_dir import WEIGHTS_DIR
-
     model = CausalLMClassifier(backbone, num_labels)
-    adapter = Path(job_dir) / WEIGHTS_DIR["lora"]
+    adapter = RunDir.job_adapter_dir(job_dir)
     if adapter.is_dir():
         return load_adapter(model, adapter)
-    return load_full(model, Path(job_dir) / WEIGHTS_DIR["full"])
+    return load_full(model, RunDir.job_model_dir(job_dir))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from loralens.core.run_dir import RunDir
+from loralens.models.methods import STUDY_LORA, is_study_lora
 from loralens.tasks.registry import get_task
 from loralens.serving.backends import AdapterError
 
@@ -41,7 +42,7 @@ def _known_task(task: str) -> str | None:
 def task_of(path: Path) -> tuple[str | None, str]:
     """(task, default name) of an adapter dir laid out as models/<task>/lora/seed<s>/adapter."""
     parts = path.resolve().parts
-    if len(parts) >= 5 and parts[-1] == "adapter" and parts[-3] == "lora" \
+    if len(parts) >= 5 and parts[-1] == "adapter" and is_study_lora(parts[-3]) \
             and parts[-2].startswith("seed") and parts[-5] == "models":
         from loralens.tasks.registry import register_run_tasks
 
@@ -64,7 +65,7 @@ def collect_adapters(sources: Sequence[str]) -> tuple[list[AdapterSpec], Path | 
         run = RunDir(path)
         if name is None and run.is_run_dir():
             run_dir = run_dir or path
-            found = run.lora_adapters()
+            found = run.adapters(STUDY_LORA)
             if not found:
                 raise AdapterError(f"{path}: run directory without trained LoRA adapters "
                                    "(finished jobs of models/<task>/lora/seed<seed>/)")

@@ -27,7 +27,7 @@ from loralens.training import batches as B
 from loralens.core.config import StudyConfig, TrainConfig
 from loralens.training.loop import device_of, dist_info, evaluate, fit
 from loralens.training.metrics import scores
-from loralens.models.methods import get_method, method_record, weights_subdir
+from loralens.models.methods import get_method, job_record, kind_trains_all
 from loralens.models.classifier import Base, apply_method, build_classifier, load_base
 from loralens.models.saving import save_trained
 from loralens.core.run_dir import RunDir
@@ -51,7 +51,7 @@ def learning_rate(train: TrainConfig, method: str, kind: str | None = None) -> f
     ``method`` itself when omitted)."""
     if train.lr is not None:
         return train.lr
-    return train.lr_full if (kind or method) == "full" else train.lr_lora
+    return train.lr_full if kind_trains_all(kind or method) else train.lr_lora
 
 
 @dataclass
@@ -139,7 +139,7 @@ def count_parameters(model: nn.Module) -> dict:
 
 
 def with_overrides(cfg: StudyConfig, overrides: dict | None) -> StudyConfig:
-    """``cfg`` with nested overrides (e.g. a search's best {"train": {...}, "lora": {...}})."""
+    """``cfg`` with nested overrides (e.g. a search's best, by section: train, lora)."""
     from loralens.core.config import StudyConfig as _S, merge
 
     return merge(_S, cfg, overrides) if overrides else cfg
@@ -211,7 +211,7 @@ def _finish_job(jcfg, run, task, method, seed, prepared, base, model, fitres, ov
         return {"task": task, "method": method, "seed": seed, "validation": val, "rank": rank}
     metrics_path.unlink(missing_ok=True)
     meth = get_method(method, jcfg)
-    save_trained(model, method, run.job_dir(task, method, seed) / weights_subdir(meth),
+    save_trained(model, method, run.weights_dir(task, method, seed, adapter=meth.is_adapter),
                  base.tokenizer,
                  prepared.task.label_names,
                  card={"task": task, "base": base.name, "base_note": base.note, "seed": seed,
@@ -228,9 +228,7 @@ def _finish_job(jcfg, run, task, method, seed, prepared, base, model, fitres, ov
         "majority_baseline": majority_baseline(prepared.train.labels, prepared.val.labels,
                                                prepared.task.num_labels),
         "hyperparameters": {**tc.__dict__, "lr": learning_rate(tc, method, meth.optimizer_kind),
-                            **({"lora": jcfg.lora.__dict__} if method == "lora" else {}),
-                            **({"method": method_record(meth)} if method not in ("lora", "full")
-                               else {})},
+                            **job_record(meth, jcfg)},
         "overrides": overrides or {},
         "parameters": count_parameters(model),
         "fit": fitres.to_dict(),

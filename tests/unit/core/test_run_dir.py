@@ -22,17 +22,20 @@ def test_run_dir_layout_is_one_table(tmp_path):
     run = RunDir(tmp_path)
     assert run.metrics_path("rte", "lora", 42) == tmp_path / "models/rte/lora/seed42/metrics.json"
     assert run.weights_dir("rte", "lora", 1) == tmp_path / "models/rte/lora/seed1/adapter"
-    assert run.weights_dir("rte", "full", 1) == tmp_path / "models/rte/full/seed1/model"
+    assert run.weights_dir("rte", "full", 1, adapter=False) == \
+        tmp_path / "models/rte/full/seed1/model"
+    assert run.weights_dir("rte", "dora", 1, adapter=True).name == "adapter"
     assert run.search_path("sst2", "full") == tmp_path / "search/sst2-full.json"
     assert run.extract_manifest("rte") == tmp_path / "extract/rte/manifest.json"
     assert run.serving_path == tmp_path / "bench/serving.json"
     assert run.sqlite_url("jobs") == f"sqlite:///{(tmp_path / 'jobs.db').resolve()}"
     for t, m, s in [("rte", "lora", 1), ("sst2", "full", 2)]:
         atomic_write_text(run.metrics_path(t, m, s), "{}")
-        run.weights_dir(t, m, s).mkdir()
+        run.weights_dir(t, m, s, adapter=m == "lora").mkdir()
     run.job_dir("rte", "lora", 3).mkdir(parents=True)  # unfinished: no metrics.json
     assert run.finished_jobs() == [("rte", "lora", 1), ("sst2", "full", 2)]
-    assert run.lora_adapters() == [("rte", 1, run.weights_dir("rte", "lora", 1))]
+    assert run.weights_dir("sst2", "full", 2).name == "model"  # the folder the job holds
+    assert run.adapters("lora") == [("rte", 1, run.weights_dir("rte", "lora", 1))]
 
 
 def test_new_run_dir_records_its_format(tmp_path):

@@ -162,6 +162,7 @@ def test_bench_stage_records_float64_identity(tmp_path, glue_dir, tiny_base):
     the serving dtype's differences are recorded beside them, Table 5 pairs by request."""
     from loralens.study.config import load_config
     from loralens.models.classifier import apply_method, build_classifier
+    from loralens.models.methods import get_method
     from loralens.models.saving import save_trained
     from loralens.serving.bench.stage import run_bench, summary_lines
     from loralens.core.run_dir import RunDir
@@ -178,7 +179,8 @@ def test_bench_stage_records_float64_identity(tmp_path, glue_dir, tiny_base):
                 for n, p in model.named_parameters():
                     if "lora_B" in n or "modules_to_save" in n:
                         p.normal_(0, 0.3)
-        save_trained(model, method, run.weights_dir(task, method, 1))
+        save_trained(model, method, run.weights_dir(task, method, 1,
+                                                    adapter=get_method(method).is_adapter))
         atomic_write_json(run.metrics_path(task, method, 1),
                           {"task": task, "method": method, "seed": 1})
     res = run_bench(cfg, run, warmup=1, n_requests=4, progress=False, mixed_batch_size=3,
