@@ -1,5 +1,6 @@
 """Figure 2 of a study with more than two methods: each method's drift beside the
-reference method's, from ``drift/methods.json`` (:mod:`loralens.analysis.drift.methods`).
+reference method's, from ``drift/methods.json``
+(:func:`loralens.analysis.drift.stage.method_drift`).
 
 Also :func:`legend_labels`, the text of every legend of a drawn figure, which
 :func:`figures.draw_all` stores beside the figures (``figures/legends.json``) so that a

@@ -4,11 +4,11 @@ one row each, against the reference method (``reference_method``, default ``full
 A study whose methods go beyond ``lora`` and ``full`` (:func:`is_multi`, the same test
 the drift and weights stages make) gets these in place of the two-method Tables 3, 4,
 4b, 7 and 8, with the same ids: Table 3 from the jobs' metrics.json
-(:func:`loralens.analysis.drift.methods.method_accuracy`, stored by the drift stage in
+(:func:`loralens.analysis.drift.stats.method_accuracy`, stored by the drift stage in
 ``drift/methods.json``), Table 4 from ``drift/methods.json``
-(:func:`loralens.analysis.drift.methods.method_drift`), Table 4b from ``drift/layers.json``,
+(:func:`loralens.analysis.drift.stage.method_drift`), Table 4b from ``drift/layers.json``,
 Tables 7 and 8 from ``weightspace/methods.json``
-(:func:`loralens.analysis.weights.methods.method_summary`).
+(:func:`loralens.analysis.weights.analyzer.method_summary`).
 
 Sign conventions: scores and weight measures are method − reference; drift's Cohen's d
 is reference − method (positive when the reference drifts more, the paper's sign with
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from loralens.models.methods import is_pair_study
 from loralens.report.colors import method_label
 from loralens.report.formatting import DASH, MEASURES, Table, f, finite, g, per_seed, pm, signed_pct
 from loralens.report.run_data import RunData, read_optional
@@ -35,8 +36,9 @@ WEIGHT_NAMES = {"intruders": "intruder dimensions (sum over matrices), ε = 0.5"
 
 
 def is_multi(d: RunData) -> bool:
-    """The study compares more than the methods ``lora`` and ``full``."""
-    return bool(set(d.methods) - {"lora", "full"})
+    """The study compares more than the methods ``lora`` and ``full`` (the method
+    registry's two-method design, :func:`loralens.models.methods.is_pair_study`)."""
+    return not is_pair_study(d.methods)
 
 
 def reference(d: RunData) -> str:
@@ -48,8 +50,8 @@ def method_results(d: RunData) -> dict:
     missing), read once."""
     if "methods" not in d.cache:
         d.cache["methods"] = {
-            "drift": read_optional(d.run.drift_dir / "methods.json", d.problems),
-            "weights": read_optional(d.run.weightspace_path("methods.json"), d.problems)}
+            "drift": read_optional(d.run.drift_methods_json, d.problems),
+            "weights": read_optional(d.run.weightspace_methods_json, d.problems)}
     return d.cache["methods"]
 
 
@@ -63,7 +65,7 @@ def accuracy_results(d: RunData) -> dict | None:
               if finite(v := (j.get("validation") or {}).get(d.metric(k[0])))}
     if not scores:
         return None
-    from loralens.analysis.drift.methods import method_accuracy
+    from loralens.analysis.drift.stats import method_accuracy
 
     return method_accuracy(scores, d.tasks, d.methods, reference(d))
 

@@ -33,9 +33,8 @@ FIGS = ("fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwise-drift"
 
 
 def four_method_run(root) -> RunDir:
-    from loralens.analysis.drift.stage import run_drift
-    from loralens.analysis.drift.methods import method_drift
-    from loralens.analysis.weights.methods import method_summary
+    from loralens.analysis.drift.stage import method_drift, run_drift
+    from loralens.analysis.weights.analyzer import method_summary
 
     cfg = load_config(overrides={"preset": "smoke", "tasks": list(TASKS), "seeds": list(SEEDS),
                                  "methods": list(METHODS), "data": {"max_length": 128}})

@@ -1,4 +1,4 @@
 """The drift stage: per-layer similarity of each model to the base model
-(:mod:`.measures`), its statistics and tables (:mod:`.stats`, :mod:`.methods`) and the stage
-itself (:mod:`.stage`).
+(:mod:`.measures`), its statistics (:mod:`.stats`) and the stage itself with its tables
+(:mod:`.stage`), every method vs the reference in a study of more methods included.
 """

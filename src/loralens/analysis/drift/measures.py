@@ -15,6 +15,7 @@ import numpy as np
 from loralens.analysis import similarity
 from loralens.core.errors import ConfigError
 from loralens.core.config import parse_layers
+from loralens.models.methods import PAIR  # the two-method study's methods, its tables' keys
 
 # Per-layer measures (similarity to the base model).
 MEASURES = ("cka", "cka_debiased", "cka_std", "cka_std_debiased", "cosine", "procrustes",
@@ -26,7 +27,6 @@ DRIFT_MEASURES = {"cka": "1 - linear CKA (biased)", "cka_debiased": "1 - linear 
 STD_MEASURES = {"cka_std": "1 - linear CKA of features standardised per dimension (biased)",
                 "cka_std_debiased": "1 - linear CKA of features standardised per dimension "
                                     "(debiased)"}
-PAIR = ("lora", "full")
 TOP_KS = (1, 5)
 DRIFT_SIGN = "full - lora"   # Cohen's d and t of drift: positive when full FT drifts more
 SCORE_SIGN = "lora - full"   # of scores: positive when LoRA scores higher

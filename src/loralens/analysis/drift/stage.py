@@ -33,8 +33,12 @@ corrections a full run applies. Zero spread of the paired differences is undefin
 significant (:mod:`loralens.analysis.stats`). Where a statistic is undefined (one seed, one method,
 a degenerate layer) the value is null and a note says why; nothing is left out silently.
 
+A study of more methods than LoRA and full fine-tuning also gets ``methods.json`` /
+``methods.csv``: every method against the reference method (:func:`method_drift`).
+
 The measures and states live in :mod:`loralens.analysis.drift.measures`; the families, the
-comparisons and Table 3 in :mod:`loralens.analysis.drift.stats`.
+comparisons and Table 3 (and its counterpart for more methods, :func:`.stats.method_accuracy`)
+in :mod:`loralens.analysis.drift.stats`.
 """
 
 from __future__ import annotations
@@ -49,8 +53,11 @@ from loralens.analysis.drift.measures import (
     DRIFT_MEASURES, DRIFT_SIGN, MEASURES, PAIR, STD_MEASURES, TOP_KS, drift_states, finite_or_none,
     layer_similarities, seed_floor, state_label, states_text, variance_profile,
 )
-from loralens.analysis.drift.stats import accuracy_table, compare, describe, families
+from loralens.analysis.drift.stats import (
+    accuracy_table, compare, describe, families, job_scores, method_accuracy,
+)
 from loralens.analysis.extract import BASE_KEY, job_fingerprint, load_task
+from loralens.models.methods import get_method
 from loralens.core.errors import RunDirError
 from loralens.core.run_dir import DRIFT_FILES, RunDir
 from loralens.core.files import atomic_write_json, write_csv
@@ -368,6 +375,106 @@ def _write_outputs(run: RunDir, meta, notes, layer_rows, table3, table4) -> list
                       "averaged over the same states; mean over the pairs of seeds",
         "tasks": table4})
     return [str(run.drift_path(n)) for n in DRIFT_FILES]
+
+
+# --------------------------------------------------------------------------- more methods
+
+HEAD_NOTE = ("undefined: a head-only method's backbone is the base model's, its drift 0 by "
+             "construction (not tested, never significant)")
+CSV_KEYS = ("task", "measure", "method", "family", "reference", "n_seeds", "mean", "sd",
+            "per_seed", "reference_mean", "delta_percent", "t", "p", "p_bonferroni",
+            "significant", "cohens_d", "tested", "note")
+
+
+def method_drift(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None, *,
+                 alpha: float = 0.05, n_resamples: int = 10_000, ci_seed: int = 0) -> dict:
+    """Drift of every method against the study's reference method (``reference_method``,
+    default ``full``), for studies with more than the two methods of Tables 3 and 4;
+    returns ``{"rows", "notes", ...}``.
+
+    Writes ``RUN_DIR/drift/methods.json`` and ``methods.csv``: per task, tested drift
+    measure (:data:`~loralens.analysis.drift.measures.DRIFT_MEASURES`) and method, the
+    drift averaged over the states of ``drift.layers`` (mean, sd and each seed's value), and
+    the method against the reference, seed-paired (:func:`.stats.compare`: paired t-test,
+    Bonferroni over the tests made: (methods other than the reference and the head-only
+    ones) x configured tasks x measures, Cohen's d of reference - method, positive when the
+    reference drifts more; Delta% = 100 (drift_ref - drift_method) / drift_ref), and, beside
+    them, each method's study metric against the reference's
+    (:func:`.stats.method_accuracy`).
+
+    A method of the ``head`` family trains only the classification head: its backbone is
+    the base model's, its drift 0 by construction, so its tests are undefined (never
+    significant, in no family) and say so.
+    """
+    ref = cfg.reference_method
+    tested = [m for m in cfg.methods if m != ref and get_method(m, cfg).family != "head"]
+    n_tests = max(1, len(tested) * len(cfg.tasks) * len(DRIFT_MEASURES))
+    notes: list[str] = []
+    if ref not in cfg.methods:
+        notes.append(f"reference method {ref!r} is not among the methods {cfg.methods}: "
+                     "no comparisons")
+    rows: list[dict] = []
+    for task in list(tasks or cfg.tasks):
+        if not run.extract_manifest(task).is_file():
+            notes.append(f"{task}: not extracted; run `loralens extract` first")
+            continue
+        manifest, arrays = load_task(run, task)
+        base = arrays.pop(BASE_KEY)
+        states = drift_states(cfg.drift.layers, base.shape[1])
+        sims = layer_similarities(base, arrays, notes, f"{task}: ")
+        entries = manifest["models"]
+        means = {m: {measure: {} for measure in DRIFT_MEASURES} for m in cfg.methods}
+        for key, sim in sims.items():
+            m, seed = entries[key]["method"], entries[key]["seed"]
+            if m in means:
+                for measure in DRIFT_MEASURES:
+                    v = float(np.mean(1.0 - sim[measure][states]))
+                    if math.isfinite(v):
+                        means[m][measure][seed] = v
+        for measure in DRIFT_MEASURES:
+            for m in cfg.methods:
+                rows.append(_method_row(task, measure, m, ref, means, n_tests, alpha, n_resamples,
+                                 ci_seed, cfg))
+    meta = {"reference_method": ref, "methods": list(cfg.methods), "alpha": alpha,
+            "n_tests": n_tests, "alpha_per_test": alpha / n_tests,
+            "family": "methods other than the reference and the head-only ones x configured "
+                      "tasks x measures",
+            "cohens_d": f"sign {DRIFT_SIGN!r} with lora = the method, full = the reference: "
+                        "positive when the reference drifts more",
+            "drift_layers": cfg.drift.layers}
+    meta["accuracy"] = method_accuracy(job_scores(run, cfg.tasks), cfg.tasks, cfg.methods,
+                                       ref, alpha, n_resamples, ci_seed)
+    files = [run.drift_methods_json, run.drift_methods_csv]
+    atomic_write_json(files[0], {**meta, "rows": rows, "notes": notes})
+    write_csv(files[1], [{k: _cell(r.get(k)) for k in CSV_KEYS} for r in rows], list(CSV_KEYS))
+    return {**meta, "rows": rows, "notes": notes, "files": [str(f) for f in files]}
+
+
+def _method_row(task, measure, m, ref, means, n_tests, alpha, n_resamples, ci_seed, cfg) -> dict:
+    vals = means[m][measure]
+    seeds = sorted(vals)
+    mean = float(np.mean([vals[s] for s in seeds])) if seeds else None
+    sd = float(np.std([vals[s] for s in seeds], ddof=1)) if len(seeds) > 1 else None
+    row = {"task": task, "measure": measure, "method": m, "family": get_method(m, cfg).family,
+           "reference": ref, "n_seeds": len(seeds), "mean": mean, "sd": sd,
+           "per_seed": {str(s): vals[s] for s in seeds}, "tested": False}
+    if m == ref or ref not in means:
+        row["note"] = "the reference method" if m == ref else "no reference method"
+        return row
+    c = compare(vals, means[ref][measure], n_tests, alpha, n_resamples, ci_seed, DRIFT_SIGN)
+    if row["family"] == "head":
+        describe(c, HEAD_NOTE)
+    row.update({k: c.get(k) for k in ("t", "p", "p_bonferroni", "significant", "cohens_d",
+                                      "tested", "note", "delta_percent", "delta_percent_ci",
+                                      "zero_spread", "n_tests")})
+    row["reference_mean"] = (c.get("full") or {}).get("mean")
+    return row
+
+
+def _cell(v):
+    if isinstance(v, dict):
+        return ";".join(f"{k}={x:.6g}" for k, x in v.items())
+    return v
 
 
 def summary_lines(result: dict) -> list[str]:

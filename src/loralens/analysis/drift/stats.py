@@ -1,6 +1,7 @@
 """Drift statistics: the Bonferroni families, LoRA vs full fine-tuning comparisons
 (:func:`compare`, :func:`describe`), and Table 3 (scores per task, with example-level
-McNemar tests over the validation logits).
+McNemar tests over the validation logits); for a study of more methods, each method's
+score against the reference method's (:func:`method_accuracy`).
 
 Zero spread of the paired differences is undefined, never significant
 (:mod:`loralens.analysis.stats`); where a statistic is undefined the value is null and a note says why.
@@ -8,6 +9,7 @@ Zero spread of the paired differences is undefined, never significant
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -220,8 +222,7 @@ def example_tests(run: RunDir, task: str, metrics: dict, n_tests: int, alpha: fl
     ``b + c`` = disagreements and ``b - c = n (accuracy_lora - accuracy_full)``).
     """
     spec = get_task(task)
-    seeds = sorted({s for (m, s) in metrics if m == "lora"} & {s for (m, s) in metrics
-                                                               if m == "full"})
+    seeds = sorted(set.intersection(*({s for (m, s) in metrics if m == meth} for meth in PAIR)))
     have = [s for s in seeds if all(run.val_logits_path(task, m, s).is_file() for m in PAIR)]
     if set(seeds) - set(have):
         notes.append(f"{task}: no val_logits.npy for seed(s) {sorted(set(seeds) - set(have))}; "
@@ -278,3 +279,62 @@ def example_tests(run: RunDir, task: str, metrics: dict, n_tests: int, alpha: fl
             "test": "exact McNemar (two-sided binomial test of b against b + c, p = 1/2)",
             "interval": "95% Wilson score interval"})
     return out
+
+
+# --------------------------------------------------------------------------- more methods
+
+def job_scores(run: RunDir, tasks: Sequence[str]) -> dict:
+    """``{(task, method, seed): study metric on the validation split}`` of finished jobs."""
+    out = {}
+    for t, m, s in run.finished_jobs():
+        if t in tasks:
+            v = (read_json(run.metrics_path(t, m, s)).get("validation") or {}).get(
+                get_task(t).metric)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                out[(t, m, s)] = float(v)
+    return out
+
+
+def method_accuracy(scores: dict, tasks: Sequence[str], methods: Sequence[str], ref: str,
+                    alpha: float = 0.05, n_resamples: int = 10_000, ci_seed: int = 0) -> dict:
+    """Each method's study metric against the reference method's, per task.
+
+    ``scores``: ``{(task, method, seed): score}`` (the task's study metric on the whole
+    validation split). Seed-paired :func:`~loralens.analysis.drift.stats.compare` of method -
+    reference (``SCORE_SIGN`` with lora = the method, full = the reference: t and Cohen's
+    d positive when the method scores higher). Bonferroni family: every method but the
+    reference x configured ``tasks`` (a head-only method's score is a real test), fixed
+    by the config so a correction never changes with what has finished. Returns
+    ``{"rows": [{task, method, mean, sd, per_seed, difference, t, p, ...}], "n_tests",
+    "alpha", "family", "sign"}``.
+    """
+    others = [m for m in methods if m != ref]
+    n_tests = max(1, len(others) * len(tasks))
+    rows = []
+    for task in tasks:
+        by = {m: {s: v for (t, mm, s), v in scores.items() if t == task and mm == m}
+              for m in methods}
+        if not any(by.values()):
+            continue
+        for m in methods:
+            vals = by[m]
+            seeds = sorted(vals)
+            row = {"task": task, "method": m, "reference": ref, "n_seeds": len(seeds),
+                   "mean": float(np.mean([vals[s] for s in seeds])) if seeds else None,
+                   "sd": float(np.std([vals[s] for s in seeds], ddof=1))
+                   if len(seeds) > 1 else None,
+                   "per_seed": {str(s): vals[s] for s in seeds}, "tested": False}
+            if m == ref or not by.get(ref):
+                row["note"] = "the reference method" if m == ref else "no reference results"
+            elif vals:
+                c = compare(vals, by[ref], n_tests, alpha, n_resamples, ci_seed, SCORE_SIGN)
+                row.update({k: c.get(k) for k in ("t", "p", "p_bonferroni", "significant",
+                                                  "cohens_d", "tested", "note", "zero_spread",
+                                                  "n_tests")})
+                if c["lora"] and c["full"]:
+                    row["difference"] = c["lora"]["mean"] - c["full"]["mean"]
+            rows.append(row)
+    return {"rows": rows, "reference_method": ref, "n_tests": n_tests, "alpha": alpha,
+            "family": "methods other than the reference x configured tasks (study metric)",
+            "sign": "method - reference: t and Cohen's d positive when the method scores "
+                    "higher"}

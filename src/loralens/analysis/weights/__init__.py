@@ -1,4 +1,5 @@
 """The weights stage: intruder dimensions and weight-change spectra
 (:mod:`.measures`), forgetting of general text (:mod:`.forgetting`), the intruder sweep
-(:mod:`.intruder_sweep`), per-method tables (:mod:`.methods`) and the stage (:mod:`.stage`).
+(:mod:`.intruder_sweep`), the per-model analysis and the summaries, every method vs the
+reference included (:mod:`.analyzer`), and the stage (:mod:`.stage`).
 """

@@ -8,7 +8,8 @@ float64; the base's SVDs are computed once per process and reused by every model
 
 - ``weights.matrices`` (default: ``lora.target_modules``, q_proj and v_proj) in every
   layer, for both methods: the like-for-like comparison;
-- for full fine-tuning, which changes every linear layer, also ``weights.full_extra``
+- for full fine-tuning (a method that trains every parameter, ``Method.trains_all``),
+  which changes every linear layer, also ``weights.full_extra``
   (k/o projections and the MLP) in ``weights.extra_layers`` evenly spaced layers: a
   cheap subset, marked ``group = extra`` and never mixed into the comparison.
 
@@ -21,6 +22,8 @@ Layout::
       layers.csv, layers.json                  one row per model and matrix
       forgetting.csv, forgetting.json          one row per model
       summary.json                             per task and measure: LoRA vs full, paired
+      methods.json                             a study of more methods: each vs the reference
+                                               (:func:`method_summary`)
 
 A model's JSON carries the sha256 of its ``metrics.json`` and the settings it was
 computed with: a rerun skips it when both still match (resumable), else redoes it.
@@ -46,6 +49,7 @@ from loralens.analysis.weights.forgetting import (
     base_lm_head, encode_texts, lm_cross_entropy, text_sample,
 )
 from loralens.models.classifier import Base
+from loralens.models.methods import PAIR, get_method
 from loralens.models.saving import load_trained
 from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_write_json, read_json, write_csv
@@ -148,7 +152,7 @@ class Analyzer:
                 progress: bool = False) -> list[dict]:
         """One row per analysed matrix of a loaded (merged) backbone."""
         wc = self.cfg.weights
-        extra = wc.full_extra if method == "full" else []
+        extra = wc.full_extra if get_method(method, self.cfg).trains_all else []
         todo = select_matrices(backbone, common_matrices(self.cfg), extra, wc.extra_layers)
         mods = dict(backbone.named_modules())
         rows = []
@@ -237,7 +241,7 @@ def summarize(results: Sequence[dict], tasks: Sequence[str]) -> dict:
     for task in tasks:
         for measure in MEASURES:
             vals = {m: {s: v[measure] for (t, mm, s), v in per.items()
-                        if t == task and mm == m and measure in v} for m in ("lora", "full")}
+                        if t == task and mm == m and measure in v} for m in PAIR}
             seeds = sorted(set(vals["lora"]) & set(vals["full"]))
             cells.append((task, measure, vals, seeds))
     # the family is the tests actually made: two paired seeds at least, and not zero spread
@@ -249,7 +253,7 @@ def summarize(results: Sequence[dict], tasks: Sequence[str]) -> dict:
         for t, measure, vals, seeds in cells:
             if t != task or not (vals["lora"] or vals["full"]):
                 continue
-            c = {m: _describe(list(vals[m].values())) for m in ("lora", "full")}
+            c = {m: _describe(list(vals[m].values())) for m in PAIR}
             if len(seeds) >= 2:
                 c["test"] = stats.compare_methods([vals["lora"][s] for s in seeds],
                                                   [vals["full"][s] for s in seeds], seeds,
@@ -268,16 +272,73 @@ def _describe(values: list[float]) -> dict:
 def write_outputs(run: RunDir, results: Sequence[dict], tasks: Sequence[str]) -> dict:
     """layers.*, forgetting.* and summary.json from every model's results."""
     rows = layer_rows(results)
-    write_csv(run.weightspace_path("layers.csv"), rows)
-    atomic_write_json(run.weightspace_path("layers.json"), {"epsilons": list(EPSILONS),
-                                                            "rows": rows})
+    write_csv(run.weightspace_layers_csv, rows)
+    atomic_write_json(run.weightspace_layers_json, {"epsilons": list(EPSILONS), "rows": rows})
     forget = [{"task": r["task"], "method": r["method"], "seed": r["seed"], **r["forgetting"]}
               for r in results if r.get("forgetting")]
-    write_csv(run.weightspace_path("forgetting.csv"), forget)
-    atomic_write_json(run.weightspace_path("forgetting.json"), {"rows": forget})
+    write_csv(run.weightspace_forgetting_csv, forget)
+    atomic_write_json(run.weightspace_forgetting_json, {"rows": forget})
     summary = summarize(results, tasks)
-    atomic_write_json(run.weightspace_path("summary.json"), summary)
+    atomic_write_json(run.weightspace_summary_json, summary)
     return summary
+
+
+# --------------------------------------------------------------------------- more methods
+
+HEAD_NOTE = ("undefined: a head-only method's backbone is the base model's (no weight "
+             "change, no forgetting by construction); not tested")
+
+
+def method_summary(cfg, run: RunDir, results: Sequence[dict]) -> dict:
+    """A study with more than the two study methods: every method against the reference
+    method (``reference_method``, default ``full``), written to ``weightspace/methods.json``.
+
+    Per task, measure (:data:`MEASURES`, over the common matrices) and method: the mean
+    and sd over seeds and each seed's value, and the method vs the reference over paired
+    seeds (:func:`loralens.analysis.stats.compare_methods` with sign ``method -
+    reference``; Bonferroni over the tests actually made: two paired seeds at least, not
+    zero spread). A ``head``-family method leaves the backbone as the base model's: its
+    weight change and forgetting are 0 by construction and its tests undefined (never
+    significant).
+    """
+    ref = cfg.reference_method
+    per = {(r["task"], r["method"], r["seed"]): model_summary(r) for r in results}
+    cells = []
+    for task in cfg.tasks:
+        for measure in MEASURES:
+            vals = {m: {s: v[measure] for (t, mm, s), v in per.items()
+                        if t == task and mm == m and measure in v} for m in cfg.methods}
+            for m in cfg.methods:
+                seeds = sorted(set(vals[m]) & set(vals.get(ref, {})))
+                testable = (m != ref and get_method(m, cfg).family != "head"
+                            and len(seeds) >= 2 and not stats.zero_spread(
+                                [vals[m][s] for s in seeds], [vals[ref][s] for s in seeds]))
+                cells.append((task, measure, m, vals, seeds, testable))
+    n_tests = sum(1 for c in cells if c[-1]) or 1
+    rows = []
+    for task, measure, m, vals, seeds, testable in cells:
+        if not vals[m]:
+            continue
+        row = {"task": task, "measure": measure, "method": m,
+               "family": get_method(m, cfg).family, "reference": ref,
+               **_describe(list(vals[m].values())),
+               "per_seed": {str(s): vals[m][s] for s in sorted(vals[m])}, "test": None}
+        if m == ref:
+            row["note"] = "the reference method"
+        elif row["family"] == "head":
+            row["note"] = HEAD_NOTE
+        elif testable:
+            row["test"] = stats.compare_methods([vals[m][s] for s in seeds],
+                                                [vals[ref][s] for s in seeds], seeds,
+                                                n_tests=n_tests, sign="lora - full")
+        else:
+            row["note"] = "not tested: fewer than two paired seeds, or zero spread"
+        rows.append(row)
+    out = {"reference_method": ref, "methods": list(cfg.methods), "n_tests": n_tests,
+           "sign": "method - reference (compare_methods' lora = the method, full = the "
+                   "reference)", "rows": rows}
+    atomic_write_json(run.weightspace_methods_json, out)
+    return out
 
 
 def load_results(run: RunDir, jobs: Sequence[tuple[str, str, int]]) -> list[dict]:

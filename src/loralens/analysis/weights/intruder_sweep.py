@@ -45,6 +45,7 @@ from loralens.analysis.extract import (
     BASE_KEY, SPLIT, job_fingerprint, load_pooled, pooled_hidden_states, sample_split,
 )
 from loralens.training.loop import evaluate
+from loralens.models.methods import STUDY_LORA, is_study_lora
 from loralens.models.saving import load_trained
 from loralens.analysis.similarity import cka_against_base
 from loralens.core.errors import RunDirError
@@ -140,7 +141,7 @@ def measure(an, cfg, td: TaskData, model: nn.Module, task: str) -> dict:
            "n_eval": ev["n"], "n_drift": len(td.extract_enc),
            "drift": drift_of(td.base_states, hidden, td.states)}
     backbone = backbone_of(model).eval()  # merges the active (reduced) adapter
-    rows = an.analyze(backbone, "lora")
+    rows = an.analyze(backbone, STUDY_LORA)
     out["intruders_after"] = int(sum(r["intruders"][str(SUMMARY_EPSILON)] for r in rows))
     if cfg.weights.forgetting:
         out["forgetting"] = an.forgetting(backbone, task)["forgetting"]
@@ -153,7 +154,7 @@ def sweep_model(an, run: RunDir, td: TaskData, task: str, seed: int,
     cfg = an.cfg
     wc = cfg.weights
     path = run.weightspace_sweep_path(task, seed)
-    job_dir = run.job_dir(task, "lora", seed)
+    job_dir = run.job_dir(task, STUDY_LORA, seed)
     head = {"task": task, "seed": seed, "metrics_sha256": job_fingerprint(job_dir),
             "settings": settings(cfg)}
     old = read_json(path) if path.is_file() else {}
@@ -186,7 +187,7 @@ def is_done(run: RunDir, cfg, task: str, seed: int) -> bool:
     if not path.is_file():
         return False
     old = read_json(path)
-    return (old.get("metrics_sha256") == job_fingerprint(run.job_dir(task, "lora", seed))
+    return (old.get("metrics_sha256") == job_fingerprint(run.job_dir(task, STUDY_LORA, seed))
             and old.get("settings") == json.loads(json.dumps(settings(cfg)))
             and all(f"{lam:g}" in old.get("lambdas", {}) for lam in cfg.weights.sweep_lambdas))
 
@@ -211,8 +212,8 @@ def sweep_rows(results: Sequence[dict], lambdas: Sequence[float]) -> list[dict]:
 
 def write_outputs(run: RunDir, cfg, results: Sequence[dict]) -> list[dict]:
     rows = sweep_rows(results, cfg.weights.sweep_lambdas)
-    write_csv(run.weightspace_path("sweep.csv"), rows)
-    atomic_write_json(run.weightspace_path("sweep.json"), {
+    write_csv(run.weightspace_sweep_csv, rows)
+    atomic_write_json(run.weightspace_sweep_json, {
         "settings": settings(cfg), "lambdas": list(cfg.weights.sweep_lambdas), "rows": rows,
         "per_state": [{"task": r["task"], "seed": r["seed"], "lambda": e["lambda"],
                        "drift": e["drift"]["per_state"]}
@@ -230,7 +231,7 @@ def run_sweep(ctx, an_factory) -> list[dict]:
     cfg, run = ctx.cfg, ctx.run
     wanted = set(sweep_seeds(cfg))
     keys = [(t, s) for t, m, s in run.finished_jobs()
-            if m == "lora" and t in ctx.tasks and s in wanted]
+            if is_study_lora(m) and t in ctx.tasks and s in wanted]
     tasks: dict = {}
 
     def one(p):

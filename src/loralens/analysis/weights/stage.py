@@ -1,6 +1,7 @@
 """The weights stage (``loralens weights``): every finished model of the selected tasks
 analysed by :mod:`.analyzer` through the job queue, then the study's outputs
-(``RUN_DIR/weightspace/``), each method against the reference (:mod:`.methods`) and, where
+(``RUN_DIR/weightspace/``), each method against the reference in a study of more
+methods (:func:`.analyzer.method_summary`) and, where
 ``weights.sweep`` asks for it, the intruder sweep (:mod:`.intruder_sweep`).
 """
 
@@ -9,11 +10,11 @@ from __future__ import annotations
 import logging
 
 from loralens.analysis.weights.analyzer import (
-    SUMMARY_EPSILON, Analyzer, analyze_job, is_done, load_results, model_summary, summary_lines,
-    write_outputs,
+    SUMMARY_EPSILON, Analyzer, analyze_job, is_done, load_results, method_summary,
+    model_summary, summary_lines, write_outputs,
 )
 from loralens.analysis.weights.intruder_sweep import run_sweep
-from loralens.analysis.weights.methods import method_summary
+from loralens.models.methods import is_pair_study
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,10 @@ def run_weights(ctx) -> bool:
     finished = ctx.run.finished_jobs()
     summary = write_outputs(ctx.run, load_results(ctx.run, finished), ctx.cfg.tasks)
     log.info("\n".join(summary_lines(summary)))
-    if set(ctx.cfg.methods) - {"lora", "full"}:  # more methods: each vs the reference
+    if not is_pair_study(ctx.cfg.methods):  # more methods: each vs the reference
         method_summary(ctx.cfg, ctx.run, load_results(ctx.run, finished))
         log.info(f"weights of {len(ctx.cfg.methods)} methods vs {ctx.cfg.reference_method}: "
-                 f"{ctx.run.weightspace_path('methods.json')}")
+                 f"{ctx.run.weightspace_methods_json}")
     if ctx.cfg.weights.sweep:  # the causal test (intruder_sweep.py): opt-in
         run_sweep(ctx, lambda: state.get("an") or state.setdefault(
             "an", Analyzer(ctx.cfg, ctx.base)))
