@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from loralens import __version__
+from loralens.models.methods import is_study_lora
 
 PREPROCESSING = """\
 ## Input preprocessing (match it, or the logits differ)
@@ -72,10 +73,10 @@ def render_card(info: dict) -> str:
     """The card's markdown from ``info`` (keys: kind, method, task, label_names, base,
     base_path, base_note, sep, arch, path, hyperparameters, scores, score_split, version,
     commit, max_length); missing keys leave their lines out."""
-    adapter = info.get("adapter", info.get("method") == "lora")  # any PEFT method's adapter
     method = info.get("method")
+    adapter = info.get("adapter", is_study_lora(method))  # any PEFT method's adapter
     kind = info.get("kind") or (
-        ("LoRA adapter" if method == "lora" else f"PEFT adapter ({method})") if adapter
+        ("LoRA adapter" if is_study_lora(method) else f"PEFT adapter ({method})") if adapter
         else "full fine-tuned model" if method in (None, "full")
         else f"fine-tuned model ({method}, full checkpoint)")
     title = f"loralens {kind}" + (f" for GLUE {info['task']}" if info.get("task") else "")

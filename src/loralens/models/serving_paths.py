@@ -29,7 +29,7 @@ Each served kind is named ``<method>`` (whole models) or ``<method>_<path>`` wit
 
 from __future__ import annotations
 
-from loralens.models.methods import Method
+from loralens.models.methods import Method, is_study_lora
 
 LEAN, PEFT, MERGED, WHOLE = "lean runtime", "PEFT", "merged", "whole model"
 SUFFIX = {PEFT: "separate", MERGED: "merged", LEAN: "runtime"}
@@ -51,7 +51,7 @@ def lean_inexact(method: Method) -> str | None:
     if not method.is_adapter:
         return f"a {method.family} model has no adapter: served as a whole model"
     p = method.peft
-    if p.get("type") != "lora":
+    if not method.is_lora_type:
         return f"{str(p.get('type')).upper()} is not LoRA: it rescales activations"
     if p.get("use_dora"):
         return ("DoRA rescales each weight column by a learned magnitude over ||W + s B A||, "
@@ -90,4 +90,4 @@ def merged_kind(method_name: str) -> str:
 def adapter_name(task: str, method: str, seed: int) -> str:
     """The runtime's (and PEFT's) name of one trained adapter: ``sst2_seed42`` for the
     study's ``lora`` (as before), ``sst2_rslora_seed42`` for another method."""
-    return f"{task}_seed{seed}" if method == "lora" else f"{task}_{method}_seed{seed}"
+    return f"{task}_seed{seed}" if is_study_lora(method) else f"{task}_{method}_seed{seed}"

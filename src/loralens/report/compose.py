@@ -210,8 +210,8 @@ def _glance_latency(comp: list[dict], task: str, batch: int) -> str:
             + (f" (p = {pval(r.get('p_vs_full'))}"
                + (", paired by request)" if r.get("test_vs_full") else ")")
                if r.get("p_vs_full") is not None else "")
-            for k, r in rows.items() if k != "full" and r.get("overhead_vs_full_pct")
-            is not None]
+            for k, r in rows.items()  # the baseline's own row has no overhead vs itself
+            if r.get("overhead_vs_full_pct") is not None]
     return f"batch-{batch} latency vs full FT: " + ", ".join(over) if over else ""
 
 

@@ -12,11 +12,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from loralens.models.methods import LABELS
+
 DASH = "–"
-# Display names of methods, serving strategies and drift measures (tables and figures).
-METHODS = {"lora": "LoRA", "full": "full FT", "head": "head only", "dora": "DoRA",
-           "rslora": "rsLoRA", "pissa": "PiSSA", "olora": "OLoRA", "loraplus": "LoRA+",
-           "ia3": "IA3", "lora-all-linear": "LoRA all-linear"}
+# Display names of methods (the method registry's), serving strategies and drift measures
+# (tables and figures).
+METHODS = LABELS
 KINDS = {"full": "full fine-tuning", "lora_merged": "LoRA merged",
          "lora_separate": "LoRA separate (PEFT)", "lora_runtime": "LoRA, our runtime"}
 MEASURES = {"cka": "1 − linear CKA (biased)", "cka_debiased": "1 − linear CKA (debiased)",

@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from matplotlib.figure import Figure
 
+from loralens.models.methods import lora_type, recorded_method
 from loralens.report.colors import method_color, method_label
 from loralens.report.drift_figures import model_drift
 from loralens.report.formatting import finite
 from loralens.report.run_data import RunData
 
-REFERENCES = ("head", "full")  # drawn as references, not as a series
-MARKERS = {"head": "v", "full": "D", "lora": "o", "all-linear": "s", "other": "P"}
+REFERENCES = ("head", "full")  # families drawn as references, not as a series
+# a marker per reference family, then per series: plain LoRA, LoRA on all linear layers, other
+MARKERS = {"head": "v", "full": "D", "plain": "o", "all-linear": "s", "other": "P"}
 WHY_NOT = ("needs at least two LoRA ranks on the same target modules (the rank sweep: "
            "--preset ranks)")
 ZERO = 1e-9  # |drift| below this is rounding (the head's is 0 by construction)
@@ -54,26 +56,16 @@ class Entry:
 
     @property
     def marker(self) -> str:
-        if self.method in REFERENCES or self.family in REFERENCES:
-            return MARKERS["full" if self.family == "full" else "head"]
+        if self.family in REFERENCES:
+            return MARKERS[self.family]
         if self.plain:
-            return MARKERS["all-linear" if self.targets == "all-linear" else "lora"]
+            return MARKERS["all-linear" if self.targets == "all-linear" else "plain"]
         return MARKERS["other"]
 
 
 def _describe(job: dict, method: str) -> tuple[str, dict]:
     """``(family, peft settings)`` of ``method`` as its metrics.json recorded them."""
-    hp = job.get("hyperparameters") or {}
-    rec = hp.get("method")
-    if isinstance(rec, dict):
-        return str(rec.get("family") or ""), dict(rec.get("peft") or {})
-    if method == "full":
-        return "full", {}
-    if method == "head":
-        return "head", {}
-    if method == "lora" and isinstance(hp.get("lora"), dict):  # the lora section's LoRA
-        return "peft", {"type": "lora", **hp["lora"]}
-    return "", {}
+    return recorded_method(method, job.get("hyperparameters") or {})
 
 
 def _targets(value) -> str | None:
@@ -95,7 +87,7 @@ def entries(d: RunData, task: str, measure: str | None = None) -> list[Entry]:
             continue
         if m not in out:
             family, peft = _describe(job, m)
-            lora = family == "peft" and peft.get("type", "lora") == "lora" and "r" in peft
+            lora = lora_type(family, peft) and "r" in peft
             plain = lora and not peft.get("use_dora") and not peft.get("use_rslora") \
                 and peft.get("init_lora_weights", True) in (True, "gaussian") \
                 and peft.get("lr_ratio") is None

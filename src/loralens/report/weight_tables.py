@@ -4,6 +4,7 @@ forgetting (Table 8), from ``weightspace/`` (the weights stage, :mod:`loralens.a
 
 from __future__ import annotations
 
+from loralens.models.methods import PAIR
 from loralens.report.formatting import DASH, METHODS, Table, f, finite, g, pm
 from loralens.report.run_data import RunData, read_optional
 from loralens.report.significance import p_cells
@@ -19,10 +20,10 @@ def weight_data(d: RunData) -> dict:
     (each None when missing)."""
     if "weightspace" not in d.cache:
         run, p = d.run, d.problems
-        layers = read_optional(run.weightspace_path("layers.json"), p)
-        forget = read_optional(run.weightspace_path("forgetting.json"), p)
+        layers = read_optional(run.weightspace_layers_json, p)
+        forget = read_optional(run.weightspace_forgetting_json, p)
         d.cache["weightspace"] = {
-            "summary": read_optional(run.weightspace_path("summary.json"), p),
+            "summary": read_optional(run.weightspace_summary_json, p),
             "layers": layers.get("rows") if isinstance(layers, dict) else None,
             "forgetting": forget.get("rows") if isinstance(forget, dict) else None}
     return d.cache["weightspace"]
@@ -127,7 +128,7 @@ def table8(d: RunData) -> Table | None:
             continue
         sources[task] = mine[0].get("source", DASH)
         cells = []
-        for m in ("lora", "full"):
+        for m in PAIR:
             v = [r["forgetting"] for r in mine if r["method"] == m and finite(r.get("forgetting"))]
             cells.append(_mean_sd(v))
         base = mine[0].get("ce_base")

@@ -22,6 +22,7 @@ import importlib
 import torch
 
 from loralens.core.errors import ConfigError
+from loralens.models.methods import OPTIMIZER_KINDS, kind_trains_all
 
 OPTIMIZER_KEY = "train.optimizer_full"
 OPTIMIZER_FULL_CHOICES = ("adamw", "adamw_8bit_paged", "auto")
@@ -79,12 +80,13 @@ def make_optimizer(groups: list[dict], lr: float, method: str, optimizer_full: s
     * ``auto``: PagedAdamW8bit on a CUDA device with bitsandbytes importable, else torch's
       AdamW with the note :data:`FALLBACK_NOTE`.
     """
-    if method not in ("lora", "full"):
-        raise ValueError(f"unknown method {method!r}; use 'lora' or 'full'")
+    if method not in OPTIMIZER_KINDS:
+        raise ValueError(f"unknown method {method!r}; use "
+                         + " or ".join(repr(k) for k in OPTIMIZER_KINDS))
     if optimizer_full not in OPTIMIZER_FULL_CHOICES:
         raise ConfigError(f"{OPTIMIZER_KEY}: {optimizer_full!r} is not one of "
                           f"{list(OPTIMIZER_FULL_CHOICES)}", OPTIMIZER_KEY)
-    if method == "lora" or optimizer_full == "adamw":
+    if not kind_trains_all(method) or optimizer_full == "adamw":
         return torch_adamw(groups, lr), ""
     device = torch.device(device)
     on_cuda = device.type == "cuda"

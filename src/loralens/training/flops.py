@@ -24,6 +24,8 @@ import time
 import torch
 from torch import nn
 
+from loralens.models.methods import kind_trains_all
+
 SQUARE = 2048  # side of the square GEMM that measures the peak
 
 
@@ -60,7 +62,7 @@ def train_flops_per_token(model: nn.Module, method: str) -> int:
     """FLOPs of one training token: ``6 N`` (full) or ``4 N + 2 n`` (LoRA: ``n`` trainable
     adapter and head parameters also get weight gradients)."""
     n = non_embedding_params(model)
-    if method == "full":
+    if kind_trains_all(method):
         return 6 * n
     return 4 * n + 2 * trainable_non_embedding_params(model)
 

@@ -43,8 +43,8 @@ def sanity_pair(cfg: StudyConfig, task: str, method: str, prepared, base: Base,
     tc = replace(cfg.train, epochs=sc.epochs, batch_size=sc.batch_size, grad_accum=1,
                  warmup_ratio=0.0, weight_decay=0.0, max_steps=0, patience=0, eval_every=0)
     meth = get_method(method, cfg)
-    kind = meth.optimizer_kind  # full: lr_full; adapter/head: lr_lora
-    lr = sc.lr_full if kind == "full" else sc.lr_lora
+    kind = meth.optimizer_kind
+    lr = sc.lr_full if meth.trains_all else sc.lr_lora
     # The training device, as train_model chooses it: the check runs the production loop
     # where production runs (bf16 autocast and checkpointing on a GPU, by train.*).
     device = training_device()

@@ -31,6 +31,9 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 
 from loralens.core.config import StudyConfig
 from loralens.models.classifier import Base
+from loralens.models.methods import (
+    ADAPTER_KIND, FULL_KIND, get_method, inherited_lora_keys, is_study_lora, space_overrides,
+)
 from loralens.core.redaction import resolve_storage
 from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_write_json, read_json
@@ -41,15 +44,16 @@ from loralens.core.job_queue import dead_local, engine_kwargs, study_lock, worke
 
 log = logging.getLogger(__name__)
 
-# The study's method-specific spaces, for the dimensions the config does not set: the
-# learning-rate range, epoch and batch-size choices come from ``search.*`` (see
-# :func:`space`), the LoRA rank and target modules from ``lora.*`` (never searched).
+# The study's spaces per optimizer kind (Method.optimizer_kind), for the dimensions the
+# config does not set: the learning-rate range, epoch and batch-size choices come from
+# ``search.*`` (see :func:`space`), the LoRA rank and target modules from ``lora.*``
+# (never searched).
 SPACES: dict[str, dict[str, tuple]] = {
-    "full": {
+    FULL_KIND: {
         "warmup_ratio": ("uniform", 0.0, 0.2),
         "weight_decay": ("uniform", 0.0, 0.01),
     },
-    "lora": {
+    ADAPTER_KIND: {
         "warmup_ratio": ("uniform", 0.0, 0.3),
         "weight_decay": ("uniform", 0.0, 0.1),
     },
@@ -72,15 +76,14 @@ def space(method: str, cfg: StudyConfig) -> dict[str, tuple]:
     them from the ``lora`` section. Then the method's own ``search`` entries
     (``method_defs.<name>.search``) replace or add dimensions.
     """
-    from loralens.models.methods import get_method, inherited_lora_keys, space_overrides
-
     sc = cfg.search
-    full = get_method(method, cfg).family == "full"
+    meth = get_method(method, cfg)
+    full = meth.trains_all
     lo, hi = sc.lr_full if full else sc.lr_lora
     lora_keys = inherited_lora_keys(method, cfg)
     return {"lr": ("loguniform", float(lo), float(hi)),
             "batch_size": ("categorical", list(sc.batch_full if full else sc.batch_lora)),
-            **SPACES["full" if full else "lora"],
+            **SPACES[meth.optimizer_kind],
             "epochs": ("categorical", list(sc.epochs)),
             **{k: v for k, v in LORA_SPACE.items() if k in lora_keys},
             **space_overrides(method, cfg)}
@@ -150,9 +153,10 @@ def _open_study(cfg: StudyConfig, run: RunDir, task: str, method: str) -> optuna
 
 
 def suggest(trial: optuna.Trial, method: str, cfg: StudyConfig, sampler_for=None) -> dict:
-    """Nested overrides {"train": {...}, "lora": {...}} for one trial; ``sampler_for(name)``,
-    when given, is the sampler that draws parameter ``name``."""
-    out: dict = {"train": {}, "lora": {}}
+    """Nested overrides of the ``train`` and ``lora`` sections for one trial;
+    ``sampler_for(name)``, when given, is the sampler that draws parameter ``name``."""
+    train: dict = {}
+    lora: dict = {}
     for name, (kind, *args) in space(method, cfg).items():
         if sampler_for is not None:
             trial.study.sampler = sampler_for(name)
@@ -162,15 +166,15 @@ def suggest(trial: optuna.Trial, method: str, cfg: StudyConfig, sampler_for=None
             v = trial.suggest_float(name, args[0], args[1])
         else:
             v = trial.suggest_categorical(name, args[0])
-        out["lora" if name in LORA_KEYS else "train"][name] = v
-    return params_to_overrides(out["train"] | out["lora"], method)
+        (lora if name in LORA_KEYS else train)[name] = v
+    return params_to_overrides(train | lora, method)
 
 
 def params_to_overrides(params: dict, method: str) -> dict:
     """Trial parameters as nested config overrides; the rank stays the config's ``lora.r``."""
     out: dict = {"train": {k: v for k, v in params.items() if k not in LORA_KEYS}}
     lora = {k: v for k, v in params.items() if k in LORA_KEYS}
-    if method == "lora" or lora:  # LoRA-type methods read alpha/dropout from lora.*
+    if lora or is_study_lora(method):  # LoRA-type methods read alpha/dropout from lora.*
         out["lora"] = lora
     return out
 

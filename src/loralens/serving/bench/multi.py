@@ -28,6 +28,7 @@ from loralens.models.classifier import CausalLMClassifier
 from loralens.tasks.registry import get_task
 from loralens.core.timing import median, stopwatch, summarize, time_interleaved
 from loralens.serving.bench.task import BenchContext
+from loralens.models.methods import STUDY_LORA, is_study_lora
 from loralens.models.serving_paths import adapter_name
 from loralens.serving.runtime import LoraAdapter
 
@@ -63,11 +64,11 @@ def bench_multi(ctx: BenchContext, tasks: list[str], jobs, mixed_batch_size: int
     return out
 
 
-def choose_adapters(tasks: list[str], jobs, lean: Sequence[str] = ("lora",)
+def choose_adapters(tasks: list[str], jobs, lean: Sequence[str] = (STUDY_LORA,)
                     ) -> list[tuple[str, str, int]]:
     """Up to 3 (task, method, seed) of the methods ``lean`` (``lora`` first, then in the
     order given): one adapter per task first, then other methods, then more seeds."""
-    order = {m: i for i, m in enumerate(sorted(lean, key=lambda m: m != "lora"))}
+    order = {m: i for i, m in enumerate(sorted(lean, key=lambda m: not is_study_lora(m)))}
     cands = sorted(((t, m, s) for t, m, s in jobs if m in order and t in tasks),
                    key=lambda j: (order[j[1]], j[2], tasks.index(j[0])))
     chosen: list[tuple[str, str, int]] = []

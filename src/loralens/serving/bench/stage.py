@@ -80,7 +80,7 @@ import torch
 
 from loralens.core.config import StudyConfig
 from loralens.training.devices import dtype_name, serving_dtype, training_device
-from loralens.models.methods import get_method
+from loralens.models.methods import get_method, is_study_lora
 from loralens.models.families import require_servable
 from loralens.models.classifier import Base, load_base
 from loralens.core.errors import RunDirError
@@ -190,7 +190,7 @@ def _identity(ctx: BenchContext, base: Base, dtype: torch.dtype, tasks: list[str
     serving dtype on copies of the timed base weights (information)."""
     methods = {m: get_method(m, ctx.cfg) for m in {m for _, m, _ in jobs}}
     triples = sorted(((t, m, s) for t, m, s in jobs if t in tasks and methods[m].is_adapter),
-                     key=lambda j: (tasks.index(j[0]), j[1] != "lora", j[1], j[2]))
+                     key=lambda j: (tasks.index(j[0]), not is_study_lora(j[1]), j[1], j[2]))
     adapters = [I.Adapter(adapter_name(t, m, s), ctx.run.job_dir(t, m, s),
                           ctx.run.weights_dir(t, m, s), get_task(t).num_labels,
                           [list(x) for x in ctx.encoded[t].input_ids[:examples]],
