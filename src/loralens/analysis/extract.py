@@ -136,7 +136,7 @@ def model_key(method: str, seed: int) -> str:
 
 def job_fingerprint(job_dir: str | Path) -> str:
     """sha256 of a job's metrics.json: changes whenever the job is trained again."""
-    return hashlib.sha256(Path(job_dir, "metrics.json").read_bytes()).hexdigest()
+    return hashlib.sha256(RunDir.job_metrics(job_dir).read_bytes()).hexdigest()
 
 
 def save_pooled(path: str | Path, hidden: np.ndarray, ids: np.ndarray, meta: dict) -> None:
@@ -260,8 +260,7 @@ def _extract_one(cfg, run: RunDir, base: Base, manifest: dict, header: dict, enc
                  overwrite: bool, progress: bool) -> dict:
     """One model's pooled states of one task (skipped after a check when already there)."""
     task, spec = header["task"], get_task(header["task"])
-    folder = run.extract_dir(task)
-    path = folder / f"{key}.npz"
+    path = run.extract_array_path(task, key)
     job_dir = run.job_dir(task, method, job_seed) if method else None
     fingerprint = job_fingerprint(job_dir) if method else None
     if path.is_file() and not overwrite:

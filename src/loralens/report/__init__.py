@@ -40,10 +40,9 @@ def build_report(run: RunDir | str | Path) -> Path:
     run = run if isinstance(run, RunDir) else RunDir(run)
     if not run.root.is_dir():
         raise FileNotFoundError(f"run directory {run.root} does not exist")
-    out = run.report_dir
     data = load_run(run)
-    figures, fig_missing = draw_all(data, out / "figures")
+    figures, fig_missing = draw_all(data)
     blocks = compose(data, figures, fig_missing)
-    atomic_write_text(out / "report.md", to_markdown(blocks))
-    atomic_write_text(out / "report.html", to_html(blocks))
-    return out / "report.html"
+    atomic_write_text(run.report_md, to_markdown(blocks))
+    atomic_write_text(run.report_html, to_html(blocks))
+    return run.report_html

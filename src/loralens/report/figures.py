@@ -128,18 +128,19 @@ def _save(fig: Figure, path: Path, fmt: str) -> None:
         fig.savefig(tmp, format=fmt, dpi=DPI, metadata=meta)
 
 
-def draw_all(d: RunData, out_dir: Path) -> tuple[list[FigureFile], dict[str, str]]:
-    """Draw every figure that the run's results allow; ``(files, {id: why not drawn})``.
+def draw_all(d: RunData) -> tuple[list[FigureFile], dict[str, str]]:
+    """Draw every figure that the run's results allow into ``report/figures/``;
+    ``(files, {id: why not drawn})``.
 
     A figure that cannot be drawn now has its old files removed, so the report folder
     never shows a figure from an earlier state of the run.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    d.run.report_figures_dir.mkdir(parents=True, exist_ok=True)
     files, missing, legends = [], {}, {}
     with matplotlib.rc_context(RC):
         for fid, title, caption, fn in FIGURES:
             title = title if isinstance(title, str) else title(d)
-            png, svg = out_dir / f"{fid}.png", out_dir / f"{fid}.svg"
+            png, svg = d.run.report_figure_path(fid, "png"), d.run.report_figure_path(fid, "svg")
             try:
                 fig = fn(d)
             except Exception as e:  # noqa: BLE001 - one bad figure must not sink the report
@@ -155,5 +156,5 @@ def draw_all(d: RunData, out_dir: Path) -> tuple[list[FigureFile], dict[str, str
             files.append(FigureFile(fid, title, caption if isinstance(caption, str)
                                     else caption(d), png, svg))
     # what each drawn figure's legends name (a reader or a test checks the methods there)
-    atomic_write_json(out_dir / "legends.json", {"methods": d.methods, "figures": legends})
+    atomic_write_json(d.run.report_legends_json, {"methods": d.methods, "figures": legends})
     return files, missing

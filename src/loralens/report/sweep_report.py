@@ -16,7 +16,7 @@ PANELS = (("score", "validation score (task metric)"), ("drift", "drift (1 − d
 def sweep_data(d: RunData) -> dict | None:
     """weightspace/sweep.json, read once (None when missing)."""
     if "sweep" not in d.cache:
-        d.cache["sweep"] = read_optional(d.run.weightspace_path("sweep.json"), d.problems)
+        d.cache["sweep"] = read_optional(d.run.weightspace_sweep_json, d.problems)
     s = d.cache["sweep"]
     return s if isinstance(s, dict) and s.get("rows") else None
 

@@ -57,8 +57,10 @@ log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
-# RunDir names the result (RUN_DIR/loadtest/loadtest.json); --out keeps the name elsewhere
+# RunDir names the results (RUN_DIR/loadtest/loadtest.json, ...); --out keeps the names
 LOADTEST_JSON = RunDir("").loadtest_path.name
+LOADTEST_CSV = RunDir("").loadtest_csv.name
+LOADTEST_RUNS_CSV = RunDir("").loadtest_runs_csv.name
 
 
 class LoadTestError(RuntimeError):
@@ -268,8 +270,8 @@ def run_loadtest(sources: Sequence[str], task: str, out_dir: Path,
         "server_args": list(server_args),
         **_outcome(t_start, servers, cells, runs),
     }
-    write_csv(out_dir / "loadtest.csv", cells)
-    write_csv(out_dir / "loadtest_runs.csv", runs)
+    write_csv(out_dir / LOADTEST_CSV, cells)
+    write_csv(out_dir / LOADTEST_RUNS_CSV, runs)
     atomic_write_json(out_dir / LOADTEST_JSON, result)
     return result
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from loralens.core.errors import ConfigError
+from loralens.core.run_dir import RunDir
 from loralens.tasks.spec import TaskSpec, builtin_paths
 from loralens.tasks.task_file import TaskFileError, from_definition, is_builtin_file, load_task_file
 
@@ -132,7 +133,7 @@ def register_definitions(defs: Any) -> list[str]:
 def register_run_tasks(run_dir: str | Path) -> list[str]:
     """Register the task definitions kept in a run directory's ``config.yaml`` (for the
     commands that read a run directory without loading its config, e.g. ``serve``)."""
-    path = Path(run_dir) / "config.yaml"
+    path = RunDir(run_dir).config_path
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, yaml.YAMLError) as e:

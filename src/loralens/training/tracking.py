@@ -34,6 +34,7 @@ from pathlib import Path
 
 from loralens.core.errors import ConfigError
 from loralens.core.redaction import redact_url
+from loralens.core.run_dir import RunDir
 
 REPORT_TO = ("none", "tensorboard", "mlflow")
 URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own variable
@@ -49,7 +50,7 @@ def reporters(report_to: list[str]) -> list[str]:
 
 
 def tracking_uri(run_root: Path, environ=os.environ) -> str:
-    return environ.get(URI_ENV) or f"sqlite:///{Path(run_root).resolve() / 'mlflow.db'}"
+    return environ.get(URI_ENV) or f"sqlite:///{RunDir(Path(run_root).resolve()).mlflow_db}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -199,12 +200,12 @@ def open_tracked(cfg, run_root: Path, name: str, tb_dir: str, tags: dict
         return None
     run_root, sinks = Path(run_root), []
     if "tensorboard" in asked:
-        sinks.append(_TensorBoard(run_root / "tensorboard" / tb_dir))
+        sinks.append(_TensorBoard(RunDir(run_root).tensorboard_dir(tb_dir)))
     if "mlflow" in asked:
         uri = tracking_uri(run_root)
         try:
             sinks.append(_MLflow(uri, cfg.tracking.experiment or run_root.resolve().name, name,
-                                 tags, run_root / "mlartifacts"))
+                                 tags, RunDir(run_root).mlflow_artifacts_dir))
         except Exception as e:  # the URI may carry a password: never show it whole
             raise RuntimeError(f"MLflow tracking at {redact_url(uri)}: "
                                f"{type(e).__name__}") from None

@@ -170,12 +170,12 @@ def _identity_rows(result: dict) -> list[dict]:
 def write_results(run: RunDir, result: dict, requests: list[dict]) -> None:
     """RUN_DIR/bench/: latency.csv, comparison.csv, requests.csv, multi.csv, identity.csv,
     then serving.json (written last: its presence marks the stage finished)."""
-    write_csv(run.bench_dir / "latency.csv", _latency_rows(result))
-    write_csv(run.bench_dir / "comparison.csv", result["comparison"])
-    write_csv(run.bench_dir / "requests.csv", requests)
-    write_csv(run.bench_dir / "multi.csv", _multi_rows(result))
+    write_csv(run.bench_latency_csv, _latency_rows(result))
+    write_csv(run.bench_comparison_csv, result["comparison"])
+    write_csv(run.bench_requests_csv, requests)
+    write_csv(run.bench_multi_csv, _multi_rows(result))
     if result.get("identity"):
-        write_csv(run.bench_dir / "identity.csv", _identity_rows(result))
+        write_csv(run.bench_identity_csv, _identity_rows(result))
     atomic_write_json(run.serving_path, result)
 
 
