@@ -85,9 +85,13 @@ class CastOnce:
         self.frozen: list[tuple[nn.Parameter, torch.Tensor]] = []
         self.masters: list[tuple[nn.Parameter, nn.Parameter]] = []
         adapted = hasattr(model, "peft_config")  # PEFT: every trainable is adapter or head
+        # torch's CPU LayerNorm (BERT, RoBERTa) refuses a bfloat16 weight on a float32
+        # input: its parameters stay float32 (a norm is no GEMM). RMSNorm (Llama) handles it.
+        norms = {id(q) for m in model.modules() if isinstance(m, nn.LayerNorm)
+                 for q in m.parameters(recurse=False)}
         if dtype != torch.float32:
             for p in model.parameters():
-                if not p.is_floating_point() or p.dtype == dtype:
+                if not p.is_floating_point() or p.dtype == dtype or id(p) in norms:
                     continue
                 if p.requires_grad:
                     if adapted:

@@ -154,23 +154,37 @@ def test_same_seed_same_result(method):
     np.testing.assert_array_equal(a, b)
 
 
-def test_grad_accumulation_equals_big_batch():
+def test_grad_accumulation_equals_big_batch(monkeypatch):
+    """One step over 8 rows = one step over 2 accumulated micro-batches of 4. Plain SGD
+    (make_optimizer patched) keeps the update linear in the gradient: Adam's first step,
+    about lr * sign(g), would amplify summation-order noise where g is near 0 (a float32
+    difference of 1.4e-6 on this CPU) and hide a wrong scale."""
     from transformers import AutoModel
 
+    import loralens.training.step
     from loralens.models.tiny import tiny_llama_config
+
+    monkeypatch.setattr(loralens.training.step, "make_optimizer",
+                        lambda groups, lr, *a, **k: (torch.optim.SGD(groups, lr=lr), ""))
 
     def step(batch, accum):
         torch.manual_seed(0)
         bb = AutoModel.from_config(tiny_llama_config(), dtype=torch.float32)
         m = apply_method(build_classifier(bb, 2, seed=1), "full", StudyConfig())
-        tc = replace(StudyConfig().train, epochs=1, batch_size=batch, grad_accum=accum,
-                     warmup_ratio=0.0, max_steps=1, max_grad_norm=0.0)
+        tc = replace(StudyConfig().train, precision="fp32", epochs=1, batch_size=batch,
+                     grad_accum=accum, warmup_ratio=0.0, max_steps=1, max_grad_norm=0.0)
         fit(m, tiny_encoded(16), None, EOS, tc, lr=1e-3, seed=0, group_by_length=False,
             progress=False)
         return torch.cat([p.detach().flatten() for p in m.parameters()])
 
-    big, small = step(8, 1), step(4, 2)
-    assert (big - small).abs().max() < 1e-6
+    torch.manual_seed(0)
+    start = torch.cat([p.detach().flatten() for p in apply_method(build_classifier(
+        AutoModel.from_config(tiny_llama_config(), dtype=torch.float32), 2, seed=1), "full",
+        StudyConfig()).parameters()])
+    big, small = step(8, 1) - start, step(4, 2) - start  # the updates
+    assert big.abs().max() > 1e-4  # the step moved the model
+    # a wrong weight (e.g. the 2 micro-batches' losses summed, not averaged) is a 2x update
+    assert (big - small).abs().max() < 1e-4 * big.abs().max()
 
 
 def test_grad_accumulation_partial_last_window(monkeypatch):
@@ -191,7 +205,7 @@ def test_grad_accumulation_partial_last_window(monkeypatch):
 
     from transformers import AutoModel
 
-    import loralens.training.devices
+    import loralens.training.step
     from loralens.models.tiny import tiny_llama_config
 
     lr, enc = 0.5, tiny_encoded(18, seed=3)  # 18 rows, batch 4: 4 + 4 + 4 + 4 + 2
@@ -200,13 +214,13 @@ def test_grad_accumulation_partial_last_window(monkeypatch):
     model = apply_method(build_classifier(bb, 2, seed=1), "full", StudyConfig())
     ref = copy.deepcopy(model)
 
-    monkeypatch.setattr(loralens.training.devices, "make_optimizer",
+    monkeypatch.setattr(loralens.training.step, "make_optimizer",  # where the step looks it up
                         lambda groups, lr, *a, **k: (torch.optim.SGD(groups, lr=lr), ""))
     seen = []  # the micro-batches fit draws (which rows; the weighting is fit's to get right)
     real_batches = B.train_batches
     monkeypatch.setattr(B, "train_batches",
                         lambda *a, **k: seen.append(real_batches(*a, **k)) or seen[-1])
-    tc = replace(StudyConfig().train, epochs=1, batch_size=4, grad_accum=2, warmup_ratio=0.0,
+    tc = replace(StudyConfig().train, precision="fp32", epochs=1, batch_size=4, grad_accum=2, warmup_ratio=0.0,
                  max_grad_norm=0.0, weight_decay=0.0)
     res = fit(model, enc, None, EOS, tc, lr=lr, seed=0, group_by_length=False, progress=False)
     (batches,) = seen
@@ -249,7 +263,7 @@ def test_grad_accumulation_partial_last_window(monkeypatch):
 def test_early_stopping_restores_best(tiny_backbone):
     model = apply_method(build_classifier(tiny_backbone, 2, seed=0), "full", StudyConfig())
     train, val = tiny_encoded(48), tiny_encoded(16, seed=1)
-    tc = replace(StudyConfig().train, epochs=20, batch_size=4, warmup_ratio=0.0, eval_every=1,
+    tc = replace(StudyConfig().train, precision="fp32", epochs=20, batch_size=4, warmup_ratio=0.0, eval_every=1,
                  patience=2, max_grad_norm=0.0)
     res = fit(model, train, val, EOS, tc, lr=0.05, seed=0, progress=False)
     losses = [h["val_loss"] for h in res.history]
