@@ -18,8 +18,8 @@ method leaves out come from the study's ``lora`` section, so the study's ``lora`
 method is exactly ``lora.*`` (rank 8 on q/v by default) and ``lora.r=16`` changes every
 LoRA-type method that does not set its own rank.
 
-Which stages serve which families: :data:`STAGE_FAMILIES` (a stage refuses the others
-with an error naming the method and the stage, :func:`require_supported`).
+Which stages serve which families is the stage table's (``Stage.families`` in
+:mod:`loralens.study.stages`; a stage refuses the others naming method and stage).
 """
 
 from __future__ import annotations
@@ -83,14 +83,6 @@ STUDY_LORA = PAIR[0]
 # and head methods: ``lr_lora``, torch's AdamW, 4N + 2n FLOPs per token).
 FULL_KIND, ADAPTER_KIND = "full", "lora"
 OPTIMIZER_KINDS = (ADAPTER_KIND, FULL_KIND)
-
-# The stages that handle each family (the others refuse, naming method and stage).
-ALL = frozenset(FAMILIES)
-STAGE_FAMILIES: dict[str, frozenset] = {"sanity": ALL, "search": ALL, "train": ALL,
-                                         "extract": ALL, "drift": ALL, "weights": ALL,
-                                         "bench": ALL, "report": ALL}
-TWO_METHOD_STAGES = ()
-
 
 @dataclass(frozen=True)
 class Method:
@@ -337,27 +329,6 @@ def validate_methods(cfg) -> None:
     ref = getattr(cfg, "reference_method", "full")
     if ref not in registry(getattr(cfg, "method_defs", None)):
         raise ConfigError(f"reference_method: unknown method {ref!r}", "reference_method")
-
-
-def require_supported(stage: str, methods: list[str], cfg=None) -> None:
-    """Refuse, naming the method and the stage, a method ``stage`` cannot handle yet.
-
-    Stages in :data:`STAGE_FAMILIES` handle the families listed there; the others
-    (:data:`TWO_METHOD_STAGES`) still compare exactly the study's two methods, ``lora``
-    (as defined by the ``lora`` section) and ``full``. An unknown method is a
-    ``ConfigError`` too.
-    """
-    for name in methods:
-        m = get_method(name, cfg)
-        if stage in STAGE_FAMILIES:
-            if m.family not in STAGE_FAMILIES[stage]:
-                raise ConfigError(f"method {name!r} (family {m.family}) is not supported by "
-                                  f"the {stage} stage yet; it supports families "
-                                  f"{sorted(STAGE_FAMILIES[stage])}", "methods")
-        elif name not in PAIR:
-            raise ConfigError(f"method {name!r} is not supported by the {stage} stage yet: "
-                              "it compares the methods lora and full only (select them "
-                              "with methods=[lora,full])", "methods")
 
 
 # --------------------------------------------------------------------------- making a model

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from loralens.core.config import StudyConfig
 from loralens.core.run_dir import RunDir
-from loralens.models.methods import FAMILIES
+from loralens.models.methods import FAMILIES, is_pair_study
 from loralens.tasks.registry import resolve_config_tasks
 
 log = logging.getLogger(__name__)
@@ -253,8 +253,8 @@ def run_drift(ctx: Context) -> bool:
 
     log.info("\n".join(summary_lines(drift(ctx.cfg, ctx.run, ctx.tasks,
                                              progress=ctx.progress))))
-    if set(ctx.cfg.methods) - {"lora", "full"}:  # more methods: each vs the reference
-        from loralens.analysis.drift.methods import method_drift
+    if not is_pair_study(ctx.cfg.methods):  # more methods: each vs the reference
+        from loralens.analysis.drift.stage import method_drift
 
         res = method_drift(ctx.cfg, ctx.run, ctx.tasks)
         log.info(f"drift of {len(ctx.cfg.methods)} methods vs {res['reference_method']}: "

@@ -92,7 +92,7 @@ def log_study(cfg, run: RunDir) -> dict[str, float] | None:
     from loralens.report.run_data import load_run
 
     numbers = headline_numbers(load_run(run))
-    tb_dir = run.root / "tensorboard" / "study"
+    tb_dir = run.tensorboard_dir("study")
     for old in tb_dir.glob("events.out.tfevents.*"):  # the latest build only
         old.unlink(missing_ok=True)
     info = {"run_dir": str(run.root.resolve()), "config_sha256": config_sha256(run)}
@@ -101,7 +101,7 @@ def log_study(cfg, run: RunDir) -> dict[str, float] | None:
     try:
         tracker.params(info)
         tracker.scalars(0, numbers)
-        report_md = run.report_dir / "report.md"
+        report_md = run.report_md
         if report_md.is_file():
             tracker.text("report", report_md.read_text())
         if run.report_dir.is_dir():

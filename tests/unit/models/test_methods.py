@@ -15,7 +15,7 @@ from loralens.core.errors import ConfigError
 from loralens.core.config import StudyConfig
 from loralens.study.config import load_config
 from loralens.training.loop import evaluate
-from loralens.models.methods import BUILTIN, get_method, peft_config, require_supported
+from loralens.models.methods import BUILTIN, get_method, peft_config
 from loralens.models.classifier import apply_method, build_classifier
 from loralens.models.saving import load_trained, save_trained
 from loralens.core.run_dir import RunDir
@@ -194,14 +194,6 @@ def test_peft_config_of_an_ia3_method():
 
 
 # --------------------------------------------------------------------------- stages
-
-def test_every_stage_takes_every_family():
-    """bench (and the dry-run planner, which no longer asks) serve every family now."""
-    for stage in ("sanity", "search", "train", "extract", "drift", "weights", "bench"):
-        require_supported(stage, ["full", "head", "lora", "dora", "ia3"], StudyConfig())
-    with pytest.raises(ConfigError, match="unknown method 'nope'"):
-        require_supported("bench", ["full", "nope"], StudyConfig())
-
 
 TINY = tiny("search.enabled=false")
 

@@ -206,13 +206,6 @@ def test_legend_sidecar_names_every_method(report):
             assert any(lab.startswith(LABELS[m]) for lab in labels), (fid, m, labels)
 
 
-def test_report_stage_accepts_any_method_list():
-    from loralens.core.config import StudyConfig
-    from loralens.models.methods import require_supported
-
-    require_supported("report", list(METHODS) + ["ia3", "rslora"], StudyConfig())
-
-
 def test_serving_figure_colours_bars_by_method_and_hatches_by_path():
     """Figure 4 of a four-method bench (kinds as bench names them): one bar per served
     kind in its method's colour, hatched by the serving path, every method in the legend."""

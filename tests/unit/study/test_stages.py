@@ -105,3 +105,24 @@ def test_context_work_skips_finished_jobs_and_redoes_them_on_overwrite(tmp_path)
     ctx.overwrite = True
     ctx.work("x", jobs, lambda p: ran.append(p["k"]), finished=lambda p: True)
     assert sorted(ran) == ["a", "b", "b"]
+
+
+def test_every_stage_takes_every_family_and_a_narrower_stage_refuses_by_name(tmp_path):
+    """The stage table says which method families each stage handles (Stage.families): every
+    stage takes every family today; a stage that did not would refuse naming both."""
+    import dataclasses
+
+    from loralens.core.errors import ConfigError
+    from loralens.study.config import load_config
+    from loralens.study.stages import STAGES, Context, check_methods
+
+    cfg = load_config(overrides=["methods=[full, head, lora, dora, ia3]", "search.enabled=true"])
+    ctx = Context(cfg, RunDir(tmp_path / "run"), progress=False)
+    for stage in STAGES:
+        check_methods(stage, ctx)
+    narrow = dataclasses.replace(STAGES[0], families=frozenset({"peft"}))
+    with pytest.raises(ConfigError, match=r"method 'full' \(family full\) is not supported by "
+                                          r"the sanity stage yet"):
+        check_methods(narrow, ctx)
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        load_config(overrides=["methods=[full, nope]"])

@@ -226,12 +226,18 @@ def sweep_seeds(cfg) -> list[int]:
     return list(cfg.seeds) if n == 0 else list(cfg.seeds)[:n]
 
 
+def sweep_keys(ctx) -> list[tuple[str, int]]:
+    """(task, seed) of the study's LoRA models the sweep takes: finished, of the selected
+    tasks, of the first ``weights.sweep_seeds`` seeds (its jobs in the stage table)."""
+    wanted = set(sweep_seeds(ctx.cfg))
+    return [(t, s) for t, m, s in ctx.run.finished_jobs()
+            if is_study_lora(m) and t in ctx.tasks and s in wanted]
+
+
 def run_sweep(ctx, an_factory) -> list[dict]:
     """The sweep through the job queue (``an_factory()``: the weights stage's Analyzer)."""
     cfg, run = ctx.cfg, ctx.run
-    wanted = set(sweep_seeds(cfg))
-    keys = [(t, s) for t, m, s in run.finished_jobs()
-            if is_study_lora(m) and t in ctx.tasks and s in wanted]
+    keys = sweep_keys(ctx)
     tasks: dict = {}
 
     def one(p):
@@ -246,8 +252,7 @@ def run_sweep(ctx, an_factory) -> list[dict]:
                      f"{e['metric']} {e['score']:.4f}, drift {e['drift']['mean']:.4g}"
                      + (f", forgetting {e['forgetting']:+.4f}" if "forgetting" in e else ""))
 
-    ctx.work("weights-sweep", {f"sweep/{t}/seed{s}": {"task": t, "seed": s} for t, s in keys},
-             one, finished=lambda p: is_done(run, cfg, p["task"], p["seed"]))
+    ctx.run_queue("weights-sweep", one)  # jobs: sweep_keys; done: is_done (the stage table)
     results = [read_json(run.weightspace_sweep_path(t, s)) for t, s in keys
                if run.weightspace_sweep_path(t, s).is_file()]
     return write_outputs(run, cfg, results)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from loralens.analysis.weights.analyzer import (
-    SUMMARY_EPSILON, Analyzer, analyze_job, is_done, load_results, method_summary,
+    SUMMARY_EPSILON, Analyzer, analyze_job, load_results, method_summary,
     model_summary, summary_lines, write_outputs,
 )
 from loralens.analysis.weights.intruder_sweep import run_sweep
@@ -37,10 +37,9 @@ def run_weights(ctx) -> bool:
                  + f" ({r['seconds']:.1f} s)")
         ctx.tick()
 
-    jobs = {f"weights/{t}/{m}/seed{s}": {"task": t, "method": m, "seed": s}  # keys: per queue
-            for t, m, s in ctx.run.finished_jobs() if t in ctx.tasks}
-    skipped = ctx.work("weights", jobs, one, finished=lambda p: is_done(
-        ctx.run, ctx.cfg, p["task"], p["method"], p["seed"]))
+    # the jobs (every finished model of the selected tasks) and their done test
+    # (analyzer.is_done) are the stage table's (loralens.study.stages)
+    skipped = ctx.run_queue("weights", one)
     if skipped:
         log.info(f"weights: {len(skipped)} model(s) up to date in {ctx.run.weightspace_dir}")
     finished = ctx.run.finished_jobs()

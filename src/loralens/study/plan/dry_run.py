@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from loralens.core.config import StudyConfig
-from loralens.models.methods import Method, get_method
+from loralens.models.methods import ADAPTER_KIND, FULL_KIND, Method, get_method, is_study_lora
 from loralens.study.plan.measure import Throughput, measure
 from loralens.study.plan.work import FORWARD_KINDS, StageWork, count_work, plural
 from loralens.study.stages import get_stage
@@ -78,13 +78,13 @@ DORA_SLOWDOWN = 1.3
 def cost_basis(method: Method) -> tuple[str | None, float, str]:
     """How the dry run prices ``method``'s training: (the timed representative, ``full`` or
     ``lora``, None for forward-only; slowdown factor; the basis in words)."""
-    if method.family == "full":
-        return "full", 1.0, "timed"
+    if method.trains_all:
+        return FULL_KIND, 1.0, "timed"
     if method.family == "head":
         return None, 1.0, "forward-only backbone (head-only training)"
     if method.peft.get("use_dora"):
-        return "lora", DORA_SLOWDOWN, f"LoRA's measured cost x {DORA_SLOWDOWN} (DoRA)"
-    return "lora", 1.0, "timed" if method.name == "lora" else "LoRA's measured cost"
+        return ADAPTER_KIND, DORA_SLOWDOWN, f"LoRA's measured cost x {DORA_SLOWDOWN} (DoRA)"
+    return ADAPTER_KIND, 1.0, "timed" if is_study_lora(method.name) else "LoRA's measured cost"
 
 
 def per_method(tp: Throughput, basis: dict[str, tuple]) -> Throughput:

@@ -19,6 +19,7 @@ from loralens.core.config import StudyConfig
 from loralens.core.timing import Timings, median, stopwatch, time_interleaved
 from loralens.study.plan.work import FORWARD_KINDS
 from loralens.training import batches as B
+from loralens.models.methods import kind_trains_all
 
 # Real tokens per timed calibration step: a train.batch_size batch is trimmed to this many,
 # so the calibration stays near 30 s on a 2-core CPU with SmolLM2-135M (full fine-tuning
@@ -123,7 +124,7 @@ def measure(cfg: StudyConfig, base, prepared, methods: Sequence[str],
                 log(f"  {FORWARD_KINDS[kind]}: {tp.tokens_s(kind):.0f} tokens/s "
                     f"({len(rows)} rows, {int(lengths[rows].sum())} tokens)")
             # full first: LoRA wraps the backbone in place (PEFT), full fine-tuning does not
-            for method in sorted(methods, key=lambda m: m != "full"):
+            for method in sorted(methods, key=lambda m: not kind_trains_all(m)):
                 model, fpt, fb, step, dtype = _time_training(
                     model, method, _batch(prepared, train_rows), cfg, device, prepared)
                 tp.train_fpt[method], tp.step_s[method] = fpt, step

@@ -120,7 +120,7 @@ def _is_full(cfg: StudyConfig, method: str) -> bool:
     """Full fine-tuning's search space (batch choices) applies (search.method_space)."""
     from loralens.models.methods import get_method
 
-    return get_method(method, cfg).family == "full"
+    return get_method(method, cfg).trains_all
 
 
 def plural(k: int, noun: str) -> str:
