@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from loralens import __version__
-from loralens.models.methods import is_study_lora
+from loralens.models.methods import is_study_full, is_study_lora
 
 PREPROCESSING = """\
 ## Input preprocessing (match it, or the logits differ)
@@ -77,7 +77,7 @@ def render_card(info: dict) -> str:
     adapter = info.get("adapter", is_study_lora(method))  # any PEFT method's adapter
     kind = info.get("kind") or (
         ("LoRA adapter" if is_study_lora(method) else f"PEFT adapter ({method})") if adapter
-        else "full fine-tuned model" if method in (None, "full")
+        else "full fine-tuned model" if method is None or is_study_full(method)
         else f"fine-tuned model ({method}, full checkpoint)")
     title = f"loralens {kind}" + (f" for GLUE {info['task']}" if info.get("task") else "")
     lines = [f"# {title}", ""]

@@ -143,6 +143,11 @@ def is_study_lora(name: str | None) -> bool:
     return name == STUDY_LORA
 
 
+def is_study_full(name: str | None) -> bool:
+    """Whether ``name`` is the study's full fine-tuning (``full``, :data:`PAIR`'s second)."""
+    return name == PAIR[1]
+
+
 def is_pair_study(methods) -> bool:
     """Whether a study of ``methods`` is the two-method design (no method beyond
     :data:`PAIR`): its drift and weights stages and its report keep the two-method tables;
