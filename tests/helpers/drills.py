@@ -11,8 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+# train.precision=fp32: runs compared across processes must compute alike. precision=auto
+# times bf16 against float32 GEMMs in each process, and where the gain sits near its 1.1x
+# threshold (this project's AMD EPYC, avx512_bf16: 0.88x and 1.92x measured by two runs
+# sharing the cores) two processes choose differently; that choice is not what these
+# drills test.
 SETTINGS = ["--preset", "micro", "tasks=[rte]", "search.heartbeat_interval=1",
-            "search.grace_period=3"]
+            "search.grace_period=3", "train.precision=fp32"]
 
 
 # not compared: records of this machine and this invocation, the databases (their rows are
@@ -80,14 +85,15 @@ def assert_same_study(ref: Path, drill: Path) -> None:
     assert sorted(a) == sorted(b)
     differ = [rel for rel in a if not rel.startswith(VOLATILE_DIRS)
               and content(rel, a[rel], ref) != content(rel, b[rel], drill)]
-    assert differ == []
+    assert differ == [], differ
 
 
 # the resume tests' settings on top of --preset micro: one step per job, fast heartbeats
 RESUME = ["data.max_length=32", "data.train_size=16", "data.early_stop_size=8",
         "search.train_size=8", "search.eval_size=8", "search.epochs=[1]", "search.prune=false",
         "search.startup_trials=2", "search.heartbeat_interval=1", "search.grace_period=4",
-        "train.max_steps=1", "train.batch_size=8", "train.eval_batch_size=64"]
+        "train.max_steps=1", "train.batch_size=8", "train.eval_batch_size=64",
+        "train.precision=fp32"]  # as SETTINGS: one precision in every process
 
 
 def loralens(args, run_dir, glue_dir):

@@ -88,7 +88,7 @@ def test_unknown_model_lists_registry():
 
 def test_concurrent_conversion_is_safe(tmp_path):
     """Two processes converting the packaged GGUF into an empty cache at once."""
-    code = ("import sys; from loralens.models import resolve_model; "
+    code = ("import sys; from loralens.models.registry import resolve_model; "
             "print(resolve_model('smollm2-135m').path)")
     env = {"LORALENS_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
