@@ -12,14 +12,14 @@ import optuna
 
 from tests.helpers.drills import loralens
 
-def wait_for(cond, proc, timeout=600):
+def wait_for(cond, proc, timeout=600, every=0.2):
     t0 = time.time()
     while time.time() - t0 < timeout:
         if cond():
             return
         if proc.poll() is not None:
             raise AssertionError(f"process ended early:\n{proc.stdout.read()[-3000:]}")
-        time.sleep(0.2)
+        time.sleep(every)
     raise AssertionError("timed out")
 
 
@@ -38,7 +38,9 @@ def trials(run_dir, name):
 
 def test_sigkill_during_search_loses_and_repeats_nothing(tmp_path, glue_dir):
     run = tmp_path / "run"
-    args = ["hpo", "--preset", "micro", "--task", "rte", "--method", "lora", "--trials", "4"]
+    # a micro trial lasts a fraction of a second: 6 trials give 5 windows for the kill
+    n_trials = 6
+    args = ["hpo", "--preset", "micro", "--task", "rte", "--method", "lora", "--trials", str(n_trials)]
     p = loralens(args, run, glue_dir)
     done = lambda: [t for t in trials(run, "loralens-rte-lora") if t.state.name == "COMPLETE"]
 
@@ -52,7 +54,7 @@ def test_sigkill_during_search_loses_and_repeats_nothing(tmp_path, glue_dir):
             return []
 
     # kill while a trial after the first completed one is running
-    wait_for(lambda: "COMPLETE" in states() and states()[-1:] == ["RUNNING"], p)
+    wait_for(lambda: "COMPLETE" in states() and states()[-1:] == ["RUNNING"], p, every=0.02)
     kill(p)
     first = {t.number: t.params for t in done()}
     killed = [t for t in trials(run, "loralens-rte-lora") if t.state.name == "RUNNING"]
@@ -62,7 +64,7 @@ def test_sigkill_during_search_loses_and_repeats_nothing(tmp_path, glue_dir):
     assert p.returncode == 0, out[-3000:]
     final = trials(run, "loralens-rte-lora")
     complete = [t for t in final if t.state.name == "COMPLETE"]
-    assert len(complete) == 4
+    assert len(complete) == n_trials
     # completed trials are kept, unchanged, and not run again
     for n, params in first.items():
         assert final[n].state.name == "COMPLETE" and final[n].params == params
@@ -75,7 +77,7 @@ def test_sigkill_during_search_loses_and_repeats_nothing(tmp_path, glue_dir):
         assert any(t.system_attrs.get("failed_trial") == k.number
                    and k.params.items() <= t.params.items() for t in complete)
     best = json.loads((run / "search" / "rte-lora.json").read_text())
-    assert best["counts"]["COMPLETE"] == 4
+    assert best["counts"]["COMPLETE"] == n_trials
 
 
 def test_sigkill_during_training_resumes(tmp_path, glue_dir):
