@@ -58,6 +58,9 @@ __all__ = [
     "zero_spread",
     "bonferroni",
     "bonferroni_alpha",
+    "holm",
+    "CORRECTIONS",
+    "adjust_p",
     "bootstrap_ci",
     "bootstrap_reduction_ci",
     "distinct_resamples",
@@ -195,6 +198,63 @@ def bonferroni_alpha(n_tests: int, alpha: float = 0.05) -> float:
     if n_tests < 1:
         raise ValueError(f"n_tests must be >= 1, got {n_tests}")
     return alpha / n_tests
+
+
+def _family_p(p_values, n_tests: int | None) -> tuple[np.ndarray, int]:
+    """p-values as float64 (NaN = undefined, allowed) and the family size ``m``."""
+    p = np.atleast_1d(np.asarray(p_values, dtype=np.float64))
+    if p.ndim != 1:
+        raise ValueError(f"p-values must be 1-D, got shape {p.shape}")
+    defined = p[~np.isnan(p)]
+    if np.any((defined < 0) | (defined > 1)):
+        raise ValueError(f"p-values must lie in [0, 1], got {p.tolist()}")
+    m = p.size if n_tests is None else int(n_tests)
+    if m < 1 or m < p.size:
+        raise ValueError(f"n_tests must be >= the number of p-values ({p.size}), got {m}")
+    return p, m
+
+
+def holm(p_values, n_tests: int | None = None) -> np.ndarray:
+    """Holm's step-down adjusted p-values (Holm 1979): the family-wise error rate of
+    Bonferroni, never less power (each adjusted p is at most Bonferroni's).
+
+    Sorted ascending, the i-th smallest (i = 1..m) is multiplied by ``m - i + 1``;
+    adjusted values are made monotone (running maximum) and capped at 1.
+
+    Args:
+        p_values: the family's p-values; NaN marks a test that is undefined (zero
+            spread): it stays in the family (counted in ``m``), ranks last (as p = 1,
+            which changes no other test's multiplier) and its adjusted value is NaN.
+        n_tests: the declared family size ``m`` (default: the number given). Tests of
+            the family not given (not computed yet) count as p = 1, ranked last: the
+            adjusted values given are then at least what the whole family would give.
+
+    Returns:
+        A float64 array in the input's order.
+    """
+    p, m = _family_p(p_values, n_tests)
+    filled = np.where(np.isnan(p), 1.0, p)
+    order = np.argsort(filled, kind="stable")
+    steps = (m - np.arange(p.size)) * filled[order]
+    adjusted_sorted = np.minimum(np.maximum.accumulate(steps), 1.0)
+    out = np.empty(p.size)
+    out[order] = adjusted_sorted
+    out[np.isnan(p)] = np.nan
+    return out
+
+
+CORRECTIONS = ("holm", "bonferroni")
+
+
+def adjust_p(p_values, method: str, n_tests: int | None = None) -> np.ndarray:
+    """Family-wise adjusted p-values by ``method`` (:data:`CORRECTIONS`): :func:`holm` or
+    :func:`bonferroni`; NaN (undefined) stays NaN and counts in ``n_tests``."""
+    if method not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {CORRECTIONS}, got {method!r}")
+    p, m = _family_p(p_values, n_tests)
+    if method == "holm":
+        return holm(p, m)
+    return np.minimum(p * m, 1.0)  # NaN * m stays NaN
 
 
 def _percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:

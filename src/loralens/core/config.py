@@ -107,6 +107,11 @@ class TrainConfig(_Validated):
     lr: float | None = _f(None, lo=0.0, doc="peak learning rate (None = method default)")
     lr_lora: float = _f(5e-4, lo=0.0, doc="default learning rate of LoRA")
     lr_full: float = _f(2e-5, lo=0.0, doc="default learning rate of full fine-tuning")
+    lr_head: float | None = _f(None, lo=0.0,
+                               doc="learning rate of the classification head, for every "
+                                   "method (None = the method's own rate, as published: "
+                                   "full fine-tuning's fresh head then trains at its ~1e-5 "
+                                   "rate, LoRA's at ~1e-3); the schedule scales it alike")
     epochs: int = _f(3, lo=1, hi=1000, doc="maximum epochs")
     max_steps: int = _f(0, lo=0, doc="stop after this many optimizer steps (0 = no limit)")
     batch_size: int = _f(16, lo=1, doc="examples per micro-batch")
@@ -134,6 +139,12 @@ class TrainConfig(_Validated):
                              doc="full fine-tuning's optimizer: adamw (torch), adamw_8bit_paged "
                                  "(bitsandbytes, state paged to the CPU; needs a GPU) or auto "
                                  "(8-bit paged on a GPU with bitsandbytes, else adamw)")
+
+    def validate(self) -> None:
+        if self.lr_head == 0:  # lo=0.0 lets 0 through; a head frozen at random init is a bug
+            raise ConfigError("train.lr_head: 0 would leave the randomly initialised head "
+                              "untrained; give a positive rate, or null for the method's "
+                              "own", "train.lr_head")
 
 
 @dataclass
@@ -243,12 +254,15 @@ class WeightsConfig(_Validated):
                                         "and last included; 0 = none): a cheap subset")
     top_k: int = _f(10, lo=1, doc="top singular vectors searched for intruder dimensions")
     forgetting: bool = _f(True, doc="measure forgetting (LM cross-entropy, base LM head)")
-    forgetting_text: str | None = _f(None, doc="general text: a .txt file (one text per line) "
-                                               "or .jsonl ({\"text\": ...} per line); None = "
-                                               "validation sentences of the GLUE tasks the "
-                                               "model was not trained on")
-    forgetting_examples: int = _f(16, lo=1, doc="texts sampled per held-out task (or from the "
-                                                "file)")
+    forgetting_text: str | None = _f(None, doc="the general-text corpus, the same for every "
+                                               "model: a .txt file (one text per line) or "
+                                               ".jsonl ({\"text\": ...} per line); None = the "
+                                               "WikiText-2 test split, wikitext-2/test.txt "
+                                               "under $LORALENS_TEXT_DIR, else under "
+                                               "../shared/text")
+    forgetting_examples: int = _f(32, lo=1, doc="text lines of the corpus sampled (non-empty, "
+                                                "not a heading; 32 WikiText-2 lines are about "
+                                                "4,000 tokens at forgetting_max_length 128)")
     forgetting_max_length: int = _f(128, lo=2, doc="tokens per text (truncated)")
     forgetting_seed: int = _f(0, doc="seed of the text sample (same texts for every model)")
     batch_size: int = _f(16, lo=1, doc="texts per forward pass")
@@ -283,6 +297,16 @@ def parse_layers(spec: str) -> str | list[int]:
                           "such as '1-12' or '4,8,12' (0 = embedding output)",
                           "drift.layers") from None
     return sorted(out)
+
+
+@dataclass
+class StatsConfig(_Validated):
+    section: ClassVar[str] = "stats"
+    correction: str = _f("holm", choices=("holm", "bonferroni"),
+                         doc="family-wise correction within each declared test family "
+                             "(loralens.analysis.families): holm (step-down; the same "
+                             "family-wise error rate as bonferroni, never less power) or "
+                             "bonferroni (p x m, as the published study)")
 
 
 @dataclass
@@ -342,6 +366,7 @@ class StudyConfig(_Validated):
     bench: BenchConfig = _f(factory=BenchConfig)
     drift: DriftConfig = _f(factory=DriftConfig)
     weights: WeightsConfig = _f(factory=WeightsConfig)
+    stats: StatsConfig = _f(factory=StatsConfig)
     tracking: TrackingConfig = _f(factory=TrackingConfig)
     run: RunConfig = _f(factory=RunConfig)
 

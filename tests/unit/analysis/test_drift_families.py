@@ -88,12 +88,18 @@ def test_selecting_a_task_keeps_the_families(tmp_path):
     full = run_drift(cfg, run, n_resamples=200)
     one = run_drift(cfg, run, tasks=["sst2"], n_resamples=200)
     assert one["families"] == full["families"]
-    assert one["families"]["table4"]["size"] == 3 * 2
+    # one family per drift measure (as per layer): its members are the 2 configured tasks
+    assert one["families"]["table4"]["size"] == 2
+    assert one["families"]["table4 cka"]["members"] == ["sst2 cka", "rte cka"]
     assert one["families"]["table3"]["members"] == ["sst2 accuracy", "rte accuracy"]
     a = next(e for e in full["table4"] if e["task"] == "sst2")["measures"]["cka"]
     b = one["table4"][0]["measures"]["cka"]
     assert b["p_bonferroni"] == pytest.approx(a["p_bonferroni"])
-    assert b["p_bonferroni"] == pytest.approx(min(1.0, 6 * b["p"]))
+    assert b["p_bonferroni"] == pytest.approx(min(1.0, 2 * b["p"]))
+    # Holm (the default) with rte not computed counts it as p = 1: sst2 gets the largest
+    # multiplier, 2, never less than the full run's adjusted p
+    assert b["correction"] == "holm" and b["p_adjusted"] == pytest.approx(min(1.0, 2 * b["p"]))
+    assert b["p_adjusted"] >= a["p_adjusted"] - 1e-12
     t3a = next(e for e in full["table3"] if e["task"] == "sst2")["metrics"]["accuracy"]
     t3b = one["table3"][0]["metrics"]["accuracy"]
     assert t3b["n_tests"] == t3a["n_tests"] == 2

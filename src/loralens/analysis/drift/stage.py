@@ -54,7 +54,7 @@ from loralens.analysis.drift.measures import (
     layer_similarities, seed_floor, state_label, states_text, variance_profile,
 )
 from loralens.analysis.drift.stats import (
-    accuracy_table, compare, describe, families, job_scores, method_accuracy,
+    accuracy_table, compare, correct_drift, describe, families, job_scores, method_accuracy,
 )
 from loralens.analysis.extract import BASE_KEY, job_fingerprint, load_task
 from loralens.models.methods import get_method
@@ -91,14 +91,15 @@ def run_drift(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
     notes: list[str] = []
     if set(tasks) != set(family_tasks):
         notes.append(f"computed for {', '.join(tasks)} only (a --task selection); the "
-                     f"families count every configured task ({', '.join(family_tasks)}), so "
-                     "p-values and significance do not depend on the selection; rerun "
+                     f"families count every configured task ({', '.join(family_tasks)}) and "
+                     "a test not computed as p = 1, so a corrected p is never smaller than "
+                     "the full run's (Bonferroni: the same); rerun "
                      "`loralens drift` without --task for every task's rows")
     finished = run.finished_jobs()
     loaded = {t: x for t in tasks if (x := _load_extracted(run, t, finished, notes))}
     n_states = next((x[1].shape[1] for x in loaded.values()), None)
     states = drift_states(cfg.drift.layers, n_states) if n_states else []
-    fam = families(family_tasks, cfg.seeds, len(states) or None, alpha)
+    fam = families(family_tasks, cfg.seeds, states or None, alpha, cfg.stats.correction)
     meta = {"model": cfg.model.name, "alpha": alpha, "families": fam,
             "n_tests": fam["table4"]["size"],
             "alpha_per_test": fam["table4"]["alpha_per_test"],
@@ -132,6 +133,7 @@ def run_drift(cfg: StudyConfig, run: RunDir, tasks: Sequence[str] | None = None,
     table3 = accuracy_table(run, tasks, alpha, n_resamples, ci_seed, notes,
                             family_tasks=family_tasks, family_seeds=cfg.seeds,
                             glue_dir=cfg.data.glue_dir)
+    correct_drift(fam, table3, table4)  # Holm needs each family's p-values together
 
     files = _write_outputs(run, meta, notes, layer_rows, table3, table4)
     return {"layers": layer_rows, "table3": table3, "table4": table4, "notes": notes,
@@ -478,24 +480,32 @@ def _cell(v):
 
 
 def summary_lines(result: dict) -> list[str]:
-    """One line per task for the command line: drift (1 - CKA) per method and Delta%."""
+    """One line per task for the command line: drift (1 - debiased CKA, comparable across
+    tasks) per method and Delta%, then biased CKA's means, the published column (its bias
+    depends on examples vs dimensions, so tasks cannot be compared on it)."""
     lines = []
     for e in result["table4"]:
-        c = e["measures"]["cka"]
+        measures = e["measures"]
+        form = "debiased" if "cka_debiased" in measures else "biased"
+        c = measures["cka_debiased"] if form == "debiased" else measures["cka"]
+        b = measures.get("cka") if form == "debiased" else None
 
         def fmt(s):
             return "n/a" if not s else f"{s['mean']:.4f}" + (
                 f" ± {s['sd']:.4f}" if s.get("sd") is not None else "")
 
-        delta = "n/a" if c["delta_percent"] is None else f"{c['delta_percent']:+.1f}%"
+        delta = "n/a" if c.get("delta_percent") is None else f"{c['delta_percent']:+.1f}%"
         if c.get("zero_spread"):
             p = ", p undefined (zero spread)"
-        elif c["p"] is None:
+        elif c.get("p") is None:
             p = ""
         else:
             p = f", p = {c['p']:.3g} (Bonferroni over {c['n_tests']}: {c['p_bonferroni']:.3g})"
-        lines.append(f"drift {e['task']} (1 - CKA over states {states_text(e['layers'])}, "
-                     f"{e['n_examples']} examples of {e['requested']} requested): LoRA "
-                     f"{fmt(c['lora'])}, full {fmt(c['full'])}, Delta {delta}{p}")
+        published = (f"; biased CKA, the published column: LoRA {fmt(b['lora'])}, full "
+                     f"{fmt(b['full'])}" if b else "")
+        lines.append(f"drift {e['task']} (1 - {form} CKA over states "
+                     f"{states_text(e['layers'])}, {e['n_examples']} examples of "
+                     f"{e['requested']} requested): LoRA {fmt(c['lora'])}, full "
+                     f"{fmt(c['full'])}, Delta {delta}{p}{published}")
     lines += [f"note: {n}" for n in result["notes"]]
     return lines

@@ -1,4 +1,5 @@
-"""Drift statistics: the Bonferroni families, LoRA vs full fine-tuning comparisons
+"""Drift statistics: the test families (declared in :mod:`loralens.analysis.families`,
+corrected by :func:`correct_drift`), LoRA vs full fine-tuning comparisons
 (:func:`compare`, :func:`describe`), and Table 3 (scores per task, with example-level
 McNemar tests over the validation logits); for a study of more methods, each method's
 score against the reference method's (:func:`method_accuracy`).
@@ -16,6 +17,7 @@ import numpy as np
 
 from loralens.tasks import rows as D
 from loralens.tasks import sources as TS
+from loralens.analysis import families as F
 from loralens.analysis import stats
 from loralens.analysis.drift.measures import DRIFT_MEASURES, PAIR, SCORE_SIGN
 from loralens.core.run_dir import RunDir
@@ -25,42 +27,75 @@ from loralens.tasks.registry import get_task
 
 # --------------------------------------------------------------------------- families
 
-def families(tasks: Sequence[str], seeds: Sequence[int], n_drift_states: int | None,
-             alpha: float) -> dict:
-    """The Bonferroni families: the tests the study makes, from the config's tasks and
-    seeds (whether or not each is computed yet, so a correction never changes with the
-    tasks a command selected or the order they finish in).
+def families(tasks: Sequence[str], seeds: Sequence[int],
+             n_drift_states: int | Sequence[int] | None, alpha: float,
+             correction: str = "bonferroni") -> dict:
+    """The drift stage's test families (declared in :mod:`loralens.analysis.families`), as
+    stored in table4.json: the tests the study makes, from the config's tasks and seeds
+    (whether or not each is computed yet, so a correction never changes with the tasks a
+    command selected or the order they finish in).
 
     - ``table3``: the study metric of each task (accuracy; F1 for MRPC), paired t-test by
       seed: one test per task.
-    - ``table4``: each drift measure (biased CKA, debiased CKA, cosine) of each task.
-    - ``per_layer``: each selected state of each task, one family per measure.
+    - ``table4 <measure>``: one family per drift measure (biased CKA, debiased CKA,
+      cosine), members the tasks; ``table4`` (the first measure's) gives their common size.
+    - ``per_layer <measure>``: each selected state of each task, one family per measure;
+      ``per_layer`` gives their common size.
     - ``examples``: one exact McNemar test per task and seed.
+
+    ``n_drift_states``: the selected states (indices), or their number.
+    ``correction``: ``holm`` or ``bonferroni`` (``stats.correction``), applied by
+    :func:`correct_drift` once every test of the stage is computed.
     """
-    tasks = list(tasks)
+    fams = {k: f.to_dict() for k, f in F.drift_families(tasks, seeds, n_drift_states, alpha,
+                                                        correction).items()}
+    first = next(iter(DRIFT_MEASURES))
 
-    def fam(members: list[str], what: str) -> dict:
-        n = max(len(members), 1)
-        return {"size": len(members), "members": members, "description": what,
-                "alpha": alpha, "alpha_per_test": alpha / n}
+    def per_measure(name: str, what: str) -> dict:
+        one = fams[f"{name} {first}"]
+        return {**one, "name": name, "members": [m.replace(f" {first}", "", 1)
+                                                 for m in one["members"]],
+                "description": f"one family per drift measure ({', '.join(DRIFT_MEASURES)}), "
+                               f"each: {what}, paired t-test by seed",
+                "one_per_measure": True}
 
-    t3 = [f"{t} {get_task(t).metric}" for t in tasks]
-    t4 = [f"{t} {m}" for t in tasks for m in DRIFT_MEASURES]
-    ex = [f"{t} seed {s}" for t in tasks for s in seeds]
-    out = {"table3": fam(t3, "the study metric of each configured task (accuracy; F1 for "
-                             "MRPC), paired t-test by seed"),
-           "table4": fam(t4, "drift measures (1 - biased CKA, 1 - debiased CKA, 1 - cosine) "
-                             "x configured tasks, paired t-test by seed"),
-           "examples": fam(ex, "configured tasks x seeds, exact McNemar test over "
-                               "validation examples")}
-    if n_drift_states:
-        size = n_drift_states * len(tasks)
-        out["per_layer"] = {"size": size, "members": [f"{n_drift_states} states of "
-                                                      f"drift.layers × {', '.join(tasks)}"],
-                            "description": "states of drift.layers x configured tasks, one "
-                                           "family per measure, paired t-test by seed",
-                            "alpha": alpha, "alpha_per_test": alpha / size}
+    out = {"table3": fams["table3"], "table4": per_measure("table4", "the configured tasks"),
+           "examples": fams["examples"]}
+    if f"per_layer {first}" in fams:
+        out["per_layer"] = per_measure("per_layer", "states of drift.layers x configured "
+                                                    "tasks")
+    out.update({k: v for k, v in fams.items() if k not in out})
     return out
+
+
+def correct_drift(fam: dict, table3: list[dict], table4: list[dict]) -> None:
+    """Correct every test of Tables 3 and 4 (per layer included) within its declared family
+    (``fam``: :func:`families`), in place, once all are computed: Holm needs the family's
+    p-values together. Adds ``p_adjusted``, ``correction``, ``family``; ``significant``
+    follows ``p_adjusted``. A zero-spread test stays in its family as undefined."""
+    def family(name: str) -> F.Family | None:
+        return F.Family.from_dict(fam[name]) if name in fam else None
+
+    groups: dict[str, dict[str, dict]] = {}
+    for e in table4:
+        for measure, c in (e.get("measures") or {}).items():
+            if measure in DRIFT_MEASURES:
+                groups.setdefault(f"table4 {measure}", {})[f"{e['task']} {measure}"] = c
+        for measure, rows in (e.get("per_layer") or {}).items():
+            for c in rows:
+                if c.get("in_drift"):
+                    groups.setdefault(f"per_layer {measure}", {})[
+                        f"{e['task']} {measure} state {c['layer']}"] = c
+    for e in table3:
+        metric = e.get("selection_metric")
+        if metric in (e.get("metrics") or {}):
+            groups.setdefault("table3", {})[f"{e['task']} {metric}"] = e["metrics"][metric]
+        for c in e.get("example_level") or []:
+            groups.setdefault("examples", {})[f"{e['task']} seed {c['seed']}"] = c
+    for name, tests in groups.items():
+        f = family(name)
+        if f is not None:
+            F.apply(f, tests)
 
 
 # --------------------------------------------------------------------------- statistics
