@@ -78,6 +78,11 @@ LABELS = {"lora": "LoRA", "full": "full FT", "head": "head only", "dora": "DoRA"
 PAIR = ("lora", "full")
 STUDY_LORA = PAIR[0]
 
+# The classifier's head (``CausalLMClassifier.score``): trained by every method, kept in a
+# PEFT adapter's ``modules_to_save``, the parameters ``train.lr_head`` applies to
+# (:func:`is_head_param`).
+HEAD_MODULE = "score"
+
 # The training loop's two optimizer kinds (:attr:`Method.optimizer_kind`): every parameter
 # trains (``lr_full``, ``train.optimizer_full``, 6N FLOPs per token) or a few do (adapter
 # and head methods: ``lr_lora``, torch's AdamW, 4N + 2n FLOPs per token).
@@ -346,13 +351,13 @@ def peft_config(method: Method):
 
         return IA3Config(target_modules=p["target_modules"],
                          feedforward_modules=p["feedforward_modules"],
-                         modules_to_save=["score"])
+                         modules_to_save=[HEAD_MODULE])
     from peft import LoraConfig
 
     extra = {k: p[k] for k in ("use_rslora", "use_dora", "init_lora_weights")
              if p[k] is not LORA_DEFAULTS[k]}
     return LoraConfig(r=p["r"], lora_alpha=p["alpha"], lora_dropout=p["dropout"],
-                      target_modules=p["target_modules"], modules_to_save=["score"],
+                      target_modules=p["target_modules"], modules_to_save=[HEAD_MODULE],
                       bias="none", **extra)
 
 
@@ -368,7 +373,7 @@ def make_trainable(model, method: Method):
     if method.family == "head":
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in model.score.parameters():
+        for p in getattr(model, HEAD_MODULE).parameters():
             p.requires_grad_(True)
         return model
     from peft import get_peft_model
@@ -418,4 +423,29 @@ def loraplus_groups(groups: list[dict], names: dict[int, str], lr: float,
         ids = {id(p) for p in b}
         rest = [p for p in g["params"] if id(p) not in ids]
         out += [{**g, "params": ps, "lr": v} for ps, v in ((rest, lr), (b, lr * ratio)) if ps]
+    return out
+
+
+def is_head_param(name: str) -> bool:
+    """Whether the parameter named ``name`` (in a classifier, PEFT-wrapped or not) is the
+    classification head's: ``score.weight``, or in a PEFT model
+    ``base_model.model.score.modules_to_save.default.weight``, the trained copy (its frozen
+    ``original_module`` matches too; it is never among the trained parameters)."""
+    return name.removeprefix("base_model.model.").split(".", 1)[0] == HEAD_MODULE
+
+
+def head_groups(groups: list[dict], names: dict[int, str], lr: float,
+                lr_head: float) -> list[dict]:
+    """``train.lr_head``: each optimizer group split in two, the head's parameters
+    (:func:`is_head_param`; ``names``: id(param) -> name) at ``lr_head``, the rest at the
+    group's own rate (``lr`` where it sets none, LoRA+'s B matrices theirs); empty groups
+    dropped. Schedules scale each group's own rate, so the ratio holds through warm-up and
+    decay."""
+    out = []
+    for g in groups:
+        head = [p for p in g["params"] if is_head_param(names.get(id(p), ""))]
+        ids = {id(p) for p in head}
+        rest = [p for p in g["params"] if id(p) not in ids]
+        out += [{**g, "params": ps, "lr": v}
+                for ps, v in ((rest, g.get("lr", lr)), (head, lr_head)) if ps]
     return out

@@ -10,7 +10,7 @@ and returns a :class:`TrainStep`:
   on a CUDA GPU), ``torch.compile`` of the forward with ``train.compile``;
 * the method's optimizer (``devices.make_optimizer``) over the trained parameters (their
   float32 masters where the model computes in bfloat16), weight decay on matrices only,
-  LoRA+'s faster B matrices;
+  LoRA+'s faster B matrices, the classification head at ``train.lr_head`` where it is set;
 * the step itself: :meth:`TrainStep.forward_backward` (forward, loss, backward of one
   micro-batch) and :meth:`TrainStep.optimizer_step` (gradients to the masters, clipping,
   the optimizer, masters back to the model, the schedule, zeroed gradients).
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from loralens.core.config import TrainConfig
-from loralens.models.methods import loraplus_groups
+from loralens.models.methods import head_groups, loraplus_groups
 from loralens.training import batches as B
 from loralens.training import precision as P
 from loralens.training.devices import make_optimizer, param_groups
@@ -118,7 +118,8 @@ def build_train_step(model: nn.Module, tc: TrainConfig, lr: float, method: str, 
 
     ``method``: the optimizer kind (``Method.optimizer_kind``: ``full`` follows
     ``train.optimizer_full``, the rest get torch's AdamW) and the FLOP count's;
-    ``lr_ratio`` (LoRA+) trains LoRA's B matrices at ``lr_ratio * lr``; ``tokens``: real
+    ``lr_ratio`` (LoRA+) trains LoRA's B matrices at ``lr_ratio * lr``;
+    ``train.lr_head`` (``tc.lr_head``, None: ``lr``) the head's parameters; ``tokens``: real
     tokens of a typical training batch (:func:`tokens_per_batch`), the size at which
     ``train.precision=auto`` compares the CPU's bfloat16 and float32 GEMMs; ``compile``
     overrides ``train.compile``.
@@ -134,6 +135,8 @@ def build_train_step(model: nn.Module, tc: TrainConfig, lr: float, method: str, 
     groups = param_groups(mp.params, tc.weight_decay)
     if lr_ratio:  # LoRA+: lora_B at lr_ratio times the rate of the rest
         groups = loraplus_groups(groups, mp.names, lr, lr_ratio)
+    if tc.lr_head is not None:  # the classification head at its own rate
+        groups = head_groups(groups, mp.names, lr, tc.lr_head)
     opt, optimizer_note = make_optimizer(groups, lr, method, tc.optimizer_full, device)
     if checkpointing_on(tc, device):
         _enable_checkpointing(model)

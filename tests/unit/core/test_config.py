@@ -290,3 +290,14 @@ def test_configs_validate_where_they_are_built():
 def test_flow_lists_of_exponent_numbers_are_numbers():
     cfg = load_config(overrides=["search.lr_lora=[1e-4, 1e-3]"])
     assert cfg.search.lr_lora == [1e-4, 1e-3]
+
+
+def test_lr_head_is_optional_and_must_be_positive():
+    assert StudyConfig().train.lr_head is None   # default: the method's own rate
+    assert load_config(overrides=["train.lr_head=1e-3"]).train.lr_head == 1e-3
+    with pytest.raises(ConfigError, match=r"train.lr_head: -1.0 is below the minimum 0.0") as e:
+        load_config(overrides=["train.lr_head=-1"])
+    assert e.value.key == "train.lr_head"
+    with pytest.raises(ConfigError, match=r"train.lr_head: 0 would leave") as e:
+        dataclasses.replace(TrainConfig(), lr_head=0.0)
+    assert e.value.key == "train.lr_head"
