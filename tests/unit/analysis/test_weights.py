@@ -144,15 +144,17 @@ def test_cross_entropy_equals_transformers_lm_loss(tiny_base):
     assert got == pytest.approx(want, rel=1e-5)
 
 
-def test_forgetting_of_the_untouched_base_is_exactly_zero(tiny_base, glue_dir):
-    cfg = load_config(overrides=["model.name=tiny-random", f"data.glue_dir={glue_dir}",
+def test_forgetting_of_the_untouched_base_is_exactly_zero(tiny_base, tmp_path):
+    corpus = tmp_path / "general.txt"  # the corpus's sampling: test_forgetting.py
+    corpus.write_text(" = Title = \n\n" + "".join(f" Sentence {i} of general text .\n"
+                                                  for i in range(6)))
+    cfg = load_config(overrides=["model.name=tiny-random", f"weights.forgetting_text={corpus}",
                                  "weights.forgetting_examples=4"])
     an = Analyzer(cfg, tiny_base)
     f = an.forgetting(tiny_base.backbone(), "rte")  # a fresh copy of the base's weights
     assert f["forgetting"] == 0.0 and f["ce_tuned"] == f["ce_base"] > 0
-    assert f["source"] == ("GLUE validation sentences of the tasks not trained on: "
-                           "mrpc (4), sst2 (4)")
-    assert f["n_texts"] == 8
+    assert f["source"].startswith(f"{corpus}: 4 of 6 text lines (seed 0), sha256 ")
+    assert f["n_texts"] == 4
 
 
 def test_text_files(tmp_path):
@@ -196,12 +198,17 @@ def test_summary_tests_only_what_varies_and_pairs_by_seed():
               [result("full", s, 0.002 * s, 0.2 + 0.03 * s) for s in (1, 2, 3)]
     s = summarize(results, ["rte"])
     ms = s["tasks"][0]["measures"]
-    # intruders (0 vs 0) and rank90 (4 vs 4) have zero spread: no test, not in the family
-    assert s["n_tests"] == 3
-    assert ms["intruders"]["test"]["zero_spread"] and ms["rank90"]["test"]["zero_spread"]
+    # intruders (0 vs 0) has zero spread: it stays in its family (one per measure: the
+    # configured task), undefined; rank90 and effective rank are stated (LoRA's update
+    # has rank <= r by construction), not tested
+    assert s["n_tests"] == 1
+    assert ms["intruders"]["test"]["zero_spread"]
+    assert ms["intruders"]["test"]["p_text"] == "undefined (zero spread)"
+    assert ms["rank90"]["test"]["tested"] is False
+    assert ms["effective_rank"]["test"]["tested"] is False
     assert ms["rel_change"]["lora"]["mean"] == pytest.approx(0.02)
     assert ms["rel_change"]["full"]["sd"] == pytest.approx(0.002)
-    assert ms["forgetting"]["test"]["n_tests"] == 3
+    assert ms["forgetting"]["test"]["n_tests"] == 1
     from scipy.stats import ttest_rel
     want = ttest_rel([0.11, 0.12, 0.13], [0.23, 0.26, 0.29]).pvalue
     assert ms["forgetting"]["test"]["p"] == pytest.approx(want)

@@ -43,6 +43,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loralens.analysis import stats
+from loralens.analysis.families import (
+    apply as apply_family, by_construction, method_weight_families, weight_families,
+)
 from loralens.core.config import StudyConfig
 from loralens.analysis.extract import job_fingerprint
 from loralens.analysis.weights.forgetting import (
@@ -233,33 +236,44 @@ def model_summary(r: dict) -> dict:
 MEASURES = ("intruders", "rel_change", "effective_rank", "rank90", "forgetting")
 
 
-def summarize(results: Sequence[dict], tasks: Sequence[str]) -> dict:
+def summarize(results: Sequence[dict], tasks: Sequence[str],
+              cfg: StudyConfig | None = None) -> dict:
     """Per task and measure, LoRA vs full fine-tuning over paired seeds
-    (:func:`stats.compare_methods`; Bonferroni over the measures x tasks compared)."""
+    (:func:`stats.compare_methods`), corrected within the families declared from the config
+    alone (:func:`families.weight_families`: one per measure, members the configured
+    tasks; ``cfg`` None: the defaults with these ``tasks``). A zero-spread test stays in its
+    family, undefined; a contrast true by construction (a rank-r update's effective rank)
+    is stated, not tested (``test``: ``tested`` False and ``by_construction``)."""
+    cfg = cfg or StudyConfig(tasks=list(tasks))
+    fams = weight_families(cfg)
     per = {(r["task"], r["method"], r["seed"]): model_summary(r) for r in results}
-    cells = []
+    out: dict = {"epsilon": SUMMARY_EPSILON, "correction": cfg.stats.correction,
+                 "n_tests": len(cfg.tasks), "families": {k: f.to_dict() for k, f in fams.items()},
+                 "stated_not_tested": [w for f in fams.values() for w in f.stated],
+                 "tasks": []}
+    tests: dict[str, dict[str, dict]] = {}
     for task in tasks:
+        entry = {"task": task, "measures": {}}
         for measure in MEASURES:
             vals = {m: {s: v[measure] for (t, mm, s), v in per.items()
                         if t == task and mm == m and measure in v} for m in PAIR}
-            seeds = sorted(set(vals["lora"]) & set(vals["full"]))
-            cells.append((task, measure, vals, seeds))
-    # the family is the tests actually made: two paired seeds at least, and not zero spread
-    n_tests = sum(1 for _, _, vals, seeds in cells if len(seeds) >= 2 and not stats.zero_spread(
-        [vals["lora"][s] for s in seeds], [vals["full"][s] for s in seeds])) or 1
-    out: dict = {"epsilon": SUMMARY_EPSILON, "n_tests": n_tests, "tasks": []}
-    for task in tasks:
-        entry = {"task": task, "measures": {}}
-        for t, measure, vals, seeds in cells:
-            if t != task or not (vals["lora"] or vals["full"]):
+            if not (vals["lora"] or vals["full"]):
                 continue
+            seeds = sorted(set(vals["lora"]) & set(vals["full"]))
             c = {m: _describe(list(vals[m].values())) for m in PAIR}
-            if len(seeds) >= 2:
+            fam = fams.get(measure)
+            if fam is not None and fam.stated:
+                c["test"] = {"tested": False, "by_construction": fam.stated[0],
+                             "note": fam.stated[0]}
+            elif len(seeds) >= 2 and fam is not None and f"{task} {measure}" in fam.members:
                 c["test"] = stats.compare_methods([vals["lora"][s] for s in seeds],
                                                   [vals["full"][s] for s in seeds], seeds,
-                                                  n_tests=n_tests, sign="lora - full")
+                                                  n_tests=fam.size, sign="lora - full")
+                tests.setdefault(measure, {})[f"{task} {measure}"] = c["test"]
             entry["measures"][measure] = c
         out["tasks"].append(entry)
+    for measure, group in tests.items():
+        apply_family(fams[measure], group)
     return out
 
 
@@ -269,7 +283,8 @@ def _describe(values: list[float]) -> dict:
             "sd": float(a.std(ddof=1)) if len(a) > 1 else None}
 
 
-def write_outputs(run: RunDir, results: Sequence[dict], tasks: Sequence[str]) -> dict:
+def write_outputs(run: RunDir, results: Sequence[dict], tasks: Sequence[str],
+                  cfg: StudyConfig | None = None) -> dict:
     """layers.*, forgetting.* and summary.json from every model's results."""
     rows = layer_rows(results)
     write_csv(run.weightspace_layers_csv, rows)
@@ -278,7 +293,7 @@ def write_outputs(run: RunDir, results: Sequence[dict], tasks: Sequence[str]) ->
               for r in results if r.get("forgetting")]
     write_csv(run.weightspace_forgetting_csv, forget)
     atomic_write_json(run.weightspace_forgetting_json, {"rows": forget})
-    summary = summarize(results, tasks)
+    summary = summarize(results, tasks, cfg)
     atomic_write_json(run.weightspace_summary_json, summary)
     return summary
 
@@ -296,45 +311,52 @@ def method_summary(cfg, run: RunDir, results: Sequence[dict]) -> dict:
     Per task, measure (:data:`MEASURES`, over the common matrices) and method: the mean
     and sd over seeds and each seed's value, and the method vs the reference over paired
     seeds (:func:`loralens.analysis.stats.compare_methods` with sign ``method -
-    reference``; Bonferroni over the tests actually made: two paired seeds at least, not
-    zero spread). A ``head``-family method leaves the backbone as the base model's: its
-    weight change and forgetting are 0 by construction and its tests undefined (never
-    significant).
-    """
+    reference``), corrected within the families declared from the config alone
+    (:func:`families.method_weight_families`, one per measure: a zero-spread test stays in
+    its family, undefined; a member with fewer than two paired seeds counts as p = 1). A
+    contrast true by construction is stated, not tested: a ``head``-family method leaves
+    the backbone as the base model's (weight change and forgetting 0), a rank-r update's
+    effective rank and rank90 cannot exceed r."""
     ref = cfg.reference_method
+    fams = method_weight_families(cfg)
     per = {(r["task"], r["method"], r["seed"]): model_summary(r) for r in results}
-    cells = []
+    rows, tests = [], {}
     for task in cfg.tasks:
         for measure in MEASURES:
             vals = {m: {s: v[measure] for (t, mm, s), v in per.items()
                         if t == task and mm == m and measure in v} for m in cfg.methods}
             for m in cfg.methods:
+                if not vals[m]:
+                    continue
                 seeds = sorted(set(vals[m]) & set(vals.get(ref, {})))
-                testable = (m != ref and get_method(m, cfg).family != "head"
-                            and len(seeds) >= 2 and not stats.zero_spread(
-                                [vals[m][s] for s in seeds], [vals[ref][s] for s in seeds]))
-                cells.append((task, measure, m, vals, seeds, testable))
-    n_tests = sum(1 for c in cells if c[-1]) or 1
-    rows = []
-    for task, measure, m, vals, seeds, testable in cells:
-        if not vals[m]:
-            continue
-        row = {"task": task, "measure": measure, "method": m,
-               "family": get_method(m, cfg).family, "reference": ref,
-               **_describe(list(vals[m].values())),
-               "per_seed": {str(s): vals[m][s] for s in sorted(vals[m])}, "test": None}
-        if m == ref:
-            row["note"] = "the reference method"
-        elif row["family"] == "head":
-            row["note"] = HEAD_NOTE
-        elif testable:
-            row["test"] = stats.compare_methods([vals[m][s] for s in seeds],
-                                                [vals[ref][s] for s in seeds], seeds,
-                                                n_tests=n_tests, sign="lora - full")
-        else:
-            row["note"] = "not tested: fewer than two paired seeds, or zero spread"
-        rows.append(row)
-    out = {"reference_method": ref, "methods": list(cfg.methods), "n_tests": n_tests,
+                family = get_method(m, cfg).family
+                row = {"task": task, "measure": measure, "method": m, "family": family,
+                       "reference": ref, **_describe(list(vals[m].values())),
+                       "per_seed": {str(s): vals[m][s] for s in sorted(vals[m])},
+                       "test": None}
+                why = None if m == ref else by_construction(cfg, m, measure)
+                member = f"{task} {m} {measure}"
+                if m == ref:
+                    row["note"] = "the reference method"
+                elif family == "head":
+                    row["note"] = HEAD_NOTE
+                elif why:
+                    row["note"] = why
+                elif len(seeds) >= 2 and measure in fams and member in fams[measure].members:
+                    row["test"] = stats.compare_methods(
+                        [vals[m][s] for s in seeds], [vals[ref][s] for s in seeds], seeds,
+                        n_tests=fams[measure].size, sign="lora - full")
+                    tests.setdefault(measure, {})[member] = row["test"]
+                else:
+                    row["note"] = ("not tested: fewer than two paired seeds (in its family as "
+                                   "p = 1)")
+                rows.append(row)
+    for measure, group in tests.items():
+        apply_family(fams[measure], group)
+    out = {"reference_method": ref, "methods": list(cfg.methods),
+           "n_tests": max((f.size for f in fams.values()), default=0),
+           "correction": cfg.stats.correction,
+           "families": {k: f.to_dict() for k, f in fams.items()},
            "sign": "method - reference (compare_methods' lora = the method, full = the "
                    "reference)", "rows": rows}
     atomic_write_json(run.weightspace_methods_json, out)

@@ -43,7 +43,8 @@ def run_weights(ctx) -> bool:
     if skipped:
         log.info(f"weights: {len(skipped)} model(s) up to date in {ctx.run.weightspace_dir}")
     finished = ctx.run.finished_jobs()
-    summary = write_outputs(ctx.run, load_results(ctx.run, finished), ctx.cfg.tasks)
+    summary = write_outputs(ctx.run, load_results(ctx.run, finished), ctx.cfg.tasks,
+                            ctx.cfg)
     log.info("\n".join(summary_lines(summary)))
     if not is_pair_study(ctx.cfg.methods):  # more methods: each vs the reference
         method_summary(ctx.cfg, ctx.run, load_results(ctx.run, finished))
