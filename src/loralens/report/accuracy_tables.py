@@ -67,7 +67,7 @@ def table3(d: RunData) -> Table | None:
                          pm(lo.get("mean"), lo.get("sd")), per_seed(seeds.get("lora")),
                          pm(fu.get("mean"), fu.get("sd")), per_seed(seeds.get("full")),
                          f"{c['difference']:+.4f}" if finite(c.get("difference")) else DASH,
-                         *p_cells(c)])
+                         *p_cells(c), _learned_cell(d, task) if metric == sel else DASH])
     tested_n = sorted({c.get("n_tests") for c in comparisons if finite(c.get("n_tests"))})
     notes = ["* the task's study metric (accuracy; F1 for MRPC), the only one tested; "
              "accuracy beside MRPC's F1 is descriptive. Mean ± sd (ddof 1) over seeds on the "
@@ -87,10 +87,20 @@ def table3(d: RunData) -> Table | None:
            and not c.get("zero_spread") and c.get("tested") is not False}
     notes += sorted(why)
     notes += _notes_about(d.table3, "accuracy", "f1", "training job")
+    notes += [n for n in [learned_note(d)] if n]
     return Table("table-3-accuracy", f"Table 3: accuracy and F1 ({_table3_split(d, entries)})",
                  ["Task", "Metric", "n", "Majority", "LoRA mean ± sd", "LoRA per seed",
                   "Full FT mean ± sd", "Full FT per seed", "LoRA − full", "p", "p (Bonf.)",
-                  "d", "Significant"], rows, notes=notes)
+                  "d", "Significant", "Not above the majority class"], rows, notes=notes)
+
+
+def _learned_cell(d: RunData, task: str) -> str:
+    keys = not_learned(d, task)
+    if keys:
+        return f"{_models_text(keys)} {MARK}"
+    checked = [v for k, v in model_verdicts(d).items() if k[0] == task]
+    return "none" if checked and all(v.get("above_majority") for v in checked) else (
+        "not checked (Table 3d)" if checked else DASH)
 
 
 def table3_examples(d: RunData) -> Table | None:
@@ -254,3 +264,166 @@ def table_fit(d: RunData) -> Table | None:
 def _notes_about(src: dict | None, *words: str) -> list[str]:
     notes = (src or {}).get("notes") or []
     return [n for n in notes if any(w in n for w in words)]
+
+
+# --------------------------------------------------------------------------- learned or not
+
+NOT_LEARNED = "not above the majority class"
+MARK = "‡"
+
+
+def model_verdicts(d: RunData) -> dict[tuple, dict]:
+    """``{(task, method, seed): analysis.learned.verdict(...)}`` for every finished job: the
+    study metric's 95% interval on the validation split against the majority class
+    (Wilson for accuracy; for F1 and MCC a bootstrap over the examples of val_logits.npy,
+    with the labels from the GLUE files)."""
+    if "verdicts" not in d.cache:
+        d.cache["verdicts"] = _model_verdicts(d)
+    return d.cache["verdicts"]
+
+
+def _model_verdicts(d: RunData) -> dict[tuple, dict]:
+    from loralens.analysis.learned import PROPORTIONS, verdict
+
+    out, labels = {}, {}
+    for (task, method, seed), m in d.jobs.items():
+        metric = d.metric(task)
+        val = m.get("validation") if isinstance(m.get("validation"), dict) else {}
+        base = m.get("majority_baseline") if isinstance(m.get("majority_baseline"), dict) else {}
+        value, n = val.get(metric), val.get("n")
+        pred = lab = None
+        num_labels = 2
+        if metric not in PROPORTIONS and finite(n):
+            path = d.run.val_logits_path(task, method, seed)
+            if path.is_file():
+                try:
+                    import numpy as np
+
+                    pred = np.load(path).argmax(axis=1)
+                except (OSError, ValueError):
+                    pred = None
+                if task not in labels:
+                    labels[task] = _labels(d, task, int(n))
+                lab, num_labels = labels[task]
+        try:
+            out[(task, method, seed)] = verdict(
+                metric, value if finite(value) else None, int(n) if finite(n) else None,
+                base.get(metric) if finite(base.get(metric)) else None, pred, lab, num_labels)
+        except ValueError as e:  # logits and labels of different lengths, a bad count
+            out[(task, method, seed)] = {"metric": metric, "value": value, "ci": None,
+                                         "majority": base.get(metric), "interval": "",
+                                         "above_majority": None, "why": str(e)}
+    return out
+
+
+def _labels(d: RunData, task: str, n: int) -> tuple:
+    """The validation labels in split order and the task's number of labels; ``None``
+    labels where the GLUE files are not at hand."""
+    try:
+        from loralens.analysis.drift.stats import validation_labels
+        from loralens.tasks.registry import get_task
+
+        labels, _ = validation_labels(task, d.cfg("data", "glue_dir"), n)
+        return labels, get_task(task).num_labels
+    except Exception:  # noqa: BLE001 - no labels: the cell says there is no interval
+        return None, 2
+
+
+def not_learned(d: RunData, task: str | None = None) -> list[tuple]:
+    """``(task, method, seed)`` of the models not above the majority class, in study order."""
+    v = model_verdicts(d)
+    keys = [k for k in v if v[k].get("above_majority") is False and (task is None or
+                                                                    k[0] == task)]
+    order = {t: i for i, t in enumerate(d.tasks)}
+    morder = {m: i for i, m in enumerate(d.methods)}
+    return sorted(keys, key=lambda k: (order.get(k[0], 99), morder.get(k[1], 99), str(k[1]),
+                                       k[2]))
+
+
+def marked_tasks(d: RunData) -> set:
+    return {k[0] for k in not_learned(d)}
+
+
+def _models_text(keys: list[tuple]) -> str:
+    """"LoRA seeds 42, 1337 and full FT seed 2024"."""
+    by: dict[str, list] = {}
+    for _, m, s in keys:
+        by.setdefault(m, []).append(s)
+    parts = [f"{METHODS.get(m, m)} seed{'s' if len(ss) > 1 else ''} "
+             f"{', '.join(map(str, ss))}" for m, ss in by.items()]
+    return " and ".join(parts) if len(parts) < 3 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def task_learned_sentence(d: RunData, task: str) -> str:
+    """One sentence for a task where some model is not above the majority class; ``""``
+    where every model is (or none could be checked)."""
+    keys = not_learned(d, task)
+    if not keys:
+        return ""
+    v = model_verdicts(d)[keys[0]]
+    maj = v.get("majority")
+    return (f"{task}: {_models_text(keys)} {'is' if len(keys) == 1 else 'are'} {NOT_LEARNED} "
+            f"(95% interval of {v.get('metric')} reaching down to the majority class's "
+            f"{f(maj) if finite(maj) else '?'} or below): not shown to have learned the task, "
+            "so comparisons on this task involve models that may not have learned it.")
+
+
+def learned_note(d: RunData, what: str = "row") -> str:
+    """A table's note on its marked tasks (``""`` where none is marked)."""
+    tasks = [t for t in d.tasks if not_learned(d, t)]
+    if not tasks:
+        return ""
+    return (f"{MARK} {NOT_LEARNED}: a {what} of a task where some model's 95% validation "
+            "interval reaches down to the majority-class score (Table 3d), so it compares "
+            "models not shown to have learned the task: "
+            + "; ".join(f"{t}: {_models_text(not_learned(d, t))}" for t in tasks) + ".")
+
+
+def mark_task(d: RunData, task: str) -> str:
+    """The task's name, with the mark where some of its models did not beat the majority."""
+    return f"{task} {MARK}" if task in marked_tasks(d) else str(task)
+
+
+def figure_learned_line(d: RunData) -> str:
+    """A caption line naming the models not above the majority class (``""`` if none)."""
+    keys = not_learned(d)
+    if not keys:
+        return ""
+    tasks = list(dict.fromkeys(k[0] for k in keys))
+    return (f" Not above the majority class ({MARK}, Table 3d; not shown to have learned the "
+            "task, so their drift compares models that may not have learned it): "
+            + "; ".join(f"{t}: {_models_text([k for k in keys if k[0] == t])}" for t in tasks)
+            + ".")
+
+
+def _interval_cell(v: dict) -> str:
+    if v.get("ci"):
+        return ci(v["ci"], f)
+    return v.get("why") or DASH
+
+
+def table3_learned(d: RunData) -> Table | None:
+    """Table 3d: each model's study metric, its 95% interval and the majority class."""
+    v = model_verdicts(d)
+    if not v:
+        return None
+    order = {t: i for i, t in enumerate(d.tasks)}
+    morder = {m: i for i, m in enumerate(d.methods)}
+    rows = []
+    for key in sorted(v, key=lambda k: (order.get(k[0], 99), morder.get(k[1], 99), str(k[1]),
+                                        k[2])):
+        x = v[key]
+        verdict = {True: "above", False: NOT_LEARNED + " " + MARK, None: "not checked"}[
+            x.get("above_majority")]
+        rows.append([key[0], METHODS.get(key[1], key[1]), str(key[2]), str(x.get("metric")),
+                     f(x.get("value")) if finite(x.get("value")) else DASH, _interval_cell(x),
+                     f(x.get("majority")) if finite(x.get("majority")) else DASH, verdict])
+    notes = ["Each model's study metric on the validation split with its 95% interval: Wilson "
+             "score interval for accuracy; for F1 and MCC a percentile bootstrap over the "
+             "validation examples (val_logits.npy, fixed seed). A model whose interval's lower "
+             f"bound is at or below the majority-class score is {NOT_LEARNED} ({MARK}): not "
+             "shown to have learned the task (this includes models below the majority). "
+             "Every comparison involving such a model carries the mark."]
+    return Table("table-3d-majority", "Table 3d: each model against the majority class",
+                 ["Task", "Method", "Seed", "Metric", "Score", "95% interval", "Majority",
+                  "Verdict"], rows, notes=notes)

@@ -99,6 +99,9 @@ def _header(doc: _Document) -> None:
                   "directly comparable with the published study.", "warning"))
     elif model:
         doc.add(p(f"**Model:** {model}" + (f" — {note}" if note else ""), "note"))
+    banner = scale_banner(d)
+    if banner:
+        doc.add(p(banner, "warning"))
     _protocol_header(doc)
     if d.config is None:
         doc.add(p("**No config.yaml**: this directory is not a loralens run directory, or "
@@ -106,6 +109,116 @@ def _header(doc: _Document) -> None:
                   "--run-dir DIR`.", "missing"))
     for prob in d.problems:
         doc.add(p(f"**Unreadable file:** {prob}", "warning"))
+
+
+# ---- the scale banner: what a run of this size can show (DESIGN.md, reporting rules)
+# Below these a run is a pipeline check rather than evidence about the methods. They are
+# orders of magnitude, not tuned cut-offs: the published study trained thousands of
+# optimizer steps on thousands of rows with 3 seeds, 15 search trials and 408-750
+# extracted examples per task.
+FEW_STEPS = 200          # optimizer steps per training job
+FEW_ROWS = 1000          # training rows of the smallest task
+FEW_SEEDS = 3            # seeds per method: the published study's count
+FEW_EXAMPLES = 200       # examples the drift is measured on
+
+
+def _span(values: list) -> str:
+    vals = sorted({v for v in values if finite(v)})
+    if not vals:
+        return ""
+    fmt = (lambda v: f"{v:g}")
+    return fmt(vals[0]) if len(vals) == 1 else f"{fmt(vals[0])}–{fmt(vals[-1])}"
+
+
+def _scale_facts(d: RunData) -> dict:
+    """The numbers the banner states, from the jobs' metrics.json, env.json, data.json,
+    the extraction manifests and, where those are missing, the resolved config."""
+    jobs = list(d.jobs.values())
+    fits = [j.get("fit") for j in jobs if isinstance(j.get("fit"), dict)]
+    env = [e for e in (d.env or {}).values() if isinstance(e, dict)] if isinstance(
+        d.env, dict) else []
+    hw = (env[-1].get("hardware") or {}) if env else {}
+    rows: dict[str, int] = {}
+    for (task, _, _), j in d.jobs.items():
+        r = ((j.get("data") or {}).get("train") or {}).get("rows")
+        if finite(r):
+            rows[task] = int(r)
+    for task, v in (d.data or {}).items():
+        r = ((v or {}).get("train") or {}).get("rows") if isinstance(v, dict) else None
+        if finite(r):
+            rows.setdefault(task, int(r))
+    extract = {t: m.get("n_examples") for t, m in d.extract.items() if finite(m.get("n_examples"))}
+    devices = sorted({str(j["device"]) for j in jobs if j.get("device")})
+    if not devices and hw:
+        devices = ["cuda" if hw.get("cuda") else "cpu"]
+    return {
+        "model": provenance_tables.model_info(d)[0] or "unknown model",
+        "device": ", ".join(devices) or "unrecorded device",
+        "gpu": hw.get("gpu"), "cpu": hw.get("processor"), "cores": hw.get("cpu_count"),
+        "dtype": ", ".join(sorted({str(x["precision"]) for x in fits if x.get("precision")}))
+        or str(d.cfg("train", "precision", default="unrecorded")),
+        "rows": rows,
+        "steps": [x.get("steps") for x in fits],
+        "epochs": [x.get("epochs") for x in fits] or [d.cfg("train", "epochs")],
+        "search": d.search_enabled, "trials": d.cfg("search", "trials"),
+        "seeds": d.seeds,
+        "extract": extract, "extract_requested": d.cfg("extract", "examples"),
+    }
+
+
+def scale_banner(d: RunData) -> str:
+    """One paragraph: the run's scale, and in one sentence what such a run can and cannot
+    show (derived from the numbers, never from the preset's name); ``""`` without a config
+    and without jobs."""
+    if d.config is None and not d.jobs:
+        return ""
+    x = _scale_facts(d)
+    rows = x["rows"]
+    steps, epochs = _span(x["steps"]), _span(x["epochs"])
+    ext = x["extract"]
+    hw = (f"{x['device']}" + (f" ({x['gpu']})" if x["gpu"] else "")
+          + (f", CPU {x['cpu']}" if x["cpu"] else "")
+          + (f" with {x['cores']} cores" if finite(x["cores"]) else ""))
+    facts = [f"model {x['model']}", hw, f"dtype {x['dtype']}",
+             "training rows " + (", ".join(f"{t} {n}" for t, n in rows.items())
+                                 if rows else "unrecorded"),
+             f"optimizer steps per job {steps or 'unrecorded'}",
+             f"epochs {epochs or 'unrecorded'}",
+             "search " + (f"on ({x['trials']} trials per task and method)"
+                          if x["search"] else "off"),
+             f"{len(x['seeds'])} seed{'s' if len(x['seeds']) != 1 else ''} "
+             f"({', '.join(map(str, x['seeds'])) or 'none'})",
+             "extraction rows " + (", ".join(f"{t} {n}" for t, n in ext.items()) if ext else
+                                   f"{x['extract_requested']} requested, none extracted yet")]
+    limits = []
+    max_steps = max((v for v in x["steps"] if finite(v)), default=None)
+    if max_steps is not None and max_steps < FEW_STEPS:
+        limits.append(f"at most {max_steps:g} optimizer steps per job may not teach a model "
+                      "its task")
+    if rows and min(rows.values()) < FEW_ROWS:
+        limits.append(f"{min(rows.values())} training rows ({min(rows, key=rows.get)}) are "
+                      "few")
+    if len(x["seeds"]) < FEW_SEEDS:
+        limits.append(f"{len(x['seeds'])} seed{'s' if len(x['seeds']) != 1 else ''} per "
+                      "method give " + ("no" if len(x["seeds"]) < 2 else "an unreliable")
+                      + " seed-to-seed spread")
+    if not x["search"]:
+        limits.append("untuned hyperparameters (search off) can favour either method")
+    if ext and min(ext.values()) < FEW_EXAMPLES:
+        limits.append(f"drift on {min(ext.values())} examples is a rough estimate")
+    marked = accuracy_tables.not_learned(d) if d.jobs else []
+    if marked:
+        limits.append(f"{len(marked)} of {len(d.jobs)} models are "
+                      f"{accuracy_tables.NOT_LEARNED} (Table 3d)")
+    if limits:
+        verdict = ("A run of this scale can show that the pipeline runs end to end and how "
+                   "the measures behave; it cannot show whether the methods differ in "
+                   "accuracy or drift, because " + "; ".join(limits) + ".")
+    else:
+        verdict = (f"A run of this scale can compare the methods on these tasks for "
+                   f"{x['model']} within the spread of its seeds; it cannot show that the "
+                   "result holds for other models, data or scales.")
+    return "**Scale of this run:** " + "; ".join(facts) + ". " + verdict
 
 
 OPTIMISTIC = "**Validation scores are optimistic.** "
@@ -158,10 +271,13 @@ def glance(d: RunData) -> list[str]:
     for task in d.tasks:
         parts = [text for text in (*(methods_report.glance_parts(d, task) if multi else (
                                    _glance_accuracy(d, task, acc.get(task)),
-                                   _glance_drift(drift.get(task)))),
+                                   _glance_drift(drift.get(task), d, task))),
                                    _glance_latency(comp, task, b0)) if text]
         if parts:
-            lines.append(f"**{task}**: " + "; ".join(parts))
+            # a task where some model did not beat the majority class says so first
+            lead = accuracy_tables.task_learned_sentence(d, task)
+            lines.append(f"**{task}**: " + (f"{lead.split(': ', 1)[1]} " if lead else "")
+                         + "; ".join(parts))
     return lines
 
 
@@ -176,11 +292,15 @@ def _glance_accuracy(d: RunData, task: str, e: dict | None) -> str:
     if c.get("zero_spread"):
         text += " (p undefined: zero spread)"
     elif c.get("p") is not None:
-        text += f" (p = {pval(c.get('p'))})"
+        # the raw p of the seed-paired t-test: corrected only within its declared family
+        text += (f" (p = {pval(c.get('p'))} uncorrected"
+                 + (f"; Bonferroni over {c['n_tests']} tasks: {pval(c['p_bonferroni'])})"
+                    if c.get("p_bonferroni") is not None and finite(c.get("n_tests"))
+                    else ")"))
     return text
 
 
-def _glance_drift(e: dict | None) -> str:
+def _glance_drift(e: dict | None, d: RunData | None = None, task: str = "") -> str:
     if not e:
         return ""
     # tasks are compared here, line by line: the debiased form (its bias does not depend on
@@ -198,6 +318,9 @@ def _glance_drift(e: dict | None) -> str:
     elif c.get("significant") is not None:
         text += " (significant after Bonferroni)" if c["significant"] else \
             " (not significant after Bonferroni)"
+    if d is not None and accuracy_tables.not_learned(d, task):
+        text += (f" {accuracy_tables.MARK} (compares models {accuracy_tables.NOT_LEARNED}: "
+                 "not evidence about the methods)")
     return text
 
 
@@ -287,6 +410,7 @@ def _accuracy(doc: _Document) -> None:
             doc.not_run("train", "Accuracy")
     elif doc.state["train"].state == "partial":
         doc.partial("train", "Training")
+    doc.table(accuracy_tables.table3_learned)
     if multi:
         doc.add(p("Example-level McNemar tests (Table 3c) pair LoRA with full fine-tuning "
                   "only: not shown for a study of more methods.", "note"))

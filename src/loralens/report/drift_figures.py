@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from loralens.report.accuracy_tables import not_learned
 from loralens.report.colors import method_color
 from loralens.report.formatting import MEASURES, METHODS, finite
 from loralens.report.run_data import RunData
@@ -90,9 +91,10 @@ def fig_accuracy_vs_drift(d: RunData) -> Figure | str:
     ax = fig.subplots()
     plotted, all_x = 0, []
     methods = drawn_methods(d, drift)
+    marked = set(not_learned(d))
     for ti, task in enumerate(tasks):
         for m in methods:
-            xs, ys = [], []
+            xs, ys, seeds_drawn = [], [], []
             for (t, mm, s), (_, arr) in sorted(drift.items()):
                 job = d.jobs.get((t, mm, s))
                 if t != task or mm != m or not job:
@@ -102,12 +104,16 @@ def fig_accuracy_vs_drift(d: RunData) -> Figure | str:
                 if finite(score) and math.isfinite(x):
                     xs.append(x)
                     ys.append(score)
+                    seeds_drawn.append(s)
             all_x += xs
             if xs:
                 ax.scatter(xs, ys, s=46, color=method_color(d, m),
                            marker=MARKERS[ti % len(MARKERS)], edgecolor="black", linewidth=0.5,
                            alpha=0.9, zorder=3)
                 plotted += len(xs)
+            bad = [(x, y) for x, y, s in zip(xs, ys, seeds_drawn) if (task, m, s) in marked]
+            if bad:  # a model not above the majority class: crossed out
+                ax.scatter(*zip(*bad), s=110, marker="x", color="black", linewidth=1.2, zorder=4)
     if not plotted:
         return "no trained model has both a drift value and a validation score"
     from matplotlib.lines import Line2D
@@ -117,6 +123,9 @@ def fig_accuracy_vs_drift(d: RunData) -> Figure | str:
     handles += [Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], color="white",
                        markeredgecolor="black",
                        label=f"{t} ({d.metric(t)})") for i, t in enumerate(tasks)]
+    if marked:
+        handles.append(Line2D([], [], ls="", marker="x", color="black",
+                              label="not above the majority class"))
     ax.legend(handles=handles, loc="best", frameon=True, ncols=2)
     # LoRA can drift orders of magnitude less than full fine-tuning: a linear axis would
     # squash its points onto x = 0.

@@ -6,9 +6,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from loralens.report.accuracy_tables import learned_note, mark_task
 from loralens.report.formatting import DASH, MEASURES, Table, ci, f, finite, g, pm, signed_pct
 from loralens.report.run_data import RunData
 from loralens.report.significance import bonferroni_family, family_note, p_cells, resamples_note
+
+# Debiased CKA leads: the biased estimator's bias depends on examples vs dimensions, so
+# tasks are not comparable on it; it stays, as the published study's column.
+LEAD = ("cka_debiased", "cka")
+LABELS = {"cka": "1 − linear CKA (biased), the published column"}
+
+
+def lead_debiased(measures: dict) -> list:
+    """Measure names, debiased CKA first and biased CKA second, the rest in stored order."""
+    return sorted(measures, key=lambda m: LEAD.index(m) if m in LEAD else len(LEAD))
+
 
 STD_MEASURES = {"cka_std": "1 − linear CKA, standardised (biased)",
                 "cka_std_debiased": "1 − linear CKA, standardised (debiased)"}
@@ -43,18 +55,20 @@ def table4(d: RunData) -> Table | None:
     entries = (d.table4 or {}).get("tasks") or []
     if not entries:
         return None
-    labels = {**MEASURES, **STD_MEASURES}
+    labels = {**MEASURES, **LABELS, **STD_MEASURES}
     rows, comparisons = [], []
     for e in entries:
         n, req = e.get("n_examples"), e.get("requested")
         states = _states_of(e)
-        for measure, c in (e.get("measures") or {}).items():
+        measures = e.get("measures") or {}
+        for measure in lead_debiased(measures):
+            c = measures[measure]
             comparisons.append(c)
             lo, fu = c.get("lora") or {}, c.get("full") or {}
             delta = signed_pct(c.get("delta_percent"))
             if ci(c.get("delta_percent_ci")):
                 delta += " " + ci(c.get("delta_percent_ci"), lambda v: f"{v:.1f}")
-            rows.append([e.get("task", DASH), labels.get(measure, measure),
+            rows.append([mark_task(d, e.get("task", DASH)), labels.get(measure, measure),
                          f"{n} of {req}" if n != req else str(n),
                          _states_text(states, e.get("n_states")) or DASH,
                          pm(lo.get("mean"), lo.get("sd"), g),
@@ -87,8 +101,12 @@ def table4(d: RunData) -> Table | None:
              _per_layer_note(t4),
              "Seed floor (LoRA / full FT): drift between two models of one method that differ "
              "only in seed (1 − the same similarity between seed s and seed s′, averaged over "
-             "the same states), mean over the pairs of seeds; a LoRA-vs-full difference "
-             "within these is within seed noise.",
+             "the same states), mean over the pairs of seeds: a reference for the size of "
+             "drift (how far apart two seeds' models of one method sit); it is not the "
+             "uncertainty of a drift-to-base mean, which is the sd across seeds beside each "
+             "mean. A "
+             "LoRA-vs-full difference is judged by its test (p, Significant), never by this "
+             "column.",
              "CKA forms: the biased estimator's bias grows with dimensions per example "
              f"(here {', '.join(sorted({str(e.get('n_examples')) for e in entries}))} "
              "examples against thousands of dimensions) and differs between tasks: compare "
@@ -98,12 +116,13 @@ def table4(d: RunData) -> Table | None:
     if any(c.get("zero_spread") for c in comparisons):
         notes.append("Zero spread: every seed's paired difference is the same, so t, p and d "
                      "are undefined; such a row is never significant.")
+    notes.append(learned_note(d))
     notes = [n for n in notes if n]
     notes += [n for n in (t4.get("notes") or []) if "accuracy" not in n
               and "val_logits" not in n and "example-level" not in n]
     return Table("table-4-drift", "Table 4: representation drift to the base model",
                  ["Task", "Drift measure", "Examples", "States", "LoRA mean ± sd",
-                  "Full FT mean ± sd", "Seed floor LoRA / full", "Δ% [95% CI]", "p",
+                  "Full FT mean ± sd", "Seed floor LoRA / full (reference)", "Δ% [95% CI]", "p",
                   "p (Bonf.)", "d", "Significant"], rows, notes=notes)
 
 

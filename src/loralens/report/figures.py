@@ -16,6 +16,7 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from loralens.core.files import atomic_path, atomic_write_json
+from loralens.report.accuracy_tables import figure_learned_line
 from loralens.report.drift_figures import (
     fig_accuracy_vs_drift, fig_drift_reduction, fig_layerwise, fig_outliers,
 )
@@ -24,7 +25,7 @@ from loralens.report.methods_figures import fig_method_drift, legend_labels
 from loralens.report.methods_report import is_multi
 from loralens.report.rank_figures import RANK_FIGURES
 from loralens.report.run_data import RunData
-from loralens.report.serving_figures import fig_latency, fig_loadtest
+from loralens.report.serving_figures import fig_latency, fig_loadtest, latency_caption
 from loralens.report.sweep_report import fig_intruder_sweep
 from loralens.report.weight_figures import fig_layerwise_intruders
 
@@ -73,14 +74,13 @@ FIGURES = (
      + "); * significant after Bonferroni over drift measures × tasks.",
      lambda d: fig_method_drift(d) if is_multi(d) else fig_drift_reduction(d)),
     ("fig3-layerwise-drift", "Figure 3: layer-wise drift per method",
-     "Drift (1 − linear CKA, biased: the paper's measure, compared within each task) per "
-     "hidden state of drift.layers; lines: mean over seeds, bands: min–max over seeds.",
-     lambda d: fig_layerwise(d, ("cka",), "Layer-wise drift (1 − linear CKA, biased)")),
-    ("fig4-latency", "Figure 4: serving latency per strategy",
-     "Mean latency per request, seeds pooled, with the 95% bootstrap CI of the mean as error "
-     "bars and the 95th percentile (diamonds); labels: overhead of the mean vs full "
-     "fine-tuning.",
-     fig_latency),
+     "Drift per hidden state of drift.layers; lines: mean over seeds, bands: min–max over "
+     "seeds. Top: 1 − debiased linear CKA, comparable across tasks. Bottom: 1 − linear CKA, "
+     "biased: the paper's measure, the published column, compared within each task only "
+     "(its bias depends on each task's examples vs dimensions).",
+     lambda d: fig_layerwise(d, _fig3_measures(d), "Layer-wise drift: 1 − linear CKA, "
+                             "debiased (top) and biased, the published measure (bottom)")),
+    ("fig4-latency", "Figure 4: serving latency per strategy", latency_caption, fig_latency),
     ("fig6-loadtest", "Figure 6: throughput and p95 latency under concurrent load",
      "Per client count (columns): requests answered per second (top) and 95th-percentile "
      "latency (bottom) against the number of adapters the requests are spread over, for "
@@ -113,6 +113,19 @@ FIGURES = (
      fig_intruder_sweep),
     *RANK_FIGURES,  # drawn for a rank sweep only (rank_figures.has_rank_sweep)
 )
+
+
+# figures that compare models: their captions name the models not above the majority class
+LEARNED_FIGURES = ("fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwise-drift",
+                   "fig8-layerwise-intruders")
+
+
+def _fig3_measures(d: RunData) -> tuple[str, ...]:
+    """Debiased CKA first, biased second; biased alone for layers.json from an older drift
+    stage that stored no debiased form."""
+    if any("cka_debiased" in r for r in d.layers or []):
+        return ("cka_debiased", "cka")
+    return ("cka",)
 
 
 METHODS_FIG2 = ("Drift, 1 − debiased linear CKA averaged over the hidden states of "
@@ -153,8 +166,10 @@ def draw_all(d: RunData) -> tuple[list[FigureFile], dict[str, str]]:
             _save(fig, png, "png")
             _save(fig, svg, "svg")
             legends[fid] = legend_labels(fig)
-            files.append(FigureFile(fid, title, caption if isinstance(caption, str)
-                                    else caption(d), png, svg))
+            caption = caption if isinstance(caption, str) else caption(d)
+            if fid in LEARNED_FIGURES:
+                caption += figure_learned_line(d)
+            files.append(FigureFile(fid, title, caption, png, svg))
     # what each drawn figure's legends name (a reader or a test checks the methods there)
     atomic_write_json(d.run.report_legends_json, {"methods": d.methods, "figures": legends})
     return files, missing

@@ -5,6 +5,7 @@ forgetting (Table 8), from ``weightspace/`` (the weights stage, :mod:`loralens.a
 from __future__ import annotations
 
 from loralens.models.methods import PAIR
+from loralens.report.accuracy_tables import learned_note, mark_task
 from loralens.report.formatting import DASH, METHODS, Table, f, finite, g, pm
 from loralens.report.run_data import RunData, read_optional
 from loralens.report.significance import p_cells
@@ -59,8 +60,8 @@ def table7(d: RunData) -> Table | None:
                 continue
             fmt = g
             test = c.get("test") or {}
-            rows.append([e.get("task", DASH), name + (f", ε = {eps:g}" if key == "intruders"
-                                                      else ""),
+            label = name + (f", ε = {eps:g}" if key == "intruders" else "")
+            rows.append([mark_task(d, e.get("task", DASH)), label,
                          pm(c["lora"].get("mean"), c["lora"].get("sd"), fmt),
                          pm(c["full"].get("mean"), c["full"].get("sd"), fmt),
                          *(p_cells(test) if test else [DASH] * 4)])
@@ -79,7 +80,9 @@ def table7(d: RunData) -> Table | None:
              f"Mean ± sd over seeds; p: two-sided paired t-test by seed (LoRA − full); "
              f"Bonferroni family: the {s.get('n_tests', '?')} tests made on measures × tasks "
              "of the weights stage (with forgetting, Table 8; zero-spread rows are no test).",
-             "Per layer and every ε from 0.1 to 0.9: `weightspace/layers.csv`."]
+             "Per layer and every ε from 0.1 to 0.9: `weightspace/layers.csv`.",
+             learned_note(d)]
+    notes = [n for n in notes if n]
     return Table("table-7-weights", "Table 7: intruder dimensions and the weight change's "
                  "spectrum", ["Task", "Measure", "LoRA mean ± sd", "Full FT mean ± sd", "p",
                               "p (Bonf.)", "d", "Significant"], rows, notes=notes)
@@ -132,7 +135,7 @@ def table8(d: RunData) -> Table | None:
             v = [r["forgetting"] for r in mine if r["method"] == m and finite(r.get("forgetting"))]
             cells.append(_mean_sd(v))
         base = mine[0].get("ce_base")
-        rows.append([task, f(base), str(mine[0].get("n_tokens", DASH)), *cells,
+        rows.append([mark_task(d, task), f(base), str(mine[0].get("n_tokens", DASH)), *cells,
                      *(p_cells(tests[task]) if tests.get(task) else [DASH] * 4)])
     notes = ["Forgetting = cross-entropy after fine-tuning − before (nats per predicted token; "
              "positive: the backbone predicts general text worse), with the base model's LM "
@@ -140,6 +143,7 @@ def table8(d: RunData) -> Table | None:
              "backbone's final hidden states (after the final norm). Mean ± sd over seeds; "
              "p: paired t-test by seed (LoRA − full), Bonferroni family as Table 7.",
              "Text used: " + "; ".join(f"{t}: {src}" for t, src in sources.items()) + "."]
+    notes += [n for n in [learned_note(d)] if n]
     return Table("table-8-forgetting", "Table 8: forgetting of general text",
                  ["Task", "Base CE (nats/token)", "Tokens", "LoRA forgetting",
                   "Full FT forgetting", "p", "p (Bonf.)", "d", "Significant"], rows,
