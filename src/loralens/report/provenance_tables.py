@@ -8,6 +8,7 @@ run holds nothing for it yet.
 
 from __future__ import annotations
 
+from loralens.core.protocol import device_difference
 from loralens.report.formatting import DASH, METHODS, Table, f
 from loralens.report.run_data import RunData
 
@@ -53,7 +54,8 @@ def table_provenance(d: RunData) -> Table:
         rows.append(["Python", str(e.get("python") or DASH)])
         pk = e.get("packages") or {}
         rows.append(["Packages", ", ".join(f"{k} {v}" for k, v in pk.items() if v) or DASH])
-        hw_text = (f"{hw.get('platform', DASH)}; processor {hw.get('processor', DASH)}; "
+        hw_text = (f"{hw.get('platform', DASH)}; "
+                   f"processor {hw.get('cpu_model') or hw.get('processor', DASH)}; "
                    f"{hw.get('cpu_count', DASH)} CPUs, {hw.get('torch_threads', DASH)} torch "
                    f"threads; CUDA {'yes' if hw.get('cuda') else 'no'}"
                    + (f" ({hw['gpu']})" if hw.get("gpu") else ""))
@@ -67,6 +69,14 @@ def table_provenance(d: RunData) -> Table:
                      + (f" ({s['device_name']})" if s.get("device_name") else "")
                      + f", {s.get('threads', DASH)} threads, {s.get('dtype', 'float32')}"])
     return Table("table-provenance", "Provenance", ["Item", "Value"], rows, numeric=False)
+
+
+def hardware(d: RunData) -> dict | None:
+    """The hardware of the last command that recorded one (env.json), else None."""
+    env = d.env if isinstance(d.env, dict) else {}
+    found = [e["hardware"] for e in env.values()
+             if isinstance(e, dict) and isinstance(e.get("hardware"), dict)]
+    return found[-1] if found else None
 
 
 def protocol_text(d: RunData) -> str:
@@ -83,7 +93,19 @@ def table_differences(d: RunData) -> Table | None:
     if pr is None:
         return None
     rows = [[key, text] for key, text in pr.differences]
-    notes = []
+    device = device_difference(hardware(d), [str(fit.get("precision")) for m in d.jobs.values()
+                                              if isinstance(m, dict)
+                                              and isinstance(fit := m.get("fit"), dict)
+                                              and fit.get("precision")])
+    if device:
+        rows.append(list(device))
+    notes = ["Rows naming a config key: the run's resolved config against the paper preset "
+             "(presets/paper.yaml), leaving out how the run executes (run directory, storage, "
+             "tracking, threads, batch sizes of inference)"
+             + (", the search space (no search ran)" if not d.cfg("search", "enabled",
+                                                                 default=True)
+                else ", and the training hyperparameters each search's best trial replaces")
+             + "."]
     if not pr.optimistic:
         notes.append("Nothing selected on the validation split that Table 3 reports "
                      "(first row).")

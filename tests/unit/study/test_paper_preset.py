@@ -268,3 +268,14 @@ def test_every_deliberate_difference_is_listed_in_the_preset(cfg):
     listed = [m.group(1) for line in block if (m := re.match(r"#\s{3}(\S[^:]*):\s+\S", line))]
     for key, _ in diffs:
         assert listed.count(key) == 1, f"difference {key!r} is not listed once in paper.yaml"
+    # and nothing listed that the code no longer does
+    assert sorted(listed) == sorted(k for k, _ in diffs)
+    assert sorted(listed) == ["early-stopping cadence", "one persistent study",
+                              "sampler seeding", "search seed", "selection slice"]
+
+
+def test_paper_preset_is_its_own_reference(cfg):
+    """The report's config rows are the diff against this preset: none for the preset."""
+    from loralens.core.protocol import config_differences
+
+    assert config_differences(cfg) == []
