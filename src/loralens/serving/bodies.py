@@ -4,7 +4,7 @@ Content-Type says, the size limit, and the client-error type every 4xx comes fro
 from __future__ import annotations
 
 import json
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, Callable, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
@@ -37,6 +37,33 @@ class ClassifyIn(BaseModel):
         return self
 
 
+Pair = Annotated[list[NonEmpty], Field(min_length=2, max_length=2)]
+
+
+class OpenAIClassifyIn(BaseModel):
+    """The classification request of vLLM's and SGLang's servers (``POST /classify``,
+    ``POST /v1/classify``): ``model`` is an adapter's name (GET /v1/models lists them);
+    ``input`` one text, a list of texts, or, for a sentence-pair task, a list of
+    two-string lists. Their other fields (``truncate_prompt_tokens``, ``priority``, ...)
+    are refused (422 naming the field), not silently ignored."""
+    model_config = ConfigDict(extra="forbid")
+    model: NonEmpty
+    input: (NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)]
+            | Annotated[list[Pair], Field(min_length=1)])
+
+    def rows(self) -> list[str] | list[list[str]]:
+        """``input`` as a list of rows (one text becomes a list of one)."""
+        return [self.input] if isinstance(self.input, str) else self.input
+
+
+def classify_body(obj) -> type[BaseModel]:
+    """Which of the two classification bodies a parsed JSON value is meant to be: a body
+    naming ``model`` or ``input`` is vLLM's shape, anything else today's."""
+    if isinstance(obj, dict) and ("model" in obj or "input" in obj):
+        return OpenAIClassifyIn
+    return ClassifyIn
+
+
 class AdapterIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # the rule is checked by the server (sources.valid_name, with its own message) and
@@ -49,15 +76,25 @@ class AdapterIn(BaseModel):
 Body = TypeVar("Body", bound=BaseModel)
 
 
-def json_body_schema(model: type[BaseModel]) -> dict:
-    """OpenAPI of a JSON request body, for handlers that read it with :func:`read_body`."""
+def json_body_schema(*models: type[BaseModel]) -> dict:
+    """OpenAPI of a JSON request body, for handlers that read it with :func:`read_body`;
+    several models: a body that fits any of them."""
+    schemas = [m.model_json_schema() for m in models]
+    schema = schemas[0]
+    if len(schemas) > 1:
+        # every field at the top too (each declared as in its branch: the same constraints),
+        # so that a reader of the schema sees all of them; anyOf says which go together
+        fields = {k: v for s in schemas for k, v in s["properties"].items()}
+        schema = {"type": "object", "properties": fields, "anyOf": schemas}
     return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": model.model_json_schema()}}}}
+        "application/json": {"schema": schema}}}}
 
 
-async def read_body(request: Request, model: type[Body]) -> Body:
+async def read_body(request: Request, model: type[Body] | Callable[[Any], type[Body]]
+                    ) -> Body:
     """The request body parsed as JSON whatever its Content-Type says (``curl -d`` sends
-    ``application/x-www-form-urlencoded``), then validated by ``model``. Errors have the
+    ``application/x-www-form-urlencoded``), then validated by ``model`` (or by the model
+    that ``model(parsed JSON)`` picks). Errors have the
     shapes of FastAPI's own body validation: malformed JSON a 400, a body that does not
     fit ``model`` a :class:`RequestValidationError` (422, locations under ``body``)."""
     from fastapi.exceptions import RequestValidationError
@@ -72,6 +109,8 @@ async def read_body(request: Request, model: type[Body]) -> Body:
         raise RequestError(400, f"malformed JSON: {e.msg}") from None
     except UnicodeDecodeError:
         raise RequestError(400, "malformed JSON: the body is not UTF-8 text") from None
+    if not isinstance(model, type):
+        model = model(obj)
     try:
         return model.model_validate(obj)
     except ValidationError as e:

@@ -54,6 +54,50 @@ class ClassifyOut(BaseModel):
     probabilities: list[list[float]]
 
 
+class ClassificationData(BaseModel):
+    """One input's answer in vLLM's shape: ``label`` its label's name (``LABEL_<i>`` for an
+    adapter without label names, as transformers names them), ``probs`` the softmax over
+    the ``num_classes`` labels."""
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+
+
+class UsageOut(BaseModel):
+    """Tokens read (after truncation to the server's max_length); a classifier writes none."""
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int
+
+
+class OpenAIClassifyOut(BaseModel):
+    """vLLM's and SGLang's classification response (``model`` is the adapter's name)."""
+    id: str
+    object: str
+    created: int
+    model: str
+    data: list[ClassificationData]
+    usage: UsageOut
+
+
+class ModelOut(BaseModel):
+    """An adapter as vLLM lists a LoRA adapter: ``root`` where it was loaded from,
+    ``parent`` the base model's name."""
+    id: str
+    object: str
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    max_model_len: int
+
+
+class ModelsOut(BaseModel):
+    object: str
+    data: list[ModelOut]
+
+
 ERRORS = {
     400: "malformed JSON, or a bad Content-Length header",
     403: "an adapter path outside the server's adapter root (--adapter-root)",
@@ -65,10 +109,10 @@ ERRORS = {
 }
 
 
-def responses(status: int, model: type[BaseModel], *errors: int, links: dict | None = None
-              ) -> dict:
-    """FastAPI ``responses=`` for a handler: its success body and its error bodies (every
-    handler may answer 400, 413 (the body limit) and 405)."""
+def responses(status: int, model: Any, *errors: int, links: dict | None = None) -> dict:
+    """FastAPI ``responses=`` for a handler: its success body (a model, or a union of
+    models) and its error bodies (every handler may answer 400, 413 (the body limit) and
+    405)."""
     out: dict = {status: {"model": model, "description": "success"}}
     if links:
         out[status]["links"] = links
@@ -82,6 +126,16 @@ ADDED_LINKS = {
     "ClassifyWithAdapter": {"operationId": "classify",
                             "requestBody": {"adapter": "$response.body#/name",
                                             "texts": ["a sentence"]}},
+    "ClassifyWithModel": {"operationId": "classify_openai",
+                          "requestBody": {"model": "$response.body#/name",
+                                          "input": ["a sentence"]}},
     "RemoveAdapter": {"operationId": "remove_adapter",
                       "parameters": {"name": "$response.body#/name"}},
+}
+
+# GET /v1/models then POST /classify with data[0].id: what vLLM's example client does
+MODELS_LINKS = {
+    "ClassifyWithFirstModel": {"operationId": "classify_openai",
+                               "requestBody": {"model": "$response.body#/data/0/id",
+                                               "input": ["a sentence"]}},
 }

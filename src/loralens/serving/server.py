@@ -15,6 +15,19 @@ Endpoints::
     POST   /v1/classify             {"adapter": "x", "texts": ["..."]}  or  "pairs": [["s1", "s2"]]
         -> {"adapter", "labels": [int], "label_names": [str]|null, "probabilities": [[float]]}
 
+vLLM's and SGLang's classification API, for their clients (an adapter is a model)::
+
+    GET    /v1/models               {"object": "list", "data": [{"id": adapter, "object": "model",
+                                     "created", "owned_by", "root", "parent", "max_model_len"}]}
+    POST   /classify, /v1/classify  {"model": "x", "input": "..." | ["...", ...] | [["s1", "s2"]]}
+        -> {"id": "classify-...", "object": "list", "created", "model",
+            "data": [{"index", "label", "probs", "num_classes"}],
+            "usage": {"prompt_tokens", "total_tokens", "completion_tokens"}}
+
+``/v1/classify`` answers in the shape it was asked in (a body naming ``model`` or
+``input`` is vLLM's). Errors keep the server's one shape, ``{"error": "..."}``, on every
+path (also where the 401 of the API key or the 413 of the body limit answer).
+
 Tokenization is training's (:func:`loralens.training.batches.encode_texts`: ``s1 <eos> s2``,
 truncated to ``max_length``). Dynamic batching: requests wait at most
 ``max_wait_ms`` for others, whatever their adapter, and run together as one
@@ -43,6 +56,7 @@ import dataclasses
 import logging
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,13 +71,15 @@ from loralens.core.run_dir import RunDir
 from loralens.tasks.registry import get_task
 from loralens.serving.backends import AdapterError, AdapterInfo, Backend, make_backend
 from loralens.serving.bodies import (
-    AdapterIn, BodyLimit, ClassifyIn, RequestError, json_body_schema, read_body,
+    AdapterIn, BodyLimit, ClassifyIn, OpenAIClassifyIn, RequestError, classify_body,
+    json_body_schema, read_body,
 )
 from loralens.serving.auth import BearerAuth, declare_auth, load_api_key
 from loralens.serving.cli_args import DEFAULT_MAX_BODY
 from loralens.serving.prometheus import MetricsMiddleware, install_metrics
 from loralens.serving.responses import (
-    ADDED_LINKS, AdapterOut, AdaptersOut, ClassifyOut, HealthOut, RemovedOut, responses,
+    ADDED_LINKS, MODELS_LINKS, AdapterOut, AdaptersOut, ClassifyOut, HealthOut, ModelsOut, OpenAIClassifyOut,
+    RemovedOut, responses,
 )
 from loralens.serving.sources import (
     NAME_RULE, AdapterSpec, collect_adapters, replicate, task_of, valid_name,
@@ -100,7 +116,7 @@ class Service:
 
     def __init__(self, backend: Backend, tokenizer, max_length: int, max_batch: int = 32,
                  max_wait_ms: float = 5.0, max_texts: int = 64,
-                 adapter_root: str | Path | None = None):
+                 adapter_root: str | Path | None = None, base_name: str | None = None):
         if max_batch < 1 or max_texts < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_texts must be >= 1, max_wait_ms >= 0")
         self.backend, self.tokenizer = backend, tokenizer
@@ -109,6 +125,7 @@ class Service:
         # POST /v1/adapters reads only below this directory (None: it reads nothing)
         self.adapter_root = Path(adapter_root).resolve() if adapter_root is not None else None
         self.pad_id = tokenizer.pad_token_id
+        self.base_name = base_name  # the base model's name, the adapters' "parent" model
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="loralens-infer")
         self.queue: asyncio.Queue[_Pending] | None = None
         self.task: asyncio.Task | None = None
@@ -174,28 +191,51 @@ class Service:
         except KeyError:
             raise RequestError(404, self._unknown(name)) from None
 
-    def _unknown(self, name: str) -> str:
+    def _unknown(self, name: str, what: str = "adapter") -> str:
         names = self.backend.names
         shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
-        return f"unknown adapter {name!r}; loaded: {shown or 'none'}"
+        return f"unknown {what} {name!r}; loaded: {shown or 'none'}"
+
+    def models(self) -> dict:
+        """``GET /v1/models``: every adapter as a model, as vLLM lists its LoRA adapters."""
+        created = int(self.stats.started)
+        return {"object": "list", "data": [
+            {"id": i.name, "object": "model", "created": created, "owned_by": "loralens",
+             "root": i.source, "parent": self.base_name, "max_model_len": self.max_length}
+            for i in self.backend.infos.values()]}
 
     # ---- classification
     def encode(self, info: AdapterInfo, texts: list[str] | None,
-               pairs: list[list[str]] | None) -> list[list[int]]:
+               pairs: list[list[str]] | None, field: str | None = None) -> list[list[int]]:
+        """Token ids of each row. ``field``: the request's input field (vLLM's ``input``),
+        named in the errors instead of today's ``texts``/``pairs``."""
         rows = texts if texts is not None else pairs
         if info.task is not None:
             pair_task = get_task(info.task).is_pair
             if pair_task and texts is not None:
                 raise RequestError(422, f"adapter {info.name!r} classifies sentence pairs "
-                                        f"({info.task}): send \"pairs\": [[s1, s2], ...]")
+                                        f"({info.task}): send \"pairs\": [[s1, s2], ...]"
+                                   if field is None else
+                                   f"{field}: model {info.name!r} classifies sentence pairs "
+                                   f"({info.task}): send \"{field}\": [[s1, s2], ...]")
             if not pair_task and pairs is not None:
                 raise RequestError(422, f"adapter {info.name!r} classifies single sentences "
-                                        f"({info.task}): send \"texts\": [...]")
+                                        f"({info.task}): send \"texts\": [...]"
+                                   if field is None else
+                                   f"{field}: model {info.name!r} classifies single sentences "
+                                   f"({info.task}): send \"{field}\": \"...\" or [\"...\", ...]")
         out = []
         for row in rows:
             segs = [row] if isinstance(row, str) else list(row)
             out.append(encode_texts(self.tokenizer, segs, self.max_length))
         return out
+
+    async def _probabilities(self, info: AdapterInfo, ids: list[list[int]]) -> torch.Tensor:
+        """[rows, num_labels] softmax of the adapter's logits, from the batcher."""
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Pending(info.name, ids, fut, time.perf_counter()))
+        logits = await fut
+        return torch.softmax(logits[:, : info.num_labels], dim=-1)
 
     async def classify(self, adapter: str, texts: list[str] | None,
                        pairs: list[list[str]] | None) -> dict:
@@ -203,15 +243,29 @@ class Service:
         if info is None:
             raise RequestError(404, self._unknown(adapter))
         ids = self.encode(info, texts, pairs)
-        fut = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(adapter, ids, fut, time.perf_counter()))
-        logits = await fut
-        probs = torch.softmax(logits[:, : info.num_labels], dim=-1)
+        probs = await self._probabilities(info, ids)
         labels = probs.argmax(dim=-1).tolist()
         return {"adapter": adapter, "task": info.task, "labels": labels,
                 "label_names": [info.label_names[i] for i in labels] if info.label_names
                 else None,
                 "probabilities": probs.tolist()}
+
+    async def classify_openai(self, model: str, rows: list[str] | list[list[str]]) -> dict:
+        """vLLM's classification answer for ``rows`` (texts, or two-string lists)."""
+        info = self.backend.infos.get(model)
+        if info is None:
+            raise RequestError(404, self._unknown(model, "model"))
+        pairs = bool(rows) and not isinstance(rows[0], str)
+        ids = self.encode(info, None if pairs else rows, rows if pairs else None, "input")
+        probs = await self._probabilities(info, ids)
+        tokens = sum(len(x) for x in ids)
+        data = [{"index": i, "label": info.label_names[k] if info.label_names else f"LABEL_{k}",
+                 "probs": p, "num_classes": info.num_labels}
+                for i, (k, p) in enumerate(zip(probs.argmax(dim=-1).tolist(), probs.tolist()))]
+        return {"id": f"classify-{uuid.uuid4().hex}", "object": "list",
+                "created": int(time.time()), "model": model, "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
+                          "completion_tokens": 0}}
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -354,14 +408,33 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY, api_key
         await service.remove_adapter(name)
         return {"removed": name}
 
-    @app.post("/v1/classify", openapi_extra=json_body_schema(ClassifyIn), operation_id="classify",
-              responses=responses(200, ClassifyOut, 404, 422))
-    async def classify(request: Request):
-        body = await read_body(request, ClassifyIn)
-        if len(body.texts or body.pairs) > service.max_texts:
-            raise RequestError(413, f"{len(body.texts or body.pairs)} inputs in one request; "
+    async def answer(body: ClassifyIn | OpenAIClassifyIn) -> dict:
+        rows = body.rows() if isinstance(body, OpenAIClassifyIn) else body.texts or body.pairs
+        if len(rows) > service.max_texts:
+            raise RequestError(413, f"{len(rows)} inputs in one request; "
                                     f"the limit is {service.max_texts}")
+        if isinstance(body, OpenAIClassifyIn):
+            return await service.classify_openai(body.model, rows)
         return await service.classify(body.adapter, body.texts, body.pairs)
+
+    @app.post("/v1/classify", openapi_extra=json_body_schema(ClassifyIn, OpenAIClassifyIn),
+              operation_id="classify",
+              responses=responses(200, ClassifyOut | OpenAIClassifyOut, 404, 422))
+    async def classify(request: Request):
+        """Today's body answers in today's shape; vLLM's (``model``, ``input``) in vLLM's."""
+        return await answer(await read_body(request, classify_body))
+
+    @app.get("/v1/models", operation_id="list_models",
+             responses=responses(200, ModelsOut, links=MODELS_LINKS))
+    async def list_models():
+        return service.models()
+
+    @app.post("/classify", openapi_extra=json_body_schema(OpenAIClassifyIn),
+              operation_id="classify_openai",
+              responses=responses(200, OpenAIClassifyOut, 404, 422))
+    async def classify_openai(request: Request):
+        """vLLM's path for its classification API."""
+        return await answer(await read_body(request, OpenAIClassifyIn))
 
     metrics = install_metrics(app, service)
     inner = BodyLimit(app, max_body_bytes)
@@ -388,7 +461,7 @@ def build_service(specs: Sequence[AdapterSpec], base: Base, backend: str = "ours
         b.add(AdapterInfo(s.name, str(s.path), 0, task,
                           get_task(task).label_names if task else None), s.path)
     return Service(b, base.tokenizer, max_length, max_batch, max_wait_ms, max_texts,
-                   adapter_root)
+                   adapter_root, base_name=base.name)
 
 
 def base_model_config(args, run_cfg=None):

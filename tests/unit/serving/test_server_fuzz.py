@@ -1,8 +1,10 @@
 """Schemathesis against ``loralens serve``'s own OpenAPI schema, over loopback, on the tiny
 random model: every endpoint with generated bodies, paths and headers (valid and invalid
 data), then stateful sequences that add adapters, classify with them and remove them
-(following the schema's OpenAPI links). No 5xx, no hang, every response matching its
-declared schema (the ``{"error": ...}`` bodies included); /health answers after."""
+(following the schema's OpenAPI links), vLLM's API included (GET /v1/models, then
+POST /classify with ``data[0].id``, as vLLM's example client does). No 5xx, no hang, every
+response matching its declared schema (the ``{"error": ...}`` bodies included); /health
+answers after."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from tests.helpers.adapters import random_adapter
 
 REQUESTS = {"stateless": 0, "stateful": 0}
 STATUSES: Counter = Counter()  # (operation, status) of the stateful calls
+OPERATIONS: Counter = Counter()  # operations of the stateless calls
 INITIAL = {"sst2-a": ("single", "sst2"), "rte-a": ("pair", "rte")}  # name: (directory, task)
 MIN_REQUESTS = 500
 SLOW = 5.0  # seconds: an answer slower than this is a hang on the tiny model
@@ -49,12 +52,19 @@ def api(tiny_base, tmp_path_factory):
 
 def realistic(case, dirs) -> None:
     """Half of the generated add-adapter bodies name a real adapter directory (under a new
-    name), so that adding, using and removing adapters is exercised, not only refused."""
-    if case.operation.label != "POST /v1/adapters" or not isinstance(case.body, dict):
+    name), so that adding, using and removing adapters is exercised, not only refused; half
+    of the generated vLLM-shaped classify bodies name a loaded adapter as their model."""
+    if not isinstance(case.body, dict):
         return
     if case.meta is not None and case.meta.generation.mode != GenerationMode.POSITIVE:
         return  # a negative case stays invalid
     k = zlib.crc32(repr(sorted(case.body.items(), key=str)).encode())  # same case, same choice
+    if "model" in case.body and case.operation.label in ("POST /classify", "POST /v1/classify"):
+        if k % 2 == 0:
+            case.body["model"] = list(INITIAL)[k % 4 // 2]
+        return
+    if case.operation.label != "POST /v1/adapters":
+        return
     if k % 2 == 0:
         case.body.update(name=f"fz-{k}", path=str(dirs["single" if k % 4 else "pair"]))
         case.body.pop("task", None)
@@ -82,6 +92,7 @@ def test_every_endpoint_answers_by_its_schema(api, mode):
         realistic(case, dirs)
         response = call(case, url)
         REQUESTS["stateless"] += 1
+        OPERATIONS[case.operation.label] += 1
         case.validate_response(response, excluded_checks=EXCLUDED)
 
     fuzz()
@@ -131,6 +142,8 @@ def test_stateful_add_classify_remove_sequences(api):
     # the sequences really added, used and removed adapters
     assert STATUSES["POST /v1/adapters", 201] and STATUSES["DELETE /v1/adapters/{name}", 200]
     assert STATUSES["POST /v1/classify", 200]
+    assert STATUSES["POST /classify", 200] and STATUSES["GET /v1/models", 200]
     assert REQUESTS["stateful"] >= 250, REQUESTS
     if REQUESTS["stateless"]:  # the module ran whole (the tests above first, in file order)
         assert total >= MIN_REQUESTS, REQUESTS
+        assert OPERATIONS["GET /v1/models"] and OPERATIONS["POST /classify"], OPERATIONS
