@@ -4,8 +4,8 @@ reference; ``bf16`` is what ``auto`` picks on a CPU whose bfloat16 GEMMs pay, an
 exercised here whatever this machine's ``auto`` picks, on a CPU with bfloat16 instructions
 (``tests.helpers.cpu``): elsewhere torch emulates bfloat16 and these tests skip.
 
-* the training loss after 20 optimizer steps on real SST-2 and RTE batches, LoRA and full
-  fine-tuning, from the same initial weights and batches: the trained model's float32
+* the training loss after 20 optimizer steps on real batches (RTE with full fine-tuning,
+  SST-2 with LoRA), from the same initial weights and batches: the trained model's float32
   loss on those rows within 1% (relative), and the loop's running mean loss (each step's
   loss in the path's own dtype) within 2%;
 * a short LoRA training on SST-2 over three seeds: the bf16 path's mean validation
@@ -43,8 +43,9 @@ def train(smollm2, enc, method, precision, seed=0, steps=20, batch=4):
     return model, res
 
 
-@pytest.mark.parametrize("task", ["sst2", "rte"])
-@pytest.mark.parametrize("method", ["lora", "full"])
+# each task and each method once (CI time): RTE's long pairs with full fine-tuning, the
+# tightest case measured (1.3%), and SST-2's short sentences with LoRA
+@pytest.mark.parametrize("task,method", [("rte", "full"), ("sst2", "lora")])
 def test_bf16_loss_after_20_steps_within_1_percent(smollm2, glue_dir, task, method):
     split = TS.load_split(get_task(task), "train", glue_dir).subset(80, 0)
     enc = B.encode_split(smollm2.tokenizer, split, 96)  # real rows; RTE's longest cut to 96
