@@ -52,24 +52,47 @@ def kind_label(kind: str, row: dict) -> str:
     return method_label(m) + {"whole": "", "runtime": ", our runtime"}.get(p, f" {PATH_LABELS[p]}")
 
 
-def latencies(serving: dict | None, task: str, batch: int, kind: str) -> np.ndarray:
-    """Every timed request's latency (ms) of one strategy, seeds pooled (serving.json)."""
+def seed_means_ms(serving: dict | None, task: str, batch: int, kind: str) -> list[float]:
+    """Each benchmarked seed's mean latency (ms) of one strategy (serving.json)."""
     out: list[float] = []
     for seed in (((serving or {}).get("tasks") or {}).get(task) or {}).get("seeds", {}).values():
         k = (((seed.get("batch") or {}).get(str(batch)) or {}).get("kinds") or {}).get(kind) or {}
-        out += [1e3 * v for v in k.get("latency_s") or [] if finite(v)]
-    return np.asarray(out, dtype=np.float64)
+        lat = [1e3 * v for v in k.get("latency_s") or [] if finite(v)]
+        if lat:
+            out.append(float(np.mean(lat)))
+    return out
 
 
-def mean_ci_ms(x: np.ndarray, n_resamples: int = 2000, seed: int = 0
-               ) -> tuple[float, float] | None:
-    """95% percentile-bootstrap interval of the mean; latencies are right-skewed, so the
-    interval is asymmetric and never below 0 (mean ± sd often is)."""
-    if x.size < 2:
+def latency_error(serving: dict | None, row: dict) -> float | None:
+    """Figure 4's error bar of one comparison row: the sd (ddof 1) across seeds of the seeds'
+    mean latencies, as Table 5 shows it (``seed_means_sd_ms``; recomputed from serving.json
+    where the row predates the key); None with fewer than 2 seeds, where there is no spread
+    across seeds to show (the requests' spread within one seed is not that)."""
+    if row.get("seeds") is not None and row["seeds"] < 2:
         return None
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    sd = row.get("seed_means_sd_ms")
+    if finite(sd):
+        return float(sd)
+    means = seed_means_ms(serving, row.get("task"), row.get("batch_size"), row.get("kind"))
+    return float(np.std(means, ddof=1)) if len(means) >= 2 else None
+
+
+def latency_caption(d: RunData) -> str:
+    """Figure 4's caption: what the bars and error bars are, and why a bar has none."""
+    comp = (d.serving or {}).get("comparison") or []
+    one = sorted({r.get("task") for r in comp if latency_error(d.serving, r) is None},
+                 key=str)
+    seeds = (d.cfg("bench", "seeds") or [])
+    text = ("Mean latency per request (the mean of each benchmarked seed's mean), with the sd "
+            "across seeds of the seeds' mean latencies as error bars (as Table 5), and the "
+            "95th percentile of the requests, seeds pooled (diamonds); labels: overhead of the "
+            "mean vs full fine-tuning.")
+    if one:
+        why = (f"the benchmark covers one seed (bench.seeds {seeds})" if len(seeds) == 1
+               else "fewer than 2 seeds were benchmarked")
+        text += (f" No error bar for {', '.join(map(str, one))}: {why}, so there is no spread "
+                 "across seeds to show (the spread of one seed's requests is not that).")
+    return text
 
 
 def fig_latency(d: RunData) -> Figure | str:
@@ -90,24 +113,22 @@ def fig_latency(d: RunData) -> Figure | str:
             x = np.arange(len(kinds))
             means = [rows[k].get("mean_ms", np.nan) for k in kinds]
             p95 = [rows[k].get("p95_ms", np.nan) for k in kinds]
-            lo, hi, how = [], [], set()
-            for k, mean in zip(kinds, means):
-                ci = mean_ci_ms(latencies(d.serving, task, b, k))
-                if ci is None:  # no raw latencies stored: fall back to the sd
-                    sd = rows[k].get("sd_ms") or 0.0
-                    ci, _ = (max(mean - sd, 0.0), mean + sd), how.add("mean ± sd")
-                else:
-                    how.add("95% CI of the mean (bootstrap)")
-                lo.append(max(mean - ci[0], 0.0))
-                hi.append(max(ci[1] - mean, 0.0))
+            errs = [latency_error(d.serving, rows[k]) for k in kinds]
+            err = [e if e is not None else 0.0 for e in errs]
+            lo = [min(e, m) if finite(m) else 0.0 for e, m in zip(err, means)]  # never below 0
+            hi = err
             parts = [kind_parts(k, rows[k]) for k in kinds]
             bars = ax.bar(x, means, 0.62, color=[method_color(d, m) for m, _ in parts],
                           edgecolor="black", linewidth=0.6, zorder=2)
             for bar, (_, path) in zip(bars, parts):
                 bar.set_hatch(PATH_HATCHES[path])
             shown.update(parts)
-            ax.errorbar(x, means, yerr=[lo, hi], fmt="none", ecolor="black", capsize=4,
-                        zorder=3, label="mean, " + " / ".join(sorted(how)))
+            shown_err = [i for i, e in enumerate(errs) if e is not None]
+            if shown_err:
+                ax.errorbar(x[shown_err], [means[i] for i in shown_err],
+                            yerr=[[lo[i] for i in shown_err], [hi[i] for i in shown_err]],
+                            fmt="none", ecolor="black", capsize=4, zorder=3,
+                            label="mean ± sd across seeds")
             ax.scatter(x, p95, marker="D", s=22, color="black", zorder=4, label="p95")
             for xi, k, mean, up, q in zip(x, kinds, means, hi, p95):
                 ov = rows[k].get("overhead_vs_full_pct")
