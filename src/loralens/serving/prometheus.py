@@ -15,7 +15,9 @@ Each app has its own registry (two servers in one process never share counts). S
     loralens_adapters_loaded                                  adapters on the backend
 
 ``endpoint`` is the route's template (``/v1/adapters/{name}``), never the raw path, so
-clients cannot grow the label set; a path no route matches is ``other``.
+clients cannot grow the label set; a path no route matches is ``other``. vLLM's routes
+(``/v1/models``, ``/classify``) are endpoints like the others, and the adapter series count
+classify requests of either body shape, whichever path they came by.
 """
 
 from __future__ import annotations
