@@ -310,23 +310,42 @@ def write_weights(run, rng, seeds=SEEDS, blocks=4, methods=("lora", "full")):
                                                "tasks not trained on: x (4)", "n_texts": 4,
                                                "n_tokens": 50, "ce_base": 3.0, "ce_tuned": ce,
                                                "forgetting": ce - 3.0}})
-    write_sweep(run, seeds[:1])
+    write_sweep(run, seeds)
     write_outputs(run, results, list(TASKS))
     return results
 
 
 def write_sweep(run, seeds):
-    """weightspace/sweep.* as the weights stage writes them (weights.sweep): λ lowers drift."""
+    """weightspace/sweep.* as the weights stage writes them (weights.sweep), every seed.
+    Intruder arm: score 0.6 + 0.1 λ (change -0.1 (1 - λ)), drift 0.01 λ, forgetting 0.02 λ;
+    control arm (seed i = 0, 1, 2): score 0.7 - 0.01 (i + 1)(1 - λ), drift 0.01, forgetting
+    0.02 (unchanged). Unchanged model: score 0.7, drift 0.01, forgetting 0.02."""
     from loralens.analysis.weights.intruder_sweep import write_outputs
 
-    cfg = load_config(overrides={"weights": {"sweep_lambdas": [1.0, 0.5, 0.0]}})
-    results = [{"task": t, "seed": s, "lambdas": {f"{lam:g}": {
-        "lambda": lam, "metric": "accuracy", "score": 0.6 + 0.1 * lam, "accuracy": 0.6 + 0.1 * lam,
-        "n_eval": N_VAL[t], "n_drift": N_VAL[t], "drift": {"mean": 0.01 * lam,
-                                                          "per_state": [0.0, 0.01 * lam]},
-        "forgetting": 0.02 * lam, "peft_intruders": 4, "peft_modules_changed": 2,
-        "intruders_after": 0 if lam == 0 else 4}
-        for lam in (1.0, 0.5, 0.0)}} for t in TASKS for s in seeds]
+    lams = (1.0, 0.5, 0.0)
+    cfg = load_config(overrides={"tasks": list(TASKS), "seeds": list(seeds),
+                                 "weights": {"sweep_lambdas": list(lams)}})
+
+    def entry(t, arm, lam, score, drift, forgetting):
+        return {"arm": arm, "lambda": lam, "metric": "accuracy", "score": score,
+                "accuracy": score, "n_eval": N_VAL[t], "n_drift": N_VAL[t],
+                "drift": {"mean": drift, "per_state": [0.0, drift]}, "forgetting": forgetting,
+                "intruders": 4, "directions": 4, "modules_changed": 2,
+                "rescaled_sigma": 20.0 if arm == "intruder" else 10.0,
+                "truncated": 0.0 if lam == 1 else 0.1,
+                "intruders_after": 0 if lam == 0 and arm == "intruder" else 4}
+
+    results = [{"task": t, "seed": s,
+                "reference": {"arm": "reference", "metric": "accuracy", "score": 0.7,
+                              "accuracy": 0.7, "drift": {"mean": 0.01, "per_state": [0, 0.01]},
+                              "forgetting": 0.02, "n_eval": N_VAL[t], "n_drift": N_VAL[t]},
+                "arms": {"intruder": {f"{lam:g}": entry(t, "intruder", lam, 0.6 + 0.1 * lam,
+                                                        0.01 * lam, 0.02 * lam)
+                                      for lam in lams},
+                         "control": {f"{lam:g}": entry(
+                             t, "control", lam, 0.7 - 0.01 * (i + 1) * (1 - lam), 0.01, 0.02)
+                             for lam in lams}}}
+               for t in TASKS for i, s in enumerate(seeds)]
     write_outputs(run, cfg, results)
 
 

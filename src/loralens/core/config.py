@@ -266,13 +266,17 @@ class WeightsConfig(_Validated):
     forgetting_max_length: int = _f(128, lo=2, doc="tokens per text (truncated)")
     forgetting_seed: int = _f(0, doc="seed of the text sample (same texts for every model)")
     batch_size: int = _f(16, lo=1, doc="texts per forward pass")
-    sweep: bool = _f(False, doc="the causal test: rescale each LoRA model's intruder directions "
-                                "(PEFT's reduce_intruder_dimension) and re-measure accuracy, "
-                                "drift and forgetting (opt-in; on in the paper preset)")
+    sweep: bool = _f(False, doc="the intervention sweep: rescale each LoRA model's intruder "
+                                "directions (PEFT's mitigation) and, as a matched control, as "
+                                "many of its largest non-intruder directions, and re-measure "
+                                "accuracy, drift and forgetting (opt-in; on in the paper "
+                                "preset)")
     sweep_lambdas: list[float] = _f(factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.0], lo=0,
                                     doc="mitigation_lambda values (1 = unchanged, 0 = intruder "
                                         "directions removed)")
-    sweep_seeds: int = _f(1, lo=0, doc="LoRA models swept per task: the first N seeds (0 = all)")
+    sweep_seeds: int = _f(0, lo=0, doc="LoRA models swept per task: the first N seeds (0 = "
+                                        "all, the default: the intruder-minus-control test "
+                                        "is paired across seeds)")
     sweep_epsilon: float = _f(0.5, lo=0, doc="PEFT's threshold_epsilon for the sweep")
     sweep_eval_examples: int | None = _f(None, lo=1, doc="validation rows scored per lambda "
                                                          "(None = the whole split)")

@@ -471,9 +471,10 @@ def _weights(doc: _Document) -> None:
     doc.figure("fig8-layerwise-intruders")
     if doc.table(table8) is None:
         doc.add(missing("Forgetting", "not measured (weights.forgetting is off)"))
-    from loralens.report.sweep_report import table7c
+    from loralens.report.sweep_report import table7c, table7d
 
     if doc.table(table7c) is not None:
+        doc.table(table7d)
         doc.figure("fig9-intruder-sweep")
     doc.add(p("Sources: `weightspace/summary.json`, `layers.csv` (every matrix, layer, seed and "
               "ε), `forgetting.csv`, `models/` (one JSON per model).", "note"))

@@ -105,11 +105,14 @@ FIGURES = (
      "of block i's output (right). ρ: Spearman correlation over blocks between the mean "
      "relative change and the mean drift, per method.",
      fig_layerwise_intruders),
-    ("fig9-intruder-sweep", "Figure 9: the causal test, removing LoRA's intruder dimensions",
+    ("fig9-intruder-sweep", "Figure 9: the intervention sweep, rescaling LoRA's intruder "
+     "directions (solid) and a matched control (dashed)",
      "Per task, mean over the LoRA seeds swept: validation score (left), drift, 1 − debiased "
-     "linear CKA averaged over drift.layers (middle), and forgetting (right) after PEFT's "
-     "reduce_intruder_dimension rescales each adapted matrix's intruder directions by λ "
-     "(λ = 1: the trained model; λ = 0: intruders removed). Table 7c gives the numbers.",
+     "linear CKA averaged over drift.layers (middle), and forgetting (right) after each "
+     "adapted matrix's intruder directions (solid, PEFT's reduce_intruder_dimension) or as "
+     "many of its largest non-intruder directions (dashed, the control) are rescaled by λ and "
+     "the update rebuilt at rank r (λ = 1: the trained model; λ = 0: directions removed). "
+     "Tables 7c and 7d give the numbers and the intruder-minus-control test.",
      fig_intruder_sweep),
     *RANK_FIGURES,  # drawn for a rank sweep only (rank_figures.has_rank_sweep)
 )

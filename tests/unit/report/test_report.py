@@ -110,15 +110,31 @@ def test_markdown_has_every_table_and_number(full_report):
     assert "Every stage has run." in md and "not computed yet" not in md
 
 
-def test_the_causal_test_table(full_report):
+def test_the_intervention_sweep_tables(full_report):
+    """write_sweep's numbers: intruder arm score 0.6 + 0.1 λ, control 0.7 - 0.01 (i + 1)(1 - λ)
+    for seed i, unchanged model 0.7; drift and forgetting change in the intruder arm only."""
     run, _, _ = full_report
     md = (run.report_dir / "report.md").read_text()
-    assert "Table 7c: the causal test, removing intruder dimensions" in md
+    assert ("Table 7c: the intervention sweep, rescaling intruder directions and a matched "
+            "control") in md
     task = next(iter(TASKS))
-    # λ = 0.5: score 0.65, drift 0.005, forgetting 0.01, 4 detected by PEFT, 4 left
-    assert f"| {task} | 0.5 | 1 | accuracy | 0.6500 | 0.005 | 0.01 | 4 | 4 |" in md
-    assert f"| {task} | 0 | 1 | accuracy | 0.6000 | 0 | 0 | 4 | 0 |" in md
-    assert "![Figure 9: the causal test" in md
+    # λ = 0.5, intruder arm: score 0.65 on every seed (Δ -0.05), drift 0.005, forgetting 0.01
+    assert (f"| {task} | intruder | 0.5 | 3 | accuracy | 0.6500 ± 0.0000 | -0.05 | 0.005 ± 0 "
+            "| -0.005 | 0.01 ± 0 | -0.01 | 4 | 20 | 0.1 | 4 |") in md
+    # control: 0.695, 0.69, 0.685 (mean 0.69, sd 0.005); drift and forgetting unchanged
+    assert (f"| {task} | control | 0.5 | 3 | accuracy | 0.6900 ± 0.0050 | -0.01 | 0.01 ± 0 "
+            "| +0 | 0.02 ± 0 | +0 | 4 | 10 | 0.1 | 4 |") in md
+    assert "Table 7d: intruder directions minus the matched control" in md
+    # differences -0.045, -0.04, -0.035: mean -0.04, sd 0.005, t = -8 sqrt(3), 2 df:
+    # p = 1 - |t| / sqrt(t^2 + 2) = 0.00517; Bonferroni over 2 tasks x 2 λ: 0.0207; d = -8
+    assert (f"| {task} | 0.5 | score | 3 | -0.05, -0.05, -0.05 | -0.005, -0.01, -0.015 "
+            "| -0.04 | 0.005 | 0.021 | -8.00 | yes |") in md
+    # the drift change is the same on every seed: zero spread, never significant
+    assert (f"| {task} | 0.5 | drift | 3 | -0.005, -0.005, -0.005 | +0, +0, +0 | -0.005 "
+            "| undefined (zero spread) | – | – | no (p undefined) |") in md
+    assert f"| {task} | 1 | score | 3 | +0, +0, +0 | +0, +0, +0 | +0 | not tested" in md
+    assert "Bonferroni family of 4 tests" in md and "with 3 seeds the test has 80% power" in md
+    assert "![Figure 9: the intervention sweep" in md
 
 
 def test_figures_are_valid_png_and_svg(full_report):
