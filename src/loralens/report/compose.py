@@ -293,11 +293,17 @@ def _glance_accuracy(d: RunData, task: str, e: dict | None) -> str:
         text += " (p undefined: zero spread)"
     elif c.get("p") is not None:
         # the raw p of the seed-paired t-test: corrected only within its declared family
+        adjusted = c.get("p_adjusted", c.get("p_bonferroni"))
         text += (f" (p = {pval(c.get('p'))} uncorrected"
-                 + (f"; Bonferroni over {c['n_tests']} tasks: {pval(c['p_bonferroni'])})"
-                    if c.get("p_bonferroni") is not None and finite(c.get("n_tests"))
-                    else ")"))
+                 + (f"; {_correction(c)} over {c['n_tests']} tasks: {pval(adjusted)})"
+                    if adjusted is not None and finite(c.get("n_tests")) else ")"))
     return text
+
+
+def _correction(c: dict) -> str:
+    """The family-wise correction a stored comparison was made with (older files:
+    Bonferroni, the only one there was)."""
+    return {"holm": "Holm"}.get(str(c.get("correction")), "Bonferroni")
 
 
 def _glance_drift(e: dict | None, d: RunData | None = None, task: str = "") -> str:
@@ -316,8 +322,8 @@ def _glance_drift(e: dict | None, d: RunData | None = None, task: str = "") -> s
     if c.get("zero_spread"):
         text += " (p undefined: zero spread)"
     elif c.get("significant") is not None:
-        text += " (significant after Bonferroni)" if c["significant"] else \
-            " (not significant after Bonferroni)"
+        text += (f" (significant after {_correction(c)})" if c["significant"] else
+                 f" (not significant after {_correction(c)})")
     if d is not None and accuracy_tables.not_learned(d, task):
         text += (f" {accuracy_tables.MARK} (compares models {accuracy_tables.NOT_LEARNED}: "
                  "not evidence about the methods)")

@@ -115,6 +115,19 @@ def test_glance_leads_with_the_sentence_and_labels_p(tmp_path):
             "class: not evidence about the methods)") in rte
 
 
+def test_glance_names_the_stored_correction(tmp_path):
+    from loralens.report.compose import glance
+
+    d = _run(tmp_path)
+    c = d.table3["tasks"][0]["metrics"]["accuracy"]
+    del c["p_bonferroni"]
+    c.update(p_adjusted=0.0246, correction="holm")
+    d.table4["tasks"][0]["measures"]["cka_debiased"]["correction"] = "holm"
+    sst2 = glance(d)[0]
+    assert "(p = 0.012 uncorrected; Holm over 2 tasks: 0.025)" in sst2
+    assert "(significant after Holm)" in sst2
+
+
 def test_drift_weight_and_figure_texts_name_the_marked_models(tmp_path):
     from loralens.report.accuracy_tables import figure_learned_line
     from loralens.report.drift_tables import table4
