@@ -185,7 +185,9 @@ class SearchConfig(_Validated):
     heartbeat_interval: int = _f(60, lo=1, doc="seconds between a running trial's heartbeats")
     grace_period: int = _f(180, lo=1, doc="seconds without heartbeat before a trial is failed")
     max_retry: int = _f(2, lo=0, doc="times a failed (killed) trial's configuration is retried")
-    prune: bool = _f(True, doc="median pruning of hopeless trials after each epoch")
+    prune: bool = _f(True, doc="median pruning of hopeless trials at each evaluation, "
+                                "against the completed trials at the same fraction of "
+                                "their own training")
 
     def validate(self) -> None:
         for key in ("lr_full", "lr_lora"):

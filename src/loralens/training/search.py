@@ -19,6 +19,7 @@ PostgreSQL advisory lock otherwise), so N trials are completed exactly.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import hashlib
 import logging
@@ -26,6 +27,7 @@ import time
 
 import warnings
 
+import numpy as np
 import optuna
 from optuna.storages._heartbeat import get_heartbeat_thread
 
@@ -38,7 +40,7 @@ from loralens.core.redaction import resolve_storage
 from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_write_json, read_json
 from loralens.tasks.registry import get_task
-from loralens.training.loop import evaluate
+from loralens.training.loop import evaluate, steps_per_epoch
 from loralens.training.job import prepare_task, train_model, with_overrides
 from loralens.core.job_queue import dead_local, engine_kwargs, study_lock, worker_id
 
@@ -144,12 +146,92 @@ def _open_study(cfg: StudyConfig, run: RunDir, task: str, method: str) -> optuna
             max_retry=sc.max_retry),
         engine_kwargs=engine_kwargs(storage_url(cfg, run)))
     sampler = make_sampler(cfg, task, method, 0)  # replaced before each ask (run_search)
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=max(sc.startup_trials, 1),
-                                          n_warmup_steps=0)
-              if sc.prune else optuna.pruners.NopPruner())
     return optuna.create_study(study_name=study_name(task, method), storage=storage,
-                               sampler=sampler, pruner=pruner, direction="maximize",
+                               sampler=sampler, pruner=make_pruner(sc), direction="maximize",
                                load_if_exists=True)
+
+
+# --------------------------------------------------------------------------- pruning
+#
+# Trials compare at equal fractions of their own training. The k-th evaluation is not the
+# same fraction in every trial: a 4-epoch trial's 2nd evaluation (of 4 per epoch) is 1/8 of
+# its training, a 2-epoch trial's is 1/4, and its cosine learning rate is at another point
+# of its decay; batch sizes change the evaluations per epoch too (eval_every is a whole
+# number of steps: 3 or 4 per epoch). Keyed by evaluation index, the median pruner compared
+# a long schedule early in its training with short ones further on, and pruned it: the
+# search favoured short schedules. So a trial reports each evaluation at the per-mille of
+# its own optimizer steps done, and the pruner reads every completed trial's curve at that
+# same fraction (linear between its two evaluations around it, never extrapolated).
+
+REPORT_SCALE = 1000  # intermediate values are reported at per-mille of the trial's training
+REPORT_ATTR = "pruning_step"  # a trial's user attribute: what its reported steps count
+REPORT_UNIT = "per-mille of the trial's optimizer steps"
+
+
+def total_train_steps(n_rows: int, tc) -> int:
+    """Optimizer steps of a whole training schedule of ``n_rows`` rows under ``tc`` (the
+    train config): the total of the loop's cosine schedule."""
+    total = steps_per_epoch(n_rows, tc) * tc.epochs
+    return min(total, tc.max_steps) if tc.max_steps else total
+
+
+def report_step(step: int, total: int) -> int:
+    """The pruner's step of an evaluation after ``step`` of ``total`` optimizer steps:
+    the fraction of training done, in per mille (0..1000)."""
+    return min(REPORT_SCALE, round(REPORT_SCALE * step / max(total, 1)))
+
+
+def value_at(curve: dict[int, float], at: int) -> float | None:
+    """A trial's intermediate value at per-mille ``at``: its report there, else the linear
+    interpolation between its reports around it; None outside its reports (before its
+    first evaluation, after its last, e.g. once it stopped early)."""
+    keys = sorted(curve)
+    if not keys or at < keys[0] or at > keys[-1]:
+        return None
+    j = bisect.bisect_left(keys, at)
+    if keys[j] == at:
+        return float(curve[at])
+    lo, hi = keys[j - 1], keys[j]
+    w = (at - lo) / (hi - lo)
+    return float((1 - w) * curve[lo] + w * curve[hi])
+
+
+class FractionMedianPruner(optuna.pruners.BasePruner):
+    """Optuna's median rule at equal fractions of training: once ``n_startup_trials`` trials
+    reporting per mille (:data:`REPORT_ATTR`) are complete, a running trial is pruned when its
+    best value so far is worse than the median of theirs at its latest fraction
+    (:func:`value_at`); a trial no completed curve covers yet is not pruned."""
+
+    def __init__(self, n_startup_trials: int = 1):
+        self.n_startup_trials = max(int(n_startup_trials), 1)
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        at = trial.last_step
+        if at is None:
+            return False
+        done = [t for t in study.get_trials(deepcopy=False,
+                                            states=(optuna.trial.TrialState.COMPLETE,))
+                if t.user_attrs.get(REPORT_ATTR) == REPORT_UNIT]
+        if len(done) < self.n_startup_trials:
+            return False
+        others = [v for t in done if (v := value_at(t.intermediate_values, at)) is not None]
+        if not others:
+            return False
+        mine = np.asarray(list(trial.intermediate_values.values()), dtype=float)
+        if np.isnan(mine).all():
+            return True  # as Optuna's median pruner: a trial reporting only NaN goes
+        median = float(np.nanmedian(others))
+        if study.direction == optuna.study.StudyDirection.MAXIMIZE:
+            return float(np.nanmax(mine)) < median
+        return float(np.nanmin(mine)) > median
+
+
+def make_pruner(sc) -> optuna.pruners.BasePruner:
+    """The search's pruner (``sc``: the search config): median pruning at equal fractions of
+    training after ``search.startup_trials`` completed trials, or none (``search.prune``)."""
+    if not sc.prune:
+        return optuna.pruners.NopPruner()
+    return FractionMedianPruner(n_startup_trials=sc.startup_trials)
 
 
 def suggest(trial: optuna.Trial, method: str, cfg: StudyConfig, sampler_for=None) -> dict:
@@ -294,14 +376,23 @@ def _prepare_search_task(cfg: StudyConfig, train_cfg: StudyConfig, task: str, to
     return prepared, eval_enc
 
 
-def _pruning_reporter(trial: optuna.Trial, metric: str, tracker=None):
-    """``on_eval`` callback of a trial: report each evaluation (to the experiment tracker
-    too, if any), prune when Optuna says so."""
+def _pruning_reporter(trial: optuna.Trial, metric: str, total_steps: int, tracker=None):
+    """``on_eval`` callback of a trial of ``total_steps`` optimizer steps: report each
+    evaluation (to the experiment tracker too, if any) at the fraction of the trial's
+    training done (:func:`report_step`: trials compare like with like whatever their
+    epochs and batch size), prune when the pruner says so."""
+    trial.set_user_attr(REPORT_ATTR, REPORT_UNIT)
+    trial.set_user_attr("total_steps", int(total_steps))
+
+    reported: set[int] = set()
+
     def on_eval(entry):
         tracker and tracker.on_eval(entry)
-        # The k-th evaluation is the same fraction of training in every trial (steps
-        # are not: batch sizes differ), so pruning compares like with like.
-        trial.report(entry[f"val_{metric}"], entry["eval"])
+        at = report_step(entry["step"], total_steps)
+        if at in reported:  # evaluations under 0.1% of training apart: the first one counts
+            return
+        reported.add(at)
+        trial.report(entry[f"val_{metric}"], at)
         if trial.should_prune():
             raise optuna.TrialPruned()
 
@@ -327,10 +418,11 @@ def _run_trial(cfg: StudyConfig, train_cfg: StudyConfig, study: optuna.Study,
     beat = get_heartbeat_thread(trial._trial_id, study._storage)
     beat.start()  # ask/tell gets no heartbeat from Optuna itself (only optimize does)
     try:
-        model, fitres = train_model(with_overrides(train_cfg, overrides), prepared, method,
-                                    sc.seed, base, progress,
+        trial_cfg = with_overrides(train_cfg, overrides)
+        total = total_train_steps(len(prepared.train), trial_cfg.train)
+        model, fitres = train_model(trial_cfg, prepared, method, sc.seed, base, progress,
                                     desc=f"search {task}/{method} #{trial.number}",
-                                    on_eval=_pruning_reporter(trial, metric, tracker))
+                                    on_eval=_pruning_reporter(trial, metric, total, tracker))
         val = evaluate(model, eval_enc, prepared.pad_id, cfg.train.eval_batch_size)
         value = val[metric]
         trial.set_user_attr("accuracy", val["accuracy"])
