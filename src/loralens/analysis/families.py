@@ -134,8 +134,7 @@ def by_construction(cfg, method_name: str, measure: str) -> str | None:
     bound = update_rank_bound(m)
     if bound is not None and measure in RANK_MEASURES:
         return (f"{method_name}'s update has rank <= {bound} by construction (r = "
-                f"{m.peft.get('r')}), so its {measure} cannot exceed {bound}; stated, not "
-                "tested")
+                f"{m.peft.get('r')}), so its {measure} cannot exceed {bound}")
     return None
 
 

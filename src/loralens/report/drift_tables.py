@@ -130,7 +130,8 @@ def _per_layer_note(t4: dict) -> str:
     fam = (t4.get("families") or {}).get("per_layer")
     if not fam:
         return ""
-    return (f"Per-state tests (`drift/table4.json`, per_layer): one Bonferroni family per "
+    how = "Holm" if fam.get("correction") == "holm" else "Bonferroni"
+    return (f"Per-state tests (`drift/table4.json`, per_layer): one {how} family per "
             f"measure of {fam['size']} tests ({', '.join(fam.get('members') or [])}); states "
             "outside drift.layers are listed, not tested.")
 

@@ -1,5 +1,7 @@
-"""What Tables 3 and 4 share about their tests: the p, p (Bonf.), d and Significant cells
-of one comparison, and the notes on its Bonferroni family and bootstrap resamples.
+"""What Tables 3 and 4 share about their tests: the p, corrected p, d and Significant cells
+of one comparison, and the notes on its family (declared from the config:
+:mod:`loralens.analysis.families`; Holm or Bonferroni, ``stats.correction``) and
+bootstrap resamples.
 """
 
 from __future__ import annotations
@@ -13,15 +15,25 @@ ZERO_SPREAD = "undefined (zero spread)"
 NOT_TESTED = "not tested"
 
 
+def corrected_cell(c: dict) -> str:
+    """The family-wise corrected p of one comparison: Holm's adjusted p labelled "(Holm)",
+    Bonferroni's as it is (a file written before the correction was a choice: its
+    ``p_bonferroni``)."""
+    if "p_adjusted" not in c:
+        return pval(c.get("p_bonferroni"))
+    text = pval(c.get("p_adjusted"))
+    return f"{text} (Holm)" if c.get("correction") == "holm" and text != DASH else text
+
+
 def p_cells(c: dict) -> list[str]:
-    """p, p (Bonf.), d and Significant of one comparison: "undefined (zero spread)" where
-    every paired difference is the same (never significant), "not tested" for a
-    descriptive row."""
+    """p, corrected p, d and Significant of one comparison: "undefined (zero spread)" where
+    every paired difference is the same (never significant; the test stays in its family),
+    "not tested" for a descriptive row or a contrast true by construction."""
     if c.get("zero_spread"):
         return [ZERO_SPREAD, DASH, DASH, "no (p undefined)"]
     if c.get("tested") is False:
         return [NOT_TESTED, DASH, d_(c.get("cohens_d")), DASH]
-    return [pval(c.get("p")), pval(c.get("p_bonferroni")), d_(c.get("cohens_d")),
+    return [pval(c.get("p")), corrected_cell(c), d_(c.get("cohens_d")),
             yesno(c.get("significant"))]
 
 
@@ -45,9 +57,22 @@ def family_note(fam: dict | None, what: str, fallback_n: Any = None) -> str:
                 f"{fallback_n if fallback_n is not None else '?'}; rerun `loralens drift`.")
     members = fam.get("members") or []
     tests = "test" if fam["size"] == 1 else "tests"
-    return (f"Bonferroni family: {fam['size']} {tests}, {what} ({', '.join(members)}); "
-            f"p (Bonf.) = min(1, p × {fam['size']}), significant when p (Bonf.) < "
-            f"{fam.get('alpha', 0.05)}.")
+    m, alpha = fam["size"], fam.get("alpha", 0.05)
+    if fam.get("one_per_measure"):
+        what = f"one family per measure, each of {m} {tests}: {fam.get('description') or what}"
+    else:
+        what = f"{m} {tests}, {what}"
+    undefined = (" A test undefined by zero spread stays in its family (counted in m) and is "
+                 "shown undefined.")
+    if fam.get("correction") == "holm":
+        return (f"Holm family (declared from the config before any number is computed): "
+                f"{what} ({', '.join(members)}); p (Holm) = Holm's step-down adjusted p (the "
+                f"i-th smallest of the m = {m} p-values × (m − i + 1), made monotone, capped "
+                f"at 1; the family-wise error rate of Bonferroni, never less power), "
+                f"significant when p (Holm) < {alpha}." + undefined)
+    return (f"Bonferroni family: {what} ({', '.join(members)}); "
+            f"p (Bonf.) = min(1, p × {m}), significant when p (Bonf.) < {alpha}."
+            + (undefined if "correction" in fam else ""))
 
 
 def resamples_note(entries: list[dict], where: str) -> str:

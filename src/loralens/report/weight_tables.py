@@ -77,9 +77,8 @@ def table7(d: RunData) -> Table | None:
              "Effective rank: exp of the entropy of the normalised singular values of W − W0 "
              "(Roy & Vetterli, 2007). Rank at 90%: the fewest singular directions holding 90% "
              "of ‖W − W0‖F² (Biderman et al., 2024). LoRA's change has rank ≤ r.",
-             f"Mean ± sd over seeds; p: two-sided paired t-test by seed (LoRA − full); "
-             f"Bonferroni family: the {s.get('n_tests', '?')} tests made on measures × tasks "
-             "of the weights stage (with forgetting, Table 8; zero-spread rows are no test).",
+             "Mean ± sd over seeds; p: two-sided paired t-test by seed (LoRA − full). "
+             + _weights_family_note(s),
              "Per layer and every ε from 0.1 to 0.9: `weightspace/layers.csv`.",
              learned_note(d)]
     notes = [n for n in notes if n]
@@ -141,7 +140,7 @@ def table8(d: RunData) -> Table | None:
              "positive: the backbone predicts general text worse), with the base model's LM "
              "head (tied to its input embedding where the model ties them) on the fine-tuned "
              "backbone's final hidden states (after the final norm). Mean ± sd over seeds; "
-             "p: paired t-test by seed (LoRA − full), Bonferroni family as Table 7.",
+             "p: paired t-test by seed (LoRA − full); its family and correction as Table 7's.",
              "Text used: " + "; ".join(f"{t}: {src}" for t, src in sources.items()) + "."]
     notes += [n for n in [learned_note(d)] if n]
     return Table("table-8-forgetting", "Table 8: forgetting of general text",
@@ -156,3 +155,19 @@ def _mean_sd(v: list[float]) -> str:
     mean = sum(v) / len(v)
     sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else None
     return f"{mean:+.4f}" + (f" ± {sd:.4f}" if finite(sd) else "")
+
+
+def _weights_family_note(s: dict) -> str:
+    """The weights stage's families: one per measure (declared from the config), or, in a
+    summary.json written before, the tests it made on measures × tasks."""
+    if "correction" not in s:
+        return (f"Bonferroni family: the {s.get('n_tests', '?')} tests made on measures × "
+                "tasks of the weights stage (an older weights stage: zero-spread rows were "
+                "left out of the family).")
+    how = ("Holm (step-down; p (Holm) in the corrected column)"
+           if s["correction"] == "holm" else "Bonferroni (p × m)")
+    stated = "; ".join(s.get("stated_not_tested") or [])
+    return (f"Families declared from the config: one per measure, each the {s.get('n_tests')} "
+            f"configured task(s) (forgetting's is Table 8's), corrected by {how}; a "
+            "zero-spread test stays in its family, shown undefined."
+            + (f" Stated, not tested (true by construction): {stated}." if stated else ""))

@@ -290,22 +290,24 @@ def test_table3_and_4_state_families_signs_and_resamples(full_report):
     # Hand values: sst2 LoRA - full = [-0.03, -0.04, -0.02], mean -0.03, sd 0.01:
     # d = -3, t = -0.03 / (0.01 / sqrt 3) = -5.196, two-sided p (2 df) = 1 - 5.196 / sqrt(29)
     # = 0.0351, x 2 tests = 0.070. rte: [0.02, 0.01, 0.03]: d = 2, t = 3.464,
-    # p = 1 - 3.464 / sqrt(14) = 0.0742, x 2 = 0.148.
-    assert "| -0.0300 | 0.035 | 0.070 | -3.00 | no |" in t3
-    assert "| +0.0200 | 0.074 | 0.148 | 2.00 | no |" in t3
+    # p = 1 - 3.464 / sqrt(14) = 0.0742. Holm (the default): the smaller x 2 = 0.070, the
+    # larger x 1 = 0.074 (Bonferroni would give 0.148).
+    assert "| -0.0300 | 0.035 | 0.070 (Holm) | -3.00 | no |" in t3
+    assert "| +0.0200 | 0.074 | 0.074 (Holm) | 2.00 | no |" in t3
     assert "| f1" not in t3  # F1 is not SST-2's or RTE's study metric
-    assert "Bonferroni family: 2 tests, the study metric of each configured task (sst2 " \
-           "accuracy, rte accuracy)" in t3
+    assert "Holm family (declared from the config before any number is computed): 2 tests, " \
+           "the study metric of each configured task (sst2 accuracy, rte accuracy)" in t3
     assert "Cohen's d = mean(LoRA − full) / sd(LoRA − full, ddof 1)" in t3
     assert "positive when LoRA scores higher" in t3
     t4 = _section(md, "**Table 4:", "**Table 4b")
-    assert "Bonferroni family: 6 tests, the tested drift measures" in t4
-    assert "p (Bonf.) = min(1, p × 6)" in t4
+    # one family per drift measure (as per state), each the 2 configured tasks
+    assert "one family per measure, each of 2 tests: the configured tasks" in t4
+    assert "the m = 2 p-values" in t4
     assert "positive when full fine-tuning drifts more (the paper's sign)" in t4
     assert "3 seeds allow only 10 distinct resamples" in t4
     assert "averaged over hidden states 1–4 (drift.layers = blocks)" in t4
     assert "4 = block 4 after the final norm" in t4
-    assert "Per-state tests" in t4 and "one Bonferroni family per measure of 8 tests" in t4
+    assert "Per-state tests" in t4 and "one Holm family per measure of 8 tests" in t4
     assert "Seed floor (LoRA / full FT)" in t4 and "compare tasks with the debiased rows" in t4
     assert "1 − linear CKA, standardised (debiased)" in t4 and "not tested" in t4
     assert "**Table 4b: how much a few dimensions decide**" in md

@@ -55,8 +55,8 @@ def families(tasks: Sequence[str], seeds: Sequence[int],
         one = fams[f"{name} {first}"]
         return {**one, "name": name, "members": [m.replace(f" {first}", "", 1)
                                                  for m in one["members"]],
-                "description": f"one family per drift measure ({', '.join(DRIFT_MEASURES)}), "
-                               f"each: {what}, paired t-test by seed",
+                "description": f"{what}, per drift measure ({', '.join(DRIFT_MEASURES)}), "
+                               "paired t-test by seed",
                 "one_per_measure": True}
 
     out = {"table3": fams["table3"], "table4": per_measure("table4", "the configured tasks"),
