@@ -45,12 +45,27 @@ def git_commit() -> str | None:
         return None
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name ("AMD EPYC 7B13"): /proc/cpuinfo's first "model name", else
+    platform.processor(), else the architecture (platform.machine)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     """Versions, commit and hardware, recorded in each run directory."""
     import torch
 
     versions = {name: _version(name) for name in PACKAGES}
     hw = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+          "cpu_model": cpu_model(),
           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
           "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():

@@ -59,13 +59,50 @@ def job_throughput(fit: dict) -> dict[str, float | None]:
     peak, peak_model = fit.get("peak_flops_per_s"), fit.get("peak_model_flops_per_s")
     mfu, mfu_model = fit.get("mfu"), fit.get("mfu_model_shapes")
     in_steps = _ratio(step, fit.get("train_seconds"))
+    load, model_load, cpus = (fit.get("peak_load"), fit.get("peak_model_load"),
+                              fit.get("peak_cpus"))
     return {"tokens_per_s": _ratio(fit.get("real_tokens"), step),
             "achieved": achieved,
             "mfu": mfu if finite(mfu) else _ratio(achieved, peak),
             "mfu_model": mfu_model if finite(mfu_model) else _ratio(achieved, peak_model),
             "peak": peak if finite(peak) else None,
             "peak_model": peak_model if finite(peak_model) else None,
-            "outside_steps": None if in_steps is None else 1 - in_steps}
+            "outside_steps": None if in_steps is None else 1 - in_steps,
+            "load": load if finite(load) else None,
+            "model_load": model_load if finite(model_load) else None,
+            "cpus": cpus if finite(cpus) else None}
+
+
+def failed_utilisation(utilisation: Any, load: Any, cpus: Any) -> str | None:
+    """Why a utilisation (achieved / peak, a fraction) is no utilisation, or None: above 1
+    the peak it was divided by was not the machine's peak (measured while other work
+    shared the cores), so the number is a failed measurement."""
+    if not finite(utilisation) or utilisation <= 1:
+        return None
+    where = (f"peak measured under load {load:.1f} on {cpus} cores"
+             if finite(load) and finite(cpus) else "peak measured under an unrecorded load")
+    return f"failed measurement: utilisation {100 * utilisation:.0f}% > 100%: {where}"
+
+
+# utilisation columns: job_throughput's key -> the key of the load its peak was measured under
+UTILISATION_LOAD = {"mfu": "load", "mfu_model": "model_load"}
+UTILISATION_NAME = {"mfu": "MFU (square-GEMM peak)", "mfu_model": "MFU (model-shape peak)"}
+
+
+def _utilisation_cell(rates: list[dict], name: str, n: int) -> str:
+    """:func:`_median_cell` of the utilisations at or below 100%; those above are failed
+    measurements: the cell says so, in full when every job's failed."""
+    load = UTILISATION_LOAD[name]
+    failed = [r for r in rates if failed_utilisation(r[name], r[load], r["cpus"])]
+    if not failed:
+        return _median_cell([r[name] for r in rates], pct, n)
+    if len(failed) == sum(finite(r[name]) for r in rates):
+        worst = max(failed, key=lambda r: r[name])
+        return failed_utilisation(worst[name], worst[load], worst["cpus"])
+    valid = [r[name] for r in rates if r not in failed and finite(r[name])]
+    k = len(failed)
+    return (f"{pct(statistics.median(valid))} ({len(valid)} of {n}; {k} failed "
+            f"measurement{'s' if k != 1 else ''})")
 
 
 def _gflops(flops_per_s: float) -> str:
@@ -118,7 +155,7 @@ def table_throughput(d: RunData) -> Table | None:
         return (d.tasks.index(t) if t in d.tasks else 99,
                 d.methods.index(m) if m in d.methods else 99, str(t), str(m))
 
-    rows, sizes, precision_notes, partial = [], set(), {}, False
+    rows, sizes, precision_notes, partial, failures = [], set(), {}, False, []
     for key in sorted(groups, key=order):
         jobs = sorted(groups[key], key=lambda sf: sf[0])
         fits = [fit for _, fit in jobs]
@@ -132,8 +169,14 @@ def table_throughput(d: RunData) -> Table | None:
             precision_notes.setdefault(text, []).append(label)
         rows.append([key[0], METHODS.get(key[1], key[1]), _precision_cell(fits),
                      f"{len(jobs)} ({', '.join(str(s) for s, _ in jobs)})",
-                     *(_median_cell([r[name] for r in rates], fmt, len(jobs))
+                     *(_utilisation_cell(rates, name, len(jobs)) if name in UTILISATION_LOAD
+                       else _median_cell([r[name] for r in rates], fmt, len(jobs))
                        for name, fmt in THROUGHPUT_CELLS)])
+        for (seed, _), r in zip(jobs, rates):
+            for name in UTILISATION_LOAD:
+                why = failed_utilisation(r[name], r[UTILISATION_LOAD[name]], r["cpus"])
+                if why:
+                    failures.append(f"{label} seed {seed}, {UTILISATION_NAME[name]}: {why}")
     if sizes == {1}:
         n_text = "One seed per row (Jobs): its values, not medians."
     elif len(sizes) == 1:
@@ -153,7 +196,7 @@ def table_throughput(d: RunData) -> Table | None:
              "MFU = achieved / peak FLOP/s in the dtype training computed in (Precision). "
              "Both peaks were measured in the training process, on the machine that "
              "trained: a large square torch.mm (square GEMM) and the model's own "
-             "linear-layer shapes (model shapes).",
+             "linear-layer shapes (model shapes), each the best of several repeats.",
              "Fit time outside steps: 1 − step seconds / fit seconds, the share of the fit "
              "loop spent outside training steps, mostly in early-stopping evaluations "
              "(fit.eval_seconds)."]
@@ -162,6 +205,12 @@ def table_throughput(d: RunData) -> Table | None:
     else:
         notes += [f"Why this precision, {', '.join(labels)}: {text}"
                   for text, labels in precision_notes.items()]
+    if failures:
+        notes.append("Failed measurements (a utilisation above 100% means the peak was "
+                     "measured while other work shared the cores, not the machine's peak; "
+                     "peaks are the best of several repeats, before and after training, "
+                     "with the 1-minute load average when measured): " + "; ".join(failures)
+                     + ".")
     if older:
         notes.append(f"{len(older)} of {len(d.jobs)} finished jobs predate throughput "
                      f"recording and are not in these medians: {short_list(older)}.")

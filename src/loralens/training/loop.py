@@ -110,6 +110,12 @@ class FitResult:
     achieved_flops_per_s: float = math.nan
     peak_flops_per_s: float = math.nan
     peak_model_flops_per_s: float = math.nan
+    # the load when the kept peaks were measured (1-minute average, os.getloadavg), the
+    # machine's CPU count and how many measurements each peak is the best of
+    peak_load: float | None = None
+    peak_model_load: float | None = None
+    peak_cpus: int | None = None
+    peak_measurements: int = 0
     mfu: float = math.nan
     mfu_model_shapes: float = math.nan
 
@@ -236,6 +242,10 @@ class _Loop:
         from loralens.training import flops
 
         res = self.res
+        # the peaks measured again after training (the first measurement may have shared
+        # the cores with other work): the maximum is kept, with its load (flops.py)
+        _measure_peaks(self.model, self.step.dtype, device_of(self.model), self.train_enc,
+                       self.tc, res, max_age_s=REMEASURE_AFTER_S)
         res.train_flops = float(res.flops_per_token * res.real_tokens)
         if res.step_seconds > 0:
             res.achieved_flops_per_s = res.train_flops / res.step_seconds
@@ -262,16 +272,26 @@ def fit(model: nn.Module, train_enc: B.Encoded, early_stop_enc: B.Encoded | None
     return _Loop(model, train_enc, early_stop_enc, pad_id, tc, lr, seed, opts).run()
 
 
-def _measure_peaks(model, dtype, device, train_enc, tc, res: FitResult) -> float:
-    """Measure (once per process) the square-GEMM and model-shape peaks in ``dtype``."""
+# a peak whose latest measurement is older than this is measured again after a fit
+REMEASURE_AFTER_S = 60.0
+
+
+def _measure_peaks(model, dtype, device, train_enc, tc, res: FitResult,
+                   max_age_s: float | None = None) -> float:
+    """Set ``res``'s square-GEMM and model-shape peaks in ``dtype``, each the best of every
+    measurement in this process (measured when there is none, or the latest is older than
+    ``max_age_s`` seconds), with the load they were measured under; return the square one."""
     from loralens.training import flops
 
     dev = "cuda" if device.type == "cuda" else "cpu"
-    res.peak_flops_per_s = flops.gemm_peak(dtype, dev)
+    square = flops.gemm_peak_info(dtype, dev, max_age_s=max_age_s)
+    res.peak_flops_per_s, res.peak_load = square.flops_per_s, square.load
+    res.peak_cpus, res.peak_measurements = square.cpus, square.measurements
     cfg = model_config(model)
     if cfg is not None and hasattr(cfg, "intermediate_size"):
-        res.peak_model_flops_per_s = flops.model_gemm_peak(
-            cfg, tokens_per_batch(train_enc, tc.batch_size), dtype, dev)
+        shaped = flops.model_gemm_peak_info(cfg, tokens_per_batch(train_enc, tc.batch_size),
+                                            dtype, dev, max_age_s=max_age_s)
+        res.peak_model_flops_per_s, res.peak_model_load = shaped.flops_per_s, shaped.load
     return res.peak_flops_per_s
 
 

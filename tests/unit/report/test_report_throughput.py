@@ -150,3 +150,33 @@ def test_malformed_values_give_dashes(tmp_path, fit):
     jobs = {("sst2", "full", 1): job(fit), ("sst2", "full", 2): job({"precision": "fp32"})}
     t = table_throughput(run_data(tmp_path, jobs))
     assert t.rows[0][4:] == [DASH] * 7
+
+
+def contended(tokens: int, load: float | None = 1.9) -> dict:
+    """full_fit whose model-shape peak (2.4 TFLOP/s) was measured under ``load`` on 2
+    cores; 4,600 tokens achieve 2.76 TFLOP/s: 115% of that peak, 69% of the square one."""
+    return full_fit(tokens, 0.1) | {"peak_load": 0.3, "peak_model_load": load,
+                                    "peak_cpus": 2}
+
+
+def test_utilisation_above_100_percent_is_a_failed_measurement(tmp_path):
+    t = table_throughput(run_data(tmp_path, {("sst2", "full", 1): job(contended(4600))}))
+    row = rows_by(t)[("sst2", "full FT")]
+    assert row["MFU (model-shape peak)"] == ("failed measurement: utilisation 115% > 100%: "
+                                             "peak measured under load 1.9 on 2 cores")
+    assert row["MFU (square-GEMM peak)"] == "69.0%"  # at or below 100%: a utilisation
+    assert ("sst2 full FT seed 1, MFU (model-shape peak): failed measurement: utilisation "
+            "115% > 100%: peak measured under load 1.9 on 2 cores.") in t.notes[-1]
+    # a run before the load was recorded: still no utilisation above 100%
+    old = table_throughput(run_data(tmp_path, {("sst2", "full", 1): job(full_fit(4600, 0.1))}))
+    assert rows_by(old)[("sst2", "full FT")]["MFU (model-shape peak)"] == (
+        "failed measurement: utilisation 115% > 100%: peak measured under an unrecorded load")
+
+
+def test_failed_measurements_leave_the_median_of_the_rest(tmp_path):
+    # model-shape utilisations 25%, 50% and 115% (failed): the median of 25% and 50%
+    jobs = {("sst2", "full", s): job(contended(tokens))
+            for s, tokens in ((1, 1000), (2, 2000), (3, 4600))}
+    row = rows_by(table_throughput(run_data(tmp_path, jobs)))[("sst2", "full FT")]
+    assert row["MFU (model-shape peak)"] == "37.5% (2 of 3; 1 failed measurement)"
+    assert row["MFU (square-GEMM peak)"] == "30.0%"  # 15%, 30%, 69%
