@@ -9,6 +9,13 @@ faster (slower) in a cell only where its throughput interval lies entirely above
 merged models', else "no difference detected"; along adapter counts (for each client
 count) the crossover is the smallest count from which it is faster at every larger one
 (and the same along client counts). One run per cell gives no interval, hence no call.
+
+A crossover is not a test with a family-wise error rate: it is the non-overlap of two
+unpaired 95% intervals, checked in every cell with no correction over the cells (the same
+cell is read along adapters and along clients). Over many cells some separations arise by
+chance, and non-overlap is a different criterion from a 5% test of the difference in one
+cell (stricter there). Every call is labelled uncorrected (:data:`UNCORRECTED`,
+:func:`comparisons_made` counts the cells compared).
 """
 
 from __future__ import annotations
@@ -102,19 +109,35 @@ def compare_cells(x: dict | None, y: dict | None) -> str | None:
     return "no difference"
 
 
+UNCORRECTED = ("uncorrected: non-overlap of unpaired 95% throughput intervals, checked "
+               "cell by cell with no family-wise correction over the cells (not a test of "
+               "a family)")
+
+
+def comparisons_made(rows: list[dict], reference: str = "merged") -> int:
+    """How many (backend, adapters, clients) cells were compared with ``reference`` (both
+    with an interval): the number of uncorrected calls a crossover rests on."""
+    by = {(r["backend"], r["adapters"], r["clients"]): r for r in rows}
+    return sum(1 for (b, a, c), r in by.items() if b != reference
+               and compare_cells(r, by.get((reference, a, c))) is not None)
+
+
 def crossovers(rows: list[dict], reference: str = "merged") -> list[dict]:
     """Where each separate-adapter backend starts to out-serve ``reference`` (throughput
-    intervals, :func:`compare_cells`), along adapter counts and along client counts."""
+    intervals, :func:`compare_cells`), along adapter counts and along client counts. Each
+    entry carries ``correction``: :data:`UNCORRECTED` and ``cells_compared``
+    (:func:`comparisons_made`): the calls are not corrected over the cells."""
     by = {(r["backend"], r["adapters"], r["clients"]): r for r in rows}
     adapters = sorted({r["adapters"] for r in rows})
     clients = sorted({r["clients"] for r in rows})
     out = []
+    label = {"correction": UNCORRECTED, "cells_compared": comparisons_made(rows, reference)}
     for b in sorted({r["backend"] for r in rows} - {reference}):
         def calls(cells: list[tuple[int, int]], levels: list[int]) -> dict:
             v = {lv: compare_cells(by.get((b, a, c)), by.get((reference, a, c)))
                  for lv, (a, c) in zip(levels, cells)}
             wins = [lv for lv in levels if v[lv] == "faster"]
-            return {"from": _first_run(levels, wins), "faster_at": wins,
+            return {**label, "from": _first_run(levels, wins), "faster_at": wins,
                     "slower_at": [lv for lv in levels if v[lv] == "slower"],
                     "no_difference_at": [lv for lv in levels if v[lv] == "no difference"],
                     "not_called_at": [lv for lv in levels if v[lv] is None]}
@@ -190,4 +213,7 @@ def table_lines(result: dict) -> list[str]:
                      f"{ms(c['p50_ms'])} {ms(c['p95_ms'])} {ms(c['p99_ms'])} {rpb} "
                      f"{c['errors']:6d}")
     lines += [crossover_text(c) for c in result["crossovers"]]
+    if result["crossovers"] and result["crossovers"][0].get("correction"):
+        c = result["crossovers"][0]
+        lines.append(f"crossovers: {c['correction']}; {c['cells_compared']} cells compared")
     return lines

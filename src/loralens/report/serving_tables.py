@@ -41,6 +41,11 @@ def _overhead(r: dict, base: str) -> str:
     return f"{text} {interval}" if interval and text != DASH else text
 
 
+def _signed_ms(x) -> str:
+    """A median paired latency difference in ms, signed ("+4.50"); – where not recorded."""
+    return f"{x:+.2f}" if finite(x) else DASH
+
+
 def served_by(r: dict) -> str:
     """The path that served a Table 5 row: recorded (``served_by``), or, in a serving.json
     written before it was, read from the kind's name (``lora_runtime``: lean runtime)."""
@@ -80,6 +85,7 @@ def table5(d: RunData) -> Table | None:
                      f"{r.get('seeds', DASH)} / {r.get('n', DASH)}",
                      pm(r.get("mean_ms"), r.get("seed_means_sd_ms"), lambda v: f"{v:.1f}"),
                      f(r.get("p95_ms"), 1), _overhead(r, "full"), pval(r.get("p_vs_full")),
+                     _signed_ms(r.get("median_diff_ms_vs_full")),
                      _overhead(r, r.get("merged_kind") or "lora_merged"), f(_mean(tp), 1),
                      f(_mean(mem), 0)])
     paired = any(r.get("test_vs_full") or r.get(f"test_vs_{r.get('merged_kind') or 'lora_merged'}")
@@ -97,12 +103,23 @@ def table5(d: RunData) -> Table | None:
                      "model), with a 95% bootstrap interval over "
                      "requests. p: two-sided Wilcoxon signed-rank test of the per-request "
                      "latency differences vs full fine-tuning (paired by request, differences "
-                     "averaged over seeds; – where every difference is 0: undefined).")
+                     "averaged over seeds; – where every difference is 0: undefined). The test "
+                     "is about the location of those paired differences (their median, shown "
+                     "as 'Median Δ vs full FT'), not about the overhead, a ratio of summed "
+                     "latencies: a few slow requests move the sum, not the median, so the two "
+                     "can disagree.")
     else:
         notes.append("Overhead: ratio of mean latencies, seeds pooled; p: two-sided "
                      "Mann-Whitney U over pooled requests vs full fine-tuning (recorded by an "
                      "older loralens: not paired by request, no interval; rerun the bench "
-                     "stage for the paired test).")
+                     "stage for the paired test). The test is about the location of the "
+                     "latency distributions, not about the ratio of means shown.")
+    n_p = sum(1 for r in comp if finite(r.get("p_vs_full")))
+    if n_p:
+        notes.append(f"p is uncorrected: {n_p} p-value{'s' if n_p != 1 else ''} in this table "
+                     "(one per strategy, task and batch size), in no declared family and not "
+                     "corrected for each other; read one p below 0.05 among many "
+                     "accordingly.")
     notes.append("Memory: peak increase while the model loads and serves its warm-up "
                  "requests (mean over seeds).")
     if busy:
@@ -112,8 +129,9 @@ def table5(d: RunData) -> Table | None:
     return Table("table-5-serving", "Table 5: serving latency per strategy",
                  ["Task", "Batch", "Strategy", "Served by", "Seeds / requests",
                   "Mean ms ± sd (seeds)",
-                  "p95 ms", "Overhead vs full FT [95% CI]", "p vs full FT",
-                  "Overhead vs merged [95% CI]", "Throughput (rows/s)", "Peak memory +MB"],
+                  "p95 ms", "Overhead vs full FT [95% CI]", "p vs full FT (uncorrected)",
+                  "Median Δ vs full FT (ms)", "Overhead vs merged [95% CI]",
+                  "Throughput (rows/s)", "Peak memory +MB"],
                  rows, notes=notes)
 
 
@@ -240,7 +258,9 @@ def table6_loadtest(d: RunData) -> Table | None:
     cells = lt.get("cells") or []
     if not cells:
         return None
-    from loralens.analysis.latency import crossover_text, crossovers
+    from loralens.analysis.latency import (
+        UNCORRECTED, comparisons_made, crossover_text, crossovers,
+    )
 
     repeated = any(c.get("throughput_ci") for c in cells)
     best = _best(cells, repeated)
@@ -277,6 +297,9 @@ def table6_loadtest(d: RunData) -> Table | None:
         notes.append("Crossovers (throughput vs merged models; called only where the intervals "
                      "separate, \"no difference detected\" where they overlap): "
                      + ". ".join(cross) + ".")
+        notes.append(f"Best and the crossovers are {UNCORRECTED}: "
+                     f"{comparisons_made(cells)} cells compared with merged models, so some "
+                     "separations can arise by chance; they are descriptive, not a test.")
     else:
         notes.append("One run per cell (loadtest.json from an older loralens): no intervals, "
                      "so no server is called best and no crossover is called; rerun "

@@ -116,3 +116,23 @@ def test_crossover_text_faster_only_at_some_levels():
          "faster_at": [4], "slower_at": [16], "no_difference_at": [1], "not_called_at": []}
     assert crossover_text(c) == ("ours vs merged at 8 clients: faster only at 4 adapters; "
                                  "slower at 16 adapters; no difference detected at 1 adapter")
+
+
+def test_crossovers_are_labelled_uncorrected_with_the_cells_compared():
+    """Non-overlap of unpaired intervals over many cells is no family-wise test: every
+    crossover says so and counts the cells it rests on (here 3 of ours' 4 cells have both
+    intervals; the 1-run cell is not compared)."""
+    from loralens.analysis.latency import UNCORRECTED, comparisons_made, table_lines
+
+    tight = lambda x: [x - 0.1, x, x + 0.1]  # noqa: E731
+    cells = _cells({("merged", 1, 1): tight(10), ("ours", 1, 1): tight(12),
+                    ("merged", 4, 1): tight(10), ("ours", 4, 1): tight(9),
+                    ("merged", 1, 8): tight(10), ("ours", 1, 8): tight(10),
+                    ("merged", 4, 8): [10.0], ("ours", 4, 8): [12.0]})
+    assert comparisons_made(cells) == 3
+    got = crossovers(cells)
+    assert all(c["correction"] == UNCORRECTED and c["cells_compared"] == 3 for c in got)
+    assert "uncorrected" in UNCORRECTED
+    lines = table_lines({"cells": cells, "crossovers": got})
+    assert lines[-1].startswith("crossovers: uncorrected: non-overlap of unpaired 95%")
+    assert lines[-1].endswith("; 3 cells compared")

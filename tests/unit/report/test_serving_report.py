@@ -54,15 +54,22 @@ def test_table5_shows_sd_across_seeds_and_the_paired_test(tmp_path):
     lo, hi = row["overhead_vs_full_ci"]
     assert sep[7] == f"{row['overhead_vs_full_pct']:+.1f}% [{lo:+.1f}, {hi:+.1f}]"
     assert sep[8] == "0.008"  # 2 / 2**8, exact Wilcoxon
+    # the statistic the Wilcoxon test is about: the paired differences are 1..8 ms at every
+    # seed, median 4.5 ms (the overhead beside it is a ratio of sums)
+    assert sep[9] == "+4.50"
+    assert t.columns[8] == "p vs full FT (uncorrected)"
     notes = " ".join(t.notes)
     assert "sd across seeds" in notes and "Wilcoxon signed-rank" in notes
     assert "paired by request" in notes and "Mann-Whitney" not in notes
+    assert "not about the overhead, a ratio of summed latencies" in notes
+    assert "p is uncorrected: 1 p-value in this table" in notes
 
 
 def test_table5_of_an_old_file_says_what_its_p_was(tmp_path):
     t = ST.table5(_data(tmp_path, _old_serving()))
     sep = _cells(t)[1]
     assert sep[5] == "93.0 ± 2.5" and sep[7] == "+16.2%" and sep[8] == "0.004"
+    assert sep[9] == "–"  # an older file recorded no median difference
     notes = " ".join(t.notes)
     assert "Mann-Whitney U over pooled requests" in notes and "older loralens" in notes
 
@@ -120,3 +127,23 @@ def test_table6_of_an_old_loadtest_calls_no_crossover(tmp_path):
     notes = " ".join(t.notes)
     assert "One run per cell" in notes and "no crossover is called" in notes
     assert "faster" not in notes
+
+
+def test_table6_labels_best_and_crossovers_uncorrected(tmp_path):
+    """Non-overlap of unpaired intervals over many cells is no test: the note says so and
+    counts the cells compared (2 here: peft vs merged at 1 and 4 adapters)."""
+    from loralens.analysis.latency import crossovers
+
+    def cell(b, a, tp):
+        return {"backend": b, "adapters": a, "clients": 1, "requests": 96, "errors": 0,
+                "repeats": 3, "throughput_rps": tp, "throughput_ci": [tp - 0.1, tp + 0.1],
+                "p50_ms": 50.0, "p95_ms": 60.0, "p99_ms": 70.0, "rows_per_batch": 1.0}
+
+    cells = [cell("merged", 1, 5.0), cell("peft", 1, 6.0), cell("merged", 4, 5.0),
+             cell("peft", 4, 5.05)]
+    lt = {"schema": 2, "backends": ["merged", "peft"], "cells": cells, "warmup": 4,
+          "repeats": 3, "requests_per_cell": 96, "crossovers": crossovers(cells)}
+    notes = " ".join(ST.table6_loadtest(_data(tmp_path, loadtest=lt)).notes)
+    assert "Best and the crossovers are uncorrected: non-overlap of unpaired 95% " \
+           "throughput intervals" in notes
+    assert "2 cells compared with merged models" in notes and "not a test" in notes
