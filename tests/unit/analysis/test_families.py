@@ -142,3 +142,27 @@ def test_weights_stage_reports_zero_spread_as_undefined():
     assert er["tested"] is False and "rank <= 8" in er["by_construction"]
     assert p_cells(er)[0] == "not tested"
     assert s["families"]["rel_change"]["members"] == ["mrpc rel_change", "rte rel_change"]
+
+
+def test_drift_tests_corrected_within_their_declared_family():
+    """Table 4: one family per measure; a zero-spread task stays in it (m = 2), so the
+    other task's p = 0.0351 becomes 0.0702 (Holm and Bonferroni agree with one defined p):
+    not significant, where a family of the defined tests alone (m = 1) called it so."""
+    from loralens.analysis.drift.stats import correct_drift, families
+
+    fam = families(["mrpc", "rte"], [1, 2, 3], [1], 0.05, "holm")
+    zero = {"tested": True, "p": None, "zero_spread": True, "significant": False}
+    real = {"tested": True, "p": P_TASK, "zero_spread": False, "significant": True}
+    layer = {"layer": 1, "in_drift": True, "tested": True, "p": 0.01, "zero_spread": False}
+    table4 = [{"task": "mrpc", "measures": {"cka": dict(zero)}, "per_layer": {}},
+              {"task": "rte", "measures": {"cka": dict(real), "cosine": dict(real)},
+               "per_layer": {"cka": [dict(layer)]}}]
+    correct_drift(fam, [], table4)
+    mrpc, rte = table4[0]["measures"]["cka"], table4[1]["measures"]["cka"]
+    assert mrpc["p_adjusted"] is None and mrpc["p_text"] == "undefined (zero spread)"
+    assert rte["n_tests"] == 2 and rte["family"] == "table4 cka"
+    assert rte["p_adjusted"] == pytest.approx(2 * P_TASK) and rte["significant"] is False
+    # cosine's family has the same two members; mrpc's cosine not computed counts as p = 1
+    assert table4[1]["measures"]["cosine"]["p_adjusted"] == pytest.approx(2 * P_TASK)
+    # per layer: 1 state x 2 tasks, Holm: 0.01 x 2
+    assert table4[1]["per_layer"]["cka"][0]["p_adjusted"] == pytest.approx(0.02)
