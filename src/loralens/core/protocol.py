@@ -192,16 +192,21 @@ def config_differences(cfg: StudyConfig, paper: StudyConfig | None = None
     return out
 
 
-def device_difference(hardware: dict | None, precisions: list[str]) -> tuple[str, str] | None:
+def device_difference(hardware: dict | None, precisions: list[str], precision: str = "auto",
+                      checkpointing: str = "auto", serving_dtype: str | None = None
+                      ) -> tuple[str, str] | None:
     """("device and dtype", ...) where the run trained without a GPU (env.json's hardware),
     which the published study used with bf16 autocast, gradient checkpointing and 8-bit
     paged AdamW for full fine-tuning; None on a GPU or when the hardware is unknown.
-    ``precisions``: the dtypes the jobs recorded (fit.precision: fp32, bf16)."""
+    ``precisions``: the dtypes the jobs recorded (fit.precision: fp32, bf16);
+    ``precision``, ``checkpointing``: train.precision and train.gradient_checkpointing;
+    ``serving_dtype``: what the serving benchmark recorded (None: not run yet)."""
     if not isinstance(hardware, dict) or hardware.get("cuda") in (None, True):
         return None
     cpu = hardware.get("cpu_model") or hardware.get("processor") or "CPU"
-    dtypes = ", ".join(dict.fromkeys(precisions)) or "dtype not recorded"
+    dtypes = ", ".join(dict.fromkeys(precisions)) or "a dtype not recorded yet"
+    serving = serving_dtype or ("bfloat16" if precision == "bf16" else "float32")
     return ("device and dtype", f"paper: a GPU, bf16 autocast, gradient checkpointing, 8-bit "
             f"paged AdamW for full fine-tuning, bf16 serving; this run: the CPU ({cpu}), "
-            f"training in {dtypes} (train.precision auto), no checkpointing, torch AdamW, "
-            "float32 serving")
+            f"training in {dtypes} (train.precision {precision}), gradient checkpointing "
+            f"{'on' if checkpointing == 'on' else 'off'}, torch AdamW, {serving} serving")

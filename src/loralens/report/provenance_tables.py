@@ -93,10 +93,13 @@ def table_differences(d: RunData) -> Table | None:
     if pr is None:
         return None
     rows = [[key, text] for key, text in pr.differences]
-    device = device_difference(hardware(d), [str(fit.get("precision")) for m in d.jobs.values()
-                                              if isinstance(m, dict)
-                                              and isinstance(fit := m.get("fit"), dict)
-                                              and fit.get("precision")])
+    precisions = [str(fit.get("precision")) for m in d.jobs.values()
+                  if isinstance(m, dict) and isinstance(fit := m.get("fit"), dict)
+                  and fit.get("precision")]
+    device = device_difference(hardware(d), precisions,
+                               str(d.cfg("train", "precision", default="auto")),
+                               str(d.cfg("train", "gradient_checkpointing", default="auto")),
+                               (d.serving or {}).get("dtype"))
     if device:
         rows.append(list(device))
     notes = ["Rows naming a config key: the run's resolved config against the paper preset "

@@ -126,7 +126,11 @@ def test_device_row_from_the_recorded_hardware():
     assert device_difference(cpu, ["fp32", "fp32"]) == (
         "device and dtype", "paper: a GPU, bf16 autocast, gradient checkpointing, 8-bit paged "
         "AdamW for full fine-tuning, bf16 serving; this run: the CPU (AMD EPYC 7B13), training "
-        "in fp32 (train.precision auto), no checkpointing, torch AdamW, float32 serving")
+        "in fp32 (train.precision auto), gradient checkpointing off, torch AdamW, float32 "
+        "serving")
+    assert device_difference(cpu, [], "bf16", "on")[1].endswith(
+        "this run: the CPU (AMD EPYC 7B13), training in a dtype not recorded yet "
+        "(train.precision bf16), gradient checkpointing on, torch AdamW, bfloat16 serving")
     assert device_difference({"cuda": True, "gpu": "NVIDIA H100"}, ["bf16"]) is None
     assert device_difference(None, []) is None  # no env.json: nothing claimed
 
@@ -142,7 +146,7 @@ def test_table_names_the_device_and_what_it_leaves_out(tmp_path, enabled):
     assert t.rows[-1] == ["device and dtype", (
         "paper: a GPU, bf16 autocast, gradient checkpointing, 8-bit paged AdamW for full "
         "fine-tuning, bf16 serving; this run: the CPU (AMD EPYC), training in fp32, bf16 "
-        "(train.precision auto), no checkpointing, torch AdamW, float32 serving")]
+        "(train.precision auto), gradient checkpointing off, torch AdamW, float32 serving")]
     assert ("search.enabled" in [r[0] for r in t.rows]) is not enabled
     assert t.notes[0] == (
         "Rows naming a config key: the run's resolved config against the paper preset "
