@@ -96,10 +96,11 @@ def resolve_storage(url: str | None) -> str | None:
     if not url:
         return None
     try:
-        make_url(url)
+        parsed = make_url(url)
     except (ArgumentError, ValueError, TypeError):
         raise ConfigError(f"search.storage: {redact_url(url)!r} is not a SQLAlchemy URL "
-                          "(e.g. postgresql://user@host/db)", "search.storage") from None
+                          "(e.g. postgresql+psycopg://user@host/db)", "search.storage") from None
+    _refuse_sqlite_query(parsed, url)
     if is_redacted(url):
         if env and redact_url(env) == url:
             return env
@@ -109,6 +110,27 @@ def resolve_storage(url: str | None) -> str | None:
             "for PostgreSQL leave the password out of the URL and let libpq read "
             "PGPASSWORD or ~/.pgpass", "search.storage")
     return url
+
+
+SQLITE_SAFE = "sqlite:////absolute/path/study.db"
+
+
+def _refuse_sqlite_query(parsed, url: str) -> None:
+    """A SQLite URL with ``uri=true`` or a secret in its query is refused: SQLite has no
+    password, and with ``uri=true`` pysqlite hands ``PATH?QUERY`` to sqlite3 as a URI whose
+    path has no ``file:`` scheme, so SQLite creates a file whose *name* holds the query
+    (``sqlite:////x.db?uri=true&password=pw`` writes ``/x.db?password=pw``), the password
+    included. The safe form is a plain path, protected by the file's permissions."""
+    if parsed.get_backend_name() != "sqlite":
+        return
+    bad = sorted(k for k in parsed.query if k == "uri" or SENSITIVE.search(k))
+    if bad:
+        raise ConfigError(
+            f"search.storage: {redact_url(url)} is refused: a SQLite URL takes no "
+            f"{' or '.join(repr(k) for k in bad)} query parameter (SQLite has no password, "
+            "and with uri=true the query becomes part of the database file's name); use "
+            f"the plain form {SQLITE_SAFE} and protect the file with its permissions",
+            "search.storage")
 
 
 def without_secrets(data: dict) -> dict:
