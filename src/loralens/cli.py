@@ -104,8 +104,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--glue-dir", help="GLUE root directory (data.glue_dir; else $LORALENS_GLUE_DIR)")
     p.add_argument("--storage", help="SQLAlchemy URL shared by workers on several machines "
                                      "(search.storage; else $LORALENS_STORAGE), e.g. "
-                                     "postgresql://user@host/db; stored with its password "
-                                     "hidden")
+                                     "postgresql+psycopg://user@host/db; stored with its "
+                                     "password hidden")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--report-to", action="append", metavar="none|tensorboard|mlflow",
                    help="experiment trackers of the training jobs (tracking.report_to; "

@@ -17,8 +17,8 @@ PW = "Zq7s3cr3tPW"
 @pytest.mark.parametrize("url, shown", [
     (f"postgresql://alice:{PW}@db.example:5432/study",
      "postgresql://alice:***@db.example:5432/study"),
-    (f"postgresql+psycopg2://alice:{PW}@db/study?sslmode=require",
-     "postgresql+psycopg2://alice:***@db/study?sslmode=require"),
+    (f"postgresql+psycopg://alice:{PW}@db/study?sslmode=require",
+     "postgresql+psycopg://alice:***@db/study?sslmode=require"),
     (f"postgresql://alice@db/study?sslpassword={PW}&application_name=x",
      "postgresql://alice@db/study?application_name=x&sslpassword=***"),
     (f"sqlite:///file:/tmp/s.db?uri=true&password={PW}",
