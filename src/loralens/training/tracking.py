@@ -28,6 +28,7 @@ redacted.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -47,6 +48,23 @@ def reporters(report_to: list[str]) -> list[str]:
         raise ConfigError(f"tracking.report_to: 'none' together with {asked}: give 'none' "
                           "alone, or the trackers", "tracking.report_to")
     return [r for r in asked if r != "none"]
+
+
+# tracker -> (the module it imports, what to call it): the ``tracking`` extra installs them;
+# ``make run`` / ``pip install loralens`` do not
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "TensorBoard"), "mlflow": ("mlflow", "MLflow")}
+
+
+def require_installed(asked: list[str], find_spec=importlib.util.find_spec) -> None:
+    """A ConfigError naming ``tracking.report_to`` and the ``tracking`` extra when a tracker
+    in ``asked`` is not installed (it is optional: the study runs without it)."""
+    for name in asked:
+        module, label = TRACKER_MODULES[name]
+        if find_spec(module) is None:
+            raise ConfigError(f"tracking.report_to: {name!r} needs {label}, which is not "
+                              "installed here; install the tracking extra: pip install "
+                              "'loralens[tracking]' (or pip install -e '.[tracking]' in a "
+                              "checkout)", "tracking.report_to")
 
 
 def tracking_uri(run_root: Path, environ=os.environ) -> str:
@@ -198,6 +216,7 @@ def open_tracked(cfg, run_root: Path, name: str, tb_dir: str, tags: dict
     asked = reporters(cfg.tracking.report_to)
     if not asked:
         return None
+    require_installed(asked)
     run_root, sinks = Path(run_root), []
     if "tensorboard" in asked:
         sinks.append(_TensorBoard(RunDir(run_root).tensorboard_dir(tb_dir)))
