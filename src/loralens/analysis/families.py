@@ -87,15 +87,16 @@ class Family:
 
 def apply(family: Family, tests: dict[str, dict]) -> None:
     """Correct ``tests`` (member -> a comparison dict of :func:`stats.compare_methods` or
-    ``drift.stats.compare``) within ``family``, in place: ``correction``, ``family``,
-    ``n_tests`` (the declared m), ``p_adjusted`` and ``significant`` (``p_adjusted <
-    alpha``). Zero spread: ``p_adjusted`` None, not significant, ``p_text`` says
-    "undefined (zero spread)". A comparison with ``tested`` False is left out."""
+    ``drift.stats.compare``) within ``family``, in place: ``correction``, ``n_tests`` (the
+    declared m), ``p_adjusted``, ``significant`` (``p_adjusted < alpha``) and
+    ``test_family`` (its name). Zero spread: ``p_adjusted`` None, not significant,
+    ``p_text`` says "undefined (zero spread)". A comparison with ``tested`` False is left
+    out."""
     tested = {k: c for k, c in tests.items() if c.get("tested", True) is not False}
     adjusted = family.adjust({k: (None if c.get("zero_spread") else c.get("p"))
                               for k, c in tested.items()})
     for k, c in tested.items():
-        c["family"] = family.name
+        c["test_family"] = family.name  # "family" is a method's family in methods rows
         c["correction"] = family.correction
         c["n_tests"] = family.size
         c["p_adjusted"] = adjusted[k] if c.get("p") is not None else None

@@ -244,7 +244,13 @@ def _weight_notes(res: dict) -> list[str]:
             "difference (positive when the method's value is larger).",
             _family(res.get("n_tests", 0), "measures × tasks × methods of the weights stage "
                     "with two paired seeds or more and a nonzero spread (forgetting, Table 8, "
-                    "included)"),
+                    "included)") if "correction" not in res else
+            (f"Families declared from the config: one per measure, each every method but "
+             f"the reference × configured tasks (at most {res.get('n_tests')} tests), "
+             f"corrected by {'Holm' if res['correction'] == 'holm' else 'Bonferroni'}; a "
+             "zero-spread test stays in its family, shown undefined; a contrast true by "
+             "construction (a rank-r update's effective rank and rank at 90%) is stated, "
+             "not tested."),
             "A head-only method leaves the backbone as the base model's: no weight change "
             "and no forgetting by construction, its tests undefined."]
 

@@ -160,7 +160,7 @@ def test_drift_tests_corrected_within_their_declared_family():
     correct_drift(fam, [], table4)
     mrpc, rte = table4[0]["measures"]["cka"], table4[1]["measures"]["cka"]
     assert mrpc["p_adjusted"] is None and mrpc["p_text"] == "undefined (zero spread)"
-    assert rte["n_tests"] == 2 and rte["family"] == "table4 cka"
+    assert rte["n_tests"] == 2 and rte["test_family"] == "table4 cka"
     assert rte["p_adjusted"] == pytest.approx(2 * P_TASK) and rte["significant"] is False
     # cosine's family has the same two members; mrpc's cosine not computed counts as p = 1
     assert table4[1]["measures"]["cosine"]["p_adjusted"] == pytest.approx(2 * P_TASK)

@@ -71,7 +71,7 @@ def families(tasks: Sequence[str], seeds: Sequence[int],
 def correct_drift(fam: dict, table3: list[dict], table4: list[dict]) -> None:
     """Correct every test of Tables 3 and 4 (per layer included) within its declared family
     (``fam``: :func:`families`), in place, once all are computed: Holm needs the family's
-    p-values together. Adds ``p_adjusted``, ``correction``, ``family``; ``significant``
+    p-values together. Adds ``p_adjusted``, ``correction``, ``test_family``; ``significant``
     follows ``p_adjusted``. A zero-spread test stays in its family as undefined."""
     def family(name: str) -> F.Family | None:
         return F.Family.from_dict(fam[name]) if name in fam else None
