@@ -20,11 +20,15 @@ def sweep_data(d: RunData) -> dict | None:
     """weightspace/sweep.json, read once (None when missing or of the format before the
     control arm, which has no ``arm`` in its rows)."""
     if "sweep" not in d.cache:
-        d.cache["sweep"] = read_optional(d.run.weightspace_sweep_json, d.problems)
+        s = read_optional(d.run.weightspace_sweep_json, d.problems)
+        if isinstance(s, dict) and s.get("rows") and not all("arm" in r for r in s["rows"]):
+            d.problems.append(f"{d.run.weightspace_sweep_json.name} "
+                              f"({d.run.weightspace_sweep_json.parent}) predates the control "
+                              "arm and is not shown: rerun `loralens weights`")
+            s = None
+        d.cache["sweep"] = s
     s = d.cache["sweep"]
-    if not (isinstance(s, dict) and s.get("rows")):
-        return None
-    return s if all("arm" in r for r in s["rows"]) else None
+    return s if isinstance(s, dict) and s.get("rows") else None
 
 
 def _by_task_arm_lambda(rows: list[dict], d: RunData) -> dict[str, dict]:
