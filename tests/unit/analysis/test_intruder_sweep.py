@@ -283,4 +283,3 @@ def test_drift_is_one_minus_debiased_cka_by_hand():
     d = drift_of(base, other, [1, 2])
     np.testing.assert_allclose(d["per_state"], want, rtol=1e-6, atol=1e-9)
     assert d["mean"] == pytest.approx((want[1] + want[2]) / 2, rel=1e-6)
-
