@@ -166,3 +166,18 @@ def test_drift_tests_corrected_within_their_declared_family():
     assert table4[1]["measures"]["cosine"]["p_adjusted"] == pytest.approx(2 * P_TASK)
     # per layer: 1 state x 2 tasks, Holm: 0.01 x 2
     assert table4[1]["per_layer"]["cka"][0]["p_adjusted"] == pytest.approx(0.02)
+
+
+def test_a_test_outside_the_declared_family_is_not_called():
+    """An example-level test of a seed the config does not list (trained by hand) is shown
+    uncorrected, never called significant, and does not grow the family."""
+    from loralens.analysis.drift.stats import correct_drift, families
+
+    fam = families(["rte"], [1], None, 0.05, "holm")
+    t3 = [{"task": "rte", "selection_metric": "accuracy", "metrics": {},
+           "example_level": [{"seed": 1, "p": 0.01}, {"seed": 7, "p": 0.001}]}]
+    correct_drift(fam, t3, [])
+    one, seven = t3[0]["example_level"]
+    assert one["p_adjusted"] == pytest.approx(0.01) and one["significant"] is True
+    assert seven["p_adjusted"] is None and seven["significant"] is None
+    assert "not in the declared family examples" in seven["note"]

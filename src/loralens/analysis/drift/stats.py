@@ -94,8 +94,15 @@ def correct_drift(fam: dict, table3: list[dict], table4: list[dict]) -> None:
             groups.setdefault("examples", {})[f"{e['task']} seed {c['seed']}"] = c
     for name, tests in groups.items():
         f = family(name)
-        if f is not None:
-            F.apply(f, tests)
+        if f is None:
+            continue
+        # a test the config did not declare (a seed outside cfg.seeds): shown, not corrected
+        for k in [k for k in tests if k not in f.members]:
+            c = tests.pop(k)
+            c.update({"p_adjusted": None, "significant": None, "correction": None,
+                      "note": f"{k} is not in the declared family {name} (from the config): "
+                              "p shown uncorrected, no significance call"})
+        F.apply(f, tests)
 
 
 # --------------------------------------------------------------------------- statistics
