@@ -128,9 +128,9 @@ def table7d(d: RunData) -> Table | None:
                          ", ".join(_signed(x) for x in r.get("intruder_change") or []) or DASH,
                          ", ".join(_signed(x) for x in r.get("control_change") or []) or DASH,
                          _signed(r.get("mean_difference")), *p_cells])
-    notes = [f"Intruder minus control: the intruder arm's change from the unchanged model minus "
-             "the control arm's, per seed (in seed order); {}.".format(
-                 c.get("test", "two-sided paired t-test, paired by seed"))]
+    test = c.get("test", "two-sided paired t-test, paired by seed")
+    notes = ["Intruder minus control: the intruder arm's change from the unchanged model minus "
+             f"the control arm's, per seed (in seed order); {test}."]
     for m, fam in (c.get("families") or {}).items():
         detect = fam.get("detectable_dz_80")
         notes.append(

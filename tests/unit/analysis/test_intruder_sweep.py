@@ -191,7 +191,7 @@ def sweep_of(scorer, sigmas=(12.0, 14.0, 16.0), lambdas=(1.0, 0.5, 0.0)):
     for seed, sigma in enumerate(sigmas):
         w0, dw, ustar = built(sigma)
 
-        def entry(w):
+        def entry(w, ustar=ustar):
             return {"score": scorer(w, ustar), "drift": {"mean": 0.0}, "metric": "toy"}
 
         arms = {arm: {f"{lam:g}": {"lambda": lam,
