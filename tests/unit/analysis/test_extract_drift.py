@@ -314,11 +314,12 @@ def test_drift_outputs_match_similarity_and_stats(tmp_path):
     assert tuple(next(csv.DictReader(open(run.root / "drift" / "table4.csv")))) == \
         TABLE4_COLUMNS
     t4 = json.loads((run.root / "drift" / "table4.json").read_text())
-    # family: 3 drift measures x 2 configured tasks
-    assert t4["n_tests"] == 6 and t4["alpha_per_test"] == pytest.approx(0.05 / 6)
-    assert t4["families"]["table4"]["size"] == 6
+    # families: one per drift measure, the 2 configured tasks (per state: 3 states x 2 tasks)
+    assert t4["n_tests"] == 2 and t4["alpha_per_test"] == pytest.approx(0.05 / 2)
+    assert t4["families"]["table4"]["size"] == 2
     assert t4["families"]["per_layer"]["size"] == 3 * 2
     assert t4["drift_layers"]["states"] == [1, 2, 3]
+    holm_by_measure: dict = {}
     for e in t4["tasks"]:
         arrays = truth[e["task"]]
         assert e["n_examples"] == 20 and e["requested"] == 25 and e["n_layers"] == 4
@@ -343,8 +344,8 @@ def test_drift_outputs_match_similarity_and_stats(tmp_path):
             ref = scipy.stats.ttest_rel(per["full"], per["lora"])
             assert c["t"] == pytest.approx(ref.statistic, rel=1e-4)
             assert c["p"] == pytest.approx(ref.pvalue, rel=1e-4)
-            assert c["p_bonferroni"] == pytest.approx(min(1.0, 6 * ref.pvalue), rel=1e-4)
-            assert c["significant"] == (6 * ref.pvalue < 0.05)
+            assert c["p_bonferroni"] == pytest.approx(min(1.0, 2 * ref.pvalue), rel=1e-4)
+            holm_by_measure.setdefault(measure, []).append((ref.pvalue, c))
             diff = np.subtract(per["full"], per["lora"])
             assert c["cohens_d"] == pytest.approx(diff.mean() / diff.std(ddof=1), rel=1e-4)
             assert c["cohens_d"] > 0 and c["sign"] == "full - lora"
@@ -361,6 +362,7 @@ def test_drift_outputs_match_similarity_and_stats(tmp_path):
             ref = scipy.stats.ttest_rel(fu, lo)
             assert layer["t"] == pytest.approx(ref.statistic, rel=1e-4)
             assert layer["p_bonferroni"] == pytest.approx(min(1, 6 * ref.pvalue), rel=1e-4)
+            assert layer["correction"] == "holm" and layer["n_tests"] == 6
             assert layer["delta_percent"] == pytest.approx(
                 100 * (np.mean(fu) - np.mean(lo)) / np.mean(fu), rel=1e-4)
             # Seed floor: 1 - similarity between two seeds of one method, averaged over 1..3.
@@ -379,6 +381,14 @@ def test_drift_outputs_match_similarity_and_stats(tmp_path):
             assert c["tested"] is False and c["p"] is None and c["significant"] is None
         # LoRA (smaller perturbation) drifts less in this synthetic set-up.
         assert e["measures"]["cka"]["delta_percent"] > 0
+    # Holm within each measure's family of 2 (the default stats.correction), by hand: the
+    # smaller p x 2, the larger x 1 but never below the smaller's adjusted value
+    for measure, pcs in holm_by_measure.items():
+        (pa, ca), (pb, cb) = sorted(pcs, key=lambda x: x[0])
+        first = min(1.0, 2 * pa)
+        assert ca["p_adjusted"] == pytest.approx(first, rel=1e-4)
+        assert cb["p_adjusted"] == pytest.approx(max(first, pb), rel=1e-4)
+        assert ca["significant"] == (first < 0.05)
 
     # Table 3: the study metric of each task (accuracy for SST-2 and RTE), by hand.
     assert tuple(next(csv.DictReader(open(run.root / "drift" / "table3.csv")))) == \
