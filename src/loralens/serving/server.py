@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import socket
 import time
@@ -464,17 +465,43 @@ def build_service(specs: Sequence[AdapterSpec], base: Base, backend: str = "ours
                    adapter_root, base_name=base.name)
 
 
-def base_model_config(args, run_cfg=None):
+def base_model_config(args, run_cfg=None, specs: Sequence[AdapterSpec] = ()):
     """The base model to serve (a ``ModelConfig``): the run's (name, revision,
-    trust_remote_code) unless ``--model`` names another; ``--revision`` and
-    ``--trust-remote-code`` override."""
+    trust_remote_code) unless ``--model`` names another; without a run directory (bare
+    adapter directories) and without ``--model``, the base the adapters record
+    (``base_model_name_or_path`` in ``adapter_config.json``: it must be the same for all),
+    else the default model; ``--revision`` and ``--trust-remote-code`` override."""
     from loralens.core.config import ModelConfig
 
     mc = run_cfg.model if run_cfg is not None else ModelConfig()
+    if run_cfg is None and not args.model:
+        recorded = adapters_base(specs)
+        if recorded:
+            mc = ModelConfig(name=recorded)
     if args.model and args.model != mc.name:
         mc = ModelConfig(name=args.model)
     return dataclasses.replace(mc, revision=args.revision or mc.revision,
                                trust_remote_code=args.trust_remote_code or mc.trust_remote_code)
+
+
+def adapters_base(specs: Sequence[AdapterSpec]) -> str | None:
+    """The base model the adapter directories record (``base_model_name_or_path``), None
+    when none records one; :class:`AdapterError` when they record different bases (one
+    server serves one base: name it with ``--model``)."""
+    bases: dict[str, list[str]] = {}
+    for s in specs:
+        cfg_path = Path(s.path) / "adapter_config.json"
+        try:
+            ref = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(ref, str) and ref:
+            bases.setdefault(ref, []).append(s.name)
+    if len(bases) > 1:
+        listed = "; ".join(f"{ref} ({', '.join(names)})" for ref, names in bases.items())
+        raise AdapterError(f"the adapters record different base models: {listed}; one server "
+                           "serves one base: name it with --model")
+    return next(iter(bases), None)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -540,9 +567,9 @@ def cli_command(args) -> int:
     if args.replicate:
         specs = replicate(specs, args.replicate)
     root = args.adapter_root or (run_dir if run_dir is not None else None)
-    service = build_service(specs, load_base(base_model_config(args, run_cfg)), args.backend,
-                            max_length, args.max_batch, args.max_wait_ms, args.max_texts,
-                            root)
+    service = build_service(specs, load_base(base_model_config(args, run_cfg, specs)),
+                            args.backend, max_length, args.max_batch, args.max_wait_ms,
+                            args.max_texts, root)
     serve(service, args.host, args.port, args.max_body_bytes, args.log_level,
           api_key, args.public_metrics)
     return 0

@@ -1,0 +1,67 @@
+"""``loralens serve DIR...`` of bare adapter directories (no run directory) serves the base
+the adapters record (``base_model_name_or_path``), not the default model (issue 28.7);
+``--model`` still names another, and adapters recording different bases are refused."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from loralens.core.files import atomic_write_json
+from loralens.serving import add_serve_arguments, server
+from loralens.serving.backends import AdapterError
+
+
+def adapter_dir(root, name, base):
+    path = root / name
+    path.mkdir(parents=True)
+    atomic_write_json(path / "adapter_config.json", {"peft_type": "LORA", "r": 8,
+                                                     "base_model_name_or_path": base})
+    return str(path)
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    """Runs ``loralens serve ARGS`` up to loading the base; returns the ModelConfig."""
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    seen = []
+
+    def fake_load_base(mc):
+        seen.append(mc)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(server, "load_base", fake_load_base)
+
+    def run(*argv):
+        with pytest.raises(RuntimeError, match="stop here"):
+            server.cli_command(parser.parse_args(list(argv)))
+        return seen[-1]
+    return run
+
+
+def test_bare_adapters_serve_the_base_they_record(tmp_path, serve):
+    a = adapter_dir(tmp_path, "a", "/models/tinyllama-converted")
+    b = adapter_dir(tmp_path, "b", "/models/tinyllama-converted")
+    assert serve(a, b).name == "/models/tinyllama-converted"
+
+
+def test_model_flag_overrides_what_the_adapters_record(tmp_path, serve):
+    a = adapter_dir(tmp_path, "a", "/models/tinyllama-converted")
+    mc = serve(a, "--model", "smollm2-135m", "--revision", "v2")
+    assert (mc.name, mc.revision) == ("smollm2-135m", "v2")
+
+
+def test_an_adapter_without_a_recorded_base_gets_the_default_model(tmp_path, serve):
+    a = adapter_dir(tmp_path, "a", None)
+    assert serve(a).name == "smollm2-135m"
+
+
+def test_adapters_recording_different_bases_are_refused(tmp_path, serve):
+    a = adapter_dir(tmp_path, "a", "org/base-one")
+    b = adapter_dir(tmp_path, "b", "org/base-two")
+    with pytest.raises(AdapterError) as e:
+        serve(a, b)
+    assert str(e.value) == ("the adapters record different base models: org/base-one (a); "
+                            "org/base-two (b); one server serves one base: name it with --model")
