@@ -49,7 +49,7 @@ from loralens.analysis.families import (
 from loralens.core.config import StudyConfig
 from loralens.analysis.extract import job_fingerprint
 from loralens.analysis.weights.forgetting import (
-    base_lm_head, encode_texts, lm_cross_entropy, text_sample,
+    base_lm_head, encode_texts, lm_cross_entropy, skip_reason, text_sample,
 )
 from loralens.models.classifier import Base
 from loralens.models.methods import PAIR, get_method
@@ -143,7 +143,8 @@ class Analyzer:
             s = text_sample(task, wc, self.cfg.data.glue_dir)
             ids = encode_texts(self.base.tokenizer, s.texts, wc.forgetting_max_length)
             ce, n = self.cross_entropy(self.base_bb, ids)
-            self._samples[task] = {"source": s.source, "n_texts": len(ids), "ids": ids,
+            self._samples[task] = {"source": s.source, "record": s.record,
+                                   "n_texts": len(ids), "ids": ids,
                                    "n_tokens": n, "ce_base": ce}
         return self._samples[task]
 
@@ -170,7 +171,9 @@ class Analyzer:
         s = self.sample(task)
         ce, _ = self.cross_entropy(backbone, s["ids"])
         return {"source": s["source"], "n_texts": s["n_texts"], "n_tokens": s["n_tokens"],
-                "ce_base": s["ce_base"], "ce_tuned": ce, "forgetting": ce - s["ce_base"]}
+                "ce_base": s["ce_base"], "ce_tuned": ce, "forgetting": ce - s["ce_base"],
+                "corpus_sha256": s["record"].get("sha256"),
+                "line_numbers": s["record"].get("line_numbers")}
 
 
 def is_done(run: RunDir, cfg: StudyConfig, task: str, method: str, seed: int) -> bool:
@@ -199,7 +202,12 @@ def analyze_job(an: Analyzer, run: RunDir, task: str, method: str, seed: int,
            "matrices": an.analyze(backbone, method, f"weights {task}/{method}-seed{seed}",
                                   progress)}
     if an.cfg.weights.forgetting:
-        out["forgetting"] = an.forgetting(backbone, task)
+        reason = skip_reason(an.cfg.weights)  # no corpus here: the rest still runs
+        if reason:
+            log.warning(reason)
+            out["forgetting_skipped"] = reason
+        else:
+            out["forgetting"] = an.forgetting(backbone, task)
     out["seconds"] = time.perf_counter() - t0
     atomic_write_json(run.weightspace_model_path(task, method, seed), out)
     return out
