@@ -73,6 +73,11 @@ def protocol_differences(cfg: StudyConfig) -> list[tuple[str, str]]:
     cadence = cadence_text(cfg)
     if cadence:
         out.append(("early-stopping cadence", cadence))
+    if cfg.stats.correction == "holm":
+        out.append(("Holm correction", "each declared family of tests is corrected with "
+                    "Holm's step-down procedure (stats.correction: holm): the same family-wise "
+                    "error rate as Bonferroni, never less power (the study used Bonferroni; "
+                    "stats.correction: bonferroni restores it)"))
     return out
 
 

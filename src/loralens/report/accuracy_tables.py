@@ -11,7 +11,9 @@ from loralens.report.formatting import (
     DASH, METHODS, Table, ci, f, finite, per_seed, pm, pval, seconds, short_list, yesno,
 )
 from loralens.report.run_data import RunData
-from loralens.report.significance import bonferroni_family, family_note, p_cells
+from loralens.report.significance import (
+    bonferroni_family, corrected_cell, family_note, p_cells,
+)
 
 
 def accuracy_entries(d: RunData) -> tuple[list[dict], str | None]:
@@ -92,7 +94,7 @@ def table3(d: RunData) -> Table | None:
     return Table("table-3-accuracy", f"Table 3: accuracy and F1 ({_table3_split(d, entries)})",
                  ["Task", "Metric", "n", "Majority", "Not above the majority class",
                   "LoRA mean ± sd", "LoRA per seed",
-                  "Full FT mean ± sd", "Full FT per seed", "LoRA − full", "p", "p (Bonf.)",
+                  "Full FT mean ± sd", "Full FT per seed", "LoRA − full", "p", "p (corrected)",
                   "d", "Significant"], rows, notes=notes)
 
 
@@ -119,7 +121,7 @@ def table3_examples(d: RunData) -> Table | None:
                          f(fu.get("accuracy")) + " " + ci(fu.get("ci"), f),
                          str(x.get("lora_right_full_wrong", DASH)),
                          str(x.get("lora_wrong_full_right", DASH)),
-                         pval(x.get("p")), pval(x.get("p_bonferroni")),
+                         pval(x.get("p")), corrected_cell(x),
                          yesno(x.get("significant"))])
     if not rows:
         return None
@@ -139,7 +141,7 @@ def table3_examples(d: RunData) -> Table | None:
                  "by validation example",
                  ["Task", "Seed", "n", "LoRA accuracy [95% CI]", "Full FT accuracy [95% CI]",
                   "LoRA right, full wrong", "LoRA wrong, full right", "p (McNemar)",
-                  "p (Bonf.)", "Significant"], rows, notes=notes)
+                  "p (corrected)", "Significant"], rows, notes=notes)
 
 
 def _table3_split(d: RunData, entries: list[dict]) -> str:

@@ -199,7 +199,7 @@ def fig_drift_reduction(d: RunData) -> Figure | str:
                  for e in entries for m in measures)
     if tested:
         handles.append(Line2D([], [], ls="", marker="$*$", color="black", markersize=9))
-        labels.append("significant (Bonferroni)")
+        labels.append("significant (family-corrected)")
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0),
               title="drift measure", frameon=False)
     ax.margins(y=0.12)

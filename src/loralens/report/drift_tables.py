@@ -123,7 +123,7 @@ def table4(d: RunData) -> Table | None:
     return Table("table-4-drift", "Table 4: representation drift to the base model",
                  ["Task", "Drift measure", "Examples", "States", "LoRA mean ± sd",
                   "Full FT mean ± sd", "Seed floor LoRA / full (reference)", "Δ% [95% CI]", "p",
-                  "p (Bonf.)", "d", "Significant"], rows, notes=notes)
+                  "p (corrected)", "d", "Significant"], rows, notes=notes)
 
 
 def _per_layer_note(t4: dict) -> str:

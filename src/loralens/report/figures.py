@@ -21,6 +21,7 @@ from loralens.report.drift_figures import (
     fig_accuracy_vs_drift, fig_drift_reduction, fig_layerwise, fig_outliers,
 )
 from loralens.report.formatting import finite
+from loralens.report.significance import correction_name
 from loralens.report.methods_figures import fig_method_drift, legend_labels
 from loralens.report.methods_report import is_multi
 from loralens.report.rank_figures import RANK_FIGURES
@@ -71,7 +72,8 @@ FIGURES = (
      "(biased CKA, debiased CKA, cosine, as labelled; compare tasks with the "
      "debiased bars); error bars: 95% seed-paired bootstrap CI (absent with fewer "
      "than 2 seeds" + (f"; {_bootstrap_caption(d)}" if _bootstrap_caption(d) else "")
-     + "); * significant after Bonferroni over drift measures × tasks.",
+     + "); * significant after the " + correction_name(d) + " correction within each drift "
+     "measure's family (the configured tasks; stats.correction).",
      lambda d: fig_method_drift(d) if is_multi(d) else fig_drift_reduction(d)),
     ("fig3-layerwise-drift", "Figure 3: layer-wise drift per method",
      "Drift per hidden state of drift.layers; lines: mean over seeds, bands: min–max over "

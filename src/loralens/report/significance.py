@@ -15,6 +15,12 @@ ZERO_SPREAD = "undefined (zero spread)"
 NOT_TESTED = "not tested"
 
 
+def correction_name(d: RunData) -> str:
+    """The family correction the run's config asks for ("Holm" or "Bonferroni"); a run
+    stored before the choice existed was corrected with Bonferroni."""
+    return "Holm" if d.cfg("stats", "correction", default="bonferroni") == "holm" else "Bonferroni"
+
+
 def corrected_cell(c: dict) -> str:
     """The family-wise corrected p of one comparison: Holm's adjusted p labelled "(Holm)",
     Bonferroni's as it is (a file written before the correction was a choice: its

@@ -84,7 +84,7 @@ def table7(d: RunData) -> Table | None:
     notes = [n for n in notes if n]
     return Table("table-7-weights", "Table 7: intruder dimensions and the weight change's "
                  "spectrum", ["Task", "Measure", "LoRA mean ± sd", "Full FT mean ± sd", "p",
-                              "p (Bonf.)", "d", "Significant"], rows, notes=notes)
+                              "p (corrected)", "d", "Significant"], rows, notes=notes)
 
 
 def table7b(d: RunData) -> Table | None:
@@ -145,7 +145,7 @@ def table8(d: RunData) -> Table | None:
     notes += [n for n in [learned_note(d)] if n]
     return Table("table-8-forgetting", "Table 8: forgetting of general text",
                  ["Task", "Base CE (nats/token)", "Tokens", "LoRA forgetting",
-                  "Full FT forgetting", "p", "p (Bonf.)", "d", "Significant"], rows,
+                  "Full FT forgetting", "p", "p (corrected)", "d", "Significant"], rows,
                  notes=notes)
 
 

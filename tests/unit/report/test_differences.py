@@ -28,7 +28,8 @@ def keys(cfg) -> list[str]:
 def test_quick_lists_no_search_rows_and_its_subsets():
     diffs = differences(load_config("quick"))
     assert [k for k, _ in diffs] == [
-        "selection slice", "early-stopping cadence", "model.name", "data.max_length",
+        "selection slice", "early-stopping cadence", "Holm correction", "model.name",
+        "data.max_length",
         "data.train_size", "data.train_size_per_task", "data.early_stop_size",
         "train.lr_lora", "train.lr_full", "train.epochs", "train.grad_accum",
         "train.optimizer_full", "search.enabled", "extract.examples", "bench.warmup",
@@ -55,7 +56,8 @@ def test_quick_lists_no_search_rows_and_its_subsets():
 def test_smoke_lists_the_search_rows_and_its_search_space():
     cfg = load_config("smoke")
     assert keys(cfg) == [
-        "selection slice", *SEARCH_ROWS, "early-stopping cadence", "tasks", "seeds",
+        "selection slice", *SEARCH_ROWS, "early-stopping cadence", "Holm correction",
+        "tasks", "seeds",
         "model.name", "data.max_length", "data.train_size", "data.train_size_per_task",
         "data.early_stop_size", "train.grad_accum", "train.optimizer_full",
         "search.trials", "search.startup_trials", "search.train_size", "search.eval_size",
@@ -75,7 +77,8 @@ def test_smoke_lists_the_search_rows_and_its_search_space():
 def test_paper_preset_differs_only_in_protocol():
     cfg = load_config("paper")
     assert config_differences(cfg) == []
-    assert keys(cfg) == ["selection slice", *SEARCH_ROWS, "early-stopping cadence"]
+    assert keys(cfg) == ["selection slice", *SEARCH_ROWS, "early-stopping cadence",
+                         "Holm correction"]
     assert dict(differences(cfg))["early-stopping cadence"] == (
         "evaluated 4 times per epoch with patience 3: 8-16 evaluations over 2-4 epochs "
         "(search.epochs), so patience can stop a model early" + STUDY)
@@ -85,7 +88,7 @@ def test_paper_without_search_has_no_search_rows():
     cfg = load_config("paper", overrides={"search": {"enabled": False}})
     diffs = differences(cfg)
     assert [k for k, _ in diffs] == ["selection slice", "early-stopping cadence",
-                                     "search.enabled"]
+                                     "Holm correction", "search.enabled"]
     rows = dict(diffs)
     assert rows["search.enabled"] == ("paper preset: true; this run: false (run the search; "
                                       "false = train with the config's values)")
@@ -96,8 +99,11 @@ def test_paper_without_search_has_no_search_rows():
 
 def test_cadence_only_where_it_differs_and_said_honestly():
     published = load_config("paper", overrides={"data": {"selection": "validation"},
-                                                "train": {"evals_per_epoch": 1}})
-    assert keys(published) == SEARCH_ROWS  # the study's selection and cadence: no rows
+                                                "train": {"evals_per_epoch": 1},
+                                                "stats": {"correction": "bonferroni"}})
+    # the study's selection, cadence and correction: no protocol rows; Bonferroni is a
+    # config row, as the paper preset (the reference of config rows) corrects with Holm
+    assert keys(published) == [*SEARCH_ROWS, "stats.correction"]
     some = load_config("paper", overrides={"search": {"epochs": [1, 2]}})
     assert dict(differences(some))["early-stopping cadence"] == (
         "evaluated 4 times per epoch with patience 3: 4-8 evaluations over 1-2 epochs "

@@ -315,8 +315,8 @@ def test_table3_and_4_state_families_signs_and_resamples(full_report):
     assert "1 − debiased linear CKA to the base model" in md          # Figure 1
     assert "1 − linear CKA, biased: the paper's measure" in md        # Figure 3
     assert "Figure 2: drift reduction per task.** Δ%" in md and \
-           "3 seeds allow only 10 distinct resamples); * significant after Bonferroni " \
-           "over drift measures × tasks" in md
+           "3 seeds allow only 10 distinct resamples); * significant after the Holm " \
+           "correction within each drift measure's family" in md
 
 
 def test_zero_spread_is_undefined_and_example_level_table(tmp_path, monkeypatch):
