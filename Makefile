@@ -3,7 +3,7 @@
 #               machine (each stage's work and estimated time), then runs the quick preset
 #               on the embedded SmolLM2
 #   make test   adds the test extras (pytest, Hypothesis, Schemathesis, import-linter,
-#               TensorBoard, MLflow, Ray, psycopg2) to .venv and runs the test suite
+#               TensorBoard, MLflow, Ray, psycopg 3) to .venv and runs the test suite
 VENV     ?= .venv
 PYTHON   ?= python3
 GLUE_DIR ?= ../shared/glue
