@@ -15,6 +15,9 @@ with the same seeds, so values are paired by seed:
   n values can draw at all.
 - :func:`delta_percent` -- ``100 * (mean(full) - mean(lora)) / mean(full)``.
 - :func:`compare_methods` -- all of the above as one JSON-ready dict.
+- :func:`rank_trend` -- a trend over an ordered factor (LoRA's rank) across seeds:
+  Spearman's rho per seed, averaged, with an exact permutation p over the orderings of
+  each seed's values.
 
 The evaluation set has its own uncertainty, which seed statistics do not show;
 for two classifiers scored on the same examples:
@@ -46,6 +49,7 @@ or interval.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -563,3 +567,104 @@ def paired_t_detectable_dz(n: int, alpha: float = 0.05, power: float = 0.8) -> f
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(brentq(lambda d: scipy.stats.nct.sf(crit, df, d * math.sqrt(n)) - power,
                             1e-9, 1e6))
+
+
+# --------------------------------------------------------------------------- trend over ranks
+
+EXACT_TREND_LIMIT = 200_000  # most joint orderings enumerated; beyond, a seeded Monte Carlo
+TREND_DRAWS = 20_000
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho of two vectors (average ranks for ties); NaN when either is constant."""
+    rx, ry = scipy.stats.rankdata(x), scipy.stats.rankdata(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    return float(rx @ ry / den) if den > 0 else math.nan
+
+
+def rank_trend(values: dict, alternative: str = "two-sided", draws: int = TREND_DRAWS,
+               seed: int = 0) -> dict:
+    """A trend of a measure over an ordered factor (LoRA's rank) across seeds.
+
+    ``values``: seed -> {rank: value} (a seed may miss ranks; a seed with fewer than two
+    is left out). The statistic is Spearman's rho between rank and value within each
+    seed, averaged over seeds (one rho per seed: the seeds are the replicates, the ranks
+    of one seed are not). Its null distribution comes from permuting the values over the
+    ranks within each seed independently (under "no trend" every ordering of a seed's
+    values is equally likely): exact where each seed has at most
+    :data:`EXACT_TREND_LIMIT` orderings (up to 8 ranks), as the convolution of the seeds'
+    rho distributions (6 ranks x 2 seeds: 720² = 518,400 joint orderings from two
+    enumerations of 720), else ``draws`` seeded random orderings (p = (1 + hits) /
+    (1 + draws)). ``alternative``:
+    ``two-sided`` (|mean rho| at least the observed), ``greater`` or ``less``. Ties within
+    a seed get average ranks. A seed whose values are all equal has no defined rho: the
+    result is then ``rho`` None and ``p`` None (undefined, as a zero-spread t-test).
+
+    Returns ``{rho, rho_per_seed, p, n_seeds, ranks, exact, alternative, orderings}``.
+    Three ranks, two seeds, both increasing: rho = 1, p = 1/36 (greater) or 2/36
+    (two-sided), the smallest it can be with 3! orderings per seed."""
+    if alternative not in ("two-sided", "greater", "less"):
+        raise ValueError(f"alternative: {alternative!r} is not two-sided, greater or less")
+    seeds = sorted(s for s in values if len(values[s]) >= 2)
+    out = {"n_seeds": len(seeds), "alternative": alternative,
+           "ranks": sorted({r for s in seeds for r in values[s]}),
+           "rho": None, "rho_per_seed": {}, "p": None, "exact": None, "orderings": None}
+    if not seeds:
+        return out
+    per = []
+    for s in seeds:
+        ranks = sorted(values[s])
+        x = np.asarray(ranks, dtype=np.float64)
+        y = np.asarray([values[s][r] for r in ranks], dtype=np.float64)
+        per.append((x, y))
+        out["rho_per_seed"][str(s)] = _json_float(_spearman(x, y))
+    rhos = np.array([_spearman(x, y) for x, y in per])
+    if not np.isfinite(rhos).all():
+        return out
+    observed = float(rhos.mean())
+    out["rho"] = observed
+    total = math.prod(math.factorial(len(x)) for x, _ in per)
+    out["orderings"] = total
+    tol = 1e-9
+    if all(math.factorial(len(x)) <= EXACT_TREND_LIMIT for x, _ in per):
+        # exact: the sum of independent per-seed rhos, by convolving their distributions
+        dist = {0.0: 1.0}
+        for x, y in per:
+            counts: dict[float, float] = {}
+            n = len(x)
+            for perm in itertools.permutations(range(n)):
+                rho = round(_spearman(x, y[list(perm)]), 9)
+                counts[rho] = counts.get(rho, 0.0) + 1.0
+            k = float(math.factorial(n))
+            nxt: dict[float, float] = {}
+            for a, pa in dist.items():
+                for b, cb in counts.items():
+                    key = round(a + b, 9)
+                    nxt[key] = nxt.get(key, 0.0) + pa * cb / k
+            dist = nxt
+        total_obs = observed * len(per)
+        if alternative == "greater":
+            p = sum(v for k_, v in dist.items() if k_ >= total_obs - tol)
+        elif alternative == "less":
+            p = sum(v for k_, v in dist.items() if k_ <= total_obs + tol)
+        else:
+            p = sum(v for k_, v in dist.items() if abs(k_) >= abs(total_obs) - tol)
+        out["exact"] = True
+    else:
+        rng = np.random.default_rng(seed)
+        sims = np.zeros(draws)
+        for x, y in per:
+            sims += np.array([_spearman(x, rng.permutation(y)) for _ in range(draws)])
+        sims /= len(per)
+        if alternative == "greater":
+            hits = int((sims >= observed - tol).sum())
+        elif alternative == "less":
+            hits = int((sims <= observed + tol).sum())
+        else:
+            hits = int((np.abs(sims) >= abs(observed) - tol).sum())
+        p = (1 + hits) / (1 + draws)
+        out["exact"] = False
+    out["p"] = float(min(1.0, p))
+    return out
+
