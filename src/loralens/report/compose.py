@@ -451,11 +451,12 @@ def _drift(doc: _Document) -> None:
     else:
         for fid in DRIFT_FIGURES:
             doc.figure(fid)
-    from loralens.report.rank_figures import RANK_FIGURES, has_rank_sweep
+    from loralens.report.rank_figures import RANK_FIGURES, has_rank_sweep, table_rank_trend
 
-    if has_rank_sweep(d):  # the rank sweep (--preset ranks): Figures R1 and R2
+    if has_rank_sweep(d):  # the rank sweep (--preset ranks): Figures R1, R2 and Table R
         for fid, *_ in RANK_FIGURES:
             doc.figure(fid)
+        doc.table(table_rank_trend)
     doc.add(p("Sources: `drift/table4.json` (`table4.csv`), `drift/layers.json` "
               "(`layers.csv`: every hidden state, seed and measure, including Procrustes, RBF "
               "CKA, standardised CKA and the variance shares).", "note"))

@@ -10,7 +10,16 @@ job's ``metrics.json`` (``hyperparameters.method`` or ``hyperparameters.lora``, 
 ``drift/layers.json`` through :func:`.drift_figures.model_drift`.
 
 "Plain" LoRA (no DoRA, rsLoRA, PiSSA/OLoRA initialisation or LoRA+) is what a rank series
-holds; methods of other kinds appear in Figure R1 as single points and are left out of R2.
+holds, and rsLoRA (``use_rslora``: scale alpha / sqrt(r), otherwise plain) a series of its
+own on the same targets; methods of other kinds appear in Figure R1 as single points and
+are left out of R2.
+
+Why both: with alpha / r fixed and B starting at 0, the first update's size still grows
+with r (each B row moves by about the learning rate under Adam, whatever the scale, and
+``B A``'s size grows like sqrt(r) with A's r random rows), so "rank is the only thing that
+changes" does not hold for plain LoRA; rsLoRA's alpha / sqrt(r) at fixed alpha keeps that
+size the same at every rank (Kalajdzievski, 2023). Table R (:func:`table_rank_trend`) tests
+a trend over ranks per series and measure across seeds (:func:`loralens.analysis.stats.rank_trend`).
 """
 
 from __future__ import annotations
@@ -21,15 +30,18 @@ from dataclasses import dataclass, field
 import numpy as np
 from matplotlib.figure import Figure
 
+from loralens.analysis.stats import CORRECTIONS, adjust_p, rank_trend
 from loralens.models.methods import lora_type, recorded_method
 from loralens.report.colors import method_color, method_label
 from loralens.report.drift_figures import model_drift
-from loralens.report.formatting import finite
+from loralens.report.formatting import DASH, Table, finite, g
 from loralens.report.run_data import RunData
 
 REFERENCES = ("head", "full")  # families drawn as references, not as a series
 # a marker per reference family, then per series: plain LoRA, LoRA on all linear layers, other
-MARKERS = {"head": "v", "full": "D", "plain": "o", "all-linear": "s", "other": "P"}
+MARKERS = {"head": "v", "full": "D", "plain": "o", "all-linear": "s", "rslora": "^",
+           "other": "P"}
+RSLORA = " (rsLoRA)"  # a series key's suffix: the rsLoRA ranks on those targets
 WHY_NOT = ("needs at least two LoRA ranks on the same target modules (the rank sweep: "
            "--preset ranks)")
 ZERO = 1e-9  # |drift| below this is rounding (the head's is 0 by construction)
@@ -44,6 +56,7 @@ class Entry:
     rank: int | None = None           # LoRA rank (None: not LoRA)
     targets: str | None = None        # "q_proj, v_proj", "all-linear" (None: not LoRA)
     plain: bool = False               # plain LoRA: a point of a rank series
+    rslora: bool = False              # rsLoRA, otherwise plain: a point of its own series
     params: float | None = None       # trainable parameters (the same for every seed)
     scores: dict = field(default_factory=dict)     # seed -> validation score
     drift: dict = field(default_factory=dict)      # seed -> mean drift over drift.layers
@@ -58,6 +71,8 @@ class Entry:
     def marker(self) -> str:
         if self.family in REFERENCES:
             return MARKERS[self.family]
+        if self.rslora:
+            return MARKERS["rslora"]
         if self.plain:
             return MARKERS["all-linear" if self.targets == "all-linear" else "plain"]
         return MARKERS["other"]
@@ -88,11 +103,13 @@ def entries(d: RunData, task: str, measure: str | None = None) -> list[Entry]:
         if m not in out:
             family, peft = _describe(job, m)
             lora = lora_type(family, peft) and "r" in peft
-            plain = lora and not peft.get("use_dora") and not peft.get("use_rslora") \
+            simple = lora and not peft.get("use_dora") \
                 and peft.get("init_lora_weights", True) in (True, "gaussian") \
                 and peft.get("lr_ratio") is None
+            rs = bool(simple and peft.get("use_rslora"))
             out[m] = Entry(m, family, int(peft["r"]) if lora else None,
-                           _targets(peft.get("target_modules")) if lora else None, plain)
+                           _targets(peft.get("target_modules")) if lora else None,
+                           simple and not rs, rs)
         e = out[m]
         trainable = (job.get("parameters") or {}).get("trainable")
         if finite(trainable):
@@ -108,11 +125,12 @@ def entries(d: RunData, task: str, measure: str | None = None) -> list[Entry]:
 
 
 def series(es: list[Entry]) -> dict[str, list[Entry]]:
-    """Plain LoRA entries by target modules, each sorted by rank."""
+    """Plain LoRA entries by target modules (key: the targets), and rsLoRA entries by
+    target modules (key: the targets + :data:`RSLORA`), each sorted by rank."""
     out: dict[str, list[Entry]] = {}
     for e in es:
-        if e.plain and e.targets:
-            out.setdefault(e.targets, []).append(e)
+        if (e.plain or e.rslora) and e.targets:
+            out.setdefault(e.targets + (RSLORA if e.rslora else ""), []).append(e)
     return {k: sorted(v, key=lambda e: e.rank) for k, v in out.items()}
 
 
@@ -222,7 +240,8 @@ def fig_drift_vs_rank(d: RunData) -> Figure | str:
             if len(s) >= 2:
                 ax.plot([e.rank for e in s], [_mean(e.drift) for e in s], color="0.45",
                         lw=1.1, zorder=2, gid=f"series:drift:{task}:{targets}",
-                        ls="-" if targets != "all-linear" else "--")
+                        ls=":" if targets.endswith(RSLORA) else
+                        "--" if targets == "all-linear" else "-")
         for e in es:
             if not (e.method in REFERENCES or e.family in REFERENCES):
                 continue
@@ -273,10 +292,92 @@ def caption_drift(d: RunData) -> str:
     return (f"Drift, 1 − {form} linear CKA to the base model averaged over the hidden states "
             f"of drift.layers on {rows} validation rows, per LoRA rank on q/v ({_seeds(d)} per "
             "method: small points one per seed, large their mean, joined by the solid line); "
-            "LoRA on all-linear marked separately (squares); horizontal lines: head only "
-            "(dashed; 0 by construction) and full fine-tuning (dash-dotted), mean over seeds. "
-            "Does drift grow with rank toward full fine-tuning, as the intruder-dimension "
-            "literature suggests?")
+            "LoRA on all-linear marked separately (squares); rsLoRA's ranks (scale alpha / "
+            "sqrt(r), triangles) joined by a dotted line where the run has them; horizontal "
+            "lines: head only (dashed; 0 by construction) and full fine-tuning (dash-dotted), "
+            "mean over seeds. Plain LoRA keeps alpha / r fixed, yet its first update grows "
+            "with r (B starts at 0), so rank is not the only thing that changes along the "
+            "solid line; rsLoRA keeps that size the same at every rank. Does drift grow with "
+            "rank toward full fine-tuning, as the intruder-dimension literature suggests? "
+            "Table R tests the trend across seeds.")
+
+
+# --------------------------------------------------------------------------- the trend test
+
+TREND_MEASURES = (("drift", "mean drift"), ("scores", "validation score"))
+
+
+def trend_rows(d: RunData) -> list[dict]:
+    """Per sweep task, rank series (:func:`series`: plain LoRA or rsLoRA on one set of
+    targets, two ranks or more) and measure (drift, validation score): the trend over
+    ranks across seeds (:func:`loralens.analysis.stats.rank_trend`, two-sided), and the
+    p corrected (``stats.correction`` of the run's config, Holm by default) over the tests
+    of this table."""
+    measure = drift_measure(d)
+    rows = []
+    for task in sweep_tasks(d):
+        for key, s in series(entries(d, task, measure)).items():
+            if len({e.rank for e in s}) < 2:
+                continue
+            for attr, name in TREND_MEASURES:
+                values: dict = {}
+                for e in s:
+                    for seed, v in getattr(e, attr).items():
+                        values.setdefault(seed, {})[e.rank] = v
+                rows.append({"task": task, "series": key, "measure": name,
+                             **rank_trend(values)})
+    correction = ((d.config or {}).get("stats") or {}).get("correction", "holm")
+    correction = correction if correction in CORRECTIONS else "holm"
+    if rows:
+        adj = adjust_p([math.nan if r["p"] is None else r["p"] for r in rows], correction,
+                       len(rows))
+        for r, a in zip(rows, adj):
+            r["p_adjusted"] = None if math.isnan(a) else float(a)
+            r["correction"] = correction
+    return rows
+
+
+def table_rank_trend(d: RunData) -> Table | None:
+    """Table R: the trend over ranks per series and measure, across seeds."""
+    if not has_rank_sweep(d):
+        return None
+    rows_in = trend_rows(d)
+    if not rows_in:
+        return None
+    rows = []
+    for r in rows_in:
+        per = ", ".join(f"{s}: {g(v)}" if v is not None else f"{s}: {DASH}"
+                        for s, v in r["rho_per_seed"].items())
+        rows.append([r["task"], _series_label(r["series"]), r["measure"],
+                     ", ".join(map(str, r["ranks"])), str(r["n_seeds"]), per or DASH,
+                     g(r["rho"]) if r["rho"] is not None else "undefined",
+                     g(r["p"]) if r["p"] is not None else DASH,
+                     g(r.get("p_adjusted")) if r.get("p_adjusted") is not None else DASH])
+    corr = "Holm" if rows_in[0].get("correction") == "holm" else "Bonferroni"
+    exact = all(r["exact"] is not False for r in rows_in)
+    notes = ["Spearman's rho between LoRA rank and the measure within each seed (average "
+             "ranks for ties), averaged over seeds: the seeds are the replicates, the ranks "
+             "of one seed are one training run each, not independent draws of the trend. p: "
+             "two-sided permutation test, the values permuted over the ranks within each "
+             "seed independently, " + ("exact (every ordering)" if exact else
+                                       "exact where a seed has at most 8 ranks, else "
+                                       "seeded random orderings") + "; with k ranks and n "
+             "seeds the smallest p is 2 / (k!)^n (3 ranks, 2 seeds: 0.056), so two seeds of "
+             "a short series cannot show a trend however clean it looks.",
+             f"p (corrected): {corr} over the {len(rows_in)} tests of this table.",
+             "Plain LoRA keeps alpha / r fixed (its first update still grows with r); "
+             "rsLoRA scales by alpha / sqrt(r) at one alpha, keeping the first update's "
+             "size the same at every rank (Kalajdzievski, 2023): a trend that holds in both "
+             "series is about rank, one that holds in plain LoRA only may be the scale."]
+    return Table("table-r-rank-trend", "Table R: trend over LoRA rank across seeds",
+                 ["Task", "Series", "Measure", "Ranks", "Seeds", "rho per seed", "Mean rho",
+                  "p", "p (corrected)"], rows, notes=notes)
+
+
+def _series_label(key: str) -> str:
+    rs = key.endswith(RSLORA)
+    targets = key[:-len(RSLORA)] if rs else key
+    return ("rsLoRA" if rs else "LoRA") + f" on {targets}"
 
 
 RANK_FIGURES = (

@@ -23,7 +23,7 @@ from loralens.core.run_dir import RunDir
 from tests.helpers.figures import plotted
 
 SWEEP = ["head", "lora-r1", "lora-r2", "lora-r4", "lora-r8", "lora-r16", "lora-r64",
-         "lora-all-linear", "full"]
+         "rslora-r1", "rslora-r8", "rslora-r64", "lora-all-linear", "full"]
 QV = ["q_proj", "v_proj"]
 
 
@@ -86,6 +86,13 @@ def test_rank_preset_methods_resolve(name):
         assert not p["use_dora"] and not p["use_rslora"] and p["init_lora_weights"] is True
     p = methods["lora-all-linear"].peft
     assert (p["r"], p["alpha"], p["target_modules"]) == (8, 16.0, "all-linear")
+    # rsLoRA arms (issue 27.4c): one alpha, scale alpha / sqrt(r); at r = 8 the scale is
+    # lora-r8's 16 / 8 = 2, at r = 1 2*sqrt(8) = 5.657, at r = 64 2*sqrt(8)/8 = 0.7071
+    for r, scale in ((1, 5.656854), (8, 2.0), (64, 0.707107)):
+        p = methods[f"rslora-r{r}"].peft
+        assert (p["type"], p["r"], p["target_modules"], p["use_rslora"]) == ("lora", r, QV, True)
+        assert p["alpha"] / r ** 0.5 == pytest.approx(scale, abs=1e-6)
+        assert not p["use_dora"] and p["init_lora_weights"] is True
 
 
 # --------------------------------------------------------------------------- parameter counts
@@ -228,6 +235,64 @@ def test_captions_name_split_seeds_and_question(tmp_path):
     assert "validation split" in acc and "2 seeds" in acc
     assert "128 validation rows" in drift and "2 seeds" in drift
     assert "Does drift grow with rank toward full fine-tuning" in drift
+
+
+# --------------------------------------------------------------------------- rsLoRA, Table R
+
+RS = {"rslora-r1": (1, 1e5, {42: 0.70, 1337: 0.71}, {42: 0.03, 1337: 0.02}),
+      "rslora-r16": (16, 1.6e6, {42: 0.75, 1337: 0.76}, {42: 0.02, 1337: 0.03})}
+
+
+def with_rslora(tmp_path) -> RunData:
+    """The synthetic run plus two rsLoRA ranks (use_rslora) on q/v."""
+    d = synthetic(tmp_path)
+    d.config["methods"] += list(RS)
+    for m, (r, params, scores, drift) in RS.items():
+        for s in SEEDS:
+            d.jobs[("sst2", m, s)] = {
+                "task": "sst2", "method": m, "seed": s, "score": scores[s],
+                "validation": {"accuracy": scores[s]},
+                "parameters": {"total": 1.35e8, "trainable": params},
+                "hyperparameters": {"method": {
+                    "name": m, "family": "peft",
+                    "peft": {"type": "lora", "r": r, "alpha": 5.66, "target_modules": QV,
+                             "use_dora": False, "use_rslora": True,
+                             "init_lora_weights": True}}}}
+            for i in (1, 2, 3):
+                d.layers.append({"task": "sst2", "method": m, "seed": s, "layer": i,
+                                 "in_drift": True, "cka_debiased": 1.0 - drift[s],
+                                 "cka": 0.9, "n_examples": 128})
+    return d
+
+
+def test_rslora_ranks_are_a_series_of_their_own(tmp_path):
+    a = plotted(fig_drift_vs_rank(with_rslora(tmp_path)))
+    # plain LoRA's line is unchanged (r = 1, 4, 16); rsLoRA's joins its two ranks
+    np.testing.assert_array_equal(a["series:drift:sst2:q_proj, v_proj"][:, 0], [1, 4, 16])
+    np.testing.assert_allclose(a["series:drift:sst2:q_proj, v_proj (rsLoRA)"],
+                               [[1, 0.025], [16, 0.025]])
+
+
+def test_table_r_tests_the_trend_per_series_and_measure(tmp_path):
+    from loralens.report.rank_figures import table_rank_trend
+
+    t = table_rank_trend(with_rslora(tmp_path))
+    rows = {(r[1], r[2]): r for r in t.rows}
+    # plain LoRA q/v, r = 1, 4, 16: drift and score increase in both seeds: rho 1 per
+    # seed; two-sided exact p = 2 / (3!)^2 = 0.0556. rsLoRA, r = 1, 16: drift down in seed
+    # 42 and up in 1337 (mean rho 0, p = 1); score up in both (p = 2 / (2!)^2 = 0.5).
+    # Holm over the 4 tests: 4 x 0.0556 = 0.222 (twice), then 2 x 0.5 = 1, 1.
+    plain, rs = "LoRA on q_proj, v_proj", "rsLoRA on q_proj, v_proj"
+    assert set(rows) == {(plain, "mean drift"), (plain, "validation score"),
+                         (rs, "mean drift"), (rs, "validation score")}
+    assert rows[(plain, "mean drift")][3:] == ["1, 4, 16", "2", "42: 1, 1337: 1", "1",
+                                               "0.0556", "0.222"]
+    assert rows[(plain, "validation score")][6:] == ["1", "0.0556", "0.222"]
+    assert rows[(rs, "mean drift")][5:] == ["42: -1, 1337: 1", "0", "1", "1"]
+    assert rows[(rs, "validation score")][6:] == ["1", "0.5", "1"]
+    assert "Holm over the 4 tests" in " ".join(t.notes)
+    # no sweep, no table
+    assert table_rank_trend(synthetic(tmp_path, ("head", "lora-r4", "full"))) is None
 
 
 # --------------------------------------------------------------------------- a micro run
