@@ -10,7 +10,17 @@ Families:
   (``modules_to_save``). ``peft.type`` is ``lora`` (with any rank, alpha, dropout and
   target modules, ``all-linear`` included; rsLoRA ``use_rslora``; DoRA ``use_dora``;
   PiSSA/OLoRA initialisation ``init_lora_weights``; LoRA+ ``lr_ratio``, the B matrices'
-  learning rate over the rest's, applied by the training loop) or ``ia3``.
+  learning rate over the rest's, applied by the training loop) or ``ia3`` (loralens's own
+  form, with the ``lora`` section's defaults), or any PEFT method declared the way PEFT
+  declares it: ``peft: {peft_type: LOHA, r: 8, ...}`` (the keyword arguments of PEFT's
+  config class for that type, ``PEFT_TYPE_TO_CONFIG_MAPPING``), or a path to an
+  ``adapter_config.json``; both are built through PEFT's config class, whose errors become
+  ``ConfigError``s naming the method and key. A method entry may also be the PEFT config
+  itself (``method_defs.mine: {peft_type: LOHA, r: 8}``) or the path alone.
+
+A method whose PEFT tuner needs a call after each optimizer step (AdaLoRA's rank
+allocation, ``update_and_allocate``) declares it here (:attr:`Method.step_hook`); the
+training step calls it.
 
 Built-in entries are :data:`BUILTIN`; a study adds its own in ``method_defs`` (name ->
 ``{family, peft: {...}}``), validated here with errors naming the key. Keys a LoRA
@@ -30,7 +40,7 @@ from typing import Any
 from loralens.core.errors import ConfigError
 
 FAMILIES = ("full", "head", "peft")
-PEFT_TYPES = ("lora", "ia3")
+PEFT_TYPES = ("lora", "ia3")  # loralens's own form (``type:``); ``peft_type:`` takes any of PEFT's
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_rslora", "use_dora",
              "init_lora_weights", "lr_ratio")
@@ -63,13 +73,33 @@ BUILTIN: dict[str, dict] = {
                  "description": "LoRA+ (B matrices at 16x the learning rate of A)"},
     "ia3": {"family": "peft", "peft": {"type": "ia3"},
             "description": "IA3 (learned rescaling of k, v and down projections)"},
+    # PEFT's own config classes, PEFT's defaults but for the targets (the study's q/v)
+    "loha": {"family": "peft", "peft": {"peft_type": "LOHA", "r": 8, "alpha": 8,
+                                        "target_modules": ["q_proj", "v_proj"]},
+             "description": "LoHa (low-rank Hadamard product, r=8 on q/v)"},
+    "lokr": {"family": "peft", "peft": {"peft_type": "LOKR", "r": 8, "alpha": 8,
+                                        "target_modules": ["q_proj", "v_proj"]},
+             "description": "LoKr (low-rank Kronecker product, r=8 on q/v)"},
+    "oft": {"family": "peft", "peft": {"peft_type": "OFT", "oft_block_size": 32,
+                                       "target_modules": ["q_proj", "v_proj"]},
+            "description": "OFT (orthogonal fine-tuning, 32-wide blocks on q/v)"},
+    "vera": {"family": "peft", "peft": {"peft_type": "VERA", "r": 256,
+                                        "target_modules": ["q_proj", "v_proj"]},
+             "description": "VeRA (shared frozen random matrices, trained scaling vectors, "
+                            "r=256 on q/v)"},
+    "adalora": {"family": "peft", "peft": {"peft_type": "ADALORA", "init_r": 12,
+                                           "target_r": 8, "lora_alpha": 16,
+                                           "target_modules": ["q_proj", "v_proj"]},
+                "description": "AdaLoRA (SVD-form LoRA whose ranks are reallocated during "
+                               "training, 12 -> 8 on average, q/v)"},
 }
 
 # Display names of the built-in methods (report tables and figure legends; a method
 # without one is shown by its name).
 LABELS = {"lora": "LoRA", "full": "full FT", "head": "head only", "dora": "DoRA",
           "rslora": "rsLoRA", "pissa": "PiSSA", "olora": "OLoRA", "loraplus": "LoRA+",
-          "ia3": "IA3", "lora-all-linear": "LoRA all-linear"}
+          "ia3": "IA3", "lora-all-linear": "LoRA all-linear", "loha": "LoHa", "lokr": "LoKr",
+          "oft": "OFT", "vera": "VeRA", "adalora": "AdaLoRA"}
 
 # The study's two-method design: LoRA as the ``lora`` section defines it against full
 # fine-tuning (Tables 3, 4, 7 and 8; the keys of table3.json, table4.json and of the
@@ -120,6 +150,36 @@ class Method:
         return lora_type(self.family, self.peft)
 
     @property
+    def peft_type(self) -> str | None:
+        """PEFT's name of the method's type (``LORA``, ``IA3``, ``LOHA``, ...; None: no
+        adapter)."""
+        return peft_type_of(self.peft) if self.is_adapter else None
+
+    @property
+    def step_hook(self):
+        """What the training step calls after each optimizer step, or None:
+        ``hook(model, step, total_steps)`` (``step``: optimizer steps taken so far, 0 for
+        the first; ``total_steps``: the job's, or None where unknown). AdaLoRA's: its
+        rank allocation (``update_and_allocate``) over the job's optimizer steps."""
+        return STEP_HOOKS.get(self.peft_type or "")
+
+    @property
+    def weight_delta_skip(self) -> str | None:
+        """Why the weights stage has no weight delta of this method to analyse, or None
+        where it has one (full fine-tuning; the head's zero; a PEFT method whose adapter
+        PEFT merges into the base weights: LoRA and its variants, IA3, LoHa, LoKr, OFT,
+        VeRA, AdaLoRA, ...). Prompt-learning methods add virtual tokens, no delta."""
+        if not self.is_adapter:
+            return None
+        from peft import PromptLearningConfig
+
+        cls = _config_class(self.peft_type)
+        if cls is not None and issubclass(cls, PromptLearningConfig):
+            return (f"{self.peft_type} is prompt learning (virtual tokens): it changes no "
+                    "weight matrix, so there is no delta to merge and analyse")
+        return None
+
+    @property
     def optimizer_kind(self) -> str:
         """The optimizer/FLOP kind of the training loop: :data:`FULL_KIND` (``full``) or
         :data:`ADAPTER_KIND` (``lora``: adapter and head methods train few parameters,
@@ -133,10 +193,16 @@ def kind_trains_all(kind: str) -> bool:
     return kind == FULL_KIND
 
 
+def peft_type_of(peft: dict) -> str:
+    """PEFT's type name (``LORA``, ``LOHA``, ...) of PEFT settings ``peft`` (loralens's
+    ``type: lora`` form or PEFT's ``peft_type``; ``LORA`` where neither says)."""
+    return str(peft.get("peft_type") or peft.get("type") or "lora").upper()
+
+
 def lora_type(family: str, peft: dict) -> bool:
     """Whether a method of ``family`` with PEFT settings ``peft`` (as a job recorded them)
     is LoRA-type (PEFT type ``lora``, the default)."""
-    return family == "peft" and peft.get("type", "lora") == "lora"
+    return family == "peft" and peft_type_of(peft) == "LORA"
 
 
 def is_study_lora(name: str | None) -> bool:
@@ -169,11 +235,20 @@ def _lora_section(cfg) -> dict:
 
 
 def _check_peft(name: str, peft: Any, key: str, cfg) -> dict:
+    if isinstance(peft, str):
+        peft = read_adapter_config(peft, key)
     if not isinstance(peft, dict):
-        raise ConfigError(f"{key}: expected a mapping (type: lora|ia3, ...), got {peft!r}", key)
+        raise ConfigError(f"{key}: expected a mapping (type: lora|ia3, ... or peft_type: "
+                          f"<any PEFT type>, ...) or an adapter_config.json path, got {peft!r}",
+                          key)
+    if "peft_type" in peft:
+        return _check_peft_native(peft, key)
     kind = peft.get("type", "lora")
     if kind not in PEFT_TYPES:
-        raise ConfigError(f"{key}.type: {kind!r} is not one of {list(PEFT_TYPES)}",
+        hint = (f"; PEFT's {str(kind).upper()} is declared as peft_type: {str(kind).upper()} "
+                "with its config's keyword arguments" if str(kind).upper() in _peft_types()
+                else "")
+        raise ConfigError(f"{key}.type: {kind!r} is not one of {list(PEFT_TYPES)}{hint}",
                           f"{key}.type")
     allowed = ("type", *(LORA_KEYS if kind == "lora" else IA3_KEYS))
     for k in peft:
@@ -220,6 +295,130 @@ def _check_peft(name: str, peft: Any, key: str, cfg) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- PEFT's own configs
+
+# Keys of a PEFT config that loralens sets itself (the head in ``modules_to_save``, the task
+# type and base at save time): refused in method_defs, dropped from an adapter_config.json.
+OWNED_KEYS = ("modules_to_save", "task_type", "base_model_name_or_path", "revision",
+              "inference_mode", "auto_mapping", "peft_version")
+# Rank-like integers PEFT leaves unchecked (LoHa, LoKr, VeRA accept r=-1): at least 1 (0
+# where PEFT's own default is 0: OFT's r, which oft_block_size replaces).
+RANK_KEYS = ("r", "init_r", "target_r", "rank")
+# AdaLoRA's total_step before the training step knows the job's (its step hook sets it).
+TOTAL_STEP_PLACEHOLDER = 10**9
+
+
+def _peft_types() -> tuple[str, ...]:
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return tuple(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+
+
+def _config_class(peft_type: str | None):
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return {str(getattr(t, "value", t)): c
+            for t, c in PEFT_TYPE_TO_CONFIG_MAPPING.items()}.get(str(peft_type or "").upper())
+
+
+def read_adapter_config(path: str, key: str) -> dict:
+    """The PEFT settings of an ``adapter_config.json`` (a file or the directory holding
+    one): ``peft_type`` and its keyword arguments, without what loralens sets itself."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    p = p / "adapter_config.json" if p.is_dir() else p
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot read the adapter config {path!r}: {e}", key) from e
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise ConfigError(f"{key}: {path!r} is not a PEFT adapter_config.json (no peft_type)",
+                          key)
+    return {k: v for k, v in data.items() if k not in OWNED_KEYS}
+
+
+def _check_peft_native(peft: dict, key: str) -> dict:
+    """``peft_type`` plus its config class's keyword arguments, validated by building the
+    class (and the rank-like integers PEFT leaves unchecked); PEFT's errors as
+    ``ConfigError`` naming the key. Returns ``{type, peft_type, **kwargs}``."""
+    import dataclasses
+
+    ptype = str(peft["peft_type"]).upper()
+    cls = _config_class(ptype)
+    if cls is None:
+        raise ConfigError(f"{key}.peft_type: {peft['peft_type']!r} is not a PEFT type; known: "
+                          f"{', '.join(sorted(_peft_types()))}", f"{key}.peft_type")
+    kwargs = {k: v for k, v in peft.items() if k not in ("peft_type", "type")}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in kwargs.items():
+        if k in OWNED_KEYS:
+            raise ConfigError(f"{key}.{k}: set by loralens (the head is modules_to_save, the "
+                              "task type and base are written at save time)", f"{key}.{k}")
+        if k not in fields:
+            raise ConfigError(f"{key}.{k}: unknown key for a {ptype} method (PEFT's "
+                              f"{cls.__name__}); known: "
+                              f"{', '.join(f for f in fields if f not in OWNED_KEYS)}",
+                              f"{key}.{k}")
+        if k in RANK_KEYS:
+            low = 0 if fields[k].default == 0 else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"{key}.{k}: {v!r} is not an integer >= {low} (a {ptype} "
+                                  "rank)", f"{key}.{k}")
+    try:
+        _build_config(ptype, kwargs)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        # the key PEFT's message names first (`k`, "k (value)", " k ")
+        hits = [(i, k) for k in kwargs for form in (f"`{k}`", f" {k} ", f"{k} (")
+                if (i := f" {msg}".find(form)) >= 0]
+        named = min(hits)[1] if hits else None
+        where = f"{key}.{named}" if named else key
+        raise ConfigError(f"{where}: PEFT's {cls.__name__} refuses it: {msg}", where) from e
+    return {"type": ptype.lower(), "peft_type": ptype, **kwargs}
+
+
+def _build_config(ptype: str, kwargs: dict, total_steps: int | None = None):
+    """PEFT's config object of type ``ptype`` with ``kwargs`` (head in ``modules_to_save``);
+    AdaLoRA without ``total_step`` gets ``total_steps`` (or a placeholder its step hook
+    replaces with the job's)."""
+    import warnings
+
+    kw = dict(kwargs)
+    if ptype == "ADALORA" and "total_step" not in kw:
+        kw["total_step"] = total_steps or TOTAL_STEP_PLACEHOLDER
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _config_class(ptype)(**kw, modules_to_save=[HEAD_MODULE])
+
+
+def _adalora_step(model, step: int, total_steps: int | None) -> None:
+    """AdaLoRA (Zhang et al., 2023): after each optimizer step, before gradients are
+    cleared, the rank allocator scores each singular value's importance from
+    ``p * p.grad`` and masks the least important to the budget of step ``step``; the budget
+    schedule runs over the job's ``total_steps`` (unless the method set ``total_step``)."""
+    base = model.base_model  # PEFT's AdaLoraModel (model: the PeftModel)
+    cfg = base.peft_config[base.trainable_adapter_name]
+    if total_steps and cfg.total_step == TOTAL_STEP_PLACEHOLDER:
+        base.rankallocator.set_total_step(int(total_steps))
+    base.update_and_allocate(step)
+
+
+STEP_HOOKS = {"ADALORA": _adalora_step}
+
+
+def step_hook_of(model):
+    """The step hook (:attr:`Method.step_hook`) of a PEFT-wrapped ``model``'s active
+    adapter type, or None (no adapter, or a type without one)."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return None
+    cfg = configs.get(getattr(model, "active_adapter", None)) or next(iter(configs.values()))
+    ptype = getattr(cfg, "peft_type", None)
+    return STEP_HOOKS.get(str(getattr(ptype, "value", ptype) or "").upper())
+
+
 def _modules(value: Any, key: str) -> list[str] | str:
     if value == "all-linear":
         return value
@@ -236,6 +435,7 @@ def method_from_def(name: str, spec: Any, cfg=None, key: str | None = None) -> M
     """Validate one definition (``{family, peft, description}``) into a :class:`Method`;
     errors name ``key`` (``method_defs.<name>`` by default)."""
     key = key or f"method_defs.{name}"
+    spec = _canonical(spec)
     if not isinstance(spec, dict):
         raise ConfigError(f"{key}: expected a mapping with family (one of "
                           f"{', '.join(FAMILIES)}) and, for peft, peft: {{...}}; got {spec!r}",
@@ -262,8 +462,24 @@ def method_from_def(name: str, spec: Any, cfg=None, key: str | None = None) -> M
     return Method(name, family, peft, str(spec.get("description", "")))
 
 
+def _canonical(spec: Any) -> Any:
+    """A method entry in the ``{family, peft, description, search}`` form: an entry that is
+    a PEFT config itself (``{peft_type: LOHA, r: 8, description: ...}``) or the path of an
+    ``adapter_config.json`` is a ``peft`` method of that config."""
+    if isinstance(spec, str):
+        return {"family": "peft", "peft": spec}
+    if isinstance(spec, dict) and "peft_type" in spec and "family" not in spec:
+        own = ("description", "search")
+        return {"family": "peft", **{k: spec[k] for k in own if k in spec},
+                "peft": {k: v for k, v in spec.items() if k not in own}}
+    return spec
+
+
 def _inherits(spec: dict) -> list[str]:
+    spec = _canonical(spec)
     peft = spec.get("peft") or {}
+    if not isinstance(peft, dict) or "peft_type" in peft:  # PEFT's own form inherits nothing
+        return []
     if not lora_type(spec.get("family"), peft):
         return []
     return [k for k in SEARCH_LORA_KEYS if k not in peft]
@@ -301,7 +517,7 @@ def inherited_lora_keys(name: str, cfg) -> list[str]:
 
 def space_overrides(name: str, cfg) -> dict[str, tuple]:
     """``method_defs.<name>.search`` as search dimensions ``{name: (kind, *args)}``."""
-    space = registry(getattr(cfg, "method_defs", None))[name].get("search") or {}
+    space = _canonical(registry(getattr(cfg, "method_defs", None))[name]).get("search") or {}
     return {k: (v[0], v[1]) if v[0] == "categorical" else (v[0], *map(float, v[1:]))
             for k, v in space.items()}
 
@@ -346,6 +562,9 @@ def validate_methods(cfg) -> None:
 def peft_config(method: Method):
     """The PEFT config object of a ``peft`` method (head in ``modules_to_save``)."""
     p = method.peft
+    if "peft_type" in p:  # PEFT's own form: its config class with its keyword arguments
+        return _build_config(p["peft_type"], {k: v for k, v in p.items()
+                                              if k not in ("type", "peft_type")})
     if p["type"] == "ia3":
         from peft import IA3Config
 

@@ -147,6 +147,7 @@ class _Loop:
         if step.optimizer_note and rank_zero():
             log.info(f"{opts['desc']}: {step.optimizer_note}")
         self.sched, total = _cosine_schedule(step.opt, len(train_enc), tc)
+        step.total_steps = total  # a method's step hook runs over it (AdaLoRA's budget)
         self.rank, self.world = dist_info()
         self.best_state, self.bad = None, 0
         res.eval_every = eval_interval(len(train_enc), tc)

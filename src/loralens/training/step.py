@@ -13,7 +13,13 @@ and returns a :class:`TrainStep`:
   LoRA+'s faster B matrices, the classification head at ``train.lr_head`` where it is set;
 * the step itself: :meth:`TrainStep.forward_backward` (forward, loss, backward of one
   micro-batch) and :meth:`TrainStep.optimizer_step` (gradients to the masters, clipping,
-  the optimizer, masters back to the model, the schedule, zeroed gradients).
+  the optimizer, masters back to the model, the method's step hook, the schedule, zeroed
+  gradients).
+
+A PEFT method whose tuner needs a call after each optimizer step (AdaLoRA's rank
+allocation) declares it in the method registry (``Method.step_hook``, found from the model
+by ``methods.step_hook_of``); :meth:`TrainStep.optimizer_step` calls it with the steps taken
+and ``TrainStep.total_steps``, the job's optimizer steps, which the loop sets.
 
 The loop adds what spans steps (the schedule, accumulation, early stopping, data
 parallel); the dry run (``loralens.study.plan.measure``) times a few of these steps.
@@ -29,7 +35,7 @@ import torch
 from torch import nn
 
 from loralens.core.config import TrainConfig
-from loralens.models.methods import head_groups, loraplus_groups
+from loralens.models.methods import head_groups, loraplus_groups, step_hook_of
 from loralens.training import batches as B
 from loralens.training import precision as P
 from loralens.training.devices import make_optimizer, param_groups
@@ -77,6 +83,9 @@ class TrainStep:
     precision_note: str = ""
     optimizer_note: str = ""         # "" when there is nothing to say
     compiled: bool = False
+    step_hook: Callable | None = None  # the method's call after each optimizer step
+    total_steps: int | None = None   # the job's optimizer steps (the loop sets it; hooks read it)
+    steps_done: int = 0              # optimizer steps taken
 
     def forward_backward(self, b: B.Batch, weight: float = 1.0) -> float:
         """Forward and backward of one micro-batch, its loss scaled by ``weight`` (the
@@ -101,6 +110,9 @@ class TrainStep:
             nn.utils.clip_grad_norm_(self.mp.params, self.max_grad_norm)
         self.opt.step()
         self.mp.masters_to_model()
+        if self.step_hook is not None:  # before the gradients are cleared: AdaLoRA reads them
+            self.step_hook(self.model, self.steps_done, self.total_steps)
+        self.steps_done += 1
         if schedule is not None:
             schedule.step()
         self.opt.zero_grad(set_to_none=True)
@@ -141,4 +153,4 @@ def build_train_step(model: nn.Module, tc: TrainConfig, lr: float, method: str, 
     if checkpointing_on(tc, device):
         _enable_checkpointing(model)
     return TrainStep(model, step_model, mp, opt, device, dtype, tc.max_grad_norm, fpt,
-                     precision_note, optimizer_note, compiled)
+                     precision_note, optimizer_note, compiled, step_hook_of(model))

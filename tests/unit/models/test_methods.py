@@ -169,7 +169,8 @@ def test_save_and_load_round_trip(tiny_backbone, tmp_path, method):
     want = evaluate(model, enc, EOS)["logits"]
     sub = "model" if method == "head" else "adapter"
     save_trained(model, method, tmp_path / sub)
-    card = (tmp_path / sub / "README.md").read_text().splitlines()[0]
+    card = next(line for line in (tmp_path / sub / "README.md").read_text().splitlines()
+                if line.startswith("# "))  # the title, after any metadata block
     assert card == ("# loralens fine-tuned model (head, full checkpoint)" if method == "head"
                     else f"# loralens PEFT adapter ({method})")
     got = evaluate(load_trained(tmp_path, copy.deepcopy(pristine), 2), enc, EOS)["logits"]
