@@ -3,8 +3,10 @@ prediction with any trained model, without serving.
 
 The model is a run directory's job (``--method``, ``--seed``; by default the LoRA model of
 the smallest seed, else the full one), a job directory, or an artifact directory (a PEFT
-adapter, whose base comes from ``base_model_name_or_path``, or a sequence-classification
-checkpoint), in either layout. Inputs are TSV (GLUE's files, test splits included), CSV or
+adapter, whose base is ``--model``, else ``base_model_name_or_path`` where that directory
+exists, else the hub id and revision its model card records; or a sequence-classification
+checkpoint), in either layout. An artifact's ``max_length`` is the one its card records
+(training's) unless ``--max-length`` says otherwise. Inputs are TSV (GLUE's files, test splits included), CSV or
 JSON lines with the task's text columns (GLUE's names or nyu-mll/glue's, e.g.
 ``sentence1``/``sentence2``), an ``index`` column kept when present. Each example is
 preprocessed as in training (fields stripped, pairs joined by EOS, truncated at
@@ -107,15 +109,22 @@ def read_inputs(path: str | Path, spec: TaskSpec) -> tuple[list[Any], list[tuple
 # --------------------------------------------------------------------------- models
 
 def load_model(target: str | Path, task: str, method: str | None = None,
-               seed: int | None = None, max_length: int | None = None) -> Loaded:
-    """The trained model ``target`` names, with its tokenizer and label names."""
+               seed: int | None = None, max_length: int | None = None,
+               model: str | None = None, revision: str | None = None) -> Loaded:
+    """The trained model ``target`` names, with its tokenizer and label names. An artifact's
+    ``max_length`` defaults to the one its card records (training's), else 384; a bare
+    adapter's base is ``model`` (``--model``), else the one it records
+    (:func:`loralens.models.adapter_base.adapter_base`)."""
+    from loralens.models.cards import read_record
+
     target, spec = Path(target), get_task(task)
     if RunDir(target).is_run_dir():
         return _from_run(target, spec, method, seed, max_length)
     for sub in (RunDir.job_adapter_dir(target), RunDir.job_model_dir(target)):  # a job dir
         if sub.is_dir():
             target = sub
-    return _from_artifact(target, spec, max_length or 384)
+    recorded = read_record(target).get("max_length")
+    return _from_artifact(target, spec, max_length or recorded or 384, model, revision)
 
 
 def _from_run(root: Path, spec: TaskSpec, method, seed, max_length) -> Loaded:
@@ -141,21 +150,24 @@ def _from_run(root: Path, spec: TaskSpec, method, seed, max_length) -> Loaded:
                   str(run.job_dir(*jobs[0])))
 
 
-def _from_artifact(path: Path, spec: TaskSpec, max_length: int) -> Loaded:
+def _from_artifact(path: Path, spec: TaskSpec, max_length: int, base_model: str | None = None,
+                   revision: str | None = None) -> Loaded:
+    from loralens.models.adapter_base import adapter_base
     from loralens.models.artifacts import is_adapter_dir, label_names, load_adapter, load_full
     from loralens.models.classifier import CausalLMClassifier
     from loralens.models.registry import ResolvedModel, load_backbone, load_tokenizer, resolve_model
 
     if is_adapter_dir(path):
-        base_ref = json.loads((path / "adapter_config.json").read_text()).get(
-            "base_model_name_or_path")
-        if not base_ref:
+        ref = adapter_base(path, base_model, revision)
+        if ref is None:
             raise PredictError(f"{path}: the adapter records no base model "
-                               "(base_model_name_or_path); give its run directory instead")
-        base = resolve_model(base_ref)
+                               "(base_model_name_or_path); give it with --model, or give "
+                               "its run directory instead")
+        base = resolve_model(ref.name)
         own = (path / "tokenizer_config.json").is_file()  # saved beside the adapter
-        tok = load_tokenizer(ResolvedModel(str(path), str(path), "") if own else base)
-        model = CausalLMClassifier(load_backbone(base), spec.num_labels)
+        tok = load_tokenizer(ResolvedModel(str(path), str(path), "") if own else base,
+                             revision=None if own else ref.revision)
+        model = CausalLMClassifier(load_backbone(base, revision=ref.revision), spec.num_labels)
         return Loaded(load_adapter(model, path), tok, spec.label_names, max_length, str(path))
     if not (path / "config.json").is_file():
         raise PredictError(f"{path}: neither a run directory, a job directory, a PEFT adapter "
@@ -201,14 +213,15 @@ def render(indices, probs: np.ndarray, names: Sequence[str], fmt: str) -> str:
 
 def predict_file(target, task: str, input_path, output_path, method: str | None = None,
                  seed: int | None = None, batch_size: int = 32,
-                 max_length: int | None = None) -> dict:
+                 max_length: int | None = None, model: str | None = None,
+                 revision: str | None = None) -> dict:
     """Predict every row of ``input_path`` into ``output_path``; returns a summary."""
     from loralens.core.files import atomic_write_text
 
     out = Path(output_path)
     fmt = _format(out)
     indices, texts = read_inputs(input_path, get_task(task))
-    loaded = load_model(target, task, method, seed, max_length)
+    loaded = load_model(target, task, method, seed, max_length, model, revision)
     probs = predict_texts(loaded, texts, batch_size)
     atomic_write_text(out, render(indices, probs, loaded.label_names, fmt))
     counts = np.bincount(probs.argmax(1), minlength=len(loaded.label_names))

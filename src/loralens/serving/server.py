@@ -469,7 +469,8 @@ def base_model_config(args, run_cfg=None, specs: Sequence[AdapterSpec] = ()):
     """The base model to serve (a ``ModelConfig``): the run's (name, revision,
     trust_remote_code) unless ``--model`` names another; without a run directory (bare
     adapter directories) and without ``--model``, the base the adapters record
-    (``base_model_name_or_path`` in ``adapter_config.json``: it must be the same for all),
+    (``base_model_name_or_path`` where that directory exists, else their card's base with its
+    revision: :func:`loralens.models.adapter_base.adapter_base`; it must be the same for all),
     else the default model; ``--revision`` and ``--trust-remote-code`` override."""
     from loralens.core.config import ModelConfig
 
@@ -477,31 +478,39 @@ def base_model_config(args, run_cfg=None, specs: Sequence[AdapterSpec] = ()):
     if run_cfg is None and not args.model:
         recorded = adapters_base(specs)
         if recorded:
-            mc = ModelConfig(name=recorded)
+            mc = ModelConfig(name=recorded.name, revision=recorded.revision)
     if args.model and args.model != mc.name:
         mc = ModelConfig(name=args.model)
     return dataclasses.replace(mc, revision=args.revision or mc.revision,
                                trust_remote_code=args.trust_remote_code or mc.trust_remote_code)
 
 
-def adapters_base(specs: Sequence[AdapterSpec]) -> str | None:
-    """The base model the adapter directories record (``base_model_name_or_path``), None
+def adapters_base(specs: Sequence[AdapterSpec]):
+    """The base model the adapter directories record (a ``BaseRef``: where
+    ``base_model_name_or_path`` exists, else their card's base, :func:`adapter_base`), None
     when none records one; :class:`AdapterError` when they record different bases (one
     server serves one base: name it with ``--model``)."""
-    bases: dict[str, list[str]] = {}
+    from loralens.models.adapter_base import adapter_base
+    from loralens.models.artifacts import ArtifactError
+
+    bases: dict[tuple, list[str]] = {}
+    refs = {}
     for s in specs:
-        cfg_path = Path(s.path) / "adapter_config.json"
         try:
-            ref = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
+            ref = adapter_base(s.path)
+        except ArtifactError as e:
+            raise AdapterError(str(e)) from None
         except (OSError, ValueError, AttributeError):
             continue
-        if isinstance(ref, str) and ref:
-            bases.setdefault(ref, []).append(s.name)
+        if ref is not None:
+            bases.setdefault((ref.name, ref.revision), []).append(s.name)
+            refs[(ref.name, ref.revision)] = ref
     if len(bases) > 1:
-        listed = "; ".join(f"{ref} ({', '.join(names)})" for ref, names in bases.items())
+        listed = "; ".join(f"{name}{f' (revision {rev})' if rev else ''} ({', '.join(names)})"
+                           for (name, rev), names in bases.items())
         raise AdapterError(f"the adapters record different base models: {listed}; one server "
                            "serves one base: name it with --model")
-    return next(iter(bases), None)
+    return next(iter(refs.values()), None)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -135,3 +135,34 @@ def test_predict_errors_name_the_file_and_line(run, tmp_path, capsys):
                    "--output", str(tmp_path / "o.jsonl")])
     assert rc == 2
     assert f"{bad}:2: empty or missing text in ['sentence1', 'sentence2']" in capsys.readouterr().err
+
+
+def test_exported_card_metadata_and_predict_reads_its_max_length(run, glue_dir, tmp_path):
+    """The exported card carries the Hub's metadata and the training max_length, which
+    predict uses when --max-length is not given (32 here; the old default 384 keeps more of
+    each RTE pair and gives other logits)."""
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "exported"
+    assert cli.main(["export", str(run.root), str(out), "--method", "lora"]) == 0
+    adapter = out / "rte" / "lora" / "seed42"
+    data = ModelCard.load(adapter / "README.md").data
+    assert (data.library_name, data.pipeline_tag, data.datasets) == (
+        "peft", "text-classification", ["nyu-mll/glue"])
+    metrics = json.loads(run.metrics_path("rte", "lora", 42).read_text())["validation"]
+    assert [(r.metric_type, r.metric_value, r.dataset_config, r.dataset_split)
+            for r in data.eval_results] == [("accuracy", metrics["accuracy"], "rte",
+                                             "validation"),
+                                            ("f1", metrics["f1"], "rte", "validation")]
+    assert data.to_dict()["loralens"]["max_length"] == MAX_LENGTH == 32
+    pred = tmp_path / "pred.jsonl"
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"sentence1": r["sentence1"], "sentence2": r["sentence2"]})
+                           + "\n" for r in dev_rows(glue_dir, 5)))
+    assert cli.main(["predict", str(adapter), "--task", "rte", "--input", str(dev),
+                     "--output", str(pred)]) == 0
+    got = [json.loads(line)["probabilities"]["entailment"]
+           for line in pred.read_text().splitlines()]
+    want = torch.softmax(torch.from_numpy(np.load(run.val_logits_path("rte", "lora", 42))[:5]),
+                         -1).numpy()[:, 0]
+    np.testing.assert_allclose(got, want, atol=1e-5)

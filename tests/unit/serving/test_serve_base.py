@@ -42,9 +42,24 @@ def serve(monkeypatch):
 
 
 def test_bare_adapters_serve_the_base_they_record(tmp_path, serve):
-    a = adapter_dir(tmp_path, "a", "/models/tinyllama-converted")
-    b = adapter_dir(tmp_path, "b", "/models/tinyllama-converted")
-    assert serve(a, b).name == "/models/tinyllama-converted"
+    base = tmp_path / "models" / "tinyllama-converted"
+    base.mkdir(parents=True)  # the recorded directory is used where it exists (issue 28.2)
+    a = adapter_dir(tmp_path, "a", str(base))
+    b = adapter_dir(tmp_path, "b", str(base))
+    assert serve(a, b).name == str(base)
+
+
+def test_a_recorded_directory_missing_here_falls_back_to_the_cards_base(tmp_path, serve):
+    from loralens.models.cards import write_card
+
+    a = adapter_dir(tmp_path, "a", "/elsewhere/converted")
+    write_card(tmp_path / "a", {"task": "rte", "method": "lora", "adapter": True,
+                                "base": "org/model", "base_revision": "r1"})
+    mc = serve(a)
+    assert (mc.name, mc.revision) == ("org/model", "r1")
+    b = adapter_dir(tmp_path, "b", "/elsewhere/converted")  # no card: nothing to fall back on
+    with pytest.raises(AdapterError, match="does not exist here .* give the base with --model"):
+        serve(b)
 
 
 def test_model_flag_overrides_what_the_adapters_record(tmp_path, serve):
