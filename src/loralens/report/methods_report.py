@@ -231,7 +231,8 @@ def _weight_rows(d: RunData, forgetting: bool) -> tuple[dict, list[list[str]]]:
         else:
             cells = ["not tested", DASH, DASH, DASH]
         fmt = (lambda v: f"{v:+.4f}") if forgetting else g
-        lead = [] if forgetting else [WEIGHT_NAMES.get(r["measure"], r["measure"])]
+        lead = [] if forgetting else [WEIGHT_NAMES.get(r["measure"], r["measure"]) + (
+            f", on {r['matrix_set']}" if r.get("matrix_set") else "")]  # the compared set
         out.append([r["task"], *lead, method_label(r["method"]), str(r.get("n", DASH)),
                     pm(r.get("mean"), r.get("sd"), fmt), *cells])
     return res, out

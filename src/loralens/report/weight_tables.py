@@ -30,14 +30,29 @@ def weight_data(d: RunData) -> dict:
     return d.cache["weightspace"]
 
 
+def own_sets(d: RunData) -> dict[str, list[str]]:
+    """Method -> the matrices of its own set in layers.csv (group ``common``), sorted."""
+    out: dict[str, set] = {}
+    for r in weight_data(d)["layers"] or []:
+        if r.get("group") == "common":
+            out.setdefault(r["method"], set()).add(r["matrix"])
+    return {m: sorted(v) for m, v in out.items()}
+
+
 def matrices_note(d: RunData) -> str:
-    """Which matrices the tables compare, and which further ones full FT has in layers.csv."""
+    """Which matrices each method was analysed on, how comparisons pick theirs, and which
+    further ones full FT has in layers.csv."""
     rows = weight_data(d)["layers"] or []
-    common = sorted({r["matrix"] for r in rows if r.get("group") == "common"})
+    sets = own_sets(d)
     extra = sorted({r["matrix"] for r in rows if r.get("group") == "extra"})
     extra_layers = sorted({r["layer"] for r in rows if r.get("group") == "extra"})
-    text = (f"Matrices compared: {', '.join(common) or DASH} of every layer, for both methods "
-            "(the ones LoRA adapts, LoRA merged into the base weight first).")
+    order = [m for m in d.methods if m in sets] + sorted(set(sets) - set(d.methods))
+    per = "; ".join(f"{METHODS.get(m, m)}: {', '.join(sets[m])}" for m in order)
+    text = (f"Matrices analysed, of every layer, per method: {per or DASH} (each adapter "
+            "method on its own target matrices, merged into the base weight first; full "
+            "fine-tuning and head only on the union of the configured methods' targets). "
+            "A comparison uses the matrices both methods were analysed on (a method vs full "
+            "fine-tuning: the method's own set), named in each row's measure.")
     if extra:
         text += (f" Full fine-tuning changes every linear layer: {', '.join(extra)} are also "
                  f"analysed in layers {', '.join(map(str, extra_layers))} only (a cheap "
@@ -60,7 +75,8 @@ def table7(d: RunData) -> Table | None:
                 continue
             fmt = g
             test = c.get("test") or {}
-            label = name + (f", ε = {eps:g}" if key == "intruders" else "")
+            label = name + (f", ε = {eps:g}" if key == "intruders" else "") + (
+                f", on {e['matrix_set']}" if e.get("matrix_set") else "")
             rows.append([mark_task(d, e.get("task", DASH)), label,
                          pm(c["lora"].get("mean"), c["lora"].get("sd"), fmt),
                          pm(c["full"].get("mean"), c["full"].get("sd"), fmt),
@@ -89,13 +105,13 @@ def table7(d: RunData) -> Table | None:
 
 def table7b(d: RunData) -> Table | None:
     """Intruder dimensions over ε: per task and method, the mean over seeds of the count
-    summed over the compared matrices."""
+    summed over the method's own matrices (named in the Matrices column)."""
     rows_in = [r for r in weight_data(d)["layers"] or [] if r.get("group") == "common"]
     if not rows_in:
         return None
     eps = sorted({k[len("intruders_"):] for r in rows_in for k in r if k.startswith("intruders_")},
                  key=float)
-    rows = []
+    rows, sets = [], own_sets(d)
     for task in d.tasks:
         for m in d.methods:
             mine = [r for r in rows_in if r["task"] == task and r["method"] == m]
@@ -106,12 +122,14 @@ def table7b(d: RunData) -> Table | None:
             for e in eps:
                 totals = [sum(r[f"intruders_{e}"] for r in mine if r["seed"] == s) for s in seeds]
                 cells.append(g(sum(totals) / len(totals)))
-            rows.append([task, METHODS.get(m, m), str(len(seeds)), *cells])
+            rows.append([task, METHODS.get(m, m), ", ".join(sets.get(m, [])) or DASH,
+                         str(len(seeds)), *cells])
     return Table("table-7b-intruders", "Table 7b: intruder dimensions at each threshold ε",
-                 ["Task", "Method", "Seeds", *[f"ε = {e}" for e in eps]], rows,
+                 ["Task", "Method", "Matrices", "Seeds", *[f"ε = {e}" for e in eps]], rows,
                  notes=["Intruders among the top 10 left singular vectors, summed over the "
-                        "compared matrices of a model, mean over seeds. A larger ε counts more "
-                        "vectors as intruders (ε = 0.5: Table 7)."])
+                        "method's own matrices (the Matrices column: sums over different sets "
+                        "are not comparable across rows), mean over seeds. A larger ε counts "
+                        "more vectors as intruders (ε = 0.5: Table 7)."])
 
 
 def table8(d: RunData) -> Table | None:

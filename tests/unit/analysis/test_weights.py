@@ -212,3 +212,75 @@ def test_summary_tests_only_what_varies_and_pairs_by_seed():
     from scipy.stats import ttest_rel
     want = ttest_rel([0.11, 0.12, 0.13], [0.23, 0.26, 0.29]).pvalue
     assert ms["forgetting"]["test"]["p"] == pytest.approx(want)
+
+
+# --------------------------------------------------------------------------- own matrices
+
+def test_each_method_is_analysed_on_its_own_matrices():
+    """Issue 27.4a: IA3 adapts k, v and down, LoRA-all-linear every linear layer: each
+    method's own set, full fine-tuning (and head only) on the union of the configured
+    methods' targets; weights.matrices, where set, for every method alike."""
+    from loralens.analysis.weights.analyzer import method_matrices
+
+    cfg = load_config(overrides=["methods=[lora,ia3,full,head]"])
+    got = {m: method_matrices(cfg, m) for m in cfg.methods}
+    assert got == {"lora": ["q_proj", "v_proj"], "ia3": ["k_proj", "v_proj", "down_proj"],
+                   "full": ["q_proj", "v_proj", "k_proj", "down_proj"],
+                   "head": ["q_proj", "v_proj", "k_proj", "down_proj"]}
+    cfg = load_config(overrides=["methods=[lora,lora-all-linear,full]"])
+    assert [method_matrices(cfg, m) for m in cfg.methods] == [
+        ["q_proj", "v_proj"], "all-linear", "all-linear"]
+    cfg = load_config(overrides=["methods=[lora,full]"])  # the two-method study: q/v
+    assert method_matrices(cfg, "full") == ["q_proj", "v_proj"]
+    cfg = load_config(overrides=["methods=[ia3,full]", "weights.matrices=[o_proj]"])
+    assert [method_matrices(cfg, m) for m in cfg.methods] == [["o_proj"], ["o_proj"]]
+
+
+def test_ia3_and_all_linear_models_are_read_on_their_own_matrices(tiny_base):
+    # the tiny model: 2 layers, 7 linear layers each (q, k, v, o, gate, up, down)
+    cfg = load_config(overrides=["model.name=tiny-random",
+                                 "methods=[lora,ia3,lora-all-linear,full]"])
+    an = Analyzer(cfg, tiny_base)
+    for method, want in (("ia3", {"k_proj", "v_proj", "down_proj"}),
+                         ("lora-all-linear", {"q_proj", "k_proj", "v_proj", "o_proj",
+                                              "gate_proj", "up_proj", "down_proj"}),
+                         ("lora", {"q_proj", "v_proj"})):
+        model = apply_method(build_classifier(tiny_base.backbone(), 2, seed=0), method, cfg)
+        rows = an.analyze(backbone_of(model), method)
+        assert {r["matrix"] for r in rows} == want, method
+        assert len(rows) == 2 * len(want) and {r["group"] for r in rows} == {"common"}
+
+
+def _result(method, seed, rel):
+    """A model's weights JSON: rel_change per matrix (0 intruders; ranks fixed)."""
+    return {"task": "rte", "method": method, "seed": seed,
+            "matrices": [{"matrix": k, "layer": 0, "group": "common", "rel_change": v,
+                          "intruders": {"0.5": 1}, "effective_rank": 2.0, "rank90": 1}
+                         for k, v in rel.items()]}
+
+
+def test_a_method_is_compared_with_full_on_its_own_matrices(tmp_path):
+    from loralens.analysis.weights.analyzer import method_summary
+    from loralens.core.run_dir import RunDir
+
+    cfg = load_config(overrides=["methods=[ia3,full]", "tasks=[rte]", "seeds=[1,2,3]",
+                                 "weights.forgetting=false"])
+    # full changes q far more than k, v, down: over its own set (q, k, v, down) its mean is
+    # (1 + 3 x 0.1s) / 4; over IA3's set (k, v, down) it is 0.1 s
+    results = [_result("ia3", s, {"k_proj": 0.2 * s, "v_proj": 0.2 * s, "down_proj": 0.2 * s})
+               for s in (1, 2, 3)]
+    results += [_result("full", s, {"q_proj": 1.0, "k_proj": 0.1 * s, "v_proj": 0.1 * s,
+                                    "down_proj": 0.1 * s}) for s in (1, 2, 3)]
+    out = method_summary(cfg, RunDir(tmp_path / "run"), results)
+    rows = {(r["method"], r["measure"]): r for r in out["rows"]}
+    ia3, full = rows[("ia3", "rel_change")], rows[("full", "rel_change")]
+    assert ia3["matrix_set"] == "down_proj, k_proj, v_proj"
+    assert ia3["mean"] == pytest.approx(0.4)
+    assert full["matrix_set"] == "down_proj, k_proj, q_proj, v_proj"
+    assert full["mean"] == pytest.approx((1.0 + 3 * 0.2) / 4)  # its own row: its own set
+    # the test pairs IA3 (0.2 s) with full on IA3's matrices (0.1 s): differences 0.1 s
+    from scipy.stats import ttest_rel
+    want = ttest_rel([0.2, 0.4, 0.6], [0.1, 0.2, 0.3]).pvalue
+    assert ia3["test"]["p"] == pytest.approx(want)
+    # intruders: summed over the compared set: IA3 3 vs full 3 (not 4): zero spread
+    assert rows[("ia3", "intruders")]["test"]["zero_spread"]

@@ -6,12 +6,21 @@ For every finished (task, method, seed), the trained classifier is loaded throug
 each analysed matrix is compared with the base model's (:mod:`.weight_measures`,
 float64; the base's SVDs are computed once per process and reused by every model):
 
-- ``weights.matrices`` (default: ``lora.target_modules``, q_proj and v_proj) in every
-  layer, for both methods: the like-for-like comparison;
+- each method's own matrix set (:func:`method_matrices`) in every layer, marked ``group =
+  common`` (the name kept from when every method had the same set): a PEFT method's own
+  target modules (IA3: k, v and down; LoRA-all-linear: every linear layer of the blocks;
+  LoRA: ``lora.target_modules``, q and v by default); full fine-tuning and head-only on
+  the union of the configured methods' targets (so that each method can be compared with
+  full fine-tuning on its own set); ``weights.matrices``, where set, for every method
+  alike;
 - for full fine-tuning (a method that trains every parameter, ``Method.trains_all``),
   which changes every linear layer, also ``weights.full_extra``
   (k/o projections and the MLP) in ``weights.extra_layers`` evenly spaced layers: a
   cheap subset, marked ``group = extra`` and never mixed into the comparison.
+
+A comparison of two methods uses the matrices both analysed (a method against full
+fine-tuning: the method's own set, full fine-tuning restricted to it), and every summary
+row names that set (``matrix_set``).
 
 Forgetting (:mod:`.forgetting`) is measured on the same loaded model.
 
@@ -66,10 +75,11 @@ LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.+\.)?([A-Za-z0-9_]+)$")
 SUMMARY_EPSILON = 0.5  # the paper's and PEFT's threshold, used in the summary
 
 
-def settings(cfg: StudyConfig) -> dict:
+def settings(cfg: StudyConfig, method: str | None = None) -> dict:
     """What a model's results depend on besides its weights (a change redoes it)."""
     wc = cfg.weights
-    return {"format": FORMAT, "matrices": common_matrices(cfg), "full_extra": wc.full_extra,
+    mats = method_matrices(cfg, method) if method is not None else common_matrices(cfg)
+    return {"format": FORMAT, "matrices": mats, "full_extra": wc.full_extra,
             "extra_layers": wc.extra_layers, "top_k": wc.top_k,
             "forgetting": wc.forgetting and {
                 "text": wc.forgetting_text, "examples": wc.forgetting_examples,
@@ -77,7 +87,45 @@ def settings(cfg: StudyConfig) -> dict:
 
 
 def common_matrices(cfg: StudyConfig) -> list[str]:
+    """``weights.matrices`` where set, else ``lora.target_modules``: the study's LoRA's."""
     return list(cfg.weights.matrices or cfg.lora.target_modules)
+
+
+ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer of the blocks
+
+
+def _targets(cfg: StudyConfig, name: str) -> list[str] | str | None:
+    m = get_method(name, cfg)
+    t = m.peft.get("target_modules") if m.is_adapter else None
+    return t if t == ALL_LINEAR or not t else list(t)
+
+
+def union_matrices(cfg: StudyConfig) -> list[str] | str:
+    """Every configured PEFT method's target modules, in first-seen order (``all-linear``
+    if any method adapts every linear layer; ``lora.target_modules`` if none has targets):
+    the set full fine-tuning and head-only are analysed on."""
+    out: list[str] = []
+    for name in cfg.methods:
+        t = _targets(cfg, name)
+        if t == ALL_LINEAR:
+            return ALL_LINEAR
+        out += [x for x in t or [] if x not in out]
+    return out or list(cfg.lora.target_modules)
+
+
+def method_matrices(cfg: StudyConfig, method: str) -> list[str] | str:
+    """The matrix set analysed for ``method`` (a list of names, or ``all-linear``):
+    ``weights.matrices`` where set (every method alike); else a PEFT method's own target
+    modules; else (full fine-tuning, head only, a PEFT method without targets) the
+    union of the configured methods' (:func:`union_matrices`)."""
+    if cfg.weights.matrices:
+        return list(cfg.weights.matrices)
+    return _targets(cfg, method) or union_matrices(cfg)
+
+
+def matrix_set_label(names) -> str:
+    """A matrix set as rows show it: ``all linear layers`` or ``q_proj, v_proj``."""
+    return "all linear layers" if names == ALL_LINEAR else ", ".join(names)
 
 
 def spaced_layers(n_layers: int, count: int) -> list[int]:
@@ -96,9 +144,11 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return model.base_model  # a transformers PreTrainedModel: its base_model_prefix part
 
 
-def select_matrices(backbone: nn.Module, common: Sequence[str], extra: Sequence[str],
+def select_matrices(backbone: nn.Module, common: Sequence[str] | str, extra: Sequence[str],
                     extra_layers: int) -> list[tuple[str, int, str, str]]:
-    """(module name, layer, matrix, group) of every analysed linear layer, in model order."""
+    """(module name, layer, matrix, group) of every analysed linear layer, in model order
+    (``common``: the method's own set, ``all-linear`` for every linear layer of the
+    blocks)."""
     found = []
     for name, mod in backbone.named_modules():
         m = LAYER_RE.search(name)
@@ -106,6 +156,8 @@ def select_matrices(backbone: nn.Module, common: Sequence[str], extra: Sequence[
             found.append((name, int(m.group(1)), m.group(2)))
     n_layers = 1 + max((layer for _, layer, _ in found), default=-1)
     keep = set(spaced_layers(n_layers, extra_layers))
+    if common == ALL_LINEAR:
+        common = sorted({mat for _, _, mat in found})
     out = [(n, li, mat, "common") for n, li, mat in found if mat in common]
     out += [(n, li, mat, "extra") for n, li, mat in found
             if mat in extra and mat not in common and li in keep]
@@ -157,7 +209,8 @@ class Analyzer:
         """One row per analysed matrix of a loaded (merged) backbone."""
         wc = self.cfg.weights
         extra = wc.full_extra if get_method(method, self.cfg).trains_all else []
-        todo = select_matrices(backbone, common_matrices(self.cfg), extra, wc.extra_layers)
+        todo = select_matrices(backbone, method_matrices(self.cfg, method), extra,
+                               wc.extra_layers)
         mods = dict(backbone.named_modules())
         rows = []
         for name, layer, mat, group in tqdm(todo, desc=desc, disable=not progress, leave=False):
@@ -182,7 +235,7 @@ def is_done(run: RunDir, cfg: StudyConfig, task: str, method: str, seed: int) ->
         return False
     old = read_json(path)
     return (old.get("metrics_sha256") == job_fingerprint(run.job_dir(task, method, seed))
-            and old.get("settings") == _json_roundtrip(settings(cfg)))
+            and old.get("settings") == _json_roundtrip(settings(cfg, method)))
 
 
 def _json_roundtrip(obj):
@@ -196,11 +249,13 @@ def analyze_job(an: Analyzer, run: RunDir, task: str, method: str, seed: int,
     job_dir = run.job_dir(task, method, seed)
     model = load_trained(job_dir, an.base.backbone(), get_task(task).num_labels)
     backbone = backbone_of(model).eval()
+    mats = an.analyze(backbone, method, f"weights {task}/{method}-seed{seed}", progress)
     out = {"task": task, "method": method, "seed": seed,
-           "metrics_sha256": job_fingerprint(job_dir), "settings": settings(an.cfg),
+           "metrics_sha256": job_fingerprint(job_dir), "settings": settings(an.cfg, method),
            "model": an.base.name,
-           "matrices": an.analyze(backbone, method, f"weights {task}/{method}-seed{seed}",
-                                  progress)}
+           "matrix_set": matrix_set_label(method_matrices(an.cfg, method)),
+           "matrix_names": own_matrix_names({"matrices": mats}),
+           "matrices": mats}
     if an.cfg.weights.forgetting:
         reason = skip_reason(an.cfg.weights)  # no corpus here: the rest still runs
         if reason:
@@ -228,14 +283,24 @@ def layer_rows(results: Sequence[dict]) -> list[dict]:
     return rows
 
 
-def model_summary(r: dict) -> dict:
-    """One model's numbers over the common matrices (intruders summed; the rest averaged)."""
-    mats = [m for m in r["matrices"] if m["group"] == "common"]
+def own_matrix_names(r: dict) -> list[str]:
+    """The distinct matrix names of a model's own set (group ``common``), sorted."""
+    return sorted({m["matrix"] for m in r["matrices"] if m["group"] == "common"
+                   and m.get("matrix")})
+
+
+def model_summary(r: dict, only=None) -> dict:
+    """One model's numbers over its own matrices (intruders summed; the rest averaged),
+    or over those of them named in ``only`` (a comparison's shared set; None: all)."""
+    mats = [m for m in r["matrices"] if m["group"] == "common"
+            and (only is None or m.get("matrix") in only)]
     key = str(SUMMARY_EPSILON)
-    out = {"intruders": float(sum(m["intruders"][key] for m in mats)),
-           "rel_change": float(np.mean([m["rel_change"] for m in mats])),
-           "effective_rank": float(np.mean([m["effective_rank"] for m in mats])),
-           "rank90": float(np.mean([m["rank90"] for m in mats]))}
+    out = {}
+    if mats:
+        out = {"intruders": float(sum(m["intruders"][key] for m in mats)),
+               "rel_change": float(np.mean([m["rel_change"] for m in mats])),
+               "effective_rank": float(np.mean([m["effective_rank"] for m in mats])),
+               "rank90": float(np.mean([m["rank90"] for m in mats]))}
     if r.get("forgetting"):
         out["forgetting"] = r["forgetting"]["forgetting"]
     return out
@@ -254,14 +319,17 @@ def summarize(results: Sequence[dict], tasks: Sequence[str],
     is stated, not tested (``test``: ``tested`` False and ``by_construction``)."""
     cfg = cfg or StudyConfig(tasks=list(tasks))
     fams = weight_families(cfg)
-    per = {(r["task"], r["method"], r["seed"]): model_summary(r) for r in results}
+    names = _names(results)
     out: dict = {"epsilon": SUMMARY_EPSILON, "correction": cfg.stats.correction,
                  "n_tests": len(cfg.tasks), "families": {k: f.to_dict() for k, f in fams.items()},
                  "stated_not_tested": [w for f in fams.values() for w in f.stated],
                  "tasks": []}
     tests: dict[str, dict[str, dict]] = {}
     for task in tasks:
-        entry = {"task": task, "measures": {}}
+        only = _shared(names, task, *PAIR)
+        entry = {"task": task, "measures": {}, "matrix_set": _label(only)}
+        per = {(r["task"], r["method"], r["seed"]): model_summary(r, only)
+               for r in results if r["task"] == task}
         for measure in MEASURES:
             vals = {m: {s: v[measure] for (t, mm, s), v in per.items()
                         if t == task and mm == m and measure in v} for m in PAIR}
@@ -283,6 +351,28 @@ def summarize(results: Sequence[dict], tasks: Sequence[str],
     for measure, group in tests.items():
         apply_family(fams[measure], group)
     return out
+
+
+def _names(results: Sequence[dict]) -> dict[tuple[str, str], set[str]]:
+    """(task, method) -> the matrix names of its own set, over its seeds."""
+    out: dict = {}
+    for r in results:
+        out.setdefault((r["task"], r["method"]), set()).update(own_matrix_names(r))
+    return out
+
+
+def _shared(names: dict, task: str, method: str, reference: str) -> set[str] | None:
+    """The matrices a comparison of ``method`` with ``reference`` uses: those both
+    analysed (a method vs full fine-tuning: the method's own set). None where either's
+    names are unknown (results written before matrix names were recorded): every matrix."""
+    a, b = names.get((task, method)), names.get((task, reference))
+    if not a or not b:
+        return a or b or None
+    return a & b
+
+
+def _label(only: set[str] | None) -> str | None:
+    return ", ".join(sorted(only)) if only else None
 
 
 def _describe(values: list[float]) -> dict:
@@ -327,19 +417,25 @@ def method_summary(cfg, run: RunDir, results: Sequence[dict]) -> dict:
     effective rank and rank90 cannot exceed r."""
     ref = cfg.reference_method
     fams = method_weight_families(cfg)
-    per = {(r["task"], r["method"], r["seed"]): model_summary(r) for r in results}
+    names = _names(results)
     rows, tests = [], {}
     for task in cfg.tasks:
         for measure in MEASURES:
-            vals = {m: {s: v[measure] for (t, mm, s), v in per.items()
-                        if t == task and mm == m and measure in v} for m in cfg.methods}
             for m in cfg.methods:
+                # the method and the reference on the matrices both analysed (vs full
+                # fine-tuning: the method's own set); the reference's own row: its own set
+                only = names.get((task, m)) if m == ref else _shared(names, task, m, ref)
+                vals = {mm: {r["seed"]: v[measure] for r in results
+                             if r["task"] == task and r["method"] == mm
+                             for v in [model_summary(r, only)] if measure in v}
+                        for mm in (m, ref)}
                 if not vals[m]:
                     continue
-                seeds = sorted(set(vals[m]) & set(vals.get(ref, {})))
+                seeds = sorted(set(vals[m]) & set(vals[ref]))
                 family = get_method(m, cfg).family
                 row = {"task": task, "measure": measure, "method": m, "family": family,
-                       "reference": ref, **_describe(list(vals[m].values())),
+                       "reference": ref, "matrix_set": _label(only),
+                       **_describe(list(vals[m].values())),
                        "per_seed": {str(s): vals[m][s] for s in sorted(vals[m])},
                        "test": None}
                 why = None if m == ref else by_construction(cfg, m, measure)

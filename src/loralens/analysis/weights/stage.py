@@ -30,8 +30,9 @@ def run_weights(ctx) -> bool:
         r = analyze_job(state["an"], ctx.run, p["task"], p["method"], p["seed"], ctx.progress)
         s = model_summary(r)
         log.info(f"weights {p['task']}/{p['method']}-seed{p['seed']}: {len(r['matrices'])} "
-                 f"matrices, intruders (eps {SUMMARY_EPSILON:g}, common) {s['intruders']:g}, "
-                 f"|dW|/|W0| {s['rel_change']:.3g}"
+                 f"matrices, own set {r['matrix_set']}: intruders (eps {SUMMARY_EPSILON:g}) "
+                 f"{s.get('intruders', float('nan')):g}, "
+                 f"|dW|/|W0| {s.get('rel_change', float('nan')):.3g}"
                  + (f", forgetting {s['forgetting']:+.4f} nats/token" if "forgetting" in s
                     else "")
                  + f" ({r['seconds']:.1f} s)")
