@@ -245,9 +245,10 @@ class DriftConfig(_Validated):
 @dataclass
 class WeightsConfig(_Validated):
     section: ClassVar[str] = "weights"
-    matrices: list[str] = _f(factory=list, doc="matrices analysed in every model, for both "
-                                               "methods ([] = lora.target_modules, the ones "
-                                               "LoRA adapts)")
+    matrices: list[str] = _f(factory=list, doc="matrices analysed in every model, for every "
+                                               "method alike ([] = each method's own target "
+                                               "modules; full fine-tuning and head only: "
+                                               "their union)")
     full_extra: list[str] = _f(factory=lambda: ["k_proj", "o_proj", "gate_proj", "up_proj",
                                                 "down_proj"],
                                doc="full fine-tuning only: further matrices it changes, "
