@@ -61,3 +61,37 @@ def test_drift_and_weights_of_four_methods_against_the_reference(tmp_path, glue_
     lora_vs_full = summary["tasks"][0]["measures"]["rel_change"]["test"]
     assert wrows[("rel_change", "lora")]["test"]["p"] == pytest.approx(lora_vs_full["p"])
     assert wrows[("rel_change", "dora")]["mean"] > 0
+
+
+NEW_PEFT = ("loha", "lokr", "oft", "vera", "adalora")
+
+
+def test_new_peft_methods_train_drift_weigh_and_report(tmp_path, glue_dir, tiny_base):
+    """LoHa, LoKr, OFT, VeRA and AdaLoRA (PEFT's own config classes) beside full fine-tuning
+    through train, extract, drift, weights and report: each has its adapter in PEFT's
+    layout, a drift row, a weight-space row (PEFT merges every one of them) and its display
+    name in the report."""
+    from loralens.models.methods import LABELS
+
+    run = RunDir(tmp_path / "run")
+    methods = ["full", *NEW_PEFT]
+    assert cli.main(["run", "--stages", "train,extract,drift,weights,report",
+                     "--run-dir", str(run.root), "--glue-dir", str(glue_dir), "--no-progress",
+                     *tiny("search.enabled=false"), "seeds=[42,7]", "extract.examples=12",
+                     "weights.forgetting_examples=4", f"methods=[{','.join(methods)}]"]) == 0
+    want_type = {"loha": "LOHA", "lokr": "LOKR", "oft": "OFT", "vera": "VERA",
+                 "adalora": "ADALORA"}
+    for m in NEW_PEFT:
+        adapters = [RunDir.job_adapter_dir(run.job_dir("rte", m, seed)) / "adapter_config.json"
+                    for seed in (42, 7)]
+        assert {json.loads(a.read_text())["peft_type"] for a in adapters} == {want_type[m]}
+    drift = {r["method"] for r in json.loads((run.drift_dir / "methods.json").read_text())["rows"]}
+    assert drift == set(methods)
+    w = json.loads(run.weightspace_path("methods.json").read_text())
+    rel = {r["method"]: r for r in w["rows"] if r["measure"] == "rel_change"}
+    assert set(rel) == set(methods)
+    for m in NEW_PEFT:
+        assert rel[m]["mean"] > 0, m  # a merged delta, not a skipped method
+    md = run.report_md.read_text()
+    for m in NEW_PEFT:
+        assert LABELS[m] in md, m

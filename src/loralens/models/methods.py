@@ -234,7 +234,7 @@ def _lora_section(cfg) -> dict:
             "target_modules": list(lc.target_modules)}
 
 
-def _check_peft(name: str, peft: Any, key: str, cfg) -> dict:
+def _check_peft(name: str, peft: Any, key: str, cfg, trusted: bool = False) -> dict:
     if isinstance(peft, str):
         peft = read_adapter_config(peft, key)
     if not isinstance(peft, dict):
@@ -242,6 +242,10 @@ def _check_peft(name: str, peft: Any, key: str, cfg) -> dict:
                           f"<any PEFT type>, ...) or an adapter_config.json path, got {peft!r}",
                           key)
     if "peft_type" in peft:
+        if trusted:
+            # built-ins are tested; validating them would import PEFT (and torch) on every
+            # config load
+            return {"type": str(peft["peft_type"]).lower(), **peft}
         return _check_peft_native(peft, key)
     kind = peft.get("type", "lora")
     if kind not in PEFT_TYPES:
@@ -434,6 +438,7 @@ def _modules(value: Any, key: str) -> list[str] | str:
 def method_from_def(name: str, spec: Any, cfg=None, key: str | None = None) -> Method:
     """Validate one definition (``{family, peft, description}``) into a :class:`Method`;
     errors name ``key`` (``method_defs.<name>`` by default)."""
+    trusted = key is None and spec is BUILTIN.get(name)  # a built-in, as get_method passes it
     key = key or f"method_defs.{name}"
     spec = _canonical(spec)
     if not isinstance(spec, dict):
@@ -452,7 +457,7 @@ def method_from_def(name: str, spec: Any, cfg=None, key: str | None = None) -> M
         if "peft" not in spec:
             raise ConfigError(f"{key}.peft: a peft method needs its PEFT config "
                               "(e.g. {type: lora, r: 16})", f"{key}.peft")
-        peft = _check_peft(name, spec["peft"], f"{key}.peft", cfg)
+        peft = _check_peft(name, spec["peft"], f"{key}.peft", cfg, trusted)
     elif "peft" in spec:
         raise ConfigError(f"{key}.peft: a {family} method takes no PEFT config", f"{key}.peft")
     else:

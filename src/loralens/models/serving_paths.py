@@ -52,7 +52,9 @@ def lean_inexact(method: Method) -> str | None:
         return f"a {method.family} model has no adapter: served as a whole model"
     p = method.peft
     if not method.is_lora_type:
-        return f"{str(p.get('type')).upper()} is not LoRA: it rescales activations"
+        how = ("it rescales activations" if method.peft_type == "IA3" else
+               "the lean runtime computes W x + s B A x only (served through PEFT and merged)")
+        return f"{method.peft_type} is not LoRA: {how}"
     if p.get("use_dora"):
         return ("DoRA rescales each weight column by a learned magnitude over ||W + s B A||, "
                 "not W x + s B A x")

@@ -109,7 +109,9 @@ class LoraAdapter:
         """From a PEFT adapter state dict (as saved) and its config dict."""
         peft_type = config.get("peft_type", "LORA")
         if str(getattr(peft_type, "value", peft_type)).upper() != "LORA":
-            raise ValueError(f"{source}: peft_type {config.get('peft_type')!r} is not LORA")
+            raise ValueError(f"{source}: peft_type {config.get('peft_type')!r} is not LORA: the "
+                             "lean runtime serves LoRA only; serve this adapter through PEFT "
+                             "(--backend peft) or merged (--backend merged)")
         for key, default in _UNSUPPORTED.items():
             value = config.get(key, default)
             if value not in (default, None, False, {}, []):

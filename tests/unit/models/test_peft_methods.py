@@ -157,3 +157,46 @@ def test_weight_delta_skip_says_why_for_prompt_learning_only():
         "PROMPT_TUNING is prompt learning (virtual tokens)")
     for name in ("lora", "ia3", "loha", "lokr", "oft", "vera", "adalora", "full", "head"):
         assert get_method(name).weight_delta_skip is None, name
+
+
+def test_the_docs_peft_type_example_is_a_valid_config(tmp_path):
+    """docs/tasks-and-methods.md's example, its adapter_config.json path pointed at a file."""
+    from pathlib import Path
+
+    import yaml
+
+    from loralens.core.config import merge
+    from loralens.study.config import check_config
+
+    text = (Path(__file__).resolve().parents[3] / "docs" / "tasks-and-methods.md").read_text()
+    start = text.index("methods: [full, lora, loha, mine, theirs]")
+    data = yaml.safe_load(text[start:text.index("```", start)])
+    assert data["method_defs"]["theirs"] == "path/to/adapter_config.json"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "IA3", "target_modules": ["k_proj"], "feedforward_modules": []}))
+    data["method_defs"]["theirs"] = str(tmp_path / "adapter_config.json")
+    cfg = check_config(merge(StudyConfig, StudyConfig(), data))
+    assert get_method("mine", cfg).peft["n_frequency"] == 1000
+    assert get_method("boft", cfg).peft_type == "BOFT"
+    assert get_method("theirs", cfg).peft == {"type": "ia3", "peft_type": "IA3",
+                                              "target_modules": ["k_proj"],
+                                              "feedforward_modules": []}
+
+
+def test_bench_serves_the_new_methods_through_peft_and_merged_only(tmp_path):
+    """The lean runtime stays LoRA-only: the new methods are served through PEFT and merged,
+    and the runtime refuses their adapters naming the backends that serve them."""
+    from loralens.models.serving_paths import lean_inexact, serving_kinds
+    from loralens.serving.runtime import LoraAdapter
+
+    for m in NEW:
+        assert serving_kinds(get_method(m)) == {f"{m}_merged": "merged", f"{m}_separate": "PEFT"}
+        assert lean_inexact(get_method(m)) == (
+            f"{NEW[m][0]} is not LoRA: the lean runtime computes W x + s B A x only "
+            "(served through PEFT and merged)")
+    assert lean_inexact(get_method("ia3")) == "IA3 is not LoRA: it rescales activations"
+    with pytest.raises(ValueError) as e:
+        LoraAdapter.from_state({}, {"peft_type": "LOHA"}, source="x")
+    assert str(e.value) == ("x: peft_type 'LOHA' is not LORA: the lean runtime serves LoRA "
+                            "only; serve this adapter through PEFT (--backend peft) or merged "
+                            "(--backend merged)")
