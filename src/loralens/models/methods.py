@@ -168,7 +168,8 @@ class Method:
         """Why the weights stage has no weight delta of this method to analyse, or None
         where it has one (full fine-tuning; the head's zero; a PEFT method whose adapter
         PEFT merges into the base weights: LoRA and its variants, IA3, LoHa, LoKr, OFT,
-        VeRA, AdaLoRA, ...). Prompt-learning methods add virtual tokens, no delta."""
+        VeRA, AdaLoRA, ...). Prompt-learning methods add virtual tokens, no delta (their
+        entries are refused today; a method recorded by a run is read as it was)."""
         if not self.is_adapter:
             return None
         from peft import PromptLearningConfig
@@ -354,6 +355,14 @@ def _check_peft_native(peft: dict, key: str) -> dict:
     if cls is None:
         raise ConfigError(f"{key}.peft_type: {peft['peft_type']!r} is not a PEFT type; known: "
                           f"{', '.join(sorted(_peft_types()))}", f"{key}.peft_type")
+    from peft import PromptLearningConfig
+
+    if issubclass(cls, PromptLearningConfig):
+        raise ConfigError(f"{key}.peft_type: {ptype} is prompt learning (virtual tokens before "
+                          "the input), which PEFT wraps per task type around a transformers "
+                          "model: loralens's classifier pools the last real token of its own "
+                          "input and takes adapters that change the layers (LoRA, LoHa, LoKr, "
+                          "OFT, BOFT, VeRA, AdaLoRA, FourierFT, IA3, ...)", f"{key}.peft_type")
     kwargs = {k: v for k, v in peft.items() if k not in ("peft_type", "type")}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k, v in kwargs.items():

@@ -150,10 +150,17 @@ def test_a_peft_type_lora_entry_is_lora_type_and_inherits_nothing():
     assert (pc.r, pc.lora_alpha, set(pc.target_modules)) == (4, 4, {"q_proj"})
 
 
-def test_weight_delta_skip_says_why_for_prompt_learning_only():
-    cfg = load_config(overrides=["method_defs={prompt: {peft_type: PROMPT_TUNING, "
-                                 "num_virtual_tokens: 4}}"])
-    assert get_method("prompt", cfg).weight_delta_skip.startswith(
+def test_prompt_learning_is_refused_and_has_no_weight_delta():
+    from loralens.models.methods import Method
+
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["method_defs={prompt: {peft_type: PROMPT_TUNING, "
+                               "num_virtual_tokens: 4}}"])
+    assert e.value.key == "method_defs.prompt.peft.peft_type"
+    assert str(e.value).startswith("method_defs.prompt.peft.peft_type: PROMPT_TUNING is "
+                                   "prompt learning (virtual tokens before the input)")
+    recorded = Method("prompt", "peft", {"type": "prompt_tuning", "peft_type": "PROMPT_TUNING"})
+    assert recorded.weight_delta_skip.startswith(
         "PROMPT_TUNING is prompt learning (virtual tokens)")
     for name in ("lora", "ia3", "loha", "lokr", "oft", "vera", "adalora", "full", "head"):
         assert get_method(name).weight_delta_skip is None, name
@@ -200,3 +207,26 @@ def test_bench_serves_the_new_methods_through_peft_and_merged_only(tmp_path):
     assert str(e.value) == ("x: peft_type 'LOHA' is not LORA: the lean runtime serves LoRA "
                             "only; serve this adapter through PEFT (--backend peft) or merged "
                             "(--backend merged)")
+
+
+@pytest.mark.parametrize("spec", [
+    "{peft_type: FOURIERFT, n_frequency: 100, target_modules: [q_proj]}",
+    "{peft_type: BOFT, boft_block_size: 8, target_modules: [q_proj]}"])
+def test_a_declared_peft_type_trains_and_round_trips(tiny_backbone, tmp_path, spec):
+    """A type no built-in uses, declared in method_defs, trains and PEFT's loader reads it."""
+    from peft import PeftModel
+
+    cfg = load_config(overrides=[f"method_defs={{mine: {spec}}}"])
+    pristine = copy.deepcopy(tiny_backbone)
+    model = apply_method(build_classifier(copy.deepcopy(tiny_backbone), 2, seed=0), "mine", cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    fit_tiny(model, tiny_encoded(), max_steps=2)
+    model.eval()
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters()
+               if n in before and ".score." not in n)
+    enc = tiny_encoded(8, seed=5)
+    want = torch.as_tensor(evaluate(model, enc, EOS)["logits"])
+    save_trained(model, "mine", tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(build_classifier(copy.deepcopy(pristine), 2, seed=9),
+                                       str(tmp_path / "adapter"))
+    assert torch.allclose(torch.as_tensor(evaluate(theirs, enc, EOS)["logits"]), want, atol=1e-6)
