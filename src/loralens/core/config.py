@@ -135,6 +135,12 @@ class TrainConfig(_Validated):
     gradient_checkpointing: str = _f("auto", choices=("auto", "on", "off"),
                                      doc="auto = on for a GPU")
     threads: int = _f(0, lo=0, doc="torch CPU threads (0 = torch's default)")
+    checkpoint_every: int = _f(500, lo=0, doc="write the job's resumable checkpoint every N "
+                                              "optimizer steps (0 = never); a killed job "
+                                              "resumes from it with the same final weights. "
+                                              "500: a paper-preset GPU job loses minutes, "
+                                              "not hours; CPU presets' jobs are shorter and "
+                                              "write none (docs/run-directory.md)")
     optimizer_full: str = _f("adamw", choices=("adamw", "adamw_8bit_paged", "auto"),
                              doc="full fine-tuning's optimizer: adamw (torch), adamw_8bit_paged "
                                  "(bitsandbytes, state paged to the CPU; needs a GPU) or auto "

@@ -125,6 +125,7 @@ def cadence_text(cfg: StudyConfig) -> str | None:
 OPERATIONAL = ("preset", "task_defs", "data.glue_dir", "search.storage",
                "search.heartbeat_interval", "search.grace_period", "search.max_retry",
                "train.threads", "train.compile", "train.eval_batch_size", "extract.batch_size",
+               "train.checkpoint_every",  # where a killed job resumes from, not what it learns
                "weights.batch_size", "tracking", "run")
 # Keys the protocol rows above state (against the published study, not the preset)
 PROTOCOL_KEYS = ("data.selection", "data.selection_fraction", "data.selection_min",

@@ -101,7 +101,8 @@ class RunDir:
         models/<task>/<method>/seed<seed>/ adapter/ (a PEFT method's adapter, PEFT's layout)
                                            or model/ (a whole classifier), val_logits.npy,
                                            metrics.json (written last: its presence marks
-                                           the job finished)
+                                           the job finished); checkpoint.safetensors
+                                           while it trains (train.checkpoint_every)
         extract/<task>/                    manifest.json + one <method>-seed<seed>.npz per
                                            model (base.npz: the base model)
         drift/                             layers.*, table3.*, table4.*; methods.* (a study
@@ -184,6 +185,12 @@ class RunDir:
 
     def val_logits_path(self, task: str, method: str, seed: int) -> Path:
         return self.job_dir(task, method, seed) / "val_logits.npy"
+
+    def checkpoint_path(self, task: str, method: str, seed: int) -> Path:
+        """A running job's checkpoint (``train.checkpoint_every``: trained parameters,
+        optimizer, schedule, RNG states, data position, early stopping; one safetensors
+        file, written atomically); removed once the job finishes."""
+        return self.job_dir(task, method, seed) / "checkpoint.safetensors"
 
     def weights_dir(self, task: str, method: str, seed: int, adapter: bool | None = None
                     ) -> Path:

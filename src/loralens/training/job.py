@@ -24,6 +24,7 @@ from torch import nn
 from loralens.tasks import rows as D
 from loralens.tasks import sources as TS
 from loralens.training import batches as B
+from loralens.training import checkpoint as C
 from loralens.core.config import StudyConfig, TrainConfig
 from loralens.training.loop import device_of, dist_info, evaluate, fit
 from loralens.training.metrics import scores
@@ -146,8 +147,10 @@ def with_overrides(cfg: StudyConfig, overrides: dict | None) -> StudyConfig:
 
 
 def train_model(cfg: StudyConfig, prepared: Prepared, method: str, seed: int, base: Base,
-                progress: bool = True, desc: str | None = None, on_eval=None, on_step=None):
-    """Build, train and return (model, FitResult) for one method and seed."""
+                progress: bool = True, desc: str | None = None, on_eval=None, on_step=None,
+                checkpoint=None):
+    """Build, train and return (model, FitResult) for one method and seed (``checkpoint``:
+    the job's checkpoint file, ``loop.fit``'s, resumed from where it is this job's)."""
     tc = cfg.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if tc.threads:
@@ -160,7 +163,8 @@ def train_model(cfg: StudyConfig, prepared: Prepared, method: str, seed: int, ba
     fitres = fit(model, prepared.train, prepared.early_stop, prepared.pad_id, tc,
                  learning_rate(tc, method, kind), seed, group_by_length=cfg.data.group_by_length,
                  progress=progress, desc=desc or f"{prepared.task.name}/{method}/seed{seed}",
-                 on_eval=on_eval, method=kind, on_step=on_step, lr_ratio=meth.lr_ratio)
+                 on_eval=on_eval, method=kind, on_step=on_step, lr_ratio=meth.lr_ratio,
+                 checkpoint=checkpoint)
     return model, fitres
 
 
@@ -173,10 +177,15 @@ def train_job(cfg: StudyConfig, run: RunDir, task: str, method: str, seed: int, 
     A finished job (metrics.json present) is returned as it is unless ``overwrite``.
     ``overrides`` replaces hyperparameters (e.g. a search's best), as nested keys.
     Kill-safe: an overwritten job first loses its metrics.json (it is then unfinished),
-    weights and logits are written atomically, and metrics.json comes last.
+    weights and logits are written atomically, and metrics.json comes last. Resumable: the
+    fit checkpoints every ``train.checkpoint_every`` optimizer steps
+    (:meth:`RunDir.checkpoint_path`), a restarted job continues from its last checkpoint,
+    and the checkpoint is removed once metrics.json is written.
     """
     metrics_path = run.metrics_path(task, method, seed)
+    ckpt = run.checkpoint_path(task, method, seed)
     if metrics_path.is_file() and not overwrite:
+        C.remove(ckpt)  # a finished job's: left by a killed --overwrite of it
         return {**read_json(metrics_path), "skipped": True}
     base = base or load_base(cfg)
     prepared = prepared or prepare_task(cfg, task, base.tokenizer)
@@ -185,9 +194,11 @@ def train_job(cfg: StudyConfig, run: RunDir, task: str, method: str, seed: int, 
     try:
         model, fitres = train_model(jcfg, prepared, method, seed, base, progress,
                                     on_eval=tracker and tracker.on_eval,
-                                    on_step=tracker and tracker.on_step)
+                                    on_step=tracker and tracker.on_step, checkpoint=ckpt)
         metrics = _finish_job(jcfg, run, task, method, seed, prepared, base, model, fitres,
                               overrides)
+        if dist_info()[0] == 0:
+            C.remove(ckpt)  # metrics.json is written: the job is finished
     except BaseException:
         tracker and tracker.close(ok=False)
         raise

@@ -9,16 +9,24 @@ stopping on the selection rows' loss a few times per epoch with the best paramet
 restored, and FLOPs utilisation against peaks measured in this process (``flops.py``). Data parallel when ``torch.distributed`` is initialised (accelerate
 launch, torchrun): every rank takes its share of each global batch.
 
+Given a checkpoint file, ``fit`` writes it every ``train.checkpoint_every`` optimizer steps
+and, when it finds one of the same job, continues from it (``checkpoint.py``: parameters,
+optimizer, schedule, RNG states, the position in the data order, early stopping's state)
+to the same weights as an uninterrupted fit. Single-process fits only: a data-parallel
+fit's ranks hold different RNG states, so it trains without checkpoints.
+
 ``evaluate`` scores an encoded split in float32 unless told otherwise; reported scores
 always come from it in float32, after everything that selects.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loralens.training import batches as B
+from loralens.training import checkpoint as C
 from loralens.core.config import TrainConfig
 from loralens.training.metrics import scores
 from loralens.training.step import build_train_step, model_config, tokens_per_batch
@@ -118,9 +127,30 @@ class FitResult:
     peak_measurements: int = 0
     mfu: float = math.nan
     mfu_model_shapes: float = math.nan
+    resumed_at: list[int] = field(default_factory=list)  # steps resumed from a checkpoint at
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+# what a checkpoint carries of the FitResult: the progress so far (the rest is measured by
+# the process that finishes the fit)
+PROGRESS = ("history", "steps", "best_step", "best_val_loss", "stopped_early", "stopped_step",
+            "real_tokens", "padded_tokens", "final_train_loss", "epochs", "step_seconds",
+            "eval_seconds", "train_seconds", "resumed_at")
+
+
+@dataclass
+class Position:
+    """Where a fit stands at an optimizer-step boundary: the epoch, the next micro-batch of
+    its data order, optimizer steps taken in it, and the epoch's running loss sums."""
+
+    epoch: int
+    batch: int
+    step_in_epoch: int
+    loss_sum: float
+    rows: int
+    window: tuple[float, int]   # (loss_sum, rows) at the previous optimizer step
 
 
 
@@ -153,12 +183,27 @@ class _Loop:
         res.eval_every = eval_interval(len(train_enc), tc)
         self.bar = tqdm(total=total, desc=opts["desc"], unit="step", dynamic_ncols=True,
                         disable=not opts["progress"] or self.rank > 0)
+        self.start: Position | None = None   # where a resumed fit continues
+        self.seconds_before = 0.0            # train_seconds of the killed processes
+        self.ckpt = Path(opts["checkpoint"]) if opts.get("checkpoint") and tc.checkpoint_every \
+            else None
+        if self.ckpt is not None and self.world > 1:
+            log.info(f"{opts['desc']}: data parallel: no checkpoints (ranks differ in RNG state)")
+            self.ckpt = None
+        if self.ckpt is not None:
+            self.fingerprint = C.fingerprint(tc, lr, seed, opts, train_enc, early_stop_enc,
+                                             self.trained(), step.opt)
+            self.resume()
+
+    def trained(self) -> dict[str, torch.Tensor]:
+        """The trained parameters (float32 masters where there are) by name, not copied."""
+        return {self.mp.names[id(q)]: q.detach() for q in self.mp.params}
 
     def run(self) -> FitResult:
         res, tc = self.res, self.tc
-        t0 = time.perf_counter()
+        self.t0 = t0 = time.perf_counter()
         self.model.train()
-        for epoch in range(tc.epochs):
+        for epoch in range(self.start.epoch if self.start else 0, tc.epochs):
             stop = self.epoch(epoch)
             if (self.opts["stop_below_train_loss"] is not None
                     and res.final_train_loss < self.opts["stop_below_train_loss"]):
@@ -168,7 +213,7 @@ class _Loop:
             if stop:
                 break
         self.bar.close()
-        res.train_seconds = time.perf_counter() - t0
+        res.train_seconds = self.seconds_before + time.perf_counter() - t0
         if self.best_state is not None:
             self.mp.restore(self.best_state)
         self.step.finish()  # float32 again: reported scores, extraction and saving read float32
@@ -185,7 +230,15 @@ class _Loop:
         local = [b[self.rank::self.world] for b in batches] if self.world > 1 else batches
         loss_sum, rows, step_in_epoch, stop = 0.0, 0, 0, False
         window = (0.0, 0)  # (loss_sum, rows) at the previous optimizer step
+        first = 0
+        if self.start is not None:  # resumed: this epoch's order, from the checkpoint's batch
+            start, self.start = self.start, None
+            first, step_in_epoch, loss_sum, rows = (start.batch, start.step_in_epoch,
+                                                    start.loss_sum, start.rows)
+            window = tuple(start.window)
         for i, idx in enumerate(local):
+            if i < first:
+                continue
             if len(idx):
                 # weight = rows / rows of the accumulation window (all ranks): exact mean
                 weight = len(idx) / _accum_rows(batches, i, tc.grad_accum)
@@ -208,11 +261,64 @@ class _Loop:
             if stop or (tc.max_steps and res.steps >= tc.max_steps):
                 stop = True
                 break
+            if self.ckpt is not None and res.steps % tc.checkpoint_every == 0:
+                self.save_checkpoint(Position(epoch, i + 1, step_in_epoch, loss_sum, rows,
+                                              window))
         if self.world > 1:
             loss_sum, rows = _all_reduce_sum([loss_sum, float(rows)])
         res.final_train_loss = loss_sum / max(rows, 1)
         res.epochs = epoch + 1
         return stop
+
+    def save_checkpoint(self, pos: Position) -> None:
+        """Write the checkpoint (``checkpoint.py``) at an optimizer-step boundary."""
+        res, t = self.res, time.perf_counter()
+        opt_tensors, opt_meta = C.optimizer_state(self.step.opt)
+        rng_tensors, rng_meta = C.rng_state()
+        tensors = {"params": self.trained(), "optim": opt_tensors, "rng": rng_tensors}
+        if self.best_state is not None:
+            tensors["best"] = self.best_state
+        progress = {k: getattr(res, k) for k in PROGRESS}
+        progress["train_seconds"] = self.seconds_before + t - self.t0
+        meta = {"fingerprint": self.fingerprint, "position": asdict(pos), "bad": self.bad,
+                "result": json.loads(json.dumps(progress, default=_plain)),
+                "optim": json.loads(json.dumps(opt_meta, default=_plain)),
+                "schedule": json.loads(json.dumps(self.sched.state_dict(), default=_plain)),
+                "rng": rng_meta, "precision": res.precision}
+        C.write(self.ckpt, tensors, meta)
+        log.debug(f"{self.opts['desc']}: checkpoint at step {res.steps} "
+                  f"({time.perf_counter() - t:.2f} s): {self.ckpt}")
+
+    def resume(self) -> None:
+        """Continue from the checkpoint where there is one of this job (else start at 0)."""
+        loaded = C.read(self.ckpt)
+        if loaded is None:
+            return
+        res, meta = self.res, loaded.meta
+        differ = C.differences(meta.get("fingerprint", {}), self.fingerprint)
+        if differ:
+            log.warning(f"{self.opts['desc']}: checkpoint {self.ckpt} is of another "
+                        f"configuration ({', '.join(differ[:5])} differ); training starts at "
+                        "step 0")
+            return
+        self.mp.restore(loaded.tensors["params"])
+        C.load_optimizer_state(self.step.opt, loaded.tensors.get("optim", {}), meta["optim"])
+        self.sched.load_state_dict(meta["schedule"])
+        self.best_state = loaded.tensors.get("best")
+        self.bad = meta["bad"]
+        for k in PROGRESS:
+            setattr(res, k, meta["result"][k])
+        self.seconds_before = res.train_seconds
+        self.start = Position(**meta["position"])
+        C.set_rng_state(loaded.tensors["rng"], meta["rng"])
+        self.step.steps_done = res.steps  # a method's step hook counts the steps taken
+        res.resumed_at.append(res.steps)
+        self.bar.update(res.steps)
+        note = ("" if meta.get("precision") == res.precision else
+                f" (it trained in {meta.get('precision')}, this process in {res.precision}: "
+                "the result can differ from an uninterrupted run's)")
+        log.info(f"{self.opts['desc']}: resuming from the checkpoint at step {res.steps}"
+                 f"{note}")
 
     def optimizer_step(self, running_loss: float, step_loss: float = math.nan) -> None:
         res = self.res
@@ -259,17 +365,22 @@ def fit(model: nn.Module, train_enc: B.Encoded, early_stop_enc: B.Encoded | None
         tc: TrainConfig, lr: float, seed: int, *, group_by_length: bool = True,
         stop_below_train_loss: float | None = None, pad_to: int | None = None,
         progress: bool = True, desc: str = "train", on_eval=None,
-        method: str = "lora", on_step=None, lr_ratio: float | None = None) -> FitResult:
+        method: str = "lora", on_step=None, lr_ratio: float | None = None,
+        checkpoint: Path | None = None) -> FitResult:
     """Train ``model`` in place; restore the parameters with the best selection loss.
 
     ``on_eval(entry)`` is called after each early-stopping evaluation (search pruning),
     ``on_step(step, loss, lr)`` after each optimizer step (experiment tracking).
     ``method`` picks the optimizer (``train.optimizer_full`` applies to ``full``);
     ``lr_ratio`` (LoRA+) trains LoRA's B matrices at ``lr_ratio * lr``.
+    ``checkpoint``: the job's checkpoint file, written every ``train.checkpoint_every``
+    optimizer steps and resumed from when it is this job's (None: no checkpoints); the
+    caller removes it once the job's results are safe.
     """
     opts = {"group_by_length": group_by_length, "stop_below_train_loss": stop_below_train_loss,
             "pad_to": pad_to, "progress": progress, "desc": desc, "on_eval": on_eval,
-            "method": method, "on_step": on_step, "lr_ratio": lr_ratio}
+            "method": method, "on_step": on_step, "lr_ratio": lr_ratio,
+            "checkpoint": checkpoint}
     return _Loop(model, train_enc, early_stop_enc, pad_id, tc, lr, seed, opts).run()
 
 
@@ -294,6 +405,13 @@ def _measure_peaks(model, dtype, device, train_enc, tc, res: FitResult,
                                             dtype, dev, max_age_s=max_age_s)
         res.peak_model_flops_per_s, res.peak_model_load = shaped.flops_per_s, shaped.load
     return res.peak_flops_per_s
+
+
+def _plain(obj):
+    """JSON for numpy scalars (``json.dumps``'s ``default``)."""
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def steps_per_epoch(n_rows: int, tc: TrainConfig) -> int:
