@@ -30,7 +30,9 @@ VOLATILE_DIRS = ("bench/", "report/", "loadtest/")
 
 VOLATILE_KEYS = ("time", "seconds", "latency", "per_s", "wall", "elapsed", "throughput",
                  "uptime", "date", "mfu", "precision_note",  # measured GFLOP/s
-                 "extracted_at", "metrics_sha256")  # the last: a hash of metrics.json (wall times)
+                 "extracted_at", "metrics_sha256",  # a hash of metrics.json (wall times)
+                 "resumed",  # fit.resumed_at: the steps this invocation resumed a killed job at
+                 "peak")  # fit.peak_*: this process's GEMM peaks and the load they met
 
 
 def start(args, run_dir, glue_dir) -> subprocess.Popen:

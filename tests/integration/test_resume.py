@@ -102,3 +102,34 @@ def test_sigkill_during_training_resumes(tmp_path, glue_dir):
     rows = sqlite3.connect(run / "jobs.db").execute(
         "SELECT key, status FROM loralens_jobs WHERE stage='train' ORDER BY key").fetchall()
     assert rows == [("rte/lora/seed1", "done"), ("rte/lora/seed2", "done")]
+
+
+# a job long enough to be killed between its checkpoints: 64 rows in batches of 2 for two
+# epochs (64 optimizer steps per job, a checkpoint after each), no search, one seed
+MID_JOB = ["search.enabled=false", "seeds=[42]", "methods=[lora,full]", "data.train_size=64",
+           "train.batch_size=2", "train.epochs=2", "train.patience=0",
+           "train.checkpoint_every=1"]
+
+
+def test_sigkill_mid_job_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, glue_dir):
+    """``loralens train`` SIGKILLed after the full fine-tuning job's first checkpoint: the
+    rerun keeps the finished LoRA job, continues the full one from its checkpoint (not from
+    step 0) and ends byte-identical to an uninterrupted run, its checkpoint removed."""
+    from tests.helpers.drills import assert_same_study, finish, start
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    finish(start(["train", *MID_JOB], ref, glue_dir))
+    ckpt = run / "models" / "rte" / "full" / "seed42" / "checkpoint.safetensors"
+    p = start(["train", *MID_JOB], run, glue_dir)
+    wait_for(ckpt.is_file, p, timeout=300, every=0.01)
+    kill(p)
+    assert ckpt.is_file() and not (ckpt.parent / "metrics.json").exists()  # killed mid-job
+    out = finish(start(["train", *MID_JOB], run, glue_dir))
+    assert "resuming from the checkpoint at step" in out
+    fit = json.loads((ckpt.parent / "metrics.json").read_text())["fit"]
+    assert len(fit["resumed_at"]) == 1 and 0 < fit["resumed_at"][0] < fit["steps"]
+    assert not list(run.glob("models/*/*/seed*/checkpoint.safetensors"))  # removed when done
+    for rel in ("models/rte/full/seed42/model/model.safetensors",
+                "models/rte/lora/seed42/adapter/adapter_model.safetensors"):
+        assert (run / rel).read_bytes() == (ref / rel).read_bytes(), rel
+    assert_same_study(ref, run)  # metrics, logits, cards: the same, wall times left out
