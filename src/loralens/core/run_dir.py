@@ -24,7 +24,10 @@ PACKAGES = ("loralens", "torch", "transformers", "peft", "datasets", "accelerate
 # Keys that may differ between the machines that share one run directory.
 # where this machine finds things or reports to, not what the study is
 MACHINE_LOCAL = {"data.glue_dir", "search.storage", "tracking.report_to", "tracking.experiment",
-                 "run.executor", "run.ray_address"}
+                 "run.executor", "run.ray_address",
+                 # how often a job checkpoints, not what it learns: a killed run may be
+                 # resumed with another interval
+                 "train.checkpoint_every"}
 # Config sections of how one invocation executes (config.RunConfig), not of the study:
 # never stored, never a difference (a Ray run and a local run give the same run directory)
 NOT_STORED = ("run",)

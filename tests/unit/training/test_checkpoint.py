@@ -282,3 +282,17 @@ def test_the_train_job_removes_its_checkpoint_when_finished(tmp_path, glue_dir, 
     path.write_bytes(b"old")
     assert cli.main(args) == 0
     assert not path.exists()
+
+
+def test_a_run_directory_may_be_resumed_with_another_checkpoint_interval(tmp_path):
+    """train.checkpoint_every says how often a job checkpoints, not what it learns: a
+    killed run rerun with another interval is the same study (another learning rate is not)."""
+    from loralens.core.config import merge
+    from loralens.core.errors import RunDirError
+    from loralens.core.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.bind_config(StudyConfig())
+    run.bind_config(merge(StudyConfig, StudyConfig(), {"train": {"checkpoint_every": 1}}))
+    with pytest.raises(RunDirError, match="train.lr_lora"):
+        run.bind_config(merge(StudyConfig, StudyConfig(), {"train": {"lr_lora": 1e-3}}))
