@@ -62,7 +62,7 @@ EXPECT = {
     "hpo": r"^search \w+/\w+: best \w+ [\d.]+ \(trial \d+\)",
     "train": r"^(skipped: )?\w+/\w+/seed\d+: accuracy [\d.]+",
     "extract": r"^extract \w+/[\w-]+: \d+ examples -> ",
-    "drift": r"^drift \w+ \(1 - CKA over states \d+(–\d+)?[^,]*, \d+ examples",
+    "drift": r"^drift \w+ \(1 - (debiased )?CKA over states \d+(–\d+)?[^,]*, \d+ examples",
     "bench": r"^(checks: \d+/\d+ passed|bench: results exist in )",
     "weights": r"^weights \w+: intruders \(eps 0\.5\) LoRA ",
     "report": r"^report: \S*report\.html$",

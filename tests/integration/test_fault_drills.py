@@ -64,7 +64,7 @@ def reference(tmp_path_factory, glue_dir):
     return ref, {s: run_stage(s, ref, glue_dir)[1] for s in STAGE_NAMES}
 
 
-@pytest.mark.parametrize("seed", [19, 2026, 7])  # three rounds, each its own kill points
+@pytest.mark.parametrize("seed", [19, 2026])  # two rounds (CI time), each its own kill points
 def test_sigkill_in_every_stage_resumes_to_the_uninterrupted_study(reference, tmp_path,
                                                                      glue_dir, seed):
     (ref, work), drill = reference, tmp_path / "drill"
