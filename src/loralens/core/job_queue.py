@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Collection, Iterator
+from typing import Callable, Collection, Iterator
 
 import sqlalchemy as sa
 
@@ -113,27 +113,60 @@ class JobQueue:
                 c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _key64("ddl")})
             c.execute(sa.text(DDL))
 
-    def add(self, stage: str, jobs: dict[str, dict], reopen: bool = False) -> None:
+    def add(self, stage: str, jobs: dict[str, dict], reopen: bool = False,
+            finished: Callable[[dict], bool] | None = None) -> None:
         """Enqueue jobs (key -> payload); keys already present are left as they are, except
         that ``reopen`` puts 'done' ones back to pending (their output was found missing,
-        or is to be redone)."""
+        or is to be redone).
+
+        With ``finished`` (the job's done test on its payload), a 'done' job is reopened
+        only when ``finished`` still says its output is missing after its row was read as
+        'done', and only if the row has not changed since (same attempts, still 'done'):
+        one conditional UPDATE. A worker marks a job done after writing its output, so a
+        job that another worker finished after the caller last looked is left done (an
+        unconditional reopen of it was the race that raised ``attempts`` to 2 with two
+        workers: the job was claimed again, found finished, and not rerun)."""
         with self.engine.begin() as c:
             for key, payload in jobs.items():
                 c.execute(sa.text(
                     "INSERT INTO loralens_jobs (queue, key, stage, payload) "
                     "VALUES (:q, :k, :s, :p) ON CONFLICT DO NOTHING"),
                     {"q": self.queue, "k": key, "s": stage, "p": json.dumps(payload)})
-                if reopen:
+        if not reopen:
+            return
+        for key, payload in jobs.items():
+            with self.engine.begin() as c:
+                if finished is None:  # to be redone, whatever its state
                     c.execute(sa.text(
                         "UPDATE loralens_jobs SET status = 'pending', worker = NULL "
                         "WHERE queue = :q AND key = :k AND status = 'done'"),
                         {"q": self.queue, "k": key})
+                    continue
+                row = c.execute(sa.text(
+                    "SELECT status, attempts FROM loralens_jobs WHERE queue = :q AND key = :k"),
+                    {"q": self.queue, "k": key}).first()
+            if row is None or row[0] != "done" or finished(payload):
+                continue
+            with self.engine.begin() as c:
+                c.execute(sa.text(
+                    "UPDATE loralens_jobs SET status = 'pending', worker = NULL "
+                    "WHERE queue = :q AND key = :k AND status = 'done' AND attempts = :a"),
+                    {"q": self.queue, "k": key, "a": row[1]})
 
     def release_dead_local(self, stage: str) -> None:
-        """Jobs 'running' under a process of this host that no longer exists go back."""
+        """Jobs 'running' under a process of this host that no longer exists go back.
+
+        Each release is conditional (one UPDATE: still 'running' under that dead worker):
+        another worker may have released and claimed the job since the rows were read, and
+        an unconditional release would take it from that live worker (a second claim, and
+        a second run of the job)."""
         for r in self.rows(stage):
             if r["status"] == "running" and dead_local(r["worker"]):
-                self.release(r["key"])
+                with self.engine.begin() as c:
+                    c.execute(sa.text(
+                        "UPDATE loralens_jobs SET status = 'pending', worker = NULL "
+                        "WHERE queue = :q AND key = :k AND status = 'running' AND worker = :w"),
+                        {"q": self.queue, "k": r["key"], "w": r["worker"]})
 
     def claim(self, stage: str, worker: str | None = None,
               keys: Collection[str] | None = None) -> tuple[str, dict] | None:
