@@ -4,15 +4,19 @@ names and tasks; copies for load tests."""
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from loralens.core.run_dir import RunDir
+from loralens.models.cards import read_record
 from loralens.models.methods import STUDY_LORA, is_study_lora
 from loralens.tasks.registry import get_task
 from loralens.serving.backends import AdapterError
+
+log = logging.getLogger(__name__)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$"  # also in the OpenAPI schema
 _NAME = re.compile(NAME_PATTERN.replace("$", r"\Z"))  # Python's $ also matches before a "\n"
@@ -85,6 +89,21 @@ def collect_adapters(sources: Sequence[str]) -> tuple[list[AdapterSpec], Path | 
             raise AdapterError(f"two adapters named {s.name!r}; name them with NAME=DIR")
         seen.add(s.name)
     return specs, run_dir
+
+
+def recorded_max_length(specs: Sequence[AdapterSpec]) -> int | None:
+    """The training ``max_length`` that the adapters' model cards record (the card's
+    ``loralens`` block that ``loralens export`` writes, :func:`loralens.models.cards.read_record`,
+    as ``predict`` reads it), for serving bare adapter directories without ``--max-length``:
+    inputs are then cut where training cut them. The largest when the cards differ (no
+    adapter sees less than it was trained on; logged), None when no card records one."""
+    found = {s.name: ml for s in specs
+             if isinstance(ml := read_record(s.path).get("max_length"), int) and ml > 0}
+    if len(set(found.values())) > 1:
+        listed = ", ".join(f"{name} {ml}" for name, ml in found.items())
+        log.warning(f"the adapters' cards record different max_length ({listed}): serving "
+                    f"with the largest, {max(found.values())}; set --max-length to choose")
+    return max(found.values(), default=None)
 
 
 def replicate(specs: list[AdapterSpec], n: int) -> list[AdapterSpec]:
