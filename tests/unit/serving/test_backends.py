@@ -142,7 +142,7 @@ def test_choose_task_keeps_one_task():
         choose_task(specs[3:])
 
 
-def test_serve_uses_the_runs_model_revision(tmp_path, monkeypatch):
+def test_serve_uses_the_runs_model_revision(tmp_path, serve):
     """``loralens serve RUN_DIR`` loads the base through models.load_base with the run's
     model section (revision, trust_remote_code); --model naming another model drops it."""
     import argparse
@@ -157,17 +157,8 @@ def test_serve_uses_the_runs_model_revision(tmp_path, monkeypatch):
     atomic_write_json(run.metrics_path("sst2", "lora", 1), {})
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
-
-    seen = []
-
-    def fake_load_base(mc):
-        seen.append(mc)
-        raise RuntimeError("stop here")
-
-    monkeypatch.setattr(server, "load_base", fake_load_base)
-    with pytest.raises(RuntimeError, match="stop here"):
-        server.cli_command(parser.parse_args([str(run.root)]))
-    assert (seen[-1].name, seen[-1].revision) == ("smollm2-135m", "abc123")
+    mc = serve(run.root)
+    assert (mc.name, mc.revision) == ("smollm2-135m", "abc123")
     args = parser.parse_args([str(run.root), "--model", "other/model"])
     assert server.base_model_config(args, run.load_config()).revision is None
     args = parser.parse_args([str(run.root), "--revision", "v2", "--trust-remote-code"])

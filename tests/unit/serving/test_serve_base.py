@@ -4,12 +4,9 @@ the adapters record (``base_model_name_or_path``), not the default model (issue 
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
 from loralens.core.files import atomic_write_json
-from loralens.serving import add_serve_arguments, server
 from loralens.serving.backends import AdapterError
 
 
@@ -20,25 +17,6 @@ def adapter_dir(root, name, base):
                                                      "base_model_name_or_path": base})
     return str(path)
 
-
-@pytest.fixture
-def serve(monkeypatch):
-    """Runs ``loralens serve ARGS`` up to loading the base; returns the ModelConfig."""
-    parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
-    seen = []
-
-    def fake_load_base(mc):
-        seen.append(mc)
-        raise RuntimeError("stop here")
-
-    monkeypatch.setattr(server, "load_base", fake_load_base)
-
-    def run(*argv):
-        with pytest.raises(RuntimeError, match="stop here"):
-            server.cli_command(parser.parse_args(list(argv)))
-        return seen[-1]
-    return run
 
 
 def test_bare_adapters_serve_the_base_they_record(tmp_path, serve):
