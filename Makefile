@@ -31,10 +31,12 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-# The plan first (it measures this machine: a few minutes), then the study.
+# The plan first (it measures this machine: a few minutes), then the study, which stores
+# the printed plan in its run directory (plan.json) rather than measuring again.
+PLAN     ?= runs/plan-$(PRESET).json
 run: install
-	$(VENV)/bin/loralens run --preset $(PRESET) --glue-dir $(GLUE_DIR) --dry-run
-	$(VENV)/bin/loralens run --preset $(PRESET) --glue-dir $(GLUE_DIR)
+	$(VENV)/bin/loralens run --preset $(PRESET) --glue-dir $(GLUE_DIR) --dry-run --plan $(PLAN)
+	$(VENV)/bin/loralens run --preset $(PRESET) --glue-dir $(GLUE_DIR) --plan $(PLAN)
 
 test: install-test
 	$(VENV)/bin/lint-imports  # imports go down only (pyproject.toml's layers contract)

@@ -146,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print each stage's work (jobs, rows, tokens) and a wall time "
                         "estimated from throughput measured here, then exit; writes nothing")
+    p.add_argument("--peak-gflops", type=float, metavar="G",
+                   help="with --dry-run: plan for a machine whose float32 GEMM peak at the "
+                        "model's shapes is G GFLOP/s (this machine's is measured and the "
+                        "compute-bound rates scaled by G / it)")
+    p.add_argument("--plan", metavar="FILE",
+                   help="with --dry-run: also write the plan's estimates to FILE (JSON); "
+                        "without: store FILE's plan in the run directory (plan.json, the "
+                        "first kept) so the report shows estimate beside actual per stage")
     p.add_argument("--executor", choices=("local", "ray"),
                    help="run.executor: local (this process; other workers through the job "
                         "table), or ray: every unit of work a Ray task (the ray extra)")
@@ -297,15 +305,24 @@ def study_command(args: argparse.Namespace) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     stage = _stage_of(args)
     names = _stage_names(args) if stage is None else ()
+    peak = getattr(args, "peak_gflops", None)
+    if peak is not None and (not getattr(args, "dry_run", False) or not peak > 0):
+        raise ConfigError(f"--peak-gflops {peak}: a positive GFLOP/s, with --dry-run",
+                          "--peak-gflops")
     if getattr(args, "dry_run", False):  # before anything writes into the run directory
         from loralens.study.plan.dry_run import dry_run
 
-        print(dry_run(cfg, names, run_dir), flush=True)  # the command's result: never -q'd
+        print(dry_run(cfg, names, run_dir, peak_gflops=peak,  # the command's result
+                      plan_file=getattr(args, "plan", None)), flush=True)
         return 0
     run = RunDir(run_dir)
     if stage is None or not stage.read_only:  # the report only reads
         run.bind_config(cfg)
         run.record_environment(stage.name if stage else "run")
+    if getattr(args, "plan", None):  # the plan make run printed: stored, not measured again
+        from loralens.study.plan.dry_run import adopt_plan
+
+        adopt_plan(run, args.plan)
     ctx = context(args, cfg, run)
     if stage is not None:
         return 0 if run_stage(stage, ctx, record=not stage.read_only) else 1

@@ -97,6 +97,7 @@ class RunDir:
         env.json                           package versions, git commit, hardware per command
         data.json                          rows used per task and split
         timings.json                       wall seconds per stage
+        plan.json                          the dry-run plan's estimates per stage (run --plan)
         jobs.db                            the job queue (SQLite; or search.storage)
         search.db                          Optuna studies (SQLite; or search.storage)
         sanity/<task>-<method>.json        one sanity check;  sanity.json: all of them
@@ -148,6 +149,12 @@ class RunDir:
     @property
     def timings_path(self) -> Path:
         return self.root / "timings.json"
+
+    @property
+    def plan_path(self) -> Path:
+        """``plan.json``: the estimates of the dry run made before the first invocation
+        (``loralens run --plan FILE``; study.plan.dry_run.adopt_plan keeps the first)."""
+        return self.root / "plan.json"
 
     def sqlite_url(self, name: str) -> str:
         """SQLite URL of a database file in the run directory (``jobs``, ``search``)."""

@@ -4,6 +4,7 @@ utilisation per task and method (from metrics.json "fit").
 
 from __future__ import annotations
 
+import json
 import statistics
 from typing import Any
 
@@ -11,23 +12,93 @@ from loralens.report.formatting import DASH, METHODS, Table, finite, pct, rate, 
 from loralens.report.run_data import STAGES, RunData
 
 
+def read_plan(d: RunData) -> dict | None:
+    """The run directory's ``plan.json`` (the dry-run plan stored by ``loralens run
+    --plan``), None when there is none or it cannot be read (a problem noted)."""
+    run = getattr(d, "run", None)
+    path = getattr(run, "plan_path", None)
+    if path is None or not path.exists():
+        return None
+    try:
+        with open(path) as fh:
+            plan = json.load(fh)
+    except (OSError, ValueError) as e:
+        d.problems.append(f"{path.name} ({path.parent}) could not be read: {e}")
+        return None
+    return plan if isinstance(plan, dict) and isinstance(plan.get("stages"), dict) else None
+
+
+def _estimate_cells(est: Any, actual: Any) -> tuple[str, str]:
+    """(estimate, actual / estimate) of one stage: a range "low – high" where early
+    stopping may cut the work (its ratio likewise: actual / high – actual / low); "not
+    estimated" for stages the plan gives seconds to (drift, report) and "off" for those it
+    does not run."""
+    if not isinstance(est, dict):
+        return DASH, DASH
+    if est.get("off"):
+        return "off", DASH
+    high, low = est.get("seconds"), est.get("low_seconds")
+    if not finite(high):
+        return ("not estimated (seconds)" if est.get("cheap") else DASH), DASH
+    ranged = finite(low) and low < high
+    cell = f"{seconds(low)} – {seconds(high)}" if ranged else seconds(high)
+    if not finite(actual) or high <= 0:
+        return cell, DASH
+    ratio = (f"{actual / high:.2f} – {actual / low:.2f}" if ranged and low > 0
+             else f"{actual / high:.2f}")
+    return cell, ratio
+
+
+def _plan_note(plan: dict) -> str:
+    where = f"measured on {plan['cpu']}" if plan.get("cpu") else "measured where it ran"
+    target = ""
+    if finite(plan.get("peak_target")) and finite(plan.get("peak_here")):
+        target = (f", planned for another machine (float32 model-shape peak "
+                  f"{plan['peak_target'] / 1e9:.0f} GFLOP/s vs {plan['peak_here'] / 1e9:.0f} "
+                  "measured)")
+    busy = plan.get("contention")
+    load = (f"; other processes used {busy:.0%} of the CPU while it measured"
+            if finite(busy) and busy > 0.1 else "")
+    return (f"Estimate: the dry-run plan stored before the run (plan.json, "
+            f"{plan.get('created') or 'undated'}; {where}{target}{load}). A range is the "
+            "work with every fit stopped at its earliest early-stopping point – every fit "
+            "run to its end; Actual / estimate is the wall time over the estimate (over each "
+            "end of a range). Timings add up over a run directory's invocations; the plan "
+            "is the first invocation's.")
+
+
 def table_timings(d: RunData) -> Table | None:
     t = d.timings if isinstance(d.timings, dict) else {}
     train_s = sum(float((m.get("fit") or {}).get("train_seconds") or 0) for m in d.jobs.values())
     if not t and not train_s:
         return None
+    plan = read_plan(d) if t else None
     order = [s for s in STAGES if s in t] + [s for s in t if s not in STAGES]
     rows = [[s, seconds(t[s])] for s in order]
+    columns = ["Stage", "Wall time"]
+    if plan is not None:
+        columns += ["Estimate", "Actual / estimate"]
+        for r in rows:
+            r.extend(_estimate_cells(plan["stages"].get(r[0]), t[r[0]]))
     if t:
-        rows.append(["total (stages)", seconds(sum(v for v in t.values() if finite(v)))])
+        total = sum(v for v in t.values() if finite(v))
+        rows.append(["total (stages)", seconds(total)])
+        if plan is not None:
+            rows[-1].extend(_estimate_cells(
+                {"seconds": plan.get("total_seconds"), "low_seconds": plan.get("total_low_seconds")},
+                total))
     notes = []
     if train_s:
         notes.append(f"Training loops of the {len(d.jobs)} finished jobs: {seconds(train_s)} "
                      "in all (fit only, from metrics.json).")
     if not t:
         notes.append("No timings.json: the stages were run one by one, not by `loralens run`.")
-    return Table("table-timings", "Wall time per stage", ["Stage", "Wall time"], rows,
-                 notes=notes)
+    if plan is not None:
+        notes.append(_plan_note(plan))
+    elif t:
+        notes.append("No estimate: the run has no plan.json (`loralens run --dry-run --plan "
+                     "FILE`, then `loralens run --plan FILE`, stores one; `make run` does).")
+    return Table("table-timings", "Wall time per stage", columns, rows, notes=notes)
 
 
 # fit keys of a metrics.json written since train.py records throughput

@@ -19,7 +19,20 @@
    (:func:`estimate`).
 
 Nothing is written into the run directory (the base model's conversion cache is not in
-it). Early stopping, pruning and the sanity check's early exit only shorten runs, and the
+it); ``--plan FILE`` writes the plan's estimates to FILE as JSON (:func:`plan_record`),
+which ``loralens run --plan FILE`` stores in the run directory (:func:`adopt_plan`) so
+that the report can show the estimate beside the actual wall time of each stage.
+
+``--peak-gflops G`` plans for another machine (:func:`for_machine`): one whose float32
+GEMM peak at the model's shapes is G GFLOP/s. This machine's peak at the same shapes is
+measured with the throughput (``training.flops.model_gemm_peak_info``, in float32: the
+measurement then trains in float32 too), and every compute-bound rate (training,
+forward passes, optimizer steps) is scaled by G / that peak; loading the model (disk and
+deserialisation) is not scaled, and tokenization is not counted at all.
+
+Early stopping (``train.patience`` > 0) can end a fit at its ``1 + patience``-th
+evaluation: where that can cut work, a stage's estimate is a range (``low_seconds`` to
+``seconds``). Early stopping, pruning and the sanity check's early exit only shorten runs, and the
 search's epochs are the largest of its choices: the work shown is an upper bound where a
 stage may stop early, and the notes say where.
 """
@@ -28,10 +41,13 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from loralens.core.config import StudyConfig
+from loralens.core.errors import ConfigError
 from loralens.models.methods import ADAPTER_KIND, FULL_KIND, Method, get_method, is_study_lora
 from loralens.study.plan.measure import Throughput, measure
 from loralens.study.plan.work import FORWARD_KINDS, StageWork, count_work, plural
@@ -42,21 +58,47 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- estimate
 
+def work_seconds(w: StageWork, tp: Throughput) -> float:
+    """Seconds of ``w``: its FLOPs at the FLOP/s measured for each kind of work, plus
+    optimizer steps and model loads at their measured seconds."""
+    return (sum(v * tp.train_fpt[m] / tp.train_flops_s[m] for m, v in w.train_tokens.items())
+            + sum(v * tp.forward_fpt / tp.forward_flops_s[k]
+                  for k, v in w.forward_tokens.items())
+            + sum(n * tp.step_s[m] for m, n in w.steps.items())
+            + w.loads * tp.load_s)
+
+
 def estimate(works: list[StageWork], tp: Throughput) -> list[StageWork]:
-    """Fill each stage's FLOPs and seconds: its FLOPs at the FLOP/s measured for each kind
-    of work, plus optimizer steps and model loads at their measured seconds."""
+    """Fill each stage's FLOPs and seconds (:func:`work_seconds`), and the lower end
+    ``low_seconds`` where early stopping may skip work (``StageWork.saved``)."""
     for w in works:
         if w.off or w.cheap:
             continue
         w.flops = float(sum(v * tp.train_fpt[m] for m, v in w.train_tokens.items())
                         + sum(v * tp.forward_fpt for v in w.forward_tokens.values()))
-        w.seconds = (sum(v * tp.train_fpt[m] / tp.train_flops_s[m]
-                         for m, v in w.train_tokens.items())
-                     + sum(v * tp.forward_fpt / tp.forward_flops_s[k]
-                           for k, v in w.forward_tokens.items())
-                     + sum(n * tp.step_s[m] for m, n in w.steps.items())
-                     + w.loads * tp.load_s)
+        w.seconds = work_seconds(w, tp)
+        w.low_seconds = (w.seconds - work_seconds(w.saved, tp)
+                         if w.saved is not None and w.saved.tokens else None)
     return works
+
+
+def for_machine(tp: Throughput, peak_target: float) -> Throughput:
+    """``tp`` (measured here, with ``tp.peak_here``, this machine's float32 model-shape
+    peak) scaled to a machine whose peak at the same shapes is ``peak_target`` FLOP/s.
+
+    Scaled by ``r = peak_target / peak_here`` (the same utilisation of a slower peak):
+    training and forward FLOP/s (x r) and optimizer steps (/ r: AdamW over the weights is
+    CPU work that a slower core also does slower; assumed, not measured). Not scaled:
+    loading a model (reading the cached safetensors and building the module: disk and
+    memory, not GEMMs)."""
+    if not tp.peak_here or tp.peak_here <= 0:
+        raise ValueError("for_machine needs this machine's measured peak (measure(peak=True))")
+    r = peak_target / tp.peak_here
+    return replace(tp, train_flops_s={m: v * r for m, v in tp.train_flops_s.items()},
+                   forward_flops_s={k: v * r for k, v in tp.forward_flops_s.items()},
+                   step_s={m: v / r for m, v in tp.step_s.items()},
+                   train_fpt=dict(tp.train_fpt), basis=dict(tp.basis), tokens=dict(tp.tokens),
+                   peak_target=peak_target)
 
 
 # Training cost per method family. The dry run times one representative per family and
@@ -109,9 +151,12 @@ def needs(works: list[StageWork]) -> tuple[list[str], list[str]]:
 
 
 def plan_study(cfg: StudyConfig, stages: Sequence[str], base=None,
-               log: Callable[[str], None] = lambda s: None
+               log: Callable[[str], None] = lambda s: None,
+               peak_gflops: float | None = None
                ) -> tuple[list[StageWork], Throughput | None]:
-    """Count every stage's work on the real data, measure this machine, estimate.
+    """Count every stage's work on the real data, measure this machine, estimate (for a
+    machine whose float32 model-shape peak is ``peak_gflops`` GFLOP/s when given:
+    :func:`for_machine`; the measurement then computes in float32).
 
     Returns the stages' work (``flops`` and ``seconds`` filled where estimated) and the
     measurement (None when no selected stage computes with the model)."""
@@ -132,7 +177,12 @@ def plan_study(cfg: StudyConfig, stages: Sequence[str], base=None,
     if any(rep is None for rep, _, _ in basis.values()) and "batched" not in kinds:
         kinds = [k for k in FORWARD_KINDS if k in kinds or k == "batched"]
     timed = sorted({rep for rep, _, _ in basis.values() if rep})
-    tp = measure(cfg, base, prepared[cfg.tasks[0]], timed, kinds, log)
+    if peak_gflops is None:
+        tp = measure(cfg, base, prepared[cfg.tasks[0]], timed, kinds, log)
+    else:  # the target's peak is a float32 peak: time float32 training here
+        fp32 = replace(cfg, train=replace(cfg.train, precision="fp32"))
+        tp = for_machine(measure(fp32, base, prepared[cfg.tasks[0]], timed, kinds, log,
+                                 peak=True), peak_gflops * 1e9)
     return estimate(works, per_method(tp, basis)), tp
 
 
@@ -144,6 +194,19 @@ def human(n: float) -> str:
         if abs(n) >= k:
             return f"{n / k:.1f}{unit}"
     return f"{n:.0f}"
+
+
+def duration_range(low: float | None, high: float | None) -> str:
+    """"12-20 min" (both ends in the unit of the larger), or :func:`duration` of ``high``
+    when there is no lower end or it rounds to the same."""
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return duration(high)
+    lo, hi = duration(low), duration(high)
+    if lo == hi:
+        return hi
+    if high < 90 or high >= 90 * 60:
+        return f"{lo} - {hi}"
+    return f"{low / 60:.0f}-{high / 60:.0f} min"
 
 
 def duration(seconds: float | None) -> str:
@@ -163,7 +226,10 @@ def format_plan(cfg: StudyConfig, works: list[StageWork], tp: Throughput | None,
     head = f"dry run{f' of {run_dir}' if run_dir else ''}: nothing was run or written"
     lines = [head,
              f"model {cfg.model.name}; tasks {', '.join(cfg.tasks)}; methods "
-             f"{', '.join(cfg.methods)}; seeds {', '.join(map(str, cfg.seeds))}", ""]
+             f"{', '.join(cfg.methods)}; seeds {', '.join(map(str, cfg.seeds))}"]
+    if tp is not None and tp.peak_target is not None:
+        lines += _for_machine_header(tp)
+    lines.append("")
     rows = [("stage", "jobs", "rows", "tokens", "FLOPs", "est. time", "what")]
     for w in works:
         if w.off:
@@ -173,14 +239,15 @@ def format_plan(cfg: StudyConfig, works: list[StageWork], tp: Throughput | None,
         else:
             rows.append((w.stage, str(w.jobs), human(w.rows), human(w.tokens),
                          f"{w.flops:.1e}" if w.flops is not None else "-",
-                         duration(w.seconds), w.what))
+                         duration_range(w.low_seconds, w.seconds), w.what))
     on = [w for w in works if not (w.off or w.cheap)]
-    total = sum(w.seconds for w in on if w.seconds is not None) if on else None
+    total, low = totals(works)
     cheap = [w.stage for w in works if w.cheap]
     rows.append(("total", str(sum(w.jobs for w in works if not w.off)),
                  human(sum(w.rows for w in on)) if on else "-",
                  human(sum(w.tokens for w in on)) if on else "-",
-                 f"{sum(w.flops or 0 for w in on):.1e}" if on else "-", duration(total),
+                 f"{sum(w.flops or 0 for w in on):.1e}" if on else "-",
+                 duration_range(low, total),
                  f"+ seconds for {', '.join(cheap)}" if cheap else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for r in rows:
@@ -193,10 +260,34 @@ def format_plan(cfg: StudyConfig, works: list[StageWork], tp: Throughput | None,
     return "\n".join(lines)
 
 
+def totals(works: list[StageWork]) -> tuple[float | None, float | None]:
+    """(total estimated seconds, its lower end where early stopping may cut work; None
+    when no stage can stop early) over the estimated stages."""
+    on = [w for w in works if not (w.off or w.cheap) and w.seconds is not None]
+    if not on:
+        return None, None
+    high = sum(w.seconds for w in on)
+    if all(w.low_seconds is None for w in on):
+        return high, None
+    return high, sum(w.seconds if w.low_seconds is None else w.low_seconds for w in on)
+
+
+def _for_machine_header(tp: Throughput) -> list[str]:
+    r = tp.peak_target / tp.peak_here
+    return [f"planned for ANOTHER machine: float32 peak at the model's shapes "
+            f"{tp.peak_target / 1e9:.1f} GFLOP/s there vs {tp.peak_here / 1e9:.1f} GFLOP/s "
+            f"measured here (ratio {r:.2f}); training and forward FLOP/s scaled by {r:.2f}, "
+            f"optimizer steps by 1/{r:.2f}; model loads (disk) not scaled, tokenization not "
+            "counted; measured in float32 (the target peak is a float32 peak)"]
+
+
 def _measured(tp: Throughput) -> list[str]:
+    scaled = tp.peak_target is not None
     out = [f"throughput measured in this process ({tp.device}, {plural(tp.threads, 'thread')}, "
            f"{tp.seconds:.0f} s) on {tp.model}, real {tp.task} training rows; "
-           f"FLOPs = 6N (full) / 4N+2n (LoRA) / 2N (forward) per real token:"]
+           f"FLOPs = 6N (full) / 4N+2n (LoRA) / 2N (forward) per real token"
+           + (f"; rates below scaled to the target machine (x {tp.peak_target / tp.peak_here:.2f})"
+              if scaled else "") + ":"]
     for m, fs in tp.train_flops_s.items():
         out.append(f"  training {m}: {tp.tokens_s(m):.0f} tokens/s = {fs / 1e9:.1f} GFLOP/s "
                    f"on {tp.tokens['train']} tokens per step; optimizer step "
@@ -241,8 +332,64 @@ def _notes(cfg: StudyConfig, works: list[StageWork], run_dir) -> list[str]:
     return ["notes:"] + [f"  - {n}" for n in notes]
 
 
-def dry_run(cfg: StudyConfig, stages: Sequence[str], run_dir: str | Path | None = None) -> str:
+def dry_run(cfg: StudyConfig, stages: Sequence[str], run_dir: str | Path | None = None,
+            peak_gflops: float | None = None, plan_file: str | Path | None = None) -> str:
     """``loralens run --dry-run``: the plan of ``stages`` as text (progress logged at INFO),
-    for every method of the study (:func:`cost_basis` prices each family)."""
-    works, tp = plan_study(cfg, stages, log=log.info)
+    for every method of the study (:func:`cost_basis` prices each family); for a machine
+    with a float32 model-shape peak of ``peak_gflops`` GFLOP/s when given
+    (:func:`for_machine`); its estimates written to ``plan_file`` (JSON,
+    :func:`plan_record`) when given."""
+    works, tp = plan_study(cfg, stages, log=log.info, peak_gflops=peak_gflops)
+    if plan_file is not None:
+        from loralens.core.files import atomic_write_json
+
+        atomic_write_json(Path(plan_file), plan_record(works, tp))
     return format_plan(cfg, works, tp, run_dir)
+
+
+# --------------------------------------------------------------------------- record
+
+PLAN_VERSION = 1
+
+
+def plan_record(works: list[StageWork], tp: Throughput | None) -> dict:
+    """The plan's estimates as JSON: per stage ``seconds`` (upper end), ``low_seconds``
+    (lower end where early stopping may cut work, else null), ``off``/``cheap`` (why no
+    estimate); the totals; the CPU it was measured on and, when planned for another
+    machine, both peaks (FLOP/s)."""
+    from loralens.core.run_dir import cpu_model
+
+    high, low = totals(works)
+    return {"version": PLAN_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "cpu": cpu_model(), "device": tp.device if tp else None,
+            "contention": tp.contention if tp else None,
+            "peak_here": tp.peak_here if tp else None,
+            "peak_target": tp.peak_target if tp else None,
+            "stages": {w.stage: {"seconds": w.seconds, "low_seconds": w.low_seconds,
+                                 "off": w.off, "cheap": w.cheap} for w in works},
+            "total_seconds": high, "total_low_seconds": low}
+
+
+def adopt_plan(run, plan_file: str | Path) -> bool:
+    """Store the plan ``plan_file`` (written by ``run --dry-run --plan``) as the run
+    directory's ``plan.json`` (``RunDir.plan_path``). The first plan is kept: a run
+    directory's timings add up over its invocations, so the plan made before its first
+    invocation is the one they compare with; a later plan is not stored (logged).
+    Returns whether it was stored."""
+    from loralens.core.files import atomic_write_json, read_json
+
+    path = run.plan_path
+    if path.exists():
+        log.warning(f"{path} exists (the plan of this run directory's first invocation): "
+                    f"kept; {plan_file} not stored")
+        return False
+    if not Path(plan_file).is_file():
+        raise ConfigError(f"--plan: {plan_file} does not exist (write it with `loralens run "
+                          "--dry-run --plan FILE`)", "--plan")
+    record = read_json(Path(plan_file))
+    if not isinstance(record, dict) or not isinstance(record.get("stages"), dict):
+        raise ConfigError(f"--plan: {plan_file} is not a plan written by `loralens run "
+                          "--dry-run --plan`", "--plan")
+    atomic_write_json(path, record)
+    return True

@@ -48,6 +48,10 @@ class Throughput:
     load_s: float = 0.0             # a fresh copy of the base model
     seconds: float = 0.0            # the measurement's wall time
     contention: float | None = None  # CPU share other processes used meanwhile
+    # float32 model-shape GEMM peak measured here (FLOP/s; measure(peak=True)), and the
+    # peak of the machine the plan is for (dry_run.for_machine), None: planned for this one
+    peak_here: float | None = None
+    peak_target: float | None = None
 
     def tokens_s(self, what: str) -> float:
         if what in self.train_flops_s:
@@ -72,7 +76,7 @@ def calibration_rows(lengths: np.ndarray, batch_size: int, budget: int,
 
 def measure(cfg: StudyConfig, base, prepared, methods: Sequence[str],
             kinds: Sequence[str] = ("batched",),
-            log: Callable[[str], None] = lambda s: None) -> Throughput:
+            log: Callable[[str], None] = lambda s: None, peak: bool = False) -> Throughput:
     """Time real steps of the study's model on ``prepared``'s training rows.
 
     Per method in ``methods``: one warm-up, then up to ``TIMED_STEPS`` training steps as
@@ -83,7 +87,10 @@ def measure(cfg: StudyConfig, base, prepared, methods: Sequence[str],
     forwards for ``kinds``: ``batched`` (``train.eval_batch_size`` rows, trimmed to
     ``FORWARD_TOKENS``), ``batch1`` (one row in the serving dtype), ``float64`` (one row in
     float64). The backbone is loaded once for all of it, after a first load that warms the
-    imports; that second load is timed as the cost of building a model.
+    imports; that second load is timed as the cost of building a model. ``peak``: also
+    this machine's float32 peak at the model's linear-layer shapes with ``TRAIN_TOKENS``
+    tokens (``training.flops.model_gemm_peak_info``, the peak MFU is reported against), for
+    planning another machine (:func:`loralens.study.plan.dry_run.for_machine`).
     """
     import torch
 
@@ -115,6 +122,12 @@ def measure(cfg: StudyConfig, base, prepared, methods: Sequence[str],
                              "batch1": int(lengths[one].sum())},
                             forward_fpt=forward_flops_per_token(model),
                             load_s=time.perf_counter() - t0)
+            if peak:
+                from loralens.training.flops import model_gemm_peak_info
+
+                tp.peak_here = model_gemm_peak_info(model.config, TRAIN_TOKENS,
+                                                    torch.float32, str(device)).flops_per_s
+                log(f"  float32 peak at the model's shapes: {tp.peak_here / 1e9:.1f} GFLOP/s")
             dtypes = {"batched": None, "float64": torch.float64,
                       "batch1": serving_dtype(device, tc.precision)[0]}
             for kind in [k for k in FORWARD_KINDS if k in kinds]:

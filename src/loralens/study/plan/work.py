@@ -40,6 +40,10 @@ class StageWork:
     cheap: str = ""           # why there is no estimate (drift, report: seconds)
     flops: float | None = None
     seconds: float | None = None
+    # the part of this work early stopping may skip (every fit stopped at its earliest
+    # possible evaluation): the estimate's lower end is ``seconds`` minus its seconds
+    saved: "StageWork | None" = None
+    low_seconds: float | None = None
 
     @property
     def tokens(self) -> int:
@@ -55,13 +59,19 @@ class StageWork:
         self.rows += rows
 
     def scaled(self, k: int) -> "StageWork":
-        """This work done ``k`` times (jobs, rows, tokens, steps, loads)."""
+        """This work done ``k`` times (jobs, rows, tokens, steps, loads, what early stopping
+        may skip)."""
         return replace(self, jobs=self.jobs * k, rows=self.rows * k, loads=self.loads * k,
                        train_tokens={m: v * k for m, v in self.train_tokens.items()},
                        steps={m: v * k for m, v in self.steps.items()},
-                       forward_tokens={m: v * k for m, v in self.forward_tokens.items()})
+                       forward_tokens={m: v * k for m, v in self.forward_tokens.items()},
+                       saved=self.saved.scaled(k) if self.saved is not None else None)
 
     def add(self, other: "StageWork") -> None:
+        if other.saved is not None:
+            if self.saved is None:
+                self.saved = StageWork(self.stage)
+            self.saved.add(other.saved)
         self.jobs += other.jobs
         self.loads += other.loads
         self.rows += other.rows
@@ -73,12 +83,10 @@ class StageWork:
             self.forward_tokens[k] = self.forward_tokens.get(k, 0) + v
 
 
-def fit_work(w: StageWork, method: str, lengths: np.ndarray, tc,
-             early_stop: np.ndarray | None = None) -> int:
-    """Add one ``loop.fit`` run to ``w`` (every epoch, no early stop), as fit steps it:
-    ``steps_per_epoch`` optimizer steps per epoch, ``train.max_steps`` respected, an
-    early-stopping evaluation of ``early_stop`` rows every ``eval_interval`` steps and at
-    the last step of each epoch. Returns the number of evaluations."""
+def _fit_pass(lengths: np.ndarray, tc, early_stop: bool, stop_after: int | None
+              ) -> tuple[float, int, int, int]:
+    """(training tokens, rows, optimizer steps, evaluations) of one ``loop.fit`` run that
+    stops after its ``stop_after``-th early-stopping evaluation (None: runs to the end)."""
     from loralens.training.loop import eval_interval, steps_per_epoch
 
     n = len(lengths)
@@ -86,22 +94,45 @@ def fit_work(w: StageWork, method: str, lengths: np.ndarray, tc,
     steps = evals = rows = 0
     tokens = 0.0
     for _ in range(tc.epochs):
-        k = 0
+        k, stop = 0, False
         for k in range(1, per_epoch + 1):
             steps += 1
             capped = bool(tc.max_steps and steps >= tc.max_steps)
-            if early_stop is not None and (k % interval == 0 or k == per_epoch or capped):
+            if early_stop and (k % interval == 0 or k == per_epoch or capped):
                 evals += 1
-            if capped:
+                stop = stop_after is not None and evals >= stop_after
+            if capped or stop:
                 break
         done = n if k == per_epoch else min(n, k * tc.batch_size * tc.grad_accum)
         rows += done
         tokens += float(lengths.sum()) * done / max(n, 1)
-        if tc.max_steps and steps >= tc.max_steps:
+        if stop or (tc.max_steps and steps >= tc.max_steps):
             break
+    return tokens, rows, steps, evals
+
+
+def fit_work(w: StageWork, method: str, lengths: np.ndarray, tc,
+             early_stop: np.ndarray | None = None) -> int:
+    """Add one ``loop.fit`` run to ``w`` (every epoch, no early stop), as fit steps it:
+    ``steps_per_epoch`` optimizer steps per epoch, ``train.max_steps`` respected, an
+    early-stopping evaluation of ``early_stop`` rows every ``eval_interval`` steps and at
+    the last step of each epoch. Returns the number of evaluations.
+
+    With early stopping on (``early_stop`` rows and ``train.patience`` > 0) the run can
+    end at its ``1 + patience``-th evaluation at the earliest (the first evaluation always
+    improves on nothing; ``patience`` evaluations without improvement follow): the work
+    after that point goes into ``w.saved``, the lower end of the estimate's range."""
+    tokens, rows, steps, evals = _fit_pass(lengths, tc, early_stop is not None, None)
     w.train(method, tokens, rows, steps)
     if early_stop is not None and evals:
         w.forward("batched", evals * float(early_stop.sum()), evals * len(early_stop))
+    if early_stop is not None and tc.patience > 0 and evals > 1 + tc.patience:
+        t2, r2, s2, e2 = _fit_pass(lengths, tc, True, 1 + tc.patience)
+        if w.saved is None:
+            w.saved = StageWork(w.stage)
+        w.saved.train(method, tokens - t2, rows - r2, steps - s2)
+        w.saved.forward("batched", (evals - e2) * float(early_stop.sum()),
+                        (evals - e2) * len(early_stop))
     return evals
 
 
