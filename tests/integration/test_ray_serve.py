@@ -1,0 +1,193 @@
+"""``loralens serve --ray-replicas``: the Ray Serve application (ingress + 2 replicas of one
+CPU each) on a local two-CPU Ray instance, SmolLM2 base, random rank-8 LoRA adapters.
+
+* Answers equal the one-process server's for the same inputs (today's body shape and
+  vLLM's): labels equal, probabilities within ``TOL`` = 1e-5. Both run the same code
+  (:class:`Service`, backend ``ours``) on the same float32 weights, but a replica runs torch
+  on one thread and this process on torch's default: the matrix products' summation order
+  differs, which moves float32 softmax outputs by about 1e-7; 1e-5 leaves room and still
+  catches a wrong adapter or head (differences of 1e-2 and more).
+* Routing: after a first request loads an adapter on one replica and a wait for the
+  replicas' model ids to reach Ray's router, 10 sequential requests for that adapter land
+  on a replica that already holds it. Ray's multiplexed routing is best-effort (a request
+  may go to another replica, e.g. when the router's view is briefly stale or the holder
+  looks busy), so the test allows at most 1 miss in 10.
+* ``/metrics`` at the ingress holds both replicas' series (a ``replica`` label), and the
+  per-adapter request counters summed over replicas equal the requests this module sent.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+
+import httpx
+import pytest
+import torch
+
+from loralens.core.config import StudyConfig
+from loralens.models.classifier import apply_method, build_classifier
+from loralens.serving.backends import AdapterInfo, make_backend
+from loralens.serving.server import Service
+from loralens.serving.sources import AdapterSpec
+from loralens.study.config import load_config
+from loralens.tasks import sources as TS
+from loralens.tasks.registry import get_task
+
+from tests.helpers.adapters import randomize_lora
+from tests.helpers.serving import serving
+
+pytestmark = pytest.mark.integration
+
+TOL = 1e-5
+MAX_LENGTH = 64
+# name -> task; "sst2-c" is asked for only by the routing test (it starts unloaded)
+ADAPTERS = {"sst2-a": "sst2", "sst2-b": "sst2", "rte-a": "rte", "sst2-c": "sst2"}
+SENT = {"classify": 0}  # classify requests answered 200 by the Ray app (checked in /metrics)
+
+
+@pytest.fixture(scope="module")
+def specs(smollm2, tmp_path_factory, glue_dir):
+    cfg = load_config("smoke", None, [f"data.glue_dir={glue_dir}",
+                                      f"data.max_length={MAX_LENGTH}"])
+    root = tmp_path_factory.mktemp("adapters")
+    pristine = smollm2.backbone().eval()
+    out = []
+    for i, (name, task) in enumerate(ADAPTERS.items()):
+        m = randomize_lora(apply_method(build_classifier(copy.deepcopy(pristine), 2, seed=i),
+                                        "lora", cfg), seed=300 + i)
+        m.save_pretrained(str(root / name), safe_serialization=True)
+        out.append(AdapterSpec(name, root / name, task))
+    return out, pristine
+
+
+@pytest.fixture(scope="module")
+def single(specs, tokenizer):
+    """The one-process server with every adapter loaded."""
+    adapters, pristine = specs
+    be = make_backend("ours", copy.deepcopy(pristine))
+    for s in adapters:
+        be.add(AdapterInfo(s.name, str(s.path), 0, s.task, get_task(s.task).label_names), s.path)
+    service = Service(be, tokenizer, MAX_LENGTH, max_batch=16, max_wait_ms=1, max_texts=8)
+    with serving(service) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_app(specs):
+    """Ray (2 CPUs, loopback), Serve's proxy on a free port, the app with 2 replicas."""
+    ray = pytest.importorskip("ray") if not os.environ.get("CI") else __import__("ray")
+    serve = pytest.importorskip("ray.serve")
+    from loralens.serving.ray_serve import RayServeConfig, build_app
+
+    adapters, _ = specs
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=100 * 2**20, log_to_driver=False)
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        cfg = RayServeConfig(model=StudyConfig().model, specs=tuple(adapters), replicas=2,
+                             max_length=MAX_LENGTH, max_batch=16, max_wait_ms=1, max_texts=8)
+        serve.run(build_app(cfg), name="loralens-test", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            deadline = time.time() + 60  # both replicas report to the board
+            while client.get("/health").json().get("replicas") != 2:
+                assert time.time() < deadline, "the replicas did not report"
+                time.sleep(0.2)
+            yield client
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _rows(glue_dir, task, n, offset=0):
+    return TS.load_split(get_task(task), "validation", glue_dir).examples[offset:offset + n]
+
+
+def _post(client, path, body):
+    r = client.post(path, json=body)
+    assert r.status_code == 200, r.text
+    if "X-Replica" in r.headers:
+        SENT["classify"] += 1
+    return r
+
+
+def test_same_api_and_answers_as_the_single_server(ray_app, single, glue_dir):
+    assert {m["id"] for m in ray_app.get("/v1/models").json()["data"]} == set(ADAPTERS)
+    listed = {a["name"]: a for a in ray_app.get("/v1/adapters").json()["adapters"]}
+    assert listed["rte-a"]["label_names"] == list(get_task("rte").label_names)
+    h = ray_app.get("/health").json()
+    assert (h["status"], h["adapters"], h["replicas"]) == ("ok", 4, 2)
+
+    sst2 = [r.texts[0] for r in _rows(glue_dir, "sst2", 4)]
+    rte = [list(r.texts) for r in _rows(glue_dir, "rte", 3)]
+    bodies = [("/v1/classify", {"adapter": "sst2-a", "texts": sst2}),
+              ("/v1/classify", {"adapter": "sst2-b", "texts": sst2[:2]}),
+              ("/v1/classify", {"adapter": "rte-a", "pairs": rte})]
+    for path, body in bodies:
+        got, ref = _post(ray_app, path, body).json(), _post(single, path, body).json()
+        assert got["labels"] == ref["labels"] and got["label_names"] == ref["label_names"]
+        diff = (torch.tensor(got["probabilities"]) - torch.tensor(ref["probabilities"]))
+        assert diff.abs().max().item() <= TOL, body["adapter"]
+    for path in ("/classify", "/v1/classify"):  # vLLM's shape
+        body = {"model": "sst2-b", "input": sst2}
+        got, ref = _post(ray_app, path, body).json(), _post(single, path, body).json()
+        assert [d["label"] for d in got["data"]] == [d["label"] for d in ref["data"]]
+        diff = torch.tensor([d["probs"] for d in got["data"]]) - \
+            torch.tensor([d["probs"] for d in ref["data"]])
+        assert diff.abs().max().item() <= TOL
+        assert got["object"] == "list" and got["model"] == "sst2-b"
+
+    r = ray_app.post("/v1/classify", json={"adapter": "nope", "texts": ["x"]})
+    assert r.status_code == 404 and "nope" in r.json()["error"]
+    r = ray_app.post("/v1/classify", json={"adapter": "rte-a", "texts": ["x"]})  # pair task
+    assert r.status_code == 422 and "pairs" in r.json()["error"]
+    r = ray_app.post("/v1/classify", content=b"{not json")
+    assert r.status_code == 400 and r.json()["error"].startswith("malformed JSON")
+
+
+def test_requests_for_an_adapter_land_on_the_replica_holding_it(ray_app):
+    body = {"adapter": "sst2-c", "texts": ["a gripping, well acted film"]}
+    holders = {_post(ray_app, "/v1/classify", body).headers["X-Replica"]}
+    deadline = time.time() + 30  # the replica's board shows it ...
+    while True:
+        listed = {a["name"]: a for a in ray_app.get("/v1/adapters").json()["adapters"]}
+        if set(listed["sst2-c"]["replicas"]) == holders:
+            break
+        assert time.time() < deadline, listed["sst2-c"]
+        time.sleep(0.2)
+    time.sleep(2.0)  # ... and Ray's router has learnt it (replicas push their ids every 0.1 s)
+    misses = 0
+    for _ in range(10):
+        replica = _post(ray_app, "/v1/classify", body).headers["X-Replica"]
+        misses += replica not in holders
+        holders.add(replica)
+    assert misses <= 1, f"{misses} of 10 requests went to a replica without the adapter"
+
+
+def test_metrics_at_the_ingress_hold_both_replicas(ray_app):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.time() + 15  # replicas push every 0.5 s
+    while True:
+        text = ray_app.get("/metrics").text
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        loaded = fams["loralens_adapters_loaded"].samples
+        requests = fams["loralens_adapter_requests"].samples
+        counted = sum(s.value for s in requests if s.name.endswith("_total"))
+        if counted == SENT["classify"]:
+            break
+        assert time.time() < deadline, (counted, SENT["classify"])
+        time.sleep(0.3)
+    assert len({s.labels["replica"] for s in loaded}) == 2
+    assert SENT["classify"] >= 14
