@@ -37,9 +37,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from loralens.core.errors import ConfigError
 from loralens.models.classifier import CausalLMClassifier
 from loralens.serving.cli_args import BACKENDS
 from loralens.serving.runtime import LoraAdapter, MultiLoraClassifier
+from loralens.serving.store import AdapterStore, groups
 
 
 
@@ -109,22 +111,45 @@ class Backend:
 
 
 class OursBackend(Backend):
+    """``infos`` are the adapters known; ``store`` says which are loaded (all of them without
+    a budget; at most ``max_loaded`` with one, the others read from disk when used)."""
+
     kind = "ours"
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, max_loaded: int | None = None):
         super().__init__(backbone)
         self.rt = MultiLoraClassifier(self.backbone)
+        self.store = AdapterStore(self.rt, max_loaded)
 
     def _add(self, name, path, adapter):
-        self.rt.add_adapter(name, adapter)
+        self.store.register(name, path, adapter)
 
     def _remove(self, name):
-        self.rt.remove_adapter(name)
+        self.store.forget(name)
 
     @torch.inference_mode()
     def infer(self, input_ids, attention_mask, adapters):
         names = list(adapters)
-        return self.rt(input_ids, attention_mask, names[0] if len(set(names)) == 1 else names)
+        parts = groups(names, self.store.max_loaded)
+        if len(parts) == 1:
+            self.store.ensure(names)
+            return self.rt(input_ids, attention_mask, names[0] if len(set(names)) == 1 else names)
+        # more distinct adapters than the budget: one forward per group of at most
+        # max_loaded adapters, each group loaded first (its rows trimmed to their own padding)
+        width = max(self.infos[n].num_labels for n in names)
+        out = None
+        for rows in parts:
+            sub = [names[i] for i in rows]
+            self.store.ensure(sub)
+            idx = torch.tensor(rows)
+            mask = attention_mask[idx]
+            cols = int(mask.sum(1).max())
+            logits = self.rt(input_ids[idx][:, :cols], mask[:, :cols],
+                             sub[0] if len(set(sub)) == 1 else sub)
+            if out is None:
+                out = logits.new_full((len(names), width), float("-inf"))
+            out[idx, : logits.shape[1]] = logits
+        return out
 
 
 class PeftBackend(Backend):
@@ -229,9 +254,26 @@ class MergedBackend(Backend):
         return out
 
 
-def make_backend(kind: str, backbone: nn.Module) -> Backend:
+def make_backend(kind: str, backbone: nn.Module, max_loaded: int | None = None) -> Backend:
+    """A backend of ``kind``; ``max_loaded`` (the adapter store's budget, ``--max-loaded``)
+    only for ``ours``: the other backends hold every adapter they serve."""
     try:
         cls = {"ours": OursBackend, "peft": PeftBackend, "merged": MergedBackend}[kind]
     except KeyError:
         raise ValueError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}") from None
+    if max_loaded is not None:
+        check_max_loaded(kind, max_loaded)
+        return cls(backbone, max_loaded)
     return cls(backbone)
+
+
+def check_max_loaded(kind: str, max_loaded: int | None) -> None:
+    """:class:`ConfigError` naming ``--max-loaded`` when a budget is given to a backend without a
+    store (peft, merged) or is below 1."""
+    if max_loaded is None:
+        return
+    if kind != OursBackend.kind:
+        raise ConfigError(f"--max-loaded: the {kind} backend loads every adapter it serves; "
+                         f"an adapter budget needs --backend {OursBackend.kind}")
+    if max_loaded < 1:
+        raise ConfigError(f"--max-loaded must be >= 1 (got {max_loaded})")

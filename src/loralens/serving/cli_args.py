@@ -38,6 +38,10 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--adapter-root", metavar="DIR",
                    help="POST /v1/adapters may load adapters only from below DIR (default: the "
                         "run directory served; none when only adapter directories are given)")
+    p.add_argument("--max-loaded", type=int, metavar="N",
+                   help="keep at most N adapters loaded (backend ours); the others are "
+                        "registered and read from disk on demand, least recently used out "
+                        "(default: no limit)")
     p.add_argument("--replicate", type=int, default=0,
                    help="load copies of the adapters until there are this many (load tests)")
     p.add_argument("--api-key-file", metavar="FILE",

@@ -12,7 +12,14 @@ Each app has its own registry (two servers in one process never share counts). S
     loralens_queue_depth                                      requests waiting for a batch
     loralens_adapter_requests_total{adapter}                  classify requests per adapter
     loralens_adapter_rows_total{adapter}                      rows classified per adapter
-    loralens_adapters_loaded                                  adapters on the backend
+    loralens_adapters_loaded                                  adapters loaded (in the stacks)
+    loralens_adapters_known                                   adapters registered (loaded or not)
+    loralens_adapter_store_{hits,misses,loads,evictions}_total  the adapter store (ours):
+                                                               a request's adapter loaded or
+                                                               not; reads from disk; evictions
+    loralens_adapter_store_load_seconds                       miss -> adapter in the stacks
+                                                               (histogram)
+    loralens_adapter_store_bytes                              factor and head bytes held
 
 ``endpoint`` is the route's template (``/v1/adapters/{name}``), never the raw path, so
 clients cannot grow the label set; a path no route matches is ``other``. vLLM's routes
@@ -65,8 +72,21 @@ class ServerMetrics:
                                     ["adapter"], registry=r)
         Gauge("loralens_queue_depth", "classify requests waiting for a batch",
               registry=r).set_function(lambda: service.queue.qsize() if service.queue else 0)
-        Gauge("loralens_adapters_loaded", "adapters loaded on the backend",
+        store = getattr(service, "store", None)
+        Gauge("loralens_adapters_loaded", "adapters loaded on the backend (in the stacks)",
+              registry=r).set_function(lambda: len(store.lru) if store is not None
+                                       else len(service.backend.infos))
+        Gauge("loralens_adapters_known", "adapters registered, loaded or not",
               registry=r).set_function(lambda: len(service.backend.infos))
+        if store is not None:
+            self.load_seconds = Histogram(
+                "loralens_adapter_store_load_seconds", "from a miss (or a batch's reload) to "
+                "the adapter in the stacks: read, preparation, queueing, swap",
+                buckets=LATENCY_BUCKETS, registry=r)
+            store.on_load = self.load_seconds.observe
+            Gauge("loralens_adapter_store_bytes", "bytes of the loaded adapters' factors and "
+                  "heads", registry=r).set_function(store.bytes_held)
+            r.register(_StoreCounters(store))
 
     def observe_batch(self, requests, started: float) -> None:
         """One model batch: ``requests`` have ``.adapter``, ``.ids`` (rows) and
@@ -80,6 +100,28 @@ class ServerMetrics:
 
     def exposition(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _StoreCounters:
+    """The adapter store's counters (plain ints the store keeps), as Prometheus counters."""
+
+    HELP = {"hits": "classify requests whose adapter was loaded on arrival",
+            "misses": "classify requests whose adapter had to be loaded",
+            "loads": "adapters read from disk into the stacks",
+            "evictions": "adapters taken out of the stacks to make room"}
+
+    def __init__(self, store):
+        self.store = store
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        for key, text in self.HELP.items():
+            yield CounterMetricFamily(f"loralens_adapter_store_{key}", text,
+                                      value=getattr(self.store.stats, key))
+
+    def describe(self):
+        return list(self.collect())
 
 
 # the OpenAPI of GET /metrics: text, and the errors every handler may answer

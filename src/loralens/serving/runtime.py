@@ -35,8 +35,14 @@ to the largest count among its rows (argmax and softmax stay right).
 Logits equal PEFT's (a separate ``PeftModel`` per adapter, or PeftModel's own
 ``adapter_names`` mixed batches) within float32 rounding: the only differences are
 the order of the low-rank products and folding ``s`` into ``B`` (exact when s is a
-power of two, as with the default alpha=16, r=8). Adapters of different ranks or
-target modules share a module: factors are zero-padded to the largest rank, and a
+power of two, as with the default alpha=16, r=8).
+
+Adapters of different ranks or target modules share a module without padding: each
+projection keeps one stack per rank present (:class:`LoraLinear`), and an adapter holds
+only its own rank's rows in the projections it adapts (its own factor bytes, whatever the
+largest rank served). A mixed batch whose rows use one rank in a projection (the common
+case) gathers once as above; rows of several ranks run the same per-row arithmetic once
+per rank (gather the rank's rows, ``bmm``, ``baddbmm_``, ``index_copy_`` back). A
 projection no adapter of a batch touches skips its low-rank step.
 """
 
@@ -164,14 +170,36 @@ class LoraAdapter:
 
 # --------------------------------------------------------------------------- wrapped projection
 
-class LoraLinear(nn.Module):
-    """Stand-in for an ``nn.Linear``: shared frozen weight plus stacked LoRA factors.
+class _RankStack:
+    """The factors of one rank ``r`` in one projection: ``At`` [capacity, in, r] and ``Bt``
+    [capacity, r, out] (scaling folded in); ``free`` lists unused rows."""
 
-    ``At`` [slots, in, rank] and ``Bt`` [slots, rank, out] (scaling folded in) hold
-    every adapter; a slot this projection has no factors for is zero there and
-    marked in ``has``. ``_a``/``_b`` are the factors of the current batch, set by the
-    runtime before a forward: [in, rank] and [rank, out] for one adapter, or gathered
-    per row [batch, in, rank] and [batch, rank, out] when ``_mixed``; None = base only.
+    __slots__ = ("At", "Bt", "free")
+
+    def __init__(self, At: torch.Tensor, Bt: torch.Tensor):
+        self.At, self.Bt, self.free = At, Bt, []
+
+    @property
+    def used(self) -> int:
+        return self.At.shape[0] - len(self.free)
+
+
+def _grown(n: int) -> int:
+    """Capacity after ``n`` rows: exact up to 16, then 1/16 more (amortised copies; at most
+    6.25% of a stack unused, within the memory goal of 1.1x the adapters' own bytes)."""
+    return n + max(1, n // 16)
+
+
+class LoraLinear(nn.Module):
+    """Stand-in for an ``nn.Linear``: shared frozen weight plus LoRA factors stacked by rank.
+
+    One :class:`_RankStack` per rank present (``stacks[r]``), so an adapter holds its own
+    rank's bytes, never the largest rank's; ``where[slot]`` is ``(r, row)`` of the runtime's
+    adapter ``slot`` (None: that adapter does not adapt this projection; ``has`` says the
+    same as booleans). ``_a``/``_b`` are the factors of the current batch, set by the
+    runtime before a forward: [in, r] and [r, out] for one adapter, or gathered per row
+    [batch, in, r] and [batch, r, out] when ``_mixed``; ``_segs``, when the batch's rows use
+    several ranks here, lists ``(rows, a, b)`` per rank instead; None = base only.
     """
 
     def __init__(self, base: nn.Linear):
@@ -179,13 +207,12 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
-        w = base.weight
-        self.register_buffer("At", w.new_zeros(0, self.in_features, 0), persistent=False)
-        self.register_buffer("Bt", w.new_zeros(0, 0, self.out_features), persistent=False)
-        self.has: list[bool] = []
+        self.stacks: dict[int, _RankStack] = {}
+        self.where: list[tuple[int, int] | None] = []
         self._a: torch.Tensor | None = None
         self._b: torch.Tensor | None = None
         self._mixed = False
+        self._segs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -193,50 +220,130 @@ class LoraLinear(nn.Module):
         if a is None:
             return y
         if self._mixed:  # x [batch, seq, in]; a [batch, in, r]; b [batch, r, out]
-            return y.baddbmm_(torch.bmm(x, a), self._b)
+            segs = self._segs
+            if segs is None:
+                return y.baddbmm_(torch.bmm(x, a), self._b)
+            for rows, a, b in segs:  # one rank's rows: the same per-row arithmetic
+                yr = y.index_select(0, rows)
+                y.index_copy_(0, rows, yr.baddbmm_(torch.bmm(x.index_select(0, rows), a), b))
+            return y
         y.view(-1, self.out_features).addmm_(torch.mm(x.reshape(-1, self.in_features), a), self._b)
         return y
 
-    # ---- slots (called by the runtime, under no_grad)
-    def _grow_rank(self, rank: int) -> None:
-        cur = self.At.shape[2]
-        if rank > cur:
-            self.At = F.pad(self.At, (0, rank - cur))
-            self.Bt = F.pad(self.Bt, (0, 0, 0, rank - cur))
+    @property
+    def has(self) -> list[bool]:
+        return [w is not None for w in self.where]
 
+    @property
+    def rank(self) -> int:
+        return max(self.stacks, default=0)
+
+    @property
+    def At(self) -> torch.Tensor:
+        """The largest rank's stack (empty [0, in, 0] when no adapter adapts this)."""
+        s = self.stacks.get(self.rank)
+        return s.At if s is not None else self.weight.new_zeros(0, self.in_features, 0)
+
+    def factors(self, slot: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Views ``(A^T [in, r], s B^T [r, out])`` of adapter ``slot`` (None, None if absent)."""
+        w = self.where[slot]
+        if w is None:
+            return None, None
+        st = self.stacks[w[0]]
+        return st.At[w[1]], st.Bt[w[1]]
+
+    # ---- slots (called by the runtime, under no_grad)
     def append(self, factors: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
         if factors is None:
-            self.At = torch.cat([self.At, self.At.new_zeros(1, *self.At.shape[1:])])
-            self.Bt = torch.cat([self.Bt, self.Bt.new_zeros(1, *self.Bt.shape[1:])])
-            self.has.append(False)
+            self.where.append(None)
             return
         A, B, s = factors
         r = A.shape[0]
         if A.shape != (r, self.in_features) or B.shape != (self.out_features, r):
             raise ValueError(f"LoRA factors A {tuple(A.shape)}, B {tuple(B.shape)} do not fit a "
                              f"{self.in_features} -> {self.out_features} projection")
-        self._grow_rank(r)
-        rank = self.At.shape[2]
-        a = self.At.new_zeros(1, self.in_features, rank)
-        b = self.Bt.new_zeros(1, rank, self.out_features)
-        a[0, :, :r] = A.to(a).t()
-        b[0, :r, :] = (B.to(torch.float64) * s).to(b).t() if s != 1 else B.to(b).t()
-        self.At = torch.cat([self.At, a])
-        self.Bt = torch.cat([self.Bt, b])
-        self.has.append(True)
+        w = self.weight
+        st = self.stacks.get(r)
+        if st is None:
+            st = self.stacks[r] = _RankStack(w.new_zeros(0, self.in_features, r),
+                                             w.new_zeros(0, r, self.out_features))
+        if not st.free:
+            n = st.At.shape[0]
+            cap = _grown(n)
+            At = w.new_zeros(cap, self.in_features, r)
+            Bt = w.new_zeros(cap, r, self.out_features)
+            At[:n], Bt[:n] = st.At, st.Bt
+            st.At, st.Bt = At, Bt
+            st.free = list(range(cap - 1, n - 1, -1))  # lowest row first (pop from the end)
+        row = st.free.pop()
+        st.At[row] = A.to(w).t()
+        st.Bt[row] = (B.to(torch.float64) * s).to(w).t() if s != 1 else B.to(w).t()
+        self.where.append((r, row))
 
     def drop(self, slot: int) -> None:
-        """Remove a slot; shrink the rank when the widest adapter left (no wasted FLOPs)."""
-        keep = [i for i in range(self.At.shape[0]) if i != slot]
-        At, Bt = self.At[keep], self.Bt[keep]
-        used = ((At != 0).any(dim=1) | (Bt != 0).any(dim=2)).any(dim=0).nonzero()
-        rank = int(used.max()) + 1 if len(used) else 0
-        self.At, self.Bt = At[:, :, :rank].contiguous(), Bt[:, :rank, :].contiguous()
-        del self.has[slot]
+        """Remove a slot; a rank's stack shrinks when half of it is unused, and goes when
+        its last adapter does."""
+        w = self.where.pop(slot)
+        if w is None:
+            return
+        r, row = w
+        st = self.stacks[r]
+        st.free.append(row)
+        st.free.sort(reverse=True)
+        used = st.used
+        if used == 0:
+            del self.stacks[r]
+        elif used <= st.At.shape[0] // 2:
+            keep = sorted(x[1] for x in self.where if x is not None and x[0] == r)
+            new = {old: i for i, old in enumerate(keep)}
+            idx = torch.tensor(keep, device=st.At.device)
+            st.At, st.Bt = st.At.index_select(0, idx), st.Bt.index_select(0, idx)
+            st.free = []
+            self.where = [(r, new[x[1]]) if x is not None and x[0] == r else x
+                          for x in self.where]
+
+    def route(self, slots: Sequence[int], memo: dict) -> None:
+        """Set the factors of a mixed batch whose row ``i`` uses adapter ``slots[i]``."""
+        where = [self.where[s] for s in slots]
+        ranks = {w[0] for w in where if w is not None}
+        self._mixed = True
+        if not ranks:
+            self._a = self._b = None
+            self._segs = None
+            return
+        dev = self.weight.device
+        if len(ranks) == 1 and None not in where:  # the common case: one gather each
+            r = next(iter(ranks))
+            rows = tuple(w[1] for w in where)
+            idx = memo.get(rows)
+            if idx is None:
+                idx = memo[rows] = torch.tensor(rows, device=dev)
+            st = self.stacks[r]
+            self._a, self._b, self._segs = st.At.index_select(0, idx), st.Bt.index_select(0, idx), None
+            return
+        segs = []
+        for r in sorted(ranks):
+            batch_rows = [i for i, w in enumerate(where) if w is not None and w[0] == r]
+            idx = torch.tensor([where[i][1] for i in batch_rows], device=dev)
+            st = self.stacks[r]
+            segs.append((torch.tensor(batch_rows, device=dev), st.At.index_select(0, idx),
+                         st.Bt.index_select(0, idx)))
+        self._segs = segs
+        self._a, self._b = segs[0][1], segs[0][2]
+
+    def bytes_held(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.stacks.values()
+                   for t in (s.At, s.Bt))
+
+    def _apply(self, fn, recurse=True):  # .to(dtype/device) moves the stacks as buffers
+        out = super()._apply(fn, recurse)
+        for st in self.stacks.values():
+            st.At, st.Bt = fn(st.At), fn(st.Bt)
+        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"adapters={sum(self.has)}, rank={self.At.shape[2]}")
+                f"adapters={sum(self.has)}, ranks={sorted(self.stacks)}")
 
 
 # --------------------------------------------------------------------------- the runtime
@@ -275,6 +382,12 @@ class MultiLoraClassifier(nn.Module):
         self._head_b: torch.Tensor | None = None
 
     # ---- adapters
+    def bytes_held(self) -> int:
+        """Bytes of the adapters' factor and head stacks (the frozen base excluded)."""
+        return (sum(m.bytes_held() for m in self.wrapped.values())
+                + self.heads.numel() * self.heads.element_size()
+                + self.head_bias.numel() * self.head_bias.element_size())
+
     @property
     def adapters(self) -> list[str]:
         return list(self.names)
@@ -381,8 +494,7 @@ class MultiLoraClassifier(nn.Module):
             n = self.labels[slot]  # plain dict stores (no tensor op, no Module.__setattr__)
             bias = self.head_bias[slot, :n]
             route = self._routes[slot] = (
-                [(mod.__dict__, mod.At[slot] if mod.has[slot] else None,
-                  mod.Bt[slot] if mod.has[slot] else None) for mod in self.wrapped.values()],
+                [(mod.__dict__, *mod.factors(slot)) for mod in self.wrapped.values()],
                 self.heads[slot, :n], bias if bool(bias.any()) else None)
         for d, a, b in route[0]:
             d["_a"], d["_b"], d["_mixed"] = a, b, False
@@ -397,12 +509,9 @@ class MultiLoraClassifier(nn.Module):
 
     def _route_mixed(self, slots: list[int]) -> torch.Tensor:
         idx = torch.tensor(slots, device=self.heads.device)
+        memo: dict = {}  # projections with the same rows share one index tensor
         for mod in self.wrapped.values():
-            if any(mod.has[s] for s in set(slots)):
-                mod._a, mod._b = mod.At.index_select(0, idx), mod.Bt.index_select(0, idx)
-                mod._mixed = True
-            else:
-                mod._a = mod._b = None
+            mod.route(slots, memo)
         self._active = None
         return idx
 

@@ -70,7 +70,9 @@ from loralens.training.batches import collate, encode_texts
 from loralens.models.classifier import Base, load_base
 from loralens.core.run_dir import RunDir
 from loralens.tasks.registry import get_task
-from loralens.serving.backends import AdapterError, AdapterInfo, Backend, make_backend
+from loralens.serving.backends import (
+    AdapterError, AdapterInfo, Backend, check_max_loaded, make_backend,
+)
 from loralens.serving.bodies import (
     AdapterIn, BodyLimit, ClassifyIn, OpenAIClassifyIn, RequestError, classify_body,
     json_body_schema, read_body,
@@ -83,7 +85,8 @@ from loralens.serving.responses import (
     RemovedOut, responses,
 )
 from loralens.serving.sources import (
-    NAME_RULE, AdapterSpec, collect_adapters, replicate, task_of, valid_name,
+    NAME_RULE, AdapterSpec, collect_adapters, recorded_max_length, replicate, task_of,
+    valid_name,
 )
 from loralens.tasks.registry import resolve_config_tasks
 
@@ -128,6 +131,11 @@ class Service:
         self.pad_id = tokenizer.pad_token_id
         self.base_name = base_name  # the base model's name, the adapters' "parent" model
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="loralens-infer")
+        # the adapter store (ours backend): adapters not loaded are read on this thread,
+        # never on the event loop or the inference worker
+        self.store = getattr(backend, "store", None)
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="loralens-load")
+        self._loading: dict[str, asyncio.Future] = {}
         self.queue: asyncio.Queue[_Pending] | None = None
         self.task: asyncio.Task | None = None
         self.stats = ServiceStats()
@@ -142,6 +150,7 @@ class Service:
         if self.task:
             self.task.cancel()
         self.executor.shutdown(wait=True)
+        self.loader.shutdown(wait=True)
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -169,6 +178,57 @@ class Service:
             return await self._run(self.backend.add, info, spec.path)
         except AdapterError as e:
             raise RequestError(409 if "already loaded" in str(e) else 422, str(e)) from None
+
+    async def ensure_loaded(self, name: str) -> bool:
+        """Load a known adapter into the store if it is not loaded (True: it was, a hit).
+        Concurrent calls for one adapter share one load; the read from disk runs on the
+        loader thread and only the swap into the stacks on the inference worker (between
+        batches), so requests for loaded adapters go on meanwhile. A no-op without a store."""
+        if self.store is None or self.store.count(name):
+            return True
+        fut = self._loading.get(name)
+        if fut is None:
+            fut = self._loading[name] = asyncio.ensure_future(self._load(name))
+            fut.add_done_callback(lambda f, n=name: self._loading.pop(n, None))
+        await asyncio.shield(fut)
+        return False
+
+    async def _load(self, name: str) -> None:
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            adapter = await loop.run_in_executor(self.loader, self.store.prepare, name)
+        except KeyError:
+            raise RequestError(404, self._unknown(name)) from None
+        except (OSError, ValueError, NotImplementedError) as e:
+            raise RequestError(422, f"adapter {name!r} could not be loaded: {e}") from None
+        await loop.run_in_executor(self.executor, self.store.install, name, adapter, (), t0)
+
+    async def _queued(self, info: AdapterInfo, ids: list[list[int]]) -> torch.Tensor:
+        """Logits of ``ids`` for ``info``'s adapter from the batcher, the adapter loaded first
+        and pinned (not evicted for another's load) while the request waits."""
+        if self.store is None:
+            return await self._submit(info, ids)
+        self.store.pin(info.name)
+        try:
+            await self.ensure_loaded(info.name)
+            return await self._submit(info, ids)
+        finally:
+            self.store.unpin(info.name)
+
+    async def _submit(self, info: AdapterInfo, ids: list[list[int]]) -> torch.Tensor:
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Pending(info.name, ids, fut, time.perf_counter()))
+        return await fut
+
+    def adapters(self) -> dict:
+        """``GET /v1/adapters``: every known adapter (``loaded``: in the store's stacks now),
+        and the counts."""
+        infos = self.backend.infos.values()
+        loaded = set(self.store.loaded) if self.store is not None else set(self.backend.infos)
+        return {"adapters": [{**i.to_dict(), "loaded": i.name in loaded} for i in infos],
+                "known": len(self.backend.infos), "loaded": len(loaded),
+                "max_loaded": self.store.max_loaded if self.store is not None else None}
 
     def check_allowed(self, path: Path) -> None:
         """A client's path must resolve (symbolic links followed) below the adapter root:
@@ -233,9 +293,7 @@ class Service:
 
     async def _probabilities(self, info: AdapterInfo, ids: list[list[int]]) -> torch.Tensor:
         """[rows, num_labels] softmax of the adapter's logits, from the batcher."""
-        fut = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(info.name, ids, fut, time.perf_counter()))
-        logits = await fut
+        logits = await self._queued(info, ids)
         return torch.softmax(logits[:, : info.num_labels], dim=-1)
 
     async def classify(self, adapter: str, texts: list[str] | None,
@@ -393,7 +451,7 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY, api_key
     @app.get("/v1/adapters", operation_id="list_adapters",
              responses=responses(200, AdaptersOut))
     async def list_adapters():
-        return {"adapters": [i.to_dict() for i in service.backend.infos.values()]}
+        return service.adapters()
 
     @app.post("/v1/adapters", status_code=201, openapi_extra=json_body_schema(AdapterIn),
               operation_id="add_adapter",
@@ -450,13 +508,16 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY, api_key
 
 def build_service(specs: Sequence[AdapterSpec], base: Base, backend: str = "ours",
                   max_length: int = 384, max_batch: int = 32, max_wait_ms: float = 5.0,
-                  max_texts: int = 64, adapter_root: str | Path | None = None) -> Service:
+                  max_texts: int = 64, adapter_root: str | Path | None = None,
+                  max_loaded: int | None = None) -> Service:
     """The base model's weights loaded once, every adapter added to a new backend.
-    ``adapter_root``: the directory below which clients may add adapters (None: none)."""
+    ``adapter_root``: the directory below which clients may add adapters (None: none).
+    ``max_loaded``: at most this many adapters loaded at once (the ``ours`` backend's
+    store, ``--max-loaded``; None: all); the others are registered and read on demand."""
     from loralens.models.families import require_servable
 
     require_servable(base.family, base.pooling, "serve")
-    b = make_backend(backend, base.backbone())
+    b = make_backend(backend, base.backbone(), max_loaded)
     for s in specs:
         task = s.task
         b.add(AdapterInfo(s.name, str(s.path), 0, task,
@@ -566,11 +627,15 @@ def run_until_stopped(server, sock: socket.socket) -> None:
 
 def cli_command(args) -> int:
     api_key = load_api_key(args.api_key_file)  # before the model loads: a bad file fails fast
+    max_loaded = getattr(args, "max_loaded", None)
+    check_max_loaded(args.backend, max_loaded)  # ConfigError (exit 2) before the model loads
     specs, run_dir = collect_adapters(args.sources)
     run_cfg = RunDir(run_dir).load_config() if run_dir is not None else None
     if run_cfg is not None:
         resolve_config_tasks(run_cfg)
-    max_length = args.max_length or (run_cfg.data.max_length if run_cfg is not None else 384)
+    # bare adapter directories: the training max_length their cards record (as predict)
+    max_length = args.max_length or (run_cfg.data.max_length if run_cfg is not None
+                                     else recorded_max_length(specs) or 384)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.replicate:
@@ -578,7 +643,7 @@ def cli_command(args) -> int:
     root = args.adapter_root or (run_dir if run_dir is not None else None)
     service = build_service(specs, load_base(base_model_config(args, run_cfg, specs)),
                             args.backend, max_length, args.max_batch, args.max_wait_ms,
-                            args.max_texts, root)
+                            args.max_texts, root, max_loaded)
     serve(service, args.host, args.port, args.max_body_bytes, args.log_level,
           api_key, args.public_metrics)
     return 0

@@ -1,0 +1,188 @@
+"""An adapter store with a memory budget, for the lean runtime (``--backend ours``).
+
+The registry knows every adapter (name -> directory); at most ``max_loaded`` of them have
+their factors and head in the runtime's stacks (:class:`MultiLoraClassifier`); the others
+are read from disk when a request names them, the least recently used loaded adapter out.
+
+Who does what (the server's threads):
+
+* the event loop counts a request's hit or miss and, on a miss, starts ONE load per adapter
+  (later requests for the same adapter await that load);
+* a loader thread reads the adapter (safetensors, tensor preparation: :meth:`prepare`), so
+  neither the event loop nor the inference worker waits for the disk;
+* the inference worker swaps the prepared adapter into the stacks (:meth:`install`) between
+  batches, evicting least recently used adapters that no queued request names (pins); only
+  when every loaded adapter is pinned does it evict a pinned one, and the batch that needs it
+  reloads it (:meth:`ensure` on the worker, a correct but slower path);
+* a batch naming more distinct adapters than the budget runs in groups of at most
+  ``max_loaded`` distinct adapters (:func:`groups`), each group loaded and then run.
+
+Counters (``stats``): hits and misses (per request, when it arrives), loads (reads from
+disk into the stacks), evictions; ``on_load(seconds)`` is called after each load (the
+server's load-latency histogram).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from loralens.serving.runtime import LoraAdapter, MultiLoraClassifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StoreStats:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+
+
+class AdapterStore:
+    """Registry of known adapters plus the LRU set of loaded ones in ``rt``.
+
+    ``max_loaded``: the budget (None: no limit, every registered adapter stays loaded).
+    ``load_hook(name)``: called on the loader thread before an adapter is read (tests inject
+    a delay there).
+    """
+
+    def __init__(self, rt: MultiLoraClassifier, max_loaded: int | None = None,
+                 load_hook: Callable[[str], None] | None = None):
+        if max_loaded is not None and max_loaded < 1:
+            raise ValueError(f"max_loaded must be >= 1 (got {max_loaded})")
+        self.rt = rt
+        self.max_loaded = max_loaded
+        self.load_hook = load_hook
+        self.on_load: Callable[[float], None] | None = None
+        self.known: dict[str, Path] = {}
+        self.lru: OrderedDict[str, None] = OrderedDict()  # loaded names, least recent first
+        self.pins: Counter = Counter()  # name -> requests queued or running for it
+        self.stats = StoreStats()
+        self._lock = threading.Lock()
+
+    # ---- registry
+    def register(self, name: str, path: str | Path, adapter: LoraAdapter | None = None) -> None:
+        """Know ``name``; load it now when ``adapter`` is given and the budget has room."""
+        self.known[name] = Path(path)
+        if adapter is not None and (self.max_loaded is None or len(self.lru) < self.max_loaded):
+            self._put(name, adapter)
+
+    def forget(self, name: str) -> None:
+        """Unregister (and unload) ``name``."""
+        if name in self.lru:
+            self.rt.remove_adapter(name)
+            del self.lru[name]
+        self.known.pop(name, None)
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self.lru
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self.lru)
+
+    def bytes_held(self) -> int:
+        return self.rt.bytes_held()
+
+    # ---- requests (event loop)
+    def count(self, name: str) -> bool:
+        """Count a request's hit (True: loaded now) or miss, and mark it recently used."""
+        with self._lock:
+            hit = name in self.lru
+            if hit:
+                self.lru.move_to_end(name)
+                self.stats.hits += 1
+            else:
+                self.stats.misses += 1
+        return hit
+
+    def pin(self, name: str) -> None:
+        with self._lock:
+            self.pins[name] += 1
+
+    def unpin(self, name: str) -> None:
+        with self._lock:
+            self.pins[name] -= 1
+            if self.pins[name] <= 0:
+                del self.pins[name]
+
+    # ---- loading
+    def prepare(self, name: str) -> LoraAdapter:
+        """Read ``name`` from disk (loader thread; touches no shared state)."""
+        if self.load_hook is not None:
+            self.load_hook(name)
+        path = self.known.get(name)
+        if path is None:
+            raise KeyError(name)
+        return LoraAdapter.from_dir(path)
+
+    def install(self, name: str, adapter: LoraAdapter, keep: Iterable[str] = (),
+                started: float | None = None) -> bool:
+        """Swap a prepared adapter into the stacks (inference worker, between batches),
+        evicting least recently used adapters first: unpinned ones not in ``keep``, then,
+        when there are none, pinned ones not in ``keep``. False when ``name`` was
+        unregistered meanwhile, or is loaded already."""
+        if name not in self.known or name in self.lru:
+            return False
+        self._make_room(set(keep) | {name})
+        self._put(name, adapter)
+        self.stats.loads += 1
+        if self.on_load is not None and started is not None:
+            self.on_load(time.perf_counter() - started)
+        return True
+
+    def ensure(self, names: Sequence[str]) -> None:
+        """Every one of ``names`` (at most ``max_loaded`` distinct) loaded, reading missing
+        ones on the calling thread (the worker's fallback after an eviction)."""
+        group = list(dict.fromkeys(names))
+        if self.max_loaded is not None and len(group) > self.max_loaded:
+            raise ValueError(f"{len(group)} adapters in one group; the budget is "
+                             f"{self.max_loaded}")
+        for name in group:
+            if name in self.lru:
+                with self._lock:
+                    self.lru.move_to_end(name)
+                continue
+            t0 = time.perf_counter()
+            self.install(name, self.prepare(name), keep=group, started=t0)
+
+    def _make_room(self, keep: set[str]) -> None:
+        if self.max_loaded is None:
+            return
+        while len(self.lru) >= self.max_loaded:
+            with self._lock:
+                candidates = [n for n in self.lru if n not in keep]
+                free = [n for n in candidates if not self.pins.get(n)]
+            victim = (free or candidates or [None])[0]
+            if victim is None:
+                raise RuntimeError("adapter store: nothing to evict")  # keep > budget: a bug
+            self.rt.remove_adapter(victim)
+            with self._lock:
+                del self.lru[victim]
+            self.stats.evictions += 1
+            log.debug("evicted adapter %s", victim)
+
+    def _put(self, name: str, adapter: LoraAdapter) -> None:
+        self.rt.add_adapter(name, adapter)
+        with self._lock:
+            self.lru[name] = None
+
+
+def groups(names: Sequence[str], limit: int | None) -> list[list[int]]:
+    """Row indices of ``names`` split into groups naming at most ``limit`` distinct adapters,
+    in order of first appearance (one group when ``limit`` is None or not exceeded)."""
+    order = list(dict.fromkeys(names))
+    if limit is None or len(order) <= limit:
+        return [list(range(len(names)))]
+    which = {n: i // limit for i, n in enumerate(order)}
+    out: list[list[int]] = [[] for _ in range((len(order) + limit - 1) // limit)]
+    for i, n in enumerate(names):
+        out[which[n]].append(i)
+    return out

@@ -1,0 +1,235 @@
+"""The adapter store (``loralens serve --max-loaded N``) and the rank-grouped stacks, on the
+tiny random Llama: eviction and reload give the same answers, a budget smaller than one
+batch's adapters still answers, a request for a loaded adapter completes while another
+adapter loads (the load held by an injected hook, no timing race), one load per adapter
+for concurrent requests, memory of mixed ranks is the sum of their own factor bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from loralens.core.errors import ConfigError
+from loralens.models.classifier import CausalLMClassifier
+from loralens.serving.backends import AdapterInfo, make_backend
+from loralens.serving.runtime import MultiLoraClassifier
+from loralens.serving.server import AdapterSpec, build_service, create_app
+from loralens.serving.store import groups
+from loralens.training import batches as B
+
+
+def save_adapter(backbone, path, seed, r=8, alpha=16.0, targets=("q_proj", "v_proj"), labels=2):
+    """A PEFT LoRA classifier with random non-zero factors and head, saved to ``path``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+                     modules_to_save=["score"], bias="none")
+    peft = get_peft_model(CausalLMClassifier(copy.deepcopy(backbone), labels), cfg)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.normal_(0, 0.3)
+    peft.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def rows(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = [3, 7, 5, 2, 6, 4, 8, 3][:n]
+    return [torch.randint(5, 1000, (k,), generator=g).tolist() for k in lens]
+
+
+def alone(backend, ids, name):
+    """Logits of one row served alone: a batch of that row only, no padding."""
+    input_ids, mask = B.collate([ids], pad_id=0)
+    return backend.infer(input_ids, mask, [name])[0]
+
+
+@pytest.fixture
+def dirs(tiny_backbone, tmp_path):
+    """Four adapters: ranks 8, 4 (q/k/v, 3 labels), 16 (v/o) and 8."""
+    kinds = {"a": {}, "b": dict(r=4, alpha=12.0, targets=("q_proj", "k_proj", "v_proj"),
+                                 labels=3),
+             "c": dict(r=16, targets=("v_proj", "o_proj")), "d": {}}
+    return {n: save_adapter(tiny_backbone, tmp_path / n, i + 1, **kw)
+            for i, (n, kw) in enumerate(kinds.items())}
+
+
+def backend64(tiny_backbone, dirs, max_loaded=None):
+    be = make_backend("ours", copy.deepcopy(tiny_backbone).to(torch.float64), max_loaded)
+    for n, path in dirs.items():
+        be.add(AdapterInfo(n, str(path), 0), path)
+    return be
+
+
+def test_groups_split_rows_by_distinct_adapters():
+    assert groups(["a", "b", "a"], None) == [[0, 1, 2]]
+    assert groups(["a", "b", "a"], 2) == [[0, 1, 2]]
+    # a b c a d: first appearances a, b | c, d
+    assert groups(["a", "b", "c", "a", "d"], 2) == [[0, 1, 3], [2, 4]]
+    assert groups(["x", "y", "z"], 1) == [[0], [1], [2]]
+
+
+def test_eviction_then_reload_gives_identical_answers(tiny_backbone, dirs):
+    be = backend64(tiny_backbone, dirs, max_loaded=1)
+    store = be.store
+    assert store.loaded == ["a"] and set(be.infos) == set(dirs)  # registered: 4, loaded: 1
+    ids, mask = B.collate(rows(4), pad_id=0)
+    first = be.infer(ids, mask, ["a"] * 4)
+    for n in ("b", "c", "d"):  # each load evicts the one before
+        be.infer(ids, mask, [n] * 4)
+        assert store.loaded == [n]
+    again = be.infer(ids, mask, ["a"] * 4)
+    assert torch.equal(first, again)
+    assert (store.stats.loads, store.stats.evictions) == (4, 4)
+    # and equal to a server holding all four (no budget): float64, the same path
+    full = backend64(tiny_backbone, dirs)
+    assert torch.equal(full.infer(ids, mask, ["a"] * 4), first)
+
+
+def test_budget_smaller_than_one_batch_answers_each_row_as_alone(tiny_backbone, dirs):
+    be = backend64(tiny_backbone, dirs, max_loaded=2)
+    full = backend64(tiny_backbone, dirs)
+    r = rows(8, seed=4)
+    names = ["a", "b", "c", "a", "d", "b", "c", "d"]  # 4 distinct adapters, budget 2
+    ids, mask = B.collate(r, pad_id=0)
+    out = be.infer(ids, mask, names)
+    assert out.dtype == torch.float64 and out.shape == (8, 3)
+    for i, n in enumerate(names):
+        ref = alone(full, r[i], n)
+        k = ref.shape[0]
+        assert (out[i, :k] - ref).abs().max().item() <= 1e-12 * ref.abs().max().item(), (i, n)
+        assert torch.isinf(out[i, k:]).all()  # 2-label rows padded with -inf
+    assert len(be.store.loaded) <= 2
+
+
+def test_mixed_ranks_hold_their_own_factor_bytes(tiny_backbone, tmp_path):
+    """Ranks 4, 8, 16, 64 on q/v of the tiny Llama (hidden 32; q 32 -> 32, v 32 -> 16 with
+    2 of 4 heads for k/v; 2 layers): r x (32 + 32 + 32 + 16) x 2 layers x 4 bytes = 896 r
+    bytes per adapter, 896 x (4 + 8 + 16 + 64) = 82,432 bytes in all; padded to rank 64 they
+    would take 4 x 896 x 64 = 229,376."""
+    rt = MultiLoraClassifier(copy.deepcopy(tiny_backbone))
+    for i, r in enumerate((4, 8, 16, 64)):
+        rt.add_adapter(f"r{r}", save_adapter(tiny_backbone, tmp_path / f"r{r}", i, r=r))
+    factors = sum(m.bytes_held() for m in rt.wrapped.values())
+    assert factors == 82_432
+    heads = 4 * 2 * 32 * 4 + 4 * 2 * 4  # [4 adapters, 2 labels, 32] weights, [4, 2] bias
+    assert rt.bytes_held() == 82_432 + heads
+    rt.remove_adapter("r64")
+    assert sum(m.bytes_held() for m in rt.wrapped.values()) == 896 * (4 + 8 + 16)
+
+
+def test_mixed_ranks_in_one_batch_answer_as_alone(tiny_backbone, dirs):
+    be = backend64(tiny_backbone, dirs)
+    r = rows(6, seed=2)
+    names = ["a", "b", "c", "b", "d", "c"]  # ranks 8, 4, 16 in one batch; k/o for some only
+    ids, mask = B.collate(r, pad_id=0)
+    out = be.infer(ids, mask, names)
+    for i, n in enumerate(names):
+        ref = alone(be, r[i], n)
+        assert (out[i, : ref.shape[0]] - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+    # the common one-rank case keeps one gather per projection (no per-rank segments)
+    be.infer(ids, mask, ["a", "d", "a", "d", "a", "d"])
+    q = be.rt.wrapped["layers.0.self_attn.q_proj"]
+    assert q._mixed and q._segs is None and q._a.shape == (6, 32, 8)
+
+
+def test_backends_without_a_store_refuse_max_loaded(tiny_backbone, tmp_path, capsys):
+    for kind in ("peft", "merged"):
+        with pytest.raises(ConfigError, match="--max-loaded"):
+            make_backend(kind, tiny_backbone, max_loaded=2)
+    with pytest.raises(ConfigError, match="--max-loaded must be >= 1"):
+        make_backend("ours", tiny_backbone, max_loaded=0)
+    from loralens import cli
+
+    path = save_adapter(tiny_backbone, tmp_path / "a", 1)
+    assert cli.main(["serve", str(path), "--backend", "merged", "--max-loaded", "2"]) == 2
+    assert "--max-loaded" in capsys.readouterr().err
+
+
+def _service(tiny_base, root, max_loaded, names=("a", "b", "c")):
+    for i, n in enumerate(names):
+        save_adapter(tiny_base.backbone(), root / n, i + 1)
+    specs = [AdapterSpec(n, root / n, "sst2") for n in names]
+    return build_service(specs, tiny_base, max_length=32, max_batch=8, max_wait_ms=1,
+                         max_texts=8, adapter_root=root, max_loaded=max_loaded)
+
+
+def scrape(client) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for s in family.samples:
+            out[s.name] = s.value
+    return out
+
+
+def test_adapters_listing_and_metrics_count_hits_misses_loads(tiny_base, tmp_path):
+    service = _service(tiny_base, tmp_path, max_loaded=1)
+    with TestClient(create_app(service)) as client:
+        listed = client.get("/v1/adapters").json()
+        assert (listed["known"], listed["loaded"], listed["max_loaded"]) == (3, 1, 1)
+        assert {a["name"]: a["loaded"] for a in listed["adapters"]} == \
+            {"a": True, "b": False, "c": False}
+        answers = {}
+        for n in ("a", "b", "a"):  # hit; miss (load b, evict a); miss (load a, evict b)
+            r = client.post("/v1/classify", json={"adapter": n, "texts": ["good", "bad x"]})
+            assert r.status_code == 200, r.text
+            answers.setdefault(n, []).append(r.json()["probabilities"])
+        assert answers["a"][0] == answers["a"][1]  # evicted and reloaded: the same answer
+        m = scrape(client)
+        assert (m["loralens_adapter_store_hits_total"], m["loralens_adapter_store_misses_total"],
+                m["loralens_adapter_store_loads_total"],
+                m["loralens_adapter_store_evictions_total"]) == (1, 2, 2, 2)
+        assert m["loralens_adapter_store_load_seconds_count"] == 2
+        assert (m["loralens_adapters_loaded"], m["loralens_adapters_known"]) == (1, 3)
+        # one rank-8 q/v adapter: 896 x 8 factor bytes, a 2 x 32 head and its 2 biases
+        assert m["loralens_adapter_store_bytes"] == 896 * 8 + 2 * 32 * 4 + 2 * 4
+        listed = client.get("/v1/adapters").json()
+        assert {a["name"]: a["loaded"] for a in listed["adapters"]} == \
+            {"a": True, "b": False, "c": False}
+
+
+def test_a_loaded_adapters_request_is_not_blocked_by_another_load(tiny_base, tmp_path):
+    """'slow' is held on the loader thread by the hook until the loaded adapter's request
+    has been answered; two concurrent requests for 'slow' cause one load."""
+    service = _service(tiny_base, tmp_path, max_loaded=1, names=("fast", "slow"))
+    store = service.store
+    started, release = threading.Event(), threading.Event()
+    reads = []
+
+    def hook(name):
+        reads.append(name)
+        if name == "slow":
+            started.set()
+            assert release.wait(30), "the test never released the load"
+
+    store.load_hook = hook
+
+    async def scenario():
+        await service.start()
+        try:
+            slow = [asyncio.ensure_future(service.classify("slow", ["x y"], None))
+                    for _ in range(2)]
+            assert await asyncio.to_thread(started.wait, 30)
+            fast = await asyncio.wait_for(service.classify("fast", ["z"], None), 30)
+            assert not any(t.done() for t in slow)  # still loading: fast went past it
+            release.set()
+            done = await asyncio.wait_for(asyncio.gather(*slow), 30)
+            return fast, done
+        finally:
+            release.set()
+            await service.stop()
+
+    fast, done = asyncio.run(scenario())
+    assert fast["adapter"] == "fast" and [d["adapter"] for d in done] == ["slow", "slow"]
+    assert done[0]["probabilities"] == done[1]["probabilities"]
+    assert reads == ["slow"]  # one read for two requests; "fast" was loaded at start
+    assert (store.stats.hits, store.stats.misses, store.stats.loads) == (1, 2, 1)
+    assert store.loaded == ["slow"]
