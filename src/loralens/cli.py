@@ -107,9 +107,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                                      "postgresql+psycopg://user@host/db; stored with its "
                                      "password hidden")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--report-to", action="append", metavar="none|tensorboard|mlflow",
+    p.add_argument("--report-to", action="append", metavar="NAME",
                    help="experiment trackers of the training jobs (tracking.report_to; "
-                        "repeatable or comma-separated)")
+                        "repeatable or comma-separated): none, all (every one installed), "
+                        "tensorboard, mlflow, wandb, aim, clearml, comet_ml, dvclive, "
+                        "trackio, swanlab")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (else $MLFLOW_TRACKING_URI, "
                                           "else sqlite:///RUN_DIR/mlflow.db); never stored")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")

@@ -322,14 +322,23 @@ class StatsConfig(_Validated):
                              "bonferroni (p x m, as the published study)")
 
 
+# --report-to's names: none, all (every installed one), loralens's own sinks, then accelerate's
+# trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS; loralens.training.tracking runs them)
+REPORT_TO = ("none", "all", "tensorboard", "mlflow", "wandb", "aim", "clearml", "comet_ml",
+             "dvclive", "trackio", "swanlab")
+
+
 @dataclass
 class TrackingConfig(_Validated):
     section: ClassVar[str] = "tracking"
-    report_to: list[str] = _f(factory=lambda: ["none"], choices=("none", "tensorboard", "mlflow"),
+    report_to: list[str] = _f(factory=lambda: ["none"], choices=REPORT_TO,
                               doc="experiment trackers of the training jobs (loralens.training.tracking): "
-                                  "none, or tensorboard and/or mlflow (--report-to)")
-    experiment: str | None = _f(None, doc="MLflow experiment grouping the study's runs (None = "
-                                          "the run directory's name)")
+                                  "none; all (every one installed); tensorboard, mlflow "
+                                  "(loralens's own); wandb, aim, clearml, comet_ml, dvclive, "
+                                  "trackio, swanlab (accelerate's trackers) (--report-to)")
+    experiment: str | None = _f(None, doc="MLflow experiment (and the project of accelerate's "
+                                          "trackers) grouping the study's runs (None = the "
+                                          "run directory's name)")
 
 
 RAY_RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")  # any other key: a custom resource

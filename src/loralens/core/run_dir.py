@@ -118,6 +118,7 @@ class RunDir:
         loadtest/                          loadtest.json, loadtest.csv, loadtest_runs.csv
         report/                            report.md, report.html, figures/ (+ legends.json)
         tensorboard/, mlflow.db, mlartifacts/  experiment tracking (tracking.report_to)
+        trackers/                          accelerate's trackers' local files (wandb, aim, ...)
 
     A job directory's own files also have static methods (:meth:`job_metrics`,
     :meth:`job_adapter_dir`, :meth:`job_model_dir`) for code given only a job directory.
@@ -429,6 +430,11 @@ class RunDir:
         ``<task>-<method>-seed<seed>``, a trial's ``search-<task>-<method>-trial<n>``, or
         ``study``)."""
         return self.root / "tensorboard" / name
+
+    def tracker_dir(self, name: str) -> Path:
+        """``trackers/<name>/``: the local files of accelerate's tracker ``name`` (wandb's
+        offline runs, aim's repository, dvclive's folders)."""
+        return self.root / "trackers" / name
 
     @property
     def mlflow_db(self) -> Path:

@@ -119,6 +119,10 @@ def logged_where(cfg, run: RunDir) -> str:
 
     places = []
     for r in reporters(cfg.tracking.report_to):
-        places.append(f"TensorBoard {Path(run.root) / 'tensorboard' / 'study'}"
-                      if r == "tensorboard" else f"MLflow {redact_url(tracking_uri(run.root))}")
+        if r == "tensorboard":
+            places.append(f"TensorBoard {Path(run.root) / 'tensorboard' / 'study'}")
+        elif r == "mlflow":
+            places.append(f"MLflow {redact_url(tracking_uri(run.root))}")
+        else:  # accelerate's trackers: their own store (local files under trackers/NAME)
+            places.append(f"{r} {run.tracker_dir(r)}")
     return ", ".join(places)

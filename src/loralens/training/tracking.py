@@ -24,6 +24,17 @@ The runs of one study are grouped: TensorBoard writes ``RUN_DIR/tensorboard/TASK
 ``--tracking-uri`` / ``$MLFLOW_TRACKING_URI``, else ``sqlite:///RUN_DIR/mlflow.db``. The
 tracking URI is never stored in the run directory (it may carry credentials) and is shown
 redacted.
+
+Beside those two, accelerate's trackers by name (``accelerate.tracking.LOGGER_TYPE_TO_CLASS``
+through its ``GeneralTracker`` interface): ``wandb``, ``aim``, ``clearml``, ``comet_ml``,
+``dvclive``, ``trackio``, ``swanlab``: each tracked run (job, trial, study) is one tracker
+instance, started, given the same parameters and scalars, and finished; their local files go
+under ``RUN_DIR/trackers/NAME`` (wandb: unless ``$WANDB_DIR`` is set). ``all`` is every
+tracker whose package is installed here (transformers' convention). TensorBoard and MLflow
+stay loralens's own sinks: accelerate's MLflow tracker drives MLflow's process-global active
+run and its TensorBoard tracker names its folder by the clock, while a study needs one named,
+tagged run per job, trial and study in the run directory's own store, with the report files
+as artifacts.
 """
 
 from __future__ import annotations
@@ -33,32 +44,62 @@ import math
 import os
 from pathlib import Path
 
+from loralens.core.config import REPORT_TO
 from loralens.core.errors import ConfigError
 from loralens.core.redaction import redact_url
 from loralens.core.run_dir import RunDir
 
-REPORT_TO = ("none", "tensorboard", "mlflow")
 URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own variable
-
-
-def reporters(report_to: list[str]) -> list[str]:
-    """The trackers asked for, ``none`` dropped; ``none`` with another is an error."""
-    asked = list(dict.fromkeys(report_to))
-    if "none" in asked and len(asked) > 1:
-        raise ConfigError(f"tracking.report_to: 'none' together with {asked}: give 'none' "
-                          "alone, or the trackers", "tracking.report_to")
-    return [r for r in asked if r != "none"]
-
+OWN = ("tensorboard", "mlflow")  # loralens's own sinks (see the module's docstring for why)
 
 # tracker -> (the module it imports, what to call it): the ``tracking`` extra installs them;
 # ``make run`` / ``pip install loralens`` do not
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "TensorBoard"), "mlflow": ("mlflow", "MLflow")}
 
+# accelerate's trackers: name -> (the module it imports, its pip package). The names are
+# accelerate.tracking.LOGGER_TYPE_TO_CLASS's, less loralens's own (a unit test keeps them equal).
+ACCELERATE_TRACKERS = {"wandb": ("wandb", "wandb"), "aim": ("aim", "aim"),
+                       "clearml": ("clearml", "clearml"), "comet_ml": ("comet_ml", "comet-ml"),
+                       "dvclive": ("dvclive", "dvclive"), "trackio": ("trackio", "trackio"),
+                       "swanlab": ("swanlab", "swanlab")}
+EXTRAS = {"wandb": "wandb"}  # trackers with a loralens extra of their own
+
+
+def _module(name: str) -> str:
+    return (TRACKER_MODULES.get(name) or ACCELERATE_TRACKERS[name])[0]
+
+
+def reporters(report_to: list[str], find_spec=importlib.util.find_spec) -> list[str]:
+    """The trackers asked for, in ``REPORT_TO``'s order: ``none`` dropped (with another it is
+    an error), ``all`` expanded to every tracker whose package is installed here; an unknown
+    name is a ConfigError listing the known ones."""
+    asked = list(dict.fromkeys(report_to))
+    for name in asked:
+        if name not in REPORT_TO:
+            raise ConfigError(f"tracking.report_to: {name!r} is not one of {list(REPORT_TO)}",
+                              "tracking.report_to")
+    if "none" in asked and len(asked) > 1:
+        raise ConfigError(f"tracking.report_to: 'none' together with {asked}: give 'none' "
+                          "alone, or the trackers", "tracking.report_to")
+    named = set(asked)
+    if "all" in named:
+        named |= {n for n in REPORT_TO[2:] if find_spec(_module(n)) is not None}
+    return [n for n in REPORT_TO[2:] if n in named]
+
 
 def require_installed(asked: list[str], find_spec=importlib.util.find_spec) -> None:
-    """A ConfigError naming ``tracking.report_to`` and the ``tracking`` extra when a tracker
-    in ``asked`` is not installed (it is optional: the study runs without it)."""
+    """A ConfigError naming ``tracking.report_to`` and what to install when a tracker in
+    ``asked`` is not installed (each is optional: the study runs without it)."""
     for name in asked:
+        if name in ACCELERATE_TRACKERS:
+            module, package = ACCELERATE_TRACKERS[name]
+            if find_spec(module) is None:
+                extra = (f" (or pip install 'loralens[{EXTRAS[name]}]')" if name in EXTRAS
+                         else "")
+                raise ConfigError(f"tracking.report_to: {name!r} needs the {package} package, "
+                                  f"which is not installed here: pip install {package}{extra}",
+                                  "tracking.report_to")
+            continue
         module, label = TRACKER_MODULES[name]
         if find_spec(module) is None:
             raise ConfigError(f"tracking.report_to: {name!r} needs {label}, which is not "
@@ -145,6 +186,63 @@ class _MLflow:
         self.c.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
 
 
+def _accelerate_args(name: str, project: str, run_name: str, folder: str, log_dir: Path,
+                     tags: dict, environ=os.environ) -> tuple[tuple, dict]:
+    """(positional, keyword) arguments of accelerate's tracker ``name`` for one tracked run:
+    the project groups a study's runs, the run is named like MLflow's, local files go under
+    ``log_dir`` (``RUN_DIR/trackers/NAME``)."""
+    if name == "wandb":  # wandb.init(project=..., **kw); the API key comes from its env only
+        kw = {"name": run_name, "job_type": tags.get("kind"), "reinit": "finish_previous",
+              "config": {f"tag.{k}": v for k, v in tags.items()}}
+        if not environ.get("WANDB_DIR"):
+            kw["dir"] = str(log_dir)
+        return (environ.get("WANDB_PROJECT") or project,), kw
+    if name == "aim":  # Run(repo=log_dir, experiment=...); the first argument names the run
+        return (run_name, str(log_dir)), {"experiment": project}
+    if name == "clearml":  # Task.init(project_name=..., task_name=...)
+        return (project,), {"task_name": run_name}
+    if name == "dvclive":  # Live(dir=...): one folder per tracked run
+        return (run_name,), {"dir": str(log_dir / folder)}
+    if name == "trackio":  # trackio.init(project=..., name=...)
+        return (project,), {"name": run_name}
+    if name == "swanlab":  # swanlab.init(project=..., experiment_name=..., logdir=...)
+        return (project,), {"experiment_name": run_name, "logdir": str(log_dir)}
+    return (project,), {}  # comet_ml.start(project_name=...)
+
+
+class _Accelerate:
+    """One tracked run in one of accelerate's trackers (``accelerate.tracking``'s
+    ``GeneralTracker`` interface: start, store_init_configuration, log, finish)."""
+
+    def __init__(self, name: str, args: tuple, kwargs: dict):
+        from accelerate import PartialState
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        PartialState()  # accelerate's trackers log through its state (one process: no group)
+        self.name = name
+        self.t = LOGGER_TYPE_TO_CLASS[name](*args, **kwargs)
+        self.t.start()
+
+    def params(self, params: dict) -> None:
+        self.t.store_init_configuration(params)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if values:
+            self.t.log(values, step=step)
+
+    def text(self, tag: str, text: str) -> None:
+        pass  # the GeneralTracker interface carries numbers and parameters only
+
+    def artifacts(self, local_dir: Path, path: str) -> None:
+        pass
+
+    def close(self, ok: bool) -> None:
+        if not ok and self.name == "wandb":  # accelerate's finish() would mark it a success
+            self.t.tracker.finish(exit_code=1)
+        else:
+            self.t.finish()
+
+
 class JobTracker:
     """One training job's tracked runs (one per tracker); hooks for ``loop.fit``."""
 
@@ -220,12 +318,21 @@ def open_tracked(cfg, run_root: Path, name: str, tb_dir: str, tags: dict
     run_root, sinks = Path(run_root), []
     if "tensorboard" in asked:
         sinks.append(_TensorBoard(RunDir(run_root).tensorboard_dir(tb_dir)))
+    project = cfg.tracking.experiment or run_root.resolve().name
     if "mlflow" in asked:
         uri = tracking_uri(run_root)
         try:
-            sinks.append(_MLflow(uri, cfg.tracking.experiment or run_root.resolve().name, name,
-                                 tags, RunDir(run_root).mlflow_artifacts_dir))
+            sinks.append(_MLflow(uri, project, name, tags, RunDir(run_root).mlflow_artifacts_dir))
         except Exception as e:  # the URI may carry a password: never show it whole
             raise RuntimeError(f"MLflow tracking at {redact_url(uri)}: "
                                f"{type(e).__name__}") from None
+    try:
+        for tracker in (a for a in asked if a in ACCELERATE_TRACKERS):
+            log_dir = RunDir(run_root).tracker_dir(tracker)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            args, kwargs = _accelerate_args(tracker, project, name, tb_dir, log_dir, tags)
+            sinks.append(_Accelerate(tracker, args, kwargs))
+    except BaseException:
+        JobTracker(sinks).close(ok=False)  # the runs already started end as failed
+        raise
     return JobTracker(sinks)

@@ -118,8 +118,8 @@ def test_report_to_flags_and_config(tmp_path):
     with pytest.raises(ConfigError, match="'none' together with"):
         reporters(["tensorboard", "none"])
     assert reporters(["none"]) == [] and reporters(["mlflow", "mlflow"]) == ["mlflow"]
-    with pytest.raises(ConfigError, match=r"tracking.report_to\[0\]: 'wandb' is not one of"):
-        load_config("micro", None, ["tracking.report_to=wandb"])
+    with pytest.raises(ConfigError, match=r"tracking.report_to\[0\]: 'wandbx' is not one of"):
+        load_config("micro", None, ["tracking.report_to=wandbx"])
     assert load_config().tracking.report_to == ["none"] and "none" in REPORT_TO
     assert open_job(load_config("micro"), tmp_path, "sst2", "lora", 1) is None
     assert not list(tmp_path.iterdir())  # nothing written, nothing imported for "none"
