@@ -146,7 +146,9 @@ class Context:
 
         if self.executor is not None:  # Ray: each job a task running ``claimed`` below
             return self.executor.work(self, stage, todo, skipped, claimed)
-        self.queue.add(stage, todo, reopen=True)
+        # a done job is reopened only if its output is still missing once its row reads done
+        # (another worker may have finished it since the test above); overwrite redoes all
+        self.queue.add(stage, todo, reopen=True, finished=None if self.overwrite else finished)
         self.queue.work(stage, claimed, keys=list(jobs))  # this command's selection only
         return skipped
 
