@@ -78,6 +78,10 @@ EXPECT = {
 
 # Keys of the JSON answer of each endpoint (checked in this order: first match wins).
 CURL_KEYS = (
+    # vLLM's and SGLang's clients (docs/serving.md): the model list, and vLLM's classify
+    # answer on both paths for a body naming "model" (today's body keeps today's answer)
+    (r"/v1/models\b", {"object", "data"}),
+    (r"""classify -d '\{"model":""", {"id", "object", "created", "model", "data", "usage"}),
     (r"/v1/classify", {"adapter", "labels", "label_names", "probabilities"}),
     (r"-X DELETE .*/v1/adapters/", {"removed"}),
     (r"/v1/adapters -d ", {"name", "num_labels", "label_names"}),
@@ -438,6 +442,13 @@ def test_readme_command(cmd: Command, request):
             n = len(answer["labels"])
             assert n >= 1 and len(answer["probabilities"]) == n == len(answer["label_names"])
             assert all(abs(sum(p) - 1) < 1e-4 for p in answer["probabilities"]), answer
+        if answer.get("object") == "list" and "usage" in answer:  # vLLM's classify shape
+            items = answer["data"]
+            assert items and [d["index"] for d in items] == list(range(len(items))), answer
+            assert all(len(d["probs"]) == d["num_classes"] and abs(sum(d["probs"]) - 1) < 1e-4
+                       for d in items), answer
+        if answer.get("object") == "list" and "usage" not in answer:  # GET /v1/models
+            assert answer["data"] and all(m["object"] == "model" for m in answer["data"]), answer
         return
 
     cwd = ROOT if cmd.program in ("pip", "make") else workdir
