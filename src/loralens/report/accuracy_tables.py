@@ -12,7 +12,7 @@ from loralens.report.formatting import (
 )
 from loralens.report.run_data import RunData
 from loralens.report.significance import (
-    bonferroni_family, corrected_cell, family_note, p_cells,
+    corrected_cell, declared_family, family_note, p_cells, report_families,
 )
 
 
@@ -36,14 +36,17 @@ def _accuracy_entries(d: RunData) -> tuple[list[dict], str | None]:
                     "; Table 3 needs every finished job's validation scores — retrain them "
                     "with `loralens train --overwrite`")
     try:  # same code as the drift stage, so the numbers match what it will write
-        from loralens.analysis.drift.stage import accuracy_table
+        from loralens.analysis.drift.stats import accuracy_table, correct_drift
 
         tasks = [t for t in d.tasks if any(k[0] == t for k in d.jobs)]
-        return accuracy_table(d.run, tasks, family_tasks=d.tasks or tasks,
-                              family_seeds=d.seeds or None,
-                              glue_dir=d.cfg("data", "glue_dir")), (
-            "computed from metrics.json for this report: the drift stage has not written "
-            "drift/table3.json yet")
+        entries = accuracy_table(d.run, tasks, family_tasks=d.tasks or tasks,
+                                 family_seeds=d.seeds or None,
+                                 glue_dir=d.cfg("data", "glue_dir"))
+        # corrected as the drift stage corrects it: within the families declared from the
+        # config, with the run's stats.correction (never a fallback of its own)
+        correct_drift(report_families(d, tasks), entries, [])
+        return entries, ("computed from metrics.json for this report: the drift stage has "
+                         "not written drift/table3.json yet")
     except Exception as e:  # noqa: BLE001 - a report shows what it can
         return [], f"could not compute Table 3 from metrics.json: {e}"
 
@@ -66,7 +69,7 @@ def table3(d: RunData) -> Table | None:
             rows.append([task, metric + (" *" if metric == sel else ""),
                          ", ".join(map(str, e.get("n_validation") or [])) or DASH,
                          f(base.get(metric)),
-                         _learned_cell(d, task) if metric == sel else DASH,
+                         learned_cell(d, task) if metric == sel else DASH,
                          pm(lo.get("mean"), lo.get("sd")), per_seed(seeds.get("lora")),
                          pm(fu.get("mean"), fu.get("sd")), per_seed(seeds.get("full")),
                          f"{c['difference']:+.4f}" if finite(c.get("difference")) else DASH,
@@ -75,7 +78,7 @@ def table3(d: RunData) -> Table | None:
     notes = ["* the task's study metric (accuracy; F1 for MRPC), the only one tested; "
              "accuracy beside MRPC's F1 is descriptive. Mean ± sd (ddof 1) over seeds on the "
              "whole validation split; p: two-sided paired t-test by seed.",
-             family_note(bonferroni_family(d.table3, "table3", d), "the study metric of each "
+             family_note(declared_family(d.table3, "table3", d), "the study metric of each "
                          "configured task", ", ".join(map(str, tested_n)) or None),
              "Cohen's d = mean(LoRA − full) / sd(LoRA − full, ddof 1) of the per-seed "
              "differences: positive when LoRA scores higher."]
@@ -98,11 +101,15 @@ def table3(d: RunData) -> Table | None:
                   "d", "Significant"], rows, notes=notes)
 
 
-def _learned_cell(d: RunData, task: str) -> str:
-    keys = not_learned(d, task)
+def learned_cell(d: RunData, task: str, methods=None) -> str:
+    """Table 3's "Not above the majority class" cell: the task's models not above it (of
+    ``methods`` only, where given: a row of the N-method Table 3), "none" where every model
+    checked is above it."""
+    keys = [k for k in not_learned(d, task) if methods is None or k[1] in methods]
     if keys:
         return f"{_models_text(keys)} {MARK}"
-    checked = [v for k, v in model_verdicts(d).items() if k[0] == task]
+    checked = [v for k, v in model_verdicts(d).items() if k[0] == task
+               and (methods is None or k[1] in methods)]
     return "none" if checked and all(v.get("above_majority") for v in checked) else (
         "not checked (Table 3d)" if checked else DASH)
 
@@ -116,7 +123,8 @@ def table3_examples(d: RunData) -> Table | None:
         for x in e.get("example_level") or []:
             lo, fu = x.get("lora") or {}, x.get("full") or {}
             how.add(str(x.get("labels", "")).split(" (")[0])
-            rows.append([e.get("task", DASH), str(x.get("seed", DASH)), str(x.get("n", DASH)),
+            rows.append([mark_task(d, e.get("task", DASH)), str(x.get("seed", DASH)),
+                         str(x.get("n", DASH)),
                          f(lo.get("accuracy")) + " " + ci(lo.get("ci"), f),
                          f(fu.get("accuracy")) + " " + ci(fu.get("ci"), f),
                          str(x.get("lora_right_full_wrong", DASH)),
@@ -130,13 +138,14 @@ def table3_examples(d: RunData) -> Table | None:
              "test of the discordant examples, p = 1/2) and a 95% Wilson interval on each "
              "accuracy, the evaluation set's own uncertainty, which Table 3's seed "
              "statistics do not show. It compares accuracy, for MRPC too.",
-             family_note(bonferroni_family(d.table3, "examples", d), "configured tasks × seeds")]
+             family_note(declared_family(d.table3, "examples", d), "configured tasks × seeds")]
     if any(h.startswith("derived") for h in how):
         notes.append("Where no GLUE files were at hand, the discordant counts are derived: "
                      "with binary labels two different predictions have exactly one right, "
                      "so b + c = disagreements and b − c = n × (accuracy LoRA − accuracy "
                      "full) from metrics.json.")
     notes += _notes_about(d.table3, "val_logits", "example-level")
+    notes += [n for n in [learned_note(d)] if n]
     return Table("table-3c-examples", "Table 3c: LoRA vs full fine-tuning per seed, paired "
                  "by validation example",
                  ["Task", "Seed", "n", "LoRA accuracy [95% CI]", "Full FT accuracy [95% CI]",

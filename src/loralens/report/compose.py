@@ -430,7 +430,7 @@ def _accuracy(doc: _Document) -> None:
 
 
 DRIFT_FIGURES = ("fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwise-drift",
-                 "fig5-layerwise-debiased-cosine", "fig7-outlier-dimensions")
+                 "fig5-layerwise-cosine", "fig7-outlier-dimensions")
 
 
 def _drift(doc: _Document) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from loralens.report.accuracy_tables import learned_note, mark_task
 from loralens.report.formatting import DASH, MEASURES, Table, ci, f, finite, g, pm, signed_pct
 from loralens.report.run_data import RunData
-from loralens.report.significance import bonferroni_family, family_note, p_cells, resamples_note
+from loralens.report.significance import declared_family, family_note, p_cells, resamples_note
 
 # Debiased CKA leads: the biased estimator's bias depends on examples vs dimensions, so
 # tasks are not comparable on it; it stays, as the published study's column.
@@ -95,7 +95,7 @@ def table4(d: RunData) -> Table | None:
              "drifts: positive when full fine-tuning drifts more (the paper's sign)."
              if t4.get("cohens_d") else "Cohen's d of the per-seed differences LoRA − full "
              "(an older drift stage: negative when full fine-tuning drifts more).",
-             family_note(bonferroni_family(t4, "table4", d), "the tested drift measures "
+             family_note(declared_family(t4, "table4", d), "the tested drift measures "
                          "(biased CKA, debiased CKA, cosine) × configured tasks",
                          t4.get("n_tests")),
              _per_layer_note(t4),
@@ -160,7 +160,7 @@ def table4_outliers(d: RunData) -> Table | None:
             drift = [DASH, DASH] if who == "base" else [
                 g(((measures.get(m) or {}).get(who) or {}).get("mean"))
                 for m in ("cka_debiased", "cka_std_debiased")]
-            rows.append([e.get("task", DASH), name, *cells, *drift])
+            rows.append([mark_task(d, e.get("task", DASH)), name, *cells, *drift])
     notes = ["Share of the pooled features' variance (summed over dimensions, across the "
              "validation examples) held by the 1 and 5 dimensions of largest variance, per "
              "hidden state of drift.layers: mean over those states, and the largest with its "
@@ -174,6 +174,7 @@ def table4_outliers(d: RunData) -> Table | None:
              "averaged over the same states, mean over seeds.",
              "Per state: `drift/layers.csv` (var_top1, var_top5, var_top1_base, var_top5_base, "
              "top_dim, cka_std, cka_std_debiased) and Figure 7."]
+    notes += [n for n in [learned_note(d)] if n]
     return Table("table-4b-outliers", "Table 4b: how much a few dimensions decide",
                  ["Task", "Model", "Top-1 share (mean)", "Top-1 share (max)",
                   "Top-5 share (mean)", "Top-5 share (max)", "Drift, debiased CKA",

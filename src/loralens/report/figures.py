@@ -88,11 +88,14 @@ FIGURES = (
      "latency (bottom) against the number of adapters the requests are spread over, for "
      "merged models, PEFT and our multi-adapter path (loralens loadtest).",
      fig_loadtest),
-    ("fig5-layerwise-debiased-cosine", "Figure 5: layer-wise drift, debiased CKA and cosine",
-     "As Figure 3 for 1 − debiased linear CKA (top) and 1 − mean cosine of paired examples "
-     "(bottom).",
-     lambda d: fig_layerwise(d, ("cka_debiased", "cosine"),
-                             "Layer-wise drift: debiased CKA and cosine")),
+    # cosine alone: debiased CKA per state is Figure 3's top row, drawn once
+    ("fig5-layerwise-cosine", "Figure 5: layer-wise drift, cosine of paired examples",
+     "Drift per hidden state of drift.layers as 1 − mean cosine similarity between each "
+     "validation example's pooled features in the fine-tuned and the base model (paired by "
+     "example, unlike CKA, which compares the whole set's geometry); lines: mean over seeds, "
+     "bands: min–max over seeds.",
+     lambda d: fig_layerwise(d, ("cosine",), "Layer-wise drift: 1 − mean cosine of paired "
+                             "examples")),
     ("fig7-outlier-dimensions", "Figure 7: how much a few dimensions decide",
      "Top: share of the pooled features' variance held by the 1 (solid) and 5 (dotted) "
      "dimensions of largest variance, per hidden state of drift.layers, for the base model "
@@ -120,8 +123,12 @@ FIGURES = (
 )
 
 
+# ids of figures an earlier version drew: removed from report/figures/ so none lingers
+RETIRED = ("fig5-layerwise-debiased-cosine",)  # now fig5-layerwise-cosine, cosine alone
+
 # figures that compare models: their captions name the models not above the majority class
 LEARNED_FIGURES = ("fig1-accuracy-vs-drift", "fig2-drift-reduction", "fig3-layerwise-drift",
+                   "fig5-layerwise-cosine", "fig7-outlier-dimensions",
                    "fig8-layerwise-intruders")
 
 
@@ -154,6 +161,9 @@ def draw_all(d: RunData) -> tuple[list[FigureFile], dict[str, str]]:
     never shows a figure from an earlier state of the run.
     """
     d.run.report_figures_dir.mkdir(parents=True, exist_ok=True)
+    for fid in RETIRED:  # an earlier version's figure, drawn no more
+        for fmt in ("png", "svg"):
+            d.run.report_figure_path(fid, fmt).unlink(missing_ok=True)
     files, missing, legends = [], {}, {}
     with matplotlib.rc_context(RC):
         for fid, title, caption, fn in FIGURES:

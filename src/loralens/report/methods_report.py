@@ -26,6 +26,9 @@ from loralens.report.colors import method_label
 from loralens.report.formatting import DASH, MEASURES, Table, f, finite, g, per_seed, pm, signed_pct
 from loralens.report.run_data import RunData, read_optional
 from loralens.report.significance import p_cells
+from loralens.report.accuracy_tables import (
+    MARK, NOT_LEARNED, learned_cell, learned_note, mark_task, not_learned,
+)
 
 UNDEFINED = "undefined (head only: 0 by construction)"
 REFERENCE = "reference"
@@ -107,7 +110,9 @@ def table3_methods(d: RunData) -> Table | None:
         base = next((j.get("majority_baseline") or {} for k, j in d.jobs.items()
                      if k[0] == task), {})
         metric = d.metric(task)
+        # the models this row compares: the method's and the reference's
         rows.append([task, method_label(r["method"]), metric, f(base.get(metric)),
+                     learned_cell(d, task, {r["method"], ref}),
                      pm(r.get("mean"), r.get("sd")), per_seed(r.get("per_seed")),
                      f"{r['difference']:+.4f}" if finite(r.get("difference")) else DASH,
                      *test_cells(r)])
@@ -127,8 +132,10 @@ def table3_methods(d: RunData) -> Table | None:
     notes += reported_split_notes(d, entries)
     notes += sorted({f"{r['task']} {method_label(r['method'])}: {r['note']}"
                      for r in res["rows"] if r.get("note") and r.get("tested")})
+    notes += [n for n in [learned_note(d)] if n]
     return Table("table-3-accuracy", f"Table 3: accuracy per method vs {method_label(ref)}",
-                 ["Task", "Method", "Metric", "Majority", "Mean ± sd", "Per seed",
+                 ["Task", "Method", "Metric", "Majority", "Not above the majority class",
+                  "Mean ± sd", "Per seed",
                   f"Method − {method_label(ref)}", "p", "p (Bonf.)", "d", "Significant"],
                  rows, notes=notes)
 
@@ -143,7 +150,7 @@ def table4_methods(d: RunData) -> Table | None:
     rows = []
     for r in _order(d, res["rows"], "measure"):
         delta = DASH if r["method"] == ref else signed_pct(r.get("delta_percent"))
-        rows.append([r["task"], MEASURES.get(r["measure"], r["measure"]),
+        rows.append([mark_task(d, r["task"]), MEASURES.get(r["measure"], r["measure"]),
                      method_label(r["method"]), str(r.get("n_seeds", DASH)),
                      pm(r.get("mean"), r.get("sd"), g), delta,
                      *test_cells(r, r.get("family") == "head" and r["method"] != ref)])
@@ -162,6 +169,7 @@ def table4_methods(d: RunData) -> Table | None:
         notes.append("A head-only method trains the classification head alone: its backbone "
                      "is the base model's and its drift 0 by construction, so its tests are "
                      "undefined — not significant, no p-value, in no family.")
+    notes += [n for n in [learned_note(d)] if n]
     notes += list(res.get("notes") or [])
     return Table("table-4-drift", f"Table 4: representation drift per method vs "
                  f"{method_label(ref)}", ["Task", "Drift measure", "Method", "Seeds",
@@ -199,8 +207,8 @@ def table4b_methods(d: RunData) -> Table | None:
             drift = [DASH, DASH] if who == "base" else [
                 g(1.0 - v) if finite(v := mean_of(rs, k)[0]) else DASH
                 for k in ("cka_debiased", "cka_std_debiased")]
-            rows.append([task, "base model" if who == "base" else method_label(who),
-                         *cells, *drift])
+            rows.append([mark_task(d, task),
+                         "base model" if who == "base" else method_label(who), *cells, *drift])
     return Table("table-4b-outliers", "Table 4b: how much a few dimensions decide",
                  ["Task", "Model", "Top-1 share (mean)", "Top-1 share (max)",
                   "Top-5 share (mean)", "Top-5 share (max)", "Drift, debiased CKA",
@@ -211,7 +219,8 @@ def table4b_methods(d: RunData) -> Table | None:
                         "debiased linear CKA with plain and per-dimension standardised "
                         "features, averaged over the same states, mean over seeds; where they "
                         "part, a few dimensions decide the plain value. Per state: "
-                        "`drift/layers.csv` and Figure 7."])
+                        "`drift/layers.csv` and Figure 7.",
+                        *[n for n in [learned_note(d)] if n]])
 
 
 # --------------------------------------------------------------------------- weights
@@ -233,7 +242,8 @@ def _weight_rows(d: RunData, forgetting: bool) -> tuple[dict, list[list[str]]]:
         fmt = (lambda v: f"{v:+.4f}") if forgetting else g
         lead = [] if forgetting else [WEIGHT_NAMES.get(r["measure"], r["measure"]) + (
             f", on {r['matrix_set']}" if r.get("matrix_set") else "")]  # the compared set
-        out.append([r["task"], *lead, method_label(r["method"]), str(r.get("n", DASH)),
+        out.append([mark_task(d, r["task"]), *lead, method_label(r["method"]),
+                    str(r.get("n", DASH)),
                     pm(r.get("mean"), r.get("sd"), fmt), *cells])
     return res, out
 
@@ -256,6 +266,10 @@ def _weight_notes(res: dict) -> list[str]:
             "and no forgetting by construction, its tests undefined."]
 
 
+def _learned_notes(d: RunData) -> list[str]:
+    return [n for n in [learned_note(d)] if n]
+
+
 def table7_methods(d: RunData) -> Table | None:
     res, rows = _weight_rows(d, forgetting=False)
     if not rows:
@@ -265,7 +279,7 @@ def table7_methods(d: RunData) -> Table | None:
     return Table("table-7-weights", "Table 7: intruder dimensions and the weight change's "
                  "spectrum per method", ["Task", "Measure", "Method", "Seeds", "Mean ± sd",
                                          "p", "p (Bonf.)", "d", "Significant"], rows,
-                 notes=[matrices_note(d), *_weight_notes(res)])
+                 notes=[matrices_note(d), *_weight_notes(res), *_learned_notes(d)])
 
 
 def table8_methods(d: RunData) -> Table | None:
@@ -278,7 +292,7 @@ def table8_methods(d: RunData) -> Table | None:
                  notes=["Forgetting = LM cross-entropy of the general-text sample through the "
                         "base model's LM head after fine-tuning − before (positive: the "
                         "backbone predicts general text worse); `weightspace/forgetting.csv`.",
-                        *_weight_notes(res)])
+                        *_weight_notes(res), *_learned_notes(d)])
 
 
 # --------------------------------------------------------------------------- at a glance
@@ -306,5 +320,7 @@ def glance_parts(d: RunData, task: str) -> list[str]:
         parts.append("drift (1 − debiased CKA): " + ", ".join(
             f"{method_label(r['method'])} {g(r.get('mean'))}"
             f"{verdict(r, r.get('family') == 'head' and r['method'] != r.get('reference'))}"
-            for r in _order(d, drift)))
+            for r in _order(d, drift))
+            + (f" {MARK} (compares models {NOT_LEARNED}: not evidence about the methods)"
+               if not_learned(d, task) else ""))
     return parts

@@ -114,6 +114,11 @@ PROTOCOL_KEYS = ("data.selection", "data.selection_fraction", "data.selection_mi
                  "data.subset_seed", "search.seed", "search.sampler_seed", "train.eval_every",
                  "train.evals_per_epoch", "train.patience")
 SELECTIONS = ("train_slice", "validation")
+# Keys a stored config.yaml may lack because the run predates them, with the value the code
+# that ran then had. config.yaml is the whole resolved config (RunDir.bind_config), so an
+# absent key means an older version wrote it: stats.correction came with the declared test
+# families; before it every family was corrected with Bonferroni, never today's default.
+PREDATED = {"stats.correction": "bonferroni"}
 
 
 @dataclass
@@ -128,6 +133,7 @@ class Protocol:
     missing: list = field(default_factory=list)    # PROTOCOL_KEYS absent from config.yaml
     dropped: list = field(default_factory=list)    # stored keys the config could not take
     recorded: dict = field(default_factory=dict)   # task -> data.json "selection" entry
+    correction: str = ""             # stats.correction as resolved (PREDATED where absent)
 
     @property
     def optimistic(self) -> bool:
@@ -164,11 +170,14 @@ def resolve_protocol(config: dict, data: dict | None) -> Protocol:
                    f"config.yaml's data.selection {value!r} is not one of "
                    f"{list(SELECTIONS)}, so it is read as the published protocol")
         _set(stored, "data.selection", "validation")
+    for key, value in PREDATED.items():  # the value the code that ran had
+        if _get(stored, key) is _ABSENT:
+            _set(stored, key, value)
     cfg, dropped = _rebuild(stored)
     recorded = {t: v["selection"] for t, v in (data or {}).items()
                 if isinstance(v, dict) and isinstance(v.get("selection"), dict)}
     return Protocol(cfg.data.selection, P.selection_protocol(cfg), P.differences(cfg),
-                    assumed, missing, dropped, recorded)
+                    assumed, missing, dropped, recorded, cfg.stats.correction)
 
 
 def _rebuild(stored: dict) -> tuple[StudyConfig, list[str]]:

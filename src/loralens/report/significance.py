@@ -15,10 +15,24 @@ ZERO_SPREAD = "undefined (zero spread)"
 NOT_TESTED = "not tested"
 
 
+def resolved_correction(d: RunData) -> str:
+    """The family-wise correction of this run (``"holm"`` or ``"bonferroni"``), resolved
+    once for every table: config.yaml's ``stats.correction`` as the report rebuilds the
+    config (:attr:`RunData.protocol`, which the differences table also reads), so a
+    config.yaml written before the key existed resolves to Bonferroni, the only
+    correction the code then had (:data:`run_data.PREDATED`). Without a config.yaml the
+    current default."""
+    pr = d.protocol
+    if pr is not None and pr.correction:
+        return pr.correction
+    from loralens.core.config import StatsConfig
+
+    return StatsConfig().correction
+
+
 def correction_name(d: RunData) -> str:
-    """The family correction the run's config asks for ("Holm" or "Bonferroni"); a run
-    stored before the choice existed was corrected with Bonferroni."""
-    return "Holm" if d.cfg("stats", "correction", default="bonferroni") == "holm" else "Bonferroni"
+    """The family correction of the run ("Holm" or "Bonferroni"): :func:`resolved_correction`."""
+    return "Holm" if resolved_correction(d) == "holm" else "Bonferroni"
 
 
 def corrected_cell(c: dict) -> str:
@@ -43,18 +57,27 @@ def p_cells(c: dict) -> list[str]:
             yesno(c.get("significant"))]
 
 
-def bonferroni_family(src: dict | None, name: str, d: RunData) -> dict | None:
-    """A Bonferroni family as the drift stage stored it; without a stored file (Table 3
-    computed for the report), the one the drift stage will use: the configured tasks'
-    study metrics, or configured tasks x seeds for the example-level tests."""
+def declared_family(src: dict | None, name: str, d: RunData) -> dict | None:
+    """A test family as the drift stage stored it; without a stored file (Table 3 computed
+    for the report), the one it was corrected with here (:func:`report_families`), the
+    one the drift stage will use."""
     fam = ((src or {}).get("families") or {}).get(name)
     if fam or src is not None or not d.tasks or name not in ("table3", "examples"):
         return fam
-    from loralens.tasks.registry import get_task
+    return report_families(d).get(name)
 
-    members = ([f"{t} {get_task(t).metric}" for t in d.tasks] if name == "table3"
-               else [f"{t} seed {s}" for t in d.tasks for s in d.seeds])
-    return {"size": len(members), "members": members, "alpha": 0.05}
+
+def report_families(d: RunData, tasks: list[str] | None = None) -> dict:
+    """The drift stage's families of Table 3 and the example-level tests, declared from the
+    run's config (configured tasks and seeds) with its resolved correction
+    (:func:`resolved_correction`): what the report corrects Table 3 with when the drift
+    stage has not written drift/table3.json yet."""
+    if "families" not in d.cache:
+        from loralens.analysis.drift.stats import families
+
+        d.cache["families"] = families(d.tasks or list(tasks or []), d.seeds, None, 0.05,
+                                       resolved_correction(d))
+    return d.cache["families"]
 
 
 def family_note(fam: dict | None, what: str, fallback_n: Any = None) -> str:

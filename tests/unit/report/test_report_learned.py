@@ -142,6 +142,43 @@ def test_drift_weight_and_figure_texts_name_the_marked_models(tmp_path):
         "their drift compares models that may not have learned it): rte: LoRA seed 42.")
 
 
+def test_table3c_and_table4b_mark_the_task(tmp_path):
+    """Table 3c (per seed, LoRA vs full on the same examples) and Table 4b (variance shares
+    and drift per model) compare rte's models, one of which (LoRA seed 42) is not above the
+    majority class: rte's rows carry the mark and the tables Table 3's footnote."""
+    from loralens.report.accuracy_tables import table3_examples
+    from loralens.report.drift_tables import table4_outliers
+
+    d = _run(tmp_path)
+    for e in d.table3["tasks"]:
+        e["example_level"] = [
+            {"seed": s, "n": 100, "lora": {"accuracy": 0.8, "ci": [0.71, 0.87]},
+             "full": {"accuracy": 0.9, "ci": [0.83, 0.94]}, "lora_right_full_wrong": 2,
+             "lora_wrong_full_right": 12, "p": 0.0129, "p_bonferroni": 0.0516,
+             "significant": False} for s in SEEDS]
+    share = {"top1": {"mean": 0.5, "max": 0.9, "max_state": 2},
+             "top5": {"mean": 0.8, "max": 0.95, "max_state": 2}}
+    for e in d.table4["tasks"]:
+        e["outliers"] = {"base": share, "lora": share, "full": share}
+    footnote = ("‡ not above the majority class: a row of a task where some model's 95% "
+                "validation interval reaches down to the majority-class score (Table 3d), so "
+                "it compares models not shown to have learned the task: rte: LoRA seed 42.")
+    t3c = table3_examples(d)
+    assert [r[:2] for r in t3c.rows] == [["sst2", "42"], ["sst2", "1337"], ["rte ‡", "42"],
+                                         ["rte ‡", "1337"]]
+    assert footnote in t3c.notes
+    t4b = table4_outliers(d)
+    assert [r[:2] for r in t4b.rows] == [
+        ["sst2", "base model"], ["sst2", "LoRA"], ["sst2", "full FT"],
+        ["rte ‡", "base model"], ["rte ‡", "LoRA"], ["rte ‡", "full FT"]]
+    assert footnote in t4b.notes
+    # every model above the majority: no mark, no footnote
+    d = _run(tmp_path, rte_acc=0.90)
+    d.table4["tasks"][0]["outliers"] = {"lora": share}
+    t4b = table4_outliers(d)
+    assert [r[0] for r in t4b.rows] == ["sst2"] and not any("‡" in n for n in t4b.notes)
+
+
 # --------------------------------------------------------------------------- point 3: floor
 
 def test_seed_floor_is_a_reference_never_noise(tmp_path):
