@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from loralens.core.constraints import constraints_record
 from loralens.core.errors import ConfigError, RunDirError
 from loralens.core.files import atomic_write_json, atomic_write_text, read_json
 from loralens.core.leftovers import remove_stale_temporaries
@@ -63,7 +64,9 @@ def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
 
 
 def environment() -> dict:
-    """Versions, commit and hardware, recorded in each run directory."""
+    """Versions, commit and hardware, recorded in each run directory; ``constraints``: the
+    sha256 of the constraints files the environment was installed from (by file name; {}
+    where none is found: :mod:`loralens.core.constraints`)."""
     import torch
 
     versions = {name: _version(name) for name in PACKAGES}
@@ -74,7 +77,7 @@ def environment() -> dict:
     if torch.cuda.is_available():
         hw["gpu"] = torch.cuda.get_device_name(0)
     return {"python": platform.python_version(), "packages": versions, "git_commit": git_commit(),
-            "hardware": hw}
+            "hardware": hw, "constraints": constraints_record()}
 
 
 DRIFT_FILES = ("layers.csv", "layers.json", "table3.csv", "table3.json", "table4.csv",
