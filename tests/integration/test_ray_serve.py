@@ -12,6 +12,10 @@ CPU each) on a local two-CPU Ray instance, SmolLM2 base, random rank-8 LoRA adap
   on a replica that already holds it. Ray's multiplexed routing is best-effort (a request
   may go to another replica, e.g. when the router's view is briefly stale or the holder
   looks busy), so the test allows at most 1 miss in 10.
+* Eviction: the replicas keep one adapter each (``max_loaded=1``, Ray's
+  ``max_num_models_per_replica``), so asking for three adapters, then the first again, and
+  concurrent requests for two, makes Ray unload and reload adapters: answers still equal
+  the single server's, and at the end each replica reports at most one adapter loaded.
 * ``/metrics`` at the ingress holds both replicas' series (a ``replica`` label), and the
   per-adapter request counters summed over replicas equal the requests this module sent.
 """
@@ -21,7 +25,9 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -45,6 +51,7 @@ TOL = 1e-5
 MAX_LENGTH = 64
 # name -> task; "sst2-c" is asked for only by the routing test (it starts unloaded)
 ADAPTERS = {"sst2-a": "sst2", "sst2-b": "sst2", "rte-a": "rte", "sst2-c": "sst2"}
+LOCK = threading.Lock()
 SENT = {"classify": 0}  # classify requests answered 200 by the Ray app (checked in /metrics)
 
 
@@ -95,7 +102,8 @@ def ray_app(specs):
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = RayServeConfig(model=StudyConfig().model, specs=tuple(adapters), replicas=2,
-                             max_length=MAX_LENGTH, max_batch=16, max_wait_ms=1, max_texts=8)
+                             max_length=MAX_LENGTH, max_batch=16, max_wait_ms=1, max_texts=8,
+                             max_loaded=1)
         serve.run(build_app(cfg), name="loralens-test", route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             deadline = time.time() + 60  # both replicas report to the board
@@ -118,7 +126,8 @@ def _post(client, path, body):
     r = client.post(path, json=body)
     assert r.status_code == 200, r.text
     if "X-Replica" in r.headers:
-        SENT["classify"] += 1
+        with LOCK:
+            SENT["classify"] += 1
     return r
 
 
@@ -133,7 +142,8 @@ def test_same_api_and_answers_as_the_single_server(ray_app, single, glue_dir):
     rte = [list(r.texts) for r in _rows(glue_dir, "rte", 3)]
     bodies = [("/v1/classify", {"adapter": "sst2-a", "texts": sst2}),
               ("/v1/classify", {"adapter": "sst2-b", "texts": sst2[:2]}),
-              ("/v1/classify", {"adapter": "rte-a", "pairs": rte})]
+              ("/v1/classify", {"adapter": "rte-a", "pairs": rte}),
+              ("/v1/classify", {"adapter": "sst2-a", "texts": sst2[1:]})]  # after evictions
     for path, body in bodies:
         got, ref = _post(ray_app, path, body).json(), _post(single, path, body).json()
         assert got["labels"] == ref["labels"] and got["label_names"] == ref["label_names"]
@@ -147,6 +157,17 @@ def test_same_api_and_answers_as_the_single_server(ray_app, single, glue_dir):
             torch.tensor([d["probs"] for d in ref["data"]])
         assert diff.abs().max().item() <= TOL
         assert got["object"] == "list" and got["model"] == "sst2-b"
+
+    # concurrent requests for two adapters: a replica unloads one only once its requests
+    # in flight are answered (none fails with "unknown adapter" midway)
+    bodies = [{"adapter": name, "texts": [t]} for t in sst2 for name in ("sst2-a", "sst2-b")]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda b: _post(ray_app, "/v1/classify", b).json(), bodies))
+    for body, g in zip(bodies, got):
+        ref = _post(single, "/v1/classify", body).json()
+        assert g["labels"] == ref["labels"]
+        diff = torch.tensor(g["probabilities"]) - torch.tensor(ref["probabilities"])
+        assert diff.abs().max().item() <= TOL
 
     r = ray_app.post("/v1/classify", json={"adapter": "nope", "texts": ["x"]})
     assert r.status_code == 404 and "nope" in r.json()["error"]
@@ -190,4 +211,11 @@ def test_metrics_at_the_ingress_hold_both_replicas(ray_app):
         assert time.time() < deadline, (counted, SENT["classify"])
         time.sleep(0.3)
     assert len({s.labels["replica"] for s in loaded}) == 2
-    assert SENT["classify"] >= 14
+    assert max(s.value for s in loaded) <= 1  # max_loaded=1: Ray's LRU unloaded the rest
+    loads = sum(s.value for s in fams["loralens_ray_adapter_loads"].samples
+                if s.name.endswith("_total"))
+    unloads = sum(s.value for s in fams["loralens_ray_adapter_unloads"].samples
+                  if s.name.endswith("_total"))
+    # 4 adapters asked for, 2 slots in all: at least 2 unloads; what is loaded = loads - unloads
+    assert unloads >= 2 and loads - unloads == sum(s.value for s in loaded)
+    assert SENT["classify"] == 4 + 2 + 8 + 11  # the requests the two tests above sent

@@ -173,6 +173,7 @@ def build_app(cfg: RayServeConfig):
     class AdapterReplica:
         def __init__(self, board):
             import torch
+            from prometheus_client import Counter
 
             from loralens.models.classifier import load_base
             from loralens.serving.prometheus import ServerMetrics
@@ -184,6 +185,13 @@ def build_app(cfg: RayServeConfig):
             self.service = build_service([], base, cfg.backend, cfg.max_length, cfg.max_batch,
                                          cfg.max_wait_ms, cfg.max_texts, None)
             self.service.metrics = self.metrics = ServerMetrics(self.service)
+            # Ray's multiplexer loads and unloads; counted here, in the replica's registry
+            self.loads = Counter("loralens_ray_adapter_loads", "adapters loaded by Ray "
+                                 "Serve's multiplexer on this replica",
+                                 registry=self.metrics.registry)
+            self.unloads = Counter("loralens_ray_adapter_unloads", "adapters unloaded by Ray "
+                                   "Serve's multiplexer (its LRU, max_num_models_per_replica)",
+                                   registry=self.metrics.registry)
             self.board = board
             self.started_lock = asyncio.Lock()
             self.running = False
@@ -225,8 +233,9 @@ def build_app(cfg: RayServeConfig):
                 info = AdapterInfo(spec.name, str(spec.path), 0, spec.task,
                                    get_task(spec.task).label_names if spec.task else None)
                 await self.service._run(self.service.backend.add, info, spec.path)
+            self.loads.inc()
             log.info(f"replica {self.rid}: loaded adapter {name!r}")
-            return _Held(self.service, name)
+            return _Held(self.service, name, self.unloads.inc)
 
         async def classify(self, kind: str, payload) -> dict:
             name = serve.get_multiplexed_model_id()
@@ -357,8 +366,8 @@ class _Held:
     backend once no request in flight uses it (a request counts itself in with
     :meth:`enter` right after Ray hands it this object, with no await in between)."""
 
-    def __init__(self, service, name: str):
-        self.service, self.name = service, name
+    def __init__(self, service, name: str, on_unload=lambda: None):
+        self.service, self.name, self.on_unload = service, name, on_unload
         self.loop = asyncio.get_running_loop()
         self.in_flight = 0
         self.idle = asyncio.Event()
@@ -378,6 +387,7 @@ class _Held:
         await self.idle.wait()
         if self.name in self.service.backend.infos:
             await self.service._run(self.service.backend.remove, self.name)
+        self.on_unload()
         log.info(f"unloaded adapter {self.name!r}")
 
     def __del__(self):
