@@ -297,6 +297,8 @@ def _glance_accuracy(d: RunData, task: str, e: dict | None) -> str:
         text += (f" (p = {pval(c.get('p'))} uncorrected"
                  + (f"; {_correction(c)} over {c['n_tests']} tasks: {pval(adjusted)})"
                     if adjusted is not None and finite(c.get("n_tests")) else ")"))
+    if accuracy_tables.not_learned(d, task):  # the entry's first sentence names the models
+        text += f" {accuracy_tables.MARK}"
     return text
 
 

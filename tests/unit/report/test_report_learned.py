@@ -113,6 +113,9 @@ def test_glance_leads_with_the_sentence_and_labels_p(tmp_path):
     assert "(p = 0.012 uncorrected; Bonferroni over 2 tasks: 0.025)" in sst2
     assert ("(significant after Bonferroni) ‡ (compares models not above the majority "
             "class: not evidence about the methods)") in rte
+    # the accuracy comparison carries the mark too; sst2's none
+    assert "(p = 0.012 uncorrected; Bonferroni over 2 tasks: 0.025) ‡; drift" in rte
+    assert "‡" not in sst2
 
 
 def test_glance_names_the_stored_correction(tmp_path):
