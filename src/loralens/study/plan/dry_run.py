@@ -301,6 +301,10 @@ def _measured(tp: Throughput) -> list[str]:
     if tp.contention is not None and tp.contention > 0.1:
         out.append(f"  other processes used {tp.contention:.0%} of this machine's CPU meanwhile: "
                    "the estimate holds under that load (shared cores slow torch down a lot)")
+        if tp.peak_target is not None:
+            out.append("  ... and the plan for another machine is pessimistic under it: the peak "
+                       "is the best of short repeats, which catch the moments the cores are "
+                       "free, while multi-second training steps cannot (measure it idle)")
     return out
 
 
@@ -318,9 +322,14 @@ def _notes(cfg: StudyConfig, works: list[StageWork], run_dir) -> list[str]:
                  f"(epochs {cfg.search.epochs}), since training uses the best trial's"
                  if cfg.search.enabled else f"train.epochs={cfg.train.epochs}")
         prune = "search" in names and cfg.search.enabled and cfg.search.prune
-        notes.append(f"search/train: upper bounds: {bound}; early stopping (patience "
-                     f"{cfg.train.patience})" + (" and pruning" if prune else "")
-                     + " cut runs short")
+        ranged = any(w.low_seconds is not None for w in works
+                     if w.stage in ("search", "train"))
+        stop = (f"early stopping (patience {cfg.train.patience}) can end a fit at its "
+                f"{1 + cfg.train.patience}th evaluation: the range's lower end"
+                if ranged else f"early stopping (patience {cfg.train.patience}) cannot end "
+                "a fit before its last evaluation here: no range")
+        notes.append(f"search/train: upper bounds: {bound}; {stop}"
+                     + ("; pruning cuts trials short" if prune else ""))
     if "bench" in names:
         notes.append("bench: float64 identity checks timed at batch 1; latency timing "
                      "overheads not counted")
