@@ -38,7 +38,7 @@ def wandb_records(path: Path):
             pos += left
             continue
         _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:
+        if kind == 0 or pos + 7 + n > len(data):  # the end, or a chunk still being written
             break
         buf += data[pos + 7:pos + 7 + n]
         pos += 7 + n
@@ -57,7 +57,7 @@ def read_run(run_dir: Path) -> dict:
     """One offline run: its name, project, config, summary and history, as wandb logged
     them."""
     [log] = run_dir.glob("run-*.wandb")
-    out = {"config": {}, "summary": {}, "history": [], "exit": None}
+    out = {"name": None, "config": {}, "summary": {}, "history": [], "exit": None}
     for r in wandb_records(log):
         kind = r.WhichOneof("record_type")
         if kind == "run":
@@ -80,15 +80,8 @@ def _close(a, b):
     return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7)
 
 
-@pytest.fixture(scope="module")
-def wandb_run(glue_dir, tmp_path_factory):
-    """``loralens search`` then ``train --preset micro --report-to wandb`` (sst2, LoRA: 2
-    trials, seed 42); (tmp folder, {wandb run name: read_run(...)}, metrics.json)."""
-    from loralens.cli import main
-    from loralens.core.files import read_json
-    from loralens.core.run_dir import RunDir
-
-    tmp = tmp_path_factory.mktemp("wandb")
+def _offline(tmp: Path) -> pytest.MonkeyPatch:
+    """wandb offline, every folder of its under ``tmp``, an API key in the environment."""
     mp = pytest.MonkeyPatch()
     mp.chdir(tmp)  # wandb must write nothing in the current directory
     mp.setenv("WANDB_MODE", "offline")
@@ -99,6 +92,39 @@ def wandb_run(glue_dir, tmp_path_factory):
     for var, sub in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
                      ("WANDB_DATA_DIR", "data")):
         mp.setenv(var, str(tmp / "home" / sub))
+    return mp
+
+
+def _runs(run_root: Path, timeout: float = 60.0) -> dict:
+    """Every offline run under ``run_root``, by name. wandb's ``finish()`` can return before
+    its service has flushed the transaction log (seen here: a log of its 7-byte header alone
+    right after ``finish()``, complete a moment later), so each log is read until it holds
+    its exit record."""
+    import time
+
+    runs = {}
+    for d in sorted((run_root / "trackers" / "wandb" / "wandb").glob("offline-run-*")):
+        deadline = time.monotonic() + timeout
+        while True:
+            r = read_run(d)
+            if r["exit"] is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        r["dir"] = d
+        runs[r["name"]] = r
+    return runs
+
+
+@pytest.fixture(scope="module")
+def wandb_run(glue_dir, tmp_path_factory):
+    """``loralens search`` then ``train --preset micro --report-to wandb`` (sst2, LoRA: 2
+    trials, seed 42); (tmp folder, {wandb run name: read_run(...)}, metrics.json)."""
+    from loralens.cli import main
+    from loralens.core.files import read_json
+    from loralens.core.run_dir import RunDir
+
+    tmp = tmp_path_factory.mktemp("wandb")
+    mp = _offline(tmp)
     run = tmp / "run"
     try:
         common = ["--preset", "micro", "--run-dir", str(run), "--glue-dir", str(glue_dir),
@@ -108,12 +134,7 @@ def wandb_run(glue_dir, tmp_path_factory):
         assert main(["train", *common, "--seed", "42"]) == 0
     finally:
         mp.undo()
-    runs = {}
-    for d in sorted((run / "trackers" / "wandb" / "wandb").glob("offline-run-*")):
-        r = read_run(d)
-        r["dir"] = d
-        runs[r["name"]] = r
-    return tmp, runs, read_json(RunDir(run).metrics_path("sst2", "lora", 42))
+    return tmp, _runs(run), read_json(RunDir(run).metrics_path("sst2", "lora", 42))
 
 
 def test_the_job_run_holds_metrics_json(wandb_run):
@@ -190,3 +211,26 @@ def test_the_api_key_is_written_nowhere(wandb_run):
     assert len(files) > 10
     assert not [f for f in files if SECRET.encode() in f.read_bytes()]
     assert not (tmp / "wandb").exists()  # nothing in the current directory
+
+
+def test_the_study_run_holds_the_headline_numbers(tmp_path):
+    """``loralens report --report-to wandb`` on a model-free run directory: the study run's
+    summary holds the headline tables' numbers, read here from the JSON files themselves."""
+    from loralens.cli import main
+    from tests.helpers.report_run import synthetic_run
+    from tests.unit.training.test_tracking import _expected_headline
+
+    run = synthetic_run(tmp_path / "run")
+    mp = _offline(tmp_path)
+    try:
+        assert main(["report", "--run-dir", str(run.root), "--no-progress",
+                     "--report-to", "wandb", "tracking.experiment=study-w"]) == 0
+    finally:
+        mp.undo()
+    [r] = _runs(run.root).values()
+    assert r["name"] == "study" and r["project"] == "study-w" and r["exit"] == 0
+    assert r["config"]["run_dir"] == str(run.root.resolve())
+    want = _expected_headline(run)
+    assert len(want) > 40
+    for k, v in want.items():
+        assert _close(r["summary"][k], v), k

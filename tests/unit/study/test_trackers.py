@@ -137,3 +137,27 @@ def test_a_job_reaches_accelerates_tracker_interface(tmp_path, monkeypatch):
         ("log", 2, {"fit/best_step": 1.0}),  # NaN left out, as for MLflow and TensorBoard
         ("finish",)]
     assert folder.is_dir()
+
+
+def test_a_failed_wandb_run_ends_with_exit_code_1(tmp_path, monkeypatch):
+    """accelerate's WandBTracker.finish() takes no exit code: a failed job would show as a
+    success; loralens finishes wandb's run itself with exit_code=1."""
+    from accelerate import tracking as acc
+
+    class Run:
+        ended = []
+
+        def finish(self, exit_code=None):
+            self.ended.append(exit_code)
+
+    class FakeWandb(_Recorder):
+        tracker = Run()
+
+    _Recorder.calls, Run.ended = [], []
+    monkeypatch.setitem(acc.LOGGER_TYPE_TO_CLASS, "wandb", FakeWandb)
+    monkeypatch.setitem(T.ACCELERATE_TRACKERS, "wandb", ("json", "wandb"))
+    cfg = load_config(overrides=["tracking.report_to=[wandb]"])
+    T.open_job(cfg, tmp_path / "run", "sst2", "lora", 42).close(ok=False)
+    T.open_job(cfg, tmp_path / "run", "sst2", "lora", 43).close(ok=True)
+    assert Run.ended == [1]
+    assert [c for c in _Recorder.calls if c[0] == "finish"] == [("finish",)]
