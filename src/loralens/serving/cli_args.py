@@ -62,16 +62,26 @@ def add_loadtest_arguments(p) -> None:
             raise ValueError(f"expected comma-separated integers, got {s!r}") from None
         return v
 
-    p.add_argument("sources", nargs="+", metavar="RUN_DIR|ADAPTER_DIR|NAME=DIR",
-                   help="what the servers load (as for loralens serve)")
+    p.add_argument("sources", nargs="*", metavar="RUN_DIR|ADAPTER_DIR|NAME=DIR",
+                   help="what the servers load (as for loralens serve); none with --synthetic")
+    p.add_argument("--synthetic", type=int, metavar="N",
+                   help="instead of sources: N generated rank-8 q/v adapters of the default "
+                        "model (random factors at trained scale, each its own head; in a "
+                        "temporary directory)")
+    p.add_argument("--traffic", choices=("uniform", "zipf"),
+                   help="draw each request's adapter independently, uniform or Zipf (default: "
+                        "request i to adapter i mod adapters)")
+    p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent (default 1.1)")
     p.add_argument("--task", help="task whose adapters and validation rows are used (default: "
-                                  "the task with the most adapters)")
-    p.add_argument("--backends", default=",".join(BACKENDS),
-                   help=f"comma-separated backends (default {','.join(BACKENDS)})")
+                                  "the task with the most adapters; sst2 with --synthetic)")
+    p.add_argument("--backends", default=None,
+                   help=f"comma-separated backends (default {','.join(BACKENDS)}; ours with "
+                        "--synthetic)")
     p.add_argument("--clients", type=ints, default=list(DEFAULT_CLIENTS),
                    help="concurrent clients per cell (default 1,8,32)")
-    p.add_argument("--adapters", type=ints, default=list(DEFAULT_ADAPTERS),
-                   help="adapters the requests are spread over (default 1,4,16)")
+    p.add_argument("--adapters", type=ints, default=None,
+                   help="adapters the requests are spread over (default 1,4,16; 1,N with "
+                        "--synthetic N)")
     p.add_argument("--requests", type=int, default=96, help="answered requests per cell (96)")
     p.add_argument("--seconds", type=float, help="also stop a cell after this many seconds")
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,

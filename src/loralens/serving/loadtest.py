@@ -55,8 +55,6 @@ from loralens.tasks.registry import resolve_config_tasks
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 # RunDir names the results (RUN_DIR/loadtest/loadtest.json, ...); --out keeps the names
 LOADTEST_JSON = RunDir("").loadtest_path.name
 LOADTEST_CSV = RunDir("").loadtest_csv.name
@@ -77,6 +75,8 @@ class Cell:
     wall_s: float
     latencies_ms: list[float]
     server: dict
+    rss: dict | None = None        # VmRSS/VmHWM bytes after warm-up and at the end (pid given)
+    metrics: tuple[str, str] | None = None  # /metrics text after warm-up and at the end
 
     def summary(self) -> dict:
         lat = np.asarray(self.latencies_ms)
@@ -103,6 +103,8 @@ class ServerProcess:
                  startup_timeout: float = 600.0):
         cmd = [sys.executable, "-m", "loralens.cli", "serve", *sources, "--backend", backend,
                "--port", "0", "--host", "127.0.0.1", "--replicate", str(replicate), *extra]
+        if sum(len(c) + 1 for c in cmd) > 1_000_000:  # ARG_MAX is 2 MiB on Linux
+            raise LoadTestError(f"{len(sources)} adapter sources do not fit on a command line")
         self.backend = backend
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, bufsize=1)
@@ -122,6 +124,10 @@ class ServerProcess:
             raise LoadTestError(f"server ({backend}) did not start:\n" + "".join(log[-30:]))
         self.log = log  # keep draining its output so the pipe never fills up
         threading.Thread(target=self._pump, daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def _pump(self):
         for line in self.proc.stdout:
@@ -146,23 +152,97 @@ class ServerProcess:
 
 # --------------------------------------------------------------------------- the client
 
-async def _cell(url: str, names: list[str], bodies: list[dict], clients: int,
-                requests: int, seconds: float | None, warmup: int, backend: str) -> Cell:
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus text exposition as ``{'name{labels}': value}`` (comments skipped)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
+    """The ``q`` quantile of a Prometheus histogram from its cumulative ``(le, count)``
+    buckets, interpolated linearly inside the bucket it falls in (as Prometheus's
+    ``histogram_quantile`` does; the first bucket starts at 0, a quantile in the +Inf
+    bucket is the largest finite bound). None without observations."""
+    buckets = sorted(buckets)
+    total = buckets[-1][1] if buckets else 0
+    if total <= 0:
+        return None
+    rank = q * total
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return prev_le
+            if count == prev_count:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
+        prev_le, prev_count = le, count
+    return prev_le
+
+
+def histogram_buckets(values: dict[str, float], name: str) -> list[tuple[float, float]]:
+    """The cumulative ``(le, count)`` buckets of histogram ``name`` (no other labels) in
+    :func:`metric_values`' output."""
+    out = []
+    prefix = f'{name}_bucket{{le="'
+    for key, v in values.items():
+        if key.startswith(prefix):
+            out.append((float(key[len(prefix):].split('"')[0]), v))
+    return sorted(out)
+
+
+
+def process_memory(pid: int) -> dict:
+    """``{"rss": VmRSS, "hwm": VmHWM}`` of process ``pid`` in bytes (Linux /proc), ``{}``
+    where /proc has no such file."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out["rss" if key == "VmRSS" else "hwm"] = int(value.split()[0]) * 1024  # kB
+    return out
+
+
+async def closed_loop(url: str, names: list[str], bodies: list[dict], clients: int,
+                requests: int, seconds: float | None, warmup: int, backend: str,
+                order: Sequence[int] | None = None, pid: int | None = None,
+                scrape: bool = False) -> Cell:
+    """One closed-loop run. Request ``i`` carries ``bodies[i]``; its adapter is
+    ``names[i mod len(names)]``, or with ``order`` ``names[order[i]]`` for warm-up request
+    ``i`` and ``names[order[w + i]]`` for timed request ``i`` (``w`` warm-up requests: the
+    timed requests continue the sequence). ``pid``: the server's process, whose memory is
+    read after warm-up and at the end; ``scrape``: /metrics too."""
     import httpx
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    n_warm = max(warmup, clients)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120.0) as http:
         counter = itertools.count()
 
-        def body(i: int) -> dict:  # request i: the same text whatever the adapter count
-            return {"adapter": names[i % len(names)], **bodies[i % len(bodies)]}
+        def body(i: int, shift: int = 0) -> dict:  # request i: the same text whatever the adapters
+            k = i % len(names) if order is None else order[(shift + i) % len(order)]
+            return {"adapter": names[k], **bodies[i % len(bodies)]}
 
         async def warm(i):
             r = await http.post("/v1/classify", json=body(i))
             r.raise_for_status()
 
-        await asyncio.gather(*(warm(i) for i in range(max(warmup, clients))))
+        await asyncio.gather(*(warm(i) for i in range(n_warm)))
+        shift = n_warm if order is not None else 0
         before = (await http.get("/health")).json()
+        rss_warm = process_memory(pid) if pid is not None else None
+        m_before = (await http.get("/metrics")).text if scrape else None
         lat: list[float] = []
         errors = 0
         deadline = None if seconds is None else time.perf_counter() + seconds
@@ -177,7 +257,7 @@ async def _cell(url: str, names: list[str], bodies: list[dict], clients: int,
                     return
                 t0 = time.perf_counter()
                 try:
-                    r = await http.post("/v1/classify", json=body(i))
+                    r = await http.post("/v1/classify", json=body(i, shift))
                     ok = r.status_code == 200
                 except httpx.HTTPError:
                     ok = False
@@ -190,13 +270,16 @@ async def _cell(url: str, names: list[str], bodies: list[dict], clients: int,
         await asyncio.gather(*(client() for _ in range(clients)))
         wall = time.perf_counter() - start
         after = (await http.get("/health")).json()
+        m_after = (await http.get("/metrics")).text if scrape else None
     server = {k: after[k] - before[k] for k in ("batches", "mixed_batches", "rows", "requests")}
-    return Cell(backend, len(names), clients, len(lat), errors, wall, lat, server)
+    rss = None if pid is None else {"warm": rss_warm, "end": process_memory(pid)}
+    return Cell(backend, len(names), clients, len(lat), errors, wall, lat, server, rss,
+                (m_before, m_after) if scrape else None)
 
 
 # --------------------------------------------------------------------------- the command
 
-def _bodies(task: str, glue_dir, n: int, seed: int = 0) -> list[dict]:
+def request_bodies(task: str, glue_dir, n: int, seed: int = 0) -> list[dict]:
     """``n`` validation rows of ``task`` (a fixed random sample) as request bodies."""
     from loralens.tasks.sources import load_split
     from loralens.tasks.registry import get_task
@@ -239,13 +322,17 @@ def run_loadtest(sources: Sequence[str], task: str, out_dir: Path,
                  adapters: Sequence[int] = DEFAULT_ADAPTERS, requests: int = 96,
                  seconds: float | None = None, warmup: int = 4, glue_dir=None,
                  server_args: Sequence[str] = (), progress: bool = True,
-                 repeats: int = DEFAULT_REPEATS) -> dict:
+                 repeats: int = DEFAULT_REPEATS, traffic: str | None = None,
+                 zipf_s: float = 1.1) -> dict:
     """Every (adapters, clients) cell ``repeats`` times on every backend, the servers
     interleaved (:func:`~loralens.analysis.latency.schedule`); writes
-    loadtest.json, loadtest.csv, loadtest_runs.csv."""
+    loadtest.json, loadtest.csv, loadtest_runs.csv. ``traffic``: None sends request i to
+    adapter i mod adapters; ``uniform`` or ``zipf`` (exponent ``zipf_s``) draws each
+    request's adapter independently (:func:`~loralens.serving.bench.synthetic.traffic`,
+    the same sequence in every run of a cell)."""
     _check_settings(backends, clients, adapters, requests, repeats)
     t_start = time.time()
-    bodies = _bodies(task, glue_dir, n=256)
+    bodies = request_bodies(task, glue_dir, n=256)
     servers: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:
         procs: dict[str, ServerProcess] = {}
@@ -255,8 +342,13 @@ def run_loadtest(sources: Sequence[str], task: str, out_dir: Path,
                 stack, sources, backend, task, max(adapters), server_args)
 
         def measure(backend: str, a: int, c: int) -> dict:
+            order = None
+            if traffic is not None:
+                from loralens.serving.bench.synthetic import traffic as draw
+
+                order = draw(a, max(warmup, c) + requests, traffic, zipf_s, seed=0)
             return _measure_run(procs[backend], adapter_names[backend][:a], bodies, c, requests,
-                                seconds, warmup)
+                                seconds, warmup, order)
 
         runs = _scheduled_runs(backends, adapters, clients, repeats, measure, progress)
     cells = summarize_cells(runs)
@@ -266,6 +358,7 @@ def run_loadtest(sources: Sequence[str], task: str, out_dir: Path,
         "backends": list(backends), "clients": list(clients), "adapters": list(adapters),
         "requests_per_cell": requests, "seconds_per_cell": seconds, "warmup": warmup,
         "repeats": repeats, "interleaved": True,
+        "traffic": traffic or "round-robin", "zipf_s": zipf_s if traffic == "zipf" else None,
         "interval": "95% t-interval of the mean throughput over repeats",
         "server_args": list(server_args),
         **_outcome(t_start, servers, cells, runs),
@@ -308,10 +401,11 @@ def _start_server(stack: contextlib.ExitStack, sources: Sequence[str], backend: 
 
 
 def _measure_run(srv: ServerProcess, names: list[str], bodies: list[dict], clients: int,
-                 requests: int, seconds: float | None, warmup: int) -> dict:
+                 requests: int, seconds: float | None, warmup: int,
+                 order: Sequence[int] | None = None) -> dict:
     """One run of a cell on ``srv``: its :meth:`Cell.summary`."""
-    cell = asyncio.run(_cell(srv.url, names, bodies, clients, requests, seconds, warmup,
-                             srv.backend))
+    cell = asyncio.run(closed_loop(srv.url, names, bodies, clients, requests, seconds, warmup,
+                             srv.backend, order))
     if srv.proc.poll() is not None:
         raise LoadTestError(f"server ({srv.backend}) exited:\n" + "".join(srv.log[-30:]))
     return cell.summary()
@@ -362,6 +456,38 @@ def _outcome(t_start: float, servers: dict[str, dict], cells: list[dict],
 def cli_command(args) -> str:
     """``loralens loadtest``: runs it; returns the summary table and where the results
     are, for the command line to print."""
+    if bool(args.sources) == (args.synthetic is not None):
+        raise LoadTestError("give adapter sources or --synthetic N (not both)")
+    if args.synthetic is not None and args.synthetic < 1:
+        raise LoadTestError(f"--synthetic {args.synthetic}: give at least 1 adapter")
+    with contextlib.ExitStack() as stack:
+        if args.synthetic:
+            import tempfile
+
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loralens-syn-")))
+            args.sources = synthetic_sources(tmp, args.synthetic, args.task or "sst2")
+            args.adapters = args.adapters or sorted({1, args.synthetic})
+            args.backends = args.backends or "ours"  # merged: one model per adapter
+        return _cli_run(args)
+
+
+def synthetic_sources(root: Path, n: int, task: str = "sst2") -> list[str]:
+    """``n`` generated rank-8 adapters of the study's LoRA method for the default model
+    (:mod:`loralens.serving.bench.synthetic`) under ``root``, as ``NAME=DIR`` sources."""
+    from loralens.core.config import ModelConfig
+    from loralens.models.classifier import load_base
+    from loralens.serving.bench import synthetic as S
+
+    mc = ModelConfig()
+    backbone = load_base(mc).backbone()
+    shapes = S.projection_shapes(backbone, S.study_targets())
+    hidden = backbone.config.hidden_size
+    del backbone
+    made = S.generate_adapters(root, [8] * n, shapes, hidden, task, base_model=mc.name)
+    return [f"{name}={d}" for name, d in made]
+
+
+def _cli_run(args) -> str:
     from loralens.serving.sources import collect_adapters
 
     specs, run_dir = collect_adapters(args.sources)  # fail early, before starting servers
@@ -385,9 +511,14 @@ def cli_command(args) -> str:
     server_args += ["--max-wait-ms", str(args.max_wait_ms), "--max-batch", str(args.max_batch)]
     if args.threads:
         server_args += ["--threads", str(args.threads)]
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.synthetic:  # generated for the default model
+        from loralens.core.config import ModelConfig
+
+        server_args += ["--model", ModelConfig().name]
+    backends = [b.strip() for b in (args.backends or ",".join(BACKENDS)).split(",") if b.strip()]
     sources = [f"{s.name}={s.path}" for s in chosen]  # only the chosen task's adapters
-    result = run_loadtest(sources, task, out, backends, args.clients, args.adapters,
-                          args.requests, args.seconds, args.warmup, glue_dir, server_args,
-                          progress=not args.no_progress, repeats=args.repeats)
+    result = run_loadtest(sources, task, out, backends, args.clients,
+                          args.adapters or list(DEFAULT_ADAPTERS), args.requests, args.seconds,
+                          args.warmup, glue_dir, server_args, progress=not args.no_progress,
+                          repeats=args.repeats, traffic=args.traffic, zipf_s=args.zipf_s)
     return "\n".join([*table_lines(result), f"results in {out}"])

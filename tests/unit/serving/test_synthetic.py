@@ -149,3 +149,46 @@ def test_che_by_hand_and_against_an_exact_simulation():
     assert che == pytest.approx(0.67, abs=0.005)
     seq = S.traffic(1000, 100_000, "zipf", 1.1, seed=3)
     assert S.lru_hit_rate(seq, 100, warmup=10_000) == pytest.approx(che, abs=0.01)
+
+
+# --------------------------------------------------------------------------- reading /metrics
+
+def test_metric_values_and_histogram_quantile_by_hand():
+    from loralens.serving.loadtest import histogram_buckets, histogram_quantile, metric_values
+
+    text = """# HELP loralens_adapter_store_hits_total hits
+# TYPE loralens_adapter_store_hits_total counter
+loralens_adapter_store_hits_total 67.0
+x_bucket{le="0.01"} 2.0
+x_bucket{le="0.05"} 6.0
+x_bucket{le="+Inf"} 8.0
+x_count 8.0
+"""
+    v = metric_values(text)
+    assert v["loralens_adapter_store_hits_total"] == 67.0 and v["x_count"] == 8.0
+    b = histogram_buckets(v, "x")
+    assert b == [(0.01, 2.0), (0.05, 6.0), (float("inf"), 8.0)]
+    # rank 4 of 8 lies in (0.01, 0.05], 2 of its 4 observations in: 0.01 + 0.04 * 2/4
+    assert histogram_quantile(0.5, b) == pytest.approx(0.03)
+    assert histogram_quantile(0.1, b) == pytest.approx(0.004)  # 0.8 of the first 2, from 0
+    assert histogram_quantile(0.9, b) == 0.05  # in +Inf: the largest finite bound
+    assert histogram_quantile(0.5, [(0.01, 0.0), (float("inf"), 0.0)]) is None
+
+
+def test_loadtest_takes_sources_or_synthetic_not_both():
+    import argparse
+
+    from loralens.serving import add_loadtest_arguments
+    from loralens.serving.loadtest import LoadTestError, cli_command
+
+    p = argparse.ArgumentParser()
+    add_loadtest_arguments(p)
+    with pytest.raises(LoadTestError, match="not both"):
+        cli_command(p.parse_args(["runs/x", "--synthetic", "4"]))
+    with pytest.raises(LoadTestError, match="not both"):
+        cli_command(p.parse_args([]))
+    with pytest.raises(LoadTestError, match="at least 1"):
+        cli_command(p.parse_args(["--synthetic", "0"]))
+    args = p.parse_args(["--synthetic", "4", "--traffic", "zipf"])
+    assert (args.synthetic, args.traffic, args.zipf_s, args.backends, args.adapters) == \
+        (4, "zipf", 1.1, None, None)
