@@ -61,8 +61,8 @@ def _plan_note(plan: dict) -> str:
             if finite(busy) and busy > 0.1 else "")
     return (f"Estimate: the dry-run plan stored before the run (plan.json, "
             f"{plan.get('created') or 'undated'}; {where}{target}{load}). A range is the "
-            "work with every fit stopped at its earliest early-stopping point – every fit "
-            "run to its end; Actual / estimate is the wall time over the estimate (over each "
+            "work with every fit stopped at the earliest point it can stop (early stopping; "
+            "the sanity check's loss threshold, after one epoch) – every fit run to its end; Actual / estimate is the wall time over the estimate (over each "
             "end of a range). Timings add up over a run directory's invocations; the plan "
             "is the first invocation's.")
 

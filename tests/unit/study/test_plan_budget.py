@@ -194,3 +194,17 @@ def test_cli_dry_run_for_another_machine_writes_the_plan_file(tmp_path, glue_dir
     assert rec["peak_target"] == 0.5e9 and rec["peak_here"] > 0
     assert rec["stages"]["train"]["seconds"] > 0
     assert not (tmp_path / "run").exists()
+
+
+def test_sanity_range_runs_from_one_epoch_to_all(glue_dir, tiny_tokenizer):
+    from loralens.training.job import prepare_task
+    from loralens.study.stages import get_stage
+
+    cfg = load_config(overrides=PLAN + [f"data.glue_dir={glue_dir}", "tasks=[rte]",
+                                        "methods=[lora]"])
+    p = prepare_task(cfg, "rte", tiny_tokenizer)
+    (w,) = plan_work.count_work(cfg, [get_stage("sanity")], tiny_tokenizer, {"rte": p})
+    # 4 rows in batches of 2, 3 epochs: 6 steps; it can stop after the first epoch (2
+    # steps): 4 steps and 2 epochs of its tokens may be skipped
+    assert w.steps == {"lora": 6} and w.saved.steps == {"lora": 4}
+    assert w.saved.train_tokens["lora"] * 3 == w.train_tokens["lora"] * 2

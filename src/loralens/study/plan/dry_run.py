@@ -315,8 +315,8 @@ def _notes(cfg: StudyConfig, works: list[StageWork], run_dir) -> list[str]:
     notes = ["rows and tokens count every pass (each epoch, each evaluation); tokens are real "
              "tokens (padding is work too: the estimate's throughput includes it)"]
     if "sanity" in names:
-        notes.append(f"sanity: at most; it stops once the training loss < "
-                     f"{cfg.sanity.loss_threshold}")
+        notes.append(f"sanity: from 1 epoch to {cfg.sanity.epochs}: it stops once the "
+                     f"training loss < {cfg.sanity.loss_threshold}")
     if {"search", "train"} & names:
         bound = ("the search's largest epoch choice and smallest batch size "
                  f"(epochs {cfg.search.epochs}), since training uses the best trial's"

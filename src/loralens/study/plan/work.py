@@ -178,6 +178,12 @@ def sanity(cfg, tokenizer, prepared) -> StageWork:
         tiny = sanity_rows(prepared[t].train, sc.examples)
         rows[t] = len(tiny)
         fit_work(w, m, tiny.lengths, tc)
+        if sc.epochs > 1:  # it stops once the loss is below the threshold: 1 epoch at least
+            tokens, n, steps, _ = _fit_pass(tiny.lengths, tc, False, None)
+            one = _fit_pass(tiny.lengths, replace(tc, epochs=1), False, None)
+            if w.saved is None:
+                w.saved = StageWork(w.stage)
+            w.saved.train(m, tokens - one[0], n - one[1], steps - one[2])
         w.jobs += 1
         w.loads += 1
     w.what = (f"{w.jobs} (task, method) overfit {_per_task(rows)} training rows, "
