@@ -502,6 +502,10 @@ def _serving_command(args) -> int:
     from loralens.serving.backends import AdapterError
 
     try:
+        if args.command == "serve" and getattr(args, "ray_replicas", None) is not None:
+            from loralens.serving.ray_serve import cli_command  # loralens[serve]: Ray Serve
+
+            return cli_command(args)
         if args.command == "serve":
             from loralens.serving.server import cli_command
 

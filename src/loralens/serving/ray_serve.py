@@ -32,6 +32,7 @@ Ray is imported only here, and only when ``--ray-replicas`` is given.
 
 import asyncio
 import logging
+import os
 import re
 import threading
 import time
@@ -413,34 +414,65 @@ def serve_replicas(cfg: RayServeConfig, host: str = "127.0.0.1", port: int = 800
     import signal
 
     ray, serve = import_serve()
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(cfg), name="loralens", route_prefix="/")
-    shown = f"[{host}]" if ":" in host else host
-    log.info(f"listening on http://{shown}:{port} (Ray Serve, {cfg.replicas} replicas, "
-             f"{len(cfg.specs)} adapters)")
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+
+    def stop(signum, frame):  # SIGTERM, also while Serve is starting: stop as Ctrl-C does
+        raise KeyboardInterrupt
+
+    joined = bool(os.environ.get("RAY_ADDRESS"))  # ray.init() joins that cluster
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        while not stop.wait(1.0):
-            pass
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        signal.signal(signal.SIGTERM, stop)  # over Ray's own handler
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(cfg), name="loralens", route_prefix="/")
+        shown = f"[{host}]" if ":" in host else host
+        log.info(f"listening on http://{shown}:{port} (Ray Serve, {cfg.replicas} replicas, "
+                 f"{len(cfg.specs)} adapters)")
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        log.info("stopping: Ray Serve shuts the replicas down")
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        serve.shutdown()
-        ray.shutdown()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM: let shutdown finish
+        try:
+            if ray.is_initialized() and joined:  # a cluster others may use: our app only
+                serve.delete("loralens")
+            elif ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            signal.signal(signal.SIGTERM, previous)
 
 
-def cli_command(args, specs: Sequence[AdapterSpec], model_cfg, max_length: int,
-                api_key=None) -> int:
-    """``loralens serve --ray-replicas K``: called by the server's command once the adapters
-    and the base model are known; blocks until stopped."""
+def cli_command(args) -> int:
+    """``loralens serve --ray-replicas K``: the adapters, base model and max_length chosen as
+    ``loralens serve`` chooses them (:func:`loralens.serving.server.cli_command`); blocks
+    until stopped."""
+    from loralens.core.run_dir import RunDir
+    from loralens.serving.auth import load_api_key
+    from loralens.serving.server import base_model_config
+    from loralens.serving.sources import collect_adapters, recorded_max_length, replicate
+    from loralens.tasks.registry import resolve_config_tasks
+
+    if args.ray_replicas < 1:
+        raise ConfigError(f"--ray-replicas must be >= 1 (got {args.ray_replicas})")
+    if getattr(args, "max_loaded", None) is not None and args.max_loaded < 1:
+        raise ConfigError(f"--max-loaded must be >= 1 (got {args.max_loaded})")
+    api_key = load_api_key(args.api_key_file)
     if api_key is not None:
         raise ConfigError("--ray-replicas does not support an API key yet (--api-key-file or "
                           "$LORALENS_API_KEY): put the ingress behind a proxy that checks one")
-    import_serve()  # the clear message before anything else
+    import_serve()  # the clear message before the adapters are read
+    specs, run_dir = collect_adapters(args.sources)
+    run_cfg = RunDir(run_dir).load_config() if run_dir is not None else None
+    if run_cfg is not None:
+        resolve_config_tasks(run_cfg)
+    max_length = args.max_length or (run_cfg.data.max_length if run_cfg is not None
+                                     else recorded_max_length(specs) or 384)
+    if args.replicate:
+        specs = replicate(specs, args.replicate)
+    model_cfg = base_model_config(args, run_cfg, specs)
     serve_replicas(config_from_args(args, specs, model_cfg, max_length), args.host, args.port)
     return 0
 

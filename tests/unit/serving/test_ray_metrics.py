@@ -60,3 +60,14 @@ def test_a_family_only_one_replica_has_and_no_replicas():
     assert out == ('# TYPE g gauge\ng{replica="r1"} 1.0\ng{replica="r2"} 2.0\n'
                    '# TYPE extra counter\nextra_total{replica="r2"} 7.0\n')
     assert aggregate_metrics({}) == ""
+
+
+def test_without_ray_serve_the_error_names_the_extra(monkeypatch):
+    import pytest
+
+    from loralens.core.errors import ConfigError
+    from loralens.serving.ray_serve import import_serve
+
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # `import ray` fails
+    with pytest.raises(ConfigError, match=r"pip install 'loralens\[serve\]'"):
+        import_serve()
