@@ -42,6 +42,10 @@ def add_serve_arguments(p) -> None:
                    help="keep at most N adapters loaded (backend ours); the others are "
                         "registered and read from disk on demand, least recently used out "
                         "(default: no limit)")
+    p.add_argument("--ray-replicas", type=int, metavar="K",
+                   help="serve K replicas on Ray Serve behind one ingress, requests for an "
+                        "adapter routed to replicas that hold it (needs pip install "
+                        "'loralens[serve]'; $RAY_ADDRESS joins a running cluster)")
     p.add_argument("--replicate", type=int, default=0,
                    help="load copies of the adapters until there are this many (load tests)")
     p.add_argument("--api-key-file", metavar="FILE",
