@@ -8,6 +8,7 @@ answers after."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import zlib
 from collections import Counter
@@ -147,3 +148,148 @@ def test_stateful_add_classify_remove_sequences(api):
     if REQUESTS["stateless"]:  # the module ran whole (the tests above first, in file order)
         assert total >= MIN_REQUESTS, REQUESTS
         assert OPERATIONS["GET /v1/models"] and OPERATIONS["POST /classify"], OPERATIONS
+
+
+# --------------------------------------------------------------------------- under a budget
+
+BUDGET = 2
+NAMES = ("n0", "n1", "n2", "n3", "n4")
+TEXTS = ("good", "bad movie", "x y z", "a")
+
+
+@pytest.fixture(scope="module")
+def budget_pool(tiny_base, tmp_path_factory):
+    """Three adapter directories (ranks 4, 8, 16) and each one's probabilities for every
+    text, served alone by a server without a budget (one text a request: no padding)."""
+    from tests.unit.serving.test_store import save_adapter
+
+    root = tmp_path_factory.mktemp("budget")
+    dirs = [save_adapter(tiny_base.backbone(), root / f"r{r}", i, r=r)
+            for i, r in enumerate((4, 8, 16))]
+    service = build_service([AdapterSpec(f"d{i}", d, "sst2") for i, d in enumerate(dirs)],
+                            tiny_base, max_length=32, max_batch=1, max_wait_ms=0, max_texts=4)
+
+    async def reference():
+        await service.start()
+        try:
+            return {(i, t): (await service.classify(f"d{i}", [t], None))["probabilities"][0]
+                    for i in range(len(dirs)) for t in TEXTS}
+        finally:
+            await service.stop()
+
+    return root, dirs, asyncio.run(reference())
+
+
+def test_concurrent_add_remove_classify_under_a_budget(tiny_base, budget_pool):
+    """A Hypothesis state machine on a server of budget 2 (5 names over 3 directories):
+    adds, removes, and concurrent bursts of classify requests (mixed with an add and a
+    remove); every answer equals the adapter's own answer served alone, unknown names 404,
+    at most 2 adapters loaded, nothing pinned once the requests are answered."""
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+    from loralens.serving.bodies import RequestError
+
+    root, dirs, ref = budget_pool
+    seen = Counter()
+
+    class Budgeted(RuleBasedStateMachine):
+        def __init__(self):
+            super().__init__()
+            self.service = build_service([], tiny_base, max_length=32, max_batch=4,
+                                         max_wait_ms=2, max_texts=4, adapter_root=root,
+                                         max_loaded=BUDGET)
+            self.loop = asyncio.new_event_loop()
+            self.loop.run_until_complete(self.service.start())
+            self.live: dict[str, int] = {}  # name -> directory index
+
+        def run(self, *coros):
+            async def together():
+                return await asyncio.gather(*coros, return_exceptions=True)
+
+            return self.loop.run_until_complete(together())
+
+        def add(self, name, d):
+            return self.service.add_adapter(AdapterSpec(name, dirs[d]))
+
+        def check_answer(self, name, text, got, d):
+            if isinstance(got, RequestError):
+                raise AssertionError(f"{name} ({text!r}): {got.status} {got.message}")
+            if isinstance(got, BaseException):
+                raise got
+            want = ref[d, text]
+            assert max(abs(a - b) for a, b in zip(got["probabilities"][0], want)) <= 1e-5
+            seen["answered"] += 1
+
+        @rule(name=st.sampled_from(NAMES), d=st.integers(0, len(dirs) - 1))
+        def add_adapter(self, name, d):
+            (out,) = self.run(self.add(name, d))
+            if name in self.live:
+                assert isinstance(out, RequestError) and out.status == 409
+            else:
+                assert not isinstance(out, BaseException), out
+                self.live[name] = d
+                seen["added"] += 1
+
+        @rule(name=st.sampled_from(NAMES))
+        def remove_adapter(self, name):
+            (out,) = self.run(self.service.remove_adapter(name))
+            if name in self.live:
+                assert out is None
+                del self.live[name]
+                seen["removed"] += 1
+            else:
+                assert isinstance(out, RequestError) and out.status == 404
+
+        @rule(calls=st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(TEXTS)),
+                             min_size=1, max_size=8),
+              add=st.one_of(st.none(), st.tuples(st.sampled_from(NAMES),
+                                                 st.integers(0, len(dirs) - 1))),
+              remove=st.one_of(st.none(), st.sampled_from(NAMES)))
+        def burst(self, calls, add, remove):
+            """Classify requests at once, with an add and a remove among them: requests
+            for names neither added nor removed in the burst have a known answer."""
+            changing = {n for n in (add and add[0], remove) if n}
+            adding = bool(add) and add[0] not in self.live
+            removing = remove is not None and remove in self.live
+            coros = [self.service.classify(n, [t], None) for n, t in calls]
+            if adding:
+                coros.append(self.add(*add))
+            if removing:
+                coros.append(self.service.remove_adapter(remove))
+            out = self.run(*coros)
+            for (n, t), got in zip(calls, out):
+                if n in changing:
+                    continue  # raced with its own add or remove: either answer is right
+                if n in self.live:
+                    self.check_answer(n, t, got, self.live[n])
+                else:
+                    assert isinstance(got, RequestError) and got.status == 404, got
+            if adding:
+                assert not isinstance(out[len(calls)], BaseException), out[len(calls)]
+                self.live[add[0]] = add[1]
+            if removing:
+                assert out[-1] is None, out[-1]
+                del self.live[remove]
+            seen["bursts"] += 1
+
+        @invariant()
+        def within_budget(self):
+            store = self.service.store
+            assert len(store.loaded) <= BUDGET
+            assert set(store.known) == set(self.live) == set(self.service.backend.infos)
+            assert set(store.loaded) <= set(self.live)
+            assert not store.pins  # every request answered: nothing pinned
+
+        def teardown(self):
+            seen["evictions"] += self.service.store.stats.evictions
+            self.loop.run_until_complete(self.service.stop())
+            self.loop.close()
+
+    Budgeted.TestCase.settings = settings(max_examples=25, stateful_step_count=10,
+                                          deadline=None, derandomize=True, database=None,
+                                          suppress_health_check=list(HealthCheck))
+    Budgeted.TestCase().runTest()
+    print(f"budgeted state machine: {dict(seen)}")
+    assert seen["answered"] >= 50 and seen["added"] and seen["removed"], seen
+    assert seen["evictions"], seen  # the budget was exceeded and adapters reloaded
