@@ -71,3 +71,46 @@ def test_without_ray_serve_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "ray", None)  # `import ray` fails
     with pytest.raises(ConfigError, match=r"pip install 'loralens\[serve\]'"):
         import_serve()
+
+
+def test_rays_unload_waits_for_the_requests_in_flight():
+    """Ray's multiplexer calls ``__del__`` on a thread when its LRU unloads an adapter: the
+    adapter leaves the backend only once the request using it has finished, once only."""
+    import asyncio
+    import threading
+
+    from loralens.serving.ray_serve import _Held
+
+    removed, unloads = [], []
+
+    class Backend:
+        infos = {"a": object()}
+
+        def remove(self, name):
+            removed.append(name)
+            del self.infos[name]
+
+    class Service:
+        backend = Backend()
+
+        async def _run(self, fn, *args):
+            return fn(*args)
+
+    async def scenario():
+        held = _Held(Service(), "a", on_unload=lambda: unloads.append(1))
+        held.enter()  # a request in flight
+        ray_thread = threading.Thread(target=held.__del__)
+        ray_thread.start()
+        await asyncio.sleep(0.2)
+        assert removed == []  # still in use
+        held.exit()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if removed:
+                break
+        await asyncio.get_running_loop().run_in_executor(None, ray_thread.join, 5)
+        assert removed == ["a"] and unloads == [1]
+        held.__del__()  # the garbage collector's later call does nothing
+        assert removed == ["a"] and unloads == [1]
+
+    asyncio.run(scenario())
