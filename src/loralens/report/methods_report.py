@@ -313,7 +313,7 @@ def glance_parts(d: RunData, task: str) -> list[str]:
     if acc:
         parts.append(f"{d.metric(task)}: " + ", ".join(
             f"{method_label(r['method'])} {pm(r.get('mean'), r.get('sd'))}{verdict(r)}"
-            for r in _order(d, acc)))
+            for r in _order(d, acc)) + (f" {MARK}" if not_learned(d, task) else ""))
     drift = [r for r in (method_results(d)["drift"] or {}).get("rows") or []
              if r["task"] == task and r.get("measure") == "cka_debiased"]
     if drift:

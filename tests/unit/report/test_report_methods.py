@@ -135,6 +135,7 @@ def test_n_method_tables_mark_models_not_above_the_majority(report):
     sst2 = next(x for x in lines if x.startswith("**sst2**"))
     assert "head only seeds 42, 1337, 2024 are not above the majority class" in sst2
     assert "‡ (compares models not above the majority class" in sst2
+    assert sst2.count(" ‡") == 2  # the accuracy and the drift comparison
 
 
 def test_table3_tests_each_method_against_the_reference(report):
