@@ -28,13 +28,32 @@ SMOLLM2_TIERS = ("integration", "e2e")
 TIER_FOLDERS = {"integration": ROOT / "tests" / "integration", "e2e": ROOT / "tests" / "e2e"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+# `make test` runs the suite on two pytest-xdist workers with ``--dist loadgroup``. Each test
+# file is one group (its module fixtures, e.g. the drills' uninterrupted reference study, are
+# built once, on one worker); files that start a local Ray instance share a group, so two Ray
+# clusters never start side by side.
+XDIST_SHARED_GROUPS = {"ray": ("tests/integration/test_ray.py",
+                               "tests/integration/test_ray_serve.py")}
+
+
+def xdist_group_of(relpath: str) -> str:
+    """The pytest-xdist group of the tests in ``relpath`` (a path relative to the repository)."""
+    for group, files in XDIST_SHARED_GROUPS.items():
+        if relpath in files:
+            return group
+    return relpath
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker, and before xdist groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = Path(str(item.path))
         for mark, folder in TIER_FOLDERS.items():
             if path.is_relative_to(folder):
                 item.add_marker(getattr(pytest.mark, mark))
+        if item.get_closest_marker("xdist_group") is None and path.is_relative_to(ROOT):
+            item.add_marker(pytest.mark.xdist_group(xdist_group_of(
+                path.relative_to(ROOT).as_posix())))
 
 
 def pytest_runtest_setup(item):

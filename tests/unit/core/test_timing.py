@@ -78,13 +78,21 @@ def test_the_time_of_a_call_is_measured_and_gc_is_restored():
     assert gc.isenabled()
 
 
-def test_budget_stops_after_the_round_that_spends_it():
+def test_budget_stops_after_the_round_that_spends_it(monkeypatch):
+    # a fake clock that only "a" advances, by 0.02 s a call: no sleeping, so a loaded machine
+    # (or a second pytest worker) cannot stretch round 1 past the budget
+    now = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+
+    def a():
+        log.append("a")
+        now[0] += 0.02
+
     log = []
-    t = time_interleaved({"a": lambda: (log.append("a"), time.sleep(0.02)),
-                          "b": lambda: log.append("b")}, repeats=5, budget_s=0.03)
+    t = time_interleaved({"a": a, "b": lambda: log.append("b")}, repeats=5, budget_s=0.03)
     # rounds 1 and 2 run whole (0.02 s, then 0.04 s spent); no third round
-    assert log == ["a", "b", "b", "a"] and len(t.seconds["a"]) == 2
-    t = time_interleaved({"a": lambda: time.sleep(0.02)}, repeats=3, budget_s=0.0)
+    assert log == ["a", "b", "b", "a"] and t.seconds["a"] == [0.02, 0.02]
+    t = time_interleaved({"a": a}, repeats=3, budget_s=0.0)
     assert len(t.seconds["a"]) == 1  # at least one round
 
 
