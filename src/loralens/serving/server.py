@@ -641,9 +641,10 @@ def cli_command(args) -> int:
     if args.replicate:
         specs = replicate(specs, args.replicate)
     root = args.adapter_root or (run_dir if run_dir is not None else None)
+    budget = {"max_loaded": max_loaded} if max_loaded is not None else {}
     service = build_service(specs, load_base(base_model_config(args, run_cfg, specs)),
                             args.backend, max_length, args.max_batch, args.max_wait_ms,
-                            args.max_texts, root, max_loaded)
+                            args.max_texts, root, **budget)
     serve(service, args.host, args.port, args.max_body_bytes, args.log_level,
           api_key, args.public_metrics)
     return 0

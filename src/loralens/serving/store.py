@@ -128,8 +128,10 @@ class AdapterStore:
         """Swap a prepared adapter into the stacks (inference worker, between batches),
         evicting least recently used adapters first: unpinned ones not in ``keep``, then,
         when there are none, pinned ones not in ``keep``. False when ``name`` was
-        unregistered meanwhile, or is loaded already."""
-        if name not in self.known or name in self.lru:
+        unregistered meanwhile (or registered again from another directory), or is loaded
+        already."""
+        path = self.known.get(name)
+        if path is None or name in self.lru or adapter.source != str(path):
             return False
         self._make_room(set(keep) | {name})
         self._put(name, adapter)

@@ -233,3 +233,20 @@ def test_a_loaded_adapters_request_is_not_blocked_by_another_load(tiny_base, tmp
     assert reads == ["slow"]  # one read for two requests; "fast" was loaded at start
     assert (store.stats.hits, store.stats.misses, store.stats.loads) == (1, 2, 1)
     assert store.loaded == ["slow"]
+
+
+def test_a_load_finishing_after_its_name_moved_to_another_directory_is_dropped(
+        tiny_backbone, dirs):
+    """A read started for 'x' (directory a) that ends after 'x' was removed and added again
+    from directory c is not installed: the batch then loads c's factors."""
+    be = backend64(tiny_backbone, {"d": dirs["d"]}, max_loaded=1)
+    store = be.store
+    be.add(AdapterInfo("x", str(dirs["a"]), 0), dirs["a"])  # registered, not loaded (budget 1)
+    stale = store.prepare("x")
+    be.remove("x")
+    be.add(AdapterInfo("x", str(dirs["c"]), 0), dirs["c"])
+    assert store.install("x", stale) is False and not store.is_loaded("x")
+    ids, mask = B.collate(rows(3), pad_id=0)
+    got = be.infer(ids, mask, ["x"] * 3)
+    want = backend64(tiny_backbone, {"x": dirs["c"]}).infer(ids, mask, ["x"] * 3)
+    assert torch.equal(got, want)
