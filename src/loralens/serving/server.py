@@ -9,7 +9,8 @@ Endpoints::
 
     GET    /health                  {"status": "ok", "backend": ..., "adapters": n}
     GET    /metrics                 Prometheus text (:mod:`.metrics`)
-    GET    /v1/adapters             [{"name", "task", "num_labels", "label_names", "source"}]
+    GET    /v1/adapters             {"adapters": [{"name", "task", "num_labels", "label_names",
+                                     "source", "loaded"}], "known", "loaded", "max_loaded"}
     POST   /v1/adapters             {"name": "x", "path": "/dir/adapter", "task": "sst2"?}  -> 201
     DELETE /v1/adapters/{name}
     POST   /v1/classify             {"adapter": "x", "texts": ["..."]}  or  "pairs": [["s1", "s2"]]
@@ -34,7 +35,9 @@ truncated to ``max_length``). Dynamic batching: requests wait at most
 batch of up to ``max_batch`` rows; on the ``ours`` backend a batch mixing
 adapters is one forward pass. All model work (inference, adding and removing
 adapters) runs on ONE worker thread, so an adapter is never changed under a
-running batch; the event loop only parses, validates and queues.
+running batch; the event loop only parses, validates and queues. With an adapter
+budget (``--max-loaded``, :mod:`.store`) an adapter not loaded is read from disk on a
+loader thread, and only its swap into the stacks runs on the worker, between batches.
 
 Request bodies are JSON whatever their Content-Type says (``curl -d`` sends
 ``application/x-www-form-urlencoded``). Bad input is a 4xx with ``{"error": "..."}``
