@@ -101,9 +101,31 @@ class RunData:
     def protocol(self) -> Protocol | None:
         """The selection protocol of the run (None without a config.yaml)."""
         if "protocol" not in self.cache:
-            self.cache["protocol"] = resolve_protocol(self.config, self.data) \
+            self.cache["protocol"] = resolve_protocol(
+                self.config, self.data, stored_correction(self.table3, self.table4)) \
                 if self.config is not None else None
         return self.cache["protocol"]
+
+
+def stored_correction(*files: dict | None) -> str | None:
+    """The family-wise correction the stored test files were made with: the first stored
+    family's ``correction``; ``"bonferroni"`` for families (or comparisons) written before
+    the correction was a choice; None without a stored test.
+
+    config.yaml is the whole resolved config (RunDir.bind_config), so one without
+    ``stats.correction`` predates the key; a stage run on it since then applied today's
+    default, one run before it Bonferroni: the stored files say which.
+    """
+    for src in files:
+        if not isinstance(src, dict):
+            continue
+        fams = [f for f in (src.get("families") or {}).values() if isinstance(f, dict)]
+        if fams:
+            return next((str(f["correction"]) for f in fams if f.get("correction")),
+                        "bonferroni")
+        if src.get("tasks"):  # a file from before declared families: Bonferroni only
+            return "bonferroni"
+    return None
 
 
 # --------------------------------------------------------------------------- protocol
@@ -114,11 +136,6 @@ PROTOCOL_KEYS = ("data.selection", "data.selection_fraction", "data.selection_mi
                  "data.subset_seed", "search.seed", "search.sampler_seed", "train.eval_every",
                  "train.evals_per_epoch", "train.patience")
 SELECTIONS = ("train_slice", "validation")
-# Keys a stored config.yaml may lack because the run predates them, with the value the code
-# that ran then had. config.yaml is the whole resolved config (RunDir.bind_config), so an
-# absent key means an older version wrote it: stats.correction came with the declared test
-# families; before it every family was corrected with Bonferroni, never today's default.
-PREDATED = {"stats.correction": "bonferroni"}
 
 
 @dataclass
@@ -133,7 +150,7 @@ class Protocol:
     missing: list = field(default_factory=list)    # PROTOCOL_KEYS absent from config.yaml
     dropped: list = field(default_factory=list)    # stored keys the config could not take
     recorded: dict = field(default_factory=dict)   # task -> data.json "selection" entry
-    correction: str = ""             # stats.correction as resolved (PREDATED where absent)
+    correction: str = ""             # stats.correction as resolved (stored_correction)
 
     @property
     def optimistic(self) -> bool:
@@ -149,13 +166,17 @@ class Protocol:
         return [t for t in self.recorded if self.task_protocol(t) != self.name]
 
 
-def resolve_protocol(config: dict, data: dict | None) -> Protocol:
+def resolve_protocol(config: dict, data: dict | None,
+                     correction: str | None = None) -> Protocol:
     """Rebuild the run's StudyConfig from the stored dict and ask :mod:`loralens.core.protocol`.
 
     A config.yaml without ``data.selection`` was written before the key existed, by code
     that selected on the validation split: it is read as the published protocol, never
     as today's default. Keys the current schema rejects (renamed, out of range) are
     dropped one by one, so an old run still gets a protocol; the report lists them.
+    A config.yaml without ``stats.correction`` takes ``correction``, the one the stored
+    tests were made with (:func:`stored_correction`), so the differences table and the
+    tables agree; without stored tests, today's default, which the stages will apply.
     """
     from loralens.core import protocol as P
 
@@ -170,9 +191,8 @@ def resolve_protocol(config: dict, data: dict | None) -> Protocol:
                    f"config.yaml's data.selection {value!r} is not one of "
                    f"{list(SELECTIONS)}, so it is read as the published protocol")
         _set(stored, "data.selection", "validation")
-    for key, value in PREDATED.items():  # the value the code that ran had
-        if _get(stored, key) is _ABSENT:
-            _set(stored, key, value)
+    if _get(stored, "stats.correction") is _ABSENT and correction:
+        _set(stored, "stats.correction", correction)  # what the stored tests used
     cfg, dropped = _rebuild(stored)
     recorded = {t: v["selection"] for t, v in (data or {}).items()
                 if isinstance(v, dict) and isinstance(v.get("selection"), dict)}

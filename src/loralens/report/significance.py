@@ -18,10 +18,10 @@ NOT_TESTED = "not tested"
 def resolved_correction(d: RunData) -> str:
     """The family-wise correction of this run (``"holm"`` or ``"bonferroni"``), resolved
     once for every table: config.yaml's ``stats.correction`` as the report rebuilds the
-    config (:attr:`RunData.protocol`, which the differences table also reads), so a
-    config.yaml written before the key existed resolves to Bonferroni, the only
-    correction the code then had (:data:`run_data.PREDATED`). Without a config.yaml the
-    current default."""
+    config (:attr:`RunData.protocol`, which the differences table also reads); a
+    config.yaml written before the key existed resolves to the correction its stored
+    tests were made with (:func:`run_data.stored_correction`), else today's default, which
+    the stages apply to such a config. Without a config.yaml the current default."""
     pr = d.protocol
     if pr is not None and pr.correction:
         return pr.correction

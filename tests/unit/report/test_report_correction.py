@@ -60,36 +60,62 @@ def test_table3_before_drift_uses_the_configs_correction(tmp_path):
                for n in t3.notes)
 
 
-def test_a_config_from_before_stats_correction_reads_bonferroni_everywhere(tmp_path):
-    """config.yaml without stats.correction (written before the key existed, when every
-    family was corrected with Bonferroni): Table 3, the figure captions and the differences
-    table all read Bonferroni; none claims Holm."""
+def test_a_config_from_before_stats_correction_reads_one_value_everywhere(tmp_path):
+    """config.yaml without stats.correction (written before the key existed). Tables 3 and
+    4, the captions and the differences table read one value: the correction the stored
+    tests were made with (a drift stage run since then: today's default, Holm; one run
+    before the choice existed: Bonferroni), and with no stored test today's default, which
+    the stages apply to such a config. An earlier version rebuilt the differences table
+    with today's default (a Holm row) whatever the tables said."""
+    from loralens.core.files import atomic_write_json, read_json
     from loralens.report.accuracy_tables import table3
+    from loralens.report.drift_tables import table4
     from loralens.report.provenance_tables import table_differences
     from loralens.report.run_data import load_run
     from loralens.report.significance import correction_name
 
-    run = synthetic_run(tmp_path / "run", stages=("train",))
+    def differences(d) -> list[str]:
+        return [r[0] for r in table_differences(d).rows]
+
+    run = synthetic_run(tmp_path / "run", stages=("train", "extract", "drift"))
     data = _config(run)
     del data["stats"]["correction"]
     _write_config(run, data)
+    # 1. a drift stage run by today's code (families corrected with Holm, as stored)
     d = load_run(run)
-    rows = _md_rows(table3(d))
-    for want in BONFERRONI:
-        assert want in rows
-    assert correction_name(d) == "Bonferroni"  # Figure 2's caption
-    diff = table_differences(d)
-    keys = [r[0] for r in diff.rows]
-    assert "Holm correction" not in keys
-    assert not any("Holm" in cell for r in diff.rows for cell in r)
+    assert correction_name(d) == "Holm" and "Holm correction" in differences(d)
+    for want in HOLM:
+        assert want in _md_rows(table3(d))
 
-    # the same run with the key: Holm in Table 3 and in the differences table alike
-    data["stats"]["correction"] = "holm"
+    # 2. drift files from before the choice: families without "correction" (Bonferroni)
+    for name in ("table3.json", "table4.json"):
+        stored = read_json(run.drift_path(name))
+        for fam in stored["families"].values():
+            fam.pop("correction", None)
+        atomic_write_json(run.drift_path(name), stored)
+    d = load_run(run)
+    assert correction_name(d) == "Bonferroni"  # Figure 2's caption
+    assert "Holm correction" not in differences(d)
+    assert not any("Holm" in cell for r in table_differences(d).rows for cell in r)
+    assert any(n.startswith("Bonferroni family: 2 tests") for n in table3(d).notes)
+    assert any(n.startswith("Bonferroni family: one family per measure")
+               for n in table4(d).notes)
+
+    # 3. no stored test yet: Table 3 computed by the report with today's default, Holm,
+    # which the drift stage will apply to this config too; the differences table agrees
+    for name in ("table3.json", "table4.json"):
+        run.drift_path(name).unlink()
+    d = load_run(run)
+    assert correction_name(d) == "Holm" and "Holm correction" in differences(d)
+    for want in HOLM:
+        assert want in _md_rows(table3(d))
+
+    # an explicit stats.correction: bonferroni wins over today's default everywhere
+    data["stats"]["correction"] = "bonferroni"
     _write_config(run, data)
     d = load_run(run)
-    assert correction_name(d) == "Holm"
-    assert "Holm correction" in [r[0] for r in table_differences(d).rows]
-    for want in HOLM:
+    assert correction_name(d) == "Bonferroni" and "Holm correction" not in differences(d)
+    for want in BONFERRONI:
         assert want in _md_rows(table3(d))
 
 
