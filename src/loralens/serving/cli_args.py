@@ -28,7 +28,8 @@ def add_serve_arguments(p) -> None:
                    help="run the base model's code from the hub (default: the run's "
                         "model.trust_remote_code when --model is the run's model)")
     p.add_argument("--max-length", type=int, help="truncation in tokens (default: the run's "
-                                                  "data.max_length, else 384)")
+                                                  "data.max_length, else the max_length the "
+                                                  "adapters' cards record, else 384)")
     p.add_argument("--max-batch", type=int, default=32, help="rows per batch (default 32)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long a request waits for others to batch with (default 5)")
