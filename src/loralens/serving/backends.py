@@ -41,7 +41,7 @@ from loralens.core.errors import ConfigError
 from loralens.models.classifier import CausalLMClassifier
 from loralens.serving.cli_args import BACKENDS
 from loralens.serving.runtime import LoraAdapter, MultiLoraClassifier
-from loralens.serving.store import AdapterStore, groups
+from loralens.serving.store import AdapterStore, groups, trim_heap
 
 
 
@@ -99,6 +99,14 @@ class Backend:
         self._remove(name)
         del self.infos[name]
 
+    def reserve(self, paths: Sequence[str | Path]) -> None:
+        """Before adding the adapters at ``paths`` in bulk: size memory for them (a no-op
+        unless the backend can use it)."""
+
+    def settle(self) -> None:
+        """After adding adapters in bulk: give memory freed meanwhile back (a no-op unless
+        the backend can)."""
+
     def _add(self, name: str, path: Path, adapter: LoraAdapter) -> None:
         raise NotImplementedError
 
@@ -120,6 +128,12 @@ class OursBackend(Backend):
         super().__init__(backbone)
         self.rt = MultiLoraClassifier(self.backbone)
         self.store = AdapterStore(self.rt, max_loaded)
+
+    def reserve(self, paths):
+        self.store.reserve(paths)
+
+    def settle(self):
+        trim_heap()
 
     def _add(self, name, path, adapter):
         self.store.register(name, path, adapter)

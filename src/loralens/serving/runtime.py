@@ -184,10 +184,12 @@ class _RankStack:
         return self.At.shape[0] - len(self.free)
 
 
-def _grown(n: int) -> int:
-    """Capacity after ``n`` rows: exact up to 16, then 1/16 more (amortised copies; at most
-    6.25% of a stack unused, within the memory goal of 1.1x the adapters' own bytes)."""
-    return n + max(1, n // 16)
+def _grown(n: int, reserved: int = 0) -> int:
+    """Capacity after ``n`` rows: the ``reserved`` rows when more (the runtime was told how
+    many adapters of this rank to expect: :meth:`MultiLoraClassifier.reserve`), else exact up
+    to 16, then 1/16 more (amortised copies; at most 6.25% of a stack unused, within the
+    memory goal of 1.1x the adapters' own bytes)."""
+    return max(n + max(1, n // 16), reserved)
 
 
 class LoraLinear(nn.Module):
@@ -208,6 +210,7 @@ class LoraLinear(nn.Module):
         self.weight = base.weight
         self.bias = base.bias
         self.stacks: dict[int, _RankStack] = {}
+        self.reserved: Mapping[int, int] = {}  # rank -> rows to allocate at once (the runtime's)
         self.where: list[tuple[int, int] | None] = []
         self._a: torch.Tensor | None = None
         self._b: torch.Tensor | None = None
@@ -269,7 +272,7 @@ class LoraLinear(nn.Module):
                                              w.new_zeros(0, r, self.out_features))
         if not st.free:
             n = st.At.shape[0]
-            cap = _grown(n)
+            cap = _grown(n, self.reserved.get(r, 0))
             At = w.new_zeros(cap, self.in_features, r)
             Bt = w.new_zeros(cap, r, self.out_features)
             At[:n], Bt[:n] = st.At, st.Bt
@@ -380,6 +383,21 @@ class MultiLoraClassifier(nn.Module):
         self._routes: dict[int, tuple] = {}     # slot -> cached views (cleared on any change)
         self._head_w: torch.Tensor | None = None
         self._head_b: torch.Tensor | None = None
+        self._reserved: dict[int, int] = {}     # rank -> adapters expected (reserve())
+
+    def reserve(self, ranks: Mapping[int, int]) -> None:
+        """Expect ``ranks[r]`` adapters of rank ``r``: a projection's stack of rank ``r`` is
+        then allocated with that many rows at once, not grown (and copied) as adapters come.
+        Growing leaves the outgrown stacks' memory with the C allocator, which keeps much of
+        it from the process (measured: 100 rank-8 SmolLM2 adapters added one by one held
+        1.51x their bytes in RSS, 1.04x after ``malloc_trim``). A hint: more adapters than
+        reserved still fit (the stack grows), fewer leave rows unused. Reserve for adapters
+        that adapt the same projections (the rows are per projection)."""
+        for r, n in ranks.items():
+            if int(r) < 1 or int(n) < 0:
+                raise ValueError(f"reserve: rank {r} with {n} adapters")
+        self._reserved.clear()
+        self._reserved.update({int(r): int(n) for r, n in ranks.items()})
 
     # ---- adapters
     def bytes_held(self) -> int:
@@ -419,6 +437,7 @@ class MultiLoraClassifier(nn.Module):
             return self.wrapped[path]
         parent, child, base = self._target(path)
         mod = LoraLinear(base)
+        mod.reserved = self._reserved
         for _ in self.names:  # earlier adapters do not touch this projection
             mod.append(None)
         setattr(parent, child, mod)

@@ -521,10 +521,12 @@ def build_service(specs: Sequence[AdapterSpec], base: Base, backend: str = "ours
 
     require_servable(base.family, base.pooling, "serve")
     b = make_backend(backend, base.backbone(), max_loaded)
+    b.reserve([s.path for s in specs])  # stacks sized once, not grown adapter by adapter
     for s in specs:
         task = s.task
         b.add(AdapterInfo(s.name, str(s.path), 0, task,
                           get_task(task).label_names if task else None), s.path)
+    b.settle()  # the files' tensors, read and freed, back to the OS
     return Service(b, base.tokenizer, max_length, max_batch, max_wait_ms, max_texts,
                    adapter_root, base_name=base.name)
 

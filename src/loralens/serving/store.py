@@ -24,6 +24,8 @@ server's load-latency histogram).
 
 from __future__ import annotations
 
+import ctypes
+import json
 import logging
 import threading
 import time
@@ -73,6 +75,26 @@ class AdapterStore:
         self.known[name] = Path(path)
         if adapter is not None and (self.max_loaded is None or len(self.lru) < self.max_loaded):
             self._put(name, adapter)
+
+    def reserve(self, paths: Iterable[str | Path]) -> dict[int, int]:
+        """Tell the runtime how many adapters of each rank to expect from the adapter
+        directories ``paths`` (their adapter_config.json's ``r`` only; an unreadable one is
+        skipped: adding it reports the error), so that each rank's stacks are allocated once
+        rather than grown (:meth:`MultiLoraClassifier.reserve`). With a budget, a rank's count
+        is capped at ``max_loaded``, and nothing is reserved when several ranks share the
+        budget (which of them will be loaded is not known: the stacks grow as needed).
+        Returns the reservation."""
+        counts: Counter = Counter()
+        for path in paths:
+            try:
+                counts[int(json.loads((Path(path) / "adapter_config.json").read_text())["r"])] += 1
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        if self.max_loaded is not None:
+            counts = Counter({r: min(n, self.max_loaded) for r, n in counts.items()}
+                             if len(counts) == 1 else {})
+        self.rt.reserve(counts)
+        return dict(counts)
 
     def forget(self, name: str) -> None:
         """Unregister (and unload) ``name``."""
@@ -188,3 +210,15 @@ def groups(names: Sequence[str], limit: int | None) -> list[list[int]]:
     for i, n in enumerate(names):
         out[which[n]].append(i)
     return out
+
+
+def trim_heap() -> bool:
+    """Hand the C heap's free memory back to the OS (glibc's ``malloc_trim(0)``; False where
+    there is none). After many adapters are read at start-up, the tensors read and freed
+    leave free heap pages that glibc would otherwise keep in the process's RSS."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True

@@ -250,3 +250,62 @@ def test_a_load_finishing_after_its_name_moved_to_another_directory_is_dropped(
     got = be.infer(ids, mask, ["x"] * 3)
     want = backend64(tiny_backbone, {"x": dirs["c"]}).infer(ids, mask, ["x"] * 3)
     assert torch.equal(got, want)
+
+
+def _q_stack(be, r=8):
+    return be.rt.wrapped["layers.0.self_attn.q_proj"].stacks[r]
+
+
+def test_reserved_stacks_hold_exactly_the_adapters_bytes_and_never_reallocate(tiny_backbone,
+                                                                              tmp_path):
+    """Reserved from the directories (ranks 8, 8, 4, 16 on q/v): each rank's stack is
+    allocated once at its count, so filling it moves nothing (same data_ptr) and the bytes
+    held are the adapters' own: 896 x (8 + 8 + 4 + 16) factor bytes (896 r per adapter, see
+    above) plus 4 heads of 2 x 32 weights and 2 biases. Grown one by one instead, the rank-8
+    stack would be copied at its second adapter (capacity 1 -> 2)."""
+    ranks = {"a": 8, "b": 8, "c": 4, "d": 16}
+    paths = {n: save_adapter(tiny_backbone, tmp_path / n, i, r=r)
+             for i, (n, r) in enumerate(ranks.items())}
+    be = make_backend("ours", copy.deepcopy(tiny_backbone))
+    be.reserve(list(paths.values()))
+    be.add(AdapterInfo("a", str(paths["a"]), 0), paths["a"])
+    ptr = _q_stack(be).At.data_ptr(), _q_stack(be).Bt.data_ptr()
+    for n in ("b", "c", "d"):
+        be.add(AdapterInfo(n, str(paths[n]), 0), paths[n])
+    assert (_q_stack(be).At.data_ptr(), _q_stack(be).Bt.data_ptr()) == ptr
+    heads = 4 * (2 * 32 * 4 + 2 * 4)
+    assert be.rt.bytes_held() == 896 * 36 + heads == 32_256 + 1_056
+    be.remove("c")
+    assert be.rt.bytes_held() == 896 * 32 + 3 * (2 * 32 * 4 + 2 * 4)
+
+
+def test_a_budgeted_store_reserves_the_budget_and_reloads_into_freed_rows(tiny_backbone,
+                                                                          tmp_path):
+    """Three rank-8 adapters under --max-loaded 2: the stacks hold 2 rows from the start;
+    loading the third evicts the least recently used one into its row (no reallocation),
+    and the bytes held stay 2 adapters' worth: 2 x (896 x 8 + 2 x 32 x 4 + 2 x 4)."""
+    paths = {n: save_adapter(tiny_backbone, tmp_path / n, i) for i, n in enumerate("xyz")}
+    be = make_backend("ours", copy.deepcopy(tiny_backbone), max_loaded=2)
+    be.reserve(list(paths.values()))
+    assert be.rt._reserved == {8: 2}
+    for n, p in paths.items():
+        be.add(AdapterInfo(n, str(p), 0), p)
+    assert be.store.loaded == ["x", "y"]
+    ptr = _q_stack(be).At.data_ptr()
+    one = 896 * 8 + 2 * 32 * 4 + 2 * 4
+    assert be.rt.bytes_held() == 2 * one == 14_864
+    be.store.ensure(["z"])
+    assert be.store.loaded == ["y", "z"] and be.store.stats.evictions == 1
+    assert _q_stack(be).At.data_ptr() == ptr
+    assert be.rt.bytes_held() == 2 * one
+
+
+def test_reserve_with_several_ranks_under_a_budget_reserves_nothing(tiny_backbone, tmp_path):
+    """Which ranks a budget will hold is not known: the stacks grow as adapters come."""
+    paths = [save_adapter(tiny_backbone, tmp_path / f"r{r}", r, r=r) for r in (4, 8)]
+    be = make_backend("ours", copy.deepcopy(tiny_backbone), max_loaded=1)
+    be.reserve(paths + [tmp_path / "missing"])  # unreadable: skipped, reported when added
+    assert be.rt._reserved == {}
+    unbudgeted = make_backend("ours", copy.deepcopy(tiny_backbone))
+    unbudgeted.reserve(paths + [tmp_path / "missing"])
+    assert unbudgeted.rt._reserved == {4: 1, 8: 1}
