@@ -8,6 +8,10 @@ VENV     ?= .venv
 PYTHON   ?= python3
 GLUE_DIR ?= ../shared/glue
 PRESET   ?= quick
+# make test runs the suite on this many pytest-xdist workers (0 = in this process, serially):
+# on the 2-core machines of CI two workers fill the cores the serial run leaves idle while a
+# test waits on a subprocess, a server or the disk (tests/conftest.py groups each file)
+TEST_WORKERS ?= 2
 # torch is pinned: 2.13.0 is the CPU build on this machine's disk. GPU users: see docs/install.md.
 TORCH    ?= torch==2.13.0
 
@@ -44,7 +48,7 @@ run: install
 test: install-test
 	$(VENV)/bin/python .ci/check_constraints.py  # installed versions = constraints files' pins
 	$(VENV)/bin/lint-imports  # imports go down only (pyproject.toml's layers contract)
-	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not gpu" --durations=25
+	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not gpu" -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 test-fast: install-test
 	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not integration and not e2e and not gpu" tests/unit
