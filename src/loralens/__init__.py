@@ -4,7 +4,7 @@ rank-8 LoRA vs full fine-tuning of a causal LM classifier: training, layer-wise
 representation drift to the base model, statistics and serving cost.
 """
 
-__version__ = "0.1.0"
+from loralens.core.version import __version__  # noqa: F401 (the public version)
 
 
 def __getattr__(name: str):
@@ -12,10 +12,8 @@ def __getattr__(name: str):
     (:func:`loralens.report.results.results`), imported on first use so that
     ``import loralens`` stays light (no pandas, torch or matplotlib)."""
     if name == "results":
-        # By name, not an import statement: loralens.models.cards imports this package for
-        # __version__, and import-linter would read models -> loralens -> report as a layer
-        # broken. The root package is the public facade above every layer.
-        import importlib
+        # The root package is the public facade above every layer; nothing below imports it.
+        from loralens.report.results import results
 
-        return importlib.import_module("loralens.report.results").results
+        return results
     raise AttributeError(f"module 'loralens' has no attribute {name!r}")

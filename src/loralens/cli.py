@@ -27,6 +27,7 @@ from loralens.core.errors import ConfigError
 from loralens.core.config import StudyConfig
 from loralens.study.config import check_config, load_config
 from loralens.core.config_load import preset_names
+from loralens.core.version import package_version
 from loralens.study.stages import (
     STAGE_NAMES, STAGES, Context, Stage, get_stage, run_stage, run_study,
 )
@@ -339,19 +340,6 @@ def _stage_names(args: argparse.Namespace) -> tuple[str, ...]:
     if unknown:
         raise ConfigError(f"--stages: unknown stage(s) {unknown}; known: {', '.join(STAGE_NAMES)}")
     return names
-
-
-def package_version() -> str:
-    """The installed distribution's version (importlib.metadata), else the source tree's
-    ``loralens.__version__`` (a checkout run without ``pip install``)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("loralens")
-    except PackageNotFoundError:
-        import loralens
-
-        return loralens.__version__
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

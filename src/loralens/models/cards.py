@@ -22,7 +22,7 @@ import json
 import logging
 from pathlib import Path
 
-from loralens import __version__
+from loralens.core.version import package_version
 from loralens.models.methods import is_study_full, is_study_lora
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def render_card(info: dict) -> str:
              ("base model note", info.get("base_note")),
              ("base model on the hub", _hub_line(base_record(info),
                                                  adapter and not info.get("merged"))),
-             ("loralens", f"{info.get('version') or __version__}"
+             ("loralens", f"{info.get('version') or package_version()}"
                           + (f" (commit {info['commit']})" if info.get("commit") else ""))]
     lines += [f"- {k}: {v}" for k, v in facts if v] + [""]
     if info.get("scores"):
@@ -232,7 +232,7 @@ def card_data(info: dict):
         "task": task, "method": method, "seed": info.get("seed"),
         "label_names": list(info["label_names"]) if info.get("label_names") else None,
         "max_length": info.get("max_length"), "adapter": adapter,
-        "base": base, "version": info.get("version") or __version__,
+        "base": base, "version": info.get("version") or package_version(),
         "commit": info.get("commit")}.items() if v is not None}
     return ModelCardData(
         library_name=("peft" if adapter else "transformers") if standard else None,

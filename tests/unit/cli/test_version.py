@@ -23,6 +23,7 @@ def test_version_prints_the_declared_version(capsys):
         cli.main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out == f"loralens {declared}\n"
+    assert loralens.__version__ == declared  # the source tree's string (core/version.py) too
 
 
 def test_version_without_an_installed_distribution_is_the_source_trees(monkeypatch, capsys):
@@ -30,7 +31,7 @@ def test_version_without_an_installed_distribution_is_the_source_trees(monkeypat
         raise PackageNotFoundError(name)
 
     monkeypatch.setattr("importlib.metadata.version", missing)
-    monkeypatch.setattr(loralens, "__version__", "9.8.7")
+    monkeypatch.setattr("loralens.core.version.__version__", "9.8.7")
     with pytest.raises(SystemExit):
         cli.main(["--version"])
     assert capsys.readouterr().out == "loralens 9.8.7\n"
