@@ -101,7 +101,8 @@ def test_sigkill_during_train_overwrite_keeps_a_whole_model(tmp_path, glue_dir):
 
 def test_two_workers_on_one_run_directory_share_the_work(tmp_path, glue_dir):
     """Two ``loralens run`` processes on one run directory with the default SQLite storage:
-    both finish, every model is trained once, every study has exactly its trials."""
+    both finish, every model is trained once and every job claimed once, every study has
+    exactly its trials."""
     import re
     import sqlite3
 
@@ -115,8 +116,11 @@ def test_two_workers_on_one_run_directory_share_the_work(tmp_path, glue_dir):
     assert sorted(trained) == sorted(f"rte/{m}/seed{s}" for m in ("lora", "full")
                                      for s in (42, 1337)), out[-3000:]  # each model once
     with sqlite3.connect(run / "jobs.db") as c:
-        rows = c.execute("SELECT stage, key, status FROM loralens_jobs").fetchall()
-    assert rows and all(status == "done" for _, _, status in rows), rows
+        rows = c.execute("SELECT stage, key, status, attempts FROM loralens_jobs").fetchall()
+    assert rows and all(status == "done" for _, _, status, _ in rows), rows
+    # each job claimed once: a worker reopening a job the other had just finished (the
+    # reopen race of issue 28.7) raised attempts to 2 though nothing was trained twice
+    assert all(attempts == 1 for *_, attempts in rows), rows
     for method in ("lora", "full"):
         study = optuna.load_study(study_name=f"loralens-rte-{method}",
                                   storage=f"sqlite:///{run / 'search.db'}")
