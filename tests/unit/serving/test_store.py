@@ -135,8 +135,10 @@ def test_mixed_ranks_in_one_batch_answer_as_alone(tiny_backbone, dirs):
     for i, n in enumerate(names):
         ref = alone(be, r[i], n)
         assert (out[i, : ref.shape[0]] - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
-    # the common one-rank case keeps one gather per projection (no per-rank segments)
-    be.infer(ids, mask, ["a", "d", "a", "d", "a", "d"])
+    # the common one-rank case keeps one gather per projection (no per-rank segments); the
+    # route as a forward sets it (a forward drops it after the batch)
+    slots = [be.rt.names.index(n) for n in ["a", "d", "a", "d", "a", "d"]]
+    be.rt._route_mixed(slots)
     q = be.rt.wrapped["layers.0.self_attn.q_proj"]
     assert q._mixed and q._segs is None and q._a.shape == (6, 32, 8)
 
@@ -309,3 +311,20 @@ def test_reserve_with_several_ranks_under_a_budget_reserves_nothing(tiny_backbon
     unbudgeted = make_backend("ours", copy.deepcopy(tiny_backbone))
     unbudgeted.reserve(paths + [tmp_path / "missing"])
     assert unbudgeted.rt._reserved == {4: 1, 8: 1}
+
+
+def test_a_mixed_batch_keeps_no_gathered_factors_after_it(tiny_backbone, dirs):
+    """A mixed batch gathers each row's factors (its own copies, rows x factor bytes per
+    projection); none stay referenced after the forward, and the next single-adapter and
+    mixed batches still answer as the rows alone."""
+    be = backend64(tiny_backbone, dirs)
+    r = rows(4, seed=3)
+    names = ["a", "b", "c", "a"]  # ranks 8, 4, 16: the per-rank segments too
+    ids, mask = B.collate(r, pad_id=0)
+    out = be.infer(ids, mask, names)
+    assert all(m._a is None and m._b is None and m._segs is None
+               for m in be.rt.wrapped.values())
+    for i, n in enumerate(names):
+        ref = alone(be, r[i], n)
+        assert (out[i, : ref.shape[0]] - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+    assert torch.equal(be.infer(ids, mask, names), out)
