@@ -449,11 +449,9 @@ def cli_command(args) -> int:
     """``loralens serve --ray-replicas K``: the adapters, base model and max_length chosen as
     ``loralens serve`` chooses them (:func:`loralens.serving.server.cli_command`); blocks
     until stopped."""
-    from loralens.core.run_dir import RunDir
     from loralens.serving.auth import load_api_key
     from loralens.serving.server import base_model_config
-    from loralens.serving.sources import collect_adapters, recorded_max_length, replicate
-    from loralens.tasks.registry import resolve_config_tasks
+    from loralens.serving.sources import served
 
     if args.ray_replicas < 1:
         raise ConfigError(f"--ray-replicas must be >= 1 (got {args.ray_replicas})")
@@ -464,16 +462,10 @@ def cli_command(args) -> int:
         raise ConfigError("--ray-replicas does not support an API key yet (--api-key-file or "
                           "$LORALENS_API_KEY): put the ingress behind a proxy that checks one")
     import_serve()  # the clear message before the adapters are read
-    specs, run_dir = collect_adapters(args.sources)
-    run_cfg = RunDir(run_dir).load_config() if run_dir is not None else None
-    if run_cfg is not None:
-        resolve_config_tasks(run_cfg)
-    max_length = args.max_length or (run_cfg.data.max_length if run_cfg is not None
-                                     else recorded_max_length(specs) or 384)
-    if args.replicate:
-        specs = replicate(specs, args.replicate)
-    model_cfg = base_model_config(args, run_cfg, specs)
-    serve_replicas(config_from_args(args, specs, model_cfg, max_length), args.host, args.port)
+    sv = served(args.sources, args.max_length, args.replicate)
+    model_cfg = base_model_config(args, sv.run_cfg, sv.specs)
+    serve_replicas(config_from_args(args, sv.specs, model_cfg, sv.max_length), args.host,
+                   args.port)
     return 0
 
 

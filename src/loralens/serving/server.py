@@ -71,7 +71,6 @@ from fastapi import Request  # module level: handlers' annotations are resolved 
 
 from loralens.training.batches import collate, encode_texts
 from loralens.models.classifier import Base, load_base
-from loralens.core.run_dir import RunDir
 from loralens.tasks.registry import get_task
 from loralens.serving.backends import (
     AdapterError, AdapterInfo, Backend, check_max_loaded, make_backend,
@@ -88,10 +87,8 @@ from loralens.serving.responses import (
     RemovedOut, responses,
 )
 from loralens.serving.sources import (
-    NAME_RULE, AdapterSpec, collect_adapters, recorded_max_length, replicate, task_of,
-    valid_name,
+    NAME_RULE, AdapterSpec, collect_adapters, replicate, served, task_of, valid_name,
 )
-from loralens.tasks.registry import resolve_config_tasks
 
 __all__ = ["AdapterSpec", "RequestError", "Service", "build_service",
            "collect_adapters", "create_app", "replicate", "serve"]
@@ -634,21 +631,13 @@ def cli_command(args) -> int:
     api_key = load_api_key(args.api_key_file)  # before the model loads: a bad file fails fast
     max_loaded = getattr(args, "max_loaded", None)
     check_max_loaded(args.backend, max_loaded)  # ConfigError (exit 2) before the model loads
-    specs, run_dir = collect_adapters(args.sources)
-    run_cfg = RunDir(run_dir).load_config() if run_dir is not None else None
-    if run_cfg is not None:
-        resolve_config_tasks(run_cfg)
-    # bare adapter directories: the training max_length their cards record (as predict)
-    max_length = args.max_length or (run_cfg.data.max_length if run_cfg is not None
-                                     else recorded_max_length(specs) or 384)
+    sv = served(args.sources, args.max_length, args.replicate)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.replicate:
-        specs = replicate(specs, args.replicate)
-    root = args.adapter_root or (run_dir if run_dir is not None else None)
+    root = args.adapter_root or (sv.run_dir if sv.run_dir is not None else None)
     budget = {"max_loaded": max_loaded} if max_loaded is not None else {}
-    service = build_service(specs, load_base(base_model_config(args, run_cfg, specs)),
-                            args.backend, max_length, args.max_batch, args.max_wait_ms,
+    service = build_service(sv.specs, load_base(base_model_config(args, sv.run_cfg, sv.specs)),
+                            args.backend, sv.max_length, args.max_batch, args.max_wait_ms,
                             args.max_texts, root, **budget)
     serve(service, args.host, args.port, args.max_body_bytes, args.log_level,
           api_key, args.public_metrics)

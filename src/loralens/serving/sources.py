@@ -106,6 +106,36 @@ def recorded_max_length(specs: Sequence[AdapterSpec]) -> int | None:
     return max(found.values(), default=None)
 
 
+@dataclass(frozen=True)
+class Served:
+    """What ``loralens serve SOURCES`` serves: the adapters (copies included), the run
+    directory among the sources (or None) with its config, and the truncation length."""
+    specs: list[AdapterSpec]
+    run_dir: Path | None
+    run_cfg: object | None  # the run's StudyConfig
+    max_length: int
+
+
+def served(sources: Sequence[str], max_length: int | None = None,
+           copies: int = 0) -> Served:
+    """The adapters of ``sources`` (:func:`collect_adapters`; the run's tasks registered),
+    at least ``copies`` of them (:func:`replicate`), and the truncation length:
+    ``max_length`` when given, else the run's ``data.max_length``, else the training
+    ``max_length`` the adapters' cards record (:func:`recorded_max_length`, as predict),
+    else 384. One place for the one-process server and the Ray Serve replicas."""
+    from loralens.tasks.registry import resolve_config_tasks
+
+    specs, run_dir = collect_adapters(sources)
+    run_cfg = RunDir(run_dir).load_config() if run_dir is not None else None
+    if run_cfg is not None:
+        resolve_config_tasks(run_cfg)
+    length = max_length or (run_cfg.data.max_length if run_cfg is not None
+                            else recorded_max_length(specs) or 384)
+    if copies:
+        specs = replicate(specs, copies)
+    return Served(specs, run_dir, run_cfg, length)
+
+
 def replicate(specs: list[AdapterSpec], n: int) -> list[AdapterSpec]:
     """At least ``n`` adapters: the given ones, then copies named ``<name>@2``, ``@3``...
 
