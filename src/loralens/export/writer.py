@@ -46,13 +46,10 @@ def job_card(run: RunDir, task: str, method: str, seed: int, cfg) -> dict:
     version, commit = _provenance(run)
     source = ((m.get("data") or {}).get("validation") or {}).get("source")
     v = m.get("validation") or {}
-    hub = get_task(task).source("hub")  # the Hub's name of the dataset (card metadata)
     return {
         "task": task, "method": method, "seed": seed, "base": m.get("model"),
         "base_note": m.get("model_note"), "base_revision": cfg.model.revision,
-        "datasets": [hub.location] if hub else None,
-        "dataset_config": hub.config if hub else None,
-        "dataset_split": (hub.splits.get("validation") if hub else None) or "validation",
+        **get_task(task).card_dataset(),  # the Hub's name of the dataset (card metadata)
         "hyperparameters": {**(m.get("hyperparameters") or {}),
                             **({"overrides": m["overrides"]} if m.get("overrides") else {})},
         "scores": {k: v[k] for k in ("accuracy", "f1", "loss", "n") if k in v},

@@ -77,6 +77,16 @@ class TaskSpec:
     def source(self, kind: str) -> Source | None:
         return next((s for s in self.sources if s.kind == kind), None)
 
+    def card_dataset(self) -> dict:
+        """The model card's dataset fields (:mod:`loralens.models.cards`): the Hub's name of
+        the dataset, its config and its name of the validation split, from the task's
+        ``hub`` source (None each when the task has none)."""
+        hub = self.source("hub")
+        return {"datasets": [hub.location] if hub else None,
+                "dataset_config": hub.config if hub else None,
+                "dataset_split": (hub.splits.get("validation") if hub else None)
+                or "validation"}
+
     @property
     def glue_dir(self) -> str:
         """The sub-directory of the GLUE root ("" when the task is not in GLUE's layout)."""

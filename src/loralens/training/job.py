@@ -226,6 +226,7 @@ def _finish_job(jcfg, run, task, method, seed, prepared, base, model, fitres, ov
                  base.tokenizer,
                  prepared.task.label_names,
                  card={"task": task, "base": base.name, "base_note": base.note, "seed": seed,
+                       "base_revision": cfg.model.revision, **prepared.task.card_dataset(),
                        "scores": {m: val[m] for m in prepared.task.metrics},
                        "score_split": "validation", "max_length": cfg.data.max_length})
     with atomic_path(run.val_logits_path(task, method, seed), suffix=".npy") as tmp:

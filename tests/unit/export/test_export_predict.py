@@ -166,3 +166,15 @@ def test_exported_card_metadata_and_predict_reads_its_max_length(run, glue_dir, 
     want = torch.softmax(torch.from_numpy(np.load(run.val_logits_path("rte", "lora", 42))[:5]),
                          -1).numpy()[:, 0]
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_the_card_written_at_training_names_the_dataset(run):
+    """The card saved beside a trained adapter (before any export) carries the Hub's dataset
+    (name, config, split of the scores), as an exported card does (it had no datasets, and
+    its scores named the task as their dataset)."""
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(run.weights_dir("rte", "lora", 42) / "README.md").data
+    assert data.datasets == ["nyu-mll/glue"]
+    assert {(r.dataset_type, r.dataset_config, r.dataset_split) for r in data.eval_results} == {
+        ("nyu-mll/glue", "rte", "validation")}

@@ -522,3 +522,23 @@ def test_regression_task_refused_on_the_command_line(tmp_path, offline, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "stsb.yaml: labels: loralens trains classifiers" in err
     assert "regression tasks such as STS-B" in err
+
+
+def test_card_dataset_names_the_hub_dataset_or_none(tmp_path):
+    """A task's model-card dataset fields come from its hub source (the GLUE files name
+    nyu-mll/glue and their config); a task without one names none."""
+    from loralens.tasks.registry import get_task
+
+    assert get_task("mrpc").card_dataset() == {
+        "datasets": ["nyu-mll/glue"], "dataset_config": "mrpc", "dataset_split": "validation"}
+    f = _write_task(tmp_path, """name: local_only
+text_columns: [text]
+label_column: label
+labels: [a, b]
+splits: {train: train}
+validation_carve: {fraction: 0.25, seed: 7}
+source:
+  files: {train: train.csv}
+""")
+    assert load_task_file(f).card_dataset() == {
+        "datasets": None, "dataset_config": None, "dataset_split": "validation"}
