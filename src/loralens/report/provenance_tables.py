@@ -54,6 +54,10 @@ def table_provenance(d: RunData) -> Table:
         rows.append(["Python", str(e.get("python") or DASH)])
         pk = e.get("packages") or {}
         rows.append(["Packages", ", ".join(f"{k} {v}" for k, v in pk.items() if v) or DASH])
+        if "constraints" in e:  # recorded since the constraints files exist
+            cons = e.get("constraints") or {}
+            rows.append(["Constraints", ", ".join(f"{k} sha256 {v[:12]}" for k, v in cons.items())
+                         or "none found (installed without loralens's constraints files)"])
         hw_text = (f"{hw.get('platform', DASH)}; "
                    f"processor {hw.get('cpu_model') or hw.get('processor', DASH)}; "
                    f"{hw.get('cpu_count', DASH)} CPUs, {hw.get('torch_threads', DASH)} torch "

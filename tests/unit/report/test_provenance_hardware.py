@@ -54,3 +54,21 @@ def test_environment_records_the_cpu_model(monkeypatch):
     monkeypatch.setattr(run_dir, "cpu_model", lambda: "AMD EPYC 7B13")
     monkeypatch.setattr(run_dir, "git_commit", lambda: None)  # no git process
     assert run_dir.environment()["hardware"]["cpu_model"] == "AMD EPYC 7B13"
+
+
+def test_constraints_row_shows_the_recorded_hashes(tmp_path):
+    """env.json's constraints record (file -> sha256) appears in the provenance table, cut
+    to 12 hex digits; a record without files says so; an older env.json without the key
+    gets no row."""
+    def rows(record: dict) -> dict:
+        env = {"run": {"python": "3.11.2", "git_commit": "0123abcd", **record}}
+        t = table_provenance(RunData(run=RunDir(tmp_path), config={"tasks": ["sst2"]}, env=env))
+        return dict((r[0], r[1]) for r in t.rows)
+
+    sha = "0f" * 32
+    got = rows({"constraints": {"constraints.txt": sha, "constraints-test.txt": "ab" * 32}})
+    assert got["Constraints"] == ("constraints.txt sha256 0f0f0f0f0f0f, "
+                                  "constraints-test.txt sha256 abababababab")
+    assert rows({"constraints": {}})["Constraints"] == (
+        "none found (installed without loralens's constraints files)")
+    assert "Constraints" not in rows({})
