@@ -130,8 +130,10 @@ class RayExecutor:
             self._remote[fn] = self.ray.remote(fn)
         return self._remote[fn].options(**ray_options(self.rc, stage))
 
-    def work(self, ctx, stage: str, todo: dict[str, dict], skipped: list, claimed) -> list:
-        """``Context.work`` on Ray: one task per job not finished; returns ``skipped``."""
+    def work(self, ctx, stage: str, todo: dict[str, dict], skipped: list, claimed,
+             finished=None) -> list:
+        """``Context.work`` on Ray: one task per job not finished; returns ``skipped``
+        (each task applies the stage's ``finished`` test itself: :class:`OneJob`)."""
         if todo:
             spec, task = Spec.of(ctx), self.remote(run_job, stage_of_queue(stage).name)
             self.wait(ctx, [task.remote(spec, stage, key) for key in todo])
@@ -181,11 +183,15 @@ class OneJob:
     def __init__(self, stage: str, key: str):
         self.stage, self.key = stage, key
 
-    def work(self, ctx, stage: str, todo: dict[str, dict], skipped: list, claimed) -> list:
+    def work(self, ctx, stage: str, todo: dict[str, dict], skipped: list, claimed,
+             finished=None) -> list:
         if stage != self.stage:  # an earlier call of the stage function (weights: the models
             return []            # before the sweep); its jobs are not this task's
         before = ctx.bar.n
-        ctx.queue.add(stage, {k: p for k, p in todo.items() if k == self.key}, reopen=True)
+        # as Context.work: a done job is reopened only if its output is still missing once
+        # its row reads done (``finished``; None under overwrite: redone whatever its state)
+        ctx.queue.add(stage, {k: p for k, p in todo.items() if k == self.key}, reopen=True,
+                      finished=finished)
         ctx.queue.work(stage, claimed, keys=[self.key])
         raise JobDone(ctx.bar.n - before)
 

@@ -145,7 +145,8 @@ class Context:
                 run_one(payload)
 
         if self.executor is not None:  # Ray: each job a task running ``claimed`` below
-            return self.executor.work(self, stage, todo, skipped, claimed)
+            return self.executor.work(self, stage, todo, skipped, claimed,
+                                      finished=None if self.overwrite else finished)
         # a done job is reopened only if its output is still missing once its row reads done
         # (another worker may have finished it since the test above); overwrite redoes all
         self.queue.add(stage, todo, reopen=True, finished=None if self.overwrite else finished)

@@ -73,3 +73,31 @@ def test_the_run_directory_does_not_record_the_executor(tmp_path):
     run.bind_config(load_config("micro"))  # local now: no difference
     run.bind_config(load_config("micro", None, ["run.ray_resources={train: {num_gpus: 1}}"]))
     assert run.load_config().run == load_config().run  # read back: the defaults
+
+
+def test_a_ray_task_leaves_a_job_another_worker_finished_done(tmp_path):
+    """A Ray task (OneJob) reopens its job only when the stage's ``finished`` test still
+    says the output is missing once the row reads done, as Context.work does: a job another
+    worker finished since the driver looked stays done, unclaimed (attempts stay 1; without
+    the test the task reopened it and claimed it again, attempts 2)."""
+    from types import SimpleNamespace
+
+    from loralens.core.job_queue import JobQueue
+    from loralens.study.executors import JobDone, OneJob
+
+    q = JobQueue(f"sqlite:///{tmp_path / 'jobs.db'}", "study")
+    q.add("train", {"k": {"task": "rte"}})
+    q.work("train", lambda key, payload: None, wait=False)  # another worker finished it
+    ctx = SimpleNamespace(queue=q, bar=SimpleNamespace(n=0))
+    ran = []
+    with pytest.raises(JobDone):
+        OneJob("train", "k").work(ctx, "train", {"k": {"task": "rte"}}, [],
+                                  lambda key, payload: ran.append(key),
+                                  finished=lambda payload: True)
+    assert ran == [] and [(r["status"], r["attempts"]) for r in q.rows("train")] == [("done", 1)]
+    # its output missing (finished says so): reopened and run once more
+    with pytest.raises(JobDone):
+        OneJob("train", "k").work(ctx, "train", {"k": {"task": "rte"}}, [],
+                                  lambda key, payload: ran.append(key),
+                                  finished=lambda payload: False)
+    assert ran == ["k"] and [(r["status"], r["attempts"]) for r in q.rows("train")] == [("done", 2)]
