@@ -15,7 +15,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The hub is unreachable here and in CI: fail fast instead of retrying for minutes.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`make test`: two workers on two cores) each worker, and every process
+# its tests start (they inherit the environment), computes on one thread: two workers of
+# two threads each oversubscribed the cores and ran the smoke preset's sanity and search
+# stages 4x slower than one process alone.
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if XDIST_WORKERS > 1:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # Fixtures that load the real SmolLM2: a test that uses them belongs to a tier that says so.
 SMOLLM2_FIXTURES = {"smollm2", "tokenizer"}
