@@ -22,6 +22,27 @@ def random_adapter(backbone, seed, path, num_labels=2):
     return peft.eval()
 
 
+def random_lora(backbone, path, seed, r=8, alpha=16.0, targets=("q_proj", "v_proj"),
+                num_labels=2):
+    """A PEFT LoRA classifier of rank ``r`` on ``targets`` with random non-zero factors and
+    head (N(0, 0.3): far from the zero-B initialisation, so each adapter answers its own way),
+    saved to ``path`` (safetensors); returns ``path``. The serving unit tests' adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    from loralens.models.classifier import CausalLMClassifier
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+                     modules_to_save=["score"], bias="none")
+    peft = get_peft_model(CausalLMClassifier(copy.deepcopy(backbone), num_labels), cfg)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.normal_(0, 0.3)
+    peft.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
 def randomize_lora(peft, seed):
     """Realistic magnitudes: A as PEFT initialises it (kaiming-uniform), B and head small."""
     g = torch.Generator().manual_seed(seed)

@@ -51,6 +51,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -283,10 +284,11 @@ class LoraLinear(nn.Module):
         st.Bt[row] = (B.to(torch.float64) * s).to(w).t() if s != 1 else B.to(w).t()
         self.where.append((r, row))
 
-    def drop(self, slot: int) -> None:
+    def drop(self, slot: int, shrink: bool = True) -> None:
         """Remove a slot; a rank's stack shrinks when half of it is unused (never below the
         rows reserved for its rank, so a budgeted store's evict-then-load reuses the row),
-        and goes when its last adapter does."""
+        and goes when its last adapter does. ``shrink=False`` (a forward is running): the
+        row is only marked free, the stack stays as it is (no new tensor)."""
         w = self.where.pop(slot)
         if w is None:
             return
@@ -295,6 +297,8 @@ class LoraLinear(nn.Module):
         st.free.append(row)
         st.free.sort(reverse=True)
         used = st.used
+        if not shrink:
+            return
         if used == 0:
             del self.stacks[r]
         elif used <= st.At.shape[0] // 2 and st.At.shape[0] > self.reserved.get(r, 0):
@@ -385,6 +389,14 @@ class MultiLoraClassifier(nn.Module):
         self._head_w: torch.Tensor | None = None
         self._head_b: torch.Tensor | None = None
         self._reserved: dict[int, int] = {}     # rank -> adapters expected (reserve())
+        # Changes to the adapters (add, remove) and a forward's set-up (names -> slots ->
+        # factors and heads, taken at once) hold ``lock``; the forward itself does not, so an
+        # adapter can be added or removed on another thread while a batch runs (the store's
+        # loader thread): ``running`` and ``busy`` (the running batch's adapter names) say
+        # what that change must leave alone (:meth:`in_place_problem`).
+        self.lock = threading.RLock()
+        self.running = False
+        self.busy: frozenset[str] = frozenset()
 
     def reserve(self, ranks: Mapping[int, int]) -> None:
         """Expect ``ranks[r]`` adapters of rank ``r``: a projection's stack of rank ``r`` is
@@ -445,13 +457,43 @@ class MultiLoraClassifier(nn.Module):
         self.wrapped[path] = mod
         return mod
 
+    def in_place_problem(self, adapter: LoraAdapter, evicting: Sequence[str] = ()) -> str | None:
+        """Why ``adapter`` cannot be written into rows its projections' stacks already have
+        free (counting the rows of ``evicting``, adapters to be removed first), or None when
+        it can: then adding it allocates no new factor stack and rewrites no row in use, so it
+        may happen while a forward runs (the forward reads only its own adapters' rows, or
+        its own gathered copies, and head tensors it took before it started)."""
+        slots = [self._slot(n) for n in evicting]
+        for key, (A, _, _) in adapter.factors.items():
+            path = self._module_path(key)
+            mod = self.wrapped.get(path)
+            if mod is None:
+                return f"projection {path} is not adapted yet (its module would be replaced)"
+            r = A.shape[0]
+            st = mod.stacks.get(r)
+            freed = sum(1 for s in slots if mod.where[s] is not None and mod.where[s][0] == r)
+            if st is None or len(st.free) + freed < 1:
+                return f"the rank-{r} stack of {path} is full (it would grow: a new tensor)"
+        return None
+
     @torch.no_grad()
     def add_adapter(self, name: str, adapter: "LoraAdapter | str | Path") -> None:
-        """Load an adapter (a PEFT adapter directory or a :class:`LoraAdapter`) as ``name``."""
-        if name in self.names:
-            raise ValueError(f"adapter {name!r} is already loaded; remove it first")
+        """Load an adapter (a PEFT adapter directory or a :class:`LoraAdapter`) as ``name``.
+        While a forward runs (another thread) only an adapter that fits rows already free
+        (:meth:`in_place_problem`) is added; another raises RuntimeError."""
         if not isinstance(adapter, LoraAdapter):
             adapter = LoraAdapter.from_dir(adapter)
+        with self.lock:
+            if self.running:
+                problem = self.in_place_problem(adapter)
+                if problem is not None:
+                    raise RuntimeError(f"adapter {name!r} cannot be added while a batch runs: "
+                                       f"{problem}")
+            self._add_adapter(name, adapter)
+
+    def _add_adapter(self, name: str, adapter: LoraAdapter) -> None:
+        if name in self.names:
+            raise ValueError(f"adapter {name!r} is already loaded; remove it first")
         if adapter.head_weight.shape[1] != self.hidden:
             raise ValueError(f"{adapter.source}: head of width {adapter.head_weight.shape[1]} on a "
                              f"backbone of hidden size {self.hidden}")
@@ -484,16 +526,25 @@ class MultiLoraClassifier(nn.Module):
 
     @torch.no_grad()
     def remove_adapter(self, name: str) -> None:
-        slot = self._slot(name)
-        for mod in self.wrapped.values():
-            mod.drop(slot)
-        keep = [i for i in range(len(self.names)) if i != slot]
-        del self.names[slot], self.labels[slot], self.sources[slot]
-        width = max(self.labels, default=0)
-        self.heads = self.heads[keep, :width].contiguous()
-        self.head_bias = self.head_bias[keep, :width].contiguous()
-        self.deactivate()
-        self._routes.clear()
+        """Unload ``name``. While a forward runs (another thread) the adapter must not be one
+        of its own (``busy``: RuntimeError), and its rows are only marked free (no stack
+        shrinks or goes: no new tensor under the running batch)."""
+        with self.lock:
+            if name in self.busy:
+                raise RuntimeError(f"adapter {name!r} is in the running batch")
+            slot = self._slot(name)
+            for mod in self.wrapped.values():
+                mod.drop(slot, shrink=not self.running)
+            keep = [i for i in range(len(self.names)) if i != slot]
+            del self.names[slot], self.labels[slot], self.sources[slot]
+            width = max(self.labels, default=0)
+            self.heads = self.heads[keep, :width].contiguous()  # new tensors: the running
+            self.head_bias = self.head_bias[keep, :width].contiguous()  # batch holds its own
+            if self.running:  # its factors stay set: only the cached slot number is stale
+                self._active = None
+            else:
+                self.deactivate()
+            self._routes.clear()
 
     def _apply(self, fn, recurse=True):  # .to(device) etc.: cached views must be rebuilt
         if hasattr(self, "_routes"):
@@ -552,33 +603,45 @@ class MultiLoraClassifier(nn.Module):
         Mixed rows whose heads have fewer labels than the widest in the batch are
         padded with -inf.
         """
-        if isinstance(adapters, str):
-            slots = None
-            self._activate_slot(self._slot(adapters))
-        else:
-            if len(adapters) != input_ids.shape[0]:
-                raise ValueError(f"{len(adapters)} adapter names for {input_ids.shape[0]} rows")
-            slots = [self._slot(a) for a in adapters]
-            if len(set(slots)) == 1:
-                self._activate_slot(slots[0])
+        with self.lock:  # the batch's adapters, factors and heads, taken at once
+            if isinstance(adapters, str):
+                busy = {adapters}
                 slots = None
+                self._activate_slot(self._slot(adapters))
             else:
-                idx = self._route_mixed(slots)
+                if len(adapters) != input_ids.shape[0]:
+                    raise ValueError(f"{len(adapters)} adapter names for {input_ids.shape[0]} rows")
+                busy = set(adapters)
+                slots = [self._slot(a) for a in adapters]
+                if len(set(slots)) == 1:
+                    self._activate_slot(slots[0])
+                    slots = None
+                else:
+                    idx = self._route_mixed(slots)
+            if slots is None:
+                head_w, head_b = self._head_w, self._head_b
+            else:
+                mods = list(self.wrapped.values())
+                width = max(self.labels[s] for s in slots)
+                head_w = self.heads.index_select(0, idx)[:, :width]            # [batch, width, hidden]
+                head_b = self.head_bias.index_select(0, idx)[:, :width]
+                n = torch.tensor([self.labels[s] for s in slots], device=self.heads.device)
+            self.running, self.busy = True, frozenset(busy)
         try:
             h = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                               use_cache=False).last_hidden_state
         finally:
             if slots is not None:  # the gathered factors are the batch's own copies (rows x
-                self._release_mixed()  # factor bytes per projection): not kept past it
+                for mod in mods:  # factor bytes per projection): not kept past it
+                    mod._a = mod._b = mod._segs = None
+            with self.lock:
+                self.running, self.busy = False, frozenset()
         rows = torch.arange(h.shape[0], device=h.device)
         pooled = h[rows, last_token_index(attention_mask)]
         if slots is None:
-            return _at_least_float32(F.linear(pooled, self._head_w, self._head_b))
-        width = max(self.labels[s] for s in slots)
-        w = self.heads.index_select(0, idx)[:, :width]                    # [batch, width, hidden]
-        logits = torch.bmm(w, pooled.unsqueeze(2)).squeeze(2)              # [batch, width]
-        logits = logits + self.head_bias.index_select(0, idx)[:, :width]
-        n = torch.tensor([self.labels[s] for s in slots], device=logits.device)
+            return _at_least_float32(F.linear(pooled, head_w, head_b))
+        logits = torch.bmm(head_w, pooled.unsqueeze(2)).squeeze(2)         # [batch, width]
+        logits = logits + head_b
         pad = torch.arange(width, device=logits.device)[None, :] >= n[:, None]
         return _at_least_float32(logits).masked_fill(pad, float("-inf"))
 

@@ -34,10 +34,13 @@ truncated to ``max_length``). Dynamic batching: requests wait at most
 ``max_wait_ms`` for others, whatever their adapter, and run together as one
 batch of up to ``max_batch`` rows; on the ``ours`` backend a batch mixing
 adapters is one forward pass. All model work (inference, adding and removing
-adapters) runs on ONE worker thread, so an adapter is never changed under a
-running batch; the event loop only parses, validates and queues. With an adapter
-budget (``--max-loaded``, :mod:`.store`) an adapter not loaded is read from disk on a
-loader thread, and only its swap into the stacks runs on the worker, between batches.
+adapters over HTTP) runs on ONE worker thread, so no adapter a batch uses is changed
+under it; the event loop only parses, validates and queues. With an adapter
+budget (``--max-loaded``, :mod:`.store`) an adapter not loaded is read from disk and
+written into free rows of the stacks on a loader thread, while a batch runs (never a row
+that batch reads; the next batch uses it); only where that is not possible (a stack would
+grow, or every evictable adapter is in use) does the swap run on the worker, between
+batches.
 
 Request bodies are JSON whatever their Content-Type says (``curl -d`` sends
 ``application/x-www-form-urlencoded``). Bad input is a 4xx with ``{"error": "..."}``
@@ -194,15 +197,25 @@ class Service:
         return False
 
     async def _load(self, name: str) -> None:
+        """Read ``name`` and install it on the loader thread while the worker's batch runs
+        (:meth:`.store.AdapterStore.install_now`); where that is not possible without
+        touching what the running batch reads, install it on the worker between batches.
+        ``t0``, the miss, starts the store's load latency (``on_load``)."""
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
+
+        def read_and_install():
+            adapter = self.store.prepare(name)
+            return adapter, self.store.install_now(name, adapter, t0)
+
         try:
-            adapter = await loop.run_in_executor(self.loader, self.store.prepare, name)
+            adapter, done = await loop.run_in_executor(self.loader, read_and_install)
         except KeyError:
             raise RequestError(404, self._unknown(name)) from None
         except (OSError, ValueError, NotImplementedError) as e:
             raise RequestError(422, f"adapter {name!r} could not be loaded: {e}") from None
-        await loop.run_in_executor(self.executor, self.store.install, name, adapter, (), t0)
+        if done is None:
+            await loop.run_in_executor(self.executor, self.store.install, name, adapter, (), t0)
 
     async def _queued(self, info: AdapterInfo, ids: list[list[int]]) -> torch.Tensor:
         """Logits of ``ids`` for ``info``'s adapter from the batcher, the adapter loaded first

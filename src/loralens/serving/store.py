@@ -9,17 +9,35 @@ Who does what (the server's threads):
 * the event loop counts a request's hit or miss and, on a miss, starts ONE load per adapter
   (later requests for the same adapter await that load);
 * a loader thread reads the adapter (safetensors, tensor preparation: :meth:`prepare`), so
-  neither the event loop nor the inference worker waits for the disk;
-* the inference worker swaps the prepared adapter into the stacks (:meth:`install`) between
-  batches, evicting least recently used adapters that no queued request names (pins); only
-  when every loaded adapter is pinned does it evict a pinned one, and the batch that needs it
-  reloads it (:meth:`ensure` on the worker, a correct but slower path);
+  neither the event loop nor the inference worker waits for the disk, and then, on the same
+  thread, writes it into the stacks while the worker's current batch runs
+  (:meth:`install_now`): into rows no adapter uses (an evicted adapter's, or reserved ones),
+  evicting least recently used adapters that no queued or running request names (pins, and
+  the runtime's ``busy``), the name published (``lru``) only once its rows and head are
+  written, so the next batch the worker forms can use it;
+* when that is not possible without touching what the running batch reads (every
+  evictable adapter is pinned, or a stack would have to grow: a new tensor, or a projection
+  no adapter adapted yet would be replaced), the inference worker swaps it in between
+  batches instead (:meth:`install`, the wait-for-batch path; a debug log line says why);
+  only there, when every loaded adapter is pinned, does it evict a pinned one, and the batch
+  that needs it reloads it (:meth:`ensure` on the worker, a correct but slower path);
 * a batch naming more distinct adapters than the budget runs in groups of at most
   ``max_loaded`` distinct adapters (:func:`groups`), each group loaded and then run.
 
 Counters (``stats``): hits and misses (per request, when it arrives), loads (reads from
 disk into the stacks), evictions; ``on_load(seconds)`` is called after each load (the
-server's load-latency histogram).
+server's load-latency histogram, ``loralens_adapter_store_load_seconds``) with the LOAD
+LATENCY: from the miss (``started``: the server takes it when the first request naming the
+adapter finds it not loaded, before the read is queued on the loader thread) to the adapter
+usable by the next batch the worker forms (its rows written and its name published in
+``lru``, under the locks). It includes the wait for the loader thread, the read, eviction
+and install, and on the wait-for-batch path the wait for the running batch; it excludes the
+request's own wait for a batch and that batch's forward (the cold request's end-to-end
+latency adds those).
+
+Every change to the runtime's adapters holds the runtime's ``lock`` (the worker's forward
+takes it only to set up a batch), so the loader's installs and the worker's never
+interleave.
 """
 
 from __future__ import annotations
@@ -98,10 +116,12 @@ class AdapterStore:
 
     def forget(self, name: str) -> None:
         """Unregister (and unload) ``name``."""
-        if name in self.lru:
-            self.rt.remove_adapter(name)
-            del self.lru[name]
-        self.known.pop(name, None)
+        with self.rt.lock:
+            if name in self.lru:
+                self.rt.remove_adapter(name)
+                with self._lock:
+                    del self.lru[name]
+            self.known.pop(name, None)
 
     def is_loaded(self, name: str) -> bool:
         return name in self.lru
@@ -152,15 +172,54 @@ class AdapterStore:
         when there are none, pinned ones not in ``keep``. False when ``name`` was
         unregistered meanwhile (or registered again from another directory), or is loaded
         already."""
+        with self.rt.lock:
+            if not self._wanted(name, adapter):
+                return False
+            self._make_room(set(keep) | {name})
+            self._put(name, adapter)
+            self._loaded(started)
+        return True
+
+    def install_now(self, name: str, adapter: LoraAdapter,
+                    started: float | None = None) -> bool | None:
+        """Swap a prepared adapter into the stacks now, on the calling thread (the loader),
+        even while the worker runs a batch: evicting only least recently used adapters that
+        no queued or running request names (not pinned, not in the runtime's ``busy``), and,
+        while a batch runs, only when the adapter fits rows already free
+        (:meth:`MultiLoraClassifier.in_place_problem`: no stack grows or shrinks, no row the
+        batch reads is written). True: installed (usable by the next batch); False: as
+        :meth:`install` (unregistered, moved, or loaded already); None: not possible now
+        (logged at debug level): :meth:`install` it on the worker, between batches."""
+        rt = self.rt
+        with rt.lock:
+            if not self._wanted(name, adapter):
+                return False
+            need = 0 if self.max_loaded is None else len(self.lru) + 1 - self.max_loaded
+            with self._lock:
+                victims = [n for n in self.lru
+                           if not self.pins.get(n) and n not in rt.busy][:max(need, 0)]
+            if len(victims) < need:
+                log.debug("adapter %s: every loaded adapter is in a queued or running request; "
+                          "installing it between batches", name)
+                return None
+            problem = rt.in_place_problem(adapter, victims) if rt.running else None
+            if problem is not None:
+                log.debug("adapter %s: %s; installing it between batches", name, problem)
+                return None
+            for victim in victims:
+                self._evict(victim)
+            self._put(name, adapter)
+            self._loaded(started)
+        return True
+
+    def _wanted(self, name: str, adapter: LoraAdapter) -> bool:
         path = self.known.get(name)
-        if path is None or name in self.lru or adapter.source != str(path):
-            return False
-        self._make_room(set(keep) | {name})
-        self._put(name, adapter)
+        return path is not None and name not in self.lru and adapter.source == str(path)
+
+    def _loaded(self, started: float | None) -> None:
         self.stats.loads += 1
         if self.on_load is not None and started is not None:
             self.on_load(time.perf_counter() - started)
-        return True
 
     def ensure(self, names: Sequence[str]) -> None:
         """Every one of ``names`` (at most ``max_loaded`` distinct) loaded, reading missing
@@ -187,16 +246,21 @@ class AdapterStore:
             victim = (free or candidates or [None])[0]
             if victim is None:
                 raise RuntimeError("adapter store: nothing to evict")  # keep > budget: a bug
+            self._evict(victim)
+
+    def _evict(self, victim: str) -> None:
+        with self.rt.lock:
             self.rt.remove_adapter(victim)
             with self._lock:
                 del self.lru[victim]
             self.stats.evictions += 1
-            log.debug("evicted adapter %s", victim)
+        log.debug("evicted adapter %s", victim)
 
     def _put(self, name: str, adapter: LoraAdapter) -> None:
-        self.rt.add_adapter(name, adapter)
-        with self._lock:
-            self.lru[name] = None
+        with self.rt.lock:
+            self.rt.add_adapter(name, adapter)  # rows and head written, then published:
+            with self._lock:
+                self.lru[name] = None
 
 
 def groups(names: Sequence[str], limit: int | None) -> list[list[int]]:

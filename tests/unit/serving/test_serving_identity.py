@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from loralens.models.classifier import CausalLMClassifier
 from loralens.serving.bench import identity as I
 from loralens.serving.runtime import LoraAdapter, MultiLoraClassifier
+from tests.helpers.adapters import random_lora
 
 EOS = 2
 
@@ -21,17 +21,7 @@ EOS = 2
 def _adapter(backbone, num_labels, seed, job_dir, r=8, alpha=16.0, targets=("q_proj", "v_proj")):
     """A PEFT LoRA classifier with random (non-zero) factors and head, saved as a job's
     adapter/ (the layout ``models.load_trained`` reads)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
-                     modules_to_save=["score"], bias="none")
-    peft = get_peft_model(CausalLMClassifier(copy.deepcopy(backbone), num_labels), cfg)
-    with torch.no_grad():
-        for n, p in peft.named_parameters():
-            if "lora_" in n or "modules_to_save" in n:
-                p.normal_(0, 0.3)
-    peft.save_pretrained(str(job_dir / "adapter"), safe_serialization=True)
+    random_lora(backbone, job_dir / "adapter", seed, r, alpha, targets, num_labels)
 
 
 def _rows(n, seed, lo=3, hi=12):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -16,28 +18,17 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from loralens.core.errors import ConfigError
-from loralens.models.classifier import CausalLMClassifier
 from loralens.serving.backends import AdapterInfo, make_backend
 from loralens.serving.runtime import MultiLoraClassifier
-from loralens.serving.server import AdapterSpec, build_service, create_app
+from loralens.serving.server import AdapterSpec, Service, build_service, create_app
 from loralens.serving.store import groups
 from loralens.training import batches as B
+from tests.helpers.adapters import random_lora
 
 
 def save_adapter(backbone, path, seed, r=8, alpha=16.0, targets=("q_proj", "v_proj"), labels=2):
     """A PEFT LoRA classifier with random non-zero factors and head, saved to ``path``."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
-                     modules_to_save=["score"], bias="none")
-    peft = get_peft_model(CausalLMClassifier(copy.deepcopy(backbone), labels), cfg)
-    with torch.no_grad():
-        for n, p in peft.named_parameters():
-            if "lora_" in n or "modules_to_save" in n:
-                p.normal_(0, 0.3)
-    peft.save_pretrained(str(path), safe_serialization=True)
-    return path
+    return random_lora(backbone, path, seed, r, alpha, targets, labels)
 
 
 def rows(n, seed=0):
@@ -328,3 +319,149 @@ def test_a_mixed_batch_keeps_no_gathered_factors_after_it(tiny_backbone, dirs):
         ref = alone(be, r[i], n)
         assert (out[i, : ref.shape[0]] - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
     assert torch.equal(be.infer(ids, mask, names), out)
+
+
+# --------------------------------------------------------------------------- installs while a
+# batch runs: the batch is held mid-way (a pre-hook on the backbone's second layer waits on an
+# Event), so "while" is a fact of the test, not a timing race
+
+def _hold(be):
+    """(entered, release): a forward reaching layer 1 sets ``entered`` and waits for
+    ``release``; once released, forwards pass."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hook(module, args):
+        if not release.is_set():
+            entered.set()
+            assert release.wait(30), "the test never released the forward"
+
+    be.rt.backbone.layers[1].register_forward_pre_hook(hook)
+    return entered, release
+
+
+def _wait_until(cond, timeout=10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+def _budgeted(tiny_base, root, names, max_loaded, reserve=True, ranks=None):
+    ranks = ranks or {}
+    for i, n in enumerate(names):
+        if not (root / n).exists():
+            save_adapter(tiny_base.backbone(), root / n, i + 1, r=ranks.get(n, 8))
+    be = make_backend("ours", tiny_base.backbone().to(torch.float64), max_loaded)
+    if reserve:
+        be.reserve([root / n for n in names])
+    for n in names:
+        be.add(AdapterInfo(n, str(root / n), 0, "sst2", ("negative", "positive")), root / n)
+    return be
+
+
+def test_a_cold_load_completes_while_a_batch_runs_and_the_next_batch_uses_it(tiny_base,
+                                                                             tmp_path):
+    """Budget 2 (a, b loaded in 2 reserved rows; c known). While a batch for 'a' is held
+    mid-forward, a request for 'c' misses: c is read and written into b's row (b evicted: no
+    request names it) and published before the batch ends (its load latency observed, the
+    stack not reallocated). Then the held batch answers exactly as a server holding all
+    three does, and c's request, the next batch, too (float64, bit for bit). Before installs
+    ran on the loader thread, c's install waited for the held batch: c was not loaded."""
+    names = ("a", "b", "c")
+    be, full = (_budgeted(tiny_base, tmp_path, names, m) for m in (2, None))
+    store = be.store
+    service = Service(be, tiny_base.tokenizer, 32, max_batch=8, max_wait_ms=1, max_texts=8)
+    loads = []
+    store.on_load = loads.append
+    entered, release = _hold(be)
+    ptr = _q_stack(be).At.data_ptr()
+    ids = service.encode(be.infos["a"], ["a good film", "bad", "not so bad at all"], None)
+
+    async def scenario():
+        await service.start()
+        try:
+            held = asyncio.ensure_future(service._queued(be.infos["a"], ids))
+            assert await asyncio.to_thread(entered.wait, 30)
+            cold = asyncio.ensure_future(service._queued(be.infos["c"], ids))
+            loaded = await asyncio.to_thread(_wait_until, lambda: store.is_loaded("c"))
+            during = {"loaded": loaded, "held_done": held.done(), "loads": len(loads),
+                      "lru": store.loaded, "ptr": _q_stack(be).At.data_ptr()}
+            release.set()
+            return await asyncio.wait_for(held, 30), await asyncio.wait_for(cold, 30), during
+        finally:
+            release.set()
+            await service.stop()
+
+    got_a, got_c, during = asyncio.run(scenario())
+    assert during == {"loaded": True, "held_done": False, "loads": 1, "lru": ["a", "c"],
+                      "ptr": ptr}
+    assert store.stats.evictions == 1 and loads[0] < 30
+    input_ids, mask = B.collate(ids, pad_id=service.pad_id)
+    assert torch.equal(got_a, full.infer(input_ids, mask, ["a"] * 3).float())
+    assert torch.equal(got_c, full.infer(input_ids, mask, ["c"] * 3).float())
+
+
+def test_an_install_under_a_held_mixed_batch_leaves_its_answers_unchanged(tiny_base, tmp_path):
+    """A mixed batch (a, d: gathered factors) held mid-forward; c goes into b's row
+    meanwhile (install_now True). Reading b back then finds no adapter to evict: c is pinned,
+    and a and d, though no request pins them, are the running batch's (the runtime's busy
+    set): None, nothing evicted. The batch answers as a server holding all four, and so
+    does c in the next one."""
+    names = ("a", "b", "d", "c")
+    be, full = (_budgeted(tiny_base, tmp_path, names, m) for m in (3, None))
+    store = be.store
+    assert store.loaded == ["a", "b", "d"]
+    entered, release = _hold(be)
+    ids, mask = B.collate([[5, 9, 70, 3], [44, 8], [9, 9, 120]], pad_id=2)
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("x", be.infer(ids, mask, ["a", "d", "a"])))
+    worker.start()
+    try:
+        assert entered.wait(30)
+        assert store.install_now("c", store.prepare("c")) is True
+        assert store.loaded == ["a", "d", "c"] and worker.is_alive()  # b was least recent
+        store.pin("c")
+        assert store.install_now("b", store.prepare("b")) is None
+        assert store.loaded == ["a", "d", "c"] and store.stats.evictions == 1
+    finally:
+        release.set()
+        worker.join(30)
+    assert torch.equal(out["x"], full.infer(ids, mask, ["a", "d", "a"]))
+    assert torch.equal(be.infer(ids, mask, ["c", "a", "c"]), full.infer(ids, mask, ["c", "a", "c"]))
+
+
+def test_a_full_rank_stack_falls_back_to_installing_between_batches(tiny_base, tmp_path,
+                                                                     caplog):
+    """Budget 2 over ranks 8 (a, c) and 4 (b): nothing reserved, so the rank-8 stacks hold
+    one row (a's). While a batch for 'a' is held, c (rank 8) would need the rank-8 stacks to
+    grow (b's freed row is rank 4): install_now declines (None, a debug line says why),
+    nothing is evicted and no stack is reallocated under the batch (same data_ptr). The
+    worker's install between batches then loads it, and it answers as alone."""
+    names = ("a", "b", "c")
+    ranks = {"b": 4}
+    be = _budgeted(tiny_base, tmp_path, names, 2, ranks=ranks)
+    full = _budgeted(tiny_base, tmp_path, names, None, ranks=ranks)
+    store = be.store
+    assert be.rt._reserved == {} and _q_stack(be).At.shape[0] == 1
+    entered, release = _hold(be)
+    ptrs = (_q_stack(be).At.data_ptr(), _q_stack(be).Bt.data_ptr())
+    ids, mask = B.collate([[5, 9, 70, 3], [44, 8]], pad_id=2)
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("x", be.infer(ids, mask, ["a", "a"])))
+    worker.start()
+    adapter = store.prepare("c")
+    try:
+        assert entered.wait(30)
+        with caplog.at_level(logging.DEBUG, logger="loralens.serving.store"):
+            assert store.install_now("c", adapter) is None
+        assert "rank-8 stack" in caplog.text and "between batches" in caplog.text
+        assert (_q_stack(be).At.data_ptr(), _q_stack(be).Bt.data_ptr()) == ptrs
+        assert set(store.loaded) == {"a", "b"} and store.stats.evictions == 0
+    finally:
+        release.set()
+        worker.join(30)
+    assert torch.equal(out["x"], full.infer(ids, mask, ["a", "a"]))
+    assert store.install("c", adapter) is True and set(store.loaded) == {"a", "c"}
+    assert torch.equal(be.infer(ids, mask, ["c", "c"]), full.infer(ids, mask, ["c", "c"]))
