@@ -8,13 +8,24 @@ Two deployments (Ray Serve's model multiplexing, an adapter being a "model"):
   loader (``@serve.multiplexed``) the first time a request for it reaches the replica, and
   removed when Ray's per-replica LRU unloads it.
 * ``Ingress`` (FastAPI, ``@serve.ingress``): the same HTTP API as ``loralens serve``
-  (``/health``, ``/metrics``, ``GET /v1/adapters``, ``GET /v1/models``, ``POST /v1/classify``
-  in both body shapes and vLLM's ``POST /classify``; bodies are read and validated by
-  :mod:`.bodies`, errors keep the ``{"error": ...}`` shape); it reads the adapter from the
+  (``/health``, ``/metrics``, ``GET``/``POST /v1/adapters``, ``DELETE /v1/adapters/{name}``,
+  ``GET /v1/models``, ``POST /v1/classify`` in both body shapes and vLLM's ``POST /classify``;
+  bodies are read and validated by :mod:`.bodies`, errors keep the ``{"error": ...}`` shape,
+  the API key is checked by :class:`.auth.BearerAuth`); it reads the adapter from the
   body and calls the replicas' handle with ``.options(multiplexed_model_id=adapter)``, so
   that Ray routes the request to a replica that holds the adapter (best-effort: Ray's
   router learns which replica holds which adapter from the replicas, a moment after a
   load). Each answer names its replica in the ``X-Replica`` header.
+
+The registry of known adapters is the ingress's (:class:`Registry`: the one-process
+server's :class:`~loralens.serving.server.Service` checks and messages, over a backend that
+loads nothing). Each request hands the replica a :class:`Ticket` (name, directory, task,
+labels, and a token naming this registration), so an adapter added over HTTP needs no
+broadcast to be loadable. A removal does: the ingress records it on the board, each replica
+learns it with its next push, unloads the adapter through Ray's multiplexer and
+acknowledges; ``DELETE`` answers once every replica heard from has (or after
+:data:`REMOVE_WAIT_S`). A replica refuses a ticket whose token was removed, and reloads an
+adapter whose token changed (removed and added again under the same name).
 
 Who evicts: Ray. ``--max-loaded N`` becomes Ray's ``max_num_models_per_replica``; the
 replica's own backend is given no budget, and Ray's unload removes the adapter from it.
@@ -31,11 +42,14 @@ Ray is imported only here, and only when ``--ray-replicas`` is given.
 """
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -44,11 +58,15 @@ from typing import Mapping, Sequence
 from fastapi import Request
 
 from loralens.core.errors import ConfigError
+from loralens.serving.auth import OPEN_PATHS, BearerAuth, declare_auth
+from loralens.serving.backends import AdapterInfo, Backend
+from loralens.serving.bodies import RequestError
 from loralens.serving.sources import AdapterSpec
 
 log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "X-Replica"
+REMOVE_WAIT_S = 30.0  # how long DELETE waits for the replicas to acknowledge an unload
 PUSH_S = 0.5  # how often a replica sends its metrics and adapters to the board
 STALE_S = 15.0  # a replica silent for this long is left out of /metrics and /health
 INSTALL = "pip install 'loralens[serve]'"
@@ -117,6 +135,12 @@ class RayServeConfig:
     max_loaded: int | None = None  # Ray's max_num_models_per_replica (None: no limit)
     threads: int = 1  # torch threads per replica
     cpus_per_replica: float = 1.0
+    adapter_root: str | None = None  # POST /v1/adapters reads only below it (None: nothing)
+    api_key: "KeyDigest | None" = None  # checked at the ingress (None: no authentication)
+    public_metrics: bool = False  # GET /metrics without the key
+    # Ray's max_ongoing_requests per replica (None: Ray's default, 5): past it, the router
+    # sends a request for an adapter to another replica even when this one holds it
+    replica_max_ongoing: int | None = None
 
 
 def import_serve():
@@ -129,18 +153,131 @@ def import_serve():
     return ray, serve
 
 
+# --------------------------------------------------------------------------- the ingress's logic
+
+class KeyDigest:
+    """What the ingress holds of the API key: a salted HMAC-SHA256 of it, never the key.
+    The deployment's configuration is pickled into Ray (its controller, its GCS store, the
+    ingress actor), where the key itself would not be as safe as in the command's memory.
+    ``matches`` has :class:`.auth.ApiKey`'s signature, so :class:`.auth.BearerAuth` takes
+    either; the comparison is in constant time."""
+
+    def __init__(self, key):  # an auth.ApiKey
+        self._salt = os.urandom(16)
+        self._digest = self._mac(key._value)  # the one place the key's bytes are read here
+
+    def _mac(self, value: bytes) -> bytes:
+        return hmac.new(self._salt, value, hashlib.sha256).digest()
+
+    def matches(self, given: bytes) -> bool:
+        return hmac.compare_digest(self._digest, self._mac(given))
+
+    def __repr__(self) -> str:
+        return "KeyDigest(***)"
+
+    __str__ = __repr__
+
+
+def guard(app, key, public_metrics: bool = False) -> None:
+    """The one-process server's authentication on ``app`` (a FastAPI app): with ``key`` (a
+    :class:`KeyDigest` or an :class:`.auth.ApiKey`), every path but ``/health`` (and
+    ``/metrics`` with ``public_metrics``) answers 401 without ``Authorization: Bearer KEY``,
+    before the body is read (added after the body limit, so it runs first); the OpenAPI
+    schema says so. A no-op without a key."""
+    if key is None:
+        return
+    open_paths = OPEN_PATHS | {"/metrics"} if public_metrics else OPEN_PATHS
+    declare_auth(app, open_paths)
+    app.add_middleware(BearerAuth, key=key, open_paths=open_paths)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """What a replica needs to load an adapter, sent with every request for it: ``token``
+    names this registration (a name removed and added again gets a new one)."""
+    name: str
+    path: str
+    task: str | None
+    label_names: tuple[str, ...] | None
+    token: str
+
+
+class _Unloaded(Backend):
+    """A backend that checks adapters as every backend does (:meth:`Backend.add`: the
+    directory read, the head's labels against the task's) and loads none (the replicas
+    load them)."""
+
+    kind = "registry"
+
+    def __init__(self):  # no base model
+        self.infos: dict[str, AdapterInfo] = {}
+
+    def _add(self, name, path, adapter) -> None:
+        pass
+
+    def _remove(self, name) -> None:
+        pass
+
+
+class _NoTokenizer:
+    pad_token_id = None
+
+
+class Registry:
+    """The ingress's known adapters. Added and removed through the one-process server's
+    :class:`~loralens.serving.server.Service` (its checks, status codes and messages: the
+    name rule, 409 for a name in use, the adapter root's 403, a bad directory's or task's
+    422, an unknown name's 404), over :class:`_Unloaded`. ``infos``: the adapters given on
+    the command line (not read again here)."""
+
+    def __init__(self, infos: Sequence[AdapterInfo], adapter_root: str | None = None,
+                 max_length: int = 384, max_texts: int = 64):
+        from loralens.serving.server import Service
+
+        self.service = Service(_Unloaded(), _NoTokenizer(), max_length, max_texts=max_texts,
+                               adapter_root=adapter_root)
+        self.tokens: dict[str, str] = {}
+        for info in infos:
+            self.service.backend.infos[info.name] = info
+            self.tokens[info.name] = uuid.uuid4().hex
+
+    @property
+    def infos(self) -> dict[str, AdapterInfo]:
+        return self.service.backend.infos
+
+    async def add(self, spec: AdapterSpec) -> AdapterInfo:
+        info = await self.service.add_adapter(spec)
+        self.tokens[info.name] = uuid.uuid4().hex
+        return info
+
+    async def remove(self, name: str) -> str:
+        """Forget ``name`` (404 when unknown); its token."""
+        await self.service.remove_adapter(name)
+        return self.tokens.pop(name)
+
+    def ticket(self, name: str, what: str = "adapter") -> Ticket:
+        """The replicas' ticket for a known adapter; the single server's 404 otherwise."""
+        info = self.infos.get(name)
+        if info is None:
+            raise RequestError(404, self.service._unknown(name, what))
+        return Ticket(name, info.source, info.task,
+                      tuple(info.label_names) if info.label_names else None, self.tokens[name])
+
+
 # --------------------------------------------------------------------------- the application
 
 def build_app(cfg: RayServeConfig):
     """The Ray Serve application (ingress bound to K replicas and a metrics board); run it
     with ``serve.run(build_app(cfg), route_prefix="/")``."""
     ray, serve = import_serve()
+    from pathlib import Path
+
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
     from prometheus_client import CONTENT_TYPE_LATEST
     from starlette.responses import Response
 
-    from loralens.serving.bodies import (BodyLimit, OpenAIClassifyIn, RequestError,
+    from loralens.serving.bodies import (AdapterIn, BodyLimit, OpenAIClassifyIn,
                                          classify_body, read_body)
     from loralens.serving.server import _error_handlers
 
@@ -148,18 +285,33 @@ def build_app(cfg: RayServeConfig):
         raise ConfigError(f"--ray-replicas must be >= 1 (got {cfg.replicas})")
     if cfg.max_loaded is not None and cfg.max_loaded < 1:
         raise ConfigError(f"--max-loaded must be >= 1 (got {cfg.max_loaded})")
-    registry = {s.name: s for s in cfg.specs}
+    # the adapters given, with their labels read here (the run's task files are registered
+    # in this process); the ingress's Registry starts from them
+    given = []
+    for s in cfg.specs:
+        labels = _label_names(s.task)
+        given.append(AdapterInfo(s.name, str(s.path), len(labels) if labels else 0, s.task,
+                                 tuple(labels) if labels else None))
     limit = cfg.max_loaded or -1  # Ray's "no limit"
 
     @ray.remote(num_cpus=0)
     class Board:
-        """The replicas' latest metrics text and state, by replica id."""
+        """The replicas' latest metrics text and state, by replica id; and the adapters
+        removed (token -> name), numbered by ``epoch``, which the replicas acknowledge."""
 
         def __init__(self):
             self.seen: dict[str, tuple[float, str, dict]] = {}
+            self.removed: dict[str, str] = {}
+            self.epoch = 0
 
-        def put(self, replica: str, text: str, state: dict) -> None:
+        def put(self, replica: str, text: str, state: dict) -> tuple[int, dict]:
             self.seen[replica] = (time.time(), text, state)
+            return self.epoch, self.removed
+
+        def remove(self, name: str, token: str) -> int:
+            self.removed[token] = name
+            self.epoch += 1
+            return self.epoch
 
         def drop(self, replica: str) -> None:
             self.seen.pop(replica, None)
@@ -169,8 +321,11 @@ def build_app(cfg: RayServeConfig):
             return {r: (text, state) for r, (t, text, state) in self.seen.items()
                     if now - t <= STALE_S}
 
+    ongoing = ({"max_ongoing_requests": cfg.replica_max_ongoing}
+               if cfg.replica_max_ongoing is not None else {})
+
     @serve.deployment(num_replicas=cfg.replicas,
-                      ray_actor_options={"num_cpus": cfg.cpus_per_replica})
+                      ray_actor_options={"num_cpus": cfg.cpus_per_replica}, **ongoing)
     class AdapterReplica:
         def __init__(self, board):
             import torch
@@ -191,11 +346,16 @@ def build_app(cfg: RayServeConfig):
                                  "Serve's multiplexer on this replica",
                                  registry=self.metrics.registry)
             self.unloads = Counter("loralens_ray_adapter_unloads", "adapters unloaded by Ray "
-                                   "Serve's multiplexer (its LRU, max_num_models_per_replica)",
+                                   "Serve's multiplexer (its LRU, max_num_models_per_replica, "
+                                   "or DELETE /v1/adapters)",
                                    registry=self.metrics.registry)
             self.board = board
             self.started_lock = asyncio.Lock()
             self.running = False
+            self.loop = None  # the replica's event loop, once a request has come
+            self.wanted: dict[str, Ticket] = {}  # the ticket each adapter is loaded from
+            self.removed: dict[str, str] = {}  # tokens removed (token -> name)
+            self.epoch = 0  # the board's removals applied here
             self.stop = threading.Event()
             threading.Thread(target=self._push_loop, daemon=True,
                              name="loralens-board").start()
@@ -204,18 +364,37 @@ def build_app(cfg: RayServeConfig):
             st = self.service.stats
             return {"infos": {n: i.to_dict() for n, i in list(self.service.backend.infos.items())},
                     "base": self.service.base_name, "requests": st.requests,
-                    "batches": st.batches, "mixed_batches": st.mixed_batches, "rows": st.rows}
+                    "batches": st.batches, "mixed_batches": st.mixed_batches, "rows": st.rows,
+                    "epoch": self.epoch}
 
         def _push_loop(self) -> None:
             from prometheus_client import generate_latest
 
             while not self.stop.is_set():
                 try:
-                    self.board.put.remote(self.rid, generate_latest(self.metrics.registry)
-                                          .decode(), self._state())
+                    epoch, removed = ray.get(self.board.put.remote(
+                        self.rid, generate_latest(self.metrics.registry).decode(),
+                        self._state()), timeout=30)
+                    if epoch > self.epoch:
+                        self._apply_removals(removed)
+                        self.epoch = epoch
+                        continue  # acknowledge at once
                 except Exception as e:  # the board gone (shutdown): nothing to report to
                     log.debug(f"replica {self.rid}: metrics push failed: {e}")
                 self.stop.wait(PUSH_S)
+
+        def _apply_removals(self, removed: dict) -> None:
+            """On the push thread: note the removed tokens, and unload (on the replica's
+            loop, waited for) the adapters this replica holds under one of them."""
+            self.removed.update(removed)
+            if self.loop is not None:
+                asyncio.run_coroutine_threadsafe(self._forget(), self.loop).result(timeout=300)
+
+        async def _forget(self) -> None:
+            for name, held in list(_multiplexed(self).items()):
+                if held.token in self.removed:
+                    await _unload_one(self, name)
+                    self.wanted.pop(name, None)
 
         async def _ensure_started(self) -> None:
             async with self.started_lock:
@@ -225,30 +404,48 @@ def build_app(cfg: RayServeConfig):
 
         @serve.multiplexed(max_num_models_per_replica=limit)
         async def adapter(self, name: str) -> "_Held":
-            from loralens.serving.backends import AdapterInfo
-            from loralens.tasks.registry import get_task
-
-            spec = registry[name]
+            ticket = self.wanted[name]
             await self._ensure_started()
             if name not in self.service.backend.infos:
-                info = AdapterInfo(spec.name, str(spec.path), 0, spec.task,
-                                   get_task(spec.task).label_names if spec.task else None)
-                await self.service._run(self.service.backend.add, info, spec.path)
+                info = AdapterInfo(name, ticket.path, 0, ticket.task, ticket.label_names)
+                await self.service._run(self.service.backend.add, info, Path(ticket.path))
             self.loads.inc()
             log.info(f"replica {self.rid}: loaded adapter {name!r}")
-            return _Held(self.service, name, self.unloads.inc)
+            return _Held(self.service, name, self.unloads.inc, ticket.token)
 
-        async def classify(self, kind: str, payload) -> dict:
-            name = serve.get_multiplexed_model_id()
-            try:
+        async def _held(self, ticket: Ticket, what: str) -> "_Held":
+            """The adapter of ``ticket`` loaded through Ray's multiplexer (reloaded when
+            loaded under another token); 404 when its token was removed."""
+            self.loop = asyncio.get_running_loop()
+            name = ticket.name
+            for _ in range(2):
+                if ticket.token in self.removed:
+                    raise RequestError(404, self.service._unknown(name, what))
+                self.wanted[name] = ticket
                 try:
                     held = await self.adapter(name)
                 except RequestError:
                     raise
-                except KeyError:
-                    raise RequestError(404, f"unknown adapter {name!r}") from None
                 except Exception as e:  # the adapter's files: a client-visible 422
-                    raise RequestError(422, str(e)) from None
+                    raise RequestError(409 if "already loaded" in str(e) else 422,
+                                       str(e)) from None
+                if held.token == ticket.token and ticket.token not in self.removed:
+                    return held
+                await _unload_one(self, name)  # another registration's adapter
+            raise RequestError(404, self.service._unknown(name, what))
+
+        async def load(self, ticket: Ticket) -> dict:
+            """``POST /v1/adapters``: load the new adapter here (its errors are the POST's)."""
+            try:
+                await self._held(ticket, "adapter")
+                return {"status": 200, "body": None, "replica": self.rid}
+            except RequestError as e:
+                return {"status": e.status, "body": {"error": e.message}, "replica": self.rid}
+
+        async def classify(self, kind: str, payload, ticket: Ticket) -> dict:
+            name = ticket.name
+            try:
+                held = await self._held(ticket, "model" if kind == "openai" else "adapter")
                 held.enter()
                 try:
                     if kind == "openai":
@@ -270,17 +467,14 @@ def build_app(cfg: RayServeConfig):
     app = FastAPI(title="loralens (Ray Serve)", docs_url=None, redoc_url=None)
     _error_handlers(app)
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
-
-    def unknown(name: str, what: str) -> str:
-        names = list(registry)
-        shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
-        return f"unknown {what} {name!r}; known: {shown or 'none'}"
+    guard(app, cfg.api_key, cfg.public_metrics)  # outside the body limit: checked first
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     @serve.ingress(app)
     class Ingress:
         def __init__(self, replicas, board):
             self.replicas, self.board = replicas, board
+            self.registry = Registry(given, cfg.adapter_root, cfg.max_length, cfg.max_texts)
             self.started = time.time()
 
         async def _seen(self) -> dict:
@@ -291,9 +485,9 @@ def build_app(cfg: RayServeConfig):
             seen = await self._seen()
             totals = {k: sum(s[k] for _, s in seen.values())
                       for k in ("requests", "batches", "mixed_batches", "rows")}
-            return {"status": "ok", "backend": cfg.backend, "adapters": len(registry),
-                    **totals, "uptime_s": round(time.time() - self.started, 3),
-                    "replicas": len(seen)}
+            return {"status": "ok", "backend": cfg.backend,
+                    "adapters": len(self.registry.infos), **totals,
+                    "uptime_s": round(time.time() - self.started, 3), "replicas": len(seen)}
 
         @app.get("/metrics")
         async def metrics(self):
@@ -305,16 +499,48 @@ def build_app(cfg: RayServeConfig):
         async def list_adapters(self):
             seen = await self._seen()
             out = []
-            for name, spec in registry.items():
+            for name, known in list(self.registry.infos.items()):
                 holders = sorted(r for r, (_, s) in seen.items() if name in s["infos"])
                 info = next((seen[r][1]["infos"][name] for r in holders), None)
-                if info is None:
-                    labels = _label_names(spec.task)
-                    info = {"name": name, "source": str(spec.path),
-                            "num_labels": len(labels) if labels else 0, "task": spec.task,
-                            "label_names": labels}
-                out.append({**info, "replicas": holders})
+                out.append({**(info or known.to_dict()), "replicas": holders})
             return {"adapters": out}
+
+        @app.post("/v1/adapters", status_code=201)
+        async def add_adapter(self, request: Request):
+            """Checked and registered here as the one-process server does, then loaded on
+            one replica (Ray's choice): its errors (the base's shapes) are this answer's,
+            and the adapter is forgotten again."""
+            body = await read_body(request, AdapterIn)
+            info = await self.registry.add(AdapterSpec(body.name, Path(body.path), body.task))
+            ticket = self.registry.ticket(info.name)
+            out = await self.replicas.options(multiplexed_model_id=info.name).load.remote(
+                ticket)
+            if out["status"] != 200:
+                if self.registry.tokens.get(info.name) == ticket.token:
+                    await self.registry.remove(info.name)
+                await self.board.remove.remote(info.name, ticket.token)
+                return JSONResponse(out["body"], status_code=out["status"])
+            return JSONResponse(info.to_dict(), status_code=201,
+                                headers={REPLICA_HEADER: out["replica"]})
+
+        @app.delete("/v1/adapters/{name}")
+        async def remove_adapter(self, name: str):
+            """Forgotten here at once (later requests get 404), then unloaded on every
+            replica: answered once every replica heard from acknowledges."""
+            token = await self.registry.remove(name)
+            epoch = await self.board.remove.remote(name, token)
+            deadline = time.time() + REMOVE_WAIT_S
+            while True:
+                seen = await self._seen()
+                if all(s.get("epoch", 0) >= epoch for _, s in seen.values()):
+                    break
+                if time.time() > deadline:
+                    log.warning(f"adapter {name!r} removed; not every replica has unloaded it "
+                                f"after {REMOVE_WAIT_S:.0f} s (they will when they next "
+                                "report)")
+                    break
+                await asyncio.sleep(0.05)
+            return {"removed": name}
 
         @app.get("/v1/models")
         async def list_models(self):
@@ -322,8 +548,9 @@ def build_app(cfg: RayServeConfig):
             base = next((s["base"] for _, s in seen.values()), getattr(cfg.model, "name", None))
             return {"object": "list", "data": [
                 {"id": n, "object": "model", "created": int(self.started),
-                 "owned_by": "loralens", "root": str(s.path), "parent": base,
-                 "max_model_len": cfg.max_length} for n, s in registry.items()]}
+                 "owned_by": "loralens", "root": i.source, "parent": base,
+                 "max_model_len": cfg.max_length}
+                for n, i in list(self.registry.infos.items())]}
 
         async def _answer(self, body):
             if isinstance(body, OpenAIClassifyIn):
@@ -336,10 +563,9 @@ def build_app(cfg: RayServeConfig):
             if len(rows) > cfg.max_texts:
                 raise RequestError(413, f"{len(rows)} inputs in one request; "
                                         f"the limit is {cfg.max_texts}")
-            if name not in registry:
-                raise RequestError(404, unknown(name, what))
+            ticket = self.registry.ticket(name, what)  # the single server's 404
             out = await self.replicas.options(multiplexed_model_id=name).classify.remote(
-                kind, payload)
+                kind, payload, ticket)
             return JSONResponse(out["body"], status_code=out["status"],
                                 headers={REPLICA_HEADER: out["replica"]})
 
@@ -355,6 +581,32 @@ def build_app(cfg: RayServeConfig):
     return Ingress.bind(AdapterReplica.bind(board), board)
 
 
+_MULTIPLEX_ATTR = "__serve_multiplex_wrapper"  # where @serve.multiplexed keeps its cache
+
+
+def _multiplexed(replica) -> dict:
+    """The adapters Ray's multiplexer holds on ``replica`` (name -> :class:`_Held`)."""
+    wrapper = getattr(replica, _MULTIPLEX_ATTR, None)
+    return dict(wrapper.models) if wrapper is not None else {}
+
+
+async def _unload_one(replica, name: str) -> None:
+    """Unload ``name`` through Ray's multiplexer, as its LRU would (its ``__del__``, its
+    counters, its report of the replica's model ids to the router). Ray has no public call
+    for one named model: this uses its multiplexer's cache (``models``), its lock and its
+    ``unload_model_lru`` (Ray 2.x's ``_ModelMultiplexWrapper``), with the adapter moved to
+    the least recently used end first."""
+    wrapper = getattr(replica, _MULTIPLEX_ATTR, None)
+    if wrapper is None or name not in wrapper.models:
+        return
+    async with wrapper._model_cache_lock:
+        if name not in wrapper.models:
+            return
+        wrapper.models.move_to_end(name, last=False)
+        await wrapper.unload_model_lru()
+        wrapper._push_multiplexed_replica_info = True
+
+
 def _label_names(task: str | None) -> list[str] | None:
     from loralens.tasks.registry import get_task
 
@@ -367,8 +619,9 @@ class _Held:
     backend once no request in flight uses it (a request counts itself in with
     :meth:`enter` right after Ray hands it this object, with no await in between)."""
 
-    def __init__(self, service, name: str, on_unload=lambda: None):
+    def __init__(self, service, name: str, on_unload=lambda: None, token: str | None = None):
         self.service, self.name, self.on_unload = service, name, on_unload
+        self.token = token  # the registration it was loaded for (Ticket.token)
         self.loop = asyncio.get_running_loop()
         self.in_flight = 0
         self.idle = asyncio.Event()
@@ -457,24 +710,30 @@ def cli_command(args) -> int:
         raise ConfigError(f"--ray-replicas must be >= 1 (got {args.ray_replicas})")
     if getattr(args, "max_loaded", None) is not None and args.max_loaded < 1:
         raise ConfigError(f"--max-loaded must be >= 1 (got {args.max_loaded})")
-    api_key = load_api_key(args.api_key_file)
-    if api_key is not None:
-        raise ConfigError("--ray-replicas does not support an API key yet (--api-key-file or "
-                          "$LORALENS_API_KEY): put the ingress behind a proxy that checks one")
+    api_key = load_api_key(args.api_key_file)  # before Ray starts: a bad file fails fast
     import_serve()  # the clear message before the adapters are read
     sv = served(args.sources, args.max_length, args.replicate)
     model_cfg = base_model_config(args, sv.run_cfg, sv.specs)
-    serve_replicas(config_from_args(args, sv.specs, model_cfg, sv.max_length), args.host,
-                   args.port)
+    cfg = config_from_args(args, sv.specs, model_cfg, sv.max_length,
+                           KeyDigest(api_key) if api_key is not None else None,
+                           args.adapter_root or sv.run_dir)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        log.warning(f"warning: bound to {args.host}: reachable from other machines; the "
+                    "ingress has no authentication (set $LORALENS_API_KEY or --api-key-file)")
+    serve_replicas(cfg, args.host, args.port)
     return 0
 
 
-def config_from_args(args, specs: Sequence[AdapterSpec], model_cfg,
-                     max_length: int) -> RayServeConfig:
-    """The replicas' configuration from ``loralens serve``'s arguments."""
+def config_from_args(args, specs: Sequence[AdapterSpec], model_cfg, max_length: int,
+                     api_key: KeyDigest | None = None, adapter_root=None) -> RayServeConfig:
+    """The replicas' configuration from ``loralens serve``'s arguments; ``adapter_root`` as
+    the one-process server chooses it (``--adapter-root``, else the run directory served)."""
     return RayServeConfig(model=model_cfg, specs=tuple(specs), replicas=args.ray_replicas,
                           backend=args.backend, max_length=max_length,
                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                           max_texts=args.max_texts, max_body_bytes=args.max_body_bytes,
                           max_loaded=getattr(args, "max_loaded", None),
-                          threads=args.threads or 1)
+                          threads=args.threads or 1,
+                          adapter_root=str(adapter_root) if adapter_root is not None else None,
+                          api_key=api_key,
+                          public_metrics=bool(getattr(args, "public_metrics", False)))
