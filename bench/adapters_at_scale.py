@@ -41,7 +41,12 @@ approximation for independent requests with popularities p_i (T solves
 sum_i (1 - exp(-p_i T)) = C; hit rate = sum_i p_i (1 - exp(-p_i T)); 0.673 for C = 100 of
 1000 at s = 1.1) and an exact LRU simulation of the request sequence sent. Cold-load
 latency = p50 of the store's ``loralens_adapter_store_load_seconds`` histogram over the
-timed rounds (interpolated within Prometheus buckets; the mean = sum / count beside it).
+timed rounds (interpolated within Prometheus buckets; the mean = sum / count beside it):
+the store's load latency, from the miss (the first request naming an unloaded adapter, on
+arrival) to the adapter usable by the next batch the server forms (read, evict, install;
+plus the wait for the running batch where the install falls back to between batches),
+not the cold request's end-to-end latency (which adds its own batch's wait and forward:
+it is among the point's request latencies, p50/p99).
 
 ``--profile``: py-spy samples the server process (all threads, Python frames; time in
 torch's kernels is charged to the Python line that calls them) during one extra, untimed

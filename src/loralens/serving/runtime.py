@@ -44,6 +44,16 @@ largest rank served). A mixed batch whose rows use one rank in a projection (the
 case) gathers once as above; rows of several ranks run the same per-row arithmetic once
 per rank (gather the rank's rows, ``bmm``, ``baddbmm_``, ``index_copy_`` back). A
 projection no adapter of a batch touches skips its low-rank step.
+
+Threads: a forward takes, under ``lock``, everything it reads of the adapters (names to
+slots, each projection's factors: views of its adapters' rows, or gathered copies for a
+mixed batch, and its heads), marks itself ``running`` with its adapters ``busy``, and runs
+the backbone without the lock. Adding and removing adapters hold the lock, so another
+thread (the adapter store's loader) may change the adapters while a batch runs: a removal
+of a ``busy`` adapter is refused, removed rows are only marked free (no stack shrinks), and
+an addition must fit rows already free (:meth:`MultiLoraClassifier.in_place_problem`: no
+stack grows, no module is replaced); head tensors are replaced, never written in place.
+So the running batch's answers never change, and the next batch sees the new adapter.
 """
 
 from __future__ import annotations

@@ -12,12 +12,13 @@ Who does what (the server's threads):
   neither the event loop nor the inference worker waits for the disk, and then, on the same
   thread, writes it into the stacks while the worker's current batch runs
   (:meth:`install_now`): into rows no adapter uses (an evicted adapter's, or reserved ones),
-  evicting least recently used adapters that no queued or running request names (pins, and
-  the runtime's ``busy``), the name published (``lru``) only once its rows and head are
+  evicting least recently used adapters, never one of the running batch's (the runtime's
+  ``busy``), one a queued request names (pins) only when every other is pinned; the name
+  published (``lru``) only once its rows and head are
   written, so the next batch the worker forms can use it;
-* when that is not possible without touching what the running batch reads (every
-  evictable adapter is pinned, or a stack would have to grow: a new tensor, or a projection
-  no adapter adapted yet would be replaced), the inference worker swaps it in between
+* when that is not possible without touching what the running batch reads (every loaded
+  adapter is the running batch's, or a stack would have to grow: a new tensor, or a
+  projection no adapter adapted yet would be replaced), the inference worker swaps it in between
   batches instead (:meth:`install`, the wait-for-batch path; a debug log line says why);
   only there, when every loaded adapter is pinned, does it evict a pinned one, and the batch
   that needs it reloads it (:meth:`ensure` on the worker, a correct but slower path);
@@ -86,13 +87,18 @@ class AdapterStore:
         self.pins: Counter = Counter()  # name -> requests queued or running for it
         self.stats = StoreStats()
         self._lock = threading.Lock()
+        # the adapters of the worker's next (or current) group, from ensure() on: not evicted
+        # by the loader between ensure() and the forward's set-up (then the runtime's busy)
+        self.claimed: frozenset[str] = frozenset()
 
     # ---- registry
     def register(self, name: str, path: str | Path, adapter: LoraAdapter | None = None) -> None:
         """Know ``name``; load it now when ``adapter`` is given and the budget has room."""
-        self.known[name] = Path(path)
-        if adapter is not None and (self.max_loaded is None or len(self.lru) < self.max_loaded):
-            self._put(name, adapter)
+        with self.rt.lock:  # the loader may install meanwhile: check and put at once
+            self.known[name] = Path(path)
+            if adapter is not None and (self.max_loaded is None
+                                        or len(self.lru) < self.max_loaded):
+                self._put(name, adapter)
 
     def reserve(self, paths: Iterable[str | Path]) -> dict[int, int]:
         """Tell the runtime how many adapters of each rank to expect from the adapter
@@ -183,9 +189,11 @@ class AdapterStore:
     def install_now(self, name: str, adapter: LoraAdapter,
                     started: float | None = None) -> bool | None:
         """Swap a prepared adapter into the stacks now, on the calling thread (the loader),
-        even while the worker runs a batch: evicting only least recently used adapters that
-        no queued or running request names (not pinned, not in the runtime's ``busy``), and,
-        while a batch runs, only when the adapter fits rows already free
+        even while the worker runs a batch: evicting least recently used adapters as
+        :meth:`install` does (unpinned ones first; a queued request's adapter only when every
+        other is pinned: its batch then reloads it) but never one of the running batch's (the
+        runtime's ``busy``: its rows are being read) nor of the group the worker has made
+        ready for its next forward (``claimed``, from :meth:`ensure`), and, while a batch runs, only when the adapter fits rows already free
         (:meth:`MultiLoraClassifier.in_place_problem`: no stack grows or shrinks, no row the
         batch reads is written). True: installed (usable by the next batch); False: as
         :meth:`install` (unregistered, moved, or loaded already); None: not possible now
@@ -195,11 +203,12 @@ class AdapterStore:
             if not self._wanted(name, adapter):
                 return False
             need = 0 if self.max_loaded is None else len(self.lru) + 1 - self.max_loaded
-            with self._lock:
-                victims = [n for n in self.lru
-                           if not self.pins.get(n) and n not in rt.busy][:max(need, 0)]
+            with self._lock:  # as _make_room: unpinned first, then pinned (queued) ones
+                idle = [n for n in self.lru if n not in rt.busy and n not in self.claimed]
+                victims = ([n for n in idle if not self.pins.get(n)]
+                           + [n for n in idle if self.pins.get(n)])[:max(need, 0)]
             if len(victims) < need:
-                log.debug("adapter %s: every loaded adapter is in a queued or running request; "
+                log.debug("adapter %s: every loaded adapter is in the running batch; "
                           "installing it between batches", name)
                 return None
             problem = rt.in_place_problem(adapter, victims) if rt.running else None
@@ -228,6 +237,8 @@ class AdapterStore:
         if self.max_loaded is not None and len(group) > self.max_loaded:
             raise ValueError(f"{len(group)} adapters in one group; the budget is "
                              f"{self.max_loaded}")
+        with self.rt.lock:
+            self.claimed = frozenset(group)
         for name in group:
             if name in self.lru:
                 with self._lock:

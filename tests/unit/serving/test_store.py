@@ -405,10 +405,10 @@ def test_a_cold_load_completes_while_a_batch_runs_and_the_next_batch_uses_it(tin
 
 def test_an_install_under_a_held_mixed_batch_leaves_its_answers_unchanged(tiny_base, tmp_path):
     """A mixed batch (a, d: gathered factors) held mid-forward; c goes into b's row
-    meanwhile (install_now True). Reading b back then finds no adapter to evict: c is pinned,
-    and a and d, though no request pins them, are the running batch's (the runtime's busy
-    set): None, nothing evicted. The batch answers as a server holding all four, and so
-    does c in the next one."""
+    meanwhile (install_now True). Reading b back then evicts c, the most recently used:
+    a and d, least recent and pinned by no request, are the running batch's (the runtime's
+    busy set). With every loaded adapter the batch's, nothing can go: None. The batch
+    answers as a server holding all four, and so does c in the next one."""
     names = ("a", "b", "d", "c")
     be, full = (_budgeted(tiny_base, tmp_path, names, m) for m in (3, None))
     store = be.store
@@ -422,9 +422,11 @@ def test_an_install_under_a_held_mixed_batch_leaves_its_answers_unchanged(tiny_b
         assert entered.wait(30)
         assert store.install_now("c", store.prepare("c")) is True
         assert store.loaded == ["a", "d", "c"] and worker.is_alive()  # b was least recent
-        store.pin("c")
-        assert store.install_now("b", store.prepare("b")) is None
-        assert store.loaded == ["a", "d", "c"] and store.stats.evictions == 1
+        assert store.install_now("b", store.prepare("b")) is True
+        assert store.loaded == ["a", "d", "b"] and store.stats.evictions == 2
+        store.max_loaded = 2  # a and d fill it: c would have to evict one of them
+        assert store.install_now("c", store.prepare("c")) is None
+        assert store.loaded == ["a", "d", "b"] and store.stats.evictions == 2
     finally:
         release.set()
         worker.join(30)
