@@ -193,7 +193,8 @@ class AdapterStore:
         :meth:`install` does (unpinned ones first; a queued request's adapter only when every
         other is pinned: its batch then reloads it) but never one of the running batch's (the
         runtime's ``busy``: its rows are being read) nor of the group the worker has made
-        ready for its next forward (``claimed``, from :meth:`ensure`), and, while a batch runs, only when the adapter fits rows already free
+        ready for its next forward (``claimed``, from :meth:`ensure`), and, while a batch
+        runs, only when the adapter fits rows already free
         (:meth:`MultiLoraClassifier.in_place_problem`: no stack grows or shrinks, no row the
         batch reads is written). True: installed (usable by the next batch); False: as
         :meth:`install` (unregistered, moved, or loaded already); None: not possible now
@@ -208,7 +209,7 @@ class AdapterStore:
                 victims = ([n for n in idle if not self.pins.get(n)]
                            + [n for n in idle if self.pins.get(n)])[:max(need, 0)]
             if len(victims) < need:
-                log.debug("adapter %s: every loaded adapter is in the running batch; "
+                log.debug("adapter %s: every loaded adapter is the running or next batch's; "
                           "installing it between batches", name)
                 return None
             problem = rt.in_place_problem(adapter, victims) if rt.running else None
