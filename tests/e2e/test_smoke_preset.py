@@ -21,6 +21,7 @@ def test_smoke_preset_runs_every_stage(tmp_path, glue_dir):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["preset"] == "smoke"
     tasks, methods = cfg["tasks"], cfg["methods"]
+    assert tasks == ["sst2"] and methods == ["lora", "full"]
     # sanity, search, training
     # every sanity check ran and passed: the stored loss is below the stored threshold,
     # which is the preset's (a study continues past a failure, this smoke run must not)

@@ -64,7 +64,10 @@ def reference(tmp_path_factory, glue_dir):
     return ref, {s: run_stage(s, ref, glue_dir)[1] for s in STAGE_NAMES}
 
 
-@pytest.mark.parametrize("seed", [19, 2026])  # two rounds (CI time), each its own kill points
+# one round in CI (each round costs about 70 s); LORALENS_DRILL_SEEDS=19,2026,7 runs more,
+# each with its own kill points
+@pytest.mark.parametrize("seed", [int(s) for s in
+                                  os.environ.get("LORALENS_DRILL_SEEDS", "19").split(",")])
 def test_sigkill_in_every_stage_resumes_to_the_uninterrupted_study(reference, tmp_path,
                                                                      glue_dir, seed):
     (ref, work), drill = reference, tmp_path / "drill"
