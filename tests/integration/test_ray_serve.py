@@ -108,8 +108,8 @@ def ray_app(specs):
     adapter root and an API key (the client sends it)."""
     ray = pytest.importorskip("ray") if not os.environ.get("CI") else __import__("ray")
     serve = pytest.importorskip("ray.serve")
-    from loralens.serving.auth import ApiKey
-    from loralens.serving.ray_serve import KeyDigest, RayServeConfig, build_app
+    from loralens.serving.auth import ApiKey, KeyDigest
+    from loralens.serving.ray_serve import RayServeConfig, build_app
 
     adapters, _ = specs
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",

@@ -10,6 +10,7 @@ client sent. The key is compared in constant time and is never printed or logged
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import os
@@ -35,6 +36,29 @@ class ApiKey:
 
     def __repr__(self) -> str:
         return "ApiKey(***)"
+
+    __str__ = __repr__
+
+
+class KeyDigest:
+    """What Ray Serve's ingress (``ray_serve``) holds of the API key: a salted HMAC-SHA256 of it, never the key.
+    The deployment's configuration is pickled into Ray (its controller, its GCS store, the
+    ingress actor), where the key itself would not be as safe as in the command's memory.
+    ``matches`` has :class:`.auth.ApiKey`'s signature, so :class:`.auth.BearerAuth` takes
+    either; the comparison is in constant time."""
+
+    def __init__(self, key):  # an auth.ApiKey
+        self._salt = os.urandom(16)
+        self._digest = self._mac(key._value)
+
+    def _mac(self, value: bytes) -> bytes:
+        return hmac.new(self._salt, value, hashlib.sha256).digest()
+
+    def matches(self, given: bytes) -> bool:
+        return hmac.compare_digest(self._digest, self._mac(given))
+
+    def __repr__(self) -> str:
+        return "KeyDigest(***)"
 
     __str__ = __repr__
 

@@ -42,8 +42,6 @@ Ray is imported only here, and only when ``--ray-replicas`` is given.
 """
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import os
 import re
@@ -58,7 +56,7 @@ from typing import Mapping, Sequence
 from fastapi import Request
 
 from loralens.core.errors import ConfigError
-from loralens.serving.auth import OPEN_PATHS, BearerAuth, declare_auth
+from loralens.serving.auth import OPEN_PATHS, BearerAuth, KeyDigest, declare_auth
 from loralens.serving.backends import AdapterInfo, Backend
 from loralens.serving.bodies import RequestError
 from loralens.serving.sources import AdapterSpec
@@ -154,29 +152,6 @@ def import_serve():
 
 
 # --------------------------------------------------------------------------- the ingress's logic
-
-class KeyDigest:
-    """What the ingress holds of the API key: a salted HMAC-SHA256 of it, never the key.
-    The deployment's configuration is pickled into Ray (its controller, its GCS store, the
-    ingress actor), where the key itself would not be as safe as in the command's memory.
-    ``matches`` has :class:`.auth.ApiKey`'s signature, so :class:`.auth.BearerAuth` takes
-    either; the comparison is in constant time."""
-
-    def __init__(self, key):  # an auth.ApiKey
-        self._salt = os.urandom(16)
-        self._digest = self._mac(key._value)  # the one place the key's bytes are read here
-
-    def _mac(self, value: bytes) -> bytes:
-        return hmac.new(self._salt, value, hashlib.sha256).digest()
-
-    def matches(self, given: bytes) -> bool:
-        return hmac.compare_digest(self._digest, self._mac(given))
-
-    def __repr__(self) -> str:
-        return "KeyDigest(***)"
-
-    __str__ = __repr__
-
 
 def guard(app, key, public_metrics: bool = False) -> None:
     """The one-process server's authentication on ``app`` (a FastAPI app): with ``key`` (a

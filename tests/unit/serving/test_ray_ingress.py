@@ -18,7 +18,8 @@ from loralens.serving import add_serve_arguments
 from loralens.serving.auth import ApiKey
 from loralens.serving.backends import AdapterInfo
 from loralens.serving.bodies import BodyLimit, RequestError
-from loralens.serving.ray_serve import KeyDigest, Registry, Ticket, guard
+from loralens.serving.auth import KeyDigest
+from loralens.serving.ray_serve import Registry, Ticket, guard
 from loralens.serving.sources import AdapterSpec
 from tests.helpers.adapters import random_adapter
 
