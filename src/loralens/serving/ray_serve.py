@@ -234,7 +234,7 @@ class Registry:
         """The replicas' ticket for a known adapter; the single server's 404 otherwise."""
         info = self.infos.get(name)
         if info is None:
-            raise RequestError(404, self.service._unknown(name, what))
+            raise RequestError(404, self.service.unknown_message(name, what))
         return Ticket(name, info.source, info.task,
                       tuple(info.label_names) if info.label_names else None, self.tokens[name])
 
@@ -395,7 +395,7 @@ def build_app(cfg: RayServeConfig):
             name = ticket.name
             for _ in range(2):
                 if ticket.token in self.removed:
-                    raise RequestError(404, self.service._unknown(name, what))
+                    raise RequestError(404, self.service.unknown_message(name, what))
                 self.wanted[name] = ticket
                 try:
                     held = await self.adapter(name)
@@ -407,7 +407,7 @@ def build_app(cfg: RayServeConfig):
                 if held.token == ticket.token and ticket.token not in self.removed:
                     return held
                 await _unload_one(self, name)  # another registration's adapter
-            raise RequestError(404, self.service._unknown(name, what))
+            raise RequestError(404, self.service.unknown_message(name, what))
 
         async def load(self, ticket: Ticket) -> dict:
             """``POST /v1/adapters``: load the new adapter here (its errors are the POST's)."""

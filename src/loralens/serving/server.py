@@ -211,7 +211,7 @@ class Service:
         try:
             adapter, done = await loop.run_in_executor(self.loader, read_and_install)
         except KeyError:
-            raise RequestError(404, self._unknown(name)) from None
+            raise RequestError(404, self.unknown_message(name)) from None
         except (OSError, ValueError, NotImplementedError) as e:
             raise RequestError(422, f"adapter {name!r} could not be loaded: {e}") from None
         if done is None:
@@ -259,13 +259,15 @@ class Service:
 
     async def remove_adapter(self, name: str) -> None:
         if name not in self.backend.infos:
-            raise RequestError(404, self._unknown(name))
+            raise RequestError(404, self.unknown_message(name))
         try:
             await self._run(self.backend.remove, name)
         except KeyError:
-            raise RequestError(404, self._unknown(name)) from None
+            raise RequestError(404, self.unknown_message(name)) from None
 
-    def _unknown(self, name: str, what: str = "adapter") -> str:
+    def unknown_message(self, name: str, what: str = "adapter") -> str:
+        """The 404 message for an adapter (or, as vLLM says, a model) this server does not
+        know: it lists the first 20 it does (the Ray Serve ingress answers with it too)."""
         names = self.backend.names
         shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
         return f"unknown {what} {name!r}; loaded: {shown or 'none'}"
@@ -313,7 +315,7 @@ class Service:
                        pairs: list[list[str]] | None) -> dict:
         info = self.backend.infos.get(adapter)
         if info is None:
-            raise RequestError(404, self._unknown(adapter))
+            raise RequestError(404, self.unknown_message(adapter))
         ids = self.encode(info, texts, pairs)
         probs = await self._probabilities(info, ids)
         labels = probs.argmax(dim=-1).tolist()
@@ -326,7 +328,7 @@ class Service:
         """vLLM's classification answer for ``rows`` (texts, or two-string lists)."""
         info = self.backend.infos.get(model)
         if info is None:
-            raise RequestError(404, self._unknown(model, "model"))
+            raise RequestError(404, self.unknown_message(model, "model"))
         pairs = bool(rows) and not isinstance(rows[0], str)
         ids = self.encode(info, None if pairs else rows, rows if pairs else None, "input")
         probs = await self._probabilities(info, ids)
@@ -381,7 +383,7 @@ class Service:
         started = time.perf_counter()
         live = [p for p in batch if p.adapter in self.backend.infos]  # removed meanwhile?
         results: dict[int, torch.Tensor | Exception] = {
-            id(p): RequestError(404, self._unknown(p.adapter))
+            id(p): RequestError(404, self.unknown_message(p.adapter))
             for p in batch if p.adapter not in self.backend.infos}
         if live:
             ids = [x for p in live for x in p.ids]
