@@ -89,7 +89,10 @@ class Backend:
             raise AdapterError(f"{path}: head has {adapter.num_labels} labels but task "
                                f"{info.task!r} has {len(info.label_names)}")
         info.num_labels = adapter.num_labels
-        self._add(info.name, Path(path), adapter)
+        try:
+            self._add(info.name, Path(path), adapter)
+        except ValueError as e:  # shapes that do not fit this backbone (e.g. another base's)
+            raise AdapterError(str(e)) from e
         self.infos[info.name] = info
         return info
 

@@ -508,11 +508,16 @@ class MultiLoraClassifier(nn.Module):
             raise ValueError(f"{adapter.source}: head of width {adapter.head_weight.shape[1]} on a "
                              f"backbone of hidden size {self.hidden}")
         factors = {self._module_path(k): v for k, v in adapter.factors.items()}
-        for path in factors:  # validate every target before changing anything
+        for path, (A, B, _) in factors.items():  # validate every target before changing anything
             target = self._target(path)[2]
             if not isinstance(target, (nn.Linear, LoraLinear)):
                 raise ValueError(f"{adapter.source}: target {path!r} is not an nn.Linear of the "
                                  f"backbone ({type(target).__name__})")
+            r = A.shape[0]
+            if A.shape != (r, target.in_features) or B.shape != (target.out_features, r):
+                raise ValueError(f"{adapter.source}: LoRA factors of {path!r}, A {tuple(A.shape)}"
+                                 f" and B {tuple(B.shape)}, do not fit the backbone's "
+                                 f"{target.in_features} -> {target.out_features} projection")
         for path in factors:
             self._wrap(path)
         for path, mod in self.wrapped.items():

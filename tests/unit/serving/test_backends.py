@@ -197,3 +197,37 @@ def test_json_bodies_whatever_the_content_type(tiny_backbone, adapters):
         schema = client.get("/openapi.json").json()["paths"]["/v1/classify"]["post"]
         assert "adapter" in schema["requestBody"]["content"]["application/json"]["schema"][
             "properties"]
+
+
+def test_an_adapter_of_another_base_is_refused_and_changes_nothing(tiny_backbone, adapters,
+                                                                    tmp_path):
+    """An adapter trained on a backbone of other shapes (here an MLP of width 48, not 64):
+    its q_proj factors fit, its down_proj factors (48 -> 32) do not. The add is refused
+    with a message naming the projection, before anything changes: the adapter already
+    loaded answers as before, nothing is left of the refused one, and a later add works
+    (the old runtime appended q_proj's factors before it found down_proj's, so every
+    later adapter's factors sat one row off; the backend let the ValueError out as a 500)."""
+    from transformers import AutoModel
+
+    from loralens.models.tiny import tiny_llama_config
+    from tests.helpers.adapters import random_lora
+
+    other = AutoModel.from_config(tiny_llama_config(intermediate_size=48))
+    bad = random_lora(other, tmp_path / "other", 5, targets=("q_proj", "down_proj"))
+    be = make_backend("ours", copy.deepcopy(tiny_backbone))
+    path_a = adapters["a"][0]
+    be.add(AdapterInfo("a", str(path_a), 0), path_a)
+    ids, mask = _batch(6)
+    with torch.no_grad():
+        before = be.infer(ids, mask, ["a"] * 6)
+    with pytest.raises(AdapterError, match=r"other: LoRA factors of 'layers\.0\.mlp\.down_proj'"
+                                           r", A \(8, 48\) and B \(32, 8\), do not fit the "
+                                           r"backbone's 64 -> 32 projection"):
+        be.add(AdapterInfo("bad", str(bad), 0), bad)
+    assert be.names == ["a"]
+    path_b = adapters["b"][0]
+    be.add(AdapterInfo("b", str(path_b), 0), path_b)
+    with torch.no_grad():
+        assert torch.equal(be.infer(ids, mask, ["a"] * 6), before)
+        ref = adapters["b"][1](input_ids=ids, attention_mask=mask).logits
+        assert (be.infer(ids, mask, ["b"] * 6) - ref).abs().max().item() <= TOL
