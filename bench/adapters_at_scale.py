@@ -28,10 +28,11 @@ and a budget of 10 over 100):
 * ``budget``: 1000 adapters known, ``--max-loaded 100``, Zipf traffic (warm-up of 10 x the
   budget requests first, so the timed rounds see a full cache).
 
-Memory = the server's VmRSS (``/proc/PID/status``) after the point's last timed round minus
-the base. Python's garbage collector is not the question here (tensors are freed by
-reference counting); what is measured is resident memory after a steady load. The base is
-read after freeing the one adapter, so it can exceed a true never-loaded base by at most
+Memory = the server's VmRSS (``/proc/PID/status``) after the point's last timed round and
+the server's idle release (``Service.idle_trim_s``: after 1 s without a request it runs
+Python's garbage collector and hands glibc's free heap pages back, ``malloc_trim``) minus
+the base; the RSS right after the last round is kept beside it (``rss_busy``). The base is
+read, after the same idle release, once the one adapter is freed, so it can exceed a true never-loaded base by at most
 that adapter's bytes if the allocator keeps them (1.85 MB; shown beside it: the 1-adapter
 server's own VmRSS). Growth per adapter = (memory(N) - memory(1)) / (N - 1).
 
@@ -83,6 +84,7 @@ from loralens.core.config import ModelConfig
 from loralens.core.timing import stopwatch
 from loralens.serving.bench import synthetic as S
 from loralens.serving.cli_args import add_serve_arguments
+from loralens.serving.server import IDLE_TRIM_S
 from loralens.serving.loadtest import (ServerProcess, closed_loop, histogram_buckets,
                                        histogram_quantile, metric_values, process_memory,
                                        request_bodies)
@@ -178,12 +180,16 @@ def run_point(pt: Point, adapters, bodies, args, out_dir: Path | None) -> dict:
             if srv.proc.poll() is not None:
                 raise RuntimeError("server exited:\n" + "".join(srv.log[-30:]))
         rec.update(summarize_rounds(rounds, sent, warm, pt))
+        # memory after garbage collection: the server collects and hands its freed heap
+        # back once idle for IDLE_TRIM_S after a batch (Service.idle_trim_s); read then
+        time.sleep(IDLE_TRIM_S + 1.5)
+        rec["rss_busy"], rec["rss_end"] = rec["rss_end"], process_memory(srv.pid).get("rss")
         if pt.profile:
             rec["profile"] = profile_round(srv, names, bodies, pt, args, out_dir)
         if pt.reference:  # the base: the same server with its adapter removed
             with httpx.Client(base_url=srv.url, timeout=60) as http:
                 http.delete(f"/v1/adapters/{names[0]}").raise_for_status()
-            time.sleep(1.0)
+            time.sleep(IDLE_TRIM_S + 1.5)  # as rss_end: after the idle trim
             rec["rss_base"] = process_memory(srv.pid).get("rss")
     except Exception as e:  # one failed point does not lose the others
         rec["error"] = f"{type(e).__name__}: {e}"

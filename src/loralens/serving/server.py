@@ -92,6 +92,7 @@ from loralens.serving.responses import (
 from loralens.serving.sources import (
     NAME_RULE, AdapterSpec, collect_adapters, replicate, served, task_of, valid_name,
 )
+from loralens.serving.store import trim_heap
 
 __all__ = ["AdapterSpec", "RequestError", "Service", "build_service",
            "collect_adapters", "create_app", "replicate", "serve"]
@@ -118,12 +119,28 @@ class ServiceStats:
     started: float = field(default_factory=time.time)
 
 
+IDLE_TRIM_S = 1.0
+
+
+def release_heap() -> None:
+    """Collect Python's garbage and hand the C heap's free pages back to the OS
+    (``store.trim_heap``). Run on the inference worker once it has been idle for
+    ``Service.idle_trim_s`` after a batch: a burst of batches (mixed ones above all, whose
+    gathered factors are per-batch copies) leaves freed pages that glibc would otherwise
+    keep in the server's RSS for good."""
+    import gc
+
+    gc.collect()
+    trim_heap()
+
+
 class Service:
     """Tokenizer + backend + dynamic batcher. Create inside a running event loop's app."""
 
     def __init__(self, backend: Backend, tokenizer, max_length: int, max_batch: int = 32,
                  max_wait_ms: float = 5.0, max_texts: int = 64,
-                 adapter_root: str | Path | None = None, base_name: str | None = None):
+                 adapter_root: str | Path | None = None, base_name: str | None = None,
+                 idle_trim_s: float | None = IDLE_TRIM_S):
         if max_batch < 1 or max_texts < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_texts must be >= 1, max_wait_ms >= 0")
         self.backend, self.tokenizer = backend, tokenizer
@@ -143,6 +160,9 @@ class Service:
         self.task: asyncio.Task | None = None
         self.stats = ServiceStats()
         self.metrics = None  # a metrics.ServerMetrics once an app serves this service
+        # after a batch, this many seconds without a request hand the freed heap back to the
+        # OS (release_heap on the worker, so never during a batch); None: never
+        self.idle_trim_s = idle_trim_s
 
     # ---- lifecycle (called by the app's lifespan)
     async def start(self) -> None:
@@ -343,8 +363,18 @@ class Service:
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        batches_since_trim = 0
         while True:
-            first = await self.queue.get()
+            if batches_since_trim and self.idle_trim_s is not None:
+                try:
+                    first = await asyncio.wait_for(self.queue.get(), self.idle_trim_s)
+                except (asyncio.TimeoutError, TimeoutError):
+                    await loop.run_in_executor(self.executor, release_heap)
+                    batches_since_trim = 0
+                    continue
+            else:
+                first = await self.queue.get()
+            batches_since_trim += 1
             batch, rows = [first], len(first.ids)
             deadline = first.arrived + self.max_wait
             while rows < self.max_batch:
