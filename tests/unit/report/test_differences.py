@@ -62,7 +62,8 @@ def test_smoke_lists_the_search_rows_and_its_search_space():
         "data.early_stop_size", "train.grad_accum", "train.optimizer_full",
         "search.trials", "search.startup_trials", "search.train_size", "search.eval_size",
         "search.epochs", "search.batch_full", "search.prune", "extract.examples",
-        "bench.warmup", "bench.requests", "bench.identity_examples", "weights.sweep"]
+        "bench.warmup", "bench.requests", "bench.identity_examples",
+        "weights.forgetting_examples", "weights.sweep"]
     rows = dict(differences(cfg))
     # the search replaces train.lr_lora/lr_full (2e-3/3e-5 in smoke): not rows
     assert "train.lr_lora" not in rows and "train.epochs" not in rows
