@@ -454,9 +454,22 @@ def init_distributed() -> None:
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import atexit
+
         from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available())
+        atexit.register(_leave_process_group)
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group before the interpreter exits: left to gloo's destructors
+    at exit, a rank whose peer was still running aborted now and then ("terminate called
+    without an active exception", exit code -6), failing a finished run under torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _all_reduce_grads(params: list[torch.Tensor]) -> None:
