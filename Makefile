@@ -8,10 +8,13 @@ VENV     ?= .venv
 PYTHON   ?= python3
 GLUE_DIR ?= ../shared/glue
 PRESET   ?= quick
-# make test runs the suite on this many pytest-xdist workers (0, the default: in this
-# process, serially). TEST_WORKERS=2 groups each file on one worker (tests/conftest.py) and
-# gives each worker one thread; on the 2-core CI machine it was not faster, and some
-# integration tests failed under it (docs/architecture.md)
+# make test runs the unit tests on UNIT_WORKERS pytest-xdist workers (2: one thread each;
+# they touch no real model and start no process: 169 s serially, 119 s on two workers on the
+# 2-core CI machine), then everything else on TEST_WORKERS (0, the default: in this process,
+# serially). TEST_WORKERS=2 groups each file on one worker (tests/conftest.py) and gives each
+# worker one thread; on the 2-core CI machine it was not faster for the integration tests,
+# and some of them failed under it (docs/architecture.md)
+UNIT_WORKERS ?= 2
 TEST_WORKERS ?= 0
 # torch is pinned: 2.13.0 is the CPU build on this machine's disk. GPU users: see docs/install.md.
 TORCH    ?= torch==2.13.0
@@ -49,10 +52,11 @@ run: install
 test: install-test
 	$(VENV)/bin/python .ci/check_constraints.py  # installed versions = constraints files' pins
 	$(VENV)/bin/lint-imports  # imports go down only (pyproject.toml's layers contract)
-	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not gpu" -n $(TEST_WORKERS) --dist loadgroup --durations=25
+	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not gpu" -n $(UNIT_WORKERS) --dist loadgroup tests/unit
+	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not gpu" -n $(TEST_WORKERS) --dist loadgroup --durations=25 --ignore=tests/unit
 
 test-fast: install-test
-	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not integration and not e2e and not gpu" tests/unit
+	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not integration and not e2e and not gpu" -n $(UNIT_WORKERS) --dist loadgroup tests/unit
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
