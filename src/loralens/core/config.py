@@ -191,11 +191,19 @@ class SearchConfig(_Validated):
     heartbeat_interval: int = _f(60, lo=1, doc="seconds between a running trial's heartbeats")
     grace_period: int = _f(180, lo=1, doc="seconds without heartbeat before a trial is failed")
     max_retry: int = _f(2, lo=0, doc="times a failed (killed) trial's configuration is retried")
+    params: list[str] = _f(factory=list,
+                           doc="the dimensions searched, by name (lr, batch_size, "
+                               "warmup_ratio, weight_decay, epochs, alpha, dropout, or a "
+                               "method_defs search key); the others stay at the config's "
+                               "values; [] = every dimension of each method's space")
     prune: bool = _f(True, doc="median pruning of hopeless trials at each evaluation, "
                                 "against the completed trials at the same fraction of "
                                 "their own training")
 
     def validate(self) -> None:
+        if len(set(self.params)) != len(self.params):
+            raise ConfigError(f"search.params: a dimension is named twice in {self.params}",
+                              "search.params")
         for key in ("lr_full", "lr_lora"):
             r = getattr(self, key)
             if len(r) != 2 or not 0 < r[0] < r[1]:

@@ -92,10 +92,11 @@ def cadence_text(cfg: StudyConfig) -> str | None:
     tc = cfg.train
     if not tc.eval_every and tc.evals_per_epoch == 1:
         return None
-    epochs = sorted(cfg.search.epochs) if cfg.search.enabled else [tc.epochs]
+    searched = cfg.search.enabled and (not cfg.search.params or "epochs" in cfg.search.params)
+    epochs = sorted(cfg.search.epochs) if searched else [tc.epochs]
     span = (f"{epochs[0]} epoch{'s' if epochs[0] != 1 else ''}" if len(epochs) == 1
             or epochs[0] == epochs[-1] else f"{epochs[0]}-{epochs[-1]} epochs")
-    span += " (search.epochs)" if cfg.search.enabled else " (train.epochs)"
+    span += " (search.epochs)" if searched else " (train.epochs)"
     study = " (the study evaluated once per epoch: patience 3 never fired)"
     if tc.patience == 0:
         return ((f"evaluated every {tc.eval_every} optimizer steps" if tc.eval_every else
@@ -131,10 +132,12 @@ OPERATIONAL = ("preset", "task_defs", "data.glue_dir", "search.storage",
 PROTOCOL_KEYS = ("data.selection", "data.selection_fraction", "data.selection_min",
                  "data.subset_seed", "search.seed", "search.sampler_seed", "train.eval_every",
                  "train.evals_per_epoch", "train.patience")
-# Keys each search's best trial replaces (training.search.space): unused while the search runs
-SEARCHED = ("train.lr", "train.lr_lora", "train.lr_full", "train.batch_size",
-            "train.warmup_ratio", "train.weight_decay", "train.epochs", "lora.alpha",
-            "lora.dropout")
+# Keys each search's best trial replaces (training.search.space), by the dimension that
+# replaces them: unused while the search runs (those of search.params, when it names some)
+SEARCHED_BY = {"lr": ("train.lr", "train.lr_lora", "train.lr_full"),
+               "batch_size": ("train.batch_size",), "warmup_ratio": ("train.warmup_ratio",),
+               "weight_decay": ("train.weight_decay",), "epochs": ("train.epochs",),
+               "alpha": ("lora.alpha",), "dropout": ("lora.dropout",)}
 # What a training-row count means under each selection protocol
 TRAIN_ROW_KEYS = ("data.train_size", "data.train_size_per_task")
 
@@ -156,7 +159,8 @@ def _skipped(key: str, cfg: StudyConfig) -> bool:
     if key in PROTOCOL_KEYS or any(key == k or key.startswith(k + ".") for k in OPERATIONAL):
         return True
     if cfg.search.enabled:
-        return key in SEARCHED
+        dims = cfg.search.params or SEARCHED_BY
+        return any(key in SEARCHED_BY.get(d, ()) for d in dims)
     return key.startswith("search.") and key != "search.enabled"
 
 
@@ -180,7 +184,7 @@ def config_differences(cfg: StudyConfig, paper: StudyConfig | None = None
     config loader), leaving out operational keys (:data:`OPERATIONAL`), the keys the
     protocol rows state (:data:`PROTOCOL_KEYS`), the search space when the search is off
     and the hyperparameters each search's best trial replaces when it is on
-    (:data:`SEARCHED`)."""
+    (:data:`SEARCHED_BY`: those of ``search.params`` when it names some)."""
     if paper is None:
         paper = load_config(preset="paper")
     ours, theirs = _flat(cfg), _flat(paper)

@@ -32,6 +32,7 @@ import optuna
 from optuna.storages._heartbeat import get_heartbeat_thread
 
 from loralens.core.config import StudyConfig
+from loralens.core.errors import ConfigError
 from loralens.models.classifier import Base
 from loralens.models.methods import (
     ADAPTER_KIND, FULL_KIND, get_method, inherited_lora_keys, is_study_lora, space_overrides,
@@ -76,8 +77,26 @@ def space(method: str, cfg: StudyConfig) -> dict[str, tuple]:
     ``search.lr_full``/``batch_full``; head-only and adapter methods ``lr_lora``/
     ``batch_lora``; LoRA-type methods also LoRA's alpha and dropout where they take
     them from the ``lora`` section. Then the method's own ``search`` entries
-    (``method_defs.<name>.search``) replace or add dimensions.
+    (``method_defs.<name>.search``) replace or add dimensions. ``search.params``, when set,
+    keeps only the dimensions it names (the others stay at the config's values, which the
+    trials and the trained models then share); a name in no method's space is a
+    ``ConfigError``.
     """
+    whole = _whole_space(method, cfg)
+    params = cfg.search.params
+    if not params:
+        return whole
+    known = set(whole).union(*(_whole_space(m, cfg) for m in cfg.methods))
+    unknown = [p for p in params if p not in known]
+    if unknown:
+        raise ConfigError(f"search.params: {', '.join(map(repr, unknown))} is not a dimension "
+                          f"of the search space of {', '.join(cfg.methods)}; known: "
+                          f"{', '.join(sorted(known))}", "search.params")
+    return {k: v for k, v in whole.items() if k in params}
+
+
+def _whole_space(method: str, cfg: StudyConfig) -> dict[str, tuple]:
+    """Every dimension of ``method``'s space (:func:`space` before ``search.params``)."""
     sc = cfg.search
     meth = get_method(method, cfg)
     full = meth.trains_all
@@ -456,6 +475,26 @@ def run_search(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base
     return write_best(cfg, run, task, method, study)
 
 
+def trial_config(cfg: StudyConfig) -> StudyConfig:
+    """The config trials train with: ``search.train_size`` rows of every task when it is
+    set, else the data's own (``data.train_size`` and ``data.train_size_per_task``, as the
+    trained models)."""
+    sc = cfg.search
+    if sc.train_size is None:
+        return cfg
+    return with_overrides(cfg, {"data": {"train_size": sc.train_size,
+                                         "train_size_per_task": {}}})
+
+
+def trial_bounds(cfg: StudyConfig, method: str) -> tuple[int, int]:
+    """(most epochs, smallest batch) a trial of ``method`` can draw: the search's choices
+    where its space has them, else the config's ``train.epochs``/``train.batch_size``."""
+    dims = space(method, cfg)
+    epochs = max(dims["epochs"][1]) if "epochs" in dims else cfg.train.epochs
+    batch = min(dims["batch_size"][1]) if "batch_size" in dims else cfg.train.batch_size
+    return epochs, batch
+
+
 def run_trials(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base,
                progress: bool = True, on_trial=None, limit: int | None = None) -> optuna.Study:
     """Run trials of (task, method) while the study's budget allows, at most ``limit`` here
@@ -465,8 +504,7 @@ def run_trials(cfg: StudyConfig, run: RunDir, task: str, method: str, base: Base
     study = open_study(cfg, run, task, method)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
-    train_cfg = with_overrides(cfg, {"data": {"train_size": sc.train_size or cfg.data.train_size,
-                                              "train_size_per_task": {}}})
+    train_cfg = trial_config(cfg)
     prepared = eval_enc = None
     ran = 0
     while limit is None or ran < limit:

@@ -67,10 +67,10 @@ PRESET_TABLES = {
         "train.threads": 0, "train.evals_per_epoch": 2,
         "sanity.examples": 10, "sanity.epochs": 10, "sanity.lr_lora": 5e-3,
         "sanity.lr_full": 1e-4,
-        "search.enabled": False, "search.trials": 3, "search.startup_trials": 2,
-        "search.train_size": 64, "search.eval_size": 64, "search.epochs": [1],
-        "search.batch_full": [4], "search.batch_lora": [4, 8],
-        "search.lr_full": [1e-5, 5e-5], "search.lr_lora": [5e-4, 3e-3],
+        "train.lr_head": 1e-3,
+        "search.enabled": False, "search.params": ["lr"], "search.trials": 5,
+        "search.startup_trials": 3, "search.eval_size": 128,
+        "search.lr_full": [3e-6, 3e-4], "search.lr_lora": [1e-4, 1e-2],
         "extract.examples": 128,
         "bench.requests": 20, "bench.warmup": 3, "bench.seeds": [42], "bench.batch_sizes": [1],
         "bench.mixed_batch_size": 8,
@@ -259,8 +259,8 @@ def test_learning_rate_ranges_feed_the_search_space():
     assert space("lora", cfg)["lr"] == ("loguniform", 5e-5, 5e-3)
     assert space("full", cfg)["lr"] == ("loguniform", 1e-6, 5e-5)
     quick = load_config("quick")
-    assert space("lora", quick)["lr"] == ("loguniform", 5e-4, 3e-3)
-    assert space("full", quick)["lr"] == ("loguniform", 1e-5, 5e-5)
+    assert space("lora", quick) == {"lr": ("loguniform", 1e-4, 1e-2)}  # search.params: [lr]
+    assert space("full", quick) == {"lr": ("loguniform", 3e-6, 3e-4)}
     for bad in ("[0.001, 0.0001]", "[0.001]", "[0, 0.001]"):
         with pytest.raises(ConfigError, match=r"search.lr_lora: expected \[low, high\]"):
             load_config(overrides=[f"search.lr_lora={bad}"])

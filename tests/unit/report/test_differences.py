@@ -31,7 +31,7 @@ def test_quick_lists_no_search_rows_and_its_subsets():
         "selection slice", "early-stopping cadence", "Holm correction", "model.name",
         "data.max_length",
         "data.train_size", "data.train_size_per_task", "data.early_stop_size",
-        "train.lr_lora", "train.lr_full", "train.epochs", "train.grad_accum",
+        "train.lr_lora", "train.lr_full", "train.lr_head", "train.epochs", "train.grad_accum",
         "train.optimizer_full", "search.enabled", "extract.examples", "bench.warmup",
         "bench.requests", "bench.seeds", "weights.sweep"]
     rows = dict(diffs)
@@ -48,6 +48,8 @@ def test_quick_lists_no_search_rows_and_its_subsets():
     assert rows["train.grad_accum"] == ("paper preset: 8; this run: 1 (micro-batches per "
                                         "optimizer step)")
     assert rows["search.enabled"].startswith("paper preset: true; this run: false (")
+    # one head rate for both methods (the paper's: each method's own rate)
+    assert rows["train.lr_head"].startswith("paper preset: null; this run: 0.001 (")
     assert rows["selection slice"].startswith(
         "model selection reads a stratified max(10%, 256 rows) slice of each training split "
         "(never more than half of it) (seed 0), held out and never trained on")

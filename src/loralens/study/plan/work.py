@@ -147,13 +147,6 @@ def _pairs(cfg: StudyConfig) -> list[tuple[str, str]]:
     return [(t, m) for t in cfg.tasks for m in cfg.methods]
 
 
-def _is_full(cfg: StudyConfig, method: str) -> bool:
-    """Full fine-tuning's search space (batch choices) applies (search.method_space)."""
-    from loralens.models.methods import get_method
-
-    return get_method(method, cfg).trains_all
-
-
 def plural(k: int, noun: str) -> str:
     """``plural(2, "task")`` -> "2 tasks", ``plural(1, "epoch")`` -> "1 epoch"."""
     return f"{k} {noun}{'' if k == 1 else 's'}"
@@ -192,7 +185,8 @@ def sanity(cfg, tokenizer, prepared) -> StageWork:
 
 
 def search(cfg, tokenizer, prepared) -> StageWork:
-    from loralens.training.job import prepare_task, with_overrides
+    from loralens.training.job import prepare_task
+    from loralens.training.search import trial_bounds, trial_config
 
     sc = cfg.search
     w = StageWork("search")
@@ -200,28 +194,26 @@ def search(cfg, tokenizer, prepared) -> StageWork:
         w.off = "search.enabled=false"
         w.what = "off: training uses the config's hyperparameters"
         return w
-    # A trial trains on search.train_size rows (the data's otherwise, no per-task sizes)
-    # and is scored on search.eval_size selection rows (search.run_search).
-    tcfg = with_overrides(cfg, {"data": {"train_size": sc.train_size or cfg.data.train_size,
-                                         "train_size_per_task": {}}})
+    # A trial trains on the rows search.trial_config gives it and is scored on
+    # search.eval_size selection rows (search.run_search).
+    tcfg = trial_config(cfg)
     rows, evals = {}, {}
     for t in cfg.tasks:
-        same = (tcfg.data.train_size == cfg.data.train_size
-                and not cfg.data.train_size_per_task.get(t))
-        p = prepared[t] if same else prepare_task(tcfg, t, tokenizer)
+        p = prepared[t] if tcfg is cfg else prepare_task(tcfg, t, tokenizer)
         eval_enc = B.encode_split(tokenizer, p.selection_rows(sc.eval_size, cfg.data.subset_seed),
                                   cfg.data.max_length)
         rows[t], evals[t] = len(p.train), len(eval_enc)
         for m in cfg.methods:
             # upper bounds: the largest epoch choice, the smallest batch (most steps, evals)
-            batch = min(sc.batch_full if _is_full(cfg, m) else sc.batch_lora)
-            trial_tc = replace(cfg.train, epochs=max(sc.epochs), batch_size=batch)
+            epochs, batch = trial_bounds(cfg, m)
+            trial_tc = replace(cfg.train, epochs=epochs, batch_size=batch)
             trial = StageWork("search", jobs=1, loads=1)
             fit_work(trial, m, p.train.lengths, trial_tc, eval_enc.lengths)
             trial.forward("batched", float(eval_enc.lengths.sum()), len(eval_enc))
             w.add(trial.scaled(sc.trials))
+    most = max(trial_bounds(cfg, m)[0] for m in cfg.methods)
     w.what = (f"{len(_pairs(cfg))} (task, method) x {sc.trials} trials: {_per_task(rows)} rows "
-              f"x <= {plural(max(sc.epochs), 'epoch')}, scored on {_per_task(evals)} "
+              f"x <= {plural(most, 'epoch')}, scored on {_per_task(evals)} "
               "selection rows")
     return w
 
@@ -229,11 +221,12 @@ def search(cfg, tokenizer, prepared) -> StageWork:
 def train_settings(cfg: StudyConfig, method: str):
     """The ``TrainConfig`` a training job runs with, as far as it is known before the
     search: with the search on, its largest epoch choice and smallest batch (bounds)."""
-    sc = cfg.search
-    if not sc.enabled:
+    from loralens.training.search import trial_bounds
+
+    if not cfg.search.enabled:
         return cfg.train
-    return replace(cfg.train, epochs=max(sc.epochs),
-                   batch_size=min(sc.batch_full if _is_full(cfg, method) else sc.batch_lora))
+    epochs, batch = trial_bounds(cfg, method)
+    return replace(cfg.train, epochs=epochs, batch_size=batch)
 
 
 def train(cfg, tokenizer, prepared) -> StageWork:
