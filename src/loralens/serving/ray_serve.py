@@ -254,7 +254,7 @@ def build_app(cfg: RayServeConfig):
 
     from loralens.serving.bodies import (AdapterIn, BodyLimit, OpenAIClassifyIn,
                                          classify_body, read_body)
-    from loralens.serving.server import _error_handlers
+    from loralens.serving.server import install_error_handlers
 
     if cfg.replicas < 1:
         raise ConfigError(f"--ray-replicas must be >= 1 (got {cfg.replicas})")
@@ -440,7 +440,7 @@ def build_app(cfg: RayServeConfig):
                 stop.set()
 
     app = FastAPI(title="loralens (Ray Serve)", docs_url=None, redoc_url=None)
-    _error_handlers(app)
+    install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     guard(app, cfg.api_key, cfg.public_metrics)  # outside the body limit: checked first
 

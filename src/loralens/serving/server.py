@@ -435,7 +435,7 @@ class Service:
 
 # --------------------------------------------------------------------------- the app
 
-def _error_handlers(app) -> None:
+def install_error_handlers(app) -> None:
     """Every error answers ``{"error": ...}``: the service's own errors, unknown paths (404)
     and wrong methods (405), malformed JSON (400) and schema mismatches (422)."""
     from fastapi.exceptions import RequestValidationError
@@ -483,7 +483,7 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY, api_key
 
     app = FastAPI(title="loralens", lifespan=lifespan, docs_url=None, redoc_url=None)
 
-    _error_handlers(app)
+    install_error_handlers(app)
 
     @app.get("/health", operation_id="health", responses=responses(200, HealthOut))
     async def health():

@@ -203,11 +203,8 @@ class AdapterStore:
         with rt.lock:
             if not self._wanted(name, adapter):
                 return False
-            need = 0 if self.max_loaded is None else len(self.lru) + 1 - self.max_loaded
-            with self._lock:  # as _make_room: unpinned first, then pinned (queued) ones
-                idle = [n for n in self.lru if n not in rt.busy and n not in self.claimed]
-                victims = ([n for n in idle if not self.pins.get(n)]
-                           + [n for n in idle if self.pins.get(n)])[:max(need, 0)]
+            need = self._need()
+            victims = self._victims(need, rt.busy | self.claimed)
             if len(victims) < need:
                 log.debug("adapter %s: every loaded adapter is the running or next batch's; "
                           "installing it between batches", name)
@@ -248,16 +245,25 @@ class AdapterStore:
             t0 = time.perf_counter()
             self.install(name, self.prepare(name), keep=group, started=t0)
 
+    def _need(self) -> int:
+        """How many loaded adapters must go before one more fits the budget."""
+        return 0 if self.max_loaded is None else max(0, len(self.lru) + 1 - self.max_loaded)
+
+    def _victims(self, need: int, exclude) -> list[str]:
+        """The ``need`` adapters to evict (fewer where there are not as many): least recently
+        used first, unpinned ones before pinned ones (a queued request's), none of
+        ``exclude``."""
+        with self._lock:
+            idle = [n for n in self.lru if n not in exclude]
+            return ([n for n in idle if not self.pins.get(n)]
+                    + [n for n in idle if self.pins.get(n)])[:need]
+
     def _make_room(self, keep: set[str]) -> None:
-        if self.max_loaded is None:
-            return
-        while len(self.lru) >= self.max_loaded:
-            with self._lock:
-                candidates = [n for n in self.lru if n not in keep]
-                free = [n for n in candidates if not self.pins.get(n)]
-            victim = (free or candidates or [None])[0]
-            if victim is None:
-                raise RuntimeError("adapter store: nothing to evict")  # keep > budget: a bug
+        need = self._need()
+        victims = self._victims(need, keep)
+        if len(victims) < need:
+            raise RuntimeError("adapter store: nothing to evict")  # keep > budget: a bug
+        for victim in victims:
             self._evict(victim)
 
     def _evict(self, victim: str) -> None:

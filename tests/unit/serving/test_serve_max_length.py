@@ -5,14 +5,12 @@ machine-readable block ``predict`` reads, issue 28.2), the largest when they dif
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import pytest
 
 from loralens.core.files import atomic_write_json
 from loralens.models.cards import write_card
-from loralens.serving import add_serve_arguments, server
 from loralens.serving.sources import AdapterSpec, recorded_max_length
 
 
@@ -38,24 +36,11 @@ def test_the_cards_max_length_is_read_the_largest_when_they_differ(tmp_path, cap
 
 
 @pytest.fixture
-def served_max_length(monkeypatch):
+def served_max_length(serve_until):
     """Runs ``loralens serve ARGS`` up to building the service; returns its max_length."""
-    parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
-    seen = []
-    monkeypatch.setattr(server, "load_base", lambda mc: object())
-
-    def fake_build_service(specs, base, backend, max_length, *rest, **kw):
-        seen.append(max_length)
-        raise RuntimeError("stop here")
-
-    monkeypatch.setattr(server, "build_service", fake_build_service)
-
-    def run(*argv):
-        with pytest.raises(RuntimeError, match="stop here"):
-            server.cli_command(parser.parse_args([str(a) for a in argv]))
-        return seen[-1]
-    return run
+    return serve_until("build_service",
+                       lambda specs, base, backend, max_length, *rest, **kw: max_length,
+                       load_base=lambda mc: object())
 
 
 def test_serve_takes_the_cards_max_length_unless_given(tmp_path, served_max_length):
