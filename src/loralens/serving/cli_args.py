@@ -47,6 +47,12 @@ def add_serve_arguments(p) -> None:
                    help="serve K replicas on Ray Serve behind one ingress, requests for an "
                         "adapter routed to replicas that hold it (needs pip install "
                         "'loralens[serve]'; $RAY_ADDRESS joins a running cluster)")
+    p.add_argument("--ray-max-ongoing", type=int, metavar="N",
+                   help="with --ray-replicas: requests a replica takes at once (Ray's "
+                        "max_ongoing_requests; default: --max-batch, so that a replica can "
+                        "fill a batch; Ray's own default, 5, caps its batches at 5 requests); "
+                        "past it, Ray sends a request to another replica even when this one "
+                        "holds its adapter")
     p.add_argument("--replicate", type=int, default=0,
                    help="load copies of the adapters until there are this many (load tests)")
     p.add_argument("--api-key-file", metavar="FILE",

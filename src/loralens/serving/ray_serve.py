@@ -136,8 +136,9 @@ class RayServeConfig:
     adapter_root: str | None = None  # POST /v1/adapters reads only below it (None: nothing)
     api_key: "KeyDigest | None" = None  # checked at the ingress (None: no authentication)
     public_metrics: bool = False  # GET /metrics without the key
-    # Ray's max_ongoing_requests per replica (None: Ray's default, 5): past it, the router
-    # sends a request for an adapter to another replica even when this one holds it
+    # Ray's max_ongoing_requests per replica (None: Ray's default, 5; `serve` passes
+    # --ray-max-ongoing, else --max-batch): past it, the router sends a request for an
+    # adapter to another replica even when this one holds it
     replica_max_ongoing: int | None = None
 
 
@@ -703,7 +704,12 @@ def config_from_args(args, specs: Sequence[AdapterSpec], model_cfg, max_length: 
                      api_key: KeyDigest | None = None, adapter_root=None) -> RayServeConfig:
     """The replicas' configuration from ``loralens serve``'s arguments; ``adapter_root`` as
     the one-process server chooses it (``--adapter-root``, else the run directory served)."""
+    ongoing = getattr(args, "ray_max_ongoing", None)
+    ongoing = args.max_batch if ongoing is None else ongoing
+    if ongoing < 1:
+        raise ConfigError(f"--ray-max-ongoing: expected at least 1, got {ongoing}")
     return RayServeConfig(model=model_cfg, specs=tuple(specs), replicas=args.ray_replicas,
+                          replica_max_ongoing=ongoing,
                           backend=args.backend, max_length=max_length,
                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                           max_texts=args.max_texts, max_body_bytes=args.max_body_bytes,

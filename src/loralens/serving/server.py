@@ -93,6 +93,7 @@ from loralens.serving.sources import (
     NAME_RULE, AdapterSpec, collect_adapters, replicate, served, task_of, valid_name,
 )
 from loralens.serving.store import trim_heap
+from loralens.core.errors import ConfigError
 
 __all__ = ["AdapterSpec", "RequestError", "Service", "build_service",
            "collect_adapters", "create_app", "replicate", "serve"]
@@ -673,6 +674,9 @@ def run_until_stopped(server, sock: socket.socket) -> None:
 
 
 def cli_command(args) -> int:
+    if getattr(args, "ray_max_ongoing", None) is not None:
+        raise ConfigError("--ray-max-ongoing sets how many requests a Ray Serve replica takes "
+                          "at once: it needs --ray-replicas")
     api_key = load_api_key(args.api_key_file)  # before the model loads: a bad file fails fast
     max_loaded = getattr(args, "max_loaded", None)
     check_max_loaded(args.backend, max_loaded)  # ConfigError (exit 2) before the model loads

@@ -190,3 +190,32 @@ def test_serve_ray_replicas_takes_the_key_and_the_adapter_root(monkeypatch, tmp_
     ray_serve.cli_command(parser.parse_args([str(tmp_path), "--ray-replicas", "2",
                                              "--adapter-root", "/adapters"]))
     assert started[0][0].api_key is None and started[0][0].adapter_root == "/adapters"
+
+
+def test_a_replica_takes_a_batch_of_requests_unless_told_otherwise(monkeypatch, tmp_path):
+    """Ray's max_ongoing_requests per replica: --max-batch by default (Ray's own 5 capped a
+    replica's batches at 5 requests), --ray-max-ongoing when given; the flag without
+    --ray-replicas, or below 1, is refused before any model loads."""
+    from loralens.core.errors import ConfigError
+    from loralens.serving import ray_serve, server, sources
+
+    pytest.importorskip("ray.serve")
+    started = []
+    monkeypatch.setattr(sources, "served", lambda *a: sources.Served([], tmp_path, None, 64))
+    monkeypatch.setattr(server, "base_model_config", lambda *a: "the base")
+    monkeypatch.setattr(ray_serve, "serve_replicas", lambda cfg, host, port: started.append(cfg))
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+
+    def ongoing(*argv):
+        ray_serve.cli_command(parser.parse_args([str(tmp_path), "--ray-replicas", "2", *argv]))
+        return started.pop().replica_max_ongoing
+
+    assert ongoing() == 32                                   # the server's default batch
+    assert ongoing("--max-batch", "8") == 8
+    assert ongoing("--max-batch", "8", "--ray-max-ongoing", "3") == 3
+    with pytest.raises(ConfigError, match=r"^--ray-max-ongoing: expected at least 1, got 0$"):
+        ongoing("--ray-max-ongoing", "0")
+    monkeypatch.setattr(server, "load_base", lambda mc: pytest.fail("the model loaded"))
+    with pytest.raises(ConfigError, match=r"--ray-max-ongoing .* it needs --ray-replicas$"):
+        server.cli_command(parser.parse_args([str(tmp_path), "--ray-max-ongoing", "3"]))
