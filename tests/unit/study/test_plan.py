@@ -212,3 +212,24 @@ def test_dry_run_leaves_an_existing_run_directory_alone(tmp_path, glue_dir, tiny
     assert next(ln for ln in out.splitlines() if ln.startswith("search ")).split()[1] == "off"
     assert "exists: a run skips the work it finished" in out
     assert {p: p.read_bytes() for p in run.root.rglob("*")} == before
+
+
+def test_a_learning_rate_search_counts_the_configs_epochs_batch_and_rows(glue_dir,
+                                                                         tiny_tokenizer):
+    """search.params=[lr]: a trial trains as the models do (train.epochs 2, batch 4, the
+    data's own rows per task, search.train_size unset); the plan's note says so."""
+    cfg = load_config(overrides=[o for o in PLAN if not o.startswith("search.")] + [
+        f"data.glue_dir={glue_dir}", "search.trials=2", "search.eval_size=5",
+        "search.params=[lr]", "search.epochs=[3]", "search.batch_lora=[1]",
+        "search.batch_full=[1]", "data.train_size=6", "data.train_size_per_task={mrpc: 9}"])
+    prepared = {t: prepare_task(cfg, t, tiny_tokenizer) for t in cfg.tasks}
+    assert {t: len(p.train) for t, p in prepared.items()} == {"rte": 6, "mrpc": 9}
+    (w,) = plan_work.count_work(cfg, [get_stage("search")], tiny_tokenizer, prepared)
+    hand = sum(tokens_of(p.train_split.examples, cfg) for p in prepared.values())
+    # tokens: 2 trials x train.epochs (2) x each task's own rows (not search.epochs' 3)
+    for m in cfg.methods:
+        assert w.train_tokens[m] == 2 * 2 * hand
+    # batch 4 (train.batch_size, not the choices' 1): rte 6 rows -> 2 steps, mrpc 9 -> 3
+    assert w.steps["lora"] == w.steps["full"] == 2 * 2 * (2 + 3)
+    notes = plan._notes(cfg, [w], None)
+    assert any("train.epochs=2" in n for n in notes), notes

@@ -320,7 +320,9 @@ def _notes(cfg: StudyConfig, works: list[StageWork], run_dir) -> list[str]:
     if {"search", "train"} & names:
         bound = ("the search's largest epoch choice and smallest batch size "
                  f"(epochs {cfg.search.epochs}), since training uses the best trial's"
-                 if cfg.search.enabled else f"train.epochs={cfg.train.epochs}")
+                 if cfg.search.enabled and (not cfg.search.params
+                                            or {"epochs", "batch_size"} & set(cfg.search.params))
+                 else f"train.epochs={cfg.train.epochs}")
         prune = "search" in names and cfg.search.enabled and cfg.search.prune
         ranged = any(w.low_seconds is not None for w in works
                      if w.stage in ("search", "train"))
