@@ -52,8 +52,10 @@ run: install
 test: install-test
 	$(VENV)/bin/python .ci/check_constraints.py  # installed versions = constraints files' pins
 	$(VENV)/bin/lint-imports  # imports go down only (pyproject.toml's layers contract)
-	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not gpu" -n $(UNIT_WORKERS) --dist loadgroup tests/unit
-	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not gpu" -n $(TEST_WORKERS) --dist loadgroup --durations=25 --ignore=tests/unit
+	# both tiers run whatever the first gives; make fails if either failed
+	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not gpu" -n $(UNIT_WORKERS) --dist loadgroup tests/unit; unit=$$?; \
+	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not gpu" -n $(TEST_WORKERS) --dist loadgroup --durations=25 --ignore=tests/unit; rest=$$?; \
+	exit $$(( unit || rest ))
 
 test-fast: install-test
 	LORALENS_GLUE_DIR=$(abspath $(GLUE_DIR)) $(VENV)/bin/python -m pytest -q -m "not integration and not e2e and not gpu" -n $(UNIT_WORKERS) --dist loadgroup tests/unit
