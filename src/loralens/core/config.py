@@ -200,6 +200,11 @@ class SearchConfig(_Validated):
                                 "against the completed trials at the same fraction of "
                                 "their own training")
 
+    def searches(self, *names: str) -> bool:
+        """Whether the search runs and varies any of the dimensions ``names`` (every one
+        when ``params`` names none; whether a method's space has it: ``training.search``)."""
+        return self.enabled and (not self.params or bool(set(names) & set(self.params)))
+
     def validate(self) -> None:
         if len(set(self.params)) != len(self.params):
             raise ConfigError(f"search.params: a dimension is named twice in {self.params}",

@@ -92,7 +92,7 @@ def cadence_text(cfg: StudyConfig) -> str | None:
     tc = cfg.train
     if not tc.eval_every and tc.evals_per_epoch == 1:
         return None
-    searched = cfg.search.enabled and (not cfg.search.params or "epochs" in cfg.search.params)
+    searched = cfg.search.searches("epochs")
     epochs = sorted(cfg.search.epochs) if searched else [tc.epochs]
     span = (f"{epochs[0]} epoch{'s' if epochs[0] != 1 else ''}" if len(epochs) == 1
             or epochs[0] == epochs[-1] else f"{epochs[0]}-{epochs[-1]} epochs")
@@ -159,8 +159,7 @@ def _skipped(key: str, cfg: StudyConfig) -> bool:
     if key in PROTOCOL_KEYS or any(key == k or key.startswith(k + ".") for k in OPERATIONAL):
         return True
     if cfg.search.enabled:
-        dims = cfg.search.params or SEARCHED_BY
-        return any(key in SEARCHED_BY.get(d, ()) for d in dims)
+        return any(cfg.search.searches(d) for d, keys in SEARCHED_BY.items() if key in keys)
     return key.startswith("search.") and key != "search.enabled"
 
 

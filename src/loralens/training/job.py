@@ -26,7 +26,7 @@ from loralens.tasks import sources as TS
 from loralens.training import batches as B
 from loralens.training import checkpoint as C
 from loralens.core.config import StudyConfig, TrainConfig
-from loralens.training.loop import device_of, dist_info, evaluate, fit
+from loralens.training.loop import device_of, dist_info, end_together, evaluate, fit
 from loralens.training.metrics import scores
 from loralens.models.methods import get_method, job_record, kind_trains_all
 from loralens.models.classifier import Base, apply_method, build_classifier, load_base
@@ -199,6 +199,7 @@ def train_job(cfg: StudyConfig, run: RunDir, task: str, method: str, seed: int, 
                               overrides)
         if dist_info()[0] == 0:
             C.remove(ckpt)  # metrics.json is written: the job is finished
+        end_together()  # data parallel: no rank leaves while rank 0 still writes
     except BaseException:
         tracker and tracker.close(ok=False)
         raise

@@ -462,6 +462,20 @@ def init_distributed() -> None:
         atexit.register(_leave_process_group)
 
 
+def end_together() -> None:
+    """Wait until every rank of a data-parallel run has got here (a no-op in one process).
+
+    A job's ranks end together: rank 0 still scores and writes the job's files when the
+    others are done, and a rank that exits meanwhile (tearing down its gloo group) made a
+    rank abort now and then ("terminate called without an active exception", exit code -6)
+    after the results were written. Called on the success path only: a rank that failed
+    raises instead, and its peers' collective calls fail with it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def _leave_process_group() -> None:
     """Destroy the process group before the interpreter exits: left to gloo's destructors
     at exit, a rank whose peer was still running aborted now and then ("terminate called

@@ -12,7 +12,7 @@ from loralens.training import batches as B
 from loralens.core.config import StudyConfig
 from loralens.models.classifier import apply_method, build_classifier
 from loralens.models.tiny import tiny_llama_config
-from loralens.training.loop import dist_info, evaluate, fit, init_distributed
+from loralens.training.loop import dist_info, end_together, evaluate, fit, init_distributed
 
 init_distributed()
 torch.set_num_threads(1)
@@ -33,10 +33,4 @@ if rank == 0:
            "logits": evaluate(model, enc, 2)["logits"].tolist()}
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)
-if world > 1:
-    # the ranks leave together, as a study's job ends: rank 1 exiting (and tearing down its
-    # gloo group at exit) while rank 0 still evaluated made a rank abort at exit now and then
-    # ("terminate called without an active exception", exit -6) after the results were written
-    import torch.distributed as dist
-
-    dist.barrier()
+end_together()  # the ranks leave together, as a study's job ends (training/loop.py)

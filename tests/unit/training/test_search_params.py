@@ -70,3 +70,13 @@ def test_unsearched_keys_stay_differences_and_the_cadence_names_train_epochs():
     assert cadence_text(cadence).startswith(
         "evaluated 2 times per epoch with patience 3: 2 evaluations over 1 epoch "
         "(train.epochs), so patience cannot act")
+
+
+def test_searches_tells_whether_a_dimension_varies():
+    lr_only = load_config("paper", overrides={"search": {"params": ["lr"]}}).search
+    assert lr_only.searches("lr") and lr_only.searches("epochs", "lr")
+    assert not lr_only.searches("epochs") and not lr_only.searches("epochs", "batch_size")
+    whole = load_config("paper").search
+    assert whole.searches("epochs") and whole.searches("anything")  # [] = every dimension
+    off = load_config("paper", overrides={"search": {"enabled": False}}).search
+    assert not off.searches("lr")

@@ -320,8 +320,7 @@ def _notes(cfg: StudyConfig, works: list[StageWork], run_dir) -> list[str]:
     if {"search", "train"} & names:
         bound = ("the search's largest epoch choice and smallest batch size "
                  f"(epochs {cfg.search.epochs}), since training uses the best trial's"
-                 if cfg.search.enabled and (not cfg.search.params
-                                            or {"epochs", "batch_size"} & set(cfg.search.params))
+                 if cfg.search.searches("epochs", "batch_size")
                  else f"train.epochs={cfg.train.epochs}")
         prune = "search" in names and cfg.search.enabled and cfg.search.prune
         ranged = any(w.low_seconds is not None for w in works
