@@ -164,6 +164,22 @@ class SanityConfig(_Validated):
     lr_full: float = _f(1e-4, lo=0.0, doc="learning rate of full fine-tuning in the check")
 
 
+# The dimensions a search varies, by name, and the config keys each one's best trial
+# replaces (the first names the section a trial's value goes to: training.search routes
+# by it, models.methods checks method_defs search keys against it, core.protocol leaves
+# them out of the differences from the paper preset while the search runs). A
+# method_defs search key not listed here is a train key of that method's own.
+SEARCHED_BY = {"lr": ("train.lr", "train.lr_lora", "train.lr_full"),
+               "batch_size": ("train.batch_size",), "warmup_ratio": ("train.warmup_ratio",),
+               "weight_decay": ("train.weight_decay",), "epochs": ("train.epochs",),
+               "alpha": ("lora.alpha",), "dropout": ("lora.dropout",)}
+
+
+def searched_in(section: str) -> tuple[str, ...]:
+    """The dimensions of :data:`SEARCHED_BY` whose trial values go to ``section``."""
+    return tuple(d for d, keys in SEARCHED_BY.items() if keys[0].startswith(section + "."))
+
+
 @dataclass
 class SearchConfig(_Validated):
     section: ClassVar[str] = "search"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from loralens.core.config import StudyConfig
+from loralens.core.config import SEARCHED_BY, StudyConfig
 from loralens.core.config_load import load_config
 
 PUBLISHED = ("the study selected on the GLUE validation split, for the search objective and "
@@ -132,12 +132,6 @@ OPERATIONAL = ("preset", "task_defs", "data.glue_dir", "search.storage",
 PROTOCOL_KEYS = ("data.selection", "data.selection_fraction", "data.selection_min",
                  "data.subset_seed", "search.seed", "search.sampler_seed", "train.eval_every",
                  "train.evals_per_epoch", "train.patience")
-# Keys each search's best trial replaces (training.search.space), by the dimension that
-# replaces them: unused while the search runs (those of search.params, when it names some)
-SEARCHED_BY = {"lr": ("train.lr", "train.lr_lora", "train.lr_full"),
-               "batch_size": ("train.batch_size",), "warmup_ratio": ("train.warmup_ratio",),
-               "weight_decay": ("train.weight_decay",), "epochs": ("train.epochs",),
-               "alpha": ("lora.alpha",), "dropout": ("lora.dropout",)}
 # What a training-row count means under each selection protocol
 TRAIN_ROW_KEYS = ("data.train_size", "data.train_size_per_task")
 

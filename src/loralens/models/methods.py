@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from loralens.core.config import searched_in
 from loralens.core.errors import ConfigError
 
 FAMILIES = ("full", "head", "peft")
@@ -50,8 +51,8 @@ IA3_DEFAULTS = {"target_modules": ["k_proj", "v_proj", "down_proj"],
                 "feedforward_modules": ["down_proj"]}
 DEF_KEYS = ("family", "peft", "description", "search")
 SEARCH_KINDS = {"loguniform": 2, "uniform": 2, "categorical": 1}  # kind -> argument count
-SEARCH_TRAIN_KEYS = ("lr", "batch_size", "warmup_ratio", "weight_decay", "epochs")
-SEARCH_LORA_KEYS = ("alpha", "dropout")  # set through the lora section
+SEARCH_TRAIN_KEYS = searched_in("train")  # ("lr", "batch_size", ..., "epochs")
+SEARCH_LORA_KEYS = searched_in("lora")  # ("alpha", "dropout"): set through the lora section
 
 BUILTIN: dict[str, dict] = {
     "full": {"family": "full", "description": "full fine-tuning (every parameter)"},

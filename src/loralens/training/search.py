@@ -35,7 +35,8 @@ from loralens.core.config import StudyConfig
 from loralens.core.errors import ConfigError
 from loralens.models.classifier import Base
 from loralens.models.methods import (
-    ADAPTER_KIND, FULL_KIND, get_method, inherited_lora_keys, is_study_lora, space_overrides,
+    ADAPTER_KIND, FULL_KIND, SEARCH_LORA_KEYS, get_method, inherited_lora_keys, is_study_lora,
+    space_overrides,
 )
 from loralens.core.redaction import resolve_storage
 from loralens.core.run_dir import RunDir
@@ -65,7 +66,7 @@ LORA_SPACE: dict[str, tuple] = {  # LoRA's own hyperparameters, suggested after 
     "alpha": ("categorical", [8, 16, 32, 64]),
     "dropout": ("uniform", 0.0, 0.3),
 }
-LORA_KEYS = set(LORA_SPACE)
+LORA_KEYS = set(SEARCH_LORA_KEYS)  # trial values that go to the lora section
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
            optuna.trial.TrialState.RUNNING)
 

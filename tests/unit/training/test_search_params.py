@@ -80,3 +80,18 @@ def test_searches_tells_whether_a_dimension_varies():
     assert whole.searches("epochs") and whole.searches("anything")  # [] = every dimension
     off = load_config("paper", overrides={"search": {"enabled": False}}).search
     assert not off.searches("lr")
+
+
+def test_each_dimension_of_a_space_goes_to_the_section_searched_by_names():
+    """The routing of trial values (params_to_overrides) agrees with core.config.SEARCHED_BY
+    for every dimension of the built-in spaces: LoRA's alpha/dropout to lora.*, the rest
+    to train.*."""
+    from loralens.core.config import SEARCHED_BY
+    from loralens.training.search import LORA_SPACE, SPACES, params_to_overrides
+
+    dims = {"lr", "batch_size", "epochs", *LORA_SPACE, *(k for s in SPACES.values() for k in s)}
+    assert dims == set(SEARCHED_BY)
+    for d in dims:
+        out = params_to_overrides({d: 1}, "lora")
+        section = next(s for s, v in out.items() if d in v)
+        assert SEARCHED_BY[d][0] == f"{section}.{d}"
