@@ -1,4 +1,5 @@
-"""Integration: extract and drift on SmolLM2 and real RTE rows, with tiny trained models.
+"""Integration: extract and drift on SmolLM2 and real RTE rows, with two finished jobs in the
+real on-disk format (weights moved a little from the base, not trained: ``fake_job``).
 
 Tolerances: SmolLM2 has massive activations (pooled values near 3000 in layers
 12-28, where one float32 ulp is 2.4e-4). Two computations of the same function
@@ -29,7 +30,6 @@ from loralens.core.run_dir import RunDir
 from loralens.core.files import atomic_write_json, read_json
 from loralens.tasks.registry import get_task
 from loralens.models.saving import load_trained
-from loralens.training.job import train_job
 
 N = 16
 
@@ -42,39 +42,54 @@ def assert_layers_close(a: np.ndarray, b: np.ndarray, what: str) -> None:
         assert diff <= tol, f"{what}: layer {layer} differs by {diff:.3g} > {tol:.3g}"
 
 
-def fake_full_job(cfg, run, smollm2, lora_metrics: dict) -> None:
-    """A full fine-tuning job in the real on-disk format, without a real training step.
+def fake_job(cfg, run, smollm2, method: str, seed: int = 42) -> dict:
+    """A finished job of ``method`` in the real on-disk format (weights, validation logits,
+    metrics.json last), without training it or scoring the validation split.
 
-    (A full fine-tuning step plus the evaluation of the whole split would double the
-    test's time; train_job is exercised by the LoRA job.) Every weight is perturbed a
-    little, so every layer differs from the base model.
+    Training and scoring RTE's 277 validation rows took 94 s of CI time; the stages here
+    read only the files, and ``train_job`` writing them is tested by the end-to-end smoke
+    run and test_cli_train. The trainable weights move a little (LoRA's B from zero by
+    N(0, 0.015), a trained SmolLM2 B's scale; full fine-tuning every weight by 1e-3 of its
+    mean magnitude), so every adapted layer differs from the base model. The logits are
+    random but real-shaped, so the example-level tests read the split's real labels.
     """
     from loralens.models.classifier import apply_method
+    from loralens.models.methods import get_method
     from loralens.models.saving import save_trained
+    from loralens.training.job import majority_baseline
 
-    model = apply_method(build_classifier(smollm2.backbone(), 2, seed=42), "full", cfg)
-    g = torch.Generator().manual_seed(42)
+    model = apply_method(build_classifier(smollm2.backbone(), 2, seed=seed), method, cfg)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 1e-3 * p.abs().mean())
-    job = run.job_dir("rte", "full", 42)
-    save_trained(model, "full", job / "model")
-    metrics = {**lora_metrics, "method": "full",
-               "validation": {**lora_metrics["validation"], "accuracy": 0.5, "f1": 0.4}}
-    atomic_write_json(job / "metrics.json", metrics)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                scale = 0.015 if "lora_B" in name else 1e-3 * float(p.abs().mean())
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    spec = get_task("rte")
+    save_trained(model, method, run.weights_dir("rte", method, seed,
+                                                adapter=get_method(method, cfg).is_adapter))
+    val = TS.load_split(spec, "validation", cfg.data.glue_dir).labels
+    train = TS.load_split(spec, "train", cfg.data.glue_dir).labels
+    logits = np.random.default_rng(seed + len(method)).normal(size=(len(val), 2))
+    np.save(run.val_logits_path("rte", method, seed), logits.astype(np.float32))
+    acc = float((logits.argmax(1) == val).mean())
+    metrics = {"task": "rte", "method": method, "seed": seed, "model": smollm2.name,
+               "model_note": smollm2.note, "selection_metric": "accuracy", "score": acc,
+               "validation": {"accuracy": acc, "f1": 0.5, "n": len(val)},
+               "majority_baseline": majority_baseline(train, val, 2)}
+    atomic_write_json(run.metrics_path("rte", method, seed), metrics)
+    return metrics
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, glue_dir, smollm2):
     cfg = load_config(overrides={
         "tasks": ["rte"], "seeds": [42], "methods": ["lora", "full"],
-        "data": {"glue_dir": str(glue_dir), "train_size": 16, "early_stop_size": 16,
-                 "max_length": 128},  # the 277 validation rows scored in CI time
-        "train": {"max_steps": 1, "batch_size": 16, "eval_batch_size": 32}})
+        "data": {"glue_dir": str(glue_dir), "max_length": 128}})
     run = RunDir(tmp_path_factory.mktemp("run"))
     run.bind_config(cfg)
-    lora = train_job(cfg, run, "rte", "lora", 42, base=smollm2, progress=False)
-    fake_full_job(cfg, run, smollm2, lora)
+    for method in ("lora", "full"):
+        fake_job(cfg, run, smollm2, method)
     res = run_extract(cfg, run, n_examples=N, seed=0, base=smollm2, progress=False)
     return cfg, run, res
 
