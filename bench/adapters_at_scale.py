@@ -17,15 +17,20 @@ over the point's adapters. Per point: warm-up, then ``--repeats`` timed rounds o
 shows the median over rounds; p50/p99 latency over all timed requests, as the client sees
 it, HTTP included).
 
-Paired rounds: a second 1-adapter server (the PAIRED REFERENCE) runs for the whole
-benchmark, idle between its rounds, and every timed round of a point follows a round of
-the same requests on it; a point's ``x ref`` is the median over its rounds of (the
-point's req/s / the paired round's req/s). Throughput on this 2-core VM drifts within a
-run (the 1-adapter point measured 12.9 first and 14.4 req/s last, rounds 12.1-17.8,
-nothing else running), so points measured minutes apart from one reference differed by
-that drift: 1000 uniform read 0.72x against the first/last 1-adapter point and 0.92x in
-rounds interleaved with a 1-adapter server (issue 29's notes). The first/last reference
-is kept beside it (``x ref (first/last)``).
+Paired rounds: every point but the 1-adapter ones runs beside its own PAIRED REFERENCE, a
+fresh 1-adapter server started with the point's server (the same age: a fresh process and
+one that has served for half an hour do not run at the same speed here), warmed the same
+way, and idle while the other one is timed. The point's timed rounds alternate with rounds
+of the same number of requests on it, in ABBA order (reference first in even rounds,
+second in odd ones, so a drift within the pair cancels); a point's ``x ref`` is the median
+over its rounds of (the point's req/s / its paired round's req/s). Why: throughput on this
+2-core VM drifts within a run (the 1-adapter point measured 12.9 first and 14.4 req/s last,
+rounds 12.1-17.8, nothing else running), so points measured minutes apart from one
+reference differed by that drift: 1000 uniform read 0.72x against the first/last 1-adapter
+point and 0.92x in rounds interleaved with a 1-adapter server; and one long-lived reference
+server for the whole run (the first version of the pairing) ran faster than the fresh
+point servers (10 uniform 0.87-0.99x against it), a bias of its own (issue 29's notes). The
+first/last reference is kept beside it (``x ref (first/last)``).
 
 Points (``--quick``: 96 requests, 1 round, points 1/10/100, a mixed point of 20 adapters
 and a budget of 10 over 100):
@@ -161,40 +166,58 @@ def make_adapters(root: Path, n_r8: int, n_mixed: int):
 # --------------------------------------------------------------------------- one point
 
 def run_point(pt: Point, adapters, bodies, args, out_dir: Path | None,
-              paired: "tuple[ServerProcess, list[str]] | None" = None) -> dict:
+              ref_adapter: "tuple[str, Path] | None" = None) -> dict:
+    """One point in a fresh server; with ``ref_adapter`` (NAME, DIR) a fresh 1-adapter
+    paired reference beside it, started and warmed with it, rounds interleaved ABBA."""
     import httpx
 
     names = [n for n, _ in adapters]
     sources = [f"{n}={d}" for n, d in adapters]
     extra = ["--model", ModelConfig().name]
-    if pt.max_loaded:
-        extra += ["--max-loaded", str(pt.max_loaded)]
     if args.threads:
         extra += ["--threads", str(args.threads)]
-    with stopwatch() as startup:
-        srv = ServerProcess(sources, "ours", 0, extra, startup_timeout=3600)
+    ref = None
+    if ref_adapter is not None:  # started first: it waits idle while the point's loads
+        ref = ServerProcess([f"{ref_adapter[0]}={ref_adapter[1]}"], "ours", 0, extra,
+                            startup_timeout=3600)
+    if pt.max_loaded:
+        extra = extra + ["--max-loaded", str(pt.max_loaded)]
+    srv = None
     rec = {"point": pt.label, "reference": pt.reference, "adapters": pt.n, "traffic": pt.traffic,
-           "max_loaded": pt.max_loaded, "startup_s": round(startup.seconds, 2),
-           "file_bytes": S.file_bytes(d for _, d in adapters),
+           "max_loaded": pt.max_loaded, "file_bytes": S.file_bytes(d for _, d in adapters),
            "ranks": dict(Counter(int(n.rsplit("-r", 1)[1]) for n in names))}
     try:
+        with stopwatch() as startup:
+            srv = ServerProcess(sources, "ours", 0, extra, startup_timeout=3600)
+        rec["startup_s"] = round(startup.seconds, 2)
         rec["rss_started"] = process_memory(srv.pid).get("rss")
         warm = max(args.warmup, 10 * pt.max_loaded) if pt.max_loaded else args.warmup
+        if ref is not None:  # warmed as the point's server is (its rounds send CLIENTS more)
+            asyncio.run(closed_loop(ref.url, [ref_adapter[0]], bodies, CLIENTS, CLIENTS, None,
+                                    args.warmup, "ours"))
         rounds, sent, paired_rps = [], [], []
+
+        def ref_round():
+            pc = asyncio.run(closed_loop(ref.url, [ref_adapter[0]], bodies, CLIENTS,
+                                         args.requests, None, CLIENTS, "ours"))
+            paired_rps.append(pc.requests / pc.wall_s)
+
         for r in range(args.repeats):
             w = warm if r == 0 else CLIENTS
             order = S.traffic(pt.n, w + args.requests, pt.traffic, ZIPF_S, seed=r)
-            if paired is not None:  # the same texts on the paired 1-adapter server first
-                psrv, pnames = paired
-                pc = asyncio.run(closed_loop(psrv.url, pnames, bodies, CLIENTS, args.requests,
-                                             None, CLIENTS, "ours"))
-                paired_rps.append(pc.requests / pc.wall_s)
+            if ref is not None and r % 2 == 0:  # ABBA: reference first in even rounds
+                ref_round()
             cell = asyncio.run(closed_loop(srv.url, names, bodies, CLIENTS, args.requests, None,
                                            w, "ours", order, pid=srv.pid, scrape=True))
             rounds.append(cell)
             sent.append(order)
+            if ref is not None and r % 2 == 1:  # ... and second in odd ones
+                ref_round()
             if srv.proc.poll() is not None:
                 raise RuntimeError("server exited:\n" + "".join(srv.log[-30:]))
+        if ref is not None:
+            ref.close()
+            ref = None
         rec.update(summarize_rounds(rounds, sent, warm, pt))
         if paired_rps:
             rec["paired_ref_rps_rounds"] = [round(x, 3) for x in paired_rps]
@@ -212,9 +235,11 @@ def run_point(pt: Point, adapters, bodies, args, out_dir: Path | None,
             rec["rss_base"] = process_memory(srv.pid).get("rss")
     except Exception as e:  # one failed point does not lose the others
         rec["error"] = f"{type(e).__name__}: {e}"
-        rec["server_log"] = "".join(srv.log[-40:])
+        rec["server_log"] = "".join((srv or ref).log[-40:]) if (srv or ref) else ""
     finally:
-        srv.close()
+        for s_ in (srv, ref):
+            if s_ is not None:
+                s_.close()
     return rec
 
 
@@ -430,32 +455,22 @@ def main() -> None:
     # an untimed server first: in smoke runs here the first server process was several
     # times slower than every later one (the same 1-adapter point last was not)
     run_point(Point("warm-up", 1), r8[:1], bodies, args, None)
-    paired = ServerProcess([f"{n}={d}" for n, d in r8[:1]], "ours", 0,
-                           ["--model", ModelConfig().name]
-                           + (["--threads", str(args.threads)] if args.threads else []),
-                           startup_timeout=3600)
-    asyncio.run(closed_loop(paired.url, [r8[0][0]], bodies, CLIENTS, CLIENTS, None,
-                            args.warmup, "ours"))  # warmed once; idle between its rounds
-    try:
-        for pt in points:
-            ads = (mixed if pt.mixed else r8)[:pt.n]
-            rec = run_point(pt, ads, bodies, args, out_dir,
-                            None if pt.reference else (paired, [r8[0][0]]))
-            if "error" in rec:
-                failed.append(rec)
-                print(f"  {pt.label:>18s}: FAILED {rec['error']}\n    server log:\n"
-                      + rec["server_log"], flush=True)
-                continue
-            recs.append(rec)
-            print(f"  {pt.label:>18s}: {rec['rps']:.1f} req/s, p50 {rec['p50_ms']:.0f} ms, "
-                  f"p99 {rec['p99_ms']:.0f} ms, VmRSS {mb(rec['rss_end'])} MB, startup "
-                  f"{rec['startup_s']:.0f} s" + (f", hit rate {f(rec.get('hit_rate'), '{:.3f}')}"
-                                                 if pt.max_loaded else "")
-                  + (f"; x paired ref {rec['x_paired']:.3f} (paired rounds "
-                     f"{', '.join(f'{x:.1f}' for x in rec['paired_ref_rps_rounds'])} req/s)"
-                     if rec.get("x_paired") is not None else ""), flush=True)
-    finally:
-        paired.close()
+    for pt in points:
+        ads = (mixed if pt.mixed else r8)[:pt.n]
+        rec = run_point(pt, ads, bodies, args, out_dir, None if pt.reference else r8[0])
+        if "error" in rec:
+            failed.append(rec)
+            print(f"  {pt.label:>18s}: FAILED {rec['error']}\n    server log:\n"
+                  + rec["server_log"], flush=True)
+            continue
+        recs.append(rec)
+        print(f"  {pt.label:>18s}: {rec['rps']:.1f} req/s, p50 {rec['p50_ms']:.0f} ms, "
+              f"p99 {rec['p99_ms']:.0f} ms, VmRSS {mb(rec['rss_end'])} MB, startup "
+              f"{rec['startup_s']:.0f} s" + (f", hit rate {f(rec.get('hit_rate'), '{:.3f}')}"
+                                             if pt.max_loaded else "")
+              + (f"; x paired ref {rec['x_paired']:.3f} (paired rounds "
+                 f"{', '.join(f'{x:.1f}' for x in rec['paired_ref_rps_rounds'])} req/s)"
+                 if rec.get("x_paired") is not None else ""), flush=True)
     refs = [r for r in recs if r["reference"]]
     if not refs:
         sys.exit("the 1-adapter reference failed: no ratios")
@@ -468,8 +483,8 @@ def main() -> None:
           f"{ref_rps:.1f} req/s (median of {sum(len(r['rps_rounds']) for r in refs)} rounds, "
           f"first and last point); base VmRSS {mb(base)} MB (1-adapter server after removing "
           f"its adapter; with it: {mb(statistics.median(r['rss_end'] for r in refs))} MB); "
-          "x ref: each point's rounds against paired rounds on a 1-adapter server run beside "
-          "it (median of the per-round ratios)")
+          "x ref: each point's rounds against paired rounds on a fresh 1-adapter server "
+          "started beside it (ABBA order; median of the per-round ratios)")
     print("\n".join(lines))
     for r in failed:
         print(f"FAILED: {r['point']}: {r['error']}")
