@@ -351,8 +351,8 @@ class Stage:
     aliases: tuple[str, ...] = ()
     read_only: bool = False        # never writes config/env (may read any run directory)
     queues: tuple[Queue, ...] = ()  # its units of work, through the job queue
-    work: Callable | None = None   # the dry run's count: (cfg, tokenizer, prepared) -> StageWork
-    cheap: bool = False            # computes on arrays and files only (seconds): not measured
+    work: Callable | None = None   # the dry run's count: (cfg, tokenizer, prepared, model shapes) -> StageWork
+    cheap: bool = False            # computes on arrays and files only: a plan of such stages alone loads no model
     families: frozenset = ALL_FAMILIES  # method families it handles (others: a ConfigError)
 
     def queue_name(self, queue: Queue) -> str:
@@ -396,10 +396,10 @@ def _count(name: str) -> Callable:
     """The dry run's count of a stage (:mod:`loralens.study.plan.work`), loaded on use (it
     needs the data layer; the stage table is read by every command, --help included)."""
 
-    def count(cfg, tokenizer, prepared):
+    def count(cfg, tokenizer, prepared, model=None):
         from loralens.study.plan import work
 
-        return getattr(work, name)(cfg, tokenizer, prepared)
+        return getattr(work, name)(cfg, tokenizer, prepared, model)
 
     return count
 

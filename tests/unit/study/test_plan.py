@@ -171,7 +171,19 @@ def test_estimate_on_the_tiny_model(glue_dir, tiny_base):
     assert math.isfinite(train.seconds) and train.seconds > 0
     assert all(math.isfinite(v) and v > 0 for v in [*tp.train_flops_s.values(),
                                                      *tp.forward_flops_s.values()])
-    assert drift.seconds is None and drift.cheap
+    # drift: its kernels counted for the tiny model's shapes, timed, priced
+    from loralens.study.plan.kernels import count_drift
+
+    states, hidden = 3, 32                     # 2 blocks + the embedding output
+    n = {t: min(8, len(p.val_split)) for t, p in
+         ((t, prepare_task(cfg, t, tiny_base.tokenizer)) for t in cfg.tasks)}
+    hand: dict = {}
+    for t in cfg.tasks:
+        for k, v in count_drift(cfg, n[t], states, hidden).items():
+            hand[k] = hand.get(k, 0) + v
+    assert not drift.cheap and drift.kernels == hand
+    assert drift.seconds == pytest.approx(sum(v * tp.kernel_s[k] for k, v in hand.items()))
+    assert drift.seconds > 0
 
 
 def test_fit_work_respects_max_steps():

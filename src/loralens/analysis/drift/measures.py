@@ -179,7 +179,7 @@ def seed_floor(arrays: dict[str, np.ndarray], entries: dict, states: list[int],
         pair_values: dict[str, list] = {m: [] for m in DRIFT_MEASURES}
         for i, k1 in enumerate(keys[:-1]):
             others = {k2: sub[k2] for k2 in keys[i + 1:]}
-            sims = _drift_measures_only(sub[k1], others, notes, f"{label}{k1} vs ")
+            sims = drift_measures_only(sub[k1], others, notes, f"{label}{k1} vs ")
             for k2 in others:
                 for m in DRIFT_MEASURES:
                     per = 1.0 - sims[k2][m]
@@ -201,7 +201,7 @@ def seed_floor(arrays: dict[str, np.ndarray], entries: dict, states: list[int],
     return out
 
 
-def _drift_measures_only(base: np.ndarray, models: dict[str, np.ndarray],
+def drift_measures_only(base: np.ndarray, models: dict[str, np.ndarray],
                               notes: list[str], label: str) -> dict[str, dict]:
     """The drift measures only (CKA biased and debiased, cosine) of ``models`` against
     ``base``, per state: ``{key: {measure: [S]}}``."""

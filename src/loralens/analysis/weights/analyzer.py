@@ -144,15 +144,21 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return model.base_model  # a transformers PreTrainedModel: its base_model_prefix part
 
 
-def select_matrices(backbone: nn.Module, common: Sequence[str] | str, extra: Sequence[str],
-                    extra_layers: int) -> list[tuple[str, int, str, str]]:
+def linear_names(backbone: nn.Module) -> list[str]:
+    """Names of ``backbone``'s linear layers, in model order."""
+    return [n for n, mod in backbone.named_modules() if isinstance(mod, nn.Linear)]
+
+
+def select_matrices(backbone: nn.Module | Sequence[str], common: Sequence[str] | str,
+                    extra: Sequence[str], extra_layers: int) -> list[tuple[str, int, str, str]]:
     """(module name, layer, matrix, group) of every analysed linear layer, in model order
-    (``common``: the method's own set, ``all-linear`` for every linear layer of the
-    blocks)."""
+    (``backbone``: the model, or its :func:`linear_names`; ``common``: the method's own
+    set, ``all-linear`` for every linear layer of the blocks)."""
+    names = linear_names(backbone) if isinstance(backbone, nn.Module) else backbone
     found = []
-    for name, mod in backbone.named_modules():
+    for name in names:
         m = LAYER_RE.search(name)
-        if m and isinstance(mod, nn.Linear):
+        if m:
             found.append((name, int(m.group(1)), m.group(2)))
     n_layers = 1 + max((layer for _, layer, _ in found), default=-1)
     keep = set(spaced_layers(n_layers, extra_layers))
@@ -162,6 +168,14 @@ def select_matrices(backbone: nn.Module, common: Sequence[str] | str, extra: Seq
     out += [(n, li, mat, "extra") for n, li, mat in found
             if mat in extra and mat not in common and li in keep]
     return out
+
+
+def analysed(cfg: StudyConfig, method: str, names: Sequence[str]) -> list[tuple[str, int, str, str]]:
+    """:func:`select_matrices` of ``method`` as :meth:`Analyzer.analyze` picks them: its own
+    set (:func:`method_matrices`), and full fine-tuning's extra matrices."""
+    wc = cfg.weights
+    extra = wc.full_extra if get_method(method, cfg).trains_all else []
+    return select_matrices(names, method_matrices(cfg, method), extra, wc.extra_layers)
 
 
 class Analyzer:
@@ -208,9 +222,7 @@ class Analyzer:
                 progress: bool = False) -> list[dict]:
         """One row per analysed matrix of a loaded (merged) backbone."""
         wc = self.cfg.weights
-        extra = wc.full_extra if get_method(method, self.cfg).trains_all else []
-        todo = select_matrices(backbone, method_matrices(self.cfg, method), extra,
-                               wc.extra_layers)
+        todo = analysed(self.cfg, method, linear_names(backbone))
         mods = dict(backbone.named_modules())
         rows = []
         for name, layer, mat, group in tqdm(todo, desc=desc, disable=not progress, leave=False):

@@ -50,7 +50,8 @@ from loralens.core.config import StudyConfig
 from loralens.core.errors import ConfigError
 from loralens.models.methods import ADAPTER_KIND, FULL_KIND, Method, get_method, is_study_lora
 from loralens.study.plan.measure import Throughput, measure
-from loralens.study.plan.work import FORWARD_KINDS, StageWork, count_work, plural
+from loralens.study.plan.kernels import kernel_text
+from loralens.study.plan.work import FORWARD_KINDS, ModelShapes, StageWork, count_work, plural
 from loralens.study.stages import get_stage
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,13 @@ log = logging.getLogger(__name__)
 
 def work_seconds(w: StageWork, tp: Throughput) -> float:
     """Seconds of ``w``: its FLOPs at the FLOP/s measured for each kind of work, plus
-    optimizer steps and model loads at their measured seconds."""
+    optimizer steps, kernel calls (:mod:`loralens.study.plan.kernels`) and model loads at
+    their measured seconds."""
     return (sum(v * tp.train_fpt[m] / tp.train_flops_s[m] for m, v in w.train_tokens.items())
             + sum(v * tp.forward_fpt / tp.forward_flops_s[k]
                   for k, v in w.forward_tokens.items())
             + sum(n * tp.step_s[m] for m, n in w.steps.items())
+            + sum(n * tp.kernel_s[k] for k, n in w.kernels.items())
             + w.loads * tp.load_s)
 
 
@@ -87,8 +90,9 @@ def for_machine(tp: Throughput, peak_target: float) -> Throughput:
     peak) scaled to a machine whose peak at the same shapes is ``peak_target`` FLOP/s.
 
     Scaled by ``r = peak_target / peak_here`` (the same utilisation of a slower peak):
-    training and forward FLOP/s (x r) and optimizer steps (/ r: AdamW over the weights is
-    CPU work that a slower core also does slower; assumed, not measured). Not scaled:
+    training and forward FLOP/s (x r), optimizer steps and kernels (/ r: AdamW over the
+    weights, eigensolvers and similarity measures are CPU work that a slower core also
+    does slower; assumed, not measured). Not scaled:
     loading a model (reading the cached safetensors and building the module: disk and
     memory, not GEMMs)."""
     if not tp.peak_here or tp.peak_here <= 0:
@@ -97,6 +101,7 @@ def for_machine(tp: Throughput, peak_target: float) -> Throughput:
     return replace(tp, train_flops_s={m: v * r for m, v in tp.train_flops_s.items()},
                    forward_flops_s={k: v * r for k, v in tp.forward_flops_s.items()},
                    step_s={m: v / r for m, v in tp.step_s.items()},
+                   kernel_s={k: v / r for k, v in tp.kernel_s.items()},
                    train_fpt=dict(tp.train_fpt), basis=dict(tp.basis), tokens=dict(tp.tokens),
                    peak_target=peak_target)
 
@@ -169,20 +174,21 @@ def plan_study(cfg: StudyConfig, stages: Sequence[str], base=None,
     base = base or load_base(cfg)
     log(f"dry run: tokenizing the data of {', '.join(cfg.tasks)} ...")
     prepared = {t: prepare_task(cfg, t, base.tokenizer) for t in cfg.tasks}
-    works = count_work(cfg, entries, base.tokenizer, prepared)
+    works = count_work(cfg, entries, base.tokenizer, prepared, ModelShapes.of(base.backbone()))
     methods, kinds = needs(works)
-    if not (methods or kinds):
+    kernels = sorted({k for w in works if not w.off for k in w.kernels})
+    if not (methods or kinds or kernels):
         return works, None
     basis = {m: cost_basis(get_method(m, cfg)) for m in methods}
     if any(rep is None for rep, _, _ in basis.values()) and "batched" not in kinds:
         kinds = [k for k in FORWARD_KINDS if k in kinds or k == "batched"]
     timed = sorted({rep for rep, _, _ in basis.values() if rep})
     if peak_gflops is None:
-        tp = measure(cfg, base, prepared[cfg.tasks[0]], timed, kinds, log)
+        tp = measure(cfg, base, prepared[cfg.tasks[0]], timed, kinds, log, kernels=kernels)
     else:  # the target's peak is a float32 peak: time float32 training here
         fp32 = replace(cfg, train=replace(cfg.train, precision="fp32"))
         tp = for_machine(measure(fp32, base, prepared[cfg.tasks[0]], timed, kinds, log,
-                                 peak=True), peak_gflops * 1e9)
+                                 peak=True, kernels=kernels), peak_gflops * 1e9)
     return estimate(works, per_method(tp, basis)), tp
 
 
@@ -296,6 +302,9 @@ def _measured(tp: Throughput) -> list[str]:
         n = tp.tokens["batch1" if k == "float64" else k]
         out.append(f"  scoring, {FORWARD_KINDS[k]}: {tp.tokens_s(k):.0f} tokens/s = "
                    f"{fs / 1e9:.1f} GFLOP/s on {n} tokens")
+    for k, sec in tp.kernel_s.items():
+        out.append(f"  {kernel_text(k)}: {sec * 1e3:.1f} ms (timed on random arrays of "
+                   "its shape)")
     out.append(f"  loading a fresh copy of the base model: {tp.load_s:.1f} s (once per model "
                "built)")
     if tp.contention is not None and tp.contention > 0.1:
@@ -334,8 +343,10 @@ def _notes(cfg: StudyConfig, works: list[StageWork], run_dir) -> list[str]:
     if "bench" in names:
         notes.append("bench: float64 identity checks timed at batch 1; latency timing "
                      "overheads not counted")
-    notes.append("not counted: tokenization, saving models, Optuna, drift and report "
-                 "(seconds each)")
+    uncounted = "tokenization, saving models, Optuna, drift's tests and report (seconds each)"
+    if "weights" in names and cfg.weights.sweep:
+        uncounted += "; the weights stage's intervention sweep (weights.sweep)"
+    notes.append(f"not counted: {uncounted}")
     if run_dir is not None and RunDir(run_dir).is_run_dir():
         notes.append(f"{run_dir} exists: a run skips the work it finished; counted here "
                      "in full")

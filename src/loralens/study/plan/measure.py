@@ -43,6 +43,7 @@ class Throughput:
     train_fpt: dict[str, int] = field(default_factory=dict)          # method -> FLOPs/token
     step_s: dict[str, float] = field(default_factory=dict)           # method -> optimizer step
     basis: dict[str, str] = field(default_factory=dict)  # method -> how priced (plan.cost_basis)
+    kernel_s: dict[tuple, float] = field(default_factory=dict)  # kernel -> s per call (plan.kernels)
     forward_flops_s: dict[str, float] = field(default_factory=dict)  # kind -> FLOP/s
     forward_fpt: int = 0
     load_s: float = 0.0             # a fresh copy of the base model
@@ -76,7 +77,8 @@ def calibration_rows(lengths: np.ndarray, batch_size: int, budget: int,
 
 def measure(cfg: StudyConfig, base, prepared, methods: Sequence[str],
             kinds: Sequence[str] = ("batched",),
-            log: Callable[[str], None] = lambda s: None, peak: bool = False) -> Throughput:
+            log: Callable[[str], None] = lambda s: None, peak: bool = False,
+            kernels: Sequence[tuple] = ()) -> Throughput:
     """Time real steps of the study's model on ``prepared``'s training rows.
 
     Per method in ``methods``: one warm-up, then up to ``TIMED_STEPS`` training steps as
@@ -91,6 +93,8 @@ def measure(cfg: StudyConfig, base, prepared, methods: Sequence[str],
     this machine's float32 peak at the model's linear-layer shapes with ``TRAIN_TOKENS``
     tokens (``training.flops.model_gemm_peak_info``, the peak MFU is reported against), for
     planning another machine (:func:`loralens.study.plan.dry_run.for_machine`).
+    ``kernels``: the weights and drift stages' kernels to time
+    (:func:`loralens.study.plan.kernels.time_kernels`).
     """
     import torch
 
@@ -146,6 +150,11 @@ def measure(cfg: StudyConfig, base, prepared, methods: Sequence[str],
                     f"({len(train_rows)} rows, {tp.tokens['train']} tokens), optimizer step "
                     f"{step:.2f} s, computing in {dtype}")
             del model
+            if kernels:
+                from loralens.study.plan.kernels import time_kernels
+
+                log(f"  timing {len(set(kernels))} kernels of the weights and drift stages ...")
+                tp.kernel_s = time_kernels(kernels)
     finally:
         torch.set_num_threads(threads)
     tp.seconds, tp.contention = time.perf_counter() - t_start, contention.share

@@ -37,7 +37,9 @@ class StageWork:
     forward_tokens: dict[str, int] = field(default_factory=dict)  # FORWARD_KINDS key -> tokens
     loads: int = 0            # fresh copies of the base model built
     off: str = ""             # why the stage does no work ("" = it runs)
-    cheap: str = ""           # why there is no estimate (drift, report: seconds)
+    cheap: str = ""           # why there is no estimate (report: seconds)
+    # calls of kernels timed apart (plan.kernels: weights' eigenproblems, drift's measures)
+    kernels: dict[tuple, int] = field(default_factory=dict)
     flops: float | None = None
     seconds: float | None = None
     # the part of this work early stopping may skip (every fit stopped at its earliest
@@ -65,6 +67,7 @@ class StageWork:
                        train_tokens={m: v * k for m, v in self.train_tokens.items()},
                        steps={m: v * k for m, v in self.steps.items()},
                        forward_tokens={m: v * k for m, v in self.forward_tokens.items()},
+                       kernels={m: v * k for m, v in self.kernels.items()},
                        saved=self.saved.scaled(k) if self.saved is not None else None)
 
     def add(self, other: "StageWork") -> None:
@@ -81,6 +84,8 @@ class StageWork:
             self.steps[m] = self.steps.get(m, 0) + v
         for k, v in other.forward_tokens.items():
             self.forward_tokens[k] = self.forward_tokens.get(k, 0) + v
+        for k, v in other.kernels.items():
+            self.kernels[k] = self.kernels.get(k, 0) + v
 
 
 def _fit_pass(lengths: np.ndarray, tc, early_stop: bool, stop_after: int | None
@@ -136,11 +141,33 @@ def fit_work(w: StageWork, method: str, lengths: np.ndarray, tc,
     return evals
 
 
-def count_work(cfg: StudyConfig, stages: Sequence, tokenizer, prepared: dict) -> list[StageWork]:
+@dataclass(frozen=True)
+class ModelShapes:
+    """What the weights and drift stages' kernels depend on in the model: its backbone's
+    linear layers (name -> weight shape ``(out, in)``), the hidden states it returns
+    (embedding output + one per block) and their width."""
+
+    linear: dict[str, tuple[int, int]]
+    n_states: int
+    hidden: int
+
+    @classmethod
+    def of(cls, backbone) -> "ModelShapes":
+        from torch import nn
+
+        cfg = backbone.config
+        return cls({n: tuple(m.weight.shape) for n, m in backbone.named_modules()
+                    if isinstance(m, nn.Linear)},
+                   int(cfg.num_hidden_layers) + 1, int(cfg.hidden_size))
+
+
+def count_work(cfg: StudyConfig, stages: Sequence, tokenizer, prepared: dict,
+               model: ModelShapes | None = None) -> list[StageWork]:
     """Each stage's work (``stages``: entries of the stage table, whose ``work`` is one of the
     counts below), from the config and the tasks' data (``prepared``: task ->
-    :class:`loralens.training.job.Prepared`), as the stage's code does it."""
-    return [s.work(cfg, tokenizer, prepared) for s in stages]
+    :class:`loralens.training.job.Prepared`) and the model's shapes (``model``: None
+    leaves the weights and drift stages' kernels uncounted), as the stage's code does it."""
+    return [s.work(cfg, tokenizer, prepared, model) for s in stages]
 
 
 def _pairs(cfg: StudyConfig) -> list[tuple[str, str]]:
@@ -160,7 +187,7 @@ def _per_task(values: dict[str, object]) -> str:
     return ", ".join(f"{t} {v}" for t, v in values.items())
 
 
-def sanity(cfg, tokenizer, prepared) -> StageWork:
+def sanity(cfg, tokenizer, prepared, model=None) -> StageWork:
     from loralens.training.sanity import sanity_rows
 
     sc = cfg.sanity
@@ -184,7 +211,7 @@ def sanity(cfg, tokenizer, prepared) -> StageWork:
     return w
 
 
-def search(cfg, tokenizer, prepared) -> StageWork:
+def search(cfg, tokenizer, prepared, model=None) -> StageWork:
     from loralens.training.job import prepare_task
     from loralens.training.search import trial_bounds, trial_config
 
@@ -229,7 +256,7 @@ def train_settings(cfg: StudyConfig, method: str):
     return replace(cfg.train, epochs=epochs, batch_size=batch)
 
 
-def train(cfg, tokenizer, prepared) -> StageWork:
+def train(cfg, tokenizer, prepared, model=None) -> StageWork:
     w = StageWork("train")
     rows, epochs = {}, set()
     for t, m in _pairs(cfg):
@@ -248,14 +275,19 @@ def train(cfg, tokenizer, prepared) -> StageWork:
     return w
 
 
-def extract(cfg, tokenizer, prepared) -> StageWork:
+def _extract_encoded(cfg, tokenizer, prepared, task: str):
     from loralens.analysis.extract import sample_split
 
-    ec, w, rows = cfg.extract, StageWork("extract"), {}
+    ec = cfg.extract
+    return B.encode_split(tokenizer, sample_split(prepared[task].val_split, ec.examples, ec.seed),
+                          cfg.data.max_length)
+
+
+def extract(cfg, tokenizer, prepared, model=None) -> StageWork:
+    w, rows = StageWork("extract"), {}
     models = 1 + len(cfg.methods) * len(cfg.seeds)   # the base and every trained model
     for t in cfg.tasks:
-        enc = B.encode_split(tokenizer, sample_split(prepared[t].val_split, ec.examples, ec.seed),
-                             cfg.data.max_length)
+        enc = _extract_encoded(cfg, tokenizer, prepared, t)
         w.forward("batched", models * float(enc.lengths.sum()), models * len(enc))
         w.jobs += 1
         w.loads += models
@@ -264,21 +296,39 @@ def extract(cfg, tokenizer, prepared) -> StageWork:
     return w
 
 
-def drift(cfg, tokenizer, prepared) -> StageWork:
+def drift(cfg, tokenizer, prepared, model=None) -> StageWork:
+    """The drift stage (analysis/drift): per task, every model's measures against the base
+    at every hidden state and the seed floor's pairs (:func:`kernels.count_drift`), timed
+    as kernels; without the model's shapes or the data (a plan of cheap stages only) no
+    estimate ("seconds")."""
+    from loralens.study.plan.kernels import add_calls, count_drift
+
     models = len(cfg.methods) * len(cfg.seeds)
-    return StageWork("drift", jobs=len(cfg.tasks), cheap="arithmetic on pooled arrays",
-                     what=f"{models} models per task vs the base: CKA, cosine, tests")
+    w = StageWork("drift", jobs=len(cfg.tasks),
+                  what=f"{models} models per task vs the base: CKA, cosine, tests")
+    if model is None or tokenizer is None:
+        w.cheap = "arithmetic on pooled arrays"
+        return w
+    for t in cfg.tasks:
+        n = len(_extract_encoded(cfg, tokenizer, prepared, t))
+        add_calls(w.kernels, count_drift(cfg, n, model.n_states, model.hidden))
+    return w
 
 
-def weights(cfg, tokenizer, prepared) -> StageWork:
-    """The weights stage (weights.py): every trained model loaded once, its matrices'
-    eigenproblems (not counted: about 0.1 s per matrix on one core) and, with forgetting,
-    a forward pass over the task's general-text sample (and one for the base per task)."""
+def weights(cfg, tokenizer, prepared, model=None) -> StageWork:
+    """The weights stage (weights.py): every trained model loaded once, its analysed
+    matrices' eigenproblems and the base's SVDs (:func:`kernels.count_weights`, timed as
+    kernels; not counted without the model's shapes) and, with forgetting, a forward pass
+    over the general-text sample (and one for the base per task). The intervention sweep
+    (``weights.sweep``) is not counted."""
     from loralens.analysis.weights.forgetting import encode_texts, text_sample
+    from loralens.study.plan.kernels import count_weights
 
     wc, models = cfg.weights, len(cfg.methods) * len(cfg.seeds)
     w = StageWork("weights", what=f"{models} models per task: intruders and spectra of the "
                                   "analysed matrices" + (", forgetting" if wc.forgetting else ""))
+    if model is not None:
+        w.kernels = count_weights(cfg, model.linear)
     for t in cfg.tasks:
         w.jobs += models
         w.loads += models + 1
@@ -290,12 +340,12 @@ def weights(cfg, tokenizer, prepared) -> StageWork:
     return w
 
 
-def report(cfg, tokenizer, prepared) -> StageWork:
+def report(cfg, tokenizer, prepared, model=None) -> StageWork:
     return StageWork("report", jobs=1, cheap="reads the run directory",
                      what="Markdown + HTML from the run directory's files")
 
 
-def bench(cfg, tokenizer, prepared) -> StageWork:
+def bench(cfg, tokenizer, prepared, model=None) -> StageWork:
     """The serving benchmark (serving/bench*.py, identity.py): per task and benchmarked
     seed every served kind of every method at each batch size (warm-up requests included;
     the kinds of :func:`loralens.models.serving_paths.serving_kinds`), several adapters our runtime
