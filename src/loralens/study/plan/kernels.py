@@ -77,9 +77,10 @@ def count_drift(cfg, n_examples: int, n_states: int, hidden: int) -> dict[tuple,
     return calls
 
 
-def add_calls(into: dict[tuple, int], calls: dict[tuple, int], k: int = 1) -> None:
+def add_calls(into: dict[tuple, int], calls: dict[tuple, int]) -> None:
+    """Add ``calls`` to ``into`` (kernel -> calls)."""
     for key, v in calls.items():
-        into[key] = into.get(key, 0) + v * k
+        into[key] = into.get(key, 0) + v
 
 
 def _timed(fn) -> float:
