@@ -93,6 +93,7 @@ from loralens.serving.sources import (
     NAME_RULE, AdapterSpec, collect_adapters, replicate, served, task_of, valid_name,
 )
 from loralens.serving.store import trim_heap
+from loralens.serving.workers import inference_executor, loader_executor
 from loralens.core.errors import ConfigError
 
 __all__ = ["AdapterSpec", "RequestError", "Service", "build_service",
@@ -141,7 +142,8 @@ class Service:
     def __init__(self, backend: Backend, tokenizer, max_length: int, max_batch: int = 32,
                  max_wait_ms: float = 5.0, max_texts: int = 64,
                  adapter_root: str | Path | None = None, base_name: str | None = None,
-                 idle_trim_s: float | None = IDLE_TRIM_S):
+                 idle_trim_s: float | None = IDLE_TRIM_S,
+                 executor: ThreadPoolExecutor | None = None):
         if max_batch < 1 or max_texts < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_texts must be >= 1, max_wait_ms >= 0")
         self.backend, self.tokenizer = backend, tokenizer
@@ -151,11 +153,13 @@ class Service:
         self.adapter_root = Path(adapter_root).resolve() if adapter_root is not None else None
         self.pad_id = tokenizer.pad_token_id
         self.base_name = base_name  # the base model's name, the adapters' "parent" model
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="loralens-infer")
+        # the one model thread (:mod:`.workers`: one OpenMP pool per process); ``executor``:
+        # the one the backend was built on (build_service)
+        self.executor = executor if executor is not None else inference_executor()
         # the adapter store (ours backend): adapters not loaded are read on this thread,
         # never on the event loop or the inference worker
         self.store = getattr(backend, "store", None)
-        self.loader = ThreadPoolExecutor(1, thread_name_prefix="loralens-load")
+        self.loader = loader_executor()
         self._loading: dict[str, asyncio.Future] = {}
         self.queue: asyncio.Queue[_Pending] | None = None
         self.task: asyncio.Task | None = None
@@ -563,15 +567,27 @@ def build_service(specs: Sequence[AdapterSpec], base: Base, backend: str = "ours
     from loralens.models.families import require_servable
 
     require_servable(base.family, base.pooling, "serve")
-    b = make_backend(backend, base.backbone(), max_loaded)
-    b.reserve([s.path for s in specs])  # stacks sized once, not grown adapter by adapter
-    for s in specs:
-        task = s.task
-        b.add(AdapterInfo(s.name, str(s.path), 0, task,
-                          get_task(task).label_names if task else None), s.path)
-    b.settle()  # the files' tensors, read and freed, back to the OS
+
+    def build() -> Backend:
+        b = make_backend(backend, base.backbone(), max_loaded)
+        b.reserve([s.path for s in specs])  # stacks sized once, not grown adapter by adapter
+        for s in specs:
+            task = s.task
+            b.add(AdapterInfo(s.name, str(s.path), 0, task,
+                              get_task(task).label_names if task else None), s.path)
+        b.settle()  # the files' tensors, read and freed, back to the OS
+        return b
+
+    # built on the model thread that will serve it: the weights' and stacks' large tensor
+    # ops on any other thread would give that thread an OpenMP pool of its own (workers)
+    executor = inference_executor()
+    try:
+        b = executor.submit(build).result()
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
     return Service(b, base.tokenizer, max_length, max_batch, max_wait_ms, max_texts,
-                   adapter_root, base_name=base.name)
+                   adapter_root, base_name=base.name, executor=executor)
 
 
 def base_model_config(args, run_cfg=None, specs: Sequence[AdapterSpec] = ()):
